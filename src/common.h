@@ -1,0 +1,23 @@
+/*
+** common.h — what every layer of moelab shares: the error convention.
+**
+** Library code never exits. A function that can fail returns 0 on success and
+** -1 on failure, and writes a one-line message naming what is wrong into the
+** caller's buffer `err` (ML_ERRLEN bytes; may be NULL). Broken invariants, such
+** as a shape mismatch between two of our own arrays, are asserts instead.
+*/
+#ifndef MOELAB_COMMON_H
+#define MOELAB_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ML_ERRLEN 512
+#define MOELAB_VERSION "0.1.0"
+
+/* Formats a message into err (when not NULL) and returns -1, so that error
+** paths read `return ml_error(err, "...", ...);`. */
+int ml_error(char *err, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+#endif

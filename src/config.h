@@ -1,0 +1,56 @@
+/*
+** config.h — the model configuration: its fields, defaults, validation and its
+** JSON form.
+**
+** The JSON form is the one contract for configurations: the Lua binding turns a
+** configuration table into JSON and calls config_from_json, and a checkpoint
+** stores config_to_json's output under the metadata key `moelab_config`. So there
+** is one validator, and every message about a bad key or value comes from here.
+*/
+#ifndef MOELAB_CONFIG_H
+#define MOELAB_CONFIG_H
+
+#include <stdint.h>
+
+#include "common.h"
+
+typedef enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 } NormKind;
+typedef enum { ACT_GELU = 0, ACT_RELU = 1, ACT_SWIGLU = 2 } ActKind;
+
+typedef struct {
+    int vocab;       /* 256: bytes */
+    int context;     /* maximum sequence length T */
+    int layers;
+    int d_model;
+    int heads;
+    NormKind norm;
+    ActKind activation;
+    int tied;        /* LM head shares wte */
+    uint64_t seed;   /* initialisation (and the default training seed) */
+    int ffn_hidden;  /* dense FFN hidden size; 0 in a config means 4 × d_model */
+    float norm_eps;  /* 1e-5 */
+    float init_std;  /* 0.02; residual projections use init_std / sqrt(2 · layers) */
+} ModelConfig;
+
+/* Fills every field with its default. */
+void config_defaults(ModelConfig *c);
+
+/* Checks values against each other; the message names the value and why. */
+int config_validate(const ModelConfig *c, char *err);
+
+/* Parses a JSON object of configuration keys over the defaults. An unknown key
+** is an error that names it and the nearest valid key. */
+int config_from_json(ModelConfig *c, const char *json, size_t len, char *err);
+
+/* Writes the configuration as JSON with every default filled in; returns a
+** malloc'd string or NULL when out of memory. */
+char *config_to_json(const ModelConfig *c);
+
+/* Names of enum values, for messages and JSON. */
+const char *config_norm_name(NormKind k);
+const char *config_activation_name(ActKind k);
+
+/* The valid key closest to `key` among `keys` (Levenshtein), for messages. */
+const char *config_nearest_key(const char *key, const char *const *keys, int n);
+
+#endif

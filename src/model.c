@@ -1,0 +1,516 @@
+/*
+** model.c — the transformer: parameter layout, initialisation, forward and
+** backward passes, AdamW, and sampling.
+**
+** The parameter layout is defined in exactly one place, model_layout(), which
+** walks the tensors in checkpoint order. Called once with registering = 1 it
+** fills the registry (names, shapes, offsets, init); called again on an arena it
+** hands out the pointers of a Weights struct. Parameters and gradients share it.
+*/
+#include "model.h"
+
+#include <assert.h>
+#include <stdarg.h>
+#include <gsl/gsl_randist.h>
+#include <gsl/gsl_rng.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+
+/* ------------------------------------------------------------------------ */
+/* layout                                                                    */
+
+typedef struct {
+    Model *m;
+    float *base;     /* arena being carved, or NULL while registering */
+    size_t offset;   /* floats handed out so far */
+    int index;       /* registry entry reached */
+    int registering;
+    int failed;      /* out of memory while registering */
+} Layout;
+
+static float *take(Layout *L, ParamInit init, int d0, int d1, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* Hands out the next tensor of shape (d0) or (d0, d1) when d1 > 0. */
+static float *take(Layout *L, ParamInit init, int d0, int d1, const char *fmt, ...) {
+    size_t numel = (size_t)d0 * (size_t)(d1 > 0 ? d1 : 1);
+    Model *m = L->m;
+    if (L->registering) {
+        ParamInfo *grown = realloc(m->params, sizeof(ParamInfo) * (size_t)(m->n_params + 1));
+        if (!grown) {
+            L->failed = 1;
+            return NULL;
+        }
+        m->params = grown;
+        ParamInfo *p = &m->params[m->n_params++];
+        memset(p, 0, sizeof *p);
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(p->name, sizeof p->name, fmt, ap);
+        va_end(ap);
+        p->init = init;
+        p->ndim = d1 > 0 ? 2 : 1;
+        p->shape[0] = d0;
+        p->shape[1] = d1 > 0 ? d1 : 0;
+        p->offset = L->offset;
+        p->numel = numel;
+        p->decay = p->ndim == 2;
+    } else {
+        assert(m->params[L->index].offset == L->offset);
+    }
+    L->index++;
+    float *ptr = L->base ? L->base + L->offset : NULL;
+    L->offset += numel;
+    return ptr;
+}
+
+static void model_layout(Model *m, Weights *w, float *base, int registering, int *failed) {
+    const ModelConfig *c = &m->config;
+    int C = c->d_model, V = c->vocab, H = c->ffn_hidden;
+    int rms = c->norm == NORM_RMSNORM;
+    Layout L = {m, base, 0, 0, registering, 0};
+    w->wte = take(&L, INIT_NORMAL, V, C, "wte.weight");
+    w->wpe = take(&L, INIT_NORMAL, c->context, C, "wpe.weight");
+    for (int l = 0; l < c->layers; l++) {
+        BlockWeights *b = &w->blocks[l];
+        b->ln1w = take(&L, INIT_ONE, C, 0, "h.%d.ln_1.weight", l);
+        b->ln1b = rms ? NULL : take(&L, INIT_ZERO, C, 0, "h.%d.ln_1.bias", l);
+        b->qkvw = take(&L, INIT_NORMAL, 3 * C, C, "h.%d.attn.qkv.weight", l);
+        b->qkvb = take(&L, INIT_ZERO, 3 * C, 0, "h.%d.attn.qkv.bias", l);
+        b->attprojw = take(&L, INIT_NORMAL_RESIDUAL, C, C, "h.%d.attn.proj.weight", l);
+        b->attprojb = take(&L, INIT_ZERO, C, 0, "h.%d.attn.proj.bias", l);
+        b->ln2w = take(&L, INIT_ONE, C, 0, "h.%d.ln_2.weight", l);
+        b->ln2b = rms ? NULL : take(&L, INIT_ZERO, C, 0, "h.%d.ln_2.bias", l);
+        b->fcw = take(&L, INIT_NORMAL, H, C, "h.%d.mlp.fc.weight", l);
+        b->fcb = take(&L, INIT_ZERO, H, 0, "h.%d.mlp.fc.bias", l);
+        b->gatew = c->activation == ACT_SWIGLU
+                       ? take(&L, INIT_NORMAL, H, C, "h.%d.mlp.gate.weight", l)
+                       : NULL;
+        b->projw = take(&L, INIT_NORMAL_RESIDUAL, C, H, "h.%d.mlp.proj.weight", l);
+        b->projb = take(&L, INIT_ZERO, C, 0, "h.%d.mlp.proj.bias", l);
+    }
+    w->lnfw = take(&L, INIT_ONE, C, 0, "ln_f.weight");
+    w->lnfb = rms ? NULL : take(&L, INIT_ZERO, C, 0, "ln_f.bias");
+    w->lm_head = c->tied ? w->wte : take(&L, INIT_NORMAL, V, C, "lm_head.weight");
+    if (registering) m->num_parameters = L.offset;
+    assert(registering || L.offset == m->num_parameters);
+    if (failed) *failed = L.failed;
+}
+
+/* A zeroed, 64-byte aligned arena of n floats. */
+static float *arena_alloc(size_t n) {
+    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    float *p = aligned_alloc(64, bytes > 0 ? bytes : 64);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+static void initialise(Model *m) {
+    const ModelConfig *c = &m->config;
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, (unsigned long)c->seed);
+    double resid_std = c->init_std / sqrt(2.0 * c->layers);
+    for (int i = 0; i < m->n_params; i++) {
+        ParamInfo *p = &m->params[i];
+        float *x = m->param_mem + p->offset;
+        for (size_t j = 0; j < p->numel; j++) {
+            switch (p->init) {
+            case INIT_ZERO: x[j] = 0.0f; break;
+            case INIT_ONE: x[j] = 1.0f; break;
+            case INIT_NORMAL: x[j] = (float)gsl_ran_gaussian(rng, c->init_std); break;
+            case INIT_NORMAL_RESIDUAL: x[j] = (float)gsl_ran_gaussian(rng, resid_std); break;
+            }
+        }
+    }
+    gsl_rng_free(rng);
+}
+
+int model_create(Model **out, const ModelConfig *config, char *err) {
+    *out = NULL;
+    if (config_validate(config, err) != 0) return -1;
+    Model *m = calloc(1, sizeof *m);
+    if (!m) return ml_error(err, "out of memory creating the model");
+    m->config = *config;
+    int L = config->layers;
+    m->w.blocks = calloc((size_t)L, sizeof(BlockWeights));
+    m->g.blocks = calloc((size_t)L, sizeof(BlockWeights));
+    m->acts.blocks = calloc((size_t)L, sizeof(BlockActs));
+    int failed = 0;
+    if (m->w.blocks && m->g.blocks && m->acts.blocks) model_layout(m, &m->w, NULL, 1, &failed);
+    if (!m->w.blocks || !m->g.blocks || !m->acts.blocks || failed) {
+        model_free(m);
+        return ml_error(err, "out of memory creating the model");
+    }
+    m->param_mem = arena_alloc(m->num_parameters);
+    if (!m->param_mem) {
+        model_free(m);
+        return ml_error(err, "out of memory: %zu parameters", m->num_parameters);
+    }
+    model_layout(m, &m->w, m->param_mem, 0, NULL);
+    initialise(m);
+    *out = m;
+    return 0;
+}
+
+void model_free(Model *m) {
+    if (!m) return;
+    free(m->params);
+    free(m->param_mem);
+    free(m->grad_mem);
+    free(m->adam_m);
+    free(m->adam_v);
+    free(m->act_mem);
+    free(m->scratch_mem);
+    free(m->w.blocks);
+    free(m->g.blocks);
+    free(m->acts.blocks);
+    free(m);
+}
+
+int model_find_param(const Model *m, const char *name) {
+    for (int i = 0; i < m->n_params; i++)
+        if (strcmp(m->params[i].name, name) == 0) return i;
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* activations                                                               */
+
+/* Carves n floats from *cursor (or only counts, when base is NULL). */
+static float *carve(float *base, size_t *cursor, size_t n) {
+    float *p = base ? base + *cursor : NULL;
+    *cursor += (n + 15) / 16 * 16; /* keep every buffer 64-byte aligned */
+    return p;
+}
+
+static size_t acts_layout(Model *m, float *base, int B) {
+    const ModelConfig *c = &m->config;
+    size_t T = (size_t)c->context, C = (size_t)c->d_model, H = (size_t)c->ffn_hidden;
+    size_t NH = (size_t)c->heads, V = (size_t)c->vocab, BT = (size_t)B * T;
+    size_t at = 0;
+    Acts *a = &m->acts;
+    a->encoded = carve(base, &at, BT * C);
+    for (int l = 0; l < c->layers; l++) {
+        BlockActs *b = &a->blocks[l];
+        b->ln1 = carve(base, &at, BT * C);
+        b->ln1_mean = carve(base, &at, BT);
+        b->ln1_rstd = carve(base, &at, BT);
+        b->qkv = carve(base, &at, BT * 3 * C);
+        b->att = carve(base, &at, (size_t)B * NH * T * T);
+        b->atty = carve(base, &at, BT * C);
+        b->res2 = carve(base, &at, BT * C);
+        b->ln2 = carve(base, &at, BT * C);
+        b->ln2_mean = carve(base, &at, BT);
+        b->ln2_rstd = carve(base, &at, BT);
+        b->fch = carve(base, &at, BT * H);
+        b->gate = c->activation == ACT_SWIGLU ? carve(base, &at, BT * H) : NULL;
+        b->act = carve(base, &at, BT * H);
+        b->res3 = carve(base, &at, BT * C);
+    }
+    a->lnf = carve(base, &at, BT * C);
+    a->lnf_mean = carve(base, &at, BT);
+    a->lnf_rstd = carve(base, &at, BT);
+    a->logits = carve(base, &at, BT * V);
+    a->probs = carve(base, &at, BT * V);
+    a->losses = carve(base, &at, BT);
+    /* token ids share the arena: an int is the size of a float */
+    a->inputs = (int *)carve(base, &at, BT);
+    a->targets = (int *)carve(base, &at, BT);
+    return at;
+}
+
+static size_t scratch_layout(Model *m, float *base, int B) {
+    const ModelConfig *c = &m->config;
+    size_t BT = (size_t)B * c->context, C = (size_t)c->d_model, H = (size_t)c->ffn_hidden;
+    size_t at = 0;
+    Scratch *s = &m->scratch;
+    s->dres = carve(base, &at, BT * C);
+    s->dln = carve(base, &at, BT * C);
+    s->datty = carve(base, &at, BT * C);
+    s->dqkv = carve(base, &at, BT * 3 * C);
+    s->dact = carve(base, &at, BT * H);
+    s->dfch = carve(base, &at, BT * H);
+    s->dgate = c->activation == ACT_SWIGLU ? carve(base, &at, BT * H) : NULL;
+    s->dlogits = carve(base, &at, BT * (size_t)c->vocab);
+    return at;
+}
+
+/* Makes the activation arena large enough for B sequences; grows, never shrinks. */
+static int ensure_acts(Model *m, int B, char *err) {
+    if (B <= m->max_batch) return 0;
+    free(m->act_mem);
+    free(m->scratch_mem);
+    m->scratch_mem = NULL;
+    m->act_mem = arena_alloc(acts_layout(m, NULL, B));
+    if (!m->act_mem) {
+        m->max_batch = 0;
+        return ml_error(err, "out of memory for the activations of a batch of %d", B);
+    }
+    acts_layout(m, m->act_mem, B);
+    m->max_batch = B;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* forward and backward                                                      */
+
+static void norm_forward(const ModelConfig *c, float *out, float *mean, float *rstd,
+                         const float *inp, const float *w, const float *b, int N) {
+    if (c->norm == NORM_RMSNORM)
+        rmsnorm_forward(out, rstd, inp, w, N, c->d_model, c->norm_eps);
+    else
+        layernorm_forward(out, mean, rstd, inp, w, b, N, c->d_model, c->norm_eps);
+}
+
+static void norm_backward(const ModelConfig *c, float *dinp, float *dw, float *db,
+                          const float *dout, const float *inp, const float *w,
+                          const float *mean, const float *rstd, int N) {
+    if (c->norm == NORM_RMSNORM)
+        rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, c->d_model);
+    else
+        layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, c->d_model);
+}
+
+int model_forward(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
+    const ModelConfig *c = &m->config;
+    if (B < 1 || T < 1 || T > c->context)
+        return ml_error(err, "forward: need 1 <= T <= context (%d), got B=%d T=%d",
+                        c->context, B, T);
+    for (int i = 0; i < B * T; i++) {
+        if (inputs[i] < 0 || inputs[i] >= c->vocab)
+            return ml_error(err, "forward: token %d outside the vocabulary (%d)", inputs[i], c->vocab);
+        if (targets && (targets[i] < 0 || targets[i] >= c->vocab))
+            return ml_error(err, "forward: target %d outside the vocabulary (%d)", targets[i], c->vocab);
+    }
+    if (ensure_acts(m, B, err) != 0) return -1;
+    int C = c->d_model, H = c->ffn_hidden, V = c->vocab, NH = c->heads, N = B * T;
+    size_t NC = (size_t)N * C, NHid = (size_t)N * H;
+    Acts *a = &m->acts;
+    memcpy(a->inputs, inputs, sizeof(int) * (size_t)N);
+    if (targets) memcpy(a->targets, targets, sizeof(int) * (size_t)N);
+    m->B = B;
+    m->T = T;
+
+    encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
+    const float *res = a->encoded;
+    for (int l = 0; l < c->layers; l++) {
+        const BlockWeights *w = &m->w.blocks[l];
+        BlockActs *b = &a->blocks[l];
+        norm_forward(c, b->ln1, b->ln1_mean, b->ln1_rstd, res, w->ln1w, w->ln1b, N);
+        matmul_forward(b->qkv, b->ln1, w->qkvw, w->qkvb, N, C, 3 * C, 0.0f);
+        attention_forward(b->atty, b->att, b->qkv, B, T, C, NH);
+        memcpy(b->res2, res, sizeof(float) * NC);
+        matmul_forward(b->res2, b->atty, w->attprojw, w->attprojb, N, C, C, 1.0f);
+
+        norm_forward(c, b->ln2, b->ln2_mean, b->ln2_rstd, b->res2, w->ln2w, w->ln2b, N);
+        matmul_forward(b->fch, b->ln2, w->fcw, w->fcb, N, C, H, 0.0f);
+        switch (c->activation) {
+        case ACT_GELU: gelu_forward(b->act, b->fch, NHid); break;
+        case ACT_RELU: relu_forward(b->act, b->fch, NHid); break;
+        case ACT_SWIGLU:
+            matmul_forward(b->gate, b->ln2, w->gatew, NULL, N, C, H, 0.0f);
+            swiglu_forward(b->act, b->gate, b->fch, NHid);
+            break;
+        }
+        memcpy(b->res3, b->res2, sizeof(float) * NC);
+        matmul_forward(b->res3, b->act, w->projw, w->projb, N, H, C, 1.0f);
+        res = b->res3;
+    }
+    norm_forward(c, a->lnf, a->lnf_mean, a->lnf_rstd, res, m->w.lnfw, m->w.lnfb, N);
+    matmul_forward(a->logits, a->lnf, m->w.lm_head, NULL, N, C, V, 0.0f);
+    m->mean_loss = crossentropy_forward(a->losses, a->probs, a->logits,
+                                        targets ? a->targets : NULL, N, V);
+    if (!targets) m->mean_loss = NAN;
+    return 0;
+}
+
+void model_zero_grad(Model *m) {
+    if (m->grad_mem) memset(m->grad_mem, 0, sizeof(float) * m->num_parameters);
+}
+
+int model_backward(Model *m, char *err) {
+    const ModelConfig *c = &m->config;
+    if (m->B == 0 || isnan(m->mean_loss))
+        return ml_error(err, "backward: the last forward had no targets");
+    if (!m->grad_mem) {
+        m->grad_mem = arena_alloc(m->num_parameters);
+        if (!m->grad_mem) return ml_error(err, "out of memory for the gradients");
+        model_layout(m, &m->g, m->grad_mem, 0, NULL);
+    }
+    if (!m->scratch_mem) {
+        m->scratch_mem = arena_alloc(scratch_layout(m, NULL, m->max_batch));
+        if (!m->scratch_mem) return ml_error(err, "out of memory for the backward pass");
+        scratch_layout(m, m->scratch_mem, m->max_batch);
+    }
+    int B = m->B, T = m->T, N = B * T;
+    int C = c->d_model, H = c->ffn_hidden, V = c->vocab, NH = c->heads;
+    size_t NHid = (size_t)N * H;
+    Acts *a = &m->acts;
+    Scratch *s = &m->scratch;
+
+    crossentropy_backward(s->dlogits, a->probs, a->targets, 1.0f / N, N, V);
+    matmul_backward(s->dln, m->g.lm_head, NULL, s->dlogits, a->lnf, m->w.lm_head, N, C, V, 0.0f);
+    const float *res_last = c->layers > 0 ? a->blocks[c->layers - 1].res3 : a->encoded;
+    memset(s->dres, 0, sizeof(float) * (size_t)N * C);
+    norm_backward(c, s->dres, m->g.lnfw, m->g.lnfb, s->dln, res_last, m->w.lnfw,
+                  a->lnf_mean, a->lnf_rstd, N);
+
+    for (int l = c->layers - 1; l >= 0; l--) {
+        const BlockWeights *w = &m->w.blocks[l];
+        BlockWeights *g = &m->g.blocks[l];
+        BlockActs *b = &a->blocks[l];
+        const float *res_in = l == 0 ? a->encoded : a->blocks[l - 1].res3;
+
+        /* res3 = res2 + proj(act(fc(ln2(res2)))) */
+        matmul_backward(s->dact, g->projw, g->projb, s->dres, b->act, w->projw, N, H, C, 0.0f);
+        switch (c->activation) {
+        case ACT_GELU: gelu_backward(s->dfch, s->dact, b->fch, NHid); break;
+        case ACT_RELU: relu_backward(s->dfch, s->dact, b->fch, NHid); break;
+        case ACT_SWIGLU: swiglu_backward(s->dgate, s->dfch, s->dact, b->gate, b->fch, NHid); break;
+        }
+        matmul_backward(s->dln, g->fcw, g->fcb, s->dfch, b->ln2, w->fcw, N, C, H, 0.0f);
+        if (c->activation == ACT_SWIGLU)
+            matmul_backward(s->dln, g->gatew, NULL, s->dgate, b->ln2, w->gatew, N, C, H, 1.0f);
+        norm_backward(c, s->dres, g->ln2w, g->ln2b, s->dln, b->res2, w->ln2w, b->ln2_mean,
+                      b->ln2_rstd, N);
+
+        /* res2 = res_in + attproj(attention(qkv(ln1(res_in)))) */
+        matmul_backward(s->datty, g->attprojw, g->attprojb, s->dres, b->atty, w->attprojw, N, C,
+                        C, 0.0f);
+        attention_backward(s->dqkv, s->datty, b->qkv, b->att, B, T, C, NH);
+        matmul_backward(s->dln, g->qkvw, g->qkvb, s->dqkv, b->ln1, w->qkvw, N, C, 3 * C, 0.0f);
+        norm_backward(c, s->dres, g->ln1w, g->ln1b, s->dln, res_in, w->ln1w, b->ln1_mean,
+                      b->ln1_rstd, N);
+    }
+    encoder_backward(m->g.wte, m->g.wpe, s->dres, a->inputs, B, T, C);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* optimisation                                                              */
+
+float model_clip_grad(Model *m, float clip) {
+    if (!m->grad_mem) return 0.0f;
+    double sum = 0.0;
+    for (size_t i = 0; i < m->num_parameters; i++)
+        sum += (double)m->grad_mem[i] * m->grad_mem[i];
+    float norm = (float)sqrt(sum);
+    if (clip > 0.0f && norm > clip) {
+        float scale = clip / norm;
+        for (size_t i = 0; i < m->num_parameters; i++) m->grad_mem[i] *= scale;
+    }
+    return norm;
+}
+
+int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
+                     float weight_decay, char *err) {
+    if (!m->grad_mem) return ml_error(err, "AdamW step before any backward pass");
+    if (!m->adam_m) {
+        m->adam_m = arena_alloc(m->num_parameters);
+        m->adam_v = arena_alloc(m->num_parameters);
+        if (!m->adam_m || !m->adam_v) return ml_error(err, "out of memory for AdamW's moments");
+    }
+    m->adam_t++;
+    float bc1 = 1.0f - powf(beta1, (float)m->adam_t);
+    float bc2 = 1.0f - powf(beta2, (float)m->adam_t);
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        float *x = m->param_mem + p->offset;
+        const float *g = m->grad_mem + p->offset;
+        float *mm = m->adam_m + p->offset, *vv = m->adam_v + p->offset;
+        float wd = p->decay ? weight_decay : 0.0f;
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < p->numel; j++) {
+            mm[j] = beta1 * mm[j] + (1.0f - beta1) * g[j];
+            vv[j] = beta2 * vv[j] + (1.0f - beta2) * g[j] * g[j];
+            float mhat = mm[j] / bc1, vhat = vv[j] / bc2;
+            x[j] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * x[j]);
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* evaluation and sampling                                                   */
+
+int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *err) {
+    if (n < 2 || n > m->config.context + 1)
+        return ml_error(err, "a sequence needs 2 to context + 1 = %d tokens, got %d",
+                        m->config.context + 1, n);
+    if (model_forward(m, tokens, tokens + 1, 1, n - 1, err) != 0) return -1;
+    *loss = m->mean_loss;
+    return 0;
+}
+
+int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float temperature,
+                 int top_k, uint64_t seed, int *out, char *err) {
+    const ModelConfig *c = &m->config;
+    int V = c->vocab;
+    if (n_prompt < 1) return ml_error(err, "sample: the prompt needs at least one token");
+    if (n_new < 0) return ml_error(err, "sample: tokens must be >= 0, got %d", n_new);
+    if (temperature < 0.0f) return ml_error(err, "sample: temperature must be >= 0");
+    if (top_k < 0 || top_k > V) top_k = 0;
+    float *p = malloc(sizeof(float) * (size_t)V);
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (!p || !rng) {
+        free(p);
+        if (rng) gsl_rng_free(rng);
+        return ml_error(err, "out of memory while sampling");
+    }
+    gsl_rng_set(rng, (unsigned long)seed);
+    memcpy(out, prompt, sizeof(int) * (size_t)n_prompt);
+    int rc = 0;
+    for (int i = 0; i < n_new; i++) {
+        int len = n_prompt + i;
+        int start = len > c->context ? len - c->context : 0;
+        int T = len - start;
+        if (model_forward(m, out + start, NULL, 1, T, err) != 0) {
+            rc = -1;
+            break;
+        }
+        const float *logits = m->acts.logits + (size_t)(T - 1) * V;
+        int next = 0;
+        if (temperature == 0.0f) {
+            for (int v = 1; v < V; v++)
+                if (logits[v] > logits[next]) next = v;
+        } else {
+            /* keep the top_k largest logits (all when 0), softmax at temperature */
+            float cutoff = -INFINITY;
+            if (top_k > 0) {
+                for (int v = 0; v < V; v++) p[v] = logits[v];
+                for (int k = 0; k < top_k; k++) { /* partial selection */
+                    int best = k;
+                    for (int v = k + 1; v < V; v++)
+                        if (p[v] > p[best]) best = v;
+                    float t = p[k]; p[k] = p[best]; p[best] = t;
+                }
+                cutoff = p[top_k - 1];
+            }
+            float maxv = -INFINITY;
+            for (int v = 0; v < V; v++)
+                if (logits[v] > maxv) maxv = logits[v];
+            double sum = 0.0;
+            for (int v = 0; v < V; v++) {
+                p[v] = logits[v] >= cutoff ? expf((logits[v] - maxv) / temperature) : 0.0f;
+                sum += p[v];
+            }
+            double r = gsl_rng_uniform(rng) * sum, acc = 0.0;
+            next = -1;
+            for (int v = 0; v < V; v++) {
+                if (p[v] == 0.0f) continue;
+                acc += p[v];
+                next = v;
+                if (acc > r) break;
+            }
+            if (next < 0) next = 0;
+        }
+        out[len] = next;
+    }
+    free(p);
+    gsl_rng_free(rng);
+    return rc;
+}

@@ -1,0 +1,128 @@
+/*
+** model.h — a decoder-only, pre-norm transformer language model in float32.
+**
+** Memory lives in a few arenas, in the manner of llm.c: all parameters in one
+** allocation, their gradients in a second with the same layout, the AdamW
+** moments in a third, the activations for the largest batch seen in a fourth,
+** and the backward pass's scratch in a fifth. Every tensor is registered once,
+** with its checkpoint name and shape (SPEC §4), in `params`; `Weights` holds
+** pointers carved out of an arena with that layout.
+*/
+#ifndef MOELAB_MODEL_H
+#define MOELAB_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+
+#define MODEL_MAX_NAME 64
+
+typedef enum { INIT_ZERO, INIT_ONE, INIT_NORMAL, INIT_NORMAL_RESIDUAL } ParamInit;
+
+typedef struct {
+    char name[MODEL_MAX_NAME];
+    ParamInit init;
+    int ndim;
+    int shape[2];
+    size_t offset; /* in floats, from the arena's start */
+    size_t numel;
+    int decay;     /* weight decay applies: matrices only */
+} ParamInfo;
+
+typedef struct {
+    float *ln1w, *ln1b;         /* (C) */
+    float *qkvw, *qkvb;         /* (3C, C), (3C) */
+    float *attprojw, *attprojb; /* (C, C), (C) */
+    float *ln2w, *ln2b;         /* (C) */
+    float *fcw, *fcb;           /* (H, C), (H) */
+    float *gatew;               /* (H, C), SwiGLU only */
+    float *projw, *projb;       /* (C, H), (C) */
+} BlockWeights;                 /* the biases of RMSNorm are NULL */
+
+typedef struct {
+    float *wte;     /* (V, C) */
+    float *wpe;     /* (T, C) */
+    BlockWeights *blocks; /* (L) */
+    float *lnfw, *lnfb;   /* (C) */
+    float *lm_head; /* (V, C); == wte when tied */
+} Weights;
+
+typedef struct {
+    float *ln1, *ln1_mean, *ln1_rstd; /* (B,T,C), (B,T), (B,T) */
+    float *qkv;                       /* (B,T,3C) */
+    float *att;                       /* (B,NH,T,T) */
+    float *atty;                      /* (B,T,C) attention output before proj */
+    float *res2;                      /* (B,T,C) residual after attention */
+    float *ln2, *ln2_mean, *ln2_rstd;
+    float *fch;                       /* (B,T,H) fc pre-activation */
+    float *gate;                      /* (B,T,H) SwiGLU gate pre-activation */
+    float *act;                       /* (B,T,H) activation, input of proj */
+    float *res3;                      /* (B,T,C) block output */
+} BlockActs;
+
+typedef struct {
+    float *encoded;                   /* (B,T,C) */
+    BlockActs *blocks;                /* (L) */
+    float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C), (B,T), (B,T) */
+    float *logits;                    /* (B,T,V) */
+    float *probs;                     /* (B,T,V) */
+    float *losses;                    /* (B,T) */
+    int *inputs, *targets;            /* (B,T) */
+} Acts;
+
+typedef struct {
+    float *dres, *dln, *datty;  /* (B,T,C) */
+    float *dqkv;                /* (B,T,3C) */
+    float *dact, *dfch, *dgate; /* (B,T,H) */
+    float *dlogits;             /* (B,T,V) */
+} Scratch;
+
+typedef struct Model {
+    ModelConfig config;
+    ParamInfo *params;
+    int n_params;
+    size_t num_parameters;
+    float *param_mem;  Weights w;
+    float *grad_mem;   Weights g;   /* NULL until the first backward */
+    float *adam_m, *adam_v;         /* NULL until the first update */
+    int64_t adam_t;
+    /* activations, laid out for max_batch sequences of context tokens */
+    int max_batch;
+    float *act_mem; Acts acts;
+    float *scratch_mem; Scratch scratch;
+    int B, T;          /* of the last forward */
+    float mean_loss;   /* of the last forward with targets */
+} Model;
+
+/* Builds a model with freshly initialised weights (seeded by config.seed). */
+int model_create(Model **out, const ModelConfig *config, char *err);
+void model_free(Model *m);
+
+/* Runs the model on inputs (B,T) with T <= context. With targets, computes
+** the loss into acts.losses and mean_loss; without, only acts.probs. */
+int model_forward(Model *m, const int *inputs, const int *targets, int B, int T, char *err);
+/* Gradients of mean_loss for the last forward (which must have had targets),
+** accumulated into the gradient arena. */
+void model_zero_grad(Model *m);
+int model_backward(Model *m, char *err);
+
+/* Global L2 norm of the gradients; with clip > 0 and norm > clip, scales them
+** down to norm `clip`. Returns the norm before clipping. */
+float model_clip_grad(Model *m, float clip);
+/* One AdamW step on every parameter; weight decay on matrices only. */
+int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
+                     float weight_decay, char *err);
+
+/* Mean next-token loss of one sequence of n tokens (2 <= n <= context + 1). */
+int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *err);
+
+/* Appends n_new sampled tokens to the prompt: out (n_prompt + n_new) starts
+** with the prompt. temperature 0 is greedy; top_k 0 keeps every token. */
+int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float temperature,
+                 int top_k, uint64_t seed, int *out, char *err);
+
+/* Index of the registry entry with this name, or -1. */
+int model_find_param(const Model *m, const char *name);
+
+#endif

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Runs each cmocka test program named on the command line (from $BUILD) and
+# ends with one summary line: "N passed, N failed". A program that crashes or
+# exits non-zero without a cmocka summary counts as one failure.
+set -u
+BUILD=${BUILD:-build}
+passed=0
+failed=0
+bad=""
+for t in "$@"; do
+    out=$("$BUILD/$t" 2>&1)
+    rc=$?
+    printf '%s\n' "$out"
+    p=$(printf '%s\n' "$out" | sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' | awk '{s+=$1} END {print s+0}')
+    f=$(printf '%s\n' "$out" | sed -n 's/^\[  FAILED  \] \([0-9]*\) test.*/\1/p' | awk '{s+=$1} END {print s+0}')
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    passed=$((passed + p))
+    failed=$((failed + f))
+    [ "$rc" -ne 0 ] && bad="$bad $t"
+done
+[ -n "$bad" ] && echo "failing programs:$bad"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

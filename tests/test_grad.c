@@ -1,0 +1,313 @@
+/*
+** test_grad.c — finite-difference gradient checks: every op's backward, and
+** the whole model for each norm, activation and head tying.
+**
+** For an op we take the scalar L = Σ out ⊙ R with a fixed random R (summed in
+** double), so the op's backward with dout = R must give dL/dinput; each input
+** entry is nudged by ±h and the central difference compared with it.
+*/
+#include "testutil.h"
+
+#include "config.h"
+#include "model.h"
+#include "ops.h"
+
+static double H_STEP = 1e-2; /* the models use 1e-3: ReLU kinks */
+
+/* The op under test, as a closure over static buffers. */
+static void (*op_forward)(void);
+static const float *op_out;
+static const float *op_r;
+static size_t op_nout;
+
+static double op_loss(void) {
+    op_forward();
+    double s = 0.0;
+    for (size_t i = 0; i < op_nout; i++) s += (double)op_out[i] * op_r[i];
+    return s;
+}
+
+/* Compares analytic (n) with central differences of op_loss in x (n). */
+static void check_grad(const char *what, float *x, const float *analytic, size_t n) {
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        float saved = x[i];
+        x[i] = saved + (float)H_STEP;
+        double lp = op_loss();
+        x[i] = saved - (float)H_STEP;
+        double lm = op_loss();
+        x[i] = saved;
+        double num = (lp - lm) / (2.0 * H_STEP);
+        double err = fabs(num - analytic[i]) / (1e-3 + fmax(fabs(num), fabs(analytic[i])));
+        if (err > worst) worst = err;
+        if (!test_close(num, analytic[i], 2e-2, 2e-3))
+            fail_msg("%s[%zu]: numeric %.6g, analytic %.6g", what, i, num, (double)analytic[i]);
+    }
+    op_loss(); /* leave the forward state as it was */
+    (void)worst;
+}
+
+/* ------------------------------------------------------------------------ */
+
+enum { B = 2, T = 5, C = 8, NH = 2, OC = 6, V = 7 };
+static float inp[B * T * 3 * C], w[3 * C * C], bias[3 * C], out[B * T * 3 * C];
+static float mean_[B * T], rstd_[B * T], att[B * NH * T * T], R[B * T * 3 * C];
+static float dinp[B * T * 3 * C], dw[3 * C * C], dbias[3 * C];
+static int tokens[B * T];
+
+static void setup_common(size_t nin, size_t nout, uint64_t seed) {
+    test_fill(inp, nin, 1.0f, seed);
+    test_fill(R, nout, 1.0f, seed + 100);
+    memset(dinp, 0, sizeof dinp);
+    memset(dw, 0, sizeof dw);
+    memset(dbias, 0, sizeof dbias);
+    op_out = out;
+    op_r = R;
+    op_nout = nout;
+}
+
+static void fwd_layernorm(void) { layernorm_forward(out, mean_, rstd_, inp, w, bias, B * T, C, 1e-5f); }
+
+static void test_layernorm(void **state) {
+    (void)state;
+    setup_common(B * T * C, B * T * C, 1);
+    test_fill(w, C, 1.0f, 2);
+    test_fill(bias, C, 1.0f, 3);
+    op_forward = fwd_layernorm;
+    fwd_layernorm();
+    layernorm_backward(dinp, dw, dbias, R, inp, w, mean_, rstd_, B * T, C);
+    check_grad("layernorm dinp", inp, dinp, B * T * C);
+    check_grad("layernorm dweight", w, dw, C);
+    check_grad("layernorm dbias", bias, dbias, C);
+}
+
+static void fwd_rmsnorm(void) { rmsnorm_forward(out, rstd_, inp, w, B * T, C, 1e-5f); }
+
+static void test_rmsnorm(void **state) {
+    (void)state;
+    setup_common(B * T * C, B * T * C, 4);
+    test_fill(w, C, 1.0f, 5);
+    op_forward = fwd_rmsnorm;
+    fwd_rmsnorm();
+    rmsnorm_backward(dinp, dw, R, inp, w, rstd_, B * T, C);
+    check_grad("rmsnorm dinp", inp, dinp, B * T * C);
+    check_grad("rmsnorm dweight", w, dw, C);
+}
+
+static void fwd_matmul(void) { matmul_forward(out, inp, w, bias, B * T, C, OC, 0.0f); }
+
+static void test_matmul(void **state) {
+    (void)state;
+    setup_common(B * T * C, B * T * OC, 6);
+    test_fill(w, OC * C, 1.0f, 7);
+    test_fill(bias, OC, 1.0f, 8);
+    op_forward = fwd_matmul;
+    fwd_matmul();
+    matmul_backward(dinp, dw, dbias, R, inp, w, B * T, C, OC, 0.0f);
+    check_grad("matmul dinp", inp, dinp, B * T * C);
+    check_grad("matmul dweight", w, dw, OC * C);
+    check_grad("matmul dbias", bias, dbias, OC);
+}
+
+static void test_matmul_beta(void **state) {
+    /* beta = 1 adds to out; dinp_beta = 1 adds to dinp */
+    (void)state;
+    float base[B * T * OC], acc[B * T * OC], d1[B * T * C], d2[B * T * C];
+    test_fill(inp, B * T * C, 1.0f, 9);
+    test_fill(w, OC * C, 1.0f, 10);
+    test_fill(base, B * T * OC, 1.0f, 11);
+    memcpy(acc, base, sizeof acc);
+    matmul_forward(out, inp, w, NULL, B * T, C, OC, 0.0f);
+    matmul_forward(acc, inp, w, NULL, B * T, C, OC, 1.0f);
+    for (int i = 0; i < B * T * OC; i++) assert_true(test_close(acc[i], base[i] + out[i], 1e-5, 1e-6));
+    test_fill(d1, B * T * C, 1.0f, 12);
+    memcpy(d2, d1, sizeof d2);
+    memset(dw, 0, sizeof dw);
+    matmul_backward(d2, dw, NULL, base, inp, w, B * T, C, OC, 1.0f);
+    float only[B * T * C];
+    matmul_backward(only, dw, NULL, base, inp, w, B * T, C, OC, 0.0f);
+    for (int i = 0; i < B * T * C; i++) assert_true(test_close(d2[i], d1[i] + only[i], 1e-5, 1e-6));
+}
+
+static void fwd_attention(void) { attention_forward(out, att, inp, B, T, C, NH); }
+
+static void test_attention(void **state) {
+    (void)state;
+    setup_common(B * T * 3 * C, B * T * C, 13);
+    op_forward = fwd_attention;
+    fwd_attention();
+    attention_backward(dinp, R, inp, att, B, T, C, NH);
+    check_grad("attention dqkv", inp, dinp, B * T * 3 * C);
+}
+
+static void test_attention_causal(void **state) {
+    /* changing a later token never changes an earlier output */
+    (void)state;
+    float before[B * T * C];
+    test_fill(inp, B * T * 3 * C, 1.0f, 14);
+    attention_forward(before, att, inp, B, T, C, NH);
+    for (int i = 0; i < 3 * C; i++) inp[(T - 1) * 3 * C + i] += 1.0f; /* last token of batch 0 */
+    attention_forward(out, att, inp, B, T, C, NH);
+    for (int t = 0; t < T - 1; t++)
+        for (int i = 0; i < C; i++) assert_true(out[t * C + i] == before[t * C + i]);
+}
+
+static void fwd_gelu(void) { gelu_forward(out, inp, B * T * C); }
+static void fwd_relu(void) { relu_forward(out, inp, B * T * C); }
+static void fwd_swiglu(void) { swiglu_forward(out, inp, inp + B * T * C, B * T * C); }
+
+static void test_activations(void **state) {
+    (void)state;
+    setup_common(B * T * C, B * T * C, 15);
+    op_forward = fwd_gelu;
+    fwd_gelu();
+    gelu_backward(dinp, R, inp, B * T * C);
+    check_grad("gelu", inp, dinp, B * T * C);
+
+    setup_common(B * T * C, B * T * C, 16);
+    for (int i = 0; i < B * T * C; i++) /* keep away from the kink at 0 */
+        if (fabsf(inp[i]) < 0.05f) inp[i] = 0.5f;
+    op_forward = fwd_relu;
+    fwd_relu();
+    relu_backward(dinp, R, inp, B * T * C);
+    check_grad("relu", inp, dinp, B * T * C);
+
+    setup_common(2 * B * T * C, B * T * C, 17);
+    op_forward = fwd_swiglu;
+    fwd_swiglu();
+    swiglu_backward(dinp, dinp + B * T * C, R, inp, inp + B * T * C, B * T * C);
+    check_grad("swiglu (gate and fc)", inp, dinp, 2 * B * T * C);
+}
+
+static float ce_losses[B * T], ce_probs[B * T * V];
+static void fwd_ce(void) {
+    crossentropy_forward(ce_losses, ce_probs, inp, tokens, B * T, V);
+}
+
+static void test_crossentropy(void **state) {
+    (void)state;
+    setup_common(B * T * V, B * T, 18);
+    for (int i = 0; i < B * T; i++) {
+        tokens[i] = i % V;
+        R[i] = 1.0f / (B * T); /* L = mean loss */
+    }
+    op_out = ce_losses;
+    op_forward = fwd_ce;
+    float mean = crossentropy_forward(ce_losses, ce_probs, inp, tokens, B * T, V);
+    double direct = 0.0;
+    for (int i = 0; i < B * T; i++) {
+        const float *l = inp + i * V;
+        double s = 0.0;
+        for (int v = 0; v < V; v++) s += exp(l[v]);
+        direct += log(s) - l[tokens[i]];
+    }
+    assert_true(test_close(mean, direct / (B * T), 1e-5, 1e-6));
+    crossentropy_backward(dinp, ce_probs, tokens, 1.0f / (B * T), B * T, V);
+    check_grad("crossentropy dlogits", inp, dinp, B * T * V);
+}
+
+static float enc_wte[V * C], enc_wpe[T * C];
+static void fwd_encoder(void) { encoder_forward(out, tokens, enc_wte, enc_wpe, B, T, C); }
+
+static void test_encoder(void **state) {
+    (void)state;
+    setup_common(0, B * T * C, 19);
+    test_fill(enc_wte, V * C, 1.0f, 20);
+    test_fill(enc_wpe, T * C, 1.0f, 21);
+    for (int i = 0; i < B * T; i++) tokens[i] = (i * 3) % V;
+    float dwte[V * C] = {0}, dwpe[T * C] = {0};
+    op_forward = fwd_encoder;
+    fwd_encoder();
+    encoder_backward(dwte, dwpe, R, tokens, B, T, C);
+    check_grad("encoder dwte", enc_wte, dwte, V * C);
+    check_grad("encoder dwpe", enc_wpe, dwpe, T * C);
+}
+
+/* ------------------------------------------------------------------------ */
+/* the whole model                                                           */
+
+static Model *gm;
+static int g_in[2 * 6], g_tg[2 * 6];
+static float g_loss_out;
+static float g_one = 1.0f;
+static void fwd_model(void) {
+    char err[ML_ERRLEN];
+    assert_int_equal(model_forward(gm, g_in, g_tg, 2, 6, err), 0);
+    g_loss_out = gm->mean_loss;
+}
+
+static void check_model(NormKind norm, ActKind act, int tied) {
+    ModelConfig c;
+    config_defaults(&c);
+    c.vocab = 11;
+    c.context = 8;
+    c.layers = 2;
+    c.d_model = 8;
+    c.heads = 2;
+    c.ffn_hidden = 12;
+    c.norm = norm;
+    c.activation = act;
+    c.tied = tied;
+    c.init_std = 0.4f; /* large weights: gradients well above float noise */
+    c.seed = 3;
+    char err[ML_ERRLEN];
+    assert_int_equal(model_create(&gm, &c, err), 0);
+    for (int i = 0; i < 12; i++) {
+        g_in[i] = (i * 7 + 3) % c.vocab;
+        g_tg[i] = (i * 5 + 1) % c.vocab;
+    }
+    /* biases and norm weights start at 0 and 1: randomise them too */
+    for (int i = 0; i < gm->n_params; i++)
+        if (gm->params[i].ndim == 1)
+            test_fill(gm->param_mem + gm->params[i].offset, gm->params[i].numel, 0.5f, 30 + i);
+    for (int i = 0; i < gm->n_params; i++)
+        if (strstr(gm->params[i].name, "ln") && gm->params[i].ndim == 1 &&
+            strstr(gm->params[i].name, "weight"))
+            for (size_t j = 0; j < gm->params[i].numel; j++) gm->param_mem[gm->params[i].offset + j] += 1.0f;
+    fwd_model();
+    model_zero_grad(gm);
+    assert_int_equal(model_backward(gm, err), 0);
+    model_zero_grad(gm); /* the gradient arena exists now: a clean second pass */
+    fwd_model();
+    assert_int_equal(model_backward(gm, err), 0);
+    op_forward = fwd_model;
+    H_STEP = 1e-3;
+    op_out = &g_loss_out;
+    op_r = &g_one;
+    op_nout = 1;
+    for (int i = 0; i < gm->n_params; i++) {
+        const ParamInfo *p = &gm->params[i];
+        char what[128];
+        snprintf(what, sizeof what, "model(%s,%s,%s) %s", config_norm_name(norm),
+                 config_activation_name(act), tied ? "tied" : "untied", p->name);
+        /* at most 24 entries per tensor, spread over it */
+        size_t stride = p->numel > 24 ? p->numel / 24 : 1;
+        for (size_t j = 0; j < p->numel; j += stride)
+            check_grad(what, gm->param_mem + p->offset + j, gm->grad_mem + p->offset + j, 1);
+    }
+    H_STEP = 1e-2;
+    model_free(gm);
+    gm = NULL;
+}
+
+static void test_model_layernorm_gelu(void **state) { (void)state; check_model(NORM_LAYERNORM, ACT_GELU, 0); }
+static void test_model_rmsnorm_swiglu_tied(void **state) { (void)state; check_model(NORM_RMSNORM, ACT_SWIGLU, 1); }
+static void test_model_layernorm_relu_tied(void **state) { (void)state; check_model(NORM_LAYERNORM, ACT_RELU, 1); }
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_layernorm),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_matmul),
+        cmocka_unit_test(test_matmul_beta),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_causal),
+        cmocka_unit_test(test_activations),
+        cmocka_unit_test(test_crossentropy),
+        cmocka_unit_test(test_encoder),
+        cmocka_unit_test(test_model_layernorm_gelu),
+        cmocka_unit_test(test_model_rmsnorm_swiglu_tied),
+        cmocka_unit_test(test_model_layernorm_relu_tied),
+    };
+    return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
+}
