@@ -1,0 +1,562 @@
+/*
+** test_recorder.c — checks the SQLite recorder (src/recorder.c): the schema
+** of SPEC §3 column by column, a run's rows read back with SQL, the views
+** against hand-computed numbers, and the failures a user meets (a locked,
+** read-only or foreign file) with the messages they get.
+**
+** Build: gcc -std=c11 -D_GNU_SOURCE -Isrc tests/test_recorder.c
+**        src/recorder.c src/common.c -lsqlite3 -lcmocka -lm
+*/
+#include <ftw.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <sqlite3.h>
+
+#include "recorder.h"
+
+/* ---- helpers ---------------------------------------------------------- */
+
+/* cmocka 1.1.5 has no float assertion. */
+#define assert_near(actual, expected, tol) do {                              \
+        double a_ = (actual), e_ = (expected);                                \
+        if (!(fabs(a_ - e_) <= (tol)))                                        \
+            fail_msg("%s = %.17g, expected %.17g", #actual, a_, e_);          \
+    } while (0)
+
+/* The first column of the first row of sql, which must return a row. */
+static sqlite3_stmt *query_row(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        fail_msg("prepare '%s': %s", sql, sqlite3_errmsg(db));
+    if (sqlite3_step(st) != SQLITE_ROW)
+        fail_msg("no row from '%s': %s", sql, sqlite3_errmsg(db));
+    return st;
+}
+
+static int64_t query_int(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = query_row(db, sql);
+    int64_t v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static double query_real(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = query_row(db, sql);
+    if (sqlite3_column_type(st, 0) == SQLITE_NULL)
+        fail_msg("'%s' returned NULL", sql);
+    double v = sqlite3_column_double(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static int query_is_null(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = query_row(db, sql);
+    int is_null = sqlite3_column_type(st, 0) == SQLITE_NULL;
+    sqlite3_finalize(st);
+    return is_null;
+}
+
+static void query_text(sqlite3 *db, const char *sql, char *out, size_t n) {
+    sqlite3_stmt *st = query_row(db, sql);
+    const unsigned char *t = sqlite3_column_text(st, 0);
+    snprintf(out, n, "%s", t ? (const char *)t : "(null)");
+    sqlite3_finalize(st);
+}
+
+static void exec_sql(sqlite3 *db, const char *sql) {
+    char *msg = NULL;
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK)
+        fail_msg("exec '%s': %s", sql, msg);
+}
+
+static int table_has_column(sqlite3 *db, const char *table, const char *column) {
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT name FROM pragma_table_info('%s')", table);
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+    int found = 0;
+    while (sqlite3_step(st) == SQLITE_ROW)
+        found |= strcmp((const char *)sqlite3_column_text(st, 0), column) == 0;
+    sqlite3_finalize(st);
+    return found;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb; (void)flag; (void)ftw;
+    return remove(path);
+}
+
+/* Each file test gets its own temporary directory as its state. */
+static int setup_tmpdir(void **state) {
+    char *dir = strdup("/tmp/moelab-test-recorder-XXXXXX");
+    if (!dir || !mkdtemp(dir))
+        return -1;
+    *state = dir;
+    return 0;
+}
+
+static int teardown_tmpdir(void **state) {
+    char *dir = *state;
+    chmod(dir, 0700);
+    nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    free(dir);
+    return 0;
+}
+
+static void tmp_path(char *out, size_t n, void **state, const char *name) {
+    snprintf(out, n, "%s/%s", (const char *)*state, name);
+}
+
+static Recorder *open_ok(const char *path) {
+    Recorder *r = NULL;
+    char err[ML_ERRLEN] = "";
+    if (rec_open(&r, path, err))
+        fail_msg("rec_open(%s): %s", path, err);
+    return r;
+}
+
+static int64_t begin_run(Recorder *r, const char *name) {
+    int64_t id = 0;
+    char err[ML_ERRLEN] = "";
+    if (rec_run_begin(r, name, "exp", "{\"layers\":2}", 7, 1000, 250, &id, err))
+        fail_msg("rec_run_begin: %s", err);
+    return id;
+}
+
+/* ---- schema ----------------------------------------------------------- */
+
+static void test_schema_has_every_documented_column(void **state) {
+    (void)state;
+    static const char *spec[][12] = {
+        {"runs", "run_id", "name", "experiment", "config", "seed", "status",
+         "started_at", "finished_at", "params_total", "params_active", "error"},
+        {"metrics", "run_id", "step", "split", "loss", "aux_loss", "lr", "tokens",
+         "moe_flops_per_token", "wall_ms", "aux_balance", "aux_z"},
+        {"metrics", "aux_cv2", "aux_p_penalty"},
+        {"evals", "eval_id", "run_id", "step", "split", "tokens", "loss",
+         "moe_flops_per_token", "experts_per_token"},
+        {"expert_load", "run_id", "eval_id", "step", "layer", "expert", "tokens",
+         "dropped", "prob_mass"},
+        {"routing", "run_id", "eval_id", "layer", "seq", "pos", "token", "rank",
+         "expert", "weight", "pass"},
+        {"token_stats", "run_id", "eval_id", "seq", "pos", "token", "loss",
+         "experts", "moe_flops"},
+        {"sparsity", "run_id", "eval_id", "layer", "expert", "activations",
+         "near_zero", "mean_abs"},
+    };
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    for (size_t t = 0; t < sizeof spec / sizeof *spec; t++)
+        for (size_t c = 1; c < 12 && spec[t][c]; c++)
+            if (!table_has_column(db, spec[t][0], spec[t][c]))
+                fail_msg("table %s lacks column %s", spec[t][0], spec[t][c]);
+    static const char *views[] = {"v_experts_per_token", "v_load_cv",
+                                  "v_dropped_fraction", "v_layer_load", "v_final_loss"};
+    for (size_t v = 0; v < sizeof views / sizeof *views; v++) {
+        char sql[160];
+        snprintf(sql, sizeof sql,
+                 "SELECT count(*) FROM sqlite_schema WHERE type='view' AND name='%s'",
+                 views[v]);
+        if (query_int(db, sql) != 1)
+            fail_msg("view %s is missing", views[v]);
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", views[v]);
+        assert_int_equal(query_int(db, sql), 0);   /* and it runs */
+    }
+    assert_int_equal(query_int(db, "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    rec_close(r);
+}
+
+/* ---- a run's rows ----------------------------------------------------- */
+
+static void test_run_metrics_eval_and_status_read_back(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "", text[128];
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "top2");
+    assert_true(run > 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 5.5, 0.02, 1e-3, 2048, 1.5e6, 12.5, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "train", 4.25, NAN, 2e-3, 4096, NAN, 11.0, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "val", 4.5, NAN, 2e-3, 4096, NAN, NAN, err), 0);
+    assert_int_equal(rec_pending_rows(r), 3);
+    int64_t eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 2, "val", 8192, 4.5, 1.25e6, 1.75, &eval_id, err), 0);
+    assert_true(eval_id > 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(rec_pending_rows(r), 0);
+
+    query_text(db, "SELECT status FROM runs", text, sizeof text);
+    assert_string_equal(text, "running");
+    assert_true(query_is_null(db, "SELECT finished_at FROM runs"));
+    assert_int_equal(rec_run_status(r, run, "finished", NULL, err), 0);
+
+    query_text(db, "SELECT name || '|' || experiment || '|' || config || '|' || status"
+                   " FROM runs", text, sizeof text);
+    assert_string_equal(text, "top2|exp|{\"layers\":2}|finished");
+    assert_int_equal(query_int(db, "SELECT seed FROM runs"), 7);
+    assert_int_equal(query_int(db, "SELECT params_total FROM runs"), 1000);
+    assert_int_equal(query_int(db, "SELECT params_active FROM runs"), 250);
+    assert_true(query_is_null(db, "SELECT error FROM runs"));
+    /* ISO-8601 UTC: 2024-05-01T12:34:56.789Z */
+    assert_int_equal(query_int(db, "SELECT count(*) FROM runs WHERE"
+        " started_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*Z'"
+        " AND finished_at GLOB '[0-9][0-9][0-9][0-9]-*T*Z'"
+        " AND finished_at >= started_at"), 1);
+
+    assert_int_equal(query_int(db, "SELECT count(*) FROM metrics"), 3);
+    assert_near(query_real(db, "SELECT loss FROM metrics WHERE step=1"), 5.5, 0);
+    assert_near(query_real(db, "SELECT aux_loss FROM metrics WHERE step=1"), 0.02, 0);
+    assert_near(query_real(db, "SELECT moe_flops_per_token FROM metrics WHERE step=1"),
+                        1.5e6, 0);
+    assert_near(query_real(db, "SELECT wall_ms FROM metrics WHERE step=1"), 12.5, 0);
+    assert_int_equal(query_int(db, "SELECT tokens FROM metrics WHERE step=2 AND split='train'"),
+                     4096);
+    assert_true(query_is_null(db, "SELECT aux_loss FROM metrics WHERE step=2 AND split='train'"));
+    assert_true(query_is_null(db, "SELECT moe_flops_per_token FROM metrics"
+                                  " WHERE step=2 AND split='train'"));
+    assert_true(query_is_null(db, "SELECT wall_ms FROM metrics WHERE split='val'"));
+    assert_true(query_is_null(db, "SELECT aux_balance FROM metrics WHERE step=1"));
+
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT experts_per_token FROM evals WHERE eval_id=%lld"
+             " AND run_id=%lld AND step=2 AND split='val' AND tokens=8192",
+             (long long)eval_id, (long long)run);
+    assert_near(query_real(db, sql), 1.75, 0);
+    assert_near(query_real(db, "SELECT moe_flops_per_token FROM evals"), 1.25e6, 0);
+
+    assert_near(query_real(db, "SELECT train_loss FROM v_final_loss"), 4.25, 0);
+    assert_near(query_real(db, "SELECT val_loss FROM v_final_loss"), 4.5, 0);
+    assert_int_equal(query_int(db, "SELECT tokens FROM v_final_loss"), 4096);
+    rec_close(r);
+}
+
+static void test_diverged_run_keeps_its_message(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "", text[128];
+    Recorder *r = open_ok(":memory:");
+    int64_t run = begin_run(r, "hot");
+    assert_int_equal(rec_run_status(r, run, "diverged", "loss is NaN at step 40", err), 0);
+    query_text(rec_db(r), "SELECT status || ': ' || error FROM runs", text, sizeof text);
+    assert_string_equal(text, "diverged: loss is NaN at step 40");
+    assert_false(query_is_null(rec_db(r), "SELECT finished_at FROM runs"));
+    rec_close(r);
+}
+
+static void test_bad_status_and_unknown_run_are_rejected(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    int64_t run = begin_run(r, "a");
+    assert_int_equal(rec_run_status(r, run, "done", NULL, err), -1);
+    assert_non_null(strstr(err, "'done'"));
+    assert_non_null(strstr(err, "finished"));
+    assert_int_equal(rec_run_status(r, run, NULL, NULL, err), -1);
+    assert_int_equal(rec_run_status(r, run, "", NULL, err), -1);
+    char text[32];
+    query_text(rec_db(r), "SELECT status FROM runs", text, sizeof text);
+    assert_string_equal(text, "running");
+
+    assert_int_equal(rec_run_status(r, run + 41, "finished", NULL, err), -1);
+    assert_non_null(strstr(err, "no run with id"));
+    assert_int_equal(rec_metric(r, run + 41, 1, "train", 1, 0, 0, 1, 0, 0, err), -1);
+    assert_non_null(strstr(err, "FOREIGN KEY"));
+    assert_int_equal(rec_run_begin(r, "", NULL, NULL, 0, 0, 0, NULL, err), -1);
+    assert_int_equal(rec_metric(r, run, 1, NULL, 1, 0, 0, 1, 0, 0, err), -1);
+    rec_close(r);
+}
+
+/* ---- views ------------------------------------------------------------ */
+
+static void test_views_compute_the_documented_numbers(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "moe");
+    int64_t e1 = 0, e2 = 0;
+    assert_int_equal(rec_eval(r, run, 10, "val", 3, 4.0, NAN, NAN, &e1, err), 0);
+    assert_int_equal(rec_eval(r, run, 20, "val", 4, 3.5, NAN, NAN, &e2, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(run, 1);
+    assert_int_equal(e1, 1);
+    assert_int_equal(e2, 2);
+    exec_sql(db,
+        /* training step 10: layer 0 kept {10, 30}, dropped {0, 2}; layer 1 {20, 20} */
+        "INSERT INTO expert_load(run_id, eval_id, step, layer, expert, tokens, dropped, prob_mass)"
+        " VALUES (1, NULL, 10, 0, 0, 10, 0, 0.3), (1, NULL, 10, 0, 1, 30, 2, 0.7),"
+        "        (1, NULL, 10, 1, 0, 20, 0, 0.5), (1, NULL, 10, 1, 1, 20, 0, 0.5),"
+        /* evaluation 1: layer 0 kept {5, 15}, dropped {1, 1} */
+        "        (1, 1, 10, 0, 0, 5, 1, 0.2), (1, 1, 10, 0, 1, 15, 1, 0.8);"
+        /* eval 1, layer 0: token (0,0) two experts, (0,1) one, (0,2) three
+        ** (two in pass 0, one in pass 1); layer 1: one each */
+        "INSERT INTO routing(run_id, eval_id, layer, seq, pos, token, rank, expert, weight, pass)"
+        " VALUES (1,1,0,0,0,65,0,1,0.6,0), (1,1,0,0,0,65,1,0,0.4,0),"
+        "        (1,1,0,0,1,66,0,0,1.0,0),"
+        "        (1,1,0,0,2,67,0,1,0.7,0), (1,1,0,0,2,67,1,0,0.3,0),"
+        "        (1,1,0,0,2,67,0,1,1.0,1),"
+        "        (1,1,1,0,0,65,0,0,1.0,0), (1,1,1,0,1,66,0,1,1.0,0),"
+        "        (1,1,1,0,2,67,0,1,1.0,0);"
+        /* eval 2: the same layer-0 routing, but token_stats knows a fourth
+        ** token that no expert took */
+        "INSERT INTO routing SELECT run_id, 2, layer, seq, pos, token, rank, expert,"
+        " weight, pass FROM routing WHERE eval_id = 1 AND layer = 0;"
+        "INSERT INTO token_stats(run_id, eval_id, seq, pos, token, loss, experts, moe_flops)"
+        " VALUES (1,2,0,0,65,1.0,2,0), (1,2,0,1,66,1.0,1,0), (1,2,0,2,67,1.0,3,0),"
+        "        (1,2,0,3,68,1.0,0,0);");
+
+    assert_near(query_real(db, "SELECT experts_per_token FROM v_experts_per_token"
+                                       " WHERE eval_id=1 AND layer=0"), 2.0, 1e-12);
+    assert_int_equal(query_int(db, "SELECT tokens FROM v_experts_per_token"
+                                   " WHERE eval_id=1 AND layer=0"), 3);
+    assert_near(query_real(db, "SELECT experts_per_token FROM v_experts_per_token"
+                                       " WHERE eval_id=1 AND layer=1"), 1.0, 1e-12);
+    assert_near(query_real(db, "SELECT experts_per_token FROM v_experts_per_token"
+                                       " WHERE eval_id=2 AND layer=0"), 1.5, 1e-12);
+
+    /* {10, 30}: mean 20, population std 10 */
+    assert_near(query_real(db, "SELECT cv FROM v_load_cv"
+                                       " WHERE eval_id IS NULL AND step=10 AND layer=0"), 0.5, 1e-12);
+    assert_near(query_real(db, "SELECT cv2 FROM v_load_cv"
+                                       " WHERE eval_id IS NULL AND step=10 AND layer=0"), 0.25, 1e-12);
+    assert_near(query_real(db, "SELECT cv FROM v_load_cv"
+                                       " WHERE eval_id IS NULL AND step=10 AND layer=1"), 0.0, 1e-12);
+    assert_near(query_real(db, "SELECT cv FROM v_load_cv WHERE eval_id=1 AND layer=0"),
+                        0.5, 1e-12);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM v_load_cv"), 3);
+
+    /* layer 0: kept 10+30+5+15 = 60, dropped 0+2+1+1 = 4 */
+    assert_near(query_real(db, "SELECT dropped_fraction FROM v_dropped_fraction"
+                                       " WHERE run_id=1 AND layer=0"), 4.0 / 64.0, 1e-12);
+    assert_near(query_real(db, "SELECT train_dropped_fraction FROM v_dropped_fraction"
+                                       " WHERE layer=0"), 2.0 / 42.0, 1e-12);
+    assert_near(query_real(db, "SELECT eval_dropped_fraction FROM v_dropped_fraction"
+                                       " WHERE layer=0"), 2.0 / 22.0, 1e-12);
+    assert_near(query_real(db, "SELECT dropped_fraction FROM v_dropped_fraction"
+                                       " WHERE layer=1"), 0.0, 1e-12);
+
+    assert_int_equal(query_int(db, "SELECT tokens FROM v_layer_load WHERE layer=0 AND expert=0"), 15);
+    assert_near(query_real(db, "SELECT share FROM v_layer_load WHERE layer=0 AND expert=0"),
+                        0.25, 1e-12);
+    assert_near(query_real(db, "SELECT share FROM v_layer_load WHERE layer=0 AND expert=1"),
+                        0.75, 1e-12);
+    assert_near(query_real(db, "SELECT share FROM v_layer_load WHERE layer=1 AND expert=1"),
+                        0.5, 1e-12);
+    rec_close(r);
+}
+
+/* ---- files ------------------------------------------------------------ */
+
+static void test_flushed_rows_survive_close_and_reopen(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "runs.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "a");
+    for (int i = 0; i < 100; i++)
+        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    for (int i = 100; i < 110; i++)     /* committed by the close */
+        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, err), 0);
+    rec_close(r);
+
+    r = open_ok(path);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM metrics"), 110);
+    assert_int_equal(query_int(rec_db(r), "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    char mode[16];
+    query_text(rec_db(r), "PRAGMA journal_mode", mode, sizeof mode);
+    assert_string_equal(mode, "wal");
+    int64_t second = begin_run(r, "b");   /* one file, any number of runs */
+    assert_int_equal(second, run + 1);
+    rec_close(r);
+}
+
+static void test_crash_loses_only_unflushed_rows(void **state) {
+    char path[512];
+    tmp_path(path, sizeof path, state, "crash.db");
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        Recorder *r = NULL;
+        char err[ML_ERRLEN];
+        int64_t run = 0;
+        if (rec_open(&r, path, err) || rec_run_begin(r, "c", NULL, NULL, 1, 0, 0, &run, err))
+            _exit(2);
+        for (int i = 0; i < 5; i++)
+            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, err))
+                _exit(3);
+        if (rec_flush(r, err))
+            _exit(4);
+        for (int i = 5; i < 8; i++)
+            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, err))
+                _exit(5);
+        _exit(0);   /* dies without flushing or closing */
+    }
+    int wstatus = 0;
+    assert_int_equal(waitpid(pid, &wstatus, 0), pid);
+    assert_true(WIFEXITED(wstatus));
+    assert_int_equal(WEXITSTATUS(wstatus), 0);
+    Recorder *r = open_ok(path);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM runs"), 1);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM metrics"), 5);
+    assert_int_equal(query_int(rec_db(r), "SELECT max(step) FROM metrics"), 4);
+    rec_close(r);
+}
+
+static void test_locked_database_names_the_lock(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "locked.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "a");
+    assert_int_equal(rec_set_busy_timeout(r, 50, err), 0);
+
+    sqlite3 *other = NULL;
+    assert_int_equal(sqlite3_open(path, &other), SQLITE_OK);
+    exec_sql(other, "BEGIN EXCLUSIVE; INSERT INTO runs(name, started_at) VALUES ('x', 'now');");
+
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err), -1);
+    assert_non_null(strstr(err, "database is locked"));
+    assert_non_null(strstr(err, path));
+
+    exec_sql(other, "COMMIT");
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err), 0);
+
+    /* Now the recorder holds the write lock until it flushes. */
+    assert_int_equal(sqlite3_busy_timeout(other, 10), SQLITE_OK);
+    assert_int_not_equal(sqlite3_exec(other, "INSERT INTO runs(name, started_at)"
+                                             " VALUES ('y', 'now')", NULL, NULL, NULL), SQLITE_OK);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(query_int(other, "SELECT count(*) FROM metrics"), 1);
+    assert_int_equal(query_int(other, "SELECT count(*) FROM runs"), 2);
+    sqlite3_close(other);
+    rec_close(r);
+}
+
+static void test_readonly_connection_refuses_writes(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "ro.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "a");
+    rec_close(r);
+
+    assert_int_equal(rec_open_readonly(&r, path, err), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM runs"), 1);
+    int rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err);
+    if (rc == 0)
+        rc = rec_flush(r, err);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(err, "attempt to write a readonly database"));
+    assert_non_null(strstr(err, path));
+    rec_close(r);
+
+    char missing[512];
+    tmp_path(missing, sizeof missing, state, "missing.db");
+    assert_int_equal(rec_open_readonly(&r, missing, err), -1);
+    assert_null(r);
+    assert_non_null(strstr(err, missing));
+    assert_non_null(strstr(err, "unable to open"));
+
+    char empty[512];   /* a SQLite database, but not one of ours */
+    tmp_path(empty, sizeof empty, state, "other.db");
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(empty, &db), SQLITE_OK);
+    exec_sql(db, "CREATE TABLE t(x)");
+    sqlite3_close(db);
+    assert_int_equal(rec_open_readonly(&r, empty, err), -1);
+    assert_non_null(strstr(err, "not a moelab database"));
+}
+
+static void test_readonly_file_refuses_writes(void **state) {
+    if (geteuid() == 0) {
+        print_message("skipped: running as root, chmod 0444 does not stop root's "
+                      "writes (rec_open_readonly is tested instead)\n");
+        skip();
+    }
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "file-ro.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "a");
+    rec_close(r);
+    assert_int_equal(chmod(path, 0444), 0);
+    assert_int_equal(chmod((const char *)*state, 0555), 0);
+    int rc = rec_open(&r, path, err);
+    if (rc == 0) {
+        rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err);
+        if (rc == 0)
+            rc = rec_flush(r, err);
+        rec_close(r);
+    }
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(err, path));
+    if (!strstr(err, "readonly") && !strstr(err, "unable to open"))
+        fail_msg("unexpected message: %s", err);
+
+    /* Reading still works, though the directory refuses the -shm file. */
+    assert_int_equal(rec_open_readonly(&r, path, err), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM runs"), 1);
+    rec_close(r);
+}
+
+static void test_foreign_file_is_not_a_database(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "notes.txt");
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    for (int i = 0; i < 40; i++)
+        fputs("These are my notes, not a database at all.\n", f);
+    fclose(f);
+    Recorder *r = NULL;
+    assert_int_equal(rec_open(&r, path, err), -1);
+    assert_null(r);
+    assert_non_null(strstr(err, "not a SQLite database"));
+    assert_non_null(strstr(err, path));
+    assert_int_equal(rec_open_readonly(&r, path, err), -1);
+    assert_non_null(strstr(err, "not a SQLite database"));
+}
+
+static void test_newer_schema_is_refused(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "future.db");
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    exec_sql(db, "PRAGMA user_version = 99");
+    sqlite3_close(db);
+    Recorder *r = NULL;
+    assert_int_equal(rec_open(&r, path, err), -1);
+    assert_non_null(strstr(err, "newer"));
+    rec_close(NULL);   /* a no-op */
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_schema_has_every_documented_column),
+        cmocka_unit_test(test_run_metrics_eval_and_status_read_back),
+        cmocka_unit_test(test_diverged_run_keeps_its_message),
+        cmocka_unit_test(test_bad_status_and_unknown_run_are_rejected),
+        cmocka_unit_test(test_views_compute_the_documented_numbers),
+        cmocka_unit_test_setup_teardown(test_flushed_rows_survive_close_and_reopen,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_crash_loses_only_unflushed_rows,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_locked_database_names_the_lock,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_readonly_connection_refuses_writes,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_readonly_file_refuses_writes,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_foreign_file_is_not_a_database,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_newer_schema_is_refused,
+                                        setup_tmpdir, teardown_tmpdir),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
