@@ -52,7 +52,7 @@ $(BUILD):
 	@mkdir -p $(BUILD)
 
 $(BUILD)/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)
-	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -c $< -o $@
+	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -DMOELAB_LUA_DIR='"$(CURDIR)/lua"' -c $< -o $@
 
 $(BUILD)/libmoelab.a: $(LIBOBJ)
 	ar rcs $@ $^

@@ -147,8 +147,9 @@ int model_create(Model **out, const ModelConfig *config, char *err) {
     }
     m->param_mem = arena_alloc(m->num_parameters);
     if (!m->param_mem) {
+        size_t n = m->num_parameters;
         model_free(m);
-        return ml_error(err, "out of memory: %zu parameters", m->num_parameters);
+        return ml_error(err, "out of memory: %zu parameters", n);
     }
     model_layout(m, &m->w, m->param_mem, 0, NULL);
     initialise(m);
@@ -235,6 +236,7 @@ static size_t scratch_layout(Model *m, float *base, int B) {
     s->dact = carve(base, &at, BT * H);
     s->dfch = carve(base, &at, BT * H);
     s->dgate = c->activation == ACT_SWIGLU ? carve(base, &at, BT * H) : NULL;
+    s->datt = carve(base, &at, (size_t)B * c->heads * c->context * c->context);
     s->dlogits = carve(base, &at, BT * (size_t)c->vocab);
     return at;
 }
@@ -381,7 +383,7 @@ int model_backward(Model *m, char *err) {
         /* res2 = res_in + attproj(attention(qkv(ln1(res_in)))) */
         matmul_backward(s->datty, g->attprojw, g->attprojb, s->dres, b->atty, w->attprojw, N, C,
                         C, 0.0f);
-        attention_backward(s->dqkv, s->datty, b->qkv, b->att, B, T, C, NH);
+        attention_backward(s->dqkv, s->datt, s->datty, b->qkv, b->att, B, T, C, NH);
         matmul_backward(s->dln, g->qkvw, g->qkvb, s->dqkv, b->ln1, w->qkvw, N, C, 3 * C, 0.0f);
         norm_backward(c, s->dres, g->ln1w, g->ln1b, s->dln, res_in, w->ln1w, b->ln1_mean,
                       b->ln1_rstd, N);

@@ -75,6 +75,7 @@ typedef struct {
     float *dres, *dln, *datty;  /* (B,T,C) */
     float *dqkv;                /* (B,T,3C) */
     float *dact, *dfch, *dgate; /* (B,T,H) */
+    float *datt;                /* (B,NH,T,T) */
     float *dlogits;             /* (B,T,V) */
 } Scratch;
 

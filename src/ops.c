@@ -11,7 +11,27 @@
 #include <assert.h>
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
+
+/* expf to about 1 ulp, written so that loops calling it vectorise: x = n·ln2 + r
+** with |r| <= ln2/2 (n rounded to nearest by the 1.5·2^23 trick), e^r by its
+** degree-7 Taylor polynomial (truncation < 1e-8 relative on that range), and
+** 2^n put into the exponent bits. NaN stays NaN. */
+static inline float ml_expf(float x) {
+    x = x > 88.3762626647949f ? 88.3762626647949f : x;
+    x = x < -87.3365447505531f ? -87.3365447505531f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666666666666667e-1f +
+              r * (4.1666666666666667e-2f + r * (8.3333333333333333e-3f +
+              r * (1.3888888888888889e-3f + r * 1.9841269841269841e-4f))))));
+    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+/* tanh through ml_expf: 1 - 2 / (e^{2x} + 1); saturates cleanly at ±1 */
+static inline float ml_tanhf(float x) { return 1.0f - 2.0f / (ml_expf(2.0f * x) + 1.0f); }
 
 void encoder_forward(float *out, const int *inp, const float *wte, const float *wpe,
                      int B, int T, int C) {
@@ -133,16 +153,29 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
     }
 }
 
+/* Rows [*lo, *hi) of n for this thread, in equal contiguous slices. */
+static void thread_slice(int n, int *lo, int *hi) {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    *lo = (int)((long)n * id / nt);
+    *hi = (int)((long)n * (id + 1) / nt);
+}
+
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC, float beta) {
     if (N == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C,
-                beta, out, OC);
-    if (bias) {
-#pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++) {
-            float *o = out + (size_t)n * OC;
-            for (int j = 0; j < OC; j++) o[j] += bias[j];
+    /* each thread multiplies its own rows with a single-threaded sgemm */
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_slice(N, &lo, &hi);
+        if (hi > lo) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, hi - lo, OC, C, 1.0f,
+                        inp + (size_t)lo * C, C, weight, C, beta, out + (size_t)lo * OC, OC);
+            if (bias)
+                for (int n = lo; n < hi; n++) {
+                    float *o = out + (size_t)n * OC;
+                    for (int j = 0; j < OC; j++) o[j] += bias[j];
+                }
         }
     }
 }
@@ -151,99 +184,95 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
                      const float *inp, const float *weight, int N, int C, int OC,
                      float dinp_beta) {
     if (N == 0) return;
-    if (dinp)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC,
-                    weight, C, dinp_beta, dinp, C);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C,
-                1.0f, dweight, C);
-    if (dbias)
-        for (int n = 0; n < N; n++) {
-            const float *d = dout + (size_t)n * OC;
-            for (int j = 0; j < OC; j++) dbias[j] += d[j];
+#pragma omp parallel
+    {
+        int lo, hi;
+        if (dinp) { /* rows of dinp */
+            thread_slice(N, &lo, &hi);
+            if (hi > lo)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, C, OC, 1.0f,
+                            dout + (size_t)lo * OC, OC, weight, C, dinp_beta,
+                            dinp + (size_t)lo * C, C);
         }
+        /* rows of dweight (output features): each sums over all N in one order */
+        thread_slice(OC, &lo, &hi);
+        if (hi > lo) {
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, C, N, 1.0f, dout + lo,
+                        OC, inp, C, 1.0f, dweight + (size_t)lo * C, C);
+            if (dbias)
+                for (int n = 0; n < N; n++) {
+                    const float *d = dout + (size_t)n * OC;
+                    for (int j = lo; j < hi; j++) dbias[j] += d[j];
+                }
+        }
+    }
 }
 
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
     assert(C % NH == 0);
-    int hs = C / NH;
+    int hs = C / NH, C3 = 3 * C;
     float scale = 1.0f / sqrtf((float)hs);
-    size_t C3 = (size_t)C * 3;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
-            const float *base = qkv + (size_t)b * T * C3;
+            const float *q = qkv + (size_t)b * T * C3 + h * hs;
+            const float *k = q + C, *v = q + 2 * C;
+            float *a = att + ((size_t)b * NH + h) * T * T;
+            /* scores for every pair, then a causal softmax row by row */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, C3, k, C3,
+                        0.0f, a, T);
             for (int t = 0; t < T; t++) {
-                const float *q = base + t * C3 + h * hs;
-                float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                float *row = a + (size_t)t * T;
                 float maxv = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *k = base + t2 * C3 + C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
-                    s *= scale;
-                    a[t2] = s;
-                    if (s > maxv) maxv = s;
-                }
+                for (int t2 = 0; t2 <= t; t2++) maxv = row[t2] > maxv ? row[t2] : maxv;
                 float sum = 0.0f;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    a[t2] = expf(a[t2] - maxv);
-                    sum += a[t2];
+                    row[t2] = ml_expf(row[t2] - maxv);
+                    sum += row[t2];
                 }
                 float inv = 1.0f / sum;
-                for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
-                float *o = out + ((size_t)b * T + t) * C + h * hs;
-                for (int i = 0; i < hs; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = base + t2 * C3 + 2 * C + h * hs;
-                    float w = a[t2];
-                    for (int i = 0; i < hs; i++) o[i] += w * v[i];
-                }
+                for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
+                for (int t2 = t + 1; t2 < T; t2++) row[t2] = 0.0f;
             }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, v, C3,
+                        0.0f, out + (size_t)b * T * C + h * hs, C);
         }
 }
 
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                        int B, int T, int C, int NH) {
-    int hs = C / NH;
+void attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
+                        const float *att, int B, int T, int C, int NH) {
+    int hs = C / NH, C3 = 3 * C;
     float scale = 1.0f / sqrtf((float)hs);
-    size_t C3 = (size_t)C * 3;
-    memset(dqkv, 0, sizeof(float) * (size_t)B * T * C3);
-    /* each (b, h) touches only its own rows and head columns of dqkv */
+    /* each (b, h) writes only its own rows and head columns of dqkv */
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
-            const float *base = qkv + (size_t)b * T * C3;
-            float *dbase = dqkv + (size_t)b * T * C3;
+            const float *q = qkv + (size_t)b * T * C3 + h * hs;
+            const float *k = q + C, *v = q + 2 * C;
+            float *dq = dqkv + (size_t)b * T * C3 + h * hs;
+            float *dk = dq + C, *dv = dq + 2 * C;
+            const float *a = att + ((size_t)b * NH + h) * T * T;
+            float *da = datt + ((size_t)b * NH + h) * T * T;
+            const float *d = dout + (size_t)b * T * C + h * hs;
+            /* dv = aᵀ d;  da = d vᵀ */
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, d, C,
+                        0.0f, dv, C3);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, d, C, v, C3,
+                        0.0f, da, T);
+            /* softmax backward, in place: dscore = a (da - Σ a da) · scale */
             for (int t = 0; t < T; t++) {
-                const float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                const float *d = dout + ((size_t)b * T + t) * C + h * hs;
-                const float *q = base + t * C3 + h * hs;
-                float *dq = dbase + t * C3 + h * hs;
-                /* datt[t2] = d · v[t2]; dv[t2] += a[t2] d; then softmax backward */
-                float dot_sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = base + t2 * C3 + 2 * C + h * hs;
-                    float *dv = dbase + t2 * C3 + 2 * C + h * hs;
-                    float da = 0.0f;
-                    for (int i = 0; i < hs; i++) {
-                        da += d[i] * v[i];
-                        dv[i] += a[t2] * d[i];
-                    }
-                    dot_sum += a[t2] * da;
-                }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = base + t2 * C3 + 2 * C + h * hs;
-                    const float *k = base + t2 * C3 + C + h * hs;
-                    float *dk = dbase + t2 * C3 + C + h * hs;
-                    float da = 0.0f;
-                    for (int i = 0; i < hs; i++) da += d[i] * v[i];
-                    float dpre = a[t2] * (da - dot_sum) * scale;
-                    for (int i = 0; i < hs; i++) {
-                        dq[i] += dpre * k[i];
-                        dk[i] += dpre * q[i];
-                    }
-                }
+                const float *arow = a + (size_t)t * T;
+                float *drow = da + (size_t)t * T;
+                float dot = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) dot += arow[t2] * drow[t2];
+                for (int t2 = 0; t2 <= t; t2++) drow[t2] = arow[t2] * (drow[t2] - dot) * scale;
+                for (int t2 = t + 1; t2 < T; t2++) drow[t2] = 0.0f;
             }
+            /* dq = dscore k;  dk = dscoreᵀ q */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, da, T, k, C3,
+                        0.0f, dq, C3);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, da, T, q, C3,
+                        0.0f, dk, C3);
         }
 }
 
@@ -254,7 +283,7 @@ void gelu_forward(float *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float cube = 0.044715f * x * x * x;
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + cube)));
+        out[i] = 0.5f * x * (1.0f + ml_tanhf(GELU_SCALE * (x + cube)));
     }
 }
 
@@ -263,7 +292,7 @@ void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float cube = 0.044715f * x * x * x;
-        float tanh_out = tanhf(GELU_SCALE * (x + cube));
+        float tanh_out = ml_tanhf(GELU_SCALE * (x + cube));
         float sech2 = 1.0f - tanh_out * tanh_out;
         float local = 0.5f * (1.0f + tanh_out) +
                       x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
@@ -283,7 +312,7 @@ void swiglu_forward(float *out, const float *gate, const float *fc, size_t n) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * fc[i];
+        out[i] = g / (1.0f + ml_expf(-g)) * fc[i];
     }
 }
 
@@ -292,7 +321,7 @@ void swiglu_backward(float *dgate, float *dfc, const float *dout, const float *g
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        float sig = 1.0f / (1.0f + expf(-g));
+        float sig = 1.0f / (1.0f + ml_expf(-g));
         float silu = g * sig;
         dfc[i] = dout[i] * silu;
         dgate[i] = dout[i] * fc[i] * sig * (1.0f + g * (1.0f - sig));
@@ -310,7 +339,7 @@ float crossentropy_forward(float *losses, float *probs, const float *logits,
             if (l[i] > maxv) maxv = l[i];
         float sum = 0.0f;
         for (int i = 0; i < V; i++) {
-            p[i] = expf(l[i] - maxv);
+            p[i] = ml_expf(l[i] - maxv);
             sum += p[i];
         }
         float inv = 1.0f / sum;

@@ -49,8 +49,8 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
 ** features h·hs .. (h+1)·hs of each. att (B,NH,T,T) keeps the softmax
 ** probabilities (upper triangle unused); out (B,T,C). Scaled by 1/sqrt(hs). */
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
-/* dqkv (B,T,3C) is overwritten. */
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+/* dqkv (B,T,3C) is overwritten; datt (B,NH,T,T) is scratch. */
+void attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
                         int B, int T, int C, int NH);
 
 /* GELU, tanh form (as GPT-2). dinp is overwritten. */

@@ -51,7 +51,7 @@ static void check_grad(const char *what, float *x, const float *analytic, size_t
 
 enum { B = 2, T = 5, C = 8, NH = 2, OC = 6, V = 7 };
 static float inp[B * T * 3 * C], w[3 * C * C], bias[3 * C], out[B * T * 3 * C];
-static float mean_[B * T], rstd_[B * T], att[B * NH * T * T], R[B * T * 3 * C];
+static float datt_scratch[B * NH * T * T], mean_[B * T], rstd_[B * T], att[B * NH * T * T], R[B * T * 3 * C];
 static float dinp[B * T * 3 * C], dw[3 * C * C], dbias[3 * C];
 static int tokens[B * T];
 
@@ -136,7 +136,7 @@ static void test_attention(void **state) {
     setup_common(B * T * 3 * C, B * T * C, 13);
     op_forward = fwd_attention;
     fwd_attention();
-    attention_backward(dinp, R, inp, att, B, T, C, NH);
+    attention_backward(dinp, datt_scratch, R, inp, att, B, T, C, NH);
     check_grad("attention dqkv", inp, dinp, B * T * 3 * C);
 }
 

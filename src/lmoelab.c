@@ -1,0 +1,863 @@
+/*
+** lmoelab.c — the `moelab` Lua module: corpora, models, databases, runs, plots.
+**
+** Each C object is a userdata with a metatable whose __index is its method
+** table; __gc and __close call one idempotent close. The userdata is created
+** empty before the resource is acquired, so an error never leaks it. Option
+** tables are checked key by key: an unknown key is named together with the
+** nearest valid one. Configurations go to C as JSON, so that config.c is the
+** one validator for tables and checkpoints alike.
+*/
+#include "lmoelab.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "checkpoint.h"
+#include "json.h"
+#include "plot.h"
+#include "recorder.h"
+#include "trainer.h"
+
+#ifndef MOELAB_PLOTS_DIR
+#define MOELAB_PLOTS_DIR "plots"
+#endif
+#ifndef MOELAB_LUA_DIR
+#define MOELAB_LUA_DIR "lua"
+#endif
+
+#define CORPUS_MT "moelab.Corpus"
+#define MODEL_MT "moelab.Model"
+#define DB_MT "moelab.Db"
+#define RUN_MT "moelab.Run"
+
+typedef struct { Corpus *c; } LCorpus;
+typedef struct { Model *m; } LModel;
+typedef struct { Recorder *r; char *path; } LDb;
+typedef struct {
+    Trainer t;
+    int open;          /* trainer initialised */
+    char status[16];   /* as recorded */
+} LRun;
+
+/* ------------------------------------------------------------------------ */
+/* option tables                                                             */
+
+/* Raises an error naming any key of the table at idx that is not in keys. */
+static void check_keys(lua_State *L, int idx, const char *what, const char *const *keys) {
+    int n = 0;
+    while (keys[n]) n++;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "%s: option keys must be strings", what);
+        const char *k = lua_tostring(L, -1);
+        int known = 0;
+        for (int i = 0; i < n && !known; i++) known = strcmp(k, keys[i]) == 0;
+        if (!known)
+            luaL_error(L, "%s: unknown option '%s' (did you mean '%s'?)", what, k,
+                       config_nearest_key(k, keys, n));
+    }
+}
+
+static lua_Integer opt_int(lua_State *L, int idx, const char *key, lua_Integer def) {
+    lua_getfield(L, idx, key);
+    lua_Integer v = def;
+    if (!lua_isnil(L, -1)) {
+        int ok;
+        v = lua_tointegerx(L, -1, &ok);
+        if (!ok) luaL_error(L, "option '%s' must be an integer, got %s", key, luaL_tolstring(L, -1, NULL));
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static double opt_num(lua_State *L, int idx, const char *key, double def) {
+    lua_getfield(L, idx, key);
+    double v = def;
+    if (!lua_isnil(L, -1)) {
+        int ok;
+        v = lua_tonumberx(L, -1, &ok);
+        if (!ok) luaL_error(L, "option '%s' must be a number, got %s", key, luaL_tolstring(L, -1, NULL));
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+static int opt_bool(lua_State *L, int idx, const char *key, int def) {
+    lua_getfield(L, idx, key);
+    int v = def;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isboolean(L, -1)) luaL_error(L, "option '%s' must be true or false", key);
+        v = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* A string option, or def; the string stays valid while the table lives. */
+static const char *opt_str(lua_State *L, int idx, const char *key, const char *def) {
+    lua_getfield(L, idx, key);
+    const char *v = def;
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string", key);
+        v = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Lua values as JSON                                                        */
+
+static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *path);
+
+static int is_array(lua_State *L, int idx) {
+    lua_Integer n = (lua_Integer)lua_rawlen(L, idx), count = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        lua_pop(L, 1);
+        if (!lua_isinteger(L, -1)) {
+            lua_pop(L, 1);
+            return 0;
+        }
+        count++;
+    }
+    return count == n && n > 0;
+}
+
+static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *path) {
+    idx = lua_absindex(L, idx);
+    if (depth > 16) luaL_error(L, "configuration nested too deeply at '%s'", path);
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) jb_printf(b, "%lld", (long long)lua_tointeger(L, idx));
+        else {
+            double x = lua_tonumber(L, idx);
+            if (!isfinite(x)) luaL_error(L, "configuration value '%s' is not a finite number", path);
+            jb_number(b, x);
+        }
+        break;
+    case LUA_TBOOLEAN: jb_puts(b, lua_toboolean(L, idx) ? "true" : "false"); break;
+    case LUA_TSTRING: jb_string(b, lua_tostring(L, idx)); break;
+    case LUA_TTABLE:
+        if (is_array(L, idx)) {
+            jb_puts(b, "[");
+            lua_Integer n = (lua_Integer)lua_rawlen(L, idx);
+            for (lua_Integer i = 1; i <= n; i++) {
+                if (i > 1) jb_puts(b, ",");
+                lua_rawgeti(L, idx, i);
+                to_json(L, -1, b, depth + 1, path);
+                lua_pop(L, 1);
+            }
+            jb_puts(b, "]");
+        } else {
+            jb_puts(b, "{");
+            int first = 1;
+            lua_pushnil(L);
+            while (lua_next(L, idx)) {
+                if (lua_type(L, -2) != LUA_TSTRING)
+                    luaL_error(L, "configuration table '%s' has a key that is not a string", path);
+                const char *k = lua_tostring(L, -2);
+                if (!first) jb_puts(b, ",");
+                first = 0;
+                jb_string(b, k);
+                jb_puts(b, ":");
+                to_json(L, -1, b, depth + 1, k);
+                lua_pop(L, 1);
+            }
+            jb_puts(b, "}");
+        }
+        break;
+    default:
+        luaL_error(L, "configuration value '%s' has type %s; use numbers, strings, booleans "
+                   "and tables", path, luaL_typename(L, idx));
+    }
+}
+
+/* Pushes a Lua value for a JSON value. */
+static void push_json(lua_State *L, const JsonValue *v) {
+    switch (json_type(v)) {
+    case JSON_BOOL: lua_pushboolean(L, json_bool(v)); break;
+    case JSON_NUMBER: {
+        double x = json_number(v);
+        if (x == floor(x) && fabs(x) < 9007199254740992.0) lua_pushinteger(L, (lua_Integer)x);
+        else lua_pushnumber(L, x);
+        break;
+    }
+    case JSON_STRING: lua_pushlstring(L, json_string(v), json_string_len(v)); break;
+    case JSON_ARRAY:
+        lua_createtable(L, (int)json_array_len(v), 0);
+        for (size_t i = 0; i < json_array_len(v); i++) {
+            push_json(L, json_array_at(v, i));
+            lua_rawseti(L, -2, (lua_Integer)i + 1);
+        }
+        break;
+    case JSON_OBJECT:
+        lua_createtable(L, 0, (int)json_object_len(v));
+        for (size_t i = 0; i < json_object_len(v); i++) {
+            lua_pushlstring(L, json_object_key_at(v, i), json_object_key_len_at(v, i));
+            push_json(L, json_object_value_at(v, i));
+            lua_rawset(L, -3);
+        }
+        break;
+    default: lua_pushnil(L);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* corpus                                                                    */
+
+static LCorpus *check_corpus(lua_State *L, int idx) { return luaL_checkudata(L, idx, CORPUS_MT); }
+
+static int corpus_gc(lua_State *L) {
+    LCorpus *c = check_corpus(L, 1);
+    corpus_free(c->c);
+    c->c = NULL;
+    return 0;
+}
+
+static int l_corpus(lua_State *L) {
+    static const char *const keys[] = {"path", "text", "split", NULL};
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_keys(L, 1, "moelab.corpus", keys);
+    const char *path = opt_str(L, 1, "path", NULL);
+    size_t text_len = 0;
+    lua_getfield(L, 1, "text");
+    const char *text = lua_isnil(L, -1) ? NULL : luaL_checklstring(L, -1, &text_len);
+    double split = opt_num(L, 1, "split", 0.9);
+    if (!path == !text) luaL_error(L, "moelab.corpus: give either 'path' or 'text'");
+    LCorpus *c = lua_newuserdatauv(L, sizeof *c, 0);
+    c->c = NULL;
+    luaL_setmetatable(L, CORPUS_MT);
+    char err[ML_ERRLEN];
+    int rc = path ? corpus_load(&c->c, path, split, err)
+                  : corpus_from_bytes(&c->c, (const uint8_t *)text, text_len, split, err);
+    if (rc != 0) luaL_error(L, "moelab.corpus: %s", err);
+    return 1;
+}
+
+static int corpus_size(lua_State *L) {
+    LCorpus *c = check_corpus(L, 1);
+    if (!c->c) luaL_error(L, "corpus is closed");
+    lua_pushinteger(L, (lua_Integer)c->c->n);
+    lua_pushinteger(L, (lua_Integer)c->c->n_train);
+    lua_pushinteger(L, (lua_Integer)(c->c->n - c->c->n_train));
+    return 3;
+}
+
+static int corpus_tostring(lua_State *L) {
+    LCorpus *c = check_corpus(L, 1);
+    if (!c->c) lua_pushstring(L, "moelab.corpus (closed)");
+    else lua_pushfstring(L, "moelab.corpus(%s, %d bytes, %d train)", c->c->path ? c->c->path : "text",
+                         (int)c->c->n, (int)c->c->n_train);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* model                                                                     */
+
+static LModel *check_model(lua_State *L, int idx) {
+    LModel *m = luaL_checkudata(L, idx, MODEL_MT);
+    if (!m->m) luaL_error(L, "the model is closed");
+    return m;
+}
+
+static int model_gc(lua_State *L) {
+    LModel *m = luaL_checkudata(L, 1, MODEL_MT);
+    model_free(m->m);
+    m->m = NULL;
+    return 0;
+}
+
+static LModel *new_model_udata(lua_State *L) {
+    LModel *m = lua_newuserdatauv(L, sizeof *m, 0);
+    m->m = NULL;
+    luaL_setmetatable(L, MODEL_MT);
+    return m;
+}
+
+static int l_model(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    JsonBuf b = {0};
+    to_json(L, 1, &b, 0, "model");
+    LModel *m = new_model_udata(L);
+    if (b.failed) {
+        jb_free(&b);
+        luaL_error(L, "moelab.model: out of memory");
+    }
+    ModelConfig c;
+    config_defaults(&c);
+    char err[ML_ERRLEN];
+    int rc = config_from_json(&c, b.data ? b.data : "{}", b.data ? b.len : 2, err);
+    jb_free(&b);
+    if (rc != 0 || model_create(&m->m, &c, err) != 0) luaL_error(L, "moelab.model: %s", err);
+    return 1;
+}
+
+static int l_load(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    LModel *m = new_model_udata(L);
+    char err[ML_ERRLEN];
+    if (checkpoint_load(&m->m, path, err) != 0) luaL_error(L, "moelab.load: %s", err);
+    return 1;
+}
+
+static int model_save(lua_State *L) {
+    LModel *m = check_model(L, 1);
+    const char *path = luaL_checkstring(L, 2);
+    char err[ML_ERRLEN];
+    if (checkpoint_save(m->m, path, err) != 0) luaL_error(L, "model:save: %s", err);
+    return 0;
+}
+
+/* Bytes of a Lua string as token ids. */
+static int *string_tokens(lua_State *L, const char *s, size_t n) {
+    int *t = lua_newuserdatauv(L, sizeof(int) * (n ? n : 1), 0);
+    for (size_t i = 0; i < n; i++) t[i] = (unsigned char)s[i];
+    return t;
+}
+
+static int model_loss(lua_State *L) {
+    LModel *m = check_model(L, 1);
+    size_t n;
+    const char *text = luaL_checklstring(L, 2, &n);
+    int max = m->m->config.context + 1;
+    if (n < 2 || n > (size_t)max)
+        luaL_error(L, "model:loss: the text must have 2 to context + 1 = %d bytes, got %d", max, (int)n);
+    int *tokens = string_tokens(L, text, n);
+    float loss;
+    char err[ML_ERRLEN];
+    if (model_sequence_loss(m->m, tokens, (int)n, &loss, err) != 0) luaL_error(L, "model:loss: %s", err);
+    lua_pushnumber(L, loss);
+    return 1;
+}
+
+static int model_sample_l(lua_State *L) {
+    static const char *const keys[] = {"prompt", "tokens", "temperature", "top_k", "seed", NULL};
+    LModel *m = check_model(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_keys(L, 2, "model:sample", keys);
+    const char *prompt = opt_str(L, 2, "prompt", "\n");
+    size_t np = strlen(prompt);
+    lua_Integer n_new = opt_int(L, 2, "tokens", 200);
+    double temperature = opt_num(L, 2, "temperature", 1.0);
+    lua_Integer top_k = opt_int(L, 2, "top_k", 0);
+    lua_Integer seed = opt_int(L, 2, "seed", 1);
+    if (np < 1) luaL_error(L, "model:sample: the prompt must not be empty");
+    if (n_new < 0 || n_new > 1000000) luaL_error(L, "model:sample: tokens must be in 0 .. 1000000");
+    if (temperature < 0) luaL_error(L, "model:sample: temperature must be >= 0");
+    if (top_k < 0) luaL_error(L, "model:sample: top_k must be >= 0 (0 = all)");
+    int *in = string_tokens(L, prompt, np);
+    int *out = lua_newuserdatauv(L, sizeof(int) * (np + (size_t)n_new), 0);
+    char err[ML_ERRLEN];
+    if (model_sample(m->m, in, (int)np, (int)n_new, (float)temperature, (int)top_k,
+                     (uint64_t)seed, out, err) != 0)
+        luaL_error(L, "model:sample: %s", err);
+    luaL_Buffer buf;
+    luaL_buffinit(L, &buf);
+    for (size_t i = 0; i < np + (size_t)n_new; i++) {
+        if (out[i] > 255) luaL_error(L, "model:sample: token %d is not a byte", out[i]);
+        luaL_addchar(&buf, (char)out[i]);
+    }
+    luaL_pushresult(&buf);
+    return 1;
+}
+
+static int model_config_l(lua_State *L) {
+    LModel *m = check_model(L, 1);
+    char *json = config_to_json(&m->m->config);
+    if (!json) luaL_error(L, "out of memory");
+    JsonValue *v = NULL;
+    int rc = json_parse(json, strlen(json), &v, NULL);
+    free(json);
+    if (rc != 0) luaL_error(L, "model:config: internal error");
+    push_json(L, v);
+    json_free(v);
+    return 1;
+}
+
+static int model_parameters(lua_State *L) {
+    LModel *m = check_model(L, 1);
+    lua_pushinteger(L, (lua_Integer)m->m->num_parameters);
+    return 1;
+}
+
+static int model_tostring(lua_State *L) {
+    LModel *m = luaL_checkudata(L, 1, MODEL_MT);
+    if (!m->m) lua_pushstring(L, "moelab.model (closed)");
+    else {
+        const ModelConfig *c = &m->m->config;
+        lua_pushfstring(L, "moelab.model(layers=%d, d_model=%d, heads=%d, context=%d, %d parameters)",
+                        c->layers, c->d_model, c->heads, c->context, (int)m->m->num_parameters);
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* database                                                                  */
+
+static LDb *check_db(lua_State *L, int idx) {
+    LDb *d = luaL_checkudata(L, idx, DB_MT);
+    if (!d->r) luaL_error(L, "the database is closed");
+    return d;
+}
+
+static int db_close(lua_State *L) {
+    LDb *d = luaL_checkudata(L, 1, DB_MT);
+    if (d->r) rec_close(d->r);
+    d->r = NULL;
+    free(d->path);
+    d->path = NULL;
+    return 0;
+}
+
+static int l_open(lua_State *L) {
+    const char *path = luaL_checkstring(L, 1);
+    LDb *d = lua_newuserdatauv(L, sizeof *d, 0);
+    d->r = NULL;
+    d->path = NULL;
+    luaL_setmetatable(L, DB_MT);
+    char err[ML_ERRLEN];
+    if (rec_open(&d->r, path, err) != 0) luaL_error(L, "moelab.open: %s", err);
+    d->path = strdup(path);
+    return 1;
+}
+
+/* db:query(sql, ...) → an array of rows, each a table keyed by column name. */
+static int db_query(lua_State *L) {
+    LDb *d = check_db(L, 1);
+    const char *sql = luaL_checkstring(L, 2);
+    char err[ML_ERRLEN];
+    if (rec_flush(d->r, err) != 0) luaL_error(L, "db:query: %s", err);
+    sqlite3 *db = rec_db(d->r);
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        luaL_error(L, "db:query: %s", sqlite3_errmsg(db));
+    int nargs = lua_gettop(L) - 2;
+    for (int i = 1; i <= nargs; i++) {
+        int idx = i + 2, rc;
+        switch (lua_type(L, idx)) {
+        case LUA_TNUMBER:
+            rc = lua_isinteger(L, idx) ? sqlite3_bind_int64(st, i, lua_tointeger(L, idx))
+                                       : sqlite3_bind_double(st, i, lua_tonumber(L, idx));
+            break;
+        case LUA_TSTRING: rc = sqlite3_bind_text(st, i, lua_tostring(L, idx), -1, SQLITE_TRANSIENT); break;
+        case LUA_TNIL: rc = sqlite3_bind_null(st, i); break;
+        case LUA_TBOOLEAN: rc = sqlite3_bind_int(st, i, lua_toboolean(L, idx)); break;
+        default: sqlite3_finalize(st); return luaL_error(L, "db:query: cannot bind a %s", luaL_typename(L, idx));
+        }
+        if (rc != SQLITE_OK) {
+            sqlite3_finalize(st);
+            return luaL_error(L, "db:query: %s", sqlite3_errmsg(db));
+        }
+    }
+    lua_newtable(L);
+    int row = 0, rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        lua_newtable(L);
+        for (int c = 0; c < sqlite3_column_count(st); c++) {
+            switch (sqlite3_column_type(st, c)) {
+            case SQLITE_INTEGER: lua_pushinteger(L, sqlite3_column_int64(st, c)); break;
+            case SQLITE_FLOAT: lua_pushnumber(L, sqlite3_column_double(st, c)); break;
+            case SQLITE_NULL: lua_pushnil(L); break;
+            default:
+                lua_pushlstring(L, (const char *)sqlite3_column_text(st, c),
+                                (size_t)sqlite3_column_bytes(st, c));
+            }
+            lua_setfield(L, -2, sqlite3_column_name(st, c));
+        }
+        lua_rawseti(L, -2, ++row);
+    }
+    if (rc != SQLITE_DONE) {
+        char msg[ML_ERRLEN];
+        snprintf(msg, sizeof msg, "%s", sqlite3_errmsg(db));
+        sqlite3_finalize(st);
+        return luaL_error(L, "db:query: %s", msg);
+    }
+    sqlite3_finalize(st);
+    return 1;
+}
+
+static int db_path(lua_State *L) {
+    LDb *d = check_db(L, 1);
+    lua_pushstring(L, d->path);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* runs                                                                      */
+
+enum { RUN_UV_DB = 1, RUN_UV_MODEL, RUN_UV_CORPUS, RUN_NUV = 3 };
+
+static LRun *check_run(lua_State *L, int idx) {
+    LRun *r = luaL_checkudata(L, idx, RUN_MT);
+    if (!r->open) luaL_error(L, "the run is closed");
+    return r;
+}
+
+/* The database of a run, or NULL when it has been closed. */
+static Recorder *run_recorder(lua_State *L, int idx) {
+    lua_getiuservalue(L, idx, RUN_UV_DB);
+    LDb *d = luaL_testudata(L, -1, DB_MT);
+    lua_pop(L, 1);
+    return d ? d->r : NULL;
+}
+
+/* Closes a run: a run still 'running' ends as the script ended. */
+static int run_close(lua_State *L) {
+    LRun *r = luaL_checkudata(L, 1, RUN_MT);
+    if (!r->open) return 0;
+    Recorder *rec = run_recorder(L, 1);
+    if (rec && strcmp(r->status, "running") == 0) {
+        lua_getfield(L, LUA_REGISTRYINDEX, "moelab.script_status");
+        const char *status = lua_isstring(L, -1) ? lua_tostring(L, -1) : "finished";
+        lua_getfield(L, LUA_REGISTRYINDEX, "moelab.script_error");
+        const char *msg = lua_tostring(L, -1);
+        char err[ML_ERRLEN];
+        rec_flush(rec, err);
+        rec_run_status(rec, r->t.run_id, status, msg, err);
+        lua_pop(L, 2);
+    }
+    trainer_free(&r->t);
+    r->open = 0;
+    return 0;
+}
+
+static int db_run(lua_State *L) {
+    static const char *const keys[] = {"name", "model", "data", "experiment", "seed", NULL};
+    LDb *d = check_db(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_keys(L, 2, "db:run", keys);
+    const char *name = opt_str(L, 2, "name", NULL);
+    if (!name) luaL_error(L, "db:run: 'name' is required");
+    const char *experiment = opt_str(L, 2, "experiment", NULL);
+    lua_getfield(L, 2, "model");
+    LModel *m = luaL_testudata(L, -1, MODEL_MT);
+    if (!m || !m->m) luaL_error(L, "db:run: 'model' must be a model from moelab.model or moelab.load");
+    lua_getfield(L, 2, "data");
+    LCorpus *c = luaL_testudata(L, -1, CORPUS_MT);
+    if (!c || !c->c) luaL_error(L, "db:run: 'data' must be a corpus from moelab.corpus");
+    lua_Integer seed = opt_int(L, 2, "seed", (lua_Integer)m->m->config.seed);
+    char err[ML_ERRLEN];
+    if (corpus_check_context(c->c, SPLIT_TRAIN, m->m->config.context, err) != 0)
+        luaL_error(L, "db:run: %s", err);
+    if (!experiment) {
+        lua_getfield(L, LUA_REGISTRYINDEX, "moelab.script");
+        experiment = lua_tostring(L, -1);
+    }
+
+    LRun *r = lua_newuserdatauv(L, sizeof *r, RUN_NUV);
+    memset(r, 0, sizeof *r);
+    luaL_setmetatable(L, RUN_MT);
+    int ud = lua_gettop(L);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, ud, RUN_UV_DB);
+    lua_getfield(L, 2, "model");
+    lua_setiuservalue(L, ud, RUN_UV_MODEL);
+    lua_getfield(L, 2, "data");
+    lua_setiuservalue(L, ud, RUN_UV_CORPUS);
+
+    char *model_json = config_to_json(&m->m->config);
+    JsonBuf b = {0};
+    jb_puts(&b, "{\"model\":");
+    jb_puts(&b, model_json ? model_json : "null");
+    jb_puts(&b, ",\"data\":{\"path\":");
+    if (c->c->path) jb_string(&b, c->c->path);
+    else jb_puts(&b, "null");
+    jb_printf(&b, ",\"bytes\":%zu,\"split\":", c->c->n);
+    jb_number(&b, c->c->split);
+    jb_printf(&b, "},\"seed\":%lld}", (long long)seed);
+    free(model_json);
+    if (b.failed) {
+        jb_free(&b);
+        luaL_error(L, "db:run: out of memory");
+    }
+    int64_t run_id;
+    int64_t params = (int64_t)m->m->num_parameters;
+    int rc = rec_run_begin(d->r, name, experiment, b.data, (uint64_t)seed, params, params, &run_id, err);
+    jb_free(&b);
+    if (rc != 0) luaL_error(L, "db:run: %s", err);
+    if (trainer_init(&r->t, m->m, c->c, d->r, run_id, name, (uint64_t)seed, err) != 0)
+        luaL_error(L, "db:run: %s", err);
+    r->open = 1;
+    snprintf(r->status, sizeof r->status, "running");
+    return 1;
+}
+
+/* Refreshes the trainer's pointers: the model, corpus or db may have been closed. */
+static void run_bind(lua_State *L, LRun *r) {
+    r->t.rec = run_recorder(L, 1);
+    if (!r->t.rec) luaL_error(L, "the run's database is closed");
+    lua_getiuservalue(L, 1, RUN_UV_MODEL);
+    LModel *m = luaL_testudata(L, -1, MODEL_MT);
+    lua_getiuservalue(L, 1, RUN_UV_CORPUS);
+    LCorpus *c = luaL_testudata(L, -1, CORPUS_MT);
+    lua_pop(L, 2);
+    if (!m || !m->m) luaL_error(L, "the run's model is closed");
+    if (!c || !c->c) luaL_error(L, "the run's corpus is closed");
+    r->t.model = m->m;
+    r->t.corpus = c->c;
+}
+
+static void set_num(lua_State *L, const char *k, double v) {
+    lua_pushnumber(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void set_int(lua_State *L, const char *k, lua_Integer v) {
+    lua_pushinteger(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static int run_train(lua_State *L) {
+    static const char *const keys[] = {
+        "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
+        "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", NULL};
+    LRun *r = check_run(L, 1);
+    if (lua_isnoneornil(L, 2)) lua_newtable(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_keys(L, 2, "run:train", keys);
+    run_bind(L, r);
+    TrainOptions o;
+    train_options_defaults(&o);
+    o.steps = (int)opt_int(L, 2, "steps", o.steps);
+    o.batch = (int)opt_int(L, 2, "batch", o.batch);
+    o.lr = (float)opt_num(L, 2, "lr", o.lr);
+    o.min_lr = (float)opt_num(L, 2, "min_lr", o.min_lr);
+    o.warmup = (int)opt_int(L, 2, "warmup", o.warmup);
+    o.weight_decay = (float)opt_num(L, 2, "weight_decay", o.weight_decay);
+    o.clip = (float)opt_num(L, 2, "clip", o.clip);
+    o.beta1 = (float)opt_num(L, 2, "beta1", o.beta1);
+    o.beta2 = (float)opt_num(L, 2, "beta2", o.beta2);
+    o.eps = (float)opt_num(L, 2, "eps", o.eps);
+    o.eval_every = (int)opt_int(L, 2, "eval_every", o.eval_every);
+    o.eval_batches = (int)opt_int(L, 2, "eval_batches", o.eval_batches);
+    o.eval_batch = (int)opt_int(L, 2, "eval_batch", o.eval_batch);
+    o.threads = (int)opt_int(L, 2, "threads", o.threads);
+    lua_getfield(L, 2, "progress");
+    if (!lua_isnil(L, -1)) o.progress = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (o.steps < 1) luaL_error(L, "run:train: steps must be at least 1, got %d", o.steps);
+    if (o.batch < 1 || o.batch > 1 << 16) luaL_error(L, "run:train: batch must be in 1 .. 65536, got %d", o.batch);
+    if (o.eval_every < 0) luaL_error(L, "run:train: eval_every must be >= 0 (0 = only at the end)");
+    if (o.beta1 < 0 || o.beta1 >= 1 || o.beta2 < 0 || o.beta2 >= 1)
+        luaL_error(L, "run:train: beta1 and beta2 must be in [0, 1)");
+
+    TrainResult res;
+    char err[ML_ERRLEN] = "";
+    if (trainer_train(&r->t, &o, &res, err) != 0) {
+        snprintf(r->status, sizeof r->status, "failed");
+        luaL_error(L, "run:train: %s", err);
+    }
+    snprintf(r->status, sizeof r->status, "%s", res.status);
+    if (strcmp(res.status, "interrupted") == 0)
+        luaL_error(L, "run '%s' %s; the run is recorded as 'interrupted'", r->t.name, err);
+    if (strcmp(res.status, "diverged") == 0) {
+        lua_getglobal(L, "io");
+        lua_getfield(L, -1, "stderr");
+        lua_getfield(L, -1, "write");
+        lua_pushvalue(L, -2);
+        lua_pushfstring(L, "moelab: run '%s' diverged: %s; recorded as 'diverged'\n", r->t.name, err);
+        lua_call(L, 2, 0);
+        lua_pop(L, 2);
+    }
+    lua_newtable(L);
+    set_num(L, "loss", res.loss);
+    set_num(L, "last_loss", res.last_loss);
+    set_num(L, "val_loss", res.val_loss);
+    set_num(L, "tokens_per_s", res.tokens_per_s);
+    set_num(L, "seconds", res.seconds);
+    set_int(L, "steps", res.steps);
+    set_int(L, "tokens", res.tokens);
+    lua_pushstring(L, res.status);
+    lua_setfield(L, -2, "status");
+    return 1;
+}
+
+static int run_evaluate(lua_State *L) {
+    static const char *const keys[] = {"batches", "batch", "split", "record", "seed", NULL};
+    LRun *r = check_run(L, 1);
+    if (lua_isnoneornil(L, 2)) lua_newtable(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_keys(L, 2, "run:evaluate", keys);
+    run_bind(L, r);
+    EvalOptions o;
+    eval_options_defaults(&o);
+    o.batches = (int)opt_int(L, 2, "batches", o.batches);
+    o.batch = (int)opt_int(L, 2, "batch", o.batch);
+    o.seed = (uint64_t)opt_int(L, 2, "seed", (lua_Integer)o.seed);
+    o.record = opt_bool(L, 2, "record", 0);
+    const char *split = opt_str(L, 2, "split", "val");
+    if (strcmp(split, "val") == 0) o.split = SPLIT_VAL;
+    else if (strcmp(split, "train") == 0) o.split = SPLIT_TRAIN;
+    else luaL_error(L, "run:evaluate: split must be \"val\" or \"train\", got \"%s\"", split);
+    EvalResult res;
+    char err[ML_ERRLEN];
+    if (trainer_evaluate(&r->t, &o, &res, err) != 0) luaL_error(L, "run:evaluate: %s", err);
+    lua_newtable(L);
+    set_num(L, "loss", res.loss);
+    set_num(L, "moe_flops_per_token", res.moe_flops_per_token);
+    set_num(L, "experts_per_token", res.experts_per_token);
+    set_int(L, "tokens", res.tokens);
+    set_int(L, "eval_id", res.eval_id);
+    return 1;
+}
+
+static int run_id(lua_State *L) {
+    LRun *r = check_run(L, 1);
+    lua_pushinteger(L, r->t.run_id);
+    return 1;
+}
+
+static int run_tostring(lua_State *L) {
+    LRun *r = luaL_checkudata(L, 1, RUN_MT);
+    lua_pushfstring(L, "moelab.run(%s, id %d, %s)", r->open ? r->t.name : "closed",
+                    (int)r->t.run_id, r->status);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* plots and settings                                                        */
+
+static const char *plots_dir(void) {
+    const char *env = getenv("MOELAB_PLOTS");
+    return env && *env ? env : MOELAB_PLOTS_DIR;
+}
+
+static int l_plot(lua_State *L) {
+    static const char *const keys[] = {"db", "figure", "out", "runs", NULL};
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_keys(L, 1, "moelab.plot", keys);
+    const char *figure = opt_str(L, 1, "figure", NULL);
+    const char *out = opt_str(L, 1, "out", NULL);
+    if (!figure) luaL_error(L, "moelab.plot: 'figure' is required (one of %s)", PLOT_FIGURES);
+    if (!out) luaL_error(L, "moelab.plot: 'out' is required (a .pdf, .png or .svg path)");
+    lua_getfield(L, 1, "db");
+    const char *db_path = NULL;
+    LDb *d = luaL_testudata(L, -1, DB_MT);
+    char err[ML_ERRLEN];
+    if (d) {
+        if (!d->r) luaL_error(L, "moelab.plot: the database is closed");
+        if (rec_flush(d->r, err) != 0) luaL_error(L, "moelab.plot: %s", err);
+        db_path = d->path;
+    } else if (lua_type(L, -1) == LUA_TSTRING) {
+        db_path = lua_tostring(L, -1);
+    } else {
+        luaL_error(L, "moelab.plot: 'db' must be a database from moelab.open or a path");
+    }
+    luaL_Buffer runs;
+    luaL_buffinit(L, &runs);
+    lua_getfield(L, 1, "runs");
+    int have_runs = !lua_isnil(L, -1);
+    if (lua_type(L, -1) == LUA_TTABLE) {
+        lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+        int tbl = lua_gettop(L);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, tbl, i);
+            if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "moelab.plot: 'runs' must hold run names");
+            size_t len;
+            const char *s = lua_tolstring(L, -1, &len);
+            lua_pop(L, 1);
+            if (i > 1) luaL_addchar(&runs, ',');
+            luaL_addlstring(&runs, s, len);
+        }
+        lua_pop(L, 1);
+    } else if (lua_type(L, -1) == LUA_TSTRING) {
+        size_t len;
+        const char *s = lua_tolstring(L, -1, &len);
+        lua_pop(L, 1);
+        luaL_addlstring(&runs, s, len);
+    } else if (have_runs) {
+        luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
+    } else {
+        lua_pop(L, 1);
+    }
+    luaL_pushresult(&runs);
+    const char *runs_csv = have_runs ? lua_tostring(L, -1) : NULL;
+    if (plot_render(figure, db_path, out, runs_csv, plots_dir(), err) != 0)
+        luaL_error(L, "moelab.plot: %s", err);
+    lua_pushstring(L, out);
+    return 1;
+}
+
+static int l_threads(lua_State *L) {
+    lua_Integer n = luaL_checkinteger(L, 1);
+    if (n < 0 || n > 1024) luaL_error(L, "moelab.threads: n must be in 0 .. 1024 (0 = all cores)");
+    trainer_set_threads((int)n);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* module                                                                    */
+
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
+                      lua_CFunction gc, lua_CFunction tostring) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__close");
+    if (tostring) {
+        lua_pushcfunction(L, tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+}
+
+int luaopen_moelab(lua_State *L) {
+    static const luaL_Reg corpus_methods[] = {{"size", corpus_size}, {"close", corpus_gc}, {NULL, NULL}};
+    static const luaL_Reg model_methods[] = {
+        {"save", model_save},     {"loss", model_loss},   {"sample", model_sample_l},
+        {"config", model_config_l}, {"parameters", model_parameters}, {"close", model_gc},
+        {NULL, NULL}};
+    static const luaL_Reg db_methods[] = {
+        {"run", db_run}, {"query", db_query}, {"path", db_path}, {"close", db_close}, {NULL, NULL}};
+    static const luaL_Reg run_methods[] = {
+        {"train", run_train}, {"evaluate", run_evaluate}, {"id", run_id}, {"close", run_close},
+        {NULL, NULL}};
+    static const luaL_Reg functions[] = {
+        {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
+        {"plot", l_plot},     {"threads", l_threads}, {NULL, NULL}};
+    new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
+    new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);
+    new_class(L, DB_MT, db_methods, db_close, NULL);
+    new_class(L, RUN_MT, run_methods, run_close, run_tostring);
+    luaL_newlib(L, functions);
+    lua_pushstring(L, MOELAB_VERSION);
+    lua_setfield(L, -2, "version");
+    lua_newtable(L);
+    lua_setfield(L, -2, "args");
+    lua_pushstring(L, PLOT_FIGURES);
+    lua_setfield(L, -2, "figures");
+    return 1;
+}
+
+void lmoelab_preload(lua_State *L) {
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
+    lua_pushcfunction(L, luaopen_moelab);
+    lua_setfield(L, -2, "moelab");
+    lua_pop(L, 1);
+    lua_getglobal(L, "package");
+    lua_pushfstring(L, "%s/?.lua;", MOELAB_LUA_DIR);
+    lua_getfield(L, -2, "path");
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+}
+
+void lmoelab_script_ended(lua_State *L, const char *error_msg, int interrupted) {
+    lua_pushstring(L, interrupted ? "interrupted" : error_msg ? "failed" : "finished");
+    lua_setfield(L, LUA_REGISTRYINDEX, "moelab.script_status");
+    if (error_msg) {
+        lua_pushstring(L, error_msg);
+        lua_setfield(L, LUA_REGISTRYINDEX, "moelab.script_error");
+    }
+}

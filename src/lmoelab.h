@@ -1,0 +1,23 @@
+/*
+** lmoelab.h — the `moelab` Lua module.
+**
+** luaopen_moelab is what `require "moelab"` calls. The host (main.c) sets
+** moelab.args, and reports how a script ended with lmoelab_script_ended, so that
+** runs still open are closed with the right status: failed on an error,
+** interrupted on Ctrl-C, finished otherwise.
+*/
+#ifndef MOELAB_LMOELAB_H
+#define MOELAB_LMOELAB_H
+
+#include <lua.h>
+
+int luaopen_moelab(lua_State *L);
+
+/* Registers the module in package.preload and sets package.path to include
+** moelab's own Lua library (lua/?.lua). */
+void lmoelab_preload(lua_State *L);
+
+/* Marks how the script ended; error_msg NULL means it ended well. */
+void lmoelab_script_ended(lua_State *L, const char *error_msg, int interrupted);
+
+#endif

@@ -1,0 +1,304 @@
+/*
+** main.c — the moelab command line: run a Lua experiment, render a figure, or
+** open a Lua prompt with the moelab module loaded.
+**
+** Scripts run under lua_pcall with a message handler that adds a traceback,
+** as lua.c does. Ctrl-C outside training stops the script at the next Lua
+** instruction (training has its own handler that ends the step cleanly); in
+** both cases open runs are recorded as 'interrupted' and the exit code is 130.
+*/
+#include <lauxlib.h>
+#include <lualib.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "lmoelab.h"
+#include "plot.h"
+
+#ifndef MOELAB_PLOTS_DIR
+#define MOELAB_PLOTS_DIR "plots"
+#endif
+
+static const char *usage =
+    "moelab " MOELAB_VERSION " — a workbench for Mixture-of-Experts routing research\n"
+    "\n"
+    "usage:\n"
+    "  moelab run SCRIPT.lua [name=value ...]   run an experiment script; the pairs\n"
+    "                                           reach it as the table moelab.args\n"
+    "  moelab plot FIGURE --db DB [--out FILE] [--runs NAME,...]\n"
+    "                                           render a figure (" PLOT_FIGURES ");\n"
+    "                                           .pdf, .png or .svg by FILE's extension\n"
+    "                                           (default: FIGURE.pdf beside DB)\n"
+    "  moelab                                   a Lua prompt with moelab loaded\n"
+    "  moelab --help | --version\n"
+    "\n"
+    "Environment: MOELAB_PLOTS overrides the folder of gnuplot scripts.\n";
+
+static lua_State *globalL;
+static volatile sig_atomic_t interrupted;
+
+/* As lua.c: on Ctrl-C, set a hook that raises an error at the next instruction. */
+static void lstop(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    lua_sethook(L, NULL, 0, 0);
+    luaL_error(L, "interrupted by Ctrl-C");
+}
+
+static void laction(int sig) {
+    signal(sig, SIG_DFL);
+    interrupted = 1;
+    lua_sethook(globalL, lstop, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+static int msghandler(lua_State *L) {
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) return 1;
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+/* Calls the function below nargs arguments; on error prints the message with
+** its traceback and records how the script ended. */
+static int docall(lua_State *L, int nargs, int nres) {
+    int base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, msghandler);
+    lua_insert(L, base);
+    globalL = L;
+    signal(SIGINT, laction);
+    int status = lua_pcall(L, nargs, nres, base);
+    signal(SIGINT, SIG_DFL);
+    lua_remove(L, base);
+    return status;
+}
+
+static void report(lua_State *L, int status) {
+    if (status != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        fprintf(stderr, "moelab: %s\n", msg ? msg : "(error without a message)");
+        fflush(stderr);
+        lua_pop(L, 1);
+    }
+}
+
+static lua_State *new_state(void) {
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        fprintf(stderr, "moelab: cannot create a Lua state: out of memory\n");
+        exit(1);
+    }
+    luaL_openlibs(L);
+    lmoelab_preload(L);
+    return L;
+}
+
+/* Loads the module as the global `moelab` and returns it on the stack. */
+static int load_module(lua_State *L) {
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "moelab");
+    int status = docall(L, 1, 1);
+    if (status != LUA_OK) {
+        report(L, status);
+        return -1;
+    }
+    lua_pushvalue(L, -1);
+    lua_setglobal(L, "moelab");
+    return 0;
+}
+
+/* "12" → integer, "3e-3" → number, anything else stays a string. */
+static void push_arg_value(lua_State *L, const char *v) {
+    if (*v && lua_stringtonumber(L, v) != 0) return;
+    if (strcmp(v, "true") == 0) lua_pushboolean(L, 1);
+    else if (strcmp(v, "false") == 0) lua_pushboolean(L, 0);
+    else lua_pushstring(L, v);
+}
+
+static int cmd_run(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "moelab run: missing SCRIPT.lua\n\n%s", usage);
+        return 2;
+    }
+    const char *script = argv[2];
+    lua_State *L = new_state();
+    if (load_module(L) != 0) {
+        lua_close(L);
+        return 1;
+    }
+    lua_getfield(L, -1, "args");
+    for (int i = 3; i < argc; i++) {
+        const char *eq = strchr(argv[i], '=');
+        if (!eq || eq == argv[i]) {
+            fprintf(stderr, "moelab run: argument '%s' is not name=value\n", argv[i]);
+            lua_close(L);
+            return 2;
+        }
+        lua_pushlstring(L, argv[i], (size_t)(eq - argv[i]));
+        push_arg_value(L, eq + 1);
+        lua_settable(L, -3);
+    }
+    lua_pop(L, 2);
+    lua_pushstring(L, script);
+    lua_setfield(L, LUA_REGISTRYINDEX, "moelab.script");
+    /* the global `arg`, as lua.c sets it: arg[0] is the script */
+    lua_createtable(L, argc - 3, 1);
+    for (int i = 2; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i - 2);
+    }
+    lua_setglobal(L, "arg");
+
+    int status = luaL_loadfile(L, script);
+    if (status == LUA_OK) status = docall(L, 0, 0);
+    int rc = 0;
+    if (status != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        int was_interrupted = interrupted || (msg && strstr(msg, "interrupted by Ctrl-C"));
+        lmoelab_script_ended(L, msg, was_interrupted);
+        report(L, status);
+        rc = was_interrupted ? 130 : 1;
+    } else {
+        lmoelab_script_ended(L, NULL, 0);
+    }
+    lua_close(L); /* closes open runs with the status set above */
+    return rc;
+}
+
+static int cmd_plot(int argc, char **argv) {
+    const char *figure = NULL, *db = NULL, *out = NULL, *runs = NULL;
+    for (int i = 2; i < argc; i++) {
+        const char **slot = NULL;
+        if (strcmp(argv[i], "--db") == 0) slot = &db;
+        else if (strcmp(argv[i], "--out") == 0) slot = &out;
+        else if (strcmp(argv[i], "--runs") == 0) slot = &runs;
+        else if (argv[i][0] == '-') {
+            fprintf(stderr, "moelab plot: unknown option '%s'\n\n%s", argv[i], usage);
+            return 2;
+        } else if (!figure) {
+            figure = argv[i];
+            continue;
+        } else {
+            fprintf(stderr, "moelab plot: unexpected argument '%s'\n", argv[i]);
+            return 2;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "moelab plot: %s needs a value\n", argv[i]);
+            return 2;
+        }
+        *slot = argv[++i];
+    }
+    if (!figure || !db) {
+        fprintf(stderr, "moelab plot: need FIGURE and --db DB\n\n%s", usage);
+        return 2;
+    }
+    char default_out[4096];
+    if (!out) {
+        const char *slash = strrchr(db, '/');
+        int dir_len = slash ? (int)(slash - db + 1) : 0;
+        snprintf(default_out, sizeof default_out, "%.*s%s.pdf", dir_len, db, figure);
+        out = default_out;
+    }
+    if (access(db, R_OK) != 0) {
+        fprintf(stderr, "moelab plot: cannot read database '%s'\n", db);
+        return 1;
+    }
+    const char *env = getenv("MOELAB_PLOTS");
+    char err[ML_ERRLEN];
+    if (plot_render(figure, db, out, runs, env && *env ? env : MOELAB_PLOTS_DIR, err) != 0) {
+        fprintf(stderr, "moelab plot: %s\n", err);
+        return 1;
+    }
+    printf("%s\n", out);
+    return 0;
+}
+
+/* A Lua prompt. Lines that form an expression print its values; an incomplete
+** chunk asks for more lines, as in lua.c. */
+static int cmd_prompt(void) {
+    lua_State *L = new_state();
+    if (load_module(L) != 0) {
+        lua_close(L);
+        return 1;
+    }
+    lua_pop(L, 1);
+    int tty = isatty(STDIN_FILENO);
+    if (tty) printf("moelab %s — Lua prompt; `moelab` is loaded. Ctrl-D leaves.\n", MOELAB_VERSION);
+    char line[8192];
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        if (!fgets(line, sizeof line, stdin)) break;
+        lua_pushstring(L, line);
+        int status;
+        for (;;) {
+            const char *chunk = lua_tostring(L, -1);
+            lua_pushfstring(L, "return %s", chunk);
+            status = luaL_loadbuffer(L, lua_tostring(L, -1), lua_rawlen(L, -1), "=stdin");
+            lua_remove(L, -2);
+            if (status == LUA_OK) break;
+            lua_pop(L, 1);
+            status = luaL_loadbuffer(L, chunk, strlen(chunk), "=stdin");
+            if (status != LUA_ERRSYNTAX) break;
+            const char *msg = lua_tostring(L, -1);
+            size_t lmsg = strlen(msg);
+            if (lmsg < 5 || strcmp(msg + lmsg - 5, "<eof>") != 0) break;
+            lua_pop(L, 1); /* incomplete: read another line */
+            if (tty) {
+                fputs(">> ", stdout);
+                fflush(stdout);
+            }
+            if (!fgets(line, sizeof line, stdin)) {
+                status = LUA_OK + 100;
+                break;
+            }
+            lua_pushstring(L, line);
+            lua_concat(L, 2);
+        }
+        if (status == LUA_OK + 100) break;
+        lua_remove(L, -2); /* the chunk's text */
+        if (status == LUA_OK) {
+            int base = lua_gettop(L);
+            status = docall(L, 0, LUA_MULTRET);
+            if (status == LUA_OK) {
+                int n = lua_gettop(L) - base + 1;
+                if (n > 0) {
+                    lua_getglobal(L, "print");
+                    lua_insert(L, -(n + 1));
+                    if (lua_pcall(L, n, 0, 0) != LUA_OK) report(L, LUA_ERRRUN);
+                }
+                continue;
+            }
+        }
+        report(L, status);
+        interrupted = 0;
+    }
+    if (tty) putchar('\n');
+    lmoelab_script_ended(L, NULL, 0);
+    lua_close(L);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return cmd_prompt();
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "-v") == 0) {
+        printf("moelab %s (%s)\n", MOELAB_VERSION, LUA_RELEASE);
+        return 0;
+    }
+    if (strcmp(cmd, "run") == 0) return cmd_run(argc, argv);
+    if (strcmp(cmd, "plot") == 0) return cmd_plot(argc, argv);
+    fprintf(stderr, "moelab: unknown command '%s'\n\n%s", cmd, usage);
+    return 2;
+}

@@ -1,0 +1,284 @@
+/*
+** trainer.c — training and evaluation loops of a recorded run (trainer.h).
+*/
+#include "trainer.h"
+
+#include <cblas.h>
+#include <gsl/gsl_rng.h>
+#include <math.h>
+#include <omp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+volatile int trainer_interrupt = 0;
+
+/* OpenBLAS's own setter; declared here since not every cblas.h has it. */
+void openblas_set_num_threads(int num_threads);
+
+void trainer_set_threads(int n) {
+    if (n <= 0) n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (n <= 0) n = 1;
+    /* OpenBLAS runs single-threaded inside our OpenMP threads: its own pool
+    ** would spin against them for the same cores */
+    openblas_set_num_threads(1);
+    omp_set_num_threads(n);
+}
+
+void train_options_defaults(TrainOptions *o) {
+    memset(o, 0, sizeof *o);
+    o->steps = 1000;
+    o->batch = 16;
+    o->lr = 3e-3f;
+    o->min_lr = 0.0f;
+    o->warmup = 50;
+    o->weight_decay = 0.0f;
+    o->clip = 0.0f;
+    o->beta1 = 0.9f;
+    o->beta2 = 0.95f;
+    o->eps = 1e-8f;
+    o->eval_every = 0;
+    o->eval_batches = 20;
+    o->eval_batch = 0;
+    o->threads = 0;
+    o->progress = -1;
+}
+
+void eval_options_defaults(EvalOptions *o) {
+    memset(o, 0, sizeof *o);
+    o->batches = 20;
+    o->batch = 16;
+    o->split = SPLIT_VAL;
+    o->seed = 1234;
+    o->record = 0;
+}
+
+float trainer_lr(const TrainOptions *o, int s) {
+    if (s < o->warmup) return o->lr * (float)(s + 1) / (float)o->warmup;
+    int decay = o->steps - o->warmup;
+    if (decay <= 0) return o->lr;
+    double frac = (double)(s - o->warmup) / decay;
+    return (float)(o->min_lr + 0.5 * (o->lr - o->min_lr) * (1.0 + cos(M_PI * frac)));
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_t run_id,
+                 const char *name, uint64_t seed, char *err) {
+    memset(t, 0, sizeof *t);
+    t->model = model;
+    t->corpus = corpus;
+    t->rec = rec;
+    t->run_id = run_id;
+    snprintf(t->name, sizeof t->name, "%s", name ? name : "run");
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (!rng) return ml_error(err, "out of memory");
+    gsl_rng_set(rng, (unsigned long)seed);
+    t->rng = rng;
+    return 0;
+}
+
+void trainer_free(Trainer *t) {
+    if (t->rng) gsl_rng_free((gsl_rng *)t->rng);
+    free(t->inputs);
+    free(t->targets);
+    memset(t, 0, sizeof *t);
+}
+
+static int ensure_batch(Trainer *t, int B, int T, char *err) {
+    int need = B * T;
+    if (need <= t->cap) return 0;
+    free(t->inputs);
+    free(t->targets);
+    t->inputs = malloc(sizeof(int) * (size_t)need);
+    t->targets = malloc(sizeof(int) * (size_t)need);
+    if (!t->inputs || !t->targets) {
+        t->cap = 0;
+        return ml_error(err, "out of memory for a batch of %d x %d", B, T);
+    }
+    t->cap = need;
+    return 0;
+}
+
+static void sigint_handler(int sig) {
+    (void)sig;
+    trainer_interrupt = 1;
+    signal(SIGINT, SIG_DFL); /* a second Ctrl-C ends the process */
+}
+
+static void format_duration(char *buf, size_t n, double s) {
+    if (!(s >= 0) || s > 1e7) snprintf(buf, n, "?");
+    else if (s < 60) snprintf(buf, n, "%.0fs", s);
+    else if (s < 3600) snprintf(buf, n, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else snprintf(buf, n, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+}
+
+int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err) {
+    Model *m = t->model;
+    int T = m->config.context, B = o->batch;
+    memset(res, 0, sizeof *res);
+    if (o->batches < 1 || B < 1)
+        return ml_error(err, "evaluate: batches and batch must be at least 1 (got %d, %d)",
+                        o->batches, B);
+    if (corpus_check_context(t->corpus, o->split, T, err) != 0) return -1;
+    if (ensure_batch(t, B, T, err) != 0) return -1;
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (!rng) return ml_error(err, "out of memory");
+    gsl_rng_set(rng, (unsigned long)o->seed);
+    double total = 0.0;
+    int rc = 0;
+    for (int i = 0; i < o->batches; i++) {
+        corpus_batch(t->corpus, o->split, rng, B, T, t->inputs, t->targets);
+        if (model_forward(m, t->inputs, t->targets, B, T, err) != 0) {
+            rc = -1;
+            break;
+        }
+        total += m->mean_loss;
+    }
+    gsl_rng_free(rng);
+    if (rc != 0) return -1;
+    res->loss = total / o->batches;
+    res->tokens = (int64_t)o->batches * B * T;
+    res->moe_flops_per_token = 0.0; /* a dense model runs no MoE layer */
+    res->experts_per_token = 0.0;
+    res->eval_id = -1;
+    if (t->rec) {
+        const char *split = corpus_split_name(o->split);
+        if (rec_eval(t->rec, t->run_id, t->step, split, res->tokens, res->loss,
+                     res->moe_flops_per_token, res->experts_per_token, &res->eval_id, err) != 0)
+            return -1;
+        if (rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
+                       res->moe_flops_per_token, t->wall_ms, err) != 0)
+            return -1;
+        if (rec_flush(t->rec, err) != 0) return -1;
+    }
+    return 0;
+}
+
+int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err) {
+    Model *m = t->model;
+    int T = m->config.context, B = o->batch;
+    memset(res, 0, sizeof *res);
+    res->val_loss = NAN;
+    if (o->steps < 1) return ml_error(err, "train: steps must be at least 1, got %d", o->steps);
+    if (B < 1) return ml_error(err, "train: batch must be at least 1, got %d", B);
+    if (!(o->lr > 0.0f) || !isfinite(o->lr))
+        return ml_error(err, "train: lr must be a positive number, got %g", o->lr);
+    if (o->warmup < 0) return ml_error(err, "train: warmup must be >= 0, got %d", o->warmup);
+    if (o->clip < 0.0f) return ml_error(err, "train: clip must be >= 0 (0 = off), got %g", o->clip);
+    if (o->weight_decay < 0.0f)
+        return ml_error(err, "train: weight_decay must be >= 0, got %g", o->weight_decay);
+    if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
+    if (ensure_batch(t, B, T, err) != 0) return -1;
+    trainer_set_threads(o->threads);
+    if (t->rec && rec_run_status(t->rec, t->run_id, "running", NULL, err) != 0) return -1;
+
+    int progress = o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;
+    EvalOptions eo;
+    eval_options_defaults(&eo);
+    eo.batches = o->eval_batches;
+    eo.batch = o->eval_batch > 0 ? o->eval_batch : B;
+    int can_eval = corpus_split_len(t->corpus, SPLIT_VAL) >= (size_t)T + 1 && o->eval_batches > 0;
+
+    trainer_interrupt = 0;
+    void (*old_handler)(int) = signal(SIGINT, sigint_handler);
+    const char *status = "finished";
+    char status_msg[ML_ERRLEN] = "";
+    double start = now_ms(), last_flush = start, last_print = 0.0;
+    double tail_sum = 0.0;
+    int tail_n = 0, tail_from = o->steps - (o->steps + 9) / 10;
+    int rc = 0, s = 0;
+    for (s = 0; s < o->steps; s++) {
+        if (trainer_interrupt) {
+            status = "interrupted";
+            snprintf(status_msg, sizeof status_msg, "interrupted by Ctrl-C at step %lld",
+                     (long long)t->step);
+            break;
+        }
+        double t0 = now_ms();
+        corpus_batch(t->corpus, SPLIT_TRAIN, t->rng, B, T, t->inputs, t->targets);
+        if (model_forward(m, t->inputs, t->targets, B, T, err) != 0) { rc = -1; break; }
+        float loss = m->mean_loss;
+        if (!isfinite(loss)) {
+            status = "diverged";
+            snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
+                     isnan(loss) ? "NaN" : "infinite", (long long)t->step);
+            break;
+        }
+        model_zero_grad(m);
+        if (model_backward(m, err) != 0) { rc = -1; break; }
+        model_clip_grad(m, o->clip);
+        float lr = trainer_lr(o, s);
+        if (model_adamw_step(m, lr, o->beta1, o->beta2, o->eps, o->weight_decay, err) != 0) {
+            rc = -1;
+            break;
+        }
+        t->step++;
+        t->tokens += (int64_t)B * T;
+        double t1 = now_ms();
+        t->wall_ms += t1 - t0;
+        res->last_loss = loss;
+        if (s >= tail_from) {
+            tail_sum += loss;
+            tail_n++;
+        }
+        if (t->rec) {
+            if (rec_metric(t->rec, t->run_id, t->step, "train", loss, NAN, lr, t->tokens, NAN,
+                           t->wall_ms, err) != 0) { rc = -1; break; }
+            if (t1 - last_flush > 1000.0) {
+                if (rec_flush(t->rec, err) != 0) { rc = -1; break; }
+                last_flush = t1;
+            }
+        }
+        if (can_eval && o->eval_every > 0 && (s + 1) % o->eval_every == 0 && s + 1 < o->steps) {
+            EvalResult er;
+            if (trainer_evaluate(t, &eo, &er, err) != 0) { rc = -1; break; }
+            res->val_loss = er.loss;
+        }
+        if (progress && (t1 - last_print > 200.0 || s + 1 == o->steps)) {
+            double el = (t1 - start) / 1e3;
+            char eta[32];
+            format_duration(eta, sizeof eta, el / (s + 1) * (o->steps - s - 1));
+            fprintf(stderr, "\r%s: step %d/%d | loss %.4f | %.1fk tok/s | ETA %s   ", t->name,
+                    s + 1, o->steps, loss, (double)(s + 1) * B * T / el / 1e3, eta);
+            fflush(stderr);
+            last_print = t1;
+        }
+    }
+    if (progress) fprintf(stderr, "\n");
+    signal(SIGINT, old_handler);
+    res->steps = s;
+    res->tokens = t->tokens;
+    res->seconds = (now_ms() - start) / 1e3;
+    res->tokens_per_s = res->seconds > 0 ? (double)s * B * T / res->seconds : 0.0;
+    res->loss = tail_n > 0 ? tail_sum / tail_n : res->last_loss;
+    res->status = status;
+    if (rc != 0) {
+        /* a failure of our own: keep what was recorded and say so */
+        if (t->rec) {
+            char ignored[ML_ERRLEN];
+            rec_flush(t->rec, ignored);
+            rec_run_status(t->rec, t->run_id, "failed", err, ignored);
+        }
+        return -1;
+    }
+    if (strcmp(status, "finished") == 0 && can_eval) {
+        EvalResult er;
+        if (trainer_evaluate(t, &eo, &er, err) != 0) return -1;
+        res->val_loss = er.loss;
+    }
+    if (t->rec) {
+        if (rec_flush(t->rec, err) != 0) return -1;
+        if (rec_run_status(t->rec, t->run_id, status, status_msg[0] ? status_msg : NULL, err) != 0)
+            return -1;
+    }
+    if (status_msg[0] && err) snprintf(err, ML_ERRLEN, "%s", status_msg);
+    return 0;
+}

@@ -1,0 +1,98 @@
+/*
+** trainer.h — a run: a model trained and evaluated on a corpus, recorded.
+**
+** The trainer ties the numeric core (model, corpus) to the recorder: it draws
+** batches, steps AdamW on a warm-up + cosine schedule, writes a metrics row per
+** step and an evaluation every eval_every steps, shows a progress line on a
+** terminal, and keeps the run's status true — running, finished, diverged (the
+** loss became NaN or infinite) or interrupted (Ctrl-C) — flushing what it wrote
+** before it returns. It knows nothing of Lua.
+*/
+#ifndef MOELAB_TRAINER_H
+#define MOELAB_TRAINER_H
+
+#include <stdint.h>
+
+#include "data.h"
+#include "model.h"
+#include "recorder.h"
+
+typedef struct {
+    int steps;
+    int batch;
+    float lr, min_lr;  /* cosine decays from lr to min_lr at the last step */
+    int warmup;        /* linear warm-up steps */
+    float weight_decay;
+    float clip;        /* clip the global gradient norm; 0 = off */
+    float beta1, beta2, eps;
+    int eval_every;    /* 0 = only at the end */
+    int eval_batches;
+    int eval_batch;    /* 0 = same as batch */
+    int threads;       /* 0 = all cores */
+    int progress;      /* -1 = when stderr is a terminal, 0 = never, 1 = always */
+} TrainOptions;
+
+typedef struct {
+    int batches;
+    int batch;
+    Split split;
+    uint64_t seed;     /* the evaluation batches: the same seed gives the same batches */
+    int record;        /* record per-token detail (token_stats) */
+} EvalOptions;
+
+typedef struct {
+    const char *status; /* "finished", "diverged" or "interrupted" */
+    double loss;        /* mean training loss of the last 10% of steps */
+    double last_loss;   /* of the last step */
+    double val_loss;    /* of the final evaluation (NaN if none) */
+    double tokens_per_s;
+    double seconds;
+    int64_t steps;      /* steps done in this call */
+    int64_t tokens;     /* tokens seen by the run so far */
+} TrainResult;
+
+typedef struct {
+    double loss;
+    double moe_flops_per_token;
+    double experts_per_token;
+    int64_t tokens;
+    int64_t eval_id;
+} EvalResult;
+
+typedef struct {
+    Model *model;
+    Corpus *corpus;
+    Recorder *rec;     /* may be NULL: nothing recorded */
+    int64_t run_id;
+    char name[128];
+    int64_t step;      /* optimiser steps so far, over every train call */
+    int64_t tokens;    /* training tokens so far */
+    double wall_ms;    /* training time so far */
+    void *rng;         /* gsl_rng of the training batches */
+    int *inputs, *targets;
+    int cap;           /* ints in inputs and targets */
+} Trainer;
+
+void train_options_defaults(TrainOptions *o);
+void eval_options_defaults(EvalOptions *o);
+
+/* Learning rate at 0-based step s of `steps`: linear warm-up to lr over
+** `warmup` steps, then cosine decay to min_lr at step `steps`. */
+float trainer_lr(const TrainOptions *o, int s);
+
+/* The trainer keeps pointers to model, corpus and recorder; it owns none. */
+int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_t run_id,
+                 const char *name, uint64_t seed, char *err);
+void trainer_free(Trainer *t);
+
+int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err);
+int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err);
+
+/* Set by SIGINT while trainer_train runs (its handler is installed only then);
+** a second Ctrl-C kills the process as usual. */
+extern volatile int trainer_interrupt;
+
+/* Number of threads used by OpenBLAS and OpenMP. */
+void trainer_set_threads(int n);
+
+#endif
