@@ -11,7 +11,7 @@
 
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
-           libcmocka-dev pkg-config bible-kjv
+           libcmocka-dev pkg-config bible-kjv sqlite3
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)

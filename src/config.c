@@ -231,17 +231,6 @@ done:
 /* ------------------------------------------------------------------------ */
 /* writing                                                                   */
 
-/* A float as the shortest decimal that reads back as the same float, so that
-** 1e-5f is written 1e-05 rather than 9.9999997473787516e-06. */
-static void jb_float(JsonBuf *b, float x) {
-    char text[32];
-    for (int digits = 1; digits <= 9; digits++) {
-        snprintf(text, sizeof text, "%.*g", digits, (double)x);
-        if ((float)strtod(text, NULL) == x) break;
-    }
-    jb_number(b, strtod(text, NULL));
-}
-
 char *config_to_json(const ModelConfig *c) {
     JsonBuf b = {0};
     jb_printf(&b, "{\"layers\":%d,\"d_model\":%d,\"heads\":%d,\"context\":%d,\"vocab\":%d,",

@@ -817,3 +817,14 @@ void jb_free(JsonBuf *b) {
     b->len = b->cap = 0;
     b->failed = 0;
 }
+
+/* A float as the shortest decimal that reads back as the same float, so that
+** 1e-5f is written 1e-05 rather than 9.9999997473787516e-06. */
+int jb_float(JsonBuf *b, float x) {
+    char text[32];
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(text, sizeof text, "%.*g", digits, (double)x);
+        if ((float)strtod(text, NULL) == x) break;
+    }
+    return jb_number(b, strtod(text, NULL));
+}

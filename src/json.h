@@ -82,6 +82,8 @@ int jb_string(JsonBuf *b, const char *s); /* "quoted", with JSON escapes */
 /* The shortest text that reads back as exactly x: 3, -0.5, 0.001, 1e-05.
 ** NaN and infinity fail the buffer. */
 int jb_number(JsonBuf *b, double x);
+/* A float as the shortest decimal that reads back as that float (1e-05, 0.9). */
+int jb_float(JsonBuf *b, float x);
 /* A whole parsed value, compactly (no spaces), members in their order. */
 int jb_value(JsonBuf *b, const JsonValue *v);
 void jb_free(JsonBuf *b); /* frees data and zeroes the struct */

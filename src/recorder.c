@@ -212,6 +212,7 @@ struct Recorder {
     sqlite3_stmt *rollback;   /* ROLLBACK */
     sqlite3_stmt *insert_run;
     sqlite3_stmt *update_status;
+    sqlite3_stmt *update_config;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
 };
@@ -363,6 +364,9 @@ static int rec_prepare_all(Recorder *r, char *err) {
                " finished_at = CASE WHEN ?2 = 'running' THEN NULL"
                " ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END"
                " WHERE run_id = ?1", err)
+        || rec_prepare(r, &r->update_config,
+               "UPDATE runs SET config = json_set(COALESCE(config, '{}'), '$.' || ?2, json(?3))"
+               " WHERE run_id = ?1", err)
         || rec_prepare(r, &r->insert_metric,
                "INSERT INTO metrics(run_id, step, split, loss, aux_loss, lr, tokens,"
                " moe_flops_per_token, wall_ms)"
@@ -483,6 +487,7 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->rollback);
     sqlite3_finalize(r->insert_run);
     sqlite3_finalize(r->update_status);
+    sqlite3_finalize(r->update_config);
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
     sqlite3_close(r->db);
@@ -559,6 +564,22 @@ int rec_run_status(Recorder *r, int64_t run_id, const char *status,
     sqlite3_bind_text(st, 2, status, -1, SQLITE_TRANSIENT);
     rec_bind_text_or_null(st, 3, error_msg);
     if (rec_step_done(r, st, "update a run's status", err))
+        return -1;
+    if (sqlite3_changes(r->db) == 0)
+        return ml_error(err, "no run with id %lld in '%s'", (long long)run_id, r->path);
+    r->pending_rows++;
+    return rec_flush(r, err);
+}
+
+int rec_run_config_set(Recorder *r, int64_t run_id, const char *key, const char *json,
+                       char *err) {
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_stmt *st = r->update_config;
+    sqlite3_bind_int64(st, 1, run_id);
+    sqlite3_bind_text(st, 2, key, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, 3, json, -1, SQLITE_TRANSIENT);
+    if (rec_step_done(r, st, "update a run's config", err))
         return -1;
     if (sqlite3_changes(r->db) == 0)
         return ml_error(err, "no run with id %lld in '%s'", (long long)run_id, r->path);

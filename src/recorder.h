@@ -60,6 +60,11 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
 int rec_run_status(Recorder *r, int64_t run_id, const char *status,
                    const char *error_msg, char *err);
 
+/* Sets config.KEY of a run to the JSON value json (as training options are
+** known only when training starts: key "train"). Commits at once. */
+int rec_run_config_set(Recorder *r, int64_t run_id, const char *key, const char *json,
+                       char *err);
+
 /* One row of the training curve (split "train") or of an evaluation ("val").
 ** A NaN in any REAL argument is stored as NULL (aux_loss and
 ** moe_flops_per_token are NaN for dense models). */

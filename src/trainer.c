@@ -14,6 +14,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "json.h"
+
 volatile int trainer_interrupt = 0;
 
 /* OpenBLAS's own setter; declared here since not every cblas.h has it. */
@@ -178,14 +180,37 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
     if (ensure_batch(t, B, T, err) != 0) return -1;
     trainer_set_threads(o->threads);
-    if (t->rec && rec_run_status(t->rec, t->run_id, "running", NULL, err) != 0) return -1;
-
     int progress = o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;
     EvalOptions eo;
     eval_options_defaults(&eo);
     eo.batches = o->eval_batches;
     eo.batch = o->eval_batch > 0 ? o->eval_batch : B;
     int can_eval = corpus_split_len(t->corpus, SPLIT_VAL) >= (size_t)T + 1 && o->eval_batches > 0;
+    if (t->rec) {
+        JsonBuf j = {0};
+        jb_printf(&j, "{\"steps\":%d,\"batch\":%d,\"lr\":", o->steps, B);
+        jb_float(&j, o->lr);
+        jb_puts(&j, ",\"min_lr\":");
+        jb_float(&j, o->min_lr);
+        jb_printf(&j, ",\"warmup\":%d,\"schedule\":\"warmup-cosine\",\"weight_decay\":", o->warmup);
+        jb_float(&j, o->weight_decay);
+        jb_puts(&j, ",\"clip\":");
+        jb_float(&j, o->clip);
+        jb_puts(&j, ",\"beta1\":");
+        jb_float(&j, o->beta1);
+        jb_puts(&j, ",\"beta2\":");
+        jb_float(&j, o->beta2);
+        jb_puts(&j, ",\"eps\":");
+        jb_float(&j, o->eps);
+        jb_printf(&j, ",\"eval_every\":%d,\"eval_batches\":%d,\"eval_batch\":%d,"
+                  "\"threads\":%d,\"first_step\":%lld}", o->eval_every, o->eval_batches,
+                  eo.batch, omp_get_max_threads(), (long long)t->step);
+        int bad = j.failed || rec_run_config_set(t->rec, t->run_id, "train", j.data, err) != 0;
+        jb_free(&j);
+        if (bad) return -1;
+        if (rec_run_status(t->rec, t->run_id, "running", NULL, err) != 0) return -1;
+    }
+
 
     trainer_interrupt = 0;
     void (*old_handler)(int) = signal(SIGINT, sigint_handler);
