@@ -1,0 +1,656 @@
+/*
+** test_cli.c — checks the moelab command line (src/main.c) from outside, as
+** a user's shell would run it: the binary named by $MOELAB (which `make test`
+** and `make asan` set) is started with posix_spawn, without a shell, and its
+** exit code, standard output and standard error are checked. Covered: --help,
+** --version, bad commands, scripts with syntax and runtime errors, name=value
+** arguments, `plot` (an unknown figure, a PNG into a path with a space and a
+** quote), the Lua prompt on a pipe, and Ctrl-C (SIGINT) during training and
+** during plain Lua, which must exit with 130 and leave the run recorded as
+** 'interrupted' with its rows.
+**
+** Without $MOELAB every test is skipped with a message.
+*/
+#include "testutil.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+
+#include "common.h"
+
+extern char **environ;
+
+static const char *moelab;   /* the binary, or NULL: skip */
+static char tmpdir[256];
+
+/* ---- child processes ------------------------------------------------------ */
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+    int fd;     /* -1 once at end of file */
+} Stream;
+
+typedef struct {
+    pid_t pid;
+    Stream out, err;
+    int code;       /* exit code, or 128 + signal */
+    int signaled;
+} Proc;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void stream_read(Stream *s) {
+    if (s->cap - s->len < 4097) {
+        s->cap *= 2;
+        s->data = realloc(s->data, s->cap);
+        assert_non_null(s->data);
+    }
+    ssize_t n = read(s->fd, s->data + s->len, s->cap - s->len - 1);
+    if (n > 0) s->len += (size_t)n;
+    else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+        close(s->fd);
+        s->fd = -1;
+    }
+    s->data[s->len] = '\0';
+}
+
+/* Reads whatever the child wrote within timeout_ms; 0 once both streams end. */
+static int proc_pump(Proc *p, int timeout_ms) {
+    struct pollfd fds[2];
+    Stream *streams[2];
+    int n = 0;
+    if (p->out.fd >= 0) { fds[n] = (struct pollfd){p->out.fd, POLLIN, 0}; streams[n++] = &p->out; }
+    if (p->err.fd >= 0) { fds[n] = (struct pollfd){p->err.fd, POLLIN, 0}; streams[n++] = &p->err; }
+    if (n == 0) return 0;
+    int r = poll(fds, (nfds_t)n, timeout_ms);
+    if (r < 0 && errno != EINTR) fail_msg("poll: %s", strerror(errno));
+    for (int i = 0; i < n && r > 0; i++)
+        if (fds[i].revents) stream_read(streams[i]);
+    return 1;
+}
+
+/* Starts moelab with the arguments (NULL-terminated); input, when not NULL, is
+** its whole standard input (otherwise /dev/null). */
+static void proc_start(Proc *p, const char *input, const char *const *args) {
+    memset(p, 0, sizeof *p);
+    int out[2], err[2], in[2];
+    if (pipe(out) || pipe(err) || pipe(in)) fail_msg("pipe: %s", strerror(errno));
+    char *argv[32];
+    int argc = 0;
+    argv[argc++] = (char *)moelab;
+    for (int i = 0; args[i]; i++) {
+        assert_true(argc < 31);
+        argv[argc++] = (char *)args[i];
+    }
+    argv[argc] = NULL;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+    int fds[6] = {in[0], in[1], out[0], out[1], err[0], err[1]};
+    for (int i = 0; i < 6; i++) posix_spawn_file_actions_addclose(&fa, fds[i]);
+    posix_spawnattr_t at;
+    posix_spawnattr_init(&at);
+    sigset_t none, dflt;
+    sigemptyset(&none);
+    sigemptyset(&dflt);
+    sigaddset(&dflt, SIGINT);
+    sigaddset(&dflt, SIGPIPE);
+    posix_spawnattr_setsigmask(&at, &none);
+    posix_spawnattr_setsigdefault(&at, &dflt);
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    int rc = posix_spawn(&p->pid, moelab, &fa, &at, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    close(in[0]);
+    close(out[1]);
+    close(err[1]);
+    if (rc != 0) fail_msg("cannot start %s: %s", moelab, strerror(rc));
+    if (input) {
+        size_t n = strlen(input), done = 0;
+        while (done < n) {
+            ssize_t w = write(in[1], input + done, n - done);
+            if (w < 0 && errno == EINTR) continue;
+            if (w < 0) break; /* the child did not read it all: its output says why */
+            done += (size_t)w;
+        }
+    }
+    close(in[1]);
+    p->out.fd = out[0];
+    p->err.fd = err[0];
+    p->out.cap = p->err.cap = 8192;
+    p->out.data = calloc(1, p->out.cap);
+    p->err.data = calloc(1, p->err.cap);
+    assert_true(p->out.data && p->err.data);
+}
+
+/* Reads until out holds needle; fails after timeout_s. */
+static void proc_wait_for(Proc *p, const char *needle, double timeout_s) {
+    double end = now_s() + timeout_s;
+    while (!strstr(p->out.data, needle)) {
+        if (now_s() > end || !proc_pump(p, 100)) {
+            kill(p->pid, SIGKILL);
+            waitpid(p->pid, NULL, 0);
+            fail_msg("moelab did not print '%s' within %.0f s; stdout:\n%s\nstderr:\n%s", needle,
+                     timeout_s, p->out.data, p->err.data);
+        }
+    }
+}
+
+/* Reads to the end and waits for the exit; kills the child after timeout_s. */
+static void proc_finish(Proc *p, double timeout_s) {
+    double end = now_s() + timeout_s;
+    while (proc_pump(p, 100))
+        if (now_s() > end) {
+            kill(p->pid, SIGKILL);
+            waitpid(p->pid, NULL, 0);
+            fail_msg("moelab did not finish within %.0f s; stdout:\n%s\nstderr:\n%s", timeout_s,
+                     p->out.data, p->err.data);
+        }
+    int status;
+    while (waitpid(p->pid, &status, 0) < 0)
+        if (errno != EINTR) fail_msg("waitpid: %s", strerror(errno));
+    p->signaled = WIFSIGNALED(status);
+    p->code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+static void proc_free(Proc *p) {
+    free(p->out.data);
+    free(p->err.data);
+}
+
+/* Runs moelab to its end. */
+#define MOELAB(p, input, ...) do {                                          \
+        const char *const args_[] = {__VA_ARGS__, NULL};                    \
+        proc_start((p), (input), args_);                                    \
+        proc_finish((p), 60);                                               \
+    } while (0)
+
+/* moelab without arguments: the prompt. */
+static void run_prompt(Proc *p, const char *input) {
+    const char *const none[] = {NULL};
+    proc_start(p, input, none);
+    proc_finish(p, 60);
+}
+
+static void expect_code(const Proc *p, int code) {
+    if (p->code != code)
+        fail_msg("exit code %d, expected %d; stdout:\n%s\nstderr:\n%s", p->code, code, p->out.data,
+                 p->err.data);
+}
+
+static void expect_in(const char *what, const char *text, const char *needle) {
+    if (!strstr(text, needle)) fail_msg("%s does not contain '%s':\n%s", what, needle, text);
+}
+
+#define SKIP_WITHOUT_MOELAB() do {                                          \
+        if (!moelab) skip();                                                \
+    } while (0)
+
+/* ---- files ------------------------------------------------------------- */
+
+static const char *tmp_path(char *buf, size_t n, const char *name) {
+    snprintf(buf, n, "%s/%s", tmpdir, name);
+    return buf;
+}
+
+static void write_file(const char *path, const char *text) {
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot write %s: %s", path, strerror(errno));
+    fputs(text, f);
+    fclose(f);
+}
+
+static sqlite3 *db_open(const char *path) {
+    sqlite3 *db = NULL;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK)
+        fail_msg("cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
+    return db;
+}
+
+static int64_t db_int(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        fail_msg("prepare '%s': %s", sql, sqlite3_errmsg(db));
+    if (sqlite3_step(st) != SQLITE_ROW) fail_msg("no row from '%s'", sql);
+    int64_t v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static const char *db_text(sqlite3 *db, const char *sql, char *buf, size_t n) {
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        fail_msg("prepare '%s': %s", sql, sqlite3_errmsg(db));
+    if (sqlite3_step(st) != SQLITE_ROW) fail_msg("no row from '%s'", sql);
+    const unsigned char *s = sqlite3_column_text(st, 0);
+    snprintf(buf, n, "%s", s ? (const char *)s : "(NULL)");
+    sqlite3_finalize(st);
+    return buf;
+}
+
+/* The tiny model of these tests: a training step takes well under 1 ms. One
+** thread, since OpenMP barriers on a shared machine cost more than the work. */
+#define TINY_PRELUDE                                                             \
+    "moelab.threads(1)\n"                                                        \
+    "local data = moelab.corpus{ text = string.rep('abcdefgh', 200) }\n"         \
+    "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n" \
+    "                            ffn = { hidden = 32 } }\n"                       \
+    "local db = moelab.open(moelab.args.db)\n"
+
+/* A database with one short finished run named 'tiny', made once. */
+static const char *tiny_db(void) {
+    static char db[512];
+    if (db[0]) return db;
+    char script[512];
+    tmp_path(script, sizeof script, "tiny.lua");
+    write_file(script, TINY_PRELUDE
+               "local run = db:run{ name = 'tiny', model = model, data = data }\n"
+               "local t = run:train{ steps = 20, batch = 4, lr = 1e-2, warmup = 2, threads = 1,\n"
+               "                     eval_every = 5, eval_batches = 2, progress = false }\n"
+               "print(t.status)\n");
+    char path[512], arg[600];
+    tmp_path(path, sizeof path, "tiny.db");
+    snprintf(arg, sizeof arg, "db=%s", path);
+    Proc p;
+    MOELAB(&p, NULL, "run", script, arg);
+    expect_code(&p, 0);
+    assert_string_equal(p.out.data, "finished\n");
+    proc_free(&p);
+    snprintf(db, sizeof db, "%s", path);
+    return db;
+}
+
+/* ---- the tests ---------------------------------------------------------- */
+
+static void test_help(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    Proc p;
+    MOELAB(&p, NULL, "--help");
+    expect_code(&p, 0);
+    expect_in("--help", p.out.data, "moelab run SCRIPT.lua");
+    expect_in("--help", p.out.data, "moelab plot FIGURE");
+    expect_in("--help", p.out.data, "--version");
+    expect_in("--help", p.out.data, "loss");
+    assert_int_equal(p.err.len, 0);
+    proc_free(&p);
+}
+
+static void test_version(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    Proc p;
+    MOELAB(&p, NULL, "--version");
+    expect_code(&p, 0);
+    assert_memory_equal(p.out.data, "moelab " MOELAB_VERSION, strlen("moelab " MOELAB_VERSION));
+    expect_in("--version", p.out.data, "Lua 5.4");
+    proc_free(&p);
+}
+
+static void test_bad_commands(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    Proc p;
+    MOELAB(&p, NULL, "frobnicate");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "unknown command 'frobnicate'");
+    expect_in("stderr", p.err.data, "usage");
+    assert_int_equal(p.out.len, 0);
+    proc_free(&p);
+
+    MOELAB(&p, NULL, "run");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "missing SCRIPT.lua");
+    proc_free(&p);
+
+    char script[512];
+    tmp_path(script, sizeof script, "empty.lua");
+    write_file(script, "");
+    MOELAB(&p, NULL, "run", script, "=5");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "'=5' is not name=value");
+    proc_free(&p);
+    MOELAB(&p, NULL, "run", script, "novalue");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "'novalue'");
+    proc_free(&p);
+
+    /* an empty script is a fine script */
+    MOELAB(&p, NULL, "run", script);
+    expect_code(&p, 0);
+    proc_free(&p);
+
+    char missing[512];
+    tmp_path(missing, sizeof missing, "missing-script.lua");
+    MOELAB(&p, NULL, "run", missing);
+    expect_code(&p, 1);
+    expect_in("stderr", p.err.data, "missing-script.lua");
+    proc_free(&p);
+
+    MOELAB(&p, NULL, "plot", "loss");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--db");
+    proc_free(&p);
+    MOELAB(&p, NULL, "plot", "loss", "--db");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "needs a value");
+    proc_free(&p);
+    MOELAB(&p, NULL, "plot", "loss", "--colour", "red");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--colour");
+    proc_free(&p);
+}
+
+static void test_syntax_error(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512];
+    tmp_path(script, sizeof script, "syntax.lua");
+    write_file(script, "local a = 1\nlocal b = = 2\nprint('not reached')\n");
+    Proc p;
+    MOELAB(&p, NULL, "run", script);
+    expect_code(&p, 1);
+    expect_in("stderr", p.err.data, "syntax.lua:2:");
+    expect_in("stderr", p.err.data, "'='");
+    assert_null(strstr(p.out.data, "not reached"));
+    proc_free(&p);
+}
+
+static void test_runtime_error(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512];
+    tmp_path(script, sizeof script, "runtime.lua");
+    write_file(script, "local function inner() error('deep trouble') end\n"
+                       "local function outer() inner() end\n"
+                       "print('before')\n"
+                       "outer()\n"
+                       "print('after')\n");
+    Proc p;
+    MOELAB(&p, NULL, "run", script);
+    expect_code(&p, 1);
+    assert_string_equal(p.out.data, "before\n");
+    expect_in("stderr", p.err.data, "runtime.lua:1: deep trouble");
+    expect_in("stderr", p.err.data, "stack traceback");
+    expect_in("stderr", p.err.data, "runtime.lua:2:"); /* outer, in the traceback */
+    expect_in("stderr", p.err.data, "runtime.lua:4:"); /* the main chunk */
+    proc_free(&p);
+
+    /* an error from the module names the script line too */
+    write_file(script, "\nmoelab.model{ d_modle = 16 }\n");
+    MOELAB(&p, NULL, "run", script);
+    expect_code(&p, 1);
+    expect_in("stderr", p.err.data, "runtime.lua:2:");
+    expect_in("stderr", p.err.data, "'d_model'");
+    proc_free(&p);
+
+    /* an error value that is not a string */
+    write_file(script, "error({})\n");
+    MOELAB(&p, NULL, "run", script);
+    expect_code(&p, 1);
+    expect_in("stderr", p.err.data, "table");
+    proc_free(&p);
+}
+
+static void test_args(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512];
+    tmp_path(script, sizeof script, "args.lua");
+    write_file(script, "local a = moelab.args\n"
+                       "assert(require('moelab').args == a)\n"
+                       "print(type(a), math.type(a.n), a.n + 1, math.type(a.lr), a.lr * 1000,\n"
+                       "      a.name, type(a.flag), tostring(a.flag), a.empty == '', a.expr, arg[0])\n"
+                       "local n = 0 for _ in pairs(a) do n = n + 1 end\n"
+                       "print(n)\n");
+    Proc p;
+    MOELAB(&p, NULL, "run", script, "n=12", "lr=3e-3", "name=top2", "flag=false", "empty=", "expr=a=b");
+    expect_code(&p, 0);
+    char expected[1024];
+    snprintf(expected, sizeof expected,
+             "table\tinteger\t13\tfloat\t3.0\ttop2\tboolean\tfalse\ttrue\ta=b\t%s\n6\n", script);
+    assert_string_equal(p.out.data, expected);
+    proc_free(&p);
+
+    /* without arguments, the table is there and empty */
+    write_file(script, "print(type(moelab.args), next(moelab.args))\n");
+    MOELAB(&p, NULL, "run", script);
+    expect_code(&p, 0);
+    assert_string_equal(p.out.data, "table\tnil\n");
+    proc_free(&p);
+}
+
+static void test_plot(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    const char *db = tiny_db();
+    char never[512];
+    tmp_path(never, sizeof never, "never-written.pdf");
+    Proc p;
+    MOELAB(&p, NULL, "plot", "nosuchfigure", "--db", db, "--out", never);
+    assert_int_not_equal(p.code, 0);
+    expect_in("stderr", p.err.data, "nosuchfigure");
+    proc_free(&p);
+
+    char missing[512];
+    tmp_path(missing, sizeof missing, "missing.db");
+    MOELAB(&p, NULL, "plot", "loss", "--db", missing);
+    assert_int_not_equal(p.code, 0);
+    expect_in("stderr", p.err.data, "missing.db");
+    proc_free(&p);
+
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--runs", "nosuchrun", "--out", never);
+    assert_int_not_equal(p.code, 0);
+    expect_in("stderr", p.err.data, "nosuchrun");
+    proc_free(&p);
+    assert_int_equal(access(never, F_OK), -1);
+
+    /* a PNG into a folder with a space and a file name with a quote */
+    char dir[512], out[600];
+    tmp_path(dir, sizeof dir, "dir with space");
+    mkdir(dir, 0755);
+    snprintf(out, sizeof out, "%s/it's.png", dir);
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", out, "--runs", "tiny");
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, out);
+    proc_free(&p);
+    FILE *f = fopen(out, "rb");
+    if (!f) fail_msg("%s was not written", out);
+    unsigned char head[8] = {0};
+    size_t got = fread(head, 1, 8, f);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fclose(f);
+    assert_int_equal(got, 8);
+    assert_memory_equal(head, "\x89PNG\r\n\x1a\n", 8);
+    assert_true(size > 1000);
+
+    /* without --out: FIGURE.pdf beside the database */
+    MOELAB(&p, NULL, "plot", "loss", "--db", db);
+    expect_code(&p, 0);
+    char pdf[512];
+    tmp_path(pdf, sizeof pdf, "loss.pdf");
+    expect_in("stdout", p.out.data, pdf);
+    proc_free(&p);
+    f = fopen(pdf, "rb");
+    if (!f) fail_msg("%s was not written", pdf);
+    got = fread(head, 1, 5, f);
+    fclose(f);
+    assert_int_equal(got, 5);
+    assert_memory_equal(head, "%PDF-", 5);
+}
+
+/* The prompt on a pipe: no banner, no "> ", just what the lines print. */
+static void test_prompt(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    Proc p;
+    run_prompt(&p, "return 1+1\nprint(moelab.version)\n");
+    expect_code(&p, 0);
+    assert_string_equal(p.out.data, "2\n" MOELAB_VERSION "\n");
+    proc_free(&p);
+
+    /* expressions print, a chunk may span lines, an error does not end it,
+    ** and globals persist from line to line */
+    run_prompt(&p, "x = 20\n"
+               "for i = 1, 2 do\n"
+               "  print('line ' .. i)\n"
+               "end\n"
+               "error('oops')\n"
+               "x + 1, type(moelab.model)\n"
+               "moelab.model{ d_modle = 1 }\n"
+               "'still here'\n");
+    expect_code(&p, 0);
+    assert_string_equal(p.out.data, "line 1\nline 2\n21\tfunction\nstill here\n");
+    expect_in("stderr", p.err.data, "oops");
+    expect_in("stderr", p.err.data, "'d_model'");
+    proc_free(&p);
+}
+
+/* Ctrl-C while run:train works: exit 130, the run 'interrupted', its rows kept. */
+static void test_sigint_during_training(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512], db[512], arg[600];
+    tmp_path(script, sizeof script, "long.lua");
+    tmp_path(db, sizeof db, "long.db");
+    snprintf(arg, sizeof arg, "db=%s", db);
+    write_file(script, TINY_PRELUDE
+               "local run = db:run{ name = 'long', model = model, data = data }\n"
+               "print('training') io.stdout:flush()\n"
+               "run:train{ steps = 100000000, batch = 4, lr = 1e-3, threads = 1, progress = false,\n"
+               "           eval_batches = 0 }\n"
+               "print('not reached')\n");
+    Proc p;
+    const char *const args[] = {"run", script, arg, NULL};
+    proc_start(&p, NULL, args);
+    proc_wait_for(&p, "training\n", 60);
+    double until = now_s() + 1.0;
+    while (now_s() < until) proc_pump(&p, 50);
+    kill(p.pid, SIGINT);
+    proc_finish(&p, 30);
+    expect_code(&p, 130);
+    assert_null(strstr(p.out.data, "not reached"));
+    expect_in("stderr", p.err.data, "interrupted");
+    proc_free(&p);
+
+    sqlite3 *d = db_open(db);
+    char buf[512];
+    assert_string_equal(db_text(d, "SELECT status FROM runs", buf, sizeof buf), "interrupted");
+    assert_int_equal(db_int(d, "SELECT finished_at IS NOT NULL FROM runs"), 1);
+    int64_t rows = db_int(d, "SELECT count(*) FROM metrics WHERE split = 'train'");
+    if (rows <= 0) fail_msg("no training rows kept after Ctrl-C");
+    assert_int_equal(db_int(d, "SELECT max(step) FROM metrics WHERE split = 'train'"), rows);
+    sqlite3_close(d);
+}
+
+/* Ctrl-C while plain Lua runs: the same, through the interpreter's hook. */
+static void test_sigint_in_lua(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512], db[512], arg[600];
+    tmp_path(script, sizeof script, "loop.lua");
+    tmp_path(db, sizeof db, "loop.db");
+    snprintf(arg, sizeof arg, "db=%s", db);
+    write_file(script, TINY_PRELUDE
+               "local done = db:run{ name = 'done', model = model, data = data }\n"
+               "done:train{ steps = 3, batch = 4, threads = 1, progress = false, eval_batches = 0 }\n"
+               "local open = db:run{ name = 'open', model = model, data = data }\n"
+               "print('looping') io.stdout:flush()\n"
+               "while true do end\n");
+    Proc p;
+    const char *const args[] = {"run", script, arg, NULL};
+    proc_start(&p, NULL, args);
+    proc_wait_for(&p, "looping\n", 60);
+    double until = now_s() + 0.3;
+    while (now_s() < until) proc_pump(&p, 50);
+    kill(p.pid, SIGINT);
+    proc_finish(&p, 30);
+    expect_code(&p, 130);
+    expect_in("stderr", p.err.data, "interrupted");
+    proc_free(&p);
+
+    sqlite3 *d = db_open(db);
+    char buf[512];
+    assert_string_equal(db_text(d, "SELECT status FROM runs WHERE name = 'open'", buf, sizeof buf),
+                        "interrupted");
+    assert_string_equal(db_text(d, "SELECT status FROM runs WHERE name = 'done'", buf, sizeof buf),
+                        "finished");
+    assert_int_equal(db_int(d, "SELECT count(*) FROM metrics WHERE split = 'train'"), 3);
+    sqlite3_close(d);
+}
+
+/* ---- main --------------------------------------------------------------- */
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static int group_setup(void **state) {
+    (void)state;
+    const char *env = getenv("MOELAB");
+    if (!env || !*env) {
+        fprintf(stderr, "test_cli: MOELAB is not set (make test sets it to ./moelab); "
+                        "skipping every test\n");
+        return 0;
+    }
+    if (access(env, X_OK) != 0) {
+        fprintf(stderr, "test_cli: MOELAB=%s is not an executable\n", env);
+        return -1;
+    }
+    moelab = env;
+    signal(SIGPIPE, SIG_IGN);
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/moelab-test-cli-XXXXXX");
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return -1;
+    }
+    return 0;
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    if (!tmpdir[0]) return 0;
+    if (getenv("MOELAB_KEEP_TMP")) {
+        fprintf(stderr, "test_cli: keeping %s\n", tmpdir);
+        return 0;
+    }
+    nftw(tmpdir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return 0;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_help),
+        cmocka_unit_test(test_version),
+        cmocka_unit_test(test_bad_commands),
+        cmocka_unit_test(test_syntax_error),
+        cmocka_unit_test(test_runtime_error),
+        cmocka_unit_test(test_args),
+        cmocka_unit_test(test_plot),
+        cmocka_unit_test(test_prompt),
+        cmocka_unit_test(test_sigint_during_training),
+        cmocka_unit_test(test_sigint_in_lua),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}

@@ -1,0 +1,765 @@
+/*
+** test_lua.c — checks the `moelab` Lua module (src/lmoelab.c) as a script
+** sees it: the core of SPEC §4 end to end on a tiny model (corpus, model,
+** database, run, train, evaluate, save, load, loss, sample, config, plot),
+** what the database holds afterwards, the messages that bad configurations
+** and options get, and the status a run is left with when training diverges
+** or the script fails.
+**
+** Each test opens its own lua_State with luaL_openlibs + lmoelab_preload and
+** runs Lua snippets (as chunks named "snippet"); databases and checkpoints go to a
+** mkdtemp directory under /tmp that the group teardown removes.
+*/
+#include "testutil.h"
+
+#include <ftw.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <sqlite3.h>
+
+#include "common.h"
+#include "lmoelab.h"
+
+static char tmpdir[256];
+
+/* ---- Lua helpers -------------------------------------------------------- */
+
+/* What every snippet shares: the module as a global, the scratch directory,
+** a tiny model configuration and a corpus long enough for it, and training
+** options that keep a step at well under a millisecond. One thread, since the
+** machine may be shared and OpenMP barriers then cost more than the work. */
+static const char *prelude =
+    "moelab = require 'moelab'\n"
+    "moelab.threads(1)\n"
+    "TEXT = string.rep('abcdefgh', 200)\n"
+    "function tiny(extra)\n"
+    "  local c = { layers = 1, d_model = 16, heads = 2, context = 16, ffn = { hidden = 32 } }\n"
+    "  for k, v in pairs(extra or {}) do c[k] = v end\n"
+    "  return c\n"
+    "end\n"
+    "function fast(extra)\n"
+    "  local o = { batch = 4, lr = 1e-2, warmup = 2, threads = 1, progress = false,\n"
+    "              eval_batches = 2 }\n"
+    "  for k, v in pairs(extra or {}) do o[k] = v end\n"
+    "  return o\n"
+    "end\n"
+    /* run:train reports a divergence on io.stderr: keep it for the test */
+    "STDERR = ''\n"
+    "io.stderr = { write = function(self, ...) STDERR = STDERR .. table.concat({...}) end }\n";
+
+/* Runs a chunk named "snippet", so that an error message cannot match a
+** needle through the chunk name (luaL_dostring names a chunk by its text). */
+static int run_snippet(lua_State *L, const char *code) {
+    int rc = luaL_loadbuffer(L, code, strlen(code), "=snippet");
+    return rc != LUA_OK ? rc : lua_pcall(L, 0, LUA_MULTRET, 0);
+}
+
+static void run_ok(lua_State *L, const char *code) {
+    if (run_snippet(L, code) != LUA_OK)
+        fail_msg("Lua error: %s\nin:\n%s", lua_tostring(L, -1), code);
+    lua_settop(L, 0);
+}
+
+static lua_State *new_state(void) {
+    lua_State *L = luaL_newstate();
+    assert_non_null(L);
+    luaL_openlibs(L);
+    lmoelab_preload(L);
+    lua_pushstring(L, tmpdir);
+    lua_setglobal(L, "DIR");
+    run_ok(L, prelude);
+    return L;
+}
+
+/* Runs code, which must fail with a message holding every needle (NULL ends
+** the list). */
+static void run_err(lua_State *L, const char *code, ...) {
+    if (run_snippet(L, code) == LUA_OK) fail_msg("expected an error from:\n%s", code);
+    const char *msg = lua_tostring(L, -1);
+    if (!msg) fail_msg("the error from %s is not a string", code);
+    va_list ap;
+    va_start(ap, code);
+    for (const char *needle; (needle = va_arg(ap, const char *));)
+        if (!strstr(msg, needle)) {
+            va_end(ap);
+            fail_msg("the error from\n  %s\nis\n  %s\nwhich does not contain '%s'", code, msg, needle);
+        }
+    va_end(ap);
+    lua_settop(L, 0);
+}
+
+/* The value of a Lua expression. */
+static void eval(lua_State *L, const char *expr) {
+    lua_settop(L, 0);
+    lua_pushfstring(L, "return %s", expr);
+    if (run_snippet(L, lua_tostring(L, -1)) != LUA_OK)
+        fail_msg("Lua error: %s\nin: %s", lua_tostring(L, -1), expr);
+    lua_remove(L, 1);
+}
+
+static double lua_num(lua_State *L, const char *expr) {
+    eval(L, expr);
+    if (lua_type(L, -1) != LUA_TNUMBER)
+        fail_msg("%s is a %s, expected a number", expr, luaL_typename(L, -1));
+    double v = lua_tonumber(L, -1);
+    lua_settop(L, 0);
+    return v;
+}
+
+static int lua_true(lua_State *L, const char *expr) {
+    eval(L, expr);
+    if (lua_type(L, -1) != LUA_TBOOLEAN)
+        fail_msg("%s is a %s, expected a boolean", expr, luaL_typename(L, -1));
+    int v = lua_toboolean(L, -1);
+    lua_settop(L, 0);
+    return v;
+}
+
+#define assert_lua(L, expr) do {                                           \
+        if (!lua_true(L, expr)) fail_msg("Lua: %s is false", expr);        \
+    } while (0)
+
+/* A string value, copied into buf. */
+static const char *lua_str(lua_State *L, const char *expr, char *buf, size_t n) {
+    eval(L, expr);
+    if (lua_type(L, -1) != LUA_TSTRING)
+        fail_msg("%s is a %s, expected a string", expr, luaL_typename(L, -1));
+    snprintf(buf, n, "%s", lua_tostring(L, -1));
+    lua_settop(L, 0);
+    return buf;
+}
+
+/* ---- SQLite helpers: a fresh connection, as another program would open ---- */
+
+static sqlite3 *db_open(const char *name) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
+    sqlite3 *db = NULL;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK)
+        fail_msg("cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
+    return db;
+}
+
+static sqlite3_stmt *db_row(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        fail_msg("prepare '%s': %s", sql, sqlite3_errmsg(db));
+    if (sqlite3_step(st) != SQLITE_ROW) fail_msg("no row from '%s': %s", sql, sqlite3_errmsg(db));
+    return st;
+}
+
+static int64_t db_int(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = db_row(db, sql);
+    int64_t v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static double db_real(sqlite3 *db, const char *sql) {
+    sqlite3_stmt *st = db_row(db, sql);
+    if (sqlite3_column_type(st, 0) == SQLITE_NULL) fail_msg("'%s' is NULL", sql);
+    double v = sqlite3_column_double(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+static const char *db_text(sqlite3 *db, const char *sql, char *buf, size_t n) {
+    sqlite3_stmt *st = db_row(db, sql);
+    const unsigned char *s = sqlite3_column_text(st, 0);
+    snprintf(buf, n, "%s", s ? (const char *)s : "(NULL)");
+    sqlite3_finalize(st);
+    return buf;
+}
+
+/* The first bytes of a file under tmpdir, and its size. */
+static long file_head(const char *name, char *head, size_t n) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) fail_msg("cannot open %s", path);
+    memset(head, 0, n);
+    size_t got = fread(head, 1, n, f);
+    (void)got;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fclose(f);
+    return size;
+}
+
+/* ---- the module --------------------------------------------------------- */
+
+static void test_module(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    assert_lua(L, "type(moelab.args) == 'table'");
+    assert_lua(L, "next(moelab.args) == nil");
+    assert_lua(L, "require('moelab') == moelab");
+    char buf[64];
+    assert_string_equal(lua_str(L, "moelab.version", buf, sizeof buf), MOELAB_VERSION);
+    assert_lua(L, "moelab.figures:find('loss') ~= nil");
+    for (const char *f = "corpus\0model\0load\0open\0plot\0threads\0"; *f; f += strlen(f) + 1) {
+        char expr[64];
+        snprintf(expr, sizeof expr, "type(moelab.%s) == 'function'", f);
+        assert_lua(L, expr);
+    }
+    run_err(L, "moelab.threads(-1)", "moelab.threads", NULL);
+    lua_close(L);
+}
+
+/* model:config() fills in every default, and reflects what was given. */
+static void test_config_defaults(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "m = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16 }\n"
+              "c = m:config()");
+    assert_int_equal((int)lua_num(L, "c.ffn.hidden"), 64); /* 4 × d_model */
+    assert_int_equal((int)lua_num(L, "c.vocab"), 256);
+    assert_int_equal((int)lua_num(L, "c.layers"), 1);
+    assert_int_equal((int)lua_num(L, "c.d_model"), 16);
+    assert_int_equal((int)lua_num(L, "c.heads"), 2);
+    assert_int_equal((int)lua_num(L, "c.context"), 16);
+    assert_int_equal((int)lua_num(L, "c.seed"), 1);
+    assert_true(test_close(lua_num(L, "c.norm_eps"), 1e-5, 1e-6, 0));
+    assert_true(test_close(lua_num(L, "c.init_std"), 0.02, 1e-6, 0));
+    char buf[64];
+    assert_string_equal(lua_str(L, "c.norm", buf, sizeof buf), "layernorm");
+    assert_string_equal(lua_str(L, "c.activation", buf, sizeof buf), "gelu");
+    assert_lua(L, "c.tied == false");
+    assert_lua(L, "math.type(c.layers) == 'integer' and math.type(c.ffn.hidden) == 'integer'");
+
+    /* the empty table is every default */
+    run_ok(L, "d = moelab.model{}:config()");
+    assert_int_equal((int)lua_num(L, "d.d_model"), 128);
+    assert_int_equal((int)lua_num(L, "d.ffn.hidden"), 512);
+    assert_int_equal((int)lua_num(L, "d.context"), 128);
+
+    /* given values come back as given */
+    run_ok(L, "e = moelab.model(tiny{ norm = 'rmsnorm', activation = 'swiglu', tied = true,\n"
+              "                      seed = 7, vocab = 300 }):config()");
+    assert_string_equal(lua_str(L, "e.norm", buf, sizeof buf), "rmsnorm");
+    assert_string_equal(lua_str(L, "e.activation", buf, sizeof buf), "swiglu");
+    assert_lua(L, "e.tied == true");
+    assert_int_equal((int)lua_num(L, "e.seed"), 7);
+    assert_int_equal((int)lua_num(L, "e.vocab"), 300);
+    assert_int_equal((int)lua_num(L, "e.ffn.hidden"), 32);
+
+    /* the configuration is enough to build the same model again */
+    run_ok(L, "m2 = moelab.model(m:config())");
+    assert_lua(L, "m2:parameters() == m:parameters()");
+    assert_lua(L, "m2:loss('abcdefgh') == m:loss('abcdefgh')");
+    assert_lua(L, "m:parameters() > 0");
+    assert_lua(L, "tostring(m):find('d_model=16') ~= nil");
+    lua_close(L);
+}
+
+/* ---- the happy path of SPEC §4 ------------------------------------------- */
+
+static void test_train_evaluate_record(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT, split = 0.9 }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/happy.db')\n"
+              "run   = db:run{ name = 'tiny', model = model, data = data }\n"
+              "before = model:loss('abcdefghabcdefgh')\n"
+              "t = run:train(fast{ steps = 30, eval_every = 10 })\n"
+              "e = run:evaluate{ batches = 3, batch = 4 }\n"
+              "after = model:loss('abcdefghabcdefgh')");
+    char buf[256];
+    assert_string_equal(lua_str(L, "t.status", buf, sizeof buf), "finished");
+    double loss = lua_num(L, "t.loss");
+    assert_true(isfinite(loss));
+    /* 30 steps on a period-8 text must leave the uniform 5.545 well behind */
+    if (!(loss > 0.0 && loss < 4.5)) fail_msg("training loss %g after 30 steps", loss);
+    assert_true(lua_num(L, "t.tokens_per_s") > 0.0);
+    assert_int_equal((int)lua_num(L, "t.steps"), 30);
+    assert_int_equal((int)lua_num(L, "t.tokens"), 30 * 4 * 16);
+    assert_true(isfinite(lua_num(L, "t.val_loss")));
+    assert_lua(L, "after < before");
+
+    assert_true(isfinite(lua_num(L, "e.loss")));
+    assert_true(lua_num(L, "e.loss") < 4.5);
+    /* a dense model runs no MoE layer */
+    assert_true(lua_num(L, "e.moe_flops_per_token") == 0.0);
+    assert_true(lua_num(L, "e.experts_per_token") == 0.0);
+    assert_int_equal((int)lua_num(L, "e.tokens"), 3 * 4 * 16);
+    /* the same evaluation batches give the same loss */
+    assert_lua(L, "run:evaluate{ batches = 3, batch = 4 }.loss == e.loss");
+
+    /* while the database is open, db:query sees everything */
+    assert_lua(L, "#db:query(\"SELECT * FROM metrics WHERE split = 'train'\") == 30");
+    assert_lua(L, "db:query('SELECT status FROM runs WHERE run_id = ?', run:id())[1].status == 'finished'");
+    assert_lua(L, "db:query('SELECT count(*) AS n FROM evals')[1].n == 5");
+    assert_lua(L, "db:path() == DIR .. '/happy.db'");
+    run_err(L, "db:query('SELECT nope FROM runs')", "db:query", "nope", NULL);
+    double params = lua_num(L, "model:parameters()");
+    double val_loss = lua_num(L, "t.val_loss"), eval_loss = lua_num(L, "e.loss");
+    lua_close(L);
+
+    sqlite3 *db = db_open("happy.db");
+    assert_int_equal(db_int(db, "SELECT count(*) FROM runs"), 1);
+    assert_string_equal(db_text(db, "SELECT status FROM runs", buf, sizeof buf), "finished");
+    assert_string_equal(db_text(db, "SELECT name FROM runs", buf, sizeof buf), "tiny");
+    assert_int_equal(db_int(db, "SELECT finished_at IS NOT NULL AND started_at IS NOT NULL FROM runs"), 1);
+    assert_int_equal(db_int(db, "SELECT params_total FROM runs"), (int64_t)params);
+    assert_int_equal(db_int(db, "SELECT seed FROM runs"), 1);
+    /* one train row per step, with its loss and learning rate */
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics WHERE split = 'train'"), 30);
+    assert_int_equal(db_int(db, "SELECT count(DISTINCT step) FROM metrics WHERE split = 'train'"), 30);
+    assert_int_equal(db_int(db, "SELECT min(step) FROM metrics WHERE split = 'train'"), 1);
+    assert_int_equal(db_int(db, "SELECT max(step) FROM metrics WHERE split = 'train'"), 30);
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics WHERE split = 'train' AND "
+                                "(loss IS NULL OR lr IS NULL OR lr <= 0 OR tokens IS NULL)"), 0);
+    assert_int_equal(db_int(db, "SELECT tokens FROM metrics WHERE split = 'train' AND step = 30"),
+                     30 * 4 * 16);
+    /* evaluations every 10 steps (10, 20), at the end (30), and two by hand */
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics WHERE split = 'val'"), 5);
+    assert_int_equal(db_int(db, "SELECT count(*) FROM evals WHERE split = 'val'"), 5);
+    assert_string_equal(db_text(db, "SELECT group_concat(step, ',') FROM "
+                                    "(SELECT step FROM evals ORDER BY eval_id)", buf, sizeof buf),
+                        "10,20,30,30,30");
+    assert_int_equal(db_int(db, "SELECT count(*) FROM evals WHERE loss IS NULL OR tokens <= 0"), 0);
+    assert_true(db_real(db, "SELECT loss FROM evals WHERE step = 30 ORDER BY eval_id LIMIT 1") == val_loss);
+    assert_true(db_real(db, "SELECT loss FROM evals ORDER BY eval_id LIMIT 1 OFFSET 3") == eval_loss);
+    assert_int_equal(db_int(db, "SELECT tokens FROM evals ORDER BY eval_id LIMIT 1 OFFSET 3"), 3 * 4 * 16);
+    /* the whole configuration, model and training, as JSON */
+    assert_int_equal(db_int(db, "SELECT json_valid(config) FROM runs"), 1);
+    assert_string_equal(db_text(db, "SELECT json_type(config, '$.model') FROM runs", buf, sizeof buf), "object");
+    assert_string_equal(db_text(db, "SELECT json_type(config, '$.train') FROM runs", buf, sizeof buf), "object");
+    assert_int_equal(db_int(db, "SELECT json_extract(config, '$.model.d_model') FROM runs"), 16);
+    assert_int_equal(db_int(db, "SELECT json_extract(config, '$.model.ffn.hidden') FROM runs"), 32);
+    assert_int_equal(db_int(db, "SELECT json_extract(config, '$.model.vocab') FROM runs"), 256);
+    assert_int_equal(db_int(db, "SELECT json_extract(config, '$.train.steps') FROM runs"), 30);
+    assert_int_equal(db_int(db, "SELECT json_extract(config, '$.train.batch') FROM runs"), 4);
+    assert_true(test_close(db_real(db, "SELECT json_extract(config, '$.train.lr') FROM runs"), 1e-2, 1e-6, 0));
+    sqlite3_close(db);
+}
+
+/* Save, load, loss, sample and plot, on a briefly trained model. */
+static void test_save_load_sample_plot(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/ckpt.db')\n"
+              "run   = db:run{ name = 'ckpt', model = model, data = data }\n"
+              "t     = run:train(fast{ steps = 10, eval_batches = 0 })\n"
+              "model:save(DIR .. '/tiny.safetensors')\n"
+              "same  = moelab.load(DIR .. '/tiny.safetensors')\n"
+              "S1, S2 = 'abcdefghabcdefgh', 'In the beginning!'\n"
+              "function same_table(a, b)\n"
+              "  for k, v in pairs(a) do\n"
+              "    if type(v) == 'table' then if not same_table(v, b[k]) then return false end\n"
+              "    elseif b[k] ~= v then return false end\n"
+              "  end\n"
+              "  for k in pairs(b) do if a[k] == nil then return false end end\n"
+              "  return true\n"
+              "end");
+    assert_lua(L, "t.status == 'finished'");
+    /* exactly the same function */
+    assert_lua(L, "same:loss(S1) == model:loss(S1)");
+    assert_lua(L, "same:loss(S2) == model:loss(S2)");
+    assert_lua(L, "same:parameters() == model:parameters()");
+    assert_lua(L, "same_table(same:config(), model:config())");
+    /* ... and not just the initialisation */
+    assert_lua(L, "moelab.model(tiny()):loss(S1) ~= model:loss(S1)");
+    assert_true(isfinite(lua_num(L, "model:loss(string.rep('x', 17))")));
+
+    /* sampling: the prompt, then `tokens` bytes */
+    run_ok(L, "g = model:sample{ prompt = 'abc', tokens = 20, temperature = 0 }");
+    assert_int_equal((int)lua_num(L, "#g"), 23);
+    assert_lua(L, "g:sub(1, 3) == 'abc'");
+    /* greedy does not depend on the seed, and the loaded model agrees */
+    assert_lua(L, "model:sample{ prompt = 'abc', tokens = 20, temperature = 0, seed = 99 } == g");
+    assert_lua(L, "same:sample{ prompt = 'abc', tokens = 20, temperature = 0 } == g");
+    /* top_k = 1 is greedy at any temperature */
+    assert_lua(L, "model:sample{ prompt = 'abc', tokens = 20, temperature = 1, top_k = 1, seed = 5 } == g");
+    /* a seed gives the same sample; another seed another one */
+    run_ok(L, "a = model:sample{ prompt = 'And God', tokens = 30, temperature = 0.8, seed = 3 }\n"
+              "b = model:sample{ prompt = 'And God', tokens = 30, temperature = 0.8, seed = 3 }\n"
+              "u = moelab.model(tiny())\n"
+              "c = u:sample{ prompt = 'And God', tokens = 30, temperature = 1, seed = 1 }\n"
+              "d = u:sample{ prompt = 'And God', tokens = 30, temperature = 1, seed = 2 }");
+    assert_lua(L, "a == b and #a == 37 and a:sub(1, 7) == 'And God'");
+    assert_lua(L, "c ~= d and #c == 37 and #d == 37");
+    /* a prompt longer than the context slides the window */
+    assert_lua(L, "#model:sample{ prompt = string.rep('abcdefgh', 3), tokens = 5, temperature = 0 } == 29");
+    assert_lua(L, "model:sample{ prompt = 'xyz', tokens = 0 } == 'xyz'");
+    assert_lua(L, "#model:sample{} == 201"); /* prompt '\\n', 200 tokens */
+
+    /* figures from the database, by handle or by path */
+    char buf[256];
+    assert_string_equal(lua_str(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/loss.pdf' }",
+                                buf, sizeof buf) + strlen(tmpdir), "/loss.pdf");
+    char head[512];
+    long size = file_head("loss.pdf", head, sizeof head);
+    assert_memory_equal(head, "%PDF-", 5);
+    assert_true(size > 1000);
+    run_ok(L, "moelab.plot{ db = DIR .. '/ckpt.db', figure = 'loss', out = DIR .. '/loss.svg',\n"
+              "             runs = { 'ckpt' } }");
+    size = file_head("loss.svg", head, sizeof head - 1);
+    assert_true(size > 200);
+    assert_non_null(strstr(head, "<svg"));
+    run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/x.pdf', runs = { 'nosuchrun' } }",
+            "moelab.plot", "nosuchrun", NULL);
+    char path[512];
+    snprintf(path, sizeof path, "%s/x.pdf", tmpdir);
+    assert_int_equal(access(path, F_OK), -1);
+    lua_close(L);
+}
+
+/* ---- messages about configurations and options ---------------------------- */
+
+static void test_config_errors(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_err(L, "moelab.model(tiny{ d_modle = 16 })", "moelab.model", "'d_modle'", "'d_model'", NULL);
+    run_err(L, "moelab.model(tiny{ ffn = { hiden = 32 } })", "'ffn.hiden'", "'ffn.hidden'", NULL);
+    run_err(L, "moelab.model(tiny{ heads = 3 })", "heads = 3", "does not divide", "d_model = 16", NULL);
+    run_err(L, "moelab.model(tiny{ layers = -1 })", "'layers'", "-1", NULL);
+    run_err(L, "moelab.model(tiny{ d_model = 0 })", "'d_model'", NULL);
+    run_err(L, "moelab.model(tiny{ context = -5 })", "'context'", "-5", NULL);
+    run_err(L, "moelab.model(tiny{ ffn = { hidden = 0 } })", "'ffn.hidden'", NULL);
+    run_err(L, "moelab.model(tiny{ context = 1.5 })", "'context'", "integer", NULL);
+    run_err(L, "moelab.model(tiny{ layers = '2' })", "'layers'", "integer", NULL);
+    run_err(L, "moelab.model(tiny{ norm = 3 })", "'norm'", "string", NULL);
+    run_err(L, "moelab.model(tiny{ norm = 'batchnorm' })", "batchnorm", "layernorm", "rmsnorm", NULL);
+    run_err(L, "moelab.model(tiny{ activation = 'tanh' })", "'activation'", "tanh", "gelu", "relu",
+            "swiglu", NULL);
+    run_err(L, "moelab.model(tiny{ tied = 1 })", "'tied'", "true or false", NULL);
+    run_err(L, "moelab.model(tiny{ ffn = 5 })", "'ffn'", NULL);
+    run_err(L, "moelab.model(tiny{ norm_eps = 0 })", "'norm_eps'", NULL);
+    run_err(L, "moelab.model(tiny{ init_std = -1 })", "'init_std'", NULL);
+    run_err(L, "moelab.model(tiny{ seed = print })", "function", NULL);
+    run_err(L, "moelab.model(tiny{ norm_eps = 0/0 })", "norm_eps", "finite", NULL);
+    run_err(L, "moelab.model(tiny{ [1] = 2 })", "not a string", NULL);
+    run_err(L, "moelab.model()", "table expected", NULL);
+    /* and a good one still works after all that */
+    run_ok(L, "assert(moelab.model(tiny()):parameters() > 0)");
+    lua_close(L);
+}
+
+static void test_option_errors(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/options.db')\n"
+              "run   = db:run{ name = 'opts', model = model, data = data }");
+    run_err(L, "run:train{ stpes = 1 }", "run:train", "'stpes'", "'steps'", NULL);
+    run_err(L, "run:train(fast{ lerning_rate = 1 })", "'lerning_rate'", NULL);
+    run_err(L, "run:train(fast{ steps = 0 })", "steps must be at least 1", NULL);
+    run_err(L, "run:train(fast{ steps = 1.5 })", "'steps'", "integer", NULL);
+    run_err(L, "run:train(fast{ steps = 1, batch = 0 })", "batch", NULL);
+    run_err(L, "run:train(fast{ steps = 1, lr = -1 })", "lr must be a positive", NULL);
+    run_err(L, "run:train(fast{ steps = 1, lr = 0/0 })", "lr", NULL);
+    run_err(L, "run:train(fast{ steps = 1, lr = 'big' })", "'lr'", "number", NULL);
+    run_err(L, "run:train(fast{ steps = 1, beta1 = 1 })", "beta1", NULL);
+    run_err(L, "run:train(fast{ steps = 1, warmup = -1 })", "warmup", NULL);
+    run_err(L, "run:train(fast{ steps = 1, clip = -1 })", "clip", NULL);
+    run_err(L, "run:train(fast{ steps = 1, eval_every = -1 })", "eval_every", NULL);
+    run_err(L, "run:train{ [1] = 5 }", "run:train", "strings", NULL);
+    run_err(L, "run:train(5)", "table expected", NULL);
+    run_err(L, "run:evaluate{ batchs = 1 }", "run:evaluate", "'batchs'", "'batch", NULL);
+    run_err(L, "run:evaluate{ recrod = true }", "'recrod'", "'record'", NULL);
+    run_err(L, "run:evaluate{ split = 'test' }", "split", "test", NULL);
+    run_err(L, "run:evaluate{ batches = 0 }", "batches", NULL);
+    run_err(L, "run:evaluate{ record = 'yes' }", "'record'", "true or false", NULL);
+    run_err(L, "model:sample{ promt = 'a' }", "model:sample", "'promt'", "'prompt'", NULL);
+    run_err(L, "model:sample{ temprature = 1 }", "'temprature'", "'temperature'", NULL);
+    run_err(L, "model:sample{ prompt = '' }", "prompt", "empty", NULL);
+    run_err(L, "model:sample{ temperature = -1 }", "temperature", NULL);
+    run_err(L, "model:sample{ tokens = -1 }", "tokens", NULL);
+    run_err(L, "model:sample{ top_k = -1 }", "top_k", NULL);
+    run_err(L, "model:sample{ prompt = 5 }", "'prompt'", "string", NULL);
+    run_err(L, "moelab.corpus{ txt = TEXT }", "moelab.corpus", "'txt'", "'text'", NULL);
+    run_err(L, "moelab.corpus{ paht = 'x.txt' }", "'paht'", "'path'", NULL);
+    run_err(L, "moelab.plot{ db = db, figur = 'loss', out = DIR .. '/x.pdf' }", "moelab.plot", "'figur'",
+            "'figure'", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'nofigure', out = DIR .. '/x.pdf' }", "nofigure", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/x.jpg' }", "x.jpg", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'loss' }", "'out'", NULL);
+    run_err(L, "moelab.plot{ db = 5, figure = 'loss', out = DIR .. '/x.pdf' }", "'db'", NULL);
+    run_err(L, "db:run{ nam = 'x', model = model, data = data }", "db:run", "'nam'", "'name'", NULL);
+    run_err(L, "db:run{ model = model, data = data }", "'name'", NULL);
+    run_err(L, "db:run{ name = 'x', model = data, data = data }", "'model'", NULL);
+    run_err(L, "db:run{ name = 'x', model = model, data = 'some text' }", "'data'", NULL);
+    run_err(L, "moelab.open(DIR .. '/no/such/dir/x.db')", "moelab.open", "x.db", NULL);
+    /* none of it touched the run */
+    run_ok(L, "t = run:train(fast{ steps = 2, eval_batches = 0 })\n"
+              "assert(t.status == 'finished' and t.steps == 2)");
+    lua_close(L);
+}
+
+/* A corpus that cannot feed the model: the message says why, with the path. */
+static void test_corpus_errors(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "model = moelab.model(tiny())\n"
+              "db = moelab.open(DIR .. '/corpus.db')");
+    run_err(L, "db:run{ name = 'short', model = model, data = moelab.corpus{ text = 'abcdefgh' } }",
+            "db:run", "context 16 is longer than the corpus", NULL);
+    assert_lua(L, "#db:query('SELECT * FROM runs') == 0");
+    run_err(L, "moelab.corpus{ path = DIR .. '/missing-corpus.txt' }", "moelab.corpus",
+            "missing-corpus.txt", "No such file", NULL);
+    run_err(L, "moelab.corpus{}", "'path' or 'text'", NULL);
+    run_err(L, "moelab.corpus{ text = TEXT, path = 'x' }", "'path' or 'text'", NULL);
+    run_err(L, "moelab.corpus{ text = TEXT, split = 0 }", "split", NULL);
+    run_err(L, "moelab.corpus{ text = TEXT, split = 1.5 }", "split", NULL);
+    run_err(L, "moelab.corpus{ text = 'a' }", "at least 2", NULL);
+    /* a corpus from a file */
+    run_ok(L, "local f = assert(io.open(DIR .. '/corpus.txt', 'wb'))\n"
+              "f:write(TEXT) f:close()\n"
+              "c = moelab.corpus{ path = DIR .. '/corpus.txt', split = 0.5 }\n"
+              "n, ntrain, nval = c:size()");
+    assert_int_equal((int)lua_num(L, "n"), 1600);
+    assert_int_equal((int)lua_num(L, "ntrain"), 800);
+    assert_int_equal((int)lua_num(L, "nval"), 800);
+    assert_lua(L, "tostring(c):find('corpus.txt', 1, true) ~= nil");
+    /* a validation split too short for an evaluation: training still works
+    ** (without evaluations), run:evaluate says why it cannot */
+    run_ok(L, "short = moelab.corpus{ text = string.rep('abcd', 10), split = 0.9 }\n"
+              "run = db:run{ name = 'noval', model = model, data = short }\n"
+              "t = run:train(fast{ steps = 2, batch = 2 })");
+    assert_lua(L, "t.status == 'finished' and t.val_loss ~= t.val_loss");
+    run_err(L, "run:evaluate{ batches = 1 }", "run:evaluate", "context 16 is longer", "val", NULL);
+    lua_close(L);
+}
+
+/* Checkpoints that are missing, not checkpoints, or cut short. */
+static void test_load_errors(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "function write(name, ...)\n"
+              "  local f = assert(io.open(DIR .. '/' .. name, 'wb'))\n"
+              "  f:write(...) f:close()\n"
+              "end\n"
+              "function st(header, data) return string.pack('<I8', #header), header, data end\n"
+              "model = moelab.model(tiny())\n"
+              "model:save(DIR .. '/good.safetensors')\n"
+              "local f = assert(io.open(DIR .. '/good.safetensors', 'rb'))\n"
+              "GOOD = f:read('a') f:close()\n"
+              "write('garbage.safetensors', 'this is a text file, not a checkpoint\\n')\n"
+              "write('empty.safetensors', '')\n"
+              "write('half.safetensors', GOOD:sub(1, #GOOD // 2))\n"
+              "write('short.safetensors', GOOD:sub(1, #GOOD - 4))\n"
+              "write('headonly.safetensors', GOOD:sub(1, 8))\n"
+              "local x = '\"x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}'\n"
+              "write('nometa.safetensors', st('{' .. x .. '}', string.pack('<f', 1)))\n"
+              "write('badconfig.safetensors', st('{\"__metadata__\":{\"moelab_config\":'\n"
+              "      .. '\"{\\\\\"d_modle\\\\\":16}\"},' .. x .. '}', string.pack('<f', 1)))\n"
+              "write('notensors.safetensors', st('{\"__metadata__\":{\"moelab_config\":'\n"
+              "      .. '\"{\\\\\"layers\\\\\":1,\\\\\"d_model\\\\\":16,\\\\\"heads\\\\\":2,\\\\\"context\\\\\":16}\"},'\n"
+              "      .. x .. '}', string.pack('<f', 1)))");
+    assert_lua(L, "#GOOD > 1000");
+    run_err(L, "moelab.load(DIR .. '/none.safetensors')", "moelab.load", "none.safetensors",
+            "No such file", NULL);
+    run_err(L, "moelab.load(DIR .. '/garbage.safetensors')", "moelab.load", "garbage.safetensors", NULL);
+    run_err(L, "moelab.load(DIR .. '/empty.safetensors')", "moelab.load", "empty.safetensors", NULL);
+    run_err(L, "moelab.load(DIR .. '/half.safetensors')", "moelab.load", "half.safetensors", NULL);
+    run_err(L, "moelab.load(DIR .. '/short.safetensors')", "moelab.load", "short.safetensors", NULL);
+    run_err(L, "moelab.load(DIR .. '/headonly.safetensors')", "moelab.load", "headonly.safetensors", NULL);
+    run_err(L, "moelab.load(DIR .. '/nometa.safetensors')", "moelab.load", "not a moelab checkpoint", NULL);
+    run_err(L, "moelab.load(DIR .. '/badconfig.safetensors')", "moelab.load", "moelab_config", "d_modle",
+            NULL);
+    run_err(L, "moelab.load(DIR .. '/notensors.safetensors')", "moelab.load", "has no tensor", NULL);
+    run_err(L, "moelab.load(DIR)", "moelab.load", NULL);
+    run_err(L, "moelab.load()", "string expected", NULL);
+    /* the good one loads */
+    run_ok(L, "assert(moelab.load(DIR .. '/good.safetensors'):loss('abcdefgh') == model:loss('abcdefgh'))");
+    run_err(L, "model:save(DIR .. '/no/such/dir/m.safetensors')", "model:save", "m.safetensors", NULL);
+    lua_close(L);
+}
+
+static void test_loss_errors(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "model = moelab.model(tiny())");
+    run_err(L, "model:loss(string.rep('a', 18))", "model:loss", "context + 1 = 17", "got 18", NULL);
+    run_err(L, "model:loss('a')", "model:loss", "got 1", NULL);
+    run_err(L, "model:loss('')", "model:loss", "got 0", NULL);
+    run_err(L, "model:loss({})", "string expected", NULL);
+    double a = lua_num(L, "model:loss(string.rep('a', 17))");
+    double b = lua_num(L, "model:loss('ab')");
+    assert_true(isfinite(a) && a > 0);
+    assert_true(isfinite(b) && b > 0);
+    /* an untrained model is close to uniform over 256 bytes */
+    assert_true(fabs(b - log(256.0)) < 0.5);
+    lua_close(L);
+}
+
+/* Objects used after close() say so instead of crashing. */
+static void test_closed_objects(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/closed.db')\n"
+              "run   = db:run{ name = 'closed', model = model, data = data }\n"
+              "m2 = moelab.model(tiny()) m2:close() m2:close()\n"
+              "c2 = moelab.corpus{ text = TEXT } c2:close()");
+    run_err(L, "m2:loss('abc')", "closed", NULL);
+    run_err(L, "m2:sample{}", "closed", NULL);
+    assert_lua(L, "tostring(m2):find('closed') ~= nil");
+    run_err(L, "c2:size()", "closed", NULL);
+    run_err(L, "db:run{ name = 'x', model = m2, data = data }", "'model'", NULL);
+    run_err(L, "db:run{ name = 'x', model = model, data = c2 }", "'data'", NULL);
+    run_ok(L, "model:close()");
+    run_err(L, "run:train(fast{ steps = 1 })", "model", "closed", NULL);
+    run_ok(L, "run:close() run:close()");
+    run_err(L, "run:train(fast{ steps = 1 })", "run is closed", NULL);
+    run_ok(L, "db:close() db:close()");
+    run_err(L, "db:query('SELECT 1')", "closed", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/c.pdf' }", "closed", NULL);
+    lua_close(L);
+}
+
+/* ---- how runs end ------------------------------------------------------- */
+
+/* A learning rate of 1e30 sends the weights to infinity within a step or two:
+** the run is recorded as diverged with a message, and what came before stays. */
+static void test_divergence(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/diverge.db')\n"
+              "run   = db:run{ name = 'boom', model = model, data = data }\n"
+              "t1 = run:train(fast{ steps = 5, eval_batches = 0 })\n"
+              "t2 = run:train(fast{ steps = 50, lr = 1e30, warmup = 0, eval_batches = 0 })");
+    assert_lua(L, "t1.status == 'finished'");
+    char buf[512];
+    assert_string_equal(lua_str(L, "t2.status", buf, sizeof buf), "diverged");
+    int steps = (int)lua_num(L, "t2.steps");
+    assert_true(steps >= 0 && steps < 50);
+    assert_true(lua_num(L, "t2.tokens_per_s") >= 0.0);
+    /* the script is told on stderr, with the run's name */
+    lua_str(L, "STDERR", buf, sizeof buf);
+    if (!strstr(buf, "boom") || !strstr(buf, "diverged"))
+        fail_msg("stderr after divergence: '%s'", buf);
+    assert_lua(L, "db:query('SELECT status FROM runs')[1].status == 'diverged'");
+    lua_close(L);
+
+    sqlite3 *db = db_open("diverge.db");
+    assert_string_equal(db_text(db, "SELECT status FROM runs", buf, sizeof buf), "diverged");
+    db_text(db, "SELECT error FROM runs", buf, sizeof buf);
+    if (!strstr(buf, "NaN") && !strstr(buf, "infinite")) fail_msg("runs.error is '%s'", buf);
+    assert_int_equal(db_int(db, "SELECT finished_at IS NOT NULL FROM runs"), 1);
+    /* the 5 good steps and those of the second call before the loss blew up */
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics WHERE split = 'train'"), 5 + steps);
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics WHERE split = 'train' AND step <= 5 "
+                                "AND loss IS NOT NULL"), 5);
+    assert_int_equal(db_int(db, "SELECT json_extract(config, '$.train.steps') FROM runs"), 50);
+    sqlite3_close(db);
+}
+
+/* A script that fails while a run is open: lmoelab_script_ended then lua_close
+** record the run as failed, with the message, keeping its rows. A run whose
+** training finished before the error stays finished. */
+static void test_script_error_fails_open_runs(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/failed.db')\n"
+              "done  = db:run{ name = 'done', model = model, data = data }\n"
+              "done:train(fast{ steps = 3, eval_batches = 0 })\n"
+              "open  = db:run{ name = 'open', model = model, data = data }\n"
+              "open:evaluate{ batches = 1, batch = 2 }");
+    assert_lua(L, "db:query(\"SELECT status FROM runs WHERE name = 'open'\")[1].status == 'running'");
+    int rc = run_snippet(L, "local x = nil\nerror('the script broke here')");
+    assert_int_not_equal(rc, LUA_OK);
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", lua_tostring(L, -1));
+    lmoelab_script_ended(L, msg, 0);
+    lua_close(L);
+
+    sqlite3 *db = db_open("failed.db");
+    char buf[512];
+    assert_string_equal(db_text(db, "SELECT status FROM runs WHERE name = 'open'", buf, sizeof buf), "failed");
+    db_text(db, "SELECT error FROM runs WHERE name = 'open'", buf, sizeof buf);
+    if (!strstr(buf, "the script broke here")) fail_msg("runs.error is '%s'", buf);
+    assert_int_equal(db_int(db, "SELECT finished_at IS NOT NULL FROM runs WHERE name = 'open'"), 1);
+    assert_int_equal(db_int(db, "SELECT count(*) FROM evals e JOIN runs r USING (run_id) "
+                                "WHERE r.name = 'open'"), 1);
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics m JOIN runs r USING (run_id) "
+                                "WHERE r.name = 'open' AND m.split = 'val'"), 1);
+    assert_string_equal(db_text(db, "SELECT status FROM runs WHERE name = 'done'", buf, sizeof buf),
+                        "finished");
+    assert_int_equal(db_int(db, "SELECT count(*) FROM metrics m JOIN runs r USING (run_id) "
+                                "WHERE r.name = 'done' AND m.split = 'train'"), 3);
+    sqlite3_close(db);
+}
+
+/* The same with interrupted = 1 (Ctrl-C), and with a script that ended well. */
+static void test_script_interrupted_or_finished(void **state) {
+    (void)state;
+    for (int interrupted = 0; interrupted <= 1; interrupted++) {
+        lua_State *L = new_state();
+        run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+                  "model = moelab.model(tiny())\n"
+                  "db    = moelab.open(DIR .. '/ended.db')\n"
+                  "open  = db:run{ name = 'open', model = model, data = data }");
+        lmoelab_script_ended(L, interrupted ? "interrupted by Ctrl-C" : NULL, interrupted);
+        lua_close(L);
+    }
+    sqlite3 *db = db_open("ended.db");
+    char buf[512];
+    assert_string_equal(db_text(db, "SELECT group_concat(status, ',') FROM "
+                                    "(SELECT status FROM runs ORDER BY run_id)", buf, sizeof buf),
+                        "finished,interrupted");
+    assert_int_equal(db_int(db, "SELECT count(*) FROM runs WHERE finished_at IS NULL"), 0);
+    sqlite3_close(db);
+}
+
+/* ---- main --------------------------------------------------------------- */
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static int group_setup(void **state) {
+    (void)state;
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/moelab-test-lua-XXXXXX");
+    if (!mkdtemp(tmpdir)) {
+        perror("mkdtemp");
+        return -1;
+    }
+    return 0;
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    if (getenv("MOELAB_KEEP_TMP")) {
+        fprintf(stderr, "test_lua: keeping %s\n", tmpdir);
+        return 0;
+    }
+    nftw(tmpdir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    return 0;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_module),
+        cmocka_unit_test(test_config_defaults),
+        cmocka_unit_test(test_train_evaluate_record),
+        cmocka_unit_test(test_save_load_sample_plot),
+        cmocka_unit_test(test_config_errors),
+        cmocka_unit_test(test_option_errors),
+        cmocka_unit_test(test_corpus_errors),
+        cmocka_unit_test(test_load_errors),
+        cmocka_unit_test(test_loss_errors),
+        cmocka_unit_test(test_closed_objects),
+        cmocka_unit_test(test_divergence),
+        cmocka_unit_test(test_script_error_fails_open_runs),
+        cmocka_unit_test(test_script_interrupted_or_finished),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
