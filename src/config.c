@@ -29,6 +29,29 @@ void config_defaults(ModelConfig *c) {
     c->ffn_hidden = 0; /* 4 × d_model, resolved by config_from_json */
     c->norm_eps = 1e-5f;
     c->init_std = 0.02f;
+    MoeConfig *m = &c->moe;
+    m->enabled = 0;
+    m->every = 1;
+    m->experts = 8;        /* hidden 0: d_model, resolved by config_from_json */
+    m->kind = ROUTER_TOPK;
+    m->k = 2;
+    m->p = 0.9f;
+    m->max_k = 0;
+    m->normalize = 1;
+    m->capacity_factor = 0.0f;
+    m->min_capacity = 4;
+    m->noise = 0.0f;
+    m->sparsity_eps = -1.0f; /* 0 for ReLU, 0.01 otherwise */
+}
+
+static const char *const router_names[] = {"topk", "threshold", "topp", "expert_choice", "hash"};
+
+const char *config_router_name(RouterKind k) {
+    return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";
+}
+
+int config_is_moe_block(const ModelConfig *c, int l) {
+    return c->moe.enabled && (l + 1) % c->moe.every == 0;
 }
 
 const char *config_norm_name(NormKind k) { return k == NORM_RMSNORM ? "rmsnorm" : "layernorm"; }
@@ -57,6 +80,39 @@ int config_validate(const ModelConfig *c, char *err) {
         return ml_error(err, "'norm_eps' must be a positive number");
     if (!(c->init_std >= 0.0f) || !isfinite(c->init_std))
         return ml_error(err, "'init_std' must be a number >= 0");
+    const MoeConfig *m = &c->moe;
+    if (!m->enabled) return 0;
+    if (m->experts < 1 || m->experts > MOE_MAX_EXPERTS)
+        return ml_error(err, "'moe.experts' must be between 1 and %d, got %d", MOE_MAX_EXPERTS,
+                        m->experts);
+    if (m->every < 1) return ml_error(err, "'moe.every' must be at least 1, got %d", m->every);
+    for (int e = 0; e < m->experts; e++)
+        if (m->hidden[e] < 1 || m->hidden[e] > 1 << 20)
+            return ml_error(err, "'moe.hidden' of expert %d must be between 1 and %d, got %d", e,
+                            1 << 20, m->hidden[e]);
+    if (m->k < 1 || m->k > m->experts)
+        return ml_error(err, "'moe.router.k' = %d must be between 1 and moe.experts = %d", m->k,
+                        m->experts);
+    if (!(m->p > 0.0f && m->p <= 1.0f))
+        return ml_error(err, "'moe.router.p' (the threshold t) must be in (0, 1], got %g", m->p);
+    if (m->max_k < 0 || m->max_k > m->experts)
+        return ml_error(err, "'moe.router.max_k' must be between 0 (no cap) and moe.experts = %d, "
+                        "got %d", m->experts, m->max_k);
+    if (!(m->capacity_factor >= 0.0f) || !isfinite(m->capacity_factor))
+        return ml_error(err, "'moe.router.capacity_factor' must be >= 0 (0 = dropless), got %g",
+                        m->capacity_factor);
+    if (m->min_capacity < 0)
+        return ml_error(err, "'moe.router.min_capacity' must be >= 0, got %d", m->min_capacity);
+    if (!(m->noise >= 0.0f) || !isfinite(m->noise))
+        return ml_error(err, "'moe.router.noise' must be >= 0, got %g", m->noise);
+    float aux[] = {m->aux_balance, m->aux_z, m->aux_cv2, m->aux_p_penalty};
+    const char *aux_names[] = {"balance", "z", "cv2", "p_penalty"};
+    for (int i = 0; i < 4; i++)
+        if (!(aux[i] >= 0.0f) || !isfinite(aux[i]))
+            return ml_error(err, "'moe.aux.%s' must be a number >= 0 (0 = off), got %g",
+                            aux_names[i], aux[i]);
+    if (!(m->sparsity_eps >= 0.0f) || !isfinite(m->sparsity_eps))
+        return ml_error(err, "'moe.sparsity_eps' must be a number >= 0, got %g", m->sparsity_eps);
     return 0;
 }
 
@@ -135,21 +191,36 @@ static int read_int(const JsonValue *obj, const char *key, const char *where, lo
     return 0;
 }
 
-static int read_float(const JsonValue *obj, const char *key, float *out, char *err) {
+static int read_float(const JsonValue *obj, const char *key, const char *where, float *out,
+                      char *err) {
     const JsonValue *v = json_object_get(obj, key);
     if (!v) return 0;
     if (json_type(v) != JSON_NUMBER)
-        return ml_error(err, "'%s' must be a number, got %s", key, json_type_name(json_type(v)));
+        return ml_error(err, "'%s%s' must be a number, got %s", where, key,
+                        json_type_name(json_type(v)));
     *out = (float)json_number(v);
     return 0;
 }
 
-static int read_choice(const JsonValue *obj, const char *key, const char *const *names, int n,
-                       int *out, char *err) {
+static int read_bool(const JsonValue *obj, const char *key, const char *where, int *out,
+                     char *err) {
+    const JsonValue *v = json_object_get(obj, key);
+    if (!v) return 0;
+    if (json_type(v) != JSON_BOOL)
+        return ml_error(err, "'%s%s' must be true or false, got %s", where, key,
+                        json_type_name(json_type(v)));
+    *out = json_bool(v);
+    return 0;
+}
+
+static int read_choice(const JsonValue *obj, const char *key, const char *where,
+                       const char *const *names, int n, int *out, char *err) {
     const JsonValue *v = json_object_get(obj, key);
     if (!v) return 0;
     const char *s = json_string(v);
-    if (!s) return ml_error(err, "'%s' must be a string, got %s", key, json_type_name(json_type(v)));
+    if (!s)
+        return ml_error(err, "'%s%s' must be a string, got %s", where, key,
+                        json_type_name(json_type(v)));
     for (int i = 0; i < n; i++)
         if (strcmp(s, names[i]) == 0) {
             *out = i;
@@ -160,7 +231,88 @@ static int read_choice(const JsonValue *obj, const char *key, const char *const 
         strncat(list, i ? ", " : "", sizeof list - strlen(list) - 1);
         strncat(list, names[i], sizeof list - strlen(list) - 1);
     }
-    return ml_error(err, "'%s' = \"%s\" is not one of %s", key, s, list);
+    return ml_error(err, "'%s%s' = \"%s\" is not one of %s", where, key, s, list);
+}
+
+static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps"};
+static const char *const router_keys[] = {"kind", "k", "p", "max_k", "normalize",
+                                          "capacity_factor", "min_capacity", "noise"};
+static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty"};
+#define NKEYS(a) ((int)(sizeof(a) / sizeof(a)[0]))
+
+/* The `moe` table: over the defaults, into c->moe. */
+static int read_moe(ModelConfig *c, const JsonValue *moe, char *err) {
+    MoeConfig *m = &c->moe;
+    if (json_type(moe) != JSON_OBJECT)
+        return ml_error(err, "'moe' must be a table, for example { experts = 8, hidden = 128 }");
+    if (check_keys(moe, moe_keys, NKEYS(moe_keys), "moe.", err)) return -1;
+    m->enabled = 1;
+    long v = m->every;
+    if (read_int(moe, "every", "moe.", 1, 1024, &v, err)) return -1;
+    m->every = (int)v;
+    v = m->experts;
+    if (read_int(moe, "experts", "moe.", 1, MOE_MAX_EXPERTS, &v, err)) return -1;
+    m->experts = (int)v;
+    const JsonValue *hidden = json_object_get(moe, "hidden");
+    memset(m->hidden, 0, sizeof m->hidden);
+    if (json_type(hidden) == JSON_ARRAY) {
+        size_t n = json_array_len(hidden);
+        if (n != (size_t)m->experts)
+            return ml_error(err, "'moe.hidden' lists %zu sizes for %d experts: give one per "
+                            "expert, or one number for all", n, m->experts);
+        for (size_t e = 0; e < n; e++) {
+            double x = json_number(json_array_at(hidden, e));
+            if (json_type(json_array_at(hidden, e)) != JSON_NUMBER || x != floor(x) || x < 1 ||
+                x > (1 << 20))
+                return ml_error(err, "'moe.hidden[%zu]' must be an integer between 1 and %d", e + 1,
+                                1 << 20);
+            m->hidden[e] = (int)x;
+        }
+        m->hidden_list = 1;
+    } else if (hidden) {
+        long h = 0;
+        if (read_int(moe, "hidden", "moe.", 1, 1 << 20, &h, err)) return -1;
+        for (int e = 0; e < m->experts; e++) m->hidden[e] = (int)h;
+        m->hidden_list = 0;
+    }
+    if (read_float(moe, "sparsity_eps", "moe.", &m->sparsity_eps, err)) return -1;
+
+    const JsonValue *router = json_object_get(moe, "router");
+    if (router) {
+        if (json_type(router) != JSON_OBJECT)
+            return ml_error(err, "'moe.router' must be a table, for example { kind = \"topk\", k = 2 }");
+        if (check_keys(router, router_keys, NKEYS(router_keys), "moe.router.", err)) return -1;
+        int kind = (int)m->kind;
+        if (read_choice(router, "kind", "moe.router.", router_names, NKEYS(router_names), &kind, err))
+            return -1;
+        m->kind = (RouterKind)kind;
+        v = m->k;
+        if (read_int(router, "k", "moe.router.", 1, MOE_MAX_EXPERTS, &v, err)) return -1;
+        m->k = (int)v;
+        v = m->max_k;
+        if (read_int(router, "max_k", "moe.router.", 0, MOE_MAX_EXPERTS, &v, err)) return -1;
+        m->max_k = (int)v;
+        v = m->min_capacity;
+        if (read_int(router, "min_capacity", "moe.router.", 0, 1 << 30, &v, err)) return -1;
+        m->min_capacity = (int)v;
+        if (read_float(router, "p", "moe.router.", &m->p, err) ||
+            read_float(router, "capacity_factor", "moe.router.", &m->capacity_factor, err) ||
+            read_float(router, "noise", "moe.router.", &m->noise, err) ||
+            read_bool(router, "normalize", "moe.router.", &m->normalize, err))
+            return -1;
+    }
+    const JsonValue *aux = json_object_get(moe, "aux");
+    if (aux) {
+        if (json_type(aux) != JSON_OBJECT)
+            return ml_error(err, "'moe.aux' must be a table, for example { balance = 0.01 }");
+        if (check_keys(aux, aux_keys, NKEYS(aux_keys), "moe.aux.", err)) return -1;
+        if (read_float(aux, "balance", "moe.aux.", &m->aux_balance, err) ||
+            read_float(aux, "z", "moe.aux.", &m->aux_z, err) ||
+            read_float(aux, "cv2", "moe.aux.", &m->aux_cv2, err) ||
+            read_float(aux, "p_penalty", "moe.aux.", &m->aux_p_penalty, err))
+            return -1;
+    }
+    return 0;
 }
 
 int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
@@ -175,10 +327,6 @@ int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
         goto done;
     }
     if (check_keys(root, top_keys, sizeof top_keys / sizeof top_keys[0], "", err)) goto done;
-    if (json_object_get(root, "moe")) {
-        ml_error(err, "'moe' layers are not implemented yet in this build of moelab");
-        goto done;
-    }
 #define INT_KEY(key, field, min, max)                                                   \
     v = c->field;                                                                       \
     if (read_int(root, key, "", min, max, &v, err)) goto done;                          \
@@ -195,21 +343,14 @@ int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
     static const char *const norms[] = {"layernorm", "rmsnorm"};
     static const char *const acts[] = {"gelu", "relu", "swiglu"};
     int choice = (int)c->norm;
-    if (read_choice(root, "norm", norms, 2, &choice, err)) goto done;
+    if (read_choice(root, "norm", "", norms, 2, &choice, err)) goto done;
     c->norm = (NormKind)choice;
     choice = (int)c->activation;
-    if (read_choice(root, "activation", acts, 3, &choice, err)) goto done;
+    if (read_choice(root, "activation", "", acts, 3, &choice, err)) goto done;
     c->activation = (ActKind)choice;
-    const JsonValue *tied = json_object_get(root, "tied");
-    if (tied) {
-        if (json_type(tied) != JSON_BOOL) {
-            ml_error(err, "'tied' must be true or false, got %s", json_type_name(json_type(tied)));
-            goto done;
-        }
-        c->tied = json_bool(tied);
-    }
-    if (read_float(root, "norm_eps", &c->norm_eps, err)) goto done;
-    if (read_float(root, "init_std", &c->init_std, err)) goto done;
+    if (read_bool(root, "tied", "", &c->tied, err)) goto done;
+    if (read_float(root, "norm_eps", "", &c->norm_eps, err)) goto done;
+    if (read_float(root, "init_std", "", &c->init_std, err)) goto done;
     const JsonValue *ffn = json_object_get(root, "ffn");
     if (ffn) {
         if (json_type(ffn) != JSON_OBJECT) {
@@ -222,6 +363,14 @@ int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
         c->ffn_hidden = (int)v;
     }
     if (c->ffn_hidden == 0) c->ffn_hidden = 4 * c->d_model;
+    const JsonValue *moe = json_object_get(root, "moe");
+    if (moe && json_type(moe) != JSON_NULL && read_moe(c, moe, err)) goto done;
+    if (c->moe.enabled) {
+        for (int e = 0; e < c->moe.experts; e++)
+            if (c->moe.hidden[e] == 0) c->moe.hidden[e] = c->d_model;
+        if (c->moe.sparsity_eps < 0.0f)
+            c->moe.sparsity_eps = c->activation == ACT_RELU ? 0.0f : 0.01f;
+    }
     rc = config_validate(c, err);
 done:
     json_free(root);
@@ -245,6 +394,37 @@ char *config_to_json(const ModelConfig *c) {
     jb_float(&b, c->norm_eps);
     jb_puts(&b, ",\"init_std\":");
     jb_float(&b, c->init_std);
+    const MoeConfig *m = &c->moe;
+    if (m->enabled) {
+        jb_printf(&b, ",\"moe\":{\"every\":%d,\"experts\":%d,\"hidden\":", m->every, m->experts);
+        if (m->hidden_list) {
+            jb_puts(&b, "[");
+            for (int e = 0; e < m->experts; e++) jb_printf(&b, e ? ",%d" : "%d", m->hidden[e]);
+            jb_puts(&b, "]");
+        } else {
+            jb_printf(&b, "%d", m->hidden[0]);
+        }
+        jb_puts(&b, ",\"router\":{\"kind\":");
+        jb_string(&b, config_router_name(m->kind));
+        jb_printf(&b, ",\"k\":%d,\"normalize\":%s,\"capacity_factor\":", m->k,
+                  m->normalize ? "true" : "false");
+        jb_float(&b, m->capacity_factor);
+        jb_puts(&b, ",\"p\":");
+        jb_float(&b, m->p);
+        jb_printf(&b, ",\"max_k\":%d,\"min_capacity\":%d,\"noise\":", m->max_k, m->min_capacity);
+        jb_float(&b, m->noise);
+        jb_puts(&b, "},\"aux\":{\"balance\":");
+        jb_float(&b, m->aux_balance);
+        jb_puts(&b, ",\"z\":");
+        jb_float(&b, m->aux_z);
+        jb_puts(&b, ",\"cv2\":");
+        jb_float(&b, m->aux_cv2);
+        jb_puts(&b, ",\"p_penalty\":");
+        jb_float(&b, m->aux_p_penalty);
+        jb_puts(&b, "},\"sparsity_eps\":");
+        jb_float(&b, m->sparsity_eps);
+        jb_puts(&b, "}");
+    }
     jb_puts(&b, "}");
     if (b.failed) {
         jb_free(&b);

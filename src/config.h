@@ -17,6 +17,34 @@
 typedef enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 } NormKind;
 typedef enum { ACT_GELU = 0, ACT_RELU = 1, ACT_SWIGLU = 2 } ActKind;
 
+#define MOE_MAX_EXPERTS 256
+
+typedef enum {
+    ROUTER_TOPK = 0,          /* the k largest p; renormalised or raw */
+    ROUTER_THRESHOLD = 1,     /* XMoE: ranks while the mass before them < p; raw weights */
+    ROUTER_TOPP = 2,          /* the threshold rule, renormalised weights */
+    ROUTER_EXPERT_CHOICE = 3, /* each expert takes its top C tokens; non-causal */
+    ROUTER_HASH = 4,          /* a fixed random map of token ids; weight 1 */
+} RouterKind;
+
+typedef struct {
+    int enabled;        /* a `moe` table was given */
+    int every;          /* block l is MoE when (l + 1) % every == 0 */
+    int experts;        /* E */
+    int hidden[MOE_MAX_EXPERTS]; /* H_e, one per expert */
+    int hidden_list;    /* hidden was given as a list (HMoE): written back as one */
+    RouterKind kind;
+    int k;              /* topk: experts per token; capacity's k for the others */
+    float p;            /* threshold / topp: the probability mass t */
+    int max_k;          /* threshold / topp: at most this many experts; 0 = no cap */
+    int normalize;      /* topk: renormalise the weights over the k */
+    float capacity_factor; /* token choice: 0 = dropless; expert choice: c (0 = k) */
+    int min_capacity;
+    float noise;        /* std of Gaussian noise added to router logits in training */
+    float aux_balance, aux_z, aux_cv2, aux_p_penalty; /* coefficients; 0 = off */
+    float sparsity_eps; /* |a| <= eps counts as a near-zero activation; < 0: default */
+} MoeConfig;
+
 typedef struct {
     int vocab;       /* 256: bytes */
     int context;     /* maximum sequence length T */
@@ -30,7 +58,12 @@ typedef struct {
     int ffn_hidden;  /* dense FFN hidden size; 0 in a config means 4 × d_model */
     float norm_eps;  /* 1e-5 */
     float init_std;  /* 0.02; residual projections use init_std / sqrt(2 · layers) */
+    MoeConfig moe;
 } ModelConfig;
+
+/* Whether block l (from 0) has an MoE layer. */
+int config_is_moe_block(const ModelConfig *c, int l);
+const char *config_router_name(RouterKind k);
 
 /* Fills every field with its default. */
 void config_defaults(ModelConfig *c);

@@ -64,13 +64,20 @@ static void check_keys(lua_State *L, int idx, const char *what, const char *cons
     }
 }
 
-static lua_Integer opt_int(lua_State *L, int idx, const char *key, lua_Integer def) {
+#define SEED_MAX 9007199254740991LL /* 2^53 - 1: exact in JSON */
+
+/* An integer option in [min, max], or def. */
+static lua_Integer opt_int(lua_State *L, int idx, const char *key, lua_Integer def,
+                           lua_Integer min, lua_Integer max) {
     lua_getfield(L, idx, key);
     lua_Integer v = def;
     if (!lua_isnil(L, -1)) {
         int ok;
         v = lua_tointegerx(L, -1, &ok);
         if (!ok) luaL_error(L, "option '%s' must be an integer, got %s", key, luaL_tolstring(L, -1, NULL));
+        if (v < min || v > max)
+            luaL_error(L, "option '%s' must be between %I and %I, got %I", key, (LUAI_UACINT)min,
+                       (LUAI_UACINT)max, (LUAI_UACINT)v);
     }
     lua_pop(L, 1);
     return v;
@@ -281,10 +288,23 @@ static LModel *new_model_udata(lua_State *L) {
     return m;
 }
 
+/* to_json under lua_pcall: (table, JsonBuf*) */
+static int to_json_protected(lua_State *L) {
+    JsonBuf *b = lua_touserdata(L, 2);
+    to_json(L, 1, b, 0, "model");
+    return 0;
+}
+
 static int l_model(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     JsonBuf b = {0};
-    to_json(L, 1, &b, 0, "model");
+    lua_pushcfunction(L, to_json_protected);
+    lua_pushvalue(L, 1);
+    lua_pushlightuserdata(L, &b);
+    if (lua_pcall(L, 2, 0, 0) != LUA_OK) { /* the buffer is ours to free */
+        jb_free(&b);
+        return luaL_error(L, "moelab.model: %s", lua_tostring(L, -1));
+    }
     LModel *m = new_model_udata(L);
     if (b.failed) {
         jb_free(&b);
@@ -342,12 +362,18 @@ static int model_sample_l(lua_State *L) {
     LModel *m = check_model(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "model:sample", keys);
-    const char *prompt = opt_str(L, 2, "prompt", "\n");
-    size_t np = strlen(prompt);
-    lua_Integer n_new = opt_int(L, 2, "tokens", 200);
+    size_t np = 1;
+    const char *prompt = "\n";
+    lua_getfield(L, 2, "prompt");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "model:sample: 'prompt' must be a string");
+        prompt = lua_tolstring(L, -1, &np);
+    }
+    lua_pop(L, 1); /* the string stays alive in the options table */
+    lua_Integer n_new = opt_int(L, 2, "tokens", 200, 0, 1000000);
     double temperature = opt_num(L, 2, "temperature", 1.0);
-    lua_Integer top_k = opt_int(L, 2, "top_k", 0);
-    lua_Integer seed = opt_int(L, 2, "seed", 1);
+    lua_Integer top_k = opt_int(L, 2, "top_k", 0, 0, 1 << 24);
+    lua_Integer seed = opt_int(L, 2, "seed", 1, 0, SEED_MAX);
     if (np < 1) luaL_error(L, "model:sample: the prompt must not be empty");
     if (n_new < 0 || n_new > 1000000) luaL_error(L, "model:sample: tokens must be in 0 .. 1000000");
     if (temperature < 0) luaL_error(L, "model:sample: temperature must be >= 0");
@@ -407,8 +433,21 @@ static LDb *check_db(lua_State *L, int idx) {
     return d;
 }
 
+static int run_close(lua_State *L);
+
+/* Closes the database, closing its open runs first (so each gets its status). */
 static int db_close(lua_State *L) {
     LDb *d = luaL_checkudata(L, 1, DB_MT);
+    if (d->r && lua_getiuservalue(L, 1, 1) == LUA_TTABLE) {
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            lua_pop(L, 1);
+            lua_pushcfunction(L, run_close);
+            lua_pushvalue(L, -2);
+            lua_call(L, 1, 0);
+        }
+    }
+    lua_settop(L, 1);
     if (d->r) rec_close(d->r);
     d->r = NULL;
     free(d->path);
@@ -418,10 +457,16 @@ static int db_close(lua_State *L) {
 
 static int l_open(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
-    LDb *d = lua_newuserdatauv(L, sizeof *d, 0);
+    LDb *d = lua_newuserdatauv(L, sizeof *d, 1);
     d->r = NULL;
     d->path = NULL;
     luaL_setmetatable(L, DB_MT);
+    lua_newtable(L); /* its runs, weakly: a run still referenced elsewhere lives on */
+    lua_newtable(L);
+    lua_pushstring(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_setiuservalue(L, -2, 1);
     char err[ML_ERRLEN];
     if (rec_open(&d->r, path, err) != 0) luaL_error(L, "moelab.open: %s", err);
     d->path = strdup(path);
@@ -542,7 +587,7 @@ static int db_run(lua_State *L) {
     lua_getfield(L, 2, "data");
     LCorpus *c = luaL_testudata(L, -1, CORPUS_MT);
     if (!c || !c->c) luaL_error(L, "db:run: 'data' must be a corpus from moelab.corpus");
-    lua_Integer seed = opt_int(L, 2, "seed", (lua_Integer)m->m->config.seed);
+    lua_Integer seed = opt_int(L, 2, "seed", (lua_Integer)m->m->config.seed, 0, SEED_MAX);
     char err[ML_ERRLEN];
     if (corpus_check_context(c->c, SPLIT_TRAIN, m->m->config.context, err) != 0)
         luaL_error(L, "db:run: %s", err);
@@ -586,6 +631,11 @@ static int db_run(lua_State *L) {
         luaL_error(L, "db:run: %s", err);
     r->open = 1;
     snprintf(r->status, sizeof r->status, "running");
+    lua_getiuservalue(L, 1, 1);
+    lua_pushvalue(L, ud);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
     return 1;
 }
 
@@ -625,23 +675,21 @@ static int run_train(lua_State *L) {
     run_bind(L, r);
     TrainOptions o;
     train_options_defaults(&o);
-    o.steps = (int)opt_int(L, 2, "steps", o.steps);
-    o.batch = (int)opt_int(L, 2, "batch", o.batch);
+    o.steps = (int)opt_int(L, 2, "steps", o.steps, 1, 1 << 30);
+    o.batch = (int)opt_int(L, 2, "batch", o.batch, 1, 65536);
     o.lr = (float)opt_num(L, 2, "lr", o.lr);
     o.min_lr = (float)opt_num(L, 2, "min_lr", o.min_lr);
-    o.warmup = (int)opt_int(L, 2, "warmup", o.warmup);
+    o.warmup = (int)opt_int(L, 2, "warmup", o.warmup, 0, 1 << 30);
     o.weight_decay = (float)opt_num(L, 2, "weight_decay", o.weight_decay);
     o.clip = (float)opt_num(L, 2, "clip", o.clip);
     o.beta1 = (float)opt_num(L, 2, "beta1", o.beta1);
     o.beta2 = (float)opt_num(L, 2, "beta2", o.beta2);
     o.eps = (float)opt_num(L, 2, "eps", o.eps);
-    o.eval_every = (int)opt_int(L, 2, "eval_every", o.eval_every);
-    o.eval_batches = (int)opt_int(L, 2, "eval_batches", o.eval_batches);
-    o.eval_batch = (int)opt_int(L, 2, "eval_batch", o.eval_batch);
-    o.threads = (int)opt_int(L, 2, "threads", o.threads);
-    lua_getfield(L, 2, "progress");
-    if (!lua_isnil(L, -1)) o.progress = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    o.eval_every = (int)opt_int(L, 2, "eval_every", o.eval_every, 0, 1 << 30);
+    o.eval_batches = (int)opt_int(L, 2, "eval_batches", o.eval_batches, 0, 1 << 20);
+    o.eval_batch = (int)opt_int(L, 2, "eval_batch", o.eval_batch, 0, 65536);
+    o.threads = (int)opt_int(L, 2, "threads", o.threads, 0, 1024);
+    o.progress = opt_bool(L, 2, "progress", -1);
     if (o.steps < 1) luaL_error(L, "run:train: steps must be at least 1, got %d", o.steps);
     if (o.batch < 1 || o.batch > 1 << 16) luaL_error(L, "run:train: batch must be in 1 .. 65536, got %d", o.batch);
     if (o.eval_every < 0) luaL_error(L, "run:train: eval_every must be >= 0 (0 = only at the end)");
@@ -688,9 +736,9 @@ static int run_evaluate(lua_State *L) {
     run_bind(L, r);
     EvalOptions o;
     eval_options_defaults(&o);
-    o.batches = (int)opt_int(L, 2, "batches", o.batches);
-    o.batch = (int)opt_int(L, 2, "batch", o.batch);
-    o.seed = (uint64_t)opt_int(L, 2, "seed", (lua_Integer)o.seed);
+    o.batches = (int)opt_int(L, 2, "batches", o.batches, 1, 1 << 20);
+    o.batch = (int)opt_int(L, 2, "batch", o.batch, 1, 65536);
+    o.seed = (uint64_t)opt_int(L, 2, "seed", (lua_Integer)o.seed, 0, SEED_MAX);
     o.record = opt_bool(L, 2, "record", 0);
     const char *split = opt_str(L, 2, "split", "val");
     if (strcmp(split, "val") == 0) o.split = SPLIT_VAL;

@@ -18,6 +18,7 @@
 #include "common.h"
 #include "lmoelab.h"
 #include "plot.h"
+#include "trainer.h"
 
 #ifndef MOELAB_PLOTS_DIR
 #define MOELAB_PLOTS_DIR "plots"
@@ -51,6 +52,7 @@ static void lstop(lua_State *L, lua_Debug *ar) {
 static void laction(int sig) {
     signal(sig, SIG_DFL);
     interrupted = 1;
+    trainer_interrupt = 1; /* training about to start stops at once */
     lua_sethook(globalL, lstop, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 

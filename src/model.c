@@ -85,6 +85,24 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
         b->attprojb = take(&L, INIT_ZERO, C, 0, "h.%d.attn.proj.bias", l);
         b->ln2w = take(&L, INIT_ONE, C, 0, "h.%d.ln_2.weight", l);
         b->ln2b = rms ? NULL : take(&L, INIT_ZERO, C, 0, "h.%d.ln_2.bias", l);
+        if (b->moe) {
+            const MoeConfig *mc = &c->moe;
+            MoeWeights *mw = b->moe;
+            mw->router = mc->kind == ROUTER_HASH
+                             ? NULL
+                             : take(&L, INIT_NORMAL, mc->experts, C, "h.%d.moe.router.weight", l);
+            for (int e = 0; e < mc->experts; e++) {
+                int He = mc->hidden[e];
+                mw->fc[e] = take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.fc.weight", l, e);
+                mw->gate[e] = c->activation == ACT_SWIGLU
+                                  ? take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.gate.weight", l, e)
+                                  : NULL;
+                mw->proj[e] = take(&L, INIT_NORMAL_RESIDUAL, C, He,
+                                   "h.%d.moe.experts.%d.proj.weight", l, e);
+            }
+            b->fcw = b->fcb = b->gatew = b->projw = b->projb = NULL;
+            continue;
+        }
         b->fcw = take(&L, INIT_NORMAL, H, C, "h.%d.mlp.fc.weight", l);
         b->fcb = take(&L, INIT_ZERO, H, 0, "h.%d.mlp.fc.bias", l);
         b->gatew = c->activation == ACT_SWIGLU
@@ -107,6 +125,20 @@ static float *arena_alloc(size_t n) {
     float *p = aligned_alloc(64, bytes > 0 ? bytes : 64);
     if (p) memset(p, 0, bytes);
     return p;
+}
+
+/* The hash router's fixed random map, one per layer, derived from the seed. */
+static int make_hash_map(Model *m) {
+    const ModelConfig *c = &m->config;
+    m->hash_map = malloc(sizeof(int) * (size_t)c->layers * c->vocab);
+    if (!m->hash_map) return -1;
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (!rng) return -1;
+    gsl_rng_set(rng, (unsigned long)(c->seed ^ 0x5eedf00dUL));
+    for (size_t i = 0; i < (size_t)c->layers * c->vocab; i++)
+        m->hash_map[i] = (int)gsl_rng_uniform_int(rng, (unsigned long)c->moe.experts);
+    gsl_rng_free(rng);
+    return 0;
 }
 
 static void initialise(Model *m) {
@@ -139,9 +171,19 @@ int model_create(Model **out, const ModelConfig *config, char *err) {
     m->w.blocks = calloc((size_t)L, sizeof(BlockWeights));
     m->g.blocks = calloc((size_t)L, sizeof(BlockWeights));
     m->acts.blocks = calloc((size_t)L, sizeof(BlockActs));
-    int failed = 0;
-    if (m->w.blocks && m->g.blocks && m->acts.blocks) model_layout(m, &m->w, NULL, 1, &failed);
-    if (!m->w.blocks || !m->g.blocks || !m->acts.blocks || failed) {
+    m->moe = calloc((size_t)(L > 0 ? L : 1), sizeof(MoeState));
+    int failed = !m->w.blocks || !m->g.blocks || !m->acts.blocks || !m->moe;
+    for (int l = 0; l < L && !failed; l++)
+        if (config_is_moe_block(config, l)) {
+            m->n_moe_layers++;
+            m->w.blocks[l].moe = calloc(1, sizeof(MoeWeights));
+            m->g.blocks[l].moe = calloc(1, sizeof(MoeWeights));
+            failed = !m->w.blocks[l].moe || !m->g.blocks[l].moe;
+        }
+    if (!failed && config->moe.enabled && config->moe.kind == ROUTER_HASH)
+        failed = make_hash_map(m) != 0;
+    if (!failed) model_layout(m, &m->w, NULL, 1, &failed);
+    if (failed) {
         model_free(m);
         return ml_error(err, "out of memory creating the model");
     }
@@ -159,6 +201,16 @@ int model_create(Model **out, const ModelConfig *config, char *err) {
 
 void model_free(Model *m) {
     if (!m) return;
+    for (int l = 0; l < m->config.layers; l++) {
+        if (m->w.blocks) free(m->w.blocks[l].moe);
+        if (m->g.blocks) free(m->g.blocks[l].moe);
+        if (m->moe) moe_state_free(&m->moe[l]);
+    }
+    free(m->moe);
+    moe_scratch_free(&m->moe_scratch);
+    free(m->hash_map);
+    free(m->noise);
+    if (m->noise_rng) gsl_rng_free((gsl_rng *)m->noise_rng);
     free(m->params);
     free(m->param_mem);
     free(m->grad_mem);
@@ -170,6 +222,18 @@ void model_free(Model *m) {
     free(m->g.blocks);
     free(m->acts.blocks);
     free(m);
+}
+
+int64_t model_active_parameters(const Model *m) {
+    int64_t total = (int64_t)m->num_parameters;
+    const MoeConfig *mc = &m->config.moe;
+    if (!mc->enabled) return total;
+    int per_expert_mats = m->config.activation == ACT_SWIGLU ? 3 : 2;
+    int64_t experts = 0;
+    for (int e = 0; e < mc->experts; e++) experts += (int64_t)per_expert_mats * mc->hidden[e] * m->config.d_model;
+    int k = mc->kind == ROUTER_HASH ? 1 : mc->k;
+    /* per MoE layer: all experts out, k of average size in */
+    return total - (int64_t)m->n_moe_layers * (experts - experts * k / mc->experts);
 }
 
 int model_find_param(const Model *m, const char *name) {
@@ -207,9 +271,10 @@ static size_t acts_layout(Model *m, float *base, int B) {
         b->ln2 = carve(base, &at, BT * C);
         b->ln2_mean = carve(base, &at, BT);
         b->ln2_rstd = carve(base, &at, BT);
-        b->fch = carve(base, &at, BT * H);
-        b->gate = c->activation == ACT_SWIGLU ? carve(base, &at, BT * H) : NULL;
-        b->act = carve(base, &at, BT * H);
+        size_t Hb = config_is_moe_block(c, l) ? 0 : H; /* MoE blocks keep theirs in MoeState */
+        b->fch = carve(base, &at, BT * Hb);
+        b->gate = c->activation == ACT_SWIGLU ? carve(base, &at, BT * Hb) : NULL;
+        b->act = carve(base, &at, BT * Hb);
         b->res3 = carve(base, &at, BT * C);
     }
     a->lnf = carve(base, &at, BT * C);
@@ -277,6 +342,24 @@ static void norm_backward(const ModelConfig *c, float *dinp, float *dw, float *d
         layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, c->d_model);
 }
 
+/* Standard normal noise for one layer's router logits. */
+static int fill_noise(Model *m, size_t n, char *err) {
+    if (n > m->noise_cap) {
+        float *p = realloc(m->noise, sizeof(float) * n);
+        if (!p) return ml_error(err, "out of memory for router noise");
+        m->noise = p;
+        m->noise_cap = n;
+    }
+    if (!m->noise_rng) {
+        gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+        if (!rng) return ml_error(err, "out of memory for router noise");
+        gsl_rng_set(rng, (unsigned long)(m->config.seed ^ 0xa0a0a0a0UL));
+        m->noise_rng = rng;
+    }
+    for (size_t i = 0; i < n; i++) m->noise[i] = (float)gsl_ran_gaussian((gsl_rng *)m->noise_rng, 1.0);
+    return 0;
+}
+
 int model_forward(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
     const ModelConfig *c = &m->config;
     if (B < 1 || T < 1 || T > c->context)
@@ -297,6 +380,9 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
     m->B = B;
     m->T = T;
 
+    m->moe_flops = 0.0;
+    m->aux_loss = 0.0f;
+    memset(m->aux_parts, 0, sizeof m->aux_parts);
     encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
     const float *res = a->encoded;
     for (int l = 0; l < c->layers; l++) {
@@ -309,6 +395,23 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
         matmul_forward(b->res2, b->atty, w->attprojw, w->attprojb, N, C, C, 1.0f);
 
         norm_forward(c, b->ln2, b->ln2_mean, b->ln2_rstd, b->res2, w->ln2w, w->ln2b, N);
+        if (w->moe) {
+            memcpy(b->res3, b->res2, sizeof(float) * NC);
+            const float *noise = NULL;
+            if (m->training && c->moe.noise > 0.0f) {
+                if (fill_noise(m, (size_t)N * c->moe.experts, err) != 0) return -1;
+                noise = m->noise;
+            }
+            if (moe_forward(&m->moe[l], &c->moe, c->activation, w->moe,
+                            m->hash_map ? m->hash_map + (size_t)l * V : NULL, b->res3, b->ln2,
+                            a->inputs, noise, N, C, err) != 0)
+                return -1;
+            m->moe_flops += m->moe[l].flops;
+            m->aux_loss += m->moe[l].aux_weighted / m->n_moe_layers;
+            for (int k = 0; k < AUX_KINDS; k++) m->aux_parts[k] += m->moe[l].aux[k] / m->n_moe_layers;
+            res = b->res3;
+            continue;
+        }
         matmul_forward(b->fch, b->ln2, w->fcw, w->fcb, N, C, H, 0.0f);
         switch (c->activation) {
         case ACT_GELU: gelu_forward(b->act, b->fch, NHid); break;
@@ -367,6 +470,11 @@ int model_backward(Model *m, char *err) {
         BlockActs *b = &a->blocks[l];
         const float *res_in = l == 0 ? a->encoded : a->blocks[l - 1].res3;
 
+        if (w->moe) { /* res3 = res2 + moe(ln2(res2)) */
+            if (moe_backward(&m->moe[l], &m->moe_scratch, &c->moe, c->activation, w->moe, g->moe,
+                             s->dln, s->dres, b->ln2, 1.0f / m->n_moe_layers, err) != 0)
+                return -1;
+        } else {
         /* res3 = res2 + proj(act(fc(ln2(res2)))) */
         matmul_backward(s->dact, g->projw, g->projb, s->dres, b->act, w->projw, N, H, C, 0.0f);
         switch (c->activation) {
@@ -377,6 +485,7 @@ int model_backward(Model *m, char *err) {
         matmul_backward(s->dln, g->fcw, g->fcb, s->dfch, b->ln2, w->fcw, N, C, H, 0.0f);
         if (c->activation == ACT_SWIGLU)
             matmul_backward(s->dln, g->gatew, NULL, s->dgate, b->ln2, w->gatew, N, C, H, 1.0f);
+        }
         norm_backward(c, s->dres, g->ln2w, g->ln2b, s->dln, b->res2, w->ln2w, b->ln2_mean,
                       b->ln2_rstd, N);
 

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "moe.h"
 
 #define MODEL_MAX_NAME 64
 
@@ -38,6 +39,7 @@ typedef struct {
     float *fcw, *fcb;           /* (H, C), (H) */
     float *gatew;               /* (H, C), SwiGLU only */
     float *projw, *projb;       /* (C, H), (C) */
+    MoeWeights *moe;            /* an MoE block: router and experts instead of fc/proj */
 } BlockWeights;                 /* the biases of RMSNorm are NULL */
 
 typedef struct {
@@ -93,7 +95,19 @@ typedef struct Model {
     float *act_mem; Acts acts;
     float *scratch_mem; Scratch scratch;
     int B, T;          /* of the last forward */
-    float mean_loss;   /* of the last forward with targets */
+    float mean_loss;   /* of the last forward with targets: cross-entropy only */
+    /* MoE */
+    int n_moe_layers;
+    MoeState *moe;            /* (L); used by the MoE blocks */
+    MoeScratch moe_scratch;
+    int *hash_map;            /* (L, V) expert of each token id, for hash routing */
+    float *noise;             /* (B·T, E) router noise of one layer, in training */
+    size_t noise_cap;
+    void *noise_rng;          /* gsl_rng */
+    int training;             /* router noise on */
+    float aux_loss;           /* Σ coefficient · aux, averaged over MoE layers */
+    float aux_parts[AUX_KINDS]; /* unweighted, averaged over MoE layers */
+    double moe_flops;         /* FLOPs executed in MoE layers by the last forward */
 } Model;
 
 /* Builds a model with freshly initialised weights (seeded by config.seed). */
@@ -122,6 +136,10 @@ int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *e
 ** with the prompt. temperature 0 is greedy; top_k 0 keeps every token. */
 int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float temperature,
                  int top_k, uint64_t seed, int *out, char *err);
+
+/* Parameters a token uses: everything outside the experts, plus k experts
+** (router.k; 1 for hash) of average size per MoE layer. */
+int64_t model_active_parameters(const Model *m);
 
 /* Index of the registry entry with this name, or -1. */
 int model_find_param(const Model *m, const char *name);

@@ -17,8 +17,9 @@
 /* expf to about 1 ulp, written so that loops calling it vectorise: x = n·ln2 + r
 ** with |r| <= ln2/2 (n rounded to nearest by the 1.5·2^23 trick), e^r by its
 ** degree-7 Taylor polynomial (truncation < 1e-8 relative on that range), and
-** 2^n put into the exponent bits. NaN stays NaN. */
-static inline float ml_expf(float x) {
+** 2^n put into the exponent bits. NaN stays NaN (and converts no NaN to int). */
+static inline float ml_expf(float in) {
+    float x = in == in ? in : 0.0f;
     x = x > 88.3762626647949f ? 88.3762626647949f : x;
     x = x < -87.3365447505531f ? -87.3365447505531f : x;
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -27,7 +28,7 @@ static inline float ml_expf(float x) {
               r * (4.1666666666666667e-2f + r * (8.3333333333333333e-3f +
               r * (1.3888888888888889e-3f + r * 1.9841269841269841e-4f))))));
     union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
+    return in == in ? p * scale.f : in;
 }
 
 /* tanh through ml_expf: 1 - 2 / (e^{2x} + 1); saturates cleanly at ±1 */

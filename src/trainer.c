@@ -21,7 +21,11 @@ volatile int trainer_interrupt = 0;
 /* OpenBLAS's own setter; declared here since not every cblas.h has it. */
 void openblas_set_num_threads(int num_threads);
 
+static int threads_set = 0;
+
 void trainer_set_threads(int n) {
+    if (n <= 0 && threads_set) return; /* keep what moelab.threads chose */
+    threads_set = 1;
     if (n <= 0) n = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (n <= 0) n = 1;
     /* OpenBLAS runs single-threaded inside our OpenMP threads: its own pool
@@ -156,7 +160,10 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         if (rec_eval(t->rec, t->run_id, t->step, split, res->tokens, res->loss,
                      res->moe_flops_per_token, res->experts_per_token, &res->eval_id, err) != 0)
             return -1;
-        if (rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
+        /* the validation curve; a training-split evaluation stays in evals only,
+        ** so that metrics keeps one 'train' row per step */
+        if (o->split == SPLIT_VAL &&
+            rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
                        res->moe_flops_per_token, t->wall_ms, err) != 0)
             return -1;
         if (rec_flush(t->rec, err) != 0) return -1;
@@ -212,7 +219,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     }
 
 
-    trainer_interrupt = 0;
+    /* a Ctrl-C that came just before (the host sets the flag too) still counts */
     void (*old_handler)(int) = signal(SIGINT, sigint_handler);
     const char *status = "finished";
     char status_msg[ML_ERRLEN] = "";
@@ -223,6 +230,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     for (s = 0; s < o->steps; s++) {
         if (trainer_interrupt) {
             status = "interrupted";
+            trainer_interrupt = 0;
             snprintf(status_msg, sizeof status_msg, "interrupted by Ctrl-C at step %lld",
                      (long long)t->step);
             break;

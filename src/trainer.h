@@ -28,7 +28,7 @@ typedef struct {
     int eval_every;    /* 0 = only at the end */
     int eval_batches;
     int eval_batch;    /* 0 = same as batch */
-    int threads;       /* 0 = all cores */
+    int threads;       /* 0 = as set before (moelab.threads), else all cores */
     int progress;      /* -1 = when stderr is a terminal, 0 = never, 1 = always */
 } TrainOptions;
 
@@ -92,7 +92,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
 ** a second Ctrl-C kills the process as usual. */
 extern volatile int trainer_interrupt;
 
-/* Number of threads used by OpenBLAS and OpenMP. */
+/* Number of threads of the OpenMP loops (OpenBLAS runs single-threaded inside
+** them). n <= 0: all cores, unless a count was already set. */
 void trainer_set_threads(int n);
 
 #endif

@@ -233,10 +233,10 @@ static float g_one = 1.0f;
 static void fwd_model(void) {
     char err[ML_ERRLEN];
     assert_int_equal(model_forward(gm, g_in, g_tg, 2, 6, err), 0);
-    g_loss_out = gm->mean_loss;
+    g_loss_out = gm->mean_loss + gm->aux_loss;
 }
 
-static void check_model(NormKind norm, ActKind act, int tied) {
+static ModelConfig small_config(NormKind norm, ActKind act, int tied) {
     ModelConfig c;
     config_defaults(&c);
     c.vocab = 11;
@@ -250,6 +250,12 @@ static void check_model(NormKind norm, ActKind act, int tied) {
     c.tied = tied;
     c.init_std = 0.4f; /* large weights: gradients well above float noise */
     c.seed = 3;
+    return c;
+}
+
+/* Checks every parameter tensor of a model of configuration c (sampled
+** entries); MoE selections are frozen after the first forward. */
+static void check_config(ModelConfig c, const char *label) {
     char err[ML_ERRLEN];
     assert_int_equal(model_create(&gm, &c, err), 0);
     for (int i = 0; i < 12; i++) {
@@ -265,6 +271,7 @@ static void check_model(NormKind norm, ActKind act, int tied) {
             strstr(gm->params[i].name, "weight"))
             for (size_t j = 0; j < gm->params[i].numel; j++) gm->param_mem[gm->params[i].offset + j] += 1.0f;
     fwd_model();
+    for (int l = 0; l < c.layers; l++) gm->moe[l].freeze = config_is_moe_block(&c, l);
     model_zero_grad(gm);
     assert_int_equal(model_backward(gm, err), 0);
     model_zero_grad(gm); /* the gradient arena exists now: a clean second pass */
@@ -278,8 +285,7 @@ static void check_model(NormKind norm, ActKind act, int tied) {
     for (int i = 0; i < gm->n_params; i++) {
         const ParamInfo *p = &gm->params[i];
         char what[128];
-        snprintf(what, sizeof what, "model(%s,%s,%s) %s", config_norm_name(norm),
-                 config_activation_name(act), tied ? "tied" : "untied", p->name);
+        snprintf(what, sizeof what, "model(%s) %s", label, p->name);
         /* at most 24 entries per tensor, spread over it */
         size_t stride = p->numel > 24 ? p->numel / 24 : 1;
         for (size_t j = 0; j < p->numel; j += stride)
@@ -290,9 +296,100 @@ static void check_model(NormKind norm, ActKind act, int tied) {
     gm = NULL;
 }
 
-static void test_model_layernorm_gelu(void **state) { (void)state; check_model(NORM_LAYERNORM, ACT_GELU, 0); }
-static void test_model_rmsnorm_swiglu_tied(void **state) { (void)state; check_model(NORM_RMSNORM, ACT_SWIGLU, 1); }
-static void test_model_layernorm_relu_tied(void **state) { (void)state; check_model(NORM_LAYERNORM, ACT_RELU, 1); }
+static void test_model_layernorm_gelu(void **state) {
+    (void)state;
+    check_config(small_config(NORM_LAYERNORM, ACT_GELU, 0), "layernorm gelu");
+}
+static void test_model_rmsnorm_swiglu_tied(void **state) {
+    (void)state;
+    check_config(small_config(NORM_RMSNORM, ACT_SWIGLU, 1), "rmsnorm swiglu tied");
+}
+static void test_model_layernorm_relu_tied(void **state) {
+    (void)state;
+    check_config(small_config(NORM_LAYERNORM, ACT_RELU, 1), "layernorm relu tied");
+}
+
+/* An MoE model: every block an MoE layer of 4 experts of hidden 6. */
+static ModelConfig moe_config(RouterKind kind) {
+    ModelConfig c = small_config(NORM_LAYERNORM, ACT_GELU, 0);
+    MoeConfig *m = &c.moe;
+    m->enabled = 1;
+    m->experts = 4;
+    for (int e = 0; e < 4; e++) m->hidden[e] = 6;
+    m->kind = kind;
+    m->k = 2;
+    m->p = 0.6f;
+    m->sparsity_eps = 0.01f;
+    return c;
+}
+
+static void test_moe_topk(void **state) {
+    (void)state;
+    check_config(moe_config(ROUTER_TOPK), "moe topk renormalised");
+    ModelConfig c = moe_config(ROUTER_TOPK);
+    c.moe.k = 1;
+    c.moe.normalize = 0;
+    check_config(c, "moe switch (k=1 raw)");
+}
+
+static void test_moe_threshold(void **state) {
+    (void)state;
+    check_config(moe_config(ROUTER_THRESHOLD), "moe threshold");
+    check_config(moe_config(ROUTER_TOPP), "moe topp");
+}
+
+static void test_moe_expert_choice_hash(void **state) {
+    (void)state;
+    check_config(moe_config(ROUTER_EXPERT_CHOICE), "moe expert choice");
+    check_config(moe_config(ROUTER_HASH), "moe hash");
+}
+
+static void test_moe_capacity_drops(void **state) {
+    (void)state;
+    ModelConfig c = moe_config(ROUTER_TOPK);
+    c.moe.capacity_factor = 0.5f; /* C = ceil(0.5 · 12 · 2 / 4) = 3 of 6 on average */
+    c.moe.min_capacity = 0;
+    check_config(c, "moe capacity 0.5");
+    /* and drops really happened */
+    char err[ML_ERRLEN];
+    Model *m;
+    assert_int_equal(model_create(&m, &c, err), 0);
+    assert_int_equal(model_forward(m, g_in, g_tg, 2, 6, err), 0);
+    int dropped = 0, kept = 0;
+    for (int e = 0; e < 4; e++) {
+        dropped += m->moe[0].dropped[e];
+        kept += m->moe[0].counts[e];
+        assert_true(m->moe[0].counts[e] <= 3);
+    }
+    assert_true(dropped > 0);
+    assert_int_equal(kept + dropped, 12 * 2);
+    model_free(m);
+}
+
+static void test_moe_aux_losses(void **state) {
+    (void)state;
+    const char *names[] = {"balance", "z", "cv2", "p_penalty"};
+    for (int k = 0; k < 4; k++) {
+        ModelConfig c = moe_config(ROUTER_TOPK);
+        float *coef[] = {&c.moe.aux_balance, &c.moe.aux_z, &c.moe.aux_cv2, &c.moe.aux_p_penalty};
+        *coef[k] = 1.0f;
+        if (k == 3) /* heterogeneous experts, so the penalty differs from balance */
+            for (int e = 0; e < 4; e++) c.moe.hidden[e] = 3 + 2 * e;
+        char label[64];
+        snprintf(label, sizeof label, "moe aux %s", names[k]);
+        check_config(c, label);
+    }
+}
+
+static void test_moe_heterogeneous_swiglu(void **state) {
+    (void)state;
+    ModelConfig c = moe_config(ROUTER_THRESHOLD);
+    c.activation = ACT_SWIGLU;
+    c.moe.every = 2;
+    for (int e = 0; e < 4; e++) c.moe.hidden[e] = 2 + 3 * e;
+    c.moe.hidden_list = 1;
+    check_config(c, "hmoe swiglu every 2");
+}
 
 int main(void) {
     const struct CMUnitTest tests[] = {
@@ -308,6 +405,12 @@ int main(void) {
         cmocka_unit_test(test_model_layernorm_gelu),
         cmocka_unit_test(test_model_rmsnorm_swiglu_tied),
         cmocka_unit_test(test_model_layernorm_relu_tied),
+        cmocka_unit_test(test_moe_topk),
+        cmocka_unit_test(test_moe_threshold),
+        cmocka_unit_test(test_moe_expert_choice_hash),
+        cmocka_unit_test(test_moe_capacity_drops),
+        cmocka_unit_test(test_moe_aux_losses),
+        cmocka_unit_test(test_moe_heterogeneous_swiglu),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
 }

@@ -452,7 +452,7 @@ static void test_option_errors(void **state) {
               "run   = db:run{ name = 'opts', model = model, data = data }");
     run_err(L, "run:train{ stpes = 1 }", "run:train", "'stpes'", "'steps'", NULL);
     run_err(L, "run:train(fast{ lerning_rate = 1 })", "'lerning_rate'", NULL);
-    run_err(L, "run:train(fast{ steps = 0 })", "steps must be at least 1", NULL);
+    run_err(L, "run:train(fast{ steps = 0 })", "option 'steps' must be between 1 and", NULL);
     run_err(L, "run:train(fast{ steps = 1.5 })", "'steps'", "integer", NULL);
     run_err(L, "run:train(fast{ steps = 1, batch = 0 })", "batch", NULL);
     run_err(L, "run:train(fast{ steps = 1, lr = -1 })", "lr must be a positive", NULL);

@@ -1,0 +1,105 @@
+/*
+** moe.h — the Mixture-of-Experts FFN layer: router, selection, capacity,
+** grouped expert execution, auxiliary losses, and the route trace.
+**
+** Forward, named where each stage happens (which is where the trace hooks in):
+**   route     logits = x · Wrᵀ (+ noise in training), p = softmax(logits)
+**   select    the router's rule (router.c) → per token: experts, weights, p
+**   capacity  drop assignments beyond C per expert (token-choice routers)
+**   group     a counting pass: the histogram is the expert load; tokens are
+**             gathered into contiguous rows, expert by expert
+**   experts   one GEMM per expert over its rows (experts spread over threads)
+**   combine   out[t] += Σ weight · expert output, in rank order
+** Backward runs the same stages in reverse. The state of the last forward
+** stays in MoeState: it is both what backward needs and the route trace that
+** the recorder persists (selection, load, drops, FLOPs, sparsity).
+*/
+#ifndef MOELAB_MOE_H
+#define MOELAB_MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+
+typedef struct {
+    float *router;                /* (E, C); NULL for hash routing */
+    float *fc[MOE_MAX_EXPERTS];   /* (H_e, C) */
+    float *gate[MOE_MAX_EXPERTS]; /* (H_e, C), SwiGLU only */
+    float *proj[MOE_MAX_EXPERTS]; /* (C, H_e) */
+} MoeWeights;
+
+enum { AUX_BALANCE, AUX_Z, AUX_CV2, AUX_P_PENALTY, AUX_KINDS };
+
+typedef struct {
+    int N, E, C, slots;       /* tokens, experts, d_model, selections per token at most */
+    int capacity;             /* per expert; 0 = dropless */
+    /* route */
+    float *logits, *probs;    /* (N, E) */
+    float *lse;               /* (N) logsumexp of the logits */
+    int *top1;                /* (N) argmax p */
+    /* select + capacity: rank order per token */
+    int *sel_expert;          /* (N, slots) */
+    float *sel_weight;        /* (N, slots) the factor on the expert's output */
+    float *sel_p;             /* (N, slots) the router probability of the choice */
+    int *sel_count;           /* (N) */
+    int *sel_row;             /* (N, slots) row in the grouped buffers, -1 if dropped */
+    /* group: kept assignments per expert */
+    int *counts, *offsets;    /* (E), (E + 1) */
+    int *dropped;             /* (E) */
+    size_t *hoff;             /* (E + 1) offsets into the hidden buffers */
+    float *prob_mass;         /* (E) Σ_t p_{t,e} */
+    int *row_token;           /* (A) */
+    /* experts */
+    float *xe, *ye;           /* (A, C) gathered inputs, unweighted outputs */
+    float *he, *ge, *ae;      /* (Σ_e n_e · H_e) fc, gate pre-activation, activation */
+    /* accounting */
+    double flops;             /* FLOPs executed by this layer in the last forward */
+    float aux[AUX_KINDS];     /* unweighted auxiliary losses */
+    float aux_weighted;       /* Σ coefficient · aux */
+    int64_t near_zero[MOE_MAX_EXPERTS]; /* activations with |a| <= eps, last forward */
+    double abs_sum[MOE_MAX_EXPERTS];
+    /* capacities of the buffers above (grow only) */
+    int cap_tokens, cap_slots;
+    size_t cap_rows, cap_hidden;
+    int *scratch;             /* (N) */
+    int freeze;               /* keep the last selection (and drops); recompute
+                              ** only the weights: for gradient checks and for
+                              ** re-running a recorded selection */
+} MoeState;
+
+/* Backward scratch shared by every MoE layer (grow only). */
+typedef struct {
+    float *dye, *dxe;         /* (A, C) */
+    float *dae, *dhe, *dge;   /* (Σ n_e H_e) */
+    float *dw;                /* (N, slots) */
+    float *dprobs, *dlogits;  /* (N, E) */
+    size_t cap_rows, cap_hidden, cap_tokens;
+} MoeScratch;
+
+void moe_state_free(MoeState *s);
+void moe_scratch_free(MoeScratch *s);
+
+/* out (N,C) += MoE(x (N,C)). tokens (N) are the input ids (for hash routing);
+** noise (N,E) is the standard normal noise to add to the logits times
+** config noise, or NULL. Fills s; returns -1 only when out of memory. */
+int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
+                const int *hash_map, float *out, const float *x, const int *tokens,
+                const float *noise, int N, int C, char *err);
+
+/* dx (N,C) = d/dx; grads accumulate into g. aux_scale multiplies the gradient
+** of this layer's weighted auxiliary losses (1 / MoE layers, as they are
+** averaged over layers). */
+int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
+                 const MoeWeights *w, MoeWeights *g, float *dx, const float *dout,
+                 const float *x, float aux_scale, char *err);
+
+/* Multiply-adds × 2 that one token's routing costs in this layer (router
+** included), from the last forward. */
+double moe_token_flops(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
+
+/* Sparsity of the last forward's expert activations: fills near_zero and
+** abs_sum per expert. */
+void moe_measure_sparsity(MoeState *s, const MoeConfig *mc, float eps);
+
+#endif

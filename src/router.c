@@ -1,0 +1,157 @@
+/*
+** router.c — the routers' selection rules and the capacity limit (router.h).
+*/
+#include "router.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* Expert indices sorted by p descending, ties to the lower index (insertion
+** sort: E is small and the sort must be stable). */
+static void sort_desc(const float *p, int E, int *idx) {
+    for (int i = 0; i < E; i++) {
+        int j = i;
+        while (j > 0 && p[idx[j - 1]] < p[i]) {
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        idx[j] = i;
+    }
+}
+
+static void renormalise(float *w, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += w[i];
+    if (s > 0.0f)
+        for (int i = 0; i < n; i++) w[i] /= s;
+}
+
+int router_select_topk(const float *p, int E, int k, int normalize, int *experts,
+                       float *weights) {
+    /* partial selection keeps rank order and is O(E·k) */
+    for (int r = 0; r < k; r++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < r && !taken; q++) taken = experts[q] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        experts[r] = best;
+        weights[r] = p[best];
+    }
+    if (normalize) renormalise(weights, k);
+    return k;
+}
+
+int router_select_threshold(const float *p, int E, float t, int max_k, int normalize,
+                            int *experts, float *weights) {
+    int idx[256];
+    sort_desc(p, E, idx);
+    int cap = max_k > 0 && max_k < E ? max_k : E;
+    double before = 0.0; /* the mass of the ranks already kept */
+    int n = 0;
+    for (int j = 0; j < cap; j++) {
+        if (j > 0 && !(before < t)) break;
+        experts[n] = idx[j];
+        weights[n] = p[idx[j]];
+        before += p[idx[j]];
+        n++;
+    }
+    if (normalize) renormalise(weights, n);
+    return n;
+}
+
+int router_select_hash(int token, const int *map, int *experts, float *weights) {
+    experts[0] = map[token];
+    weights[0] = 1.0f;
+    return 1;
+}
+
+/* qsort's context, as qsort has none of its own */
+static const float *sort_key;
+static int sort_stride, sort_column;
+
+static int by_key_desc(const void *a, const void *b) {
+    int i = *(const int *)a, j = *(const int *)b;
+    float x = sort_key[(size_t)i * sort_stride + sort_column];
+    float y = sort_key[(size_t)j * sort_stride + sort_column];
+    if (x > y) return -1;
+    if (x < y) return 1;
+    return (i > j) - (i < j);
+}
+
+void router_select_expert_choice(const float *probs, int N, int E, int capacity,
+                                 int *sel_expert, float *sel_weight, int *sel_count, int *order) {
+    if (capacity > N) capacity = N;
+    memset(sel_count, 0, sizeof(int) * (size_t)N);
+    for (int e = 0; e < E; e++) {
+        for (int t = 0; t < N; t++) order[t] = t;
+        sort_key = probs;
+        sort_stride = E;
+        sort_column = e;
+        qsort(order, (size_t)N, sizeof(int), by_key_desc);
+        for (int c = 0; c < capacity; c++) {
+            int t = order[c];
+            sel_expert[(size_t)t * E + sel_count[t]] = e;
+            sel_weight[(size_t)t * E + sel_count[t]] = probs[(size_t)t * E + e];
+            sel_count[t]++;
+        }
+    }
+    /* rank each token's experts by p */
+    for (int t = 0; t < N; t++) {
+        int *ex = sel_expert + (size_t)t * E;
+        float *w = sel_weight + (size_t)t * E;
+        for (int i = 1; i < sel_count[t]; i++) {
+            int e = ex[i];
+            float x = w[i];
+            int j = i;
+            while (j > 0 && (w[j - 1] < x || (w[j - 1] == x && ex[j - 1] > e))) {
+                ex[j] = ex[j - 1];
+                w[j] = w[j - 1];
+                j--;
+            }
+            ex[j] = e;
+            w[j] = x;
+        }
+    }
+}
+
+void router_apply_capacity(const int *sel_expert, const float *p_of_slot, const int *sel_count,
+                           int N, int slots, int E, int capacity, int *kept, int *dropped,
+                           int *order) {
+    int fill[256] = {0};
+    memset(dropped, 0, sizeof(int) * (size_t)E);
+    for (int r = 0; r < slots; r++) {
+        int n = 0;
+        for (int t = 0; t < N; t++)
+            if (r < sel_count[t]) order[n++] = t;
+        if (n == 0) break;
+        sort_key = p_of_slot;
+        sort_stride = slots;
+        sort_column = r;
+        qsort(order, (size_t)n, sizeof(int), by_key_desc);
+        for (int i = 0; i < n; i++) {
+            int t = order[i];
+            int e = sel_expert[(size_t)t * slots + r];
+            int ok = fill[e] < capacity;
+            kept[(size_t)t * slots + r] = ok;
+            if (ok) fill[e]++;
+            else dropped[e]++;
+        }
+    }
+}
+
+void router_weights_backward(float *dp, const float *p, const int *experts, const float *weights,
+                             const float *dw, int n, int renormalised) {
+    if (!renormalised) {
+        for (int i = 0; i < n; i++) dp[experts[i]] += dw[i];
+        return;
+    }
+    float s = 0.0f, dot = 0.0f;
+    for (int i = 0; i < n; i++) {
+        s += p[experts[i]];
+        dot += dw[i] * weights[i];
+    }
+    if (s <= 0.0f) return;
+    for (int i = 0; i < n; i++) dp[experts[i]] += (dw[i] - dot) / s;
+}
