@@ -407,10 +407,12 @@ static int model_config_l(lua_State *L) {
     return 1;
 }
 
+/* model:parameters() → total, active (per token: k experts per MoE layer) */
 static int model_parameters(lua_State *L) {
     LModel *m = check_model(L, 1);
     lua_pushinteger(L, (lua_Integer)m->m->num_parameters);
-    return 1;
+    lua_pushinteger(L, (lua_Integer)model_active_parameters(m->m));
+    return 2;
 }
 
 static int model_tostring(lua_State *L) {
@@ -623,8 +625,8 @@ static int db_run(lua_State *L) {
         luaL_error(L, "db:run: out of memory");
     }
     int64_t run_id;
-    int64_t params = (int64_t)m->m->num_parameters;
-    int rc = rec_run_begin(d->r, name, experiment, b.data, (uint64_t)seed, params, params, &run_id, err);
+    int rc = rec_run_begin(d->r, name, experiment, b.data, (uint64_t)seed,
+                           (int64_t)m->m->num_parameters, model_active_parameters(m->m), &run_id, err);
     jb_free(&b);
     if (rc != 0) luaL_error(L, "db:run: %s", err);
     if (trainer_init(&r->t, m->m, c->c, d->r, run_id, name, (uint64_t)seed, err) != 0)

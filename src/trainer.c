@@ -126,49 +126,222 @@ static void format_duration(char *buf, size_t n, double s) {
     else snprintf(buf, n, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
+/* Rows of one step's expert load: every MoE layer × expert, from the last forward. */
+static int record_step_load(Trainer *t, char *err) {
+    Model *m = t->model;
+    const MoeConfig *mc = &m->config.moe;
+    if (!t->rec || m->n_moe_layers == 0) return 0;
+    RecExpertLoad rows[MOE_MAX_EXPERTS];
+    for (int l = 0; l < m->config.layers; l++) {
+        if (!config_is_moe_block(&m->config, l)) continue;
+        const MoeState *s = &m->moe[l];
+        for (int e = 0; e < mc->experts; e++) {
+            rows[e].layer = l;
+            rows[e].expert = e;
+            rows[e].tokens = s->counts[e];
+            rows[e].dropped = s->dropped[e];
+            rows[e].prob_mass = mc->kind == ROUTER_HASH ? NAN : s->prob_mass[e];
+        }
+        if (rec_expert_load(t->rec, t->run_id, -1, t->step, rows, (size_t)mc->experts, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* What a recorded evaluation keeps until its eval_id exists. */
+typedef struct {
+    RecRouting **routing; /* (L) rows per layer, so that rows go out layer-major */
+    size_t *n_routing, *cap_routing;
+    RecTokenStat *tokens;
+    size_t n_tokens;
+    int64_t *activations, *near_zero; /* (L, E) */
+    double *abs_sum;
+} EvalRecord;
+
+static void eval_record_free(EvalRecord *r, int L) {
+    for (int l = 0; r->routing && l < L; l++) free(r->routing[l]);
+    free(r->routing);
+    free(r->n_routing);
+    free(r->cap_routing);
+    free(r->tokens);
+    free(r->activations);
+    free(r->near_zero);
+    free(r->abs_sum);
+    memset(r, 0, sizeof *r);
+}
+
+/* Appends the last forward's routing, token stats and sparsity (batch i). */
+static int eval_record_batch(EvalRecord *r, Model *m, int i, int B, int T) {
+    const ModelConfig *c = &m->config;
+    const MoeConfig *mc = &c->moe;
+    int N = B * T, E = mc->experts;
+    for (int l = 0; l < c->layers; l++) {
+        if (!config_is_moe_block(c, l)) continue;
+        MoeState *s = &m->moe[l];
+        size_t need = r->n_routing[l] + (size_t)s->offsets[E];
+        if (need > r->cap_routing[l]) {
+            size_t cap = need * 2;
+            RecRouting *p = realloc(r->routing[l], cap * sizeof *p);
+            if (!p) return -1;
+            r->routing[l] = p;
+            r->cap_routing[l] = cap;
+        }
+        RecRouting *out = r->routing[l] + r->n_routing[l];
+        size_t n = 0;
+        for (int t = 0; t < N; t++)
+            for (int k = 0; k < s->sel_count[t]; k++) {
+                size_t j = (size_t)t * s->slots + k;
+                if (s->sel_row[j] < 0) continue;
+                out[n++] = (RecRouting){.layer = l, .seq = i * B + t / T, .pos = t % T,
+                                        .token = m->acts.inputs[t], .rank = k,
+                                        .expert = s->sel_expert[j], .pass = 0,
+                                        .weight = s->sel_weight[j]};
+            }
+        r->n_routing[l] += n;
+        moe_measure_sparsity(s, mc, mc->sparsity_eps);
+        for (int e = 0; e < E; e++) {
+            r->activations[(size_t)l * E + e] += (int64_t)s->counts[e] * mc->hidden[e];
+            r->near_zero[(size_t)l * E + e] += s->near_zero[e];
+            r->abs_sum[(size_t)l * E + e] += s->abs_sum[e];
+        }
+    }
+    RecTokenStat *p = realloc(r->tokens, (r->n_tokens + (size_t)N) * sizeof *p);
+    if (!p) return -1;
+    r->tokens = p;
+    for (int t = 0; t < N; t++) {
+        RecTokenStat *ts = &r->tokens[r->n_tokens + t];
+        *ts = (RecTokenStat){.seq = i * B + t / T, .pos = t % T, .token = m->acts.inputs[t],
+                             .experts = 0, .loss = m->acts.losses[t], .moe_flops = 0.0};
+        for (int l = 0; l < c->layers; l++) {
+            if (!config_is_moe_block(c, l)) continue;
+            const MoeState *s = &m->moe[l];
+            for (int k = 0; k < s->sel_count[t]; k++) ts->experts += s->sel_row[(size_t)t * s->slots + k] >= 0;
+            ts->moe_flops += moe_token_flops(s, mc, c->activation, t);
+        }
+    }
+    r->n_tokens += (size_t)N;
+    return 0;
+}
+
+static int eval_record_write(EvalRecord *r, Trainer *t, int64_t eval_id, const int64_t *load,
+                             const int64_t *dropped, const double *mass, char *err) {
+    Model *m = t->model;
+    const ModelConfig *c = &m->config;
+    int E = c->moe.experts;
+    RecExpertLoad lrows[MOE_MAX_EXPERTS];
+    RecSparsity srows[MOE_MAX_EXPERTS];
+    for (int l = 0; l < c->layers; l++) {
+        if (!config_is_moe_block(c, l)) continue;
+        for (int e = 0; e < E; e++) {
+            size_t k = (size_t)l * E + e;
+            lrows[e] = (RecExpertLoad){.layer = l, .expert = e, .tokens = load[k],
+                                       .dropped = dropped[k],
+                                       .prob_mass = c->moe.kind == ROUTER_HASH ? NAN : mass[k]};
+            if (r) {
+                int64_t n = r->activations[k];
+                srows[e] = (RecSparsity){.layer = l, .expert = e, .activations = n,
+                                         .near_zero = r->near_zero[k],
+                                         .mean_abs = n > 0 ? r->abs_sum[k] / n : NAN};
+            }
+        }
+        if (rec_expert_load(t->rec, t->run_id, eval_id, t->step, lrows, (size_t)E, err) != 0)
+            return -1;
+        if (r && (rec_sparsity(t->rec, t->run_id, eval_id, srows, (size_t)E, err) != 0 ||
+                  rec_routing(t->rec, t->run_id, eval_id, r->routing[l], r->n_routing[l], err) != 0))
+            return -1;
+    }
+    if (r && rec_token_stats(t->rec, t->run_id, eval_id, r->tokens, r->n_tokens, err) != 0)
+        return -1;
+    return 0;
+}
+
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err) {
     Model *m = t->model;
-    int T = m->config.context, B = o->batch;
+    const ModelConfig *c = &m->config;
+    int T = c->context, B = o->batch, L = c->layers, E = c->moe.experts;
     memset(res, 0, sizeof *res);
     if (o->batches < 1 || B < 1)
         return ml_error(err, "evaluate: batches and batch must be at least 1 (got %d, %d)",
                         o->batches, B);
     if (corpus_check_context(t->corpus, o->split, T, err) != 0) return -1;
     if (ensure_batch(t, B, T, err) != 0) return -1;
+    int moe = m->n_moe_layers > 0;
+    int record = o->record && t->rec && moe;
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    if (!rng) return ml_error(err, "out of memory");
+    int64_t *load = moe ? calloc((size_t)L * E, sizeof *load) : NULL;
+    int64_t *dropped = moe ? calloc((size_t)L * E, sizeof *dropped) : NULL;
+    double *mass = moe ? calloc((size_t)L * E, sizeof *mass) : NULL;
+    EvalRecord rec = {0};
+    int rc = -1;
+    if (!rng || (moe && (!load || !dropped || !mass))) {
+        ml_error(err, "out of memory");
+        goto done;
+    }
+    if (record) {
+        rec.routing = calloc((size_t)L, sizeof *rec.routing);
+        rec.n_routing = calloc((size_t)L, sizeof *rec.n_routing);
+        rec.cap_routing = calloc((size_t)L, sizeof *rec.cap_routing);
+        rec.activations = calloc((size_t)L * E, sizeof *rec.activations);
+        rec.near_zero = calloc((size_t)L * E, sizeof *rec.near_zero);
+        rec.abs_sum = calloc((size_t)L * E, sizeof *rec.abs_sum);
+        if (!rec.routing || !rec.n_routing || !rec.cap_routing || !rec.activations ||
+            !rec.near_zero || !rec.abs_sum) {
+            ml_error(err, "out of memory");
+            goto done;
+        }
+    }
     gsl_rng_set(rng, (unsigned long)o->seed);
-    double total = 0.0;
-    int rc = 0;
+    m->training = 0;
+    double total = 0.0, flops = 0.0;
+    int64_t assignments = 0;
     for (int i = 0; i < o->batches; i++) {
         corpus_batch(t->corpus, o->split, rng, B, T, t->inputs, t->targets);
-        if (model_forward(m, t->inputs, t->targets, B, T, err) != 0) {
-            rc = -1;
-            break;
-        }
+        if (model_forward(m, t->inputs, t->targets, B, T, err) != 0) goto done;
         total += m->mean_loss;
+        flops += m->moe_flops;
+        for (int l = 0; moe && l < L; l++) {
+            if (!config_is_moe_block(c, l)) continue;
+            const MoeState *s = &m->moe[l];
+            assignments += s->offsets[E];
+            for (int e = 0; e < E; e++) {
+                load[(size_t)l * E + e] += s->counts[e];
+                dropped[(size_t)l * E + e] += s->dropped[e];
+                mass[(size_t)l * E + e] += s->prob_mass[e];
+            }
+        }
+        if (record && eval_record_batch(&rec, m, i, B, T) != 0) {
+            ml_error(err, "out of memory recording the evaluation");
+            goto done;
+        }
     }
-    gsl_rng_free(rng);
-    if (rc != 0) return -1;
     res->loss = total / o->batches;
     res->tokens = (int64_t)o->batches * B * T;
-    res->moe_flops_per_token = 0.0; /* a dense model runs no MoE layer */
-    res->experts_per_token = 0.0;
+    res->moe_flops_per_token = flops / res->tokens;
+    res->experts_per_token = moe ? (double)assignments / ((double)res->tokens * m->n_moe_layers) : 0.0;
     res->eval_id = -1;
     if (t->rec) {
         const char *split = corpus_split_name(o->split);
         if (rec_eval(t->rec, t->run_id, t->step, split, res->tokens, res->loss,
                      res->moe_flops_per_token, res->experts_per_token, &res->eval_id, err) != 0)
-            return -1;
+            goto done;
         /* the validation curve; a training-split evaluation stays in evals only,
         ** so that metrics keeps one 'train' row per step */
         if (o->split == SPLIT_VAL &&
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
-                       res->moe_flops_per_token, t->wall_ms, err) != 0)
-            return -1;
-        if (rec_flush(t->rec, err) != 0) return -1;
+                       res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
+            goto done;
+        if (moe && eval_record_write(record ? &rec : NULL, t, res->eval_id, load, dropped, mass, err) != 0)
+            goto done;
+        if (rec_flush(t->rec, err) != 0) goto done;
     }
-    return 0;
+    rc = 0;
+done:
+    if (rng) gsl_rng_free(rng);
+    free(load);
+    free(dropped);
+    free(mass);
+    eval_record_free(&rec, L);
+    return rc;
 }
 
 int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err) {
@@ -237,12 +410,15 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         double t0 = now_ms();
         corpus_batch(t->corpus, SPLIT_TRAIN, t->rng, B, T, t->inputs, t->targets);
-        if (model_forward(m, t->inputs, t->targets, B, T, err) != 0) { rc = -1; break; }
+        m->training = 1;
+        rc = model_forward(m, t->inputs, t->targets, B, T, err);
+        m->training = 0;
+        if (rc != 0) break;
         float loss = m->mean_loss;
-        if (!isfinite(loss)) {
+        if (!isfinite(loss) || !isfinite(m->aux_loss)) {
             status = "diverged";
             snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
-                     isnan(loss) ? "NaN" : "infinite", (long long)t->step);
+                     isnan(loss) || isnan(m->aux_loss) ? "NaN" : "infinite", (long long)t->step);
             break;
         }
         model_zero_grad(m);
@@ -263,8 +439,13 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             tail_n++;
         }
         if (t->rec) {
-            if (rec_metric(t->rec, t->run_id, t->step, "train", loss, NAN, lr, t->tokens, NAN,
-                           t->wall_ms, err) != 0) { rc = -1; break; }
+            int moe = m->n_moe_layers > 0;
+            RecAux aux = {m->aux_parts[AUX_BALANCE], m->aux_parts[AUX_Z], m->aux_parts[AUX_CV2],
+                          m->aux_parts[AUX_P_PENALTY]};
+            if (rec_metric(t->rec, t->run_id, t->step, "train", loss, moe ? m->aux_loss : NAN, lr,
+                           t->tokens, m->moe_flops / ((double)B * T), t->wall_ms,
+                           moe ? &aux : NULL, err) != 0 ||
+                record_step_load(t, err) != 0) { rc = -1; break; }
             if (t1 - last_flush > 1000.0) {
                 if (rec_flush(t->rec, err) != 0) { rc = -1; break; }
                 last_flush = t1;
