@@ -99,12 +99,15 @@ static void act_forward(ActKind act, float *out, const float *h, const float *g,
     }
 }
 
-/* A frozen selection: the same experts and drops, weights from the new p. */
-static void reweight(MoeState *s, const MoeConfig *mc) {
+/* A frozen selection: the same experts and drops; weights from the new p, or
+** kept as they are. Leaves kept flags (1/0) in sel_row for the group stage. */
+static void reweight(MoeState *s, const MoeConfig *mc, int from_p) {
     int renorm = (mc->kind == ROUTER_TOPK && mc->normalize) || mc->kind == ROUTER_TOPP;
     for (int t = 0; t < s->N; t++) {
         size_t k0 = (size_t)t * s->slots;
         float sum = 0.0f;
+        for (int i = 0; !from_p && i < s->slots; i++) s->sel_row[k0 + i] = s->sel_row[k0 + i] >= 0;
+        if (!from_p) continue;
         for (int i = 0; i < s->sel_count[t]; i++) {
             float p = s->probs[(size_t)t * s->E + s->sel_expert[k0 + i]];
             s->sel_p[k0 + i] = p;
@@ -161,7 +164,7 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
     }
 
     if (s->freeze) {
-        reweight(s, mc);
+        reweight(s, mc, s->freeze == 1);
         goto group;
     }
     /* select */

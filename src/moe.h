@@ -63,9 +63,10 @@ typedef struct {
     int cap_tokens, cap_slots;
     size_t cap_rows, cap_hidden;
     int *scratch;             /* (N) */
-    int freeze;               /* keep the last selection (and drops); recompute
-                              ** only the weights: for gradient checks and for
-                              ** re-running a recorded selection */
+    int freeze;               /* 1: keep the last selection (and drops) and
+                              ** recompute only the weights from p (gradient
+                              ** checks); 2: keep the weights too (re-running a
+                              ** recorded selection) */
 } MoeState;
 
 /* Backward scratch shared by every MoE layer (grow only). */

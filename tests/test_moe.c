@@ -1,0 +1,347 @@
+/*
+** test_moe.c — the MoE layer beyond its gradients: the selection rules on
+** hand-made probabilities, capacity priority, FLOPs accounting, checkpoints
+** with MoE names, expert_load against the forward's own counts, and recorded
+** routing that reproduces the forward pass when re-run.
+*/
+#include "testutil.h"
+
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include "checkpoint.h"
+#include "data.h"
+#include "model.h"
+#include "recorder.h"
+#include "router.h"
+#include "trainer.h"
+
+static void test_threshold_rule(void **state) {
+    (void)state;
+    int ex[8];
+    float w[8];
+    const float p[4] = {0.15f, 0.5f, 0.05f, 0.3f}; /* sorted: 1 (.5), 3 (.3), 0 (.15), 2 (.05) */
+    /* t = 0.7: rank 1 has 0.5 before it (< 0.7): kept; rank 2 has 0.8: stop */
+    assert_int_equal(router_select_threshold(p, 4, 0.7f, 0, 0, ex, w), 2);
+    assert_int_equal(ex[0], 1);
+    assert_int_equal(ex[1], 3);
+    assert_true(w[0] == 0.5f && w[1] == 0.3f); /* raw p, not renormalised */
+    /* the mass before rank 2 is 0.8 (in float, 0.5f + 0.3f): not < 0.8 */
+    assert_int_equal(router_select_threshold(p, 4, 0.5f + 0.3f, 0, 0, ex, w), 2);
+    assert_int_equal(router_select_threshold(p, 4, 0.81f, 0, 0, ex, w), 3);
+    assert_int_equal(ex[2], 0);
+    /* t = 1: every expert (the mass before the last is 0.95 < 1) */
+    assert_int_equal(router_select_threshold(p, 4, 1.0f, 0, 0, ex, w), 4);
+    /* max_k caps it */
+    assert_int_equal(router_select_threshold(p, 4, 1.0f, 2, 0, ex, w), 2);
+    /* rank 0 is always kept, even when its own mass exceeds t */
+    const float dominant[4] = {0.01f, 0.01f, 0.97f, 0.01f};
+    assert_int_equal(router_select_threshold(dominant, 4, 0.1f, 0, 0, ex, w), 1);
+    assert_int_equal(ex[0], 2);
+    assert_int_equal(router_select_threshold(dominant, 4, 0.9f, 0, 0, ex, w), 1);
+    /* ties go to the lower expert index, in rank order */
+    const float flat[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+    assert_int_equal(router_select_threshold(flat, 4, 0.5f, 0, 0, ex, w), 2);
+    assert_int_equal(ex[0], 0);
+    assert_int_equal(ex[1], 1);
+    assert_int_equal(router_select_threshold(flat, 4, 0.6f, 0, 0, ex, w), 3);
+    /* the topp alias: same experts, weights renormalised */
+    assert_int_equal(router_select_threshold(p, 4, 0.7f, 0, 1, ex, w), 2);
+    assert_true(test_close(w[0], 0.5 / 0.8, 1e-6, 0) && test_close(w[1], 0.3 / 0.8, 1e-6, 0));
+}
+
+static void test_topk_rule(void **state) {
+    (void)state;
+    int ex[4];
+    float w[4];
+    const float p[4] = {0.1f, 0.4f, 0.1f, 0.4f};
+    assert_int_equal(router_select_topk(p, 4, 2, 1, ex, w), 2);
+    assert_int_equal(ex[0], 1); /* tie: lower index first */
+    assert_int_equal(ex[1], 3);
+    assert_true(test_close(w[0], 0.5, 1e-6, 0) && test_close(w[1], 0.5, 1e-6, 0));
+    assert_int_equal(router_select_topk(p, 4, 1, 0, ex, w), 1); /* Switch: k = 1, raw */
+    assert_true(w[0] == 0.4f);
+    assert_int_equal(router_select_topk(p, 4, 3, 0, ex, w), 3);
+    assert_int_equal(ex[2], 0);
+}
+
+static void test_capacity_priority(void **state) {
+    /* 3 tokens, 2 experts, k = 2, capacity 1 per expert.
+    ** token 0: first expert 1 (p .9), second expert 0 (p .1)
+    ** token 1: first expert 0 (p .6), second expert 1 (p .4)
+    ** token 2: first expert 0 (p .7), second expert 1 (p .3)
+    ** rank 0 first, by p: token 0 → e1 kept, token 2 → e0 kept, token 1 → e0 dropped;
+    ** then rank 1: every second choice finds its expert full. */
+    (void)state;
+    const int sel[6] = {1, 0, 0, 1, 0, 1};
+    const float ps[6] = {0.9f, 0.1f, 0.6f, 0.4f, 0.7f, 0.3f};
+    const int count[3] = {2, 2, 2};
+    int kept[6], dropped[2], order[3];
+    router_apply_capacity(sel, ps, count, 3, 2, 2, 1, kept, dropped, order);
+    const int want[6] = {1, 0, 0, 0, 1, 0};
+    for (int i = 0; i < 6; i++) assert_int_equal(kept[i], want[i]);
+    assert_int_equal(dropped[0], 2);
+    assert_int_equal(dropped[1], 2);
+}
+
+static void test_expert_choice_rule(void **state) {
+    (void)state;
+    /* 3 tokens, 2 experts, each expert takes 1 token */
+    const float probs[6] = {0.8f, 0.2f, 0.6f, 0.4f, 0.3f, 0.7f};
+    int ex[6], count[3], order[3];
+    float w[6];
+    router_select_expert_choice(probs, 3, 2, 1, ex, w, count, order);
+    assert_int_equal(count[0], 1); /* expert 0 takes token 0 (0.8) */
+    assert_int_equal(ex[0], 0);
+    assert_int_equal(count[1], 0); /* token 1 gets nothing */
+    assert_int_equal(count[2], 1); /* expert 1 takes token 2 (0.7) */
+    assert_int_equal(ex[4], 1);
+    assert_true(w[4] == 0.7f);
+}
+
+static ModelConfig moe_model(RouterKind kind) {
+    ModelConfig c;
+    config_defaults(&c);
+    c.context = 16;
+    c.layers = 2;
+    c.d_model = 16;
+    c.heads = 2;
+    c.ffn_hidden = 32;
+    c.moe.enabled = 1;
+    c.moe.experts = 4;
+    for (int e = 0; e < 4; e++) c.moe.hidden[e] = 8 + 4 * e;
+    c.moe.hidden_list = 1;
+    c.moe.kind = kind;
+    c.moe.k = 2;
+    c.moe.p = 0.7f;
+    c.moe.sparsity_eps = 0.01f;
+    return c;
+}
+
+static void test_flops_accounting(void **state) {
+    (void)state;
+    ModelConfig c = moe_model(ROUTER_TOPK);
+    c.moe.every = 2; /* one MoE layer (block 1) */
+    Model *m;
+    char err[ML_ERRLEN];
+    assert_int_equal(model_create(&m, &c, err), 0);
+    int in[2 * 16], tg[2 * 16];
+    for (int i = 0; i < 32; i++) in[i] = tg[i] = (i * 37) % 256;
+    assert_int_equal(model_forward(m, in, tg, 2, 16, err), 0);
+    const MoeState *s = &m->moe[1];
+    double want = 2.0 * 32 * 16 * 4; /* the router */
+    for (int e = 0; e < 4; e++) want += 2.0 * 2 * s->counts[e] * 16 * c.moe.hidden[e];
+    assert_true(s->flops == want);
+    assert_true(m->moe_flops == want);
+    double per_token = 0.0;
+    for (int t = 0; t < 32; t++) per_token += moe_token_flops(s, &c.moe, c.activation, t);
+    assert_true(test_close(per_token, want, 1e-12, 0));
+    int total = 0;
+    for (int e = 0; e < 4; e++) total += s->counts[e];
+    assert_int_equal(total, 64); /* dropless top-2 */
+    model_free(m);
+}
+
+static void test_moe_checkpoint(void **state) {
+    (void)state;
+    RouterKind kinds[] = {ROUTER_TOPK, ROUTER_HASH};
+    for (int k = 0; k < 2; k++) {
+        ModelConfig c = moe_model(kinds[k]);
+        c.activation = ACT_SWIGLU;
+        Model *m, *back;
+        char err[ML_ERRLEN], dir[] = "/tmp/moelab_moeckpt_XXXXXX", path[256];
+        assert_non_null(mkdtemp(dir));
+        snprintf(path, sizeof path, "%s/m.safetensors", dir);
+        assert_int_equal(model_create(&m, &c, err), 0);
+        test_fill(m->param_mem, m->num_parameters, 0.3f, 5);
+        int i = model_find_param(m, "h.1.moe.experts.3.fc.weight");
+        assert_true(i >= 0);
+        assert_int_equal(m->params[i].shape[0], 20);
+        assert_int_equal(m->params[i].shape[1], 16);
+        i = model_find_param(m, "h.0.moe.experts.2.proj.weight");
+        assert_int_equal(m->params[i].shape[0], 16);
+        assert_int_equal(m->params[i].shape[1], 16);
+        assert_true(model_find_param(m, "h.0.moe.experts.0.gate.weight") >= 0);
+        assert_int_equal(model_find_param(m, "h.0.mlp.fc.weight"), -1);
+        assert_int_equal(model_find_param(m, "h.0.moe.router.weight") >= 0, kinds[k] != ROUTER_HASH);
+        if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
+        if (checkpoint_load(&back, path, err) != 0) fail_msg("%s", err);
+        assert_memory_equal(back->param_mem, m->param_mem, sizeof(float) * m->num_parameters);
+        assert_memory_equal(&back->config, &m->config, sizeof(ModelConfig));
+        int tokens[17];
+        for (int j = 0; j < 17; j++) tokens[j] = "And God said, Let"[j];
+        float a, b;
+        assert_int_equal(model_sequence_loss(m, tokens, 17, &a, err), 0);
+        assert_int_equal(model_sequence_loss(back, tokens, 17, &b, err), 0);
+        assert_true(a == b);
+        model_free(m);
+        model_free(back);
+        unlink(path);
+        rmdir(dir);
+    }
+}
+
+/* A trained-for-a-few-steps model in an in-memory database. */
+typedef struct {
+    Corpus *corpus;
+    Model *model;
+    Recorder *rec;
+    Trainer t;
+} Fixture;
+
+static void fixture_open(Fixture *f, ModelConfig c, int steps) {
+    char err[ML_ERRLEN], text[6000];
+    for (size_t i = 0; i < sizeof text; i++) text[i] = "the lord said unto moses, "[(i * 5 + i / 7) % 26];
+    int64_t run_id;
+    assert_int_equal(corpus_from_bytes(&f->corpus, (const uint8_t *)text, sizeof text, 0.8, err), 0);
+    assert_int_equal(model_create(&f->model, &c, err), 0);
+    assert_int_equal(rec_open(&f->rec, ":memory:", err), 0);
+    assert_int_equal(rec_run_begin(f->rec, "moe", NULL, NULL, 1, 0, 0, &run_id, err), 0);
+    assert_int_equal(trainer_init(&f->t, f->model, f->corpus, f->rec, run_id, "moe", 1, err), 0);
+    TrainOptions o;
+    train_options_defaults(&o);
+    o.steps = steps;
+    o.batch = 4;
+    o.warmup = 1;
+    o.progress = 0;
+    o.eval_batches = 1;
+    TrainResult res;
+    if (trainer_train(&f->t, &o, &res, err) != 0) fail_msg("%s", err);
+}
+
+static void fixture_close(Fixture *f) {
+    trainer_free(&f->t);
+    rec_close(f->rec);
+    model_free(f->model);
+    corpus_free(f->corpus);
+}
+
+static int64_t query_int(Recorder *r, const char *sql) {
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(rec_db(r), sql, -1, &st, NULL) != SQLITE_OK)
+        fail_msg("%s: %s", sql, sqlite3_errmsg(rec_db(r)));
+    int64_t v = sqlite3_step(st) == SQLITE_ROW ? sqlite3_column_int64(st, 0) : -1;
+    sqlite3_finalize(st);
+    return v;
+}
+
+static void test_expert_load_matches_forward(void **state) {
+    (void)state;
+    float factors[] = {0.0f, 1.0f};
+    for (int i = 0; i < 2; i++) {
+        ModelConfig c = moe_model(ROUTER_TOPK);
+        c.moe.capacity_factor = factors[i];
+        c.moe.min_capacity = 0;
+        Fixture f;
+        fixture_open(&f, c, 3);
+        /* a training step's rows account for every assignment */
+        int64_t assigned = query_int(f.rec,
+            "SELECT SUM(tokens) + SUM(dropped) FROM expert_load WHERE eval_id IS NULL AND step = 3 AND layer = 0");
+        assert_int_equal(assigned, 4 * 16 * 2); /* B·T tokens, k = 2 each */
+        int64_t dropped = query_int(f.rec,
+            "SELECT SUM(dropped) FROM expert_load WHERE eval_id IS NULL AND layer = 1");
+        if (i == 0) assert_int_equal(dropped, 0);
+        /* capacity 1: C = ceil(1 · 64 · 2 / 4) = 32; no expert over it in training */
+        if (i == 1)
+            assert_int_equal(query_int(f.rec, "SELECT COUNT(*) FROM expert_load "
+                                              "WHERE eval_id IS NULL AND tokens > 32"), 0);
+        /* a one-batch evaluation: its rows are exactly the forward's counts */
+        EvalOptions eo;
+        eval_options_defaults(&eo);
+        eo.batches = 1;
+        eo.batch = 4;
+        EvalResult er;
+        char err[ML_ERRLEN];
+        if (trainer_evaluate(&f.t, &eo, &er, err) != 0) fail_msg("%s", err);
+        for (int l = 0; l < 2; l++)
+            for (int e = 0; e < 4; e++) {
+                char sql[256];
+                snprintf(sql, sizeof sql, "SELECT tokens * 1000000 + dropped FROM expert_load "
+                         "WHERE eval_id = %lld AND layer = %d AND expert = %d",
+                         (long long)er.eval_id, l, e);
+                const MoeState *s = &f.model->moe[l];
+                assert_int_equal(query_int(f.rec, sql), (int64_t)s->counts[e] * 1000000 + s->dropped[e]);
+            }
+        fixture_close(&f);
+    }
+}
+
+/* A recorded evaluation's routing rows, fed back as a frozen selection,
+** reproduce the layer's output bit for bit. */
+static void test_recorded_routing_reproduces_forward(void **state) {
+    (void)state;
+    RouterKind kinds[] = {ROUTER_THRESHOLD, ROUTER_TOPK, ROUTER_EXPERT_CHOICE};
+    for (int k = 0; k < 3; k++) {
+        ModelConfig c = moe_model(kinds[k]);
+        if (kinds[k] == ROUTER_TOPK) c.moe.capacity_factor = 0.75f; /* with drops */
+        Fixture f;
+        fixture_open(&f, c, 2);
+        EvalOptions eo;
+        eval_options_defaults(&eo);
+        eo.batches = 1;
+        eo.batch = 4;
+        eo.record = 1;
+        EvalResult er;
+        char err[ML_ERRLEN];
+        if (trainer_evaluate(&f.t, &eo, &er, err) != 0) fail_msg("%s", err);
+        Model *m = f.model;
+        int N = 4 * 16, C = 16;
+        for (int l = 0; l < 2; l++) {
+            MoeState *s = &m->moe[l];
+            BlockActs *b = &m->acts.blocks[l];
+            /* wipe the selection and rebuild it from the database */
+            for (int t = 0; t < N; t++) {
+                s->sel_count[t] = 0;
+                for (int i = 0; i < s->slots; i++) s->sel_row[(size_t)t * s->slots + i] = -1;
+            }
+            sqlite3_stmt *st;
+            char sql[256];
+            snprintf(sql, sizeof sql, "SELECT seq, pos, rank, expert, weight FROM routing "
+                     "WHERE eval_id = %lld AND layer = %d ORDER BY seq, pos, rank",
+                     (long long)er.eval_id, l);
+            assert_int_equal(sqlite3_prepare_v2(rec_db(f.rec), sql, -1, &st, NULL), SQLITE_OK);
+            int rows = 0;
+            while (sqlite3_step(st) == SQLITE_ROW) {
+                int t = sqlite3_column_int(st, 0) * 16 + sqlite3_column_int(st, 1);
+                int rank = sqlite3_column_int(st, 2); /* a dropped rank leaves a gap */
+                assert_true(rank >= s->sel_count[t] && rank < s->slots);
+                s->sel_count[t] = rank + 1;
+                s->sel_expert[(size_t)t * s->slots + rank] = sqlite3_column_int(st, 3);
+                s->sel_weight[(size_t)t * s->slots + rank] = (float)sqlite3_column_double(st, 4);
+                s->sel_row[(size_t)t * s->slots + rank] = 0; /* kept */
+                rows++;
+            }
+            sqlite3_finalize(st);
+            assert_true(rows > 0);
+            float *out = malloc(sizeof(float) * (size_t)N * C);
+            memcpy(out, b->res2, sizeof(float) * (size_t)N * C);
+            s->freeze = 2; /* the recorded experts and weights */
+            assert_int_equal(moe_forward(s, &c.moe, c.activation, m->w.blocks[l].moe, NULL, out,
+                                         b->ln2, m->acts.inputs, NULL, N, C, err), 0);
+            s->freeze = 0;
+            for (int i = 0; i < N * C; i++)
+                if (out[i] != b->res3[i])
+                    fail_msg("router %d layer %d: element %d differs: %g vs %g", k, l, i,
+                             (double)out[i], (double)b->res3[i]);
+            free(out);
+        }
+        /* token_stats and routing agree on the experts each token received */
+        assert_int_equal(query_int(f.rec, "SELECT SUM(experts) FROM token_stats"),
+                         query_int(f.rec, "SELECT COUNT(*) FROM routing"));
+        fixture_close(&f);
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_threshold_rule),
+        cmocka_unit_test(test_topk_rule),
+        cmocka_unit_test(test_capacity_priority),
+        cmocka_unit_test(test_expert_choice_rule),
+        cmocka_unit_test(test_flops_accounting),
+        cmocka_unit_test(test_moe_checkpoint),
+        cmocka_unit_test(test_expert_load_matches_forward),
+        cmocka_unit_test(test_recorded_routing_reproduces_forward),
+    };
+    return cmocka_run_group_tests_name("moe", tests, NULL, NULL);
+}
