@@ -4,13 +4,18 @@
 **
 ** The gnuplot program that reaches gnuplot's standard input is:
 **
+**     $train << EOD ... EOD                the figure's data (figure writer)
 **     set terminal pdfcairo ...            from the output's extension
 **     set output './results/loss.pdf'
 **     nruns = 2
 **     array run_title[2]; run_title[1] = 'top2'; ...
-**     $train << EOD ... EOD                the figure's data (figure writer)
 **     load '/path/plots/loss.gp'           the figure script draws
 **     unset output                         and the file is complete
+**
+** The data comes first because a figure drops the runs that lack its data
+** when the runs were not named (a dense baseline has no routing to draw),
+** and the page grows with the runs that remain. A run named in the run list
+** that lacks the data is an error that says how to record it.
 **
 ** Every string is a gnuplot single-quoted string, in which nothing but ''
 ** (a literal quote) is special, so paths and run names with spaces, quotes
@@ -47,16 +52,18 @@ typedef struct {
 typedef struct {
     PlotRun *runs;
     int count;
+    int named;           /* chosen by name, not "every run" */
 } PlotRuns;
 
 /* Writes a figure's datablocks and variables; fails when the selected runs
-** have nothing to draw. */
+** have nothing to draw. May drop runs without data (see plot_keep_runs). */
 typedef int (*PlotDataWriter)(FILE *gp, sqlite3 *db, const char *db_path,
-                              const PlotRuns *runs, char *err);
+                              PlotRuns *runs, char *err);
 
 typedef struct {
     const char *name;            /* also the script's name: plots_dir/NAME.gp */
     PlotDataWriter write_data;
+    int panels;                  /* one panel per run (up to 3 a row), not one plot */
 } PlotFigure;
 
 /* The page is width x height, taller by per_run for each run past the
@@ -69,12 +76,25 @@ typedef struct {
     const char *options;
 } PlotFormat;
 
-static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path,
-                          const PlotRuns *runs, char *err);
+static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
+                          char *err);
+static int plot_expert_load_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
+                                 char *err);
+static int plot_experts_per_token_data(FILE *gp, sqlite3 *db, const char *db_path,
+                                       PlotRuns *runs, char *err);
+static int plot_loss_vs_flops_data(FILE *gp, sqlite3 *db, const char *db_path,
+                                   PlotRuns *runs, char *err);
 
+/* In the order of PLOT_FIGURES. */
 static const PlotFigure plot_figures[] = {
-    {"loss", plot_loss_data},
+    {"loss", plot_loss_data, 0},
+    {"expert_load", plot_expert_load_data, 1},
+    {"experts_per_token", plot_experts_per_token_data, 0},
+    {"loss_vs_flops", plot_loss_vs_flops_data, 0},
 };
+
+/* Panels a row in a figure of one panel per run. */
+#define PLOT_PANEL_COLUMNS 3
 
 /* Sized for a paper: the PDF fits one column of a two-column page, the PNG
 ** is that figure at 300 dpi, the SVG suits a web page. noenhanced keeps '_'
@@ -244,6 +264,7 @@ cleanup:
 static int plot_select_runs(sqlite3 *db, const char *db_path, const char *runs_csv,
                             PlotRuns *runs, char *err) {
     int all = !runs_csv || runs_csv[strspn(runs_csv, " \t")] == '\0';
+    runs->named = !all;
     if (all ? plot_select_all_runs(db, db_path, runs, err)
             : plot_select_named_runs(db, db_path, runs_csv, runs, err))
         return -1;
@@ -256,6 +277,48 @@ static int plot_select_runs(sqlite3 *db, const char *db_path, const char *runs_c
             if (j != i && strcmp(runs->runs[i].name, runs->runs[j].name) == 0)
                 runs->runs[i].name_repeats = 1;
     }
+    return 0;
+}
+
+/*
+** Keeps the runs that have a figure's data (has[i]), in order, and their
+** entries of the writer's per-run array info (count elements of size bytes)
+** alike. A named run without the data is an error: "run 'x' has no
+** <missing>: <remedy>"; when every run was selected, runs without it are
+** left out, and it is an error only if none has it.
+*/
+static int plot_keep_runs(PlotRuns *runs, const int *has, void *info, size_t size,
+                          const char *db_path, const char *missing, const char *remedy,
+                          char *err) {
+    int kept = 0;
+    for (int i = 0; i < runs->count; i++)
+        if (!has[i] && runs->named)
+            return ml_error(err, "run '%s' has no %s: %s", runs->runs[i].name, missing, remedy);
+    for (int i = 0; i < runs->count; i++) {
+        if (!has[i]) {
+            free(runs->runs[i].name);
+            continue;
+        }
+        if (kept != i)
+            memcpy((char *)info + (size_t)kept * size, (char *)info + (size_t)i * size, size);
+        runs->runs[kept++] = runs->runs[i];
+    }
+    int had = runs->count;
+    runs->count = kept;
+    if (kept == 0)
+        return ml_error(err, "no run in '%s' has %s (%d run%s looked at): %s", db_path, missing,
+                        had, had == 1 ? "" : "s", remedy);
+    return 0;
+}
+
+static int plot_db_error(sqlite3 *db, const char *db_path, const char *what, char *err) {
+    return ml_error(err, "'%s': cannot read %s: %s", db_path, what, sqlite3_errmsg(db));
+}
+
+static int plot_prepare(sqlite3 *db, const char *db_path, const char *what, const char *sql,
+                        sqlite3_stmt **st, char *err) {
+    if (sqlite3_prepare_v2(db, sql, -1, st, NULL) != SQLITE_OK)
+        return plot_db_error(db, db_path, what, err);
     return 0;
 }
 
@@ -286,8 +349,8 @@ static void plot_put_run_titles(FILE *gp, const PlotRuns *runs) {
 ** has_val[i] (0 or 1), tokens_min (the smallest positive x, 0 if none) and
 ** tokens_max.
 */
-static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path,
-                          const PlotRuns *runs, char *err) {
+static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
+                          char *err) {
     static const char *splits[] = {"train", "val"};
     sqlite3_stmt *st = NULL;
     int *has_rows = calloc((size_t)runs->count * 2, sizeof *has_rows);
@@ -354,6 +417,416 @@ static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path,
 cleanup:
     sqlite3_finalize(st);
     free(has_rows);
+    return status;
+}
+
+/* ---- figure "expert_load" --------------------------------------------- */
+
+typedef struct {
+    int64_t eval_id;     /* the evaluation drawn; -1: the training steps summed */
+    int64_t step;        /* its step, or the last training step */
+    int64_t steps;       /* training steps summed */
+} PlotLoadSource;
+
+/* The latest evaluation of the run with expert_load rows, else its training
+** steps; *found = 0 when it has neither. */
+static int plot_load_source(sqlite3 *db, const char *db_path, int64_t run_id,
+                            PlotLoadSource *src, int *found, char *err) {
+    sqlite3_stmt *st = NULL;
+    int status = -1, rc;
+    *found = 0;
+    if (plot_prepare(db, db_path, "expert_load",
+                     "SELECT eval_id, step FROM expert_load WHERE run_id = ?1"
+                     " AND eval_id IS NOT NULL ORDER BY eval_id DESC LIMIT 1", &st, err))
+        goto cleanup;
+    sqlite3_bind_int64(st, 1, run_id);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        src->eval_id = sqlite3_column_int64(st, 0);
+        src->step = sqlite3_column_int64(st, 1);
+        src->steps = 0;
+        *found = 1;
+        status = 0;
+        goto cleanup;
+    }
+    if (rc != SQLITE_DONE) {
+        plot_db_error(db, db_path, "expert_load", err);
+        goto cleanup;
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    if (plot_prepare(db, db_path, "expert_load",
+                     "SELECT count(DISTINCT step), max(step) FROM expert_load"
+                     " WHERE run_id = ?1 AND eval_id IS NULL", &st, err))
+        goto cleanup;
+    sqlite3_bind_int64(st, 1, run_id);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        plot_db_error(db, db_path, "expert_load", err);
+        goto cleanup;
+    }
+    src->eval_id = -1;
+    src->steps = sqlite3_column_int64(st, 0);
+    src->step = sqlite3_column_int64(st, 1);
+    *found = src->steps > 0;
+    status = 0;
+cleanup:
+    sqlite3_finalize(st);
+    return status;
+}
+
+/*
+** $load: per run (index i-1) one row per (layer, expert) cell, "expert row
+** share layer", where row numbers the run's MoE layers from 0 and share is
+** the expert's part of the assignments its layer kept (0 when the layer
+** kept none); experts missing from a layer's rows count 0. Also
+** panel_note[i] (what was summed), panel_experts[i], panel_layers[i] and
+** share_max over every panel, for one colour scale.
+*/
+static int plot_load_cells(FILE *gp, sqlite3 *db, const char *db_path, int64_t run_id,
+                           const PlotLoadSource *src, int *experts, int *layers,
+                           double *share_max, char *err) {
+    typedef struct {
+        int layer, expert;
+        int64_t tokens;
+    } Cell;
+    sqlite3_stmt *st = NULL;
+    Cell *cells = NULL;
+    int64_t *layer_total = NULL;
+    size_t n = 0, cap = 0;
+    int status = -1, rc, n_experts = 0, n_layers = 0;
+    if (plot_prepare(db, db_path, "expert_load",
+                     "SELECT layer, expert, sum(tokens) FROM expert_load"
+                     " WHERE run_id = ?1 AND eval_id IS ?2 AND expert >= 0"
+                     " GROUP BY layer, expert ORDER BY layer, expert", &st, err))
+        goto cleanup;
+    sqlite3_bind_int64(st, 1, run_id);
+    if (src->eval_id >= 0)
+        sqlite3_bind_int64(st, 2, src->eval_id);
+    else
+        sqlite3_bind_null(st, 2);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            Cell *grown = realloc(cells, cap * sizeof *grown);
+            if (!grown)
+                goto oom;
+            cells = grown;
+        }
+        Cell *c = &cells[n++];
+        c->layer = sqlite3_column_int(st, 0);
+        c->expert = sqlite3_column_int(st, 1);
+        c->tokens = sqlite3_column_int64(st, 2);
+        if (c->expert >= n_experts)
+            n_experts = c->expert + 1;
+        if (n == 1 || c->layer != cells[n - 2].layer)
+            n_layers++;
+    }
+    if (rc != SQLITE_DONE) {
+        plot_db_error(db, db_path, "expert_load", err);
+        goto cleanup;
+    }
+    layer_total = calloc((size_t)n_layers + 1, sizeof *layer_total);
+    if (!layer_total)
+        goto oom;
+    for (size_t i = 0, row = 0; i < n; i++) {
+        if (i > 0 && cells[i].layer != cells[i - 1].layer)
+            row++;
+        layer_total[row] += cells[i].tokens;
+    }
+    /* The grid row by row, experts without rows as 0; cells are sorted. */
+    for (size_t i = 0, row = 0; i < n; row++) {
+        int layer = cells[i].layer;
+        for (int e = 0; e < n_experts; e++) {
+            int64_t tokens = 0;
+            if (i < n && cells[i].layer == layer && cells[i].expert == e)
+                tokens = cells[i++].tokens;
+            double share = layer_total[row] > 0 ? (double)tokens / layer_total[row] : 0.0;
+            if (share > *share_max)
+                *share_max = share;
+            fprintf(gp, "%d %zu %.6g %d\n", e, row, share, layer);
+        }
+    }
+    *experts = n_experts;
+    *layers = n_layers;
+    status = 0;
+    goto cleanup;
+oom:
+    ml_error(err, "out of memory reading expert_load");
+cleanup:
+    sqlite3_finalize(st);
+    free(cells);
+    free(layer_total);
+    return status;
+}
+
+static int plot_expert_load_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
+                                 char *err) {
+    PlotLoadSource *src = calloc((size_t)runs->count, sizeof *src);
+    int *has = calloc((size_t)runs->count, sizeof *has);
+    int *experts = calloc((size_t)runs->count, sizeof *experts);
+    int *layers = calloc((size_t)runs->count, sizeof *layers);
+    double share_max = 0;
+    int status = -1;
+    if (!src || !has || !experts || !layers) {
+        ml_error(err, "out of memory reading expert_load");
+        goto cleanup;
+    }
+    for (int i = 0; i < runs->count; i++)
+        if (plot_load_source(db, db_path, runs->runs[i].run_id, &src[i], &has[i], err))
+            goto cleanup;
+    if (plot_keep_runs(runs, has, src, sizeof *src, db_path, "recorded expert load",
+                       "only MoE models record it, at every training step and evaluation",
+                       err))
+        goto cleanup;
+    fputs("$load << EOD\n", gp);
+    for (int i = 0; i < runs->count; i++) {
+        if (i > 0)
+            fputs("\n\n", gp);
+        if (plot_load_cells(gp, db, db_path, runs->runs[i].run_id, &src[i], &experts[i],
+                            &layers[i], &share_max, err))
+            goto cleanup;
+    }
+    fputs("EOD\n", gp);
+    fprintf(gp, "array panel_note[%d]\narray panel_experts[%d]\narray panel_layers[%d]\n",
+            runs->count, runs->count, runs->count);
+    for (int i = 0; i < runs->count; i++) {
+        char note[128];
+        if (src[i].eval_id >= 0)
+            snprintf(note, sizeof note, "evaluation at step %lld", (long long)src[i].step);
+        else
+            snprintf(note, sizeof note, "training, %lld step%s summed",
+                     (long long)src[i].steps, src[i].steps == 1 ? "" : "s");
+        fprintf(gp, "panel_note[%d] = ", i + 1);
+        plot_put_quoted(gp, "", note);
+        fprintf(gp, "\npanel_experts[%d] = %d\npanel_layers[%d] = %d\n", i + 1, experts[i],
+                i + 1, layers[i]);
+    }
+    fprintf(gp, "share_max = %.6g\n", share_max > 0 ? share_max : 1.0);
+    status = 0;
+cleanup:
+    free(src);
+    free(has);
+    free(experts);
+    free(layers);
+    return status;
+}
+
+/* ---- figure "experts_per_token" --------------------------------------- */
+
+typedef struct {
+    int64_t eval_id, step;
+    int64_t *pairs;      /* (max_experts + 1) (token, layer) pairs by expert count */
+    int max_experts;
+    int64_t total;       /* (token, layer) pairs */
+    double mean;
+} PlotExpertsHist;
+
+static int plot_hist_add(PlotExpertsHist *h, int64_t experts, int64_t count) {
+    if (experts > h->max_experts || !h->pairs) {
+        int64_t *grown = realloc(h->pairs, (size_t)(experts + 1) * sizeof *grown);
+        if (!grown)
+            return -1;
+        for (int64_t e = h->pairs ? h->max_experts + 1 : 0; e <= experts; e++)
+            grown[e] = 0;
+        h->pairs = grown;
+        h->max_experts = (int)experts;
+    }
+    h->pairs[experts] += count;
+    h->total += count;
+    return 0;
+}
+
+/*
+** The latest evaluation of a run that recorded routing, and its histogram:
+** for every (token, layer) the number of routing rows, so that a stratified
+** token's passes count together; tokens in token_stats that no expert took
+** in a layer (expert choice) count 0.
+*/
+static int plot_experts_hist(sqlite3 *db, const char *db_path, int64_t run_id,
+                             PlotExpertsHist *h, int *found, char *err) {
+    sqlite3_stmt *st = NULL;
+    int status = -1, rc;
+    *found = 0;
+    if (plot_prepare(db, db_path, "routing",
+                     "SELECT e.eval_id, e.step FROM evals e WHERE e.run_id = ?1 AND EXISTS"
+                     " (SELECT 1 FROM routing r WHERE r.eval_id = e.eval_id)"
+                     " ORDER BY e.eval_id DESC LIMIT 1", &st, err))
+        goto cleanup;
+    sqlite3_bind_int64(st, 1, run_id);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) {
+        status = 0;
+        goto cleanup;
+    }
+    if (rc != SQLITE_ROW) {
+        plot_db_error(db, db_path, "routing", err);
+        goto cleanup;
+    }
+    h->eval_id = sqlite3_column_int64(st, 0);
+    h->step = sqlite3_column_int64(st, 1);
+    sqlite3_finalize(st);
+    st = NULL;
+
+    if (plot_prepare(db, db_path, "routing",
+                     "SELECT n, count(*) FROM (SELECT count(*) AS n FROM routing"
+                     " WHERE eval_id = ?1 GROUP BY layer, seq, pos) GROUP BY n ORDER BY n",
+                     &st, err))
+        goto cleanup;
+    sqlite3_bind_int64(st, 1, h->eval_id);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        if (plot_hist_add(h, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1))) {
+            ml_error(err, "out of memory reading routing");
+            goto cleanup;
+        }
+    if (rc != SQLITE_DONE) {
+        plot_db_error(db, db_path, "routing", err);
+        goto cleanup;
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+
+    if (plot_prepare(db, db_path, "token_stats",
+                     "SELECT (SELECT count(*) FROM token_stats WHERE eval_id = ?1)"
+                     " * (SELECT count(DISTINCT layer) FROM routing WHERE eval_id = ?1)",
+                     &st, err))
+        goto cleanup;
+    sqlite3_bind_int64(st, 1, h->eval_id);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        plot_db_error(db, db_path, "token_stats", err);
+        goto cleanup;
+    }
+    int64_t unrouted = sqlite3_column_int64(st, 0) - h->total;
+    if (unrouted > 0 && plot_hist_add(h, 0, unrouted)) {
+        ml_error(err, "out of memory reading routing");
+        goto cleanup;
+    }
+    double sum = 0;
+    for (int e = 0; e <= h->max_experts; e++)
+        sum += (double)e * (double)h->pairs[e];
+    h->mean = h->total > 0 ? sum / (double)h->total : 0.0;
+    *found = h->total > 0;
+    status = 0;
+cleanup:
+    sqlite3_finalize(st);
+    return status;
+}
+
+/*
+** $hist: per run (index i-1) rows "experts fraction" for experts 0 ..
+** the run's largest count; fraction of the (token, layer) pairs of its
+** latest recorded evaluation. Also mean_experts[i], eval_step[i] and
+** experts_max over every run.
+*/
+static int plot_experts_per_token_data(FILE *gp, sqlite3 *db, const char *db_path,
+                                       PlotRuns *runs, char *err) {
+    PlotExpertsHist *hist = calloc((size_t)runs->count, sizeof *hist);
+    int *has = calloc((size_t)runs->count, sizeof *has);
+    int status = -1, count = runs->count, experts_max = 0;
+    if (!hist || !has) {
+        ml_error(err, "out of memory reading routing");
+        goto cleanup;
+    }
+    for (int i = 0; i < runs->count; i++)
+        if (plot_experts_hist(db, db_path, runs->runs[i].run_id, &hist[i], &has[i], err))
+            goto cleanup;
+    /* the histograms of runs left out are freed here, as they move */
+    for (int i = 0; i < count; i++)
+        if (!has[i]) {
+            free(hist[i].pairs);
+            hist[i].pairs = NULL;
+        }
+    if (plot_keep_runs(runs, has, hist, sizeof *hist, db_path, "recorded routing",
+                       "evaluate it with record = true (run:evaluate{ record = true })", err))
+        goto cleanup;
+    count = runs->count;
+    fputs("$hist << EOD\n", gp);
+    for (int i = 0; i < count; i++) {
+        if (i > 0)
+            fputs("\n\n", gp);
+        for (int e = 0; e <= hist[i].max_experts; e++)
+            fprintf(gp, "%d %.6g\n", e, (double)hist[i].pairs[e] / (double)hist[i].total);
+        if (hist[i].max_experts > experts_max)
+            experts_max = hist[i].max_experts;
+    }
+    fputs("EOD\n", gp);
+    fprintf(gp, "array mean_experts[%d]\narray eval_step[%d]\n", count, count);
+    for (int i = 0; i < count; i++)
+        fprintf(gp, "mean_experts[%d] = %.6g\neval_step[%d] = %lld\n", i + 1, hist[i].mean,
+                i + 1, (long long)hist[i].step);
+    fprintf(gp, "experts_max = %d\n", experts_max);
+    status = 0;
+cleanup:
+    for (int i = 0; hist && i < count; i++)
+        free(hist[i].pairs);
+    free(hist);
+    free(has);
+    return status;
+}
+
+/* ---- figure "loss_vs_flops" ------------------------------------------- */
+
+typedef struct {
+    double loss, flops;  /* flops 0: a dense model */
+    int64_t step;
+} PlotValPoint;
+
+/*
+** $points: per run (index i-1) one row "flops loss" from its latest
+** validation evaluation; a run without MoE FLOPs (NULL or 0) is dense and
+** sits at x = 0. Also dense[i] (0 or 1) and flops_max.
+*/
+static int plot_loss_vs_flops_data(FILE *gp, sqlite3 *db, const char *db_path,
+                                   PlotRuns *runs, char *err) {
+    sqlite3_stmt *st = NULL;
+    PlotValPoint *points = calloc((size_t)runs->count, sizeof *points);
+    int *has = calloc((size_t)runs->count, sizeof *has);
+    double flops_max = 0;
+    int status = -1, rc;
+    if (!points || !has) {
+        ml_error(err, "out of memory reading evals");
+        goto cleanup;
+    }
+    if (plot_prepare(db, db_path, "evals",
+                     "SELECT loss, coalesce(moe_flops_per_token, 0), step FROM evals"
+                     " WHERE run_id = ?1 AND split = 'val' AND loss IS NOT NULL"
+                     " ORDER BY step DESC, eval_id DESC LIMIT 1", &st, err))
+        goto cleanup;
+    for (int i = 0; i < runs->count; i++) {
+        sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
+        rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+            points[i].loss = sqlite3_column_double(st, 0);
+            points[i].flops = sqlite3_column_double(st, 1);
+            points[i].step = sqlite3_column_int64(st, 2);
+            has[i] = isfinite(points[i].loss) && isfinite(points[i].flops);
+        } else if (rc != SQLITE_DONE) {
+            plot_db_error(db, db_path, "evals", err);
+            goto cleanup;
+        }
+        sqlite3_reset(st);
+    }
+    if (plot_keep_runs(runs, has, points, sizeof *points, db_path, "validation evaluation",
+                       "evaluate it on the 'val' split (run:evaluate{} or train with "
+                       "eval_every)", err))
+        goto cleanup;
+    fputs("$points << EOD\n", gp);
+    for (int i = 0; i < runs->count; i++) {
+        if (i > 0)
+            fputs("\n\n", gp);
+        fprintf(gp, "%.9g %.9g\n", points[i].flops, points[i].loss);
+        if (points[i].flops > flops_max)
+            flops_max = points[i].flops;
+    }
+    fputs("EOD\n", gp);
+    fprintf(gp, "array dense[%d]\n", runs->count);
+    for (int i = 0; i < runs->count; i++)
+        fprintf(gp, "dense[%d] = %d\n", i + 1, points[i].flops <= 0);
+    fprintf(gp, "flops_max = %.9g\n", flops_max);
+    status = 0;
+cleanup:
+    sqlite3_finalize(st);
+    free(points);
+    free(has);
     return status;
 }
 
@@ -631,14 +1104,28 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
         ml_error(err, "out of memory");
         goto cleanup;
     }
-    double height = format->height + format->per_run * (runs.count > 3 ? runs.count - 3 : 0);
-    fprintf(gp, "set terminal %s size %g%s,%g%s %s\nset output ", format->terminal,
-            format->width, format->unit, height, format->unit, format->options);
-    plot_put_path(gp, out_path);
-    fputc('\n', gp);
-    plot_put_run_titles(gp, &runs);
     if (fig->write_data(gp, rec_db(rec), db_path, &runs, err))
         goto cleanup;
+    /* A legend of many runs makes the page taller; panels make it wider
+    ** (up to PLOT_PANEL_COLUMNS) and then taller, row by row. */
+    double scale_x = 1, scale_y = 1;
+    int columns = 1, rows = 1;
+    if (fig->panels) {
+        columns = runs.count < PLOT_PANEL_COLUMNS ? runs.count : PLOT_PANEL_COLUMNS;
+        rows = (runs.count + PLOT_PANEL_COLUMNS - 1) / PLOT_PANEL_COLUMNS;
+        scale_x = 1 + 0.7 * (columns - 1);
+        scale_y = 1 + 0.8 * (rows - 1);
+    } else if (runs.count > 3) {
+        scale_y = 1 + format->per_run * (runs.count - 3) / format->height;
+    }
+    fprintf(gp, "set terminal %s size %g%s,%g%s %s\nset output ", format->terminal,
+            format->width * scale_x, format->unit, format->height * scale_y, format->unit,
+            format->options);
+    plot_put_path(gp, out_path);
+    fputc('\n', gp);
+    fprintf(gp, "page_scale_x = %g\npage_scale_y = %g\npanel_columns = %d\npanel_rows = %d\n",
+            scale_x, scale_y, columns, rows);
+    plot_put_run_titles(gp, &runs);
     fputs("load ", gp);
     plot_put_path(gp, gp_file);
     fputs("\nunset output\n", gp);

@@ -11,6 +11,15 @@
 ** The run record itself is committed at once: rec_run_begin and rec_run_status
 ** commit immediately, together with any rows still pending.
 **
+** The MoE records (expert_load, routing, token_stats, sparsity) come in arrays,
+** one call per layer, batch or evaluation. routing and token_stats are written
+** at well over a million rows a second (tests/bench_recorder.c): many rows per
+** statement, no per-row foreign-key lookups (each call checks its evaluation
+** once instead). A transaction of any size is fine: SQLite keeps only its page
+** cache in memory and spills the rest to the WAL file.
+**
+** A Recorder is used by one thread at a time (its connection has no mutex).
+**
 ** Every function that can fail returns 0 or -1 with a one-line message in err
 ** (common.h). Messages name the database path and SQLite's own words, e.g.
 ** "cannot insert a metric into 'r.db': database is locked".
@@ -18,6 +27,7 @@
 #ifndef MOELAB_RECORDER_H
 #define MOELAB_RECORDER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "common.h"
@@ -26,7 +36,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
 
 /* PRAGMA user_version of a database with the schema of this build. */
-#define REC_SCHEMA_VERSION 1
+#define REC_SCHEMA_VERSION 2
 
 /* Default busy timeout: how long a write waits for another writer's lock. */
 #define REC_BUSY_TIMEOUT_MS 5000
@@ -65,18 +75,82 @@ int rec_run_status(Recorder *r, int64_t run_id, const char *status,
 int rec_run_config_set(Recorder *r, int64_t run_id, const char *key, const char *json,
                        char *err);
 
+/* The unweighted auxiliary losses of one metrics row, in the columns
+** aux_balance, aux_z, aux_cv2 and aux_p_penalty; a NaN part (a loss that is
+** off) is stored as NULL. */
+typedef struct {
+    double balance, z, cv2, p_penalty;
+} RecAux;
+
 /* One row of the training curve (split "train") or of an evaluation ("val").
 ** A NaN in any REAL argument is stored as NULL (aux_loss and
-** moe_flops_per_token are NaN for dense models). */
+** moe_flops_per_token are NaN for dense models). aux may be NULL: every
+** aux_* column NULL. */
 int rec_metric(Recorder *r, int64_t run_id, int64_t step, const char *split,
                double loss, double aux_loss, double lr, int64_t tokens,
-               double moe_flops_per_token, double wall_ms, char *err);
+               double moe_flops_per_token, double wall_ms, const RecAux *aux,
+               char *err);
 
 /* One evaluation; *eval_id (may be NULL) keys its expert_load, routing,
 ** token_stats and sparsity rows. NaN is stored as NULL. */
 int rec_eval(Recorder *r, int64_t run_id, int64_t step, const char *split,
              int64_t tokens, double loss, double moe_flops_per_token,
              double experts_per_token, int64_t *eval_id, char *err);
+
+/*
+** The MoE records. Each call writes rows[0..n) into the open transaction, all
+** or none of them: on failure nothing of that call stays pending. n = 0 is a
+** no-op. eval_id is an id from rec_eval; for routing and token_stats the
+** evaluation must belong to run_id (checked once per call).
+*/
+
+/* One (layer, expert) of a training step or an evaluation. tokens counts the
+** assignments the expert processed, dropped those over capacity, prob_mass
+** the sum of the router's probabilities for it (NaN → NULL). */
+typedef struct {
+    int layer, expert;
+    int64_t tokens, dropped;
+    double prob_mass;
+} RecExpertLoad;
+
+/* eval_id < 0 → NULL: a training step; step is the optimiser step. */
+int rec_expert_load(Recorder *r, int64_t run_id, int64_t eval_id, int64_t step,
+                    const RecExpertLoad *rows, size_t n, char *err);
+
+/* One selected expert of one token in one layer. rank 0 is the router's first
+** choice; pass is the stratum pass of a stratified layer, else 0; weight
+** multiplies the expert's output. Fastest in the table's own order: layer,
+** then seq, pos, pass, rank (any order is accepted). */
+typedef struct {
+    int layer, seq, pos, token, rank, expert, pass;
+    float weight;
+} RecRouting;
+
+int rec_routing(Recorder *r, int64_t run_id, int64_t eval_id, const RecRouting *rows,
+                size_t n, char *err);
+
+/* One token of a recorded evaluation: its loss (nats; NaN → NULL), the
+** expert applications it received summed over layers, and the MoE FLOPs
+** spent on it. A (seq, pos) is recorded once per evaluation. */
+typedef struct {
+    int seq, pos, token, experts;
+    float loss;
+    double moe_flops;
+} RecTokenStat;
+
+int rec_token_stats(Recorder *r, int64_t run_id, int64_t eval_id,
+                    const RecTokenStat *rows, size_t n, char *err);
+
+/* Hidden activations of one expert: how many, how many with |a| <= eps, and
+** their mean |a| (NaN → NULL). eval_id < 0 → NULL. */
+typedef struct {
+    int layer, expert;
+    int64_t activations, near_zero;
+    double mean_abs;
+} RecSparsity;
+
+int rec_sparsity(Recorder *r, int64_t run_id, int64_t eval_id, const RecSparsity *rows,
+                 size_t n, char *err);
 
 /* Commits the open transaction. On failure (say, the database is locked) the
 ** rows stay pending and the next flush tries again. */
@@ -85,7 +159,7 @@ int rec_flush(Recorder *r, char *err);
 /* Rows written since the last successful commit. */
 int64_t rec_pending_rows(const Recorder *r);
 
-/* The connection, for tests and for the extensions that record MoE tables. */
+/* The connection, for tests and ad-hoc queries. */
 sqlite3 *rec_db(Recorder *r);
 
 /* The path the recorder was opened with. */

@@ -1,7 +1,9 @@
 /*
 ** test_plot.c — checks figure rendering (src/plot.c and the scripts in plots/) end to end:
 ** a database of two runs becomes real PDF, PNG and SVG files through
-** gnuplot, in a directory whose name has a space and a quote; bad figures,
+** gnuplot, in a directory whose name has a space and a quote; so does one of
+** MoE runs (and a dense one) recorded through the recorder's API, for
+** expert_load, experts_per_token and loss_vs_flops; bad figures,
 ** extensions, run names and paths get messages naming them; a gnuplot error
 ** and a missing gnuplot reach the caller as text.
 **
@@ -32,8 +34,9 @@
 
 typedef struct {
     char dir[256];       /* has a space and a single quote in its name */
-    char db[512];        /* runs "top2" and "dense", both with metrics */
+    char db[512];        /* runs "top2" and "dense_ffn", both with metrics */
     char empty_db[512];  /* run "idle" without metrics */
+    char moe_db[512];    /* MoE runs "top2" and "threshold", dense run "ffn" */
 } Fixture;
 
 static void path_in(char *out, size_t n, const Fixture *fx, const char *name) {
@@ -52,12 +55,79 @@ static int record_run(Recorder *r, const char *name, double floor, char *err) {
         return -1;
     for (int step = 1; step <= 400; step++) {
         double loss = floor + (log(256.0) - floor) * exp(-step / 60.0);
-        if (rec_metric(r, run, step, "train", loss, 0.01, 1e-3, step * 1024, NAN, 5, err))
+        if (rec_metric(r, run, step, "train", loss, 0.01, 1e-3, step * 1024, NAN, 5, NULL, err))
             return -1;
         if (step % 50 == 0
-            && rec_metric(r, run, step, "val", loss + 0.05, NAN, 1e-3, step * 1024, NAN, NAN, err))
+            && rec_metric(r, run, step, "val", loss + 0.05, NAN, 1e-3, step * 1024, NAN, NAN, NULL, err))
             return -1;
     }
+    return rec_run_status(r, run, "finished", NULL, err);
+}
+
+/*
+** An MoE run as the trainer records it, through the recorder's API: MoE
+** layers 1 and 3 (every = 2) of 8 experts, expert load at each of 20
+** training steps, then a validation evaluation with record = true: its
+** expert load, the routing of 4 sequences of 16 tokens, and token_stats.
+** top2 gives every token 2 experts; threshold gives token t 1 + t % 3 of
+** them, and two more tokens (positions 16, 17) that no expert took.
+** A run with experts = 0 is dense: metrics and evaluations only.
+*/
+static int record_moe_run(Recorder *r, const char *name, int threshold, int experts,
+                          double val_loss, double flops, char *err) {
+    enum { STEPS = 20, SEQS = 4, POS = 16 };
+    static const int layers[] = {1, 3};
+    int64_t run = 0, eval_id = 0;
+    if (rec_run_begin(r, name, "test", "{}", 1, 1000, 500, &run, err))
+        return -1;
+    for (int step = 1; step <= STEPS; step++) {
+        RecAux aux = {0.01 * step, NAN, NAN, NAN};
+        if (rec_metric(r, run, step, "train", 5.0 - 0.1 * step, experts ? 0.01 : NAN, 1e-3,
+                       step * 1024, experts ? flops : NAN, 5, experts ? &aux : NULL, err))
+            return -1;
+        for (int l = 0; l < 2 && experts; l++) {
+            RecExpertLoad load[8];
+            for (int e = 0; e < experts; e++)   /* expert 0 busiest in layer 1 */
+                load[e] = (RecExpertLoad){layers[l], e, 100 + (l == 0 && e == 0) * 300 + 10 * e,
+                                          0, 0.125 * 1024};
+            if (rec_expert_load(r, run, -1, step, load, (size_t)experts, err))
+                return -1;
+        }
+    }
+    if (rec_eval(r, run, STEPS, "val", SEQS * POS, val_loss, flops,
+                 experts ? (threshold ? 1.92 : 2.0) : 0.0, &eval_id, err)
+        || rec_metric(r, run, STEPS, "val", val_loss, NAN, NAN, STEPS * 1024, flops, 5, NULL,
+                      err))
+        return -1;
+    if (!experts)
+        return rec_run_status(r, run, "finished", NULL, err);
+    RecRouting routing[2 * SEQS * POS * 3];
+    RecTokenStat tokens[SEQS * POS + 2];
+    size_t n = 0;
+    for (int l = 0; l < 2; l++) {
+        RecExpertLoad load[8];
+        for (int e = 0; e < experts; e++)       /* expert 7 busiest in evaluation */
+            load[e] = (RecExpertLoad){layers[l], e, 40 + (e == 7) * 80, e == 7 ? 3 : 0, 8.0};
+        if (rec_expert_load(r, run, eval_id, STEPS, load, (size_t)experts, err))
+            return -1;
+        for (int t = 0; t < SEQS * POS; t++) {
+            int k = threshold ? 1 + t % 3 : 2;
+            for (int rank = 0; rank < k; rank++)
+                routing[n++] = (RecRouting){.layer = layers[l], .seq = t / POS, .pos = t % POS,
+                                            .token = 65 + t % 26, .rank = rank,
+                                            .expert = (t + rank) % experts,
+                                            .weight = 1.0f / (float)k};
+        }
+    }
+    for (int t = 0; t < SEQS * POS + (threshold ? 2 : 0); t++)
+        tokens[t] = (RecTokenStat){.seq = t < SEQS * POS ? t / POS : 0,
+                                   .pos = t < SEQS * POS ? t % POS : POS + t - SEQS * POS,
+                                   .token = 65 + t % 26, .experts = 4, .loss = 1.5f,
+                                   .moe_flops = flops};
+    if (rec_routing(r, run, eval_id, routing, n, err)
+        || rec_token_stats(r, run, eval_id, tokens,
+                           (size_t)(SEQS * POS + (threshold ? 2 : 0)), err))
+        return -1;
     return rec_run_status(r, run, "finished", NULL, err);
 }
 
@@ -81,6 +151,15 @@ static int setup_fixture(void **state) {
     rec_close(r);
     if (rec_open(&r, fx->empty_db, err)
         || rec_run_begin(r, "idle", NULL, NULL, 0, 0, 0, NULL, err)) {
+        print_error("fixture: %s\n", err);
+        rec_close(r);
+        return -1;
+    }
+    rec_close(r);
+    path_in(fx->moe_db, sizeof fx->moe_db, fx, "moe.db");
+    if (rec_open(&r, fx->moe_db, err) || record_moe_run(r, "top2", 0, 8, 1.62, 1.31e5, err)
+        || record_moe_run(r, "threshold", 1, 8, 1.66, 1.05e5, err)
+        || record_moe_run(r, "ffn", 0, 0, 1.71, 0, err) || rec_flush(r, err)) {
         print_error("fixture: %s\n", err);
         rec_close(r);
         return -1;
@@ -181,7 +260,105 @@ static void test_pipe_like_path_is_a_file(void **state) {
     assert_true(written);
 }
 
+/* The whole of a text file, or fail. The caller frees it. */
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        fail_msg("no file '%s'", path);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = calloc((size_t)size + 1, 1);
+    assert_non_null(text);
+    assert_int_equal(fread(text, 1, (size_t)size, f), (size_t)size);
+    fclose(f);
+    return text;
+}
+
+static void test_moe_figures_render_pdf_png_and_svg(void **state) {
+    Fixture *fx = *state;
+    static const char *figures[] = {"expert_load", "experts_per_token", "loss_vs_flops"};
+    static const struct { const char *ext, *magic, *alt; } formats[] = {
+        {"pdf", "%PDF", NULL}, {"png", "\x89PNG", NULL}, {"svg", "<?xml", "<svg"},
+    };
+    for (size_t f = 0; f < sizeof figures / sizeof *figures; f++)
+        for (size_t k = 0; k < sizeof formats / sizeof *formats; k++) {
+            char name[64], out[600], err[ML_ERRLEN] = "";
+            snprintf(name, sizeof name, "%s.%s", figures[f], formats[k].ext);
+            path_in(out, sizeof out, fx, name);
+            if (plot_render(figures[f], fx->moe_db, out, NULL, MOELAB_PLOTS_DIR, err))
+                fail_msg("plot_render(%s): %s", name, err);
+            assert_file_starts_with(out, formats[k].magic, formats[k].alt);
+        }
+}
+
+/* Titles name the run and what was summed; the dense run has no panel. */
+static void test_expert_load_panels(void **state) {
+    Fixture *fx = *state;
+    char out[600], err[ML_ERRLEN] = "";
+    path_in(out, sizeof out, fx, "expert_load.svg");
+    assert_int_equal(plot_render("expert_load", fx->moe_db, out, NULL, MOELAB_PLOTS_DIR, err), 0);
+    char *svg = read_file(out);
+    assert_non_null(strstr(svg, ">top2, evaluation at step 20<"));
+    assert_non_null(strstr(svg, ">threshold, evaluation at step 20<"));
+    assert_non_null(strstr(svg, ">share of assignments<"));
+    assert_null(strstr(svg, "ffn"));
+    free(svg);
+}
+
+static void test_experts_per_token_legend_has_means(void **state) {
+    Fixture *fx = *state;
+    char out[600], err[ML_ERRLEN] = "";
+    path_in(out, sizeof out, fx, "experts_per_token.svg");
+    assert_int_equal(plot_render("experts_per_token", fx->moe_db, out, "threshold, top2",
+                                 MOELAB_PLOTS_DIR, err), 0);
+    char *svg = read_file(out);
+    /* threshold, per layer: 22 tokens with 1 expert, 21 with 2, 21 with 3,
+    ** and 2 with none: (22 + 42 + 63) / 66 = 1.924 */
+    assert_non_null(strstr(svg, ">threshold (mean 1.92)<"));
+    assert_non_null(strstr(svg, ">top2 (mean 2.00)<"));
+    free(svg);
+}
+
+static void test_loss_vs_flops_places_dense_runs_at_zero(void **state) {
+    Fixture *fx = *state;
+    char out[600], err[ML_ERRLEN] = "";
+    path_in(out, sizeof out, fx, "loss_vs_flops.svg");
+    assert_int_equal(plot_render("loss_vs_flops", fx->moe_db, out, NULL, MOELAB_PLOTS_DIR, err),
+                     0);
+    char *svg = read_file(out);
+    assert_non_null(strstr(svg, ">ffn (dense)<"));
+    assert_non_null(strstr(svg, ">top2<"));
+    assert_non_null(strstr(svg, ">threshold<"));
+    free(svg);
+}
+
 /* ---- figures that cannot be made -------------------------------------- */
+
+static void test_moe_figures_name_the_missing_data(void **state) {
+    Fixture *fx = *state;
+    char out[600], err[ML_ERRLEN] = "";
+    path_in(out, sizeof out, fx, "missing.pdf");
+    assert_int_equal(plot_render("expert_load", fx->moe_db, out, "top2,ffn", MOELAB_PLOTS_DIR,
+                                 err), -1);
+    assert_non_null(strstr(err, "run 'ffn' has no recorded expert load"));
+    assert_int_equal(plot_render("experts_per_token", fx->moe_db, out, "ffn", MOELAB_PLOTS_DIR,
+                                 err), -1);
+    assert_non_null(strstr(err, "run 'ffn' has no recorded routing: evaluate it with record = true"));
+    /* the loss-only database: nothing to draw, every run looked at */
+    assert_int_equal(plot_render("expert_load", fx->db, out, NULL, MOELAB_PLOTS_DIR, err), -1);
+    assert_non_null(strstr(err, "has recorded expert load"));
+    assert_int_equal(plot_render("experts_per_token", fx->db, out, NULL, MOELAB_PLOTS_DIR, err),
+                     -1);
+    assert_non_null(strstr(err, "record = true"));
+    assert_int_equal(plot_render("loss_vs_flops", fx->db, out, "top2", MOELAB_PLOTS_DIR, err), -1);
+    assert_non_null(strstr(err, "run 'top2' has no validation evaluation"));
+    assert_int_equal(plot_render("loss_vs_flops", fx->empty_db, out, NULL, MOELAB_PLOTS_DIR, err),
+                     -1);
+    assert_non_null(strstr(err, "validation evaluation"));
+    assert_int_not_equal(access(out, F_OK), 0);
+}
+
 
 static void test_unknown_figure_lists_known_ones(void **state) {
     Fixture *fx = *state;
@@ -189,7 +366,7 @@ static void test_unknown_figure_lists_known_ones(void **state) {
     path_in(out, sizeof out, fx, "x.pdf");
     assert_int_equal(plot_render("lossy", fx->db, out, NULL, MOELAB_PLOTS_DIR, err), -1);
     assert_non_null(strstr(err, "unknown figure 'lossy'"));
-    assert_non_null(strstr(err, "loss"));
+    assert_non_null(strstr(err, "loss,expert_load,experts_per_token,loss_vs_flops"));
     assert_int_equal(plot_render(NULL, fx->db, out, NULL, MOELAB_PLOTS_DIR, err), -1);
 }
 
@@ -283,6 +460,11 @@ int main(void) {
         cmocka_unit_test(test_loss_renders_pdf_png_and_svg),
         cmocka_unit_test(test_loss_renders_selected_runs),
         cmocka_unit_test(test_pipe_like_path_is_a_file),
+        cmocka_unit_test(test_moe_figures_render_pdf_png_and_svg),
+        cmocka_unit_test(test_expert_load_panels),
+        cmocka_unit_test(test_experts_per_token_legend_has_means),
+        cmocka_unit_test(test_loss_vs_flops_places_dense_runs_at_zero),
+        cmocka_unit_test(test_moe_figures_name_the_missing_data),
         cmocka_unit_test(test_unknown_figure_lists_known_ones),
         cmocka_unit_test(test_bad_extension_is_refused),
         cmocka_unit_test(test_unknown_run_is_named),

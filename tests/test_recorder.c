@@ -186,9 +186,9 @@ static void test_run_metrics_eval_and_status_read_back(void **state) {
     sqlite3 *db = rec_db(r);
     int64_t run = begin_run(r, "top2");
     assert_true(run > 0);
-    assert_int_equal(rec_metric(r, run, 1, "train", 5.5, 0.02, 1e-3, 2048, 1.5e6, 12.5, err), 0);
-    assert_int_equal(rec_metric(r, run, 2, "train", 4.25, NAN, 2e-3, 4096, NAN, 11.0, err), 0);
-    assert_int_equal(rec_metric(r, run, 2, "val", 4.5, NAN, 2e-3, 4096, NAN, NAN, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 5.5, 0.02, 1e-3, 2048, 1.5e6, 12.5, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "train", 4.25, NAN, 2e-3, 4096, NAN, 11.0, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "val", 4.5, NAN, 2e-3, 4096, NAN, NAN, NULL, err), 0);
     assert_int_equal(rec_pending_rows(r), 3);
     int64_t eval_id = 0;
     assert_int_equal(rec_eval(r, run, 2, "val", 8192, 4.5, 1.25e6, 1.75, &eval_id, err), 0);
@@ -269,10 +269,203 @@ static void test_bad_status_and_unknown_run_are_rejected(void **state) {
 
     assert_int_equal(rec_run_status(r, run + 41, "finished", NULL, err), -1);
     assert_non_null(strstr(err, "no run with id"));
-    assert_int_equal(rec_metric(r, run + 41, 1, "train", 1, 0, 0, 1, 0, 0, err), -1);
+    assert_int_equal(rec_metric(r, run + 41, 1, "train", 1, 0, 0, 1, 0, 0, NULL, err), -1);
     assert_non_null(strstr(err, "FOREIGN KEY"));
     assert_int_equal(rec_run_begin(r, "", NULL, NULL, 0, 0, 0, NULL, err), -1);
-    assert_int_equal(rec_metric(r, run, 1, NULL, 1, 0, 0, 1, 0, 0, err), -1);
+    assert_int_equal(rec_metric(r, run, 1, NULL, 1, 0, 0, 1, 0, 0, NULL, err), -1);
+    rec_close(r);
+}
+
+/* ---- MoE records ------------------------------------------------------ */
+
+static void test_metric_aux_parts_read_back(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "aux");
+    RecAux aux = {.balance = 1.25, .z = 0.5, .cv2 = NAN, .p_penalty = 0.125};
+    assert_int_equal(rec_metric(r, run, 1, "train", 3.0, 0.02, 1e-3, 64, 2e5, 1, &aux, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "train", 2.9, NAN, 1e-3, 128, NAN, 1, NULL, err), 0);
+    assert_near(query_real(db, "SELECT aux_balance FROM metrics WHERE step=1"), 1.25, 0);
+    assert_near(query_real(db, "SELECT aux_z FROM metrics WHERE step=1"), 0.5, 0);
+    assert_true(query_is_null(db, "SELECT aux_cv2 FROM metrics WHERE step=1"));
+    assert_near(query_real(db, "SELECT aux_p_penalty FROM metrics WHERE step=1"), 0.125, 0);
+    assert_near(query_real(db, "SELECT aux_loss FROM metrics WHERE step=1"), 0.02, 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM metrics WHERE step=2 AND"
+                                   " aux_balance IS NULL AND aux_z IS NULL AND"
+                                   " aux_cv2 IS NULL AND aux_p_penalty IS NULL"), 1);
+    rec_close(r);
+}
+
+/* Every field of every kind lands in its column; 150 routing rows go as two
+** statements of 64 rows and 22 of one. */
+static void test_moe_records_read_back(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "", sql[256];
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "top2"), eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 40, "val", 300, 2.5, 1e5, 2.0, &eval_id, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+
+    RecExpertLoad load[] = {{1, 0, 700, 3, 350.5}, {1, 1, 324, 0, NAN}};
+    assert_int_equal(rec_expert_load(r, run, -1, 39, load, 2, err), 0);
+    load[0].tokens = 150;
+    assert_int_equal(rec_expert_load(r, run, eval_id, 40, load, 1, err), 0);
+    assert_int_equal(rec_pending_rows(r), 3);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM expert_load WHERE eval_id IS NULL"
+                                   " AND step=39"), 2);
+    assert_int_equal(query_int(db, "SELECT tokens + 10 * dropped FROM expert_load"
+                                   " WHERE eval_id IS NULL AND layer=1 AND expert=0"), 730);
+    assert_near(query_real(db, "SELECT prob_mass FROM expert_load WHERE eval_id IS NULL"
+                               " AND expert=0"), 350.5, 0);
+    assert_true(query_is_null(db, "SELECT prob_mass FROM expert_load WHERE expert=1"));
+    snprintf(sql, sizeof sql, "SELECT tokens FROM expert_load WHERE eval_id=%lld AND step=40"
+             " AND run_id=%lld", (long long)eval_id, (long long)run);
+    assert_int_equal(query_int(db, sql), 150);
+
+    enum { N = 150 };
+    RecRouting routing[N];
+    for (int i = 0; i < N; i++)   /* 75 tokens of layer 3, top-2 */
+        routing[i] = (RecRouting){.layer = 3, .seq = i / 50, .pos = (i / 2) % 25,
+                                  .token = 100 + i / 2, .rank = i % 2, .expert = i % 7,
+                                  .pass = i / 100, .weight = i % 2 ? 0.25f : 0.75f};
+    routing[N - 1].weight = NAN;
+    assert_int_equal(rec_routing(r, run, eval_id, routing, N, err), 0);
+    assert_int_equal(rec_pending_rows(r), 3 + N);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), N);
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db, "SELECT run_id, eval_id, layer, seq, pos, token,"
+                                            " rank, expert, weight, pass FROM routing"
+                                            " ORDER BY rowid", -1, &st, NULL), SQLITE_OK);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+        const RecRouting *x = &routing[i];
+        int64_t expected[] = {run, eval_id, x->layer, x->seq, x->pos, x->token, x->rank,
+                              x->expert};
+        for (int c = 0; c < 8; c++)
+            if (sqlite3_column_int64(st, c) != expected[c])
+                fail_msg("routing row %d column %d: %lld, expected %lld", i, c,
+                         (long long)sqlite3_column_int64(st, c), (long long)expected[c]);
+        assert_int_equal(sqlite3_column_int(st, 9), x->pass);
+        if (i == N - 1)
+            assert_int_equal(sqlite3_column_type(st, 8), SQLITE_NULL);
+        else
+            assert_near(sqlite3_column_double(st, 8), x->weight, 0);
+    }
+    assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+
+    RecTokenStat tokens[] = {{0, 0, 72, 4, 2.5f, 1.5e5}, {0, 1, 101, 3, NAN, 1.25e5}};
+    assert_int_equal(rec_token_stats(r, run, eval_id, tokens, 2, err), 0);
+    assert_int_equal(query_int(db, "SELECT token * 10 + experts FROM token_stats"
+                                   " WHERE seq=0 AND pos=0"), 724);
+    assert_near(query_real(db, "SELECT loss FROM token_stats WHERE pos=0"), 2.5, 0);
+    assert_near(query_real(db, "SELECT moe_flops FROM token_stats WHERE pos=1"), 1.25e5, 0);
+    assert_true(query_is_null(db, "SELECT loss FROM token_stats WHERE pos=1"));
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM token_stats WHERE run_id=%lld"
+             " AND eval_id=%lld", (long long)run, (long long)eval_id);
+    assert_int_equal(query_int(db, sql), 2);
+
+    RecSparsity sparsity[] = {{3, 0, 4096, 1024, 0.375}, {3, 1, 0, 0, NAN}};
+    assert_int_equal(rec_sparsity(r, run, eval_id, sparsity, 2, err), 0);
+    assert_int_equal(rec_sparsity(r, run, -1, sparsity, 1, err), 0);
+    snprintf(sql, sizeof sql, "SELECT activations + near_zero FROM sparsity"
+             " WHERE eval_id=%lld AND layer=3 AND expert=0", (long long)eval_id);
+    assert_int_equal(query_int(db, sql), 5120);
+    assert_near(query_real(db, "SELECT mean_abs FROM sparsity WHERE eval_id IS NULL"), 0.375, 0);
+    assert_true(query_is_null(db, "SELECT mean_abs FROM sparsity WHERE expert=1"));
+
+    assert_int_equal(rec_pending_rows(r), 3 + N + 2 + 3);
+    assert_int_equal(rec_routing(r, run, eval_id, routing, 0, err), 0);   /* a no-op */
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(rec_pending_rows(r), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), N);
+    rec_close(r);
+}
+
+/* A call that fails leaves nothing of itself behind and says why. */
+static void test_moe_records_are_all_or_nothing(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "a"), other = begin_run(r, "b"), eval_id = 0, other_eval = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 10, 2.0, NAN, NAN, &eval_id, err), 0);
+    assert_int_equal(rec_eval(r, other, 1, "val", 10, 2.0, NAN, NAN, &other_eval, err), 0);
+    RecTokenStat tokens[100];
+    for (int i = 0; i < 100; i++)
+        tokens[i] = (RecTokenStat){.seq = 0, .pos = i, .token = i, .experts = 2, .loss = 1.0f};
+    assert_int_equal(rec_token_stats(r, run, eval_id, tokens, 10, err), 0);
+    int64_t pending = rec_pending_rows(r);
+
+    tokens[90].pos = 95;   /* a token recorded twice, past the first 64 rows */
+    assert_int_equal(rec_token_stats(r, run, eval_id, tokens + 10, 90, err), -1);
+    assert_non_null(strstr(err, "UNIQUE"));
+    assert_non_null(strstr(err, "token_stats"));
+    assert_int_equal(query_int(db, "SELECT count(*) FROM token_stats"), 10);
+    assert_int_equal(rec_pending_rows(r), pending);
+
+    RecRouting routing = {.layer = 0, .expert = 1, .weight = 1.0f};
+    assert_int_equal(rec_routing(r, run, -1, &routing, 1, err), -1);
+    assert_non_null(strstr(err, "evaluation"));
+    assert_int_equal(rec_routing(r, run, other_eval, &routing, 1, err), -1);
+    assert_non_null(strstr(err, "belongs to run"));
+    assert_int_equal(rec_routing(r, run, other_eval + 40, &routing, 1, err), -1);
+    assert_non_null(strstr(err, "no evaluation with id"));
+    assert_int_equal(rec_routing(r, run, eval_id, NULL, 3, err), -1);
+    RecExpertLoad load = {0, 0, 1, 0, 1.0};
+    assert_int_equal(rec_expert_load(r, run + 40, -1, 1, &load, 1, err), -1);
+    assert_non_null(strstr(err, "FOREIGN KEY"));
+    assert_int_equal(rec_sparsity(r, other, eval_id, &(RecSparsity){0, 0, 1, 0, 0}, 1, err), -1);
+    assert_non_null(strstr(err, "belongs to run"));
+    assert_int_equal(query_int(db, "SELECT (SELECT count(*) FROM routing)"
+                                   " + (SELECT count(*) FROM expert_load)"
+                                   " + (SELECT count(*) FROM sparsity)"), 0);
+    assert_int_equal(rec_pending_rows(r), pending);
+
+    /* and the transaction goes on */
+    assert_int_equal(rec_token_stats(r, run, eval_id, tokens + 10, 10, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM token_stats"), 20);
+    rec_close(r);
+}
+
+/* routing and token_stats have no foreign keys; a trigger cascades instead. */
+static void test_deleting_a_run_deletes_its_records(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t runs[2], evals[2];
+    for (int i = 0; i < 2; i++) {
+        runs[i] = begin_run(r, i ? "keep" : "drop");
+        assert_int_equal(rec_eval(r, runs[i], 5, "val", 2, 1.0, NAN, NAN, &evals[i], err), 0);
+        RecRouting routing[] = {{0, 0, 0, 1, 0, 2, 0, 1.0f}, {0, 0, 1, 2, 0, 3, 0, 1.0f}};
+        RecTokenStat tokens[] = {{0, 0, 1, 1, 1.0f, 0}, {0, 1, 2, 1, 1.0f, 0}};
+        RecExpertLoad load[] = {{0, 2, 1, 0, 0.5}, {0, 3, 1, 0, 0.5}};
+        RecSparsity sparsity[] = {{0, 2, 8, 4, 0.5}};
+        assert_int_equal(rec_routing(r, runs[i], evals[i], routing, 2, err), 0);
+        assert_int_equal(rec_token_stats(r, runs[i], evals[i], tokens, 2, err), 0);
+        assert_int_equal(rec_expert_load(r, runs[i], evals[i], 5, load, 2, err), 0);
+        assert_int_equal(rec_expert_load(r, runs[i], -1, 5, load, 2, err), 0);
+        assert_int_equal(rec_sparsity(r, runs[i], evals[i], sparsity, 1, err), 0);
+    }
+    assert_int_equal(rec_flush(r, err), 0);
+    exec_sql(db, "DELETE FROM runs WHERE name = 'drop'");
+    static const char *tables[] = {"routing", "token_stats", "expert_load", "sparsity", "evals"};
+    for (size_t t = 0; t < sizeof tables / sizeof *tables; t++) {
+        char sql[160];
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM %s WHERE run_id = %lld", tables[t],
+                 (long long)runs[0]);
+        if (query_int(db, sql) != 0)
+            fail_msg("%s still has rows of the deleted run", tables[t]);
+        snprintf(sql, sizeof sql, "SELECT count(*) > 0 FROM %s WHERE run_id = %lld", tables[t],
+                 (long long)runs[1]);
+        if (query_int(db, sql) != 1)
+            fail_msg("%s lost the rows of the other run", tables[t]);
+    }
     rec_close(r);
 }
 
@@ -287,33 +480,38 @@ static void test_views_compute_the_documented_numbers(void **state) {
     int64_t e1 = 0, e2 = 0;
     assert_int_equal(rec_eval(r, run, 10, "val", 3, 4.0, NAN, NAN, &e1, err), 0);
     assert_int_equal(rec_eval(r, run, 20, "val", 4, 3.5, NAN, NAN, &e2, err), 0);
-    assert_int_equal(rec_flush(r, err), 0);
     assert_int_equal(run, 1);
     assert_int_equal(e1, 1);
     assert_int_equal(e2, 2);
-    exec_sql(db,
-        /* training step 10: layer 0 kept {10, 30}, dropped {0, 2}; layer 1 {20, 20} */
-        "INSERT INTO expert_load(run_id, eval_id, step, layer, expert, tokens, dropped, prob_mass)"
-        " VALUES (1, NULL, 10, 0, 0, 10, 0, 0.3), (1, NULL, 10, 0, 1, 30, 2, 0.7),"
-        "        (1, NULL, 10, 1, 0, 20, 0, 0.5), (1, NULL, 10, 1, 1, 20, 0, 0.5),"
-        /* evaluation 1: layer 0 kept {5, 15}, dropped {1, 1} */
-        "        (1, 1, 10, 0, 0, 5, 1, 0.2), (1, 1, 10, 0, 1, 15, 1, 0.8);"
-        /* eval 1, layer 0: token (0,0) two experts, (0,1) one, (0,2) three
-        ** (two in pass 0, one in pass 1); layer 1: one each */
-        "INSERT INTO routing(run_id, eval_id, layer, seq, pos, token, rank, expert, weight, pass)"
-        " VALUES (1,1,0,0,0,65,0,1,0.6,0), (1,1,0,0,0,65,1,0,0.4,0),"
-        "        (1,1,0,0,1,66,0,0,1.0,0),"
-        "        (1,1,0,0,2,67,0,1,0.7,0), (1,1,0,0,2,67,1,0,0.3,0),"
-        "        (1,1,0,0,2,67,0,1,1.0,1),"
-        "        (1,1,1,0,0,65,0,0,1.0,0), (1,1,1,0,1,66,0,1,1.0,0),"
-        "        (1,1,1,0,2,67,0,1,1.0,0);"
-        /* eval 2: the same layer-0 routing, but token_stats knows a fourth
-        ** token that no expert took */
-        "INSERT INTO routing SELECT run_id, 2, layer, seq, pos, token, rank, expert,"
-        " weight, pass FROM routing WHERE eval_id = 1 AND layer = 0;"
-        "INSERT INTO token_stats(run_id, eval_id, seq, pos, token, loss, experts, moe_flops)"
-        " VALUES (1,2,0,0,65,1.0,2,0), (1,2,0,1,66,1.0,1,0), (1,2,0,2,67,1.0,3,0),"
-        "        (1,2,0,3,68,1.0,0,0);");
+    /* training step 10: layer 0 kept {10, 30}, dropped {0, 2}; layer 1 {20, 20} */
+    static const RecExpertLoad step_load[] = {
+        {0, 0, 10, 0, 0.3}, {0, 1, 30, 2, 0.7}, {1, 0, 20, 0, 0.5}, {1, 1, 20, 0, 0.5},
+    };
+    /* evaluation 1: layer 0 kept {5, 15}, dropped {1, 1} */
+    static const RecExpertLoad eval_load[] = {{0, 0, 5, 1, 0.2}, {0, 1, 15, 1, 0.8}};
+    /* eval 1, layer 0: token (0,0) two experts, (0,1) one, (0,2) three (two
+    ** in pass 0, one in pass 1); layer 1: one each.
+    ** {layer, seq, pos, token, rank, expert, pass, weight} */
+    static const RecRouting routing[] = {
+        {0, 0, 0, 65, 0, 1, 0, 0.6f}, {0, 0, 0, 65, 1, 0, 0, 0.4f},
+        {0, 0, 1, 66, 0, 0, 0, 1.0f},
+        {0, 0, 2, 67, 0, 1, 0, 0.7f}, {0, 0, 2, 67, 1, 0, 0, 0.3f},
+        {0, 0, 2, 67, 0, 1, 1, 1.0f},
+        {1, 0, 0, 65, 0, 0, 0, 1.0f}, {1, 0, 1, 66, 0, 1, 0, 1.0f},
+        {1, 0, 2, 67, 0, 1, 0, 1.0f},
+    };
+    /* eval 2: the same layer-0 routing, but token_stats knows a fourth token
+    ** that no expert took. {seq, pos, token, experts, loss, moe_flops} */
+    static const RecTokenStat tokens[] = {
+        {0, 0, 65, 2, 1.0f, 0}, {0, 1, 66, 1, 1.0f, 0}, {0, 2, 67, 3, 1.0f, 0},
+        {0, 3, 68, 0, 1.0f, 0},
+    };
+    assert_int_equal(rec_expert_load(r, run, -1, 10, step_load, 4, err), 0);
+    assert_int_equal(rec_expert_load(r, run, e1, 10, eval_load, 2, err), 0);
+    assert_int_equal(rec_routing(r, run, e1, routing, 9, err), 0);
+    assert_int_equal(rec_routing(r, run, e2, routing, 6, err), 0);
+    assert_int_equal(rec_token_stats(r, run, e2, tokens, 4, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
 
     assert_near(query_real(db, "SELECT experts_per_token FROM v_experts_per_token"
                                        " WHERE eval_id=1 AND layer=0"), 2.0, 1e-12);
@@ -363,10 +561,10 @@ static void test_flushed_rows_survive_close_and_reopen(void **state) {
     Recorder *r = open_ok(path);
     int64_t run = begin_run(r, "a");
     for (int i = 0; i < 100; i++)
-        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, err), 0);
+        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, NULL, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
     for (int i = 100; i < 110; i++)     /* committed by the close */
-        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, err), 0);
+        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, NULL, err), 0);
     rec_close(r);
 
     r = open_ok(path);
@@ -377,6 +575,91 @@ static void test_flushed_rows_survive_close_and_reopen(void **state) {
     assert_string_equal(mode, "wal");
     int64_t second = begin_run(r, "b");   /* one file, any number of runs */
     assert_int_equal(second, run + 1);
+    rec_close(r);
+}
+
+/* More routing rows than the page cache holds, into a file, in one
+** transaction: they spill to the WAL and all arrive. */
+static void test_large_routing_batch_reaches_the_file(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "big.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "big"), eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
+    enum { N = 200000, CHUNK = 4096 };
+    RecRouting *rows = malloc(N * sizeof *rows);
+    assert_non_null(rows);
+    for (int i = 0; i < N; i++)
+        rows[i] = (RecRouting){.layer = i / (N / 2), .seq = (i % (N / 2)) / 256,
+                               .pos = (i / 2) % 128, .token = i % 256, .rank = i % 2,
+                               .expert = i % 8, .weight = 0.5f};
+    for (int i = 0; i < N; i += CHUNK)
+        assert_int_equal(rec_routing(r, run, eval_id, rows + i, N - i < CHUNK ? N - i : CHUNK,
+                                     err), 0);
+    free(rows);
+    assert_int_equal(rec_pending_rows(r), N + 1);
+    assert_int_equal(rec_flush(r, err), 0);
+    rec_close(r);
+
+    assert_int_equal(rec_open_readonly(&r, path, err), 0);
+    sqlite3 *db = rec_db(r);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), N);
+    assert_int_equal(query_int(db, "SELECT sum(expert) FROM routing"), (int64_t)N / 8 * 28);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE layer = 1 AND rank = 1"),
+                     N / 4);
+    assert_int_equal(query_int(db, "PRAGMA page_size"), 16384);
+    rec_close(r);
+}
+
+/* A database of schema version 1 (routing and token_stats WITHOUT ROWID,
+** with foreign keys) is upgraded in place, its rows kept. */
+static void test_version_1_database_is_upgraded(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "v1.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "old"), eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    exec_sql(rec_db(r),
+        "DROP TRIGGER evals_delete_records; DROP VIEW v_experts_per_token;"
+        "DROP TABLE routing; DROP TABLE token_stats;"
+        "CREATE TABLE routing(\n"
+        "  run_id  INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
+        "  eval_id INTEGER NOT NULL REFERENCES evals(eval_id) ON DELETE CASCADE,\n"
+        "  layer INTEGER NOT NULL, seq INTEGER NOT NULL, pos INTEGER NOT NULL, token INTEGER,\n"
+        "  rank INTEGER NOT NULL, expert INTEGER NOT NULL, weight REAL,\n"
+        "  pass INTEGER NOT NULL DEFAULT 0,\n"
+        "  PRIMARY KEY (run_id, eval_id, layer, seq, pos, pass, rank)) WITHOUT ROWID;\n"
+        "CREATE INDEX routing_by_eval ON routing(eval_id);\n"
+        "CREATE TABLE token_stats(\n"
+        "  run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
+        "  eval_id INTEGER NOT NULL REFERENCES evals(eval_id) ON DELETE CASCADE,\n"
+        "  seq INTEGER NOT NULL, pos INTEGER NOT NULL, token INTEGER, loss REAL,\n"
+        "  experts INTEGER, moe_flops REAL,\n"
+        "  PRIMARY KEY (run_id, eval_id, seq, pos)) WITHOUT ROWID;\n"
+        "CREATE INDEX token_stats_by_eval ON token_stats(eval_id);\n"
+        "CREATE VIEW v_experts_per_token AS SELECT 1 AS stale;\n"
+        "INSERT INTO routing VALUES (1, 1, 0, 0, 0, 65, 0, 3, 0.5, 0),"
+        "                           (1, 1, 0, 0, 0, 65, 1, 5, 0.5, 0);\n"
+        "INSERT INTO token_stats VALUES (1, 1, 0, 0, 65, 2.25, 2, 100.0);\n"
+        "PRAGMA user_version = 1;");
+    rec_close(r);
+
+    r = open_ok(path);
+    sqlite3 *db = rec_db(r);
+    assert_int_equal(query_int(db, "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name IN"
+                                   " ('routing', 'token_stats') AND sql LIKE '%REFERENCES%'"), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name LIKE '%_v1'"), 0);
+    assert_int_equal(query_int(db, "SELECT sum(expert) FROM routing WHERE eval_id = 1"), 8);
+    assert_near(query_real(db, "SELECT loss FROM token_stats WHERE eval_id = 1"), 2.25, 0);
+    assert_near(query_real(db, "SELECT experts_per_token FROM v_experts_per_token"), 2.0, 0);
+    RecRouting more = {.layer = 1, .expert = 2, .weight = 1.0f};
+    assert_int_equal(rec_routing(r, run, eval_id, &more, 1, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    exec_sql(db, "DELETE FROM runs");
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM token_stats"), 0);
     rec_close(r);
 }
 
@@ -392,12 +675,12 @@ static void test_crash_loses_only_unflushed_rows(void **state) {
         if (rec_open(&r, path, err) || rec_run_begin(r, "c", NULL, NULL, 1, 0, 0, &run, err))
             _exit(2);
         for (int i = 0; i < 5; i++)
-            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, err))
+            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NULL, err))
                 _exit(3);
         if (rec_flush(r, err))
             _exit(4);
         for (int i = 5; i < 8; i++)
-            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, err))
+            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NULL, err))
                 _exit(5);
         _exit(0);   /* dies without flushing or closing */
     }
@@ -423,12 +706,12 @@ static void test_locked_database_names_the_lock(void **state) {
     assert_int_equal(sqlite3_open(path, &other), SQLITE_OK);
     exec_sql(other, "BEGIN EXCLUSIVE; INSERT INTO runs(name, started_at) VALUES ('x', 'now');");
 
-    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err), -1);
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err), -1);
     assert_non_null(strstr(err, "database is locked"));
     assert_non_null(strstr(err, path));
 
     exec_sql(other, "COMMIT");
-    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err), 0);
 
     /* Now the recorder holds the write lock until it flushes. */
     assert_int_equal(sqlite3_busy_timeout(other, 10), SQLITE_OK);
@@ -450,7 +733,7 @@ static void test_readonly_connection_refuses_writes(void **state) {
 
     assert_int_equal(rec_open_readonly(&r, path, err), 0);
     assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM runs"), 1);
-    int rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err);
+    int rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err);
     if (rc == 0)
         rc = rec_flush(r, err);
     assert_int_equal(rc, -1);
@@ -490,7 +773,7 @@ static void test_readonly_file_refuses_writes(void **state) {
     assert_int_equal(chmod((const char *)*state, 0555), 0);
     int rc = rec_open(&r, path, err);
     if (rc == 0) {
-        rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, err);
+        rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err);
         if (rc == 0)
             rc = rec_flush(r, err);
         rec_close(r);
@@ -542,8 +825,16 @@ int main(void) {
         cmocka_unit_test(test_run_metrics_eval_and_status_read_back),
         cmocka_unit_test(test_diverged_run_keeps_its_message),
         cmocka_unit_test(test_bad_status_and_unknown_run_are_rejected),
+        cmocka_unit_test(test_metric_aux_parts_read_back),
+        cmocka_unit_test(test_moe_records_read_back),
+        cmocka_unit_test(test_moe_records_are_all_or_nothing),
+        cmocka_unit_test(test_deleting_a_run_deletes_its_records),
         cmocka_unit_test(test_views_compute_the_documented_numbers),
         cmocka_unit_test_setup_teardown(test_flushed_rows_survive_close_and_reopen,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_large_routing_batch_reaches_the_file,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_version_1_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_crash_loses_only_unflushed_rows,
                                         setup_tmpdir, teardown_tmpdir),
