@@ -15,7 +15,7 @@ PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -g -Isrc -I/usr/include/lua5.4 \
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -g -Isrc -I/usr/include/lua5.4 \
            $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC))
 LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lcmocka -lm -ldl -lpthread -fopenmp
 LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp

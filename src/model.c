@@ -526,20 +526,26 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
         if (!m->adam_m || !m->adam_v) return ml_error(err, "out of memory for AdamW's moments");
     }
     m->adam_t++;
-    float bc1 = 1.0f - powf(beta1, (float)m->adam_t);
-    float bc2 = 1.0f - powf(beta2, (float)m->adam_t);
+    /* bias corrections as factors: mhat = m / bc1, sqrt(vhat) = sqrt(v / bc2) */
+    float inv_bc1 = 1.0f / (1.0f - powf(beta1, (float)m->adam_t));
+    float inv_bc2 = 1.0f / (1.0f - powf(beta2, (float)m->adam_t));
+    /* one parallel region for all tensors: a model with many experts has
+    ** hundreds of small ones. The gradient is zeroed once consumed, which
+    ** saves the next step a pass over the arena. */
+#pragma omp parallel
     for (int i = 0; i < m->n_params; i++) {
         const ParamInfo *p = &m->params[i];
         float *x = m->param_mem + p->offset;
-        const float *g = m->grad_mem + p->offset;
+        float *g = m->grad_mem + p->offset;
         float *mm = m->adam_m + p->offset, *vv = m->adam_v + p->offset;
         float wd = p->decay ? weight_decay : 0.0f;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
         for (size_t j = 0; j < p->numel; j++) {
             mm[j] = beta1 * mm[j] + (1.0f - beta1) * g[j];
             vv[j] = beta2 * vv[j] + (1.0f - beta2) * g[j] * g[j];
-            float mhat = mm[j] / bc1, vhat = vv[j] / bc2;
+            float mhat = mm[j] * inv_bc1, vhat = vv[j] * inv_bc2;
             x[j] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * x[j]);
+            g[j] = 0.0f;
         }
     }
     return 0;

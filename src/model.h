@@ -125,7 +125,8 @@ int model_backward(Model *m, char *err);
 /* Global L2 norm of the gradients; with clip > 0 and norm > clip, scales them
 ** down to norm `clip`. Returns the norm before clipping. */
 float model_clip_grad(Model *m, float clip);
-/* One AdamW step on every parameter; weight decay on matrices only. */
+/* One AdamW step on every parameter; weight decay on matrices only. The
+** gradients are zero afterwards (consumed), ready for the next backward. */
 int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
                      float weight_decay, char *err);
 

@@ -28,16 +28,19 @@ static void renormalise(float *w, int n) {
 
 int router_select_topk(const float *p, int E, int k, int normalize, int *experts,
                        float *weights) {
-    /* partial selection keeps rank order and is O(E·k) */
-    for (int r = 0; r < k; r++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            int taken = 0;
-            for (int q = 0; q < r && !taken; q++) taken = experts[q] == e;
-            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    /* one pass, keeping the best k in rank order: O(E·k); a strictly larger p
+    ** is needed to pass a kept one, so ties go to the lower index */
+    int n = 0;
+    for (int e = 0; e < E; e++) {
+        if (n == k && !(p[e] > weights[k - 1])) continue;
+        int j = n < k ? n++ : k - 1;
+        while (j > 0 && p[e] > weights[j - 1]) {
+            experts[j] = experts[j - 1];
+            weights[j] = weights[j - 1];
+            j--;
         }
-        experts[r] = best;
-        weights[r] = p[best];
+        experts[j] = e;
+        weights[j] = p[e];
     }
     if (normalize) renormalise(weights, k);
     return k;

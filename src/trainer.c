@@ -421,7 +421,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
                      isnan(loss) || isnan(m->aux_loss) ? "NaN" : "infinite", (long long)t->step);
             break;
         }
-        model_zero_grad(m);
+        if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
         if (model_backward(m, err) != 0) { rc = -1; break; }
         model_clip_grad(m, o->clip);
         float lr = trainer_lr(o, s);
