@@ -324,6 +324,7 @@ double moe_token_flops(const MoeState *s, const MoeConfig *mc, ActKind act, int 
 }
 
 void moe_measure_sparsity(MoeState *s, const MoeConfig *mc, float eps) {
+#pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < s->E; e++) {
         const float *a = s->ae + s->hoff[e];
         size_t n = (size_t)s->counts[e] * mc->hidden[e];
