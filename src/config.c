@@ -111,6 +111,10 @@ int config_validate(const ModelConfig *c, char *err) {
         if (!(aux[i] >= 0.0f) || !isfinite(aux[i]))
             return ml_error(err, "'moe.aux.%s' must be a number >= 0 (0 = off), got %g",
                             aux_names[i], aux[i]);
+    if (m->kind == ROUTER_HASH && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
+                                   m->aux_p_penalty > 0 || m->noise > 0))
+        return ml_error(err, "'moe.router.kind' = \"hash\" has no router probabilities: "
+                        "moe.aux and moe.router.noise must be 0");
     if (!(m->sparsity_eps >= 0.0f) || !isfinite(m->sparsity_eps))
         return ml_error(err, "'moe.sparsity_eps' must be a number >= 0, got %g", m->sparsity_eps);
     return 0;

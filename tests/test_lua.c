@@ -258,6 +258,49 @@ static void test_config_defaults(void **state) {
 
 /* ---- the happy path of SPEC §4 ------------------------------------------- */
 
+/* An MoE model through the Lua API: training records expert load and aux
+** parts per step; a recorded evaluation fills routing, token_stats and
+** sparsity; the figures of the MoE records render. */
+static void test_moe_end_to_end(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT, split = 0.9 }\n"
+              "model = moelab.model(tiny{ moe = { experts = 4, hidden = { 8, 8, 16, 16 },\n"
+              "        router = { kind = 'topk', k = 2 }, aux = { balance = 0.01, z = 0.001 } } })\n"
+              "db    = moelab.open(DIR .. '/moe.db')\n"
+              "run   = db:run{ name = 'moe', model = model, data = data }\n"
+              "t = run:train(fast{ steps = 10 })\n"
+              "e = run:evaluate{ batches = 2, batch = 4, record = true }\n"
+              "total, active = model:parameters()");
+    assert_lua(L, "t.status == 'finished'");
+    assert_lua(L, "e.experts_per_token == 2");
+    assert_lua(L, "e.moe_flops_per_token > 0");
+    assert_lua(L, "active < total");
+    assert_lua(L, "model:config().moe.router.kind == 'topk'");
+    assert_lua(L, "model:config().moe.hidden[3] == 16");
+    /* per step: 1 layer x 4 experts of load, aux parts in metrics */
+    assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM expert_load WHERE eval_id IS NULL')[1].n == 10 * 4");
+    assert_lua(L, "db:query(\"SELECT COUNT(*) AS n FROM metrics WHERE split = 'train' "
+                  "AND aux_balance > 0 AND aux_z > 0 AND aux_loss > 0\")[1].n == 10");
+    /* the recorded evaluation: 2 experts per token, tokens = 2 x 4 x 16 */
+    assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM routing WHERE eval_id = ?', e.eval_id)[1].n "
+                  "== 2 * 4 * 16 * 2");
+    assert_lua(L, "db:query('SELECT SUM(experts) AS n FROM token_stats WHERE eval_id = ?', e.eval_id)[1].n "
+                  "== 2 * 4 * 16 * 2");
+    assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM sparsity WHERE eval_id = ?', e.eval_id)[1].n == 4");
+    assert_lua(L, "db:query('SELECT experts_per_token AS x FROM v_experts_per_token')[1].x == 2");
+    for (const char *f = "expert_load experts_per_token loss_vs_flops"; *f;) {
+        char fig[32], code[256];
+        size_t n = strcspn(f, " ");
+        snprintf(fig, sizeof fig, "%.*s", (int)n, f);
+        snprintf(code, sizeof code, "moelab.plot{ db = db, figure = '%s', out = DIR .. '/%s.pdf' }",
+                 fig, fig);
+        run_ok(L, code);
+        f += n + (f[n] == ' ');
+    }
+    lua_close(L);
+}
+
 static void test_train_evaluate_record(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -420,6 +463,22 @@ static void test_config_errors(void **state) {
     run_err(L, "moelab.model(tiny{ d_modle = 16 })", "moelab.model", "'d_modle'", "'d_model'", NULL);
     run_err(L, "moelab.model(tiny{ ffn = { hiden = 32 } })", "'ffn.hiden'", "'ffn.hidden'", NULL);
     run_err(L, "moelab.model(tiny{ heads = 3 })", "heads = 3", "does not divide", "d_model = 16", NULL);
+    /* MoE configuration */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kidn = 'topk' } } })",
+            "'moe.router.kidn'", "'moe.router.kind'", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, aux = { balanse = 0.1 } } })",
+            "'moe.aux.balanse'", "'moe.aux.balance'", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'treshold' } } })",
+            "\"treshold\"", "threshold", "expert_choice", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { k = 5 } } })",
+            "'moe.router.k' = 5", "moe.experts = 4", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, hidden = { 8, 8, 8 } } })",
+            "3 sizes for 4 experts", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { p = 1.5 } } })",
+            "'moe.router.p'", "(0, 1]", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { router = { kind = 'hash' }, aux = { z = 1 } } })",
+            "hash", "moe.aux", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 0 } })", "'moe.experts'", NULL);
     run_err(L, "moelab.model(tiny{ layers = -1 })", "'layers'", "-1", NULL);
     run_err(L, "moelab.model(tiny{ d_model = 0 })", "'d_model'", NULL);
     run_err(L, "moelab.model(tiny{ context = -5 })", "'context'", "-5", NULL);
@@ -750,6 +809,7 @@ int main(void) {
         cmocka_unit_test(test_module),
         cmocka_unit_test(test_config_defaults),
         cmocka_unit_test(test_train_evaluate_record),
+        cmocka_unit_test(test_moe_end_to_end),
         cmocka_unit_test(test_save_load_sample_plot),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_option_errors),
