@@ -5,7 +5,9 @@
 ** Writes are batched: the first row after a commit opens a transaction
 ** (BEGIN IMMEDIATE, so a competing writer is seen at once rather than at
 ** commit), and rec_flush commits it. The statements that write rows are
-** prepared once at open and bound, stepped and reset per row. The database
+** prepared once at open; runs, metrics and evaluations are bound, stepped
+** and reset per row, and each call of the MoE records is one statement that
+** reads the caller's array through a virtual table (the row sources). The database
 ** runs in WAL mode with synchronous=NORMAL: a process crash never loses a
 ** commit, and readers (a plot, the sqlite3 shell) never block the writer.
 */
@@ -93,7 +95,10 @@ static const char *rec_schema_sql =
     "-- (eval_id, layer, seq, pos, pass, rank) is as fast only while rows come\n"
     "-- in exactly that order, and a third slower when an evaluation writes\n"
     "-- them batch by batch; a foreign key costs two lookups per row (20%).\n"
-    "-- So there are none: the recorder\n"
+    "-- The index costs a third of the insert time (3.4M rows per CPU second\n"
+    "-- without it, 2.3M with), and is kept: without it every query by\n"
+    "-- eval_id, and the delete below, reads the whole table.\n"
+    "-- There are no foreign keys: the recorder\n"
     "-- checks each call's evaluation once, and evals_delete_records below\n"
     "-- removes an evaluation's rows with it (and so with its run).\n"
     "CREATE TABLE IF NOT EXISTS routing(\n"
@@ -226,30 +231,29 @@ static const char *rec_schema_sql =
     "FROM runs r;\n";
 
 /*
-** The MoE tables are written many rows per statement: "INSERT ... VALUES
-** (?1, ?2, ?3, ...), (?1, ?2, ?11, ...), ...", REC_BULK_ROWS rows at a time,
-** well over twice as fast as a statement per row. The leading parameters
-** (run_id, eval_id, and step for expert_load) are shared by every row; each
-** row then has its own. Calls with fewer rows left use the one-row statement.
+** The MoE tables are written by one statement per call, reading the caller's
+** array through a virtual table (below, "the row sources"):
+**
+**     INSERT OR FAIL INTO routing(run_id, eval_id, layer, ...)
+**       SELECT ?3, ?4, layer, ... FROM moelab_routing_rows(?1, ?2)
+**
+** ?1 is the array, bound with sqlite3_bind_pointer, ?2 its length. Nothing
+** is bound, parsed or stepped per row.
 */
-#define REC_BULK_ROWS 64
-
-typedef void (*RecBindRow)(sqlite3_stmt *st, int first, const void *row);
+typedef void (*RecRowColumn)(sqlite3_context *ctx, const void *row, int column);
 
 typedef struct {
     const char *table;
-    const char *columns;      /* shared ones first */
-    int shared, per_row;      /* parameters */
+    const char *source;       /* the row source: "moelab_routing_rows" */
+    const char *pointer_type; /* of the array bound to the source */
+    const char *shared;       /* columns every row of a call shares */
+    const char *columns;      /* the row's own, as the source names them */
+    int n_columns;
     size_t row_size;
-    RecBindRow bind;
+    RecRowColumn column;
     const char *what;         /* "insert routing rows" */
     int needs_eval;           /* rows belong to an evaluation */
 } RecRowKind;
-
-typedef struct {
-    sqlite3_stmt *bulk;       /* REC_BULK_ROWS rows */
-    sqlite3_stmt *single;     /* one row */
-} RecRowInsert;
 
 enum { REC_EXPERT_LOAD, REC_ROUTING, REC_TOKEN_STATS, REC_SPARSITY, REC_ROW_KINDS };
 
@@ -269,7 +273,7 @@ struct Recorder {
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
     sqlite3_stmt *eval_run;   /* the run of an evaluation */
-    RecRowInsert rows[REC_ROW_KINDS];
+    sqlite3_stmt *insert_rows[REC_ROW_KINDS];
 };
 
 static const char *rec_statuses[] = {
@@ -434,102 +438,238 @@ static int rec_prepare(Recorder *r, sqlite3_stmt **st, const char *sql, char *er
     return 0;
 }
 
-/* ---- the MoE row kinds ------------------------------------------------ */
+/* ---- the row sources -------------------------------------------------- */
 
-static void rec_bind_expert_load(sqlite3_stmt *st, int i, const void *row) {
+/*
+** Each MoE row kind has an eponymous-only virtual table, moelab_KIND_rows,
+** that reads a caller's array of rows: its hidden columns "rows" and "n"
+** are the table-valued function's two arguments, the array (a pointer of
+** type kind->pointer_type, which plain SQL cannot make) and its length.
+** Without a pointer it is empty. It lives in the connection only; the data
+** go into ordinary tables.
+*/
+
+typedef struct {
+    sqlite3_vtab base;
+    const RecRowKind *kind;
+} RecRowsTable;
+
+typedef struct {
+    sqlite3_vtab_cursor base;
+    const char *row;          /* the current one */
+    int64_t n, i;
+    size_t row_size;
+    int n_columns;
+    RecRowColumn column;
+} RecRowsCursor;
+
+static void rec_result_real_or_null(sqlite3_context *ctx, double value) {
+    if (isnan(value))
+        sqlite3_result_null(ctx);
+    else
+        sqlite3_result_double(ctx, value);
+}
+
+static void rec_column_expert_load(sqlite3_context *ctx, const void *row, int column) {
     const RecExpertLoad *x = row;
-    sqlite3_bind_int(st, i, x->layer);
-    sqlite3_bind_int(st, i + 1, x->expert);
-    sqlite3_bind_int64(st, i + 2, x->tokens);
-    sqlite3_bind_int64(st, i + 3, x->dropped);
-    rec_bind_real_or_null(st, i + 4, x->prob_mass);
+    switch (column) {
+    case 0: sqlite3_result_int(ctx, x->layer); break;
+    case 1: sqlite3_result_int(ctx, x->expert); break;
+    case 2: sqlite3_result_int64(ctx, x->tokens); break;
+    case 3: sqlite3_result_int64(ctx, x->dropped); break;
+    case 4: rec_result_real_or_null(ctx, x->prob_mass); break;
+    }
 }
 
-static void rec_bind_routing(sqlite3_stmt *st, int i, const void *row) {
+static void rec_column_routing(sqlite3_context *ctx, const void *row, int column) {
     const RecRouting *x = row;
-    sqlite3_bind_int(st, i, x->layer);
-    sqlite3_bind_int(st, i + 1, x->seq);
-    sqlite3_bind_int(st, i + 2, x->pos);
-    sqlite3_bind_int(st, i + 3, x->token);
-    sqlite3_bind_int(st, i + 4, x->rank);
-    sqlite3_bind_int(st, i + 5, x->expert);
-    rec_bind_real_or_null(st, i + 6, x->weight);
-    sqlite3_bind_int(st, i + 7, x->pass);
+    switch (column) {
+    case 0: sqlite3_result_int(ctx, x->layer); break;
+    case 1: sqlite3_result_int(ctx, x->seq); break;
+    case 2: sqlite3_result_int(ctx, x->pos); break;
+    case 3: sqlite3_result_int(ctx, x->token); break;
+    case 4: sqlite3_result_int(ctx, x->rank); break;
+    case 5: sqlite3_result_int(ctx, x->expert); break;
+    case 6: rec_result_real_or_null(ctx, x->weight); break;
+    case 7: sqlite3_result_int(ctx, x->pass); break;
+    }
 }
 
-static void rec_bind_token_stat(sqlite3_stmt *st, int i, const void *row) {
+static void rec_column_token_stat(sqlite3_context *ctx, const void *row, int column) {
     const RecTokenStat *x = row;
-    sqlite3_bind_int(st, i, x->seq);
-    sqlite3_bind_int(st, i + 1, x->pos);
-    sqlite3_bind_int(st, i + 2, x->token);
-    rec_bind_real_or_null(st, i + 3, x->loss);
-    sqlite3_bind_int(st, i + 4, x->experts);
-    rec_bind_real_or_null(st, i + 5, x->moe_flops);
+    switch (column) {
+    case 0: sqlite3_result_int(ctx, x->seq); break;
+    case 1: sqlite3_result_int(ctx, x->pos); break;
+    case 2: sqlite3_result_int(ctx, x->token); break;
+    case 3: rec_result_real_or_null(ctx, x->loss); break;
+    case 4: sqlite3_result_int(ctx, x->experts); break;
+    case 5: rec_result_real_or_null(ctx, x->moe_flops); break;
+    }
 }
 
-static void rec_bind_sparsity(sqlite3_stmt *st, int i, const void *row) {
+static void rec_column_sparsity(sqlite3_context *ctx, const void *row, int column) {
     const RecSparsity *x = row;
-    sqlite3_bind_int(st, i, x->layer);
-    sqlite3_bind_int(st, i + 1, x->expert);
-    sqlite3_bind_int64(st, i + 2, x->activations);
-    sqlite3_bind_int64(st, i + 3, x->near_zero);
-    rec_bind_real_or_null(st, i + 4, x->mean_abs);
+    switch (column) {
+    case 0: sqlite3_result_int(ctx, x->layer); break;
+    case 1: sqlite3_result_int(ctx, x->expert); break;
+    case 2: sqlite3_result_int64(ctx, x->activations); break;
+    case 3: sqlite3_result_int64(ctx, x->near_zero); break;
+    case 4: rec_result_real_or_null(ctx, x->mean_abs); break;
+    }
 }
 
 static const RecRowKind rec_row_kinds[REC_ROW_KINDS] = {
-    [REC_EXPERT_LOAD] = {"expert_load",
-        "run_id, eval_id, step, layer, expert, tokens, dropped, prob_mass",
-        3, 5, sizeof(RecExpertLoad), rec_bind_expert_load, "insert expert_load rows", 0},
-    [REC_ROUTING] = {"routing",
-        "run_id, eval_id, layer, seq, pos, token, rank, expert, weight, pass",
-        2, 8, sizeof(RecRouting), rec_bind_routing, "insert routing rows", 1},
-    [REC_TOKEN_STATS] = {"token_stats",
-        "run_id, eval_id, seq, pos, token, loss, experts, moe_flops",
-        2, 6, sizeof(RecTokenStat), rec_bind_token_stat, "insert token_stats rows", 1},
-    [REC_SPARSITY] = {"sparsity",
-        "run_id, eval_id, layer, expert, activations, near_zero, mean_abs",
-        2, 5, sizeof(RecSparsity), rec_bind_sparsity, "insert sparsity rows", 0},
+    [REC_EXPERT_LOAD] = {"expert_load", "moelab_expert_load_rows", "moelab_expert_load",
+        "run_id, eval_id, step", "layer, expert, tokens, dropped, prob_mass", 5,
+        sizeof(RecExpertLoad), rec_column_expert_load, "insert expert_load rows", 0},
+    [REC_ROUTING] = {"routing", "moelab_routing_rows", "moelab_routing",
+        "run_id, eval_id", "layer, seq, pos, token, rank, expert, weight, pass", 8,
+        sizeof(RecRouting), rec_column_routing, "insert routing rows", 1},
+    [REC_TOKEN_STATS] = {"token_stats", "moelab_token_stats_rows", "moelab_token_stats",
+        "run_id, eval_id", "seq, pos, token, loss, experts, moe_flops", 6,
+        sizeof(RecTokenStat), rec_column_token_stat, "insert token_stats rows", 1},
+    [REC_SPARSITY] = {"sparsity", "moelab_sparsity_rows", "moelab_sparsity",
+        "run_id, eval_id", "layer, expert, activations, near_zero, mean_abs", 5,
+        sizeof(RecSparsity), rec_column_sparsity, "insert sparsity rows", 0},
 };
 
-/* "INSERT OR FAIL INTO t(columns) VALUES (?1, ?2, ?3, ...), (?1, ?2, ?k,
-** ...)" for rows rows; NULL when out of memory. OR FAIL, because a failing
-** statement need not undo its own rows (the caller's savepoint does), and so
-** SQLite keeps no statement journal: copying the pages each statement
-** touches into one cost a third of the time. */
-static char *rec_insert_sql(const RecRowKind *kind, int rows) {
-    char *sql = NULL;
-    size_t size = 0;
-    FILE *f = open_memstream(&sql, &size);
-    if (!f)
-        return NULL;
-    fprintf(f, "INSERT OR FAIL INTO %s(%s) VALUES ", kind->table, kind->columns);
-    for (int row = 0; row < rows; row++) {
-        fputs(row ? ", (" : "(", f);
-        for (int i = 1; i <= kind->shared; i++)
-            fprintf(f, "%s?%d", i > 1 ? ", " : "", i);
-        for (int i = 0; i < kind->per_row; i++)
-            fprintf(f, ", ?%d", kind->shared + row * kind->per_row + i + 1);
-        fputc(')', f);
+static int rec_rows_connect(sqlite3 *db, void *aux, int argc, const char *const *argv,
+                            sqlite3_vtab **out, char **errmsg) {
+    const RecRowKind *kind = aux;
+    (void)argc;
+    (void)argv;
+    char *sql = sqlite3_mprintf("CREATE TABLE x(%s, rows HIDDEN, n HIDDEN)", kind->columns);
+    if (!sql)
+        return SQLITE_NOMEM;
+    int rc = sqlite3_declare_vtab(db, sql);
+    sqlite3_free(sql);
+    if (rc != SQLITE_OK) {
+        *errmsg = sqlite3_mprintf("%s", sqlite3_errmsg(db));
+        return rc;
     }
-    int failed = ferror(f);
-    if (fclose(f) || failed) {
-        free(sql);
-        return NULL;
-    }
-    return sql;
+    /* Not from schema objects (triggers, views): only our statements. */
+    sqlite3_vtab_config(db, SQLITE_VTAB_DIRECTONLY);
+    RecRowsTable *t = sqlite3_malloc(sizeof *t);
+    if (!t)
+        return SQLITE_NOMEM;
+    memset(t, 0, sizeof *t);
+    t->kind = kind;
+    *out = &t->base;
+    return SQLITE_OK;
 }
 
+static int rec_rows_disconnect(sqlite3_vtab *vtab) {
+    sqlite3_free(vtab);
+    return SQLITE_OK;
+}
+
+/* Both arguments are needed: "rows = ? AND n = ?" is the only plan. */
+static int rec_rows_best_index(sqlite3_vtab *vtab, sqlite3_index_info *info) {
+    int rows_column = ((RecRowsTable *)vtab)->kind->n_columns, found[2] = {-1, -1};
+    for (int i = 0; i < info->nConstraint; i++) {
+        const struct sqlite3_index_constraint *c = &info->aConstraint[i];
+        int arg = c->iColumn - rows_column;
+        if (arg < 0 || arg > 1)
+            continue;
+        if (!c->usable || c->op != SQLITE_INDEX_CONSTRAINT_EQ)
+            return SQLITE_CONSTRAINT;
+        found[arg] = i;
+    }
+    if (found[0] < 0 || found[1] < 0)
+        return SQLITE_CONSTRAINT;
+    for (int arg = 0; arg < 2; arg++) {
+        info->aConstraintUsage[found[arg]].argvIndex = arg + 1;
+        info->aConstraintUsage[found[arg]].omit = 1;
+    }
+    info->estimatedCost = 1.0;
+    info->estimatedRows = 1000;
+    return SQLITE_OK;
+}
+
+static int rec_rows_open(sqlite3_vtab *vtab, sqlite3_vtab_cursor **out) {
+    (void)vtab;
+    RecRowsCursor *c = sqlite3_malloc(sizeof *c);
+    if (!c)
+        return SQLITE_NOMEM;
+    memset(c, 0, sizeof *c);
+    *out = &c->base;
+    return SQLITE_OK;
+}
+
+static int rec_rows_close(sqlite3_vtab_cursor *cursor) {
+    sqlite3_free(cursor);
+    return SQLITE_OK;
+}
+
+static int rec_rows_filter(sqlite3_vtab_cursor *cursor, int plan, const char *plan_name,
+                           int argc, sqlite3_value **argv) {
+    RecRowsCursor *c = (RecRowsCursor *)cursor;
+    const RecRowKind *kind = ((RecRowsTable *)cursor->pVtab)->kind;
+    (void)plan;
+    (void)plan_name;
+    c->row = argc == 2 ? sqlite3_value_pointer(argv[0], kind->pointer_type) : NULL;
+    c->n = c->row ? sqlite3_value_int64(argv[1]) : 0;
+    c->i = 0;
+    c->row_size = kind->row_size;
+    c->n_columns = kind->n_columns;
+    c->column = kind->column;
+    return SQLITE_OK;
+}
+
+static int rec_rows_next(sqlite3_vtab_cursor *cursor) {
+    RecRowsCursor *c = (RecRowsCursor *)cursor;
+    c->i++;
+    c->row += c->row_size;
+    return SQLITE_OK;
+}
+
+static int rec_rows_eof(sqlite3_vtab_cursor *cursor) {
+    const RecRowsCursor *c = (const RecRowsCursor *)cursor;
+    return c->i >= c->n;
+}
+
+static int rec_rows_column(sqlite3_vtab_cursor *cursor, sqlite3_context *ctx, int column) {
+    const RecRowsCursor *c = (const RecRowsCursor *)cursor;
+    /* The hidden columns read as NULL. */
+    if (column < c->n_columns)
+        c->column(ctx, c->row, column);
+    return SQLITE_OK;
+}
+
+static int rec_rows_rowid(sqlite3_vtab_cursor *cursor, sqlite3_int64 *rowid) {
+    *rowid = ((const RecRowsCursor *)cursor)->i;
+    return SQLITE_OK;
+}
+
+/* xCreate NULL: eponymous-only, so "CREATE VIRTUAL TABLE" cannot use it. */
+static const sqlite3_module rec_rows_module = {
+    .iVersion = 0,
+    .xConnect = rec_rows_connect,
+    .xBestIndex = rec_rows_best_index,
+    .xDisconnect = rec_rows_disconnect,
+    .xOpen = rec_rows_open,
+    .xClose = rec_rows_close,
+    .xFilter = rec_rows_filter,
+    .xNext = rec_rows_next,
+    .xEof = rec_rows_eof,
+    .xColumn = rec_rows_column,
+    .xRowid = rec_rows_rowid,
+};
+
 static int rec_prepare_rows(Recorder *r, int k, char *err) {
-    char *bulk = rec_insert_sql(&rec_row_kinds[k], REC_BULK_ROWS);
-    char *single = rec_insert_sql(&rec_row_kinds[k], 1);
-    int status = -1;
-    if (!bulk || !single)
-        ml_error(err, "out of memory opening '%s'", r->path);
-    else if (rec_prepare(r, &r->rows[k].bulk, bulk, err) == 0
-             && rec_prepare(r, &r->rows[k].single, single, err) == 0)
-        status = 0;
-    free(bulk);
-    free(single);
+    const RecRowKind *kind = &rec_row_kinds[k];
+    if (sqlite3_create_module_v2(r->db, kind->source, &rec_rows_module, (void *)kind, NULL)
+        != SQLITE_OK)
+        return rec_sqlite_error(r, "register a row source", err);
+    /* OR FAIL, because a failing statement need not undo its own rows (the
+    ** caller's savepoint does), and so SQLite keeps no statement journal. */
+    char *sql = sqlite3_mprintf("INSERT OR FAIL INTO %s(%s, %s) SELECT ?3, ?4%s, %s FROM %s(?1, ?2)",
+                                kind->table, kind->shared, kind->columns,
+                                k == REC_EXPERT_LOAD ? ", ?5" : "", kind->columns, kind->source);
+    if (!sql)
+        return ml_error(err, "out of memory opening '%s'", r->path);
+    int status = rec_prepare(r, &r->insert_rows[k], sql, err);
+    sqlite3_free(sql);
     return status;
 }
 
@@ -641,8 +781,10 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, char *e
         /* The journal mode is kept in the file; WAL lets readers run while a
         ** run writes. It quietly stays "memory" for ":memory:". A new file
         ** gets 16 KiB pages (an existing one keeps its own): routing rows go
-        ** in at 2.1M rows per CPU second instead of 1.7M with 4 KiB pages,
-        ** as fewer, larger writes reach the WAL. */
+        ** in at 2.2M rows per CPU second instead of 1.7-2.0M with 4 KiB
+        ** pages, as fewer, larger writes reach the WAL; 64 KiB pages are no
+        ** faster. A larger page cache (cache_size) or temp_store=MEMORY do
+        ** not help either (measured with tests/bench_recorder.c). */
         if (rec_connect(r, path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, err)
             || rec_exec(r, "PRAGMA page_size = 16384", "set the page size", err)
             || rec_exec(r, "PRAGMA journal_mode = WAL", "switch to WAL mode", err)
@@ -691,10 +833,8 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->release);
     sqlite3_finalize(r->undo);
     sqlite3_finalize(r->eval_run);
-    for (int k = 0; k < REC_ROW_KINDS; k++) {
-        sqlite3_finalize(r->rows[k].bulk);
-        sqlite3_finalize(r->rows[k].single);
-    }
+    for (int k = 0; k < REC_ROW_KINDS; k++)
+        sqlite3_finalize(r->insert_rows[k]);
     sqlite3_close(r->db);
     free(r->path);
     free(r);
@@ -871,20 +1011,10 @@ static int rec_check_eval(Recorder *r, int64_t run_id, int64_t eval_id, const ch
     return status;
 }
 
-/* Steps a row statement; on failure keeps SQLite's message in err. Bindings
-** stay, as every parameter is bound again before the next step. */
-static int rec_step_rows(Recorder *r, sqlite3_stmt *st, const char *what, char *err) {
-    int status = 0;
-    if (sqlite3_step(st) != SQLITE_DONE)
-        status = rec_sqlite_error(r, what, err);
-    sqlite3_reset(st);
-    return status;
-}
-
 /*
-** Writes rows[0..n) of kind k inside the savepoint rec_rows, so that a call
-** that fails halfway (a duplicate token, a full disk) leaves nothing of
-** itself pending. eval_id < 0 is stored as NULL.
+** Writes rows[0..n) of kind k with one statement, inside the savepoint
+** rec_rows, so that a call that fails halfway (a duplicate token, a full
+** disk) leaves nothing of itself pending. eval_id < 0 is stored as NULL.
 */
 static int rec_insert_rows(Recorder *r, int k, int64_t run_id, int64_t eval_id, int64_t step,
                            const void *rows, size_t n, char *err) {
@@ -893,6 +1023,8 @@ static int rec_insert_rows(Recorder *r, int k, int64_t run_id, int64_t eval_id, 
         return 0;
     if (!rows)
         return ml_error(err, "cannot %s: no rows given (NULL) for %zu rows", kind->what, n);
+    if (n > INT64_MAX)
+        return ml_error(err, "cannot %s: %zu rows is too many", kind->what, n);
     if (kind->needs_eval && eval_id < 0)
         return ml_error(err, "cannot %s: %s rows belong to an evaluation (an eval_id from "
                         "rec_eval), got eval_id %lld", kind->what, kind->table,
@@ -902,27 +1034,18 @@ static int rec_insert_rows(Recorder *r, int k, int64_t run_id, int64_t eval_id, 
         || rec_step_done(r, r->savepoint, kind->what, err))
         return -1;
 
-    const char *row = rows;
-    size_t left = n;
-    int status = 0;
-    while (left > 0 && status == 0) {
-        int bulk = left >= REC_BULK_ROWS;
-        sqlite3_stmt *st = bulk ? r->rows[k].bulk : r->rows[k].single;
-        int count = bulk ? REC_BULK_ROWS : 1;
-        sqlite3_bind_int64(st, 1, run_id);
-        if (eval_id >= 0)
-            sqlite3_bind_int64(st, 2, eval_id);
-        else
-            sqlite3_bind_null(st, 2);
-        if (kind->shared > 2)
-            sqlite3_bind_int64(st, 3, step);
-        for (int i = 0; i < count; i++, row += kind->row_size)
-            kind->bind(st, kind->shared + i * kind->per_row + 1, row);
-        status = rec_step_rows(r, st, kind->what, err);
-        left -= (size_t)count;
-    }
-
-    if (status == 0 && rec_step_done(r, r->release, kind->what, err) == 0) {
+    sqlite3_stmt *st = r->insert_rows[k];
+    sqlite3_bind_pointer(st, 1, (void *)rows, kind->pointer_type, NULL);
+    sqlite3_bind_int64(st, 2, (int64_t)n);
+    sqlite3_bind_int64(st, 3, run_id);
+    if (eval_id >= 0)
+        sqlite3_bind_int64(st, 4, eval_id);
+    else
+        sqlite3_bind_null(st, 4);
+    if (k == REC_EXPERT_LOAD)
+        sqlite3_bind_int64(st, 5, step);
+    if (rec_step_done(r, st, kind->what, err) == 0
+        && rec_step_done(r, r->release, kind->what, err) == 0) {
         r->pending_rows += (int64_t)n;
         return 0;
     }

@@ -13,9 +13,10 @@
 **
 ** The MoE records (expert_load, routing, token_stats, sparsity) come in arrays,
 ** one call per layer, batch or evaluation. routing and token_stats are written
-** at well over a million rows a second (tests/bench_recorder.c): many rows per
-** statement, no per-row foreign-key lookups (each call checks its evaluation
-** once instead). A transaction of any size is fine: SQLite keeps only its page
+** at well over a million rows a second (tests/bench_recorder.c): one
+** statement per call, which reads the array through a virtual table
+** (nothing bound or parsed per row), and no per-row foreign-key lookups
+** (each call checks its evaluation once instead). A transaction of any size is fine: SQLite keeps only its page
 ** cache in memory and spills the rest to the WAL file.
 **
 ** A Recorder is used by one thread at a time (its connection has no mutex).

@@ -400,7 +400,7 @@ static void test_moe_records_are_all_or_nothing(void **state) {
     assert_int_equal(rec_token_stats(r, run, eval_id, tokens, 10, err), 0);
     int64_t pending = rec_pending_rows(r);
 
-    tokens[90].pos = 95;   /* a token recorded twice, past the first 64 rows */
+    tokens[90].pos = 95;   /* a token recorded twice, 80 rows into the call */
     assert_int_equal(rec_token_stats(r, run, eval_id, tokens + 10, 90, err), -1);
     assert_non_null(strstr(err, "UNIQUE"));
     assert_non_null(strstr(err, "token_stats"));
@@ -608,6 +608,103 @@ static void test_large_routing_batch_reaches_the_file(void **state) {
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE layer = 1 AND rank = 1"),
                      N / 4);
     assert_int_equal(query_int(db, "PRAGMA page_size"), 16384);
+    rec_close(r);
+}
+
+/* The bulk path (one INSERT ... SELECT from the row source per call) stores
+** exactly the rows given, in order: every value, NULL for a NaN weight or
+** loss, the count; n = 0 stores nothing; 200,000 rows in one call. Rows of
+** several layers, passes and evaluations in one call, out of table order. */
+static void test_bulk_path_stores_exactly_the_rows(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "bulk"), eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 3, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
+    enum { N = 200000 };
+    RecRouting *rows = malloc(N * sizeof *rows);
+    RecTokenStat *tokens = malloc(N * sizeof *tokens);
+    assert_non_null(rows);
+    assert_non_null(tokens);
+    for (int i = 0; i < N; i++) {
+        unsigned h = (unsigned)i * 2654435761u;
+        rows[i] = (RecRouting){.layer = (int)(h >> 28), .seq = N - i, .pos = (int)(h % 1024),
+                               .token = (int)(h >> 8) - 8000000, .rank = i % 3,
+                               .expert = (int)(h >> 16) % 64, .pass = i % 5 == 0,
+                               .weight = i % 7 == 0 ? NAN : (float)(h % 1000) / 997.0f};
+        tokens[i] = (RecTokenStat){.seq = i / 256, .pos = i % 256, .token = (int)(h >> 20),
+                                   .experts = i % 9, .loss = i % 11 == 0 ? NAN : 0.001f * i,
+                                   .moe_flops = i % 13 == 0 ? NAN : 1e3 * i + 0.5};
+    }
+    assert_int_equal(rec_routing(r, run, eval_id, rows, 0, err), 0);
+    assert_int_equal(rec_token_stats(r, run, eval_id, tokens, 0, err), 0);
+    assert_int_equal(rec_pending_rows(r), 1);
+    assert_int_equal(query_int(db, "SELECT (SELECT count(*) FROM routing)"
+                                   " + (SELECT count(*) FROM token_stats)"), 0);
+
+    assert_int_equal(rec_routing(r, run, eval_id, rows, N, err), 0);
+    assert_int_equal(rec_token_stats(r, run, eval_id, tokens, N, err), 0);
+    assert_int_equal(rec_pending_rows(r), 1 + 2 * (int64_t)N);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), N);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM token_stats"), N);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE weight IS NULL"),
+                     (N + 6) / 7);
+
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_prepare_v2(db, "SELECT run_id, eval_id, layer, seq, pos, token,"
+                                            " rank, expert, pass, weight FROM routing"
+                                            " ORDER BY rowid", -1, &st, NULL), SQLITE_OK);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+        const RecRouting *x = &rows[i];
+        int64_t expected[] = {run, eval_id, x->layer, x->seq, x->pos, x->token, x->rank,
+                              x->expert, x->pass};
+        for (int c = 0; c < 9; c++)
+            if (sqlite3_column_type(st, c) != SQLITE_INTEGER
+                || sqlite3_column_int64(st, c) != expected[c])
+                fail_msg("routing row %d column %d: %lld, expected %lld", i, c,
+                         (long long)sqlite3_column_int64(st, c), (long long)expected[c]);
+        if (isnan(x->weight) ? sqlite3_column_type(st, 9) != SQLITE_NULL
+                             : sqlite3_column_double(st, 9) != (double)x->weight)
+            fail_msg("routing row %d: weight %.9g, expected %.9g", i,
+                     sqlite3_column_double(st, 9), (double)x->weight);
+    }
+    assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+
+    assert_int_equal(sqlite3_prepare_v2(db, "SELECT run_id, eval_id, seq, pos, token, experts,"
+                                            " loss, moe_flops FROM token_stats"
+                                            " ORDER BY seq, pos", -1, &st, NULL), SQLITE_OK);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+        const RecTokenStat *x = &tokens[i];
+        int64_t expected[] = {run, eval_id, x->seq, x->pos, x->token, x->experts};
+        for (int c = 0; c < 6; c++)
+            if (sqlite3_column_int64(st, c) != expected[c])
+                fail_msg("token_stats row %d column %d: %lld, expected %lld", i, c,
+                         (long long)sqlite3_column_int64(st, c), (long long)expected[c]);
+        double reals[] = {x->loss, x->moe_flops};
+        for (int c = 0; c < 2; c++)
+            if (isnan(reals[c]) ? sqlite3_column_type(st, 6 + c) != SQLITE_NULL
+                                : sqlite3_column_double(st, 6 + c) != reals[c])
+                fail_msg("token_stats row %d column %d: %.17g, expected %.17g", i, 6 + c,
+                         sqlite3_column_double(st, 6 + c), reals[c]);
+    }
+    assert_int_equal(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+
+    /* Plain SQL cannot hand the row sources an array: they read as empty,
+    ** and schema objects cannot use them at all. */
+    assert_int_equal(query_int(db, "SELECT count(*) FROM moelab_routing_rows(NULL, 5)"), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM moelab_token_stats_rows(x'00', 5)"),
+                     0);
+    assert_int_not_equal(sqlite3_exec(db, "CREATE VIEW v AS SELECT * FROM moelab_routing_rows"
+                                          "(1, 1); SELECT * FROM v", NULL, NULL, NULL),
+                         SQLITE_OK);
+    free(rows);
+    free(tokens);
     rec_close(r);
 }
 
@@ -828,6 +925,7 @@ int main(void) {
         cmocka_unit_test(test_metric_aux_parts_read_back),
         cmocka_unit_test(test_moe_records_read_back),
         cmocka_unit_test(test_moe_records_are_all_or_nothing),
+        cmocka_unit_test(test_bulk_path_stores_exactly_the_rows),
         cmocka_unit_test(test_deleting_a_run_deletes_its_records),
         cmocka_unit_test(test_views_compute_the_documented_numbers),
         cmocka_unit_test_setup_teardown(test_flushed_rows_survive_close_and_reopen,
