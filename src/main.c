@@ -37,7 +37,8 @@ static const char *usage =
     "  moelab                                   a Lua prompt with moelab loaded\n"
     "  moelab --help | --version\n"
     "\n"
-    "Environment: MOELAB_PLOTS overrides the folder of gnuplot scripts.\n";
+    "Environment: MOELAB_PLOTS overrides the folder of gnuplot scripts;\n"
+    "OMP_WAIT_POLICY (default here: passive) and OMP_NUM_THREADS as for OpenMP.\n";
 
 static lua_State *globalL;
 static volatile sig_atomic_t interrupted;
@@ -288,7 +289,20 @@ static int cmd_prompt(void) {
     return 0;
 }
 
+/* OpenMP threads that wait by spinning collapse when another process shares
+** the cores (measured: 2,800 against 15,900 tokens/s with one busy neighbour;
+** 8% slower when the machine is idle). libgomp reads its policy before main
+** runs, so moelab sets OMP_WAIT_POLICY=passive and starts itself again, once,
+** unless the user chose a policy. */
+static void prefer_passive_waiting(char **argv) {
+    if (getenv("OMP_WAIT_POLICY")) return;
+    setenv("OMP_WAIT_POLICY", "passive", 1);
+    execv("/proc/self/exe", argv);
+    /* if that failed, go on with the default policy */
+}
+
 int main(int argc, char **argv) {
+    prefer_passive_waiting(argv);
     if (argc < 2) return cmd_prompt();
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {

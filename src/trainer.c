@@ -423,7 +423,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
         if (model_backward(m, err) != 0) { rc = -1; break; }
-        model_clip_grad(m, o->clip);
+        if (o->clip > 0.0f) model_clip_grad(m, o->clip);
         float lr = trainer_lr(o, s);
         if (model_adamw_step(m, lr, o->beta1, o->beta2, o->eps, o->weight_decay, err) != 0) {
             rc = -1;
