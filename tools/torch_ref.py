@@ -10,8 +10,13 @@ source, so that agreement between the two is evidence that both follow the contr
       comparison value) and in float64 (for reference).
 
   torch_ref.py train [--layers 4 --d-model 128 ... --save PATH.safetensors]
+                     [--moe-experts 8 --moe-hidden 128 --router topk|threshold|topp
+                      --k 2 --p 0.9 --balance 0.01]
       Trains the same model on data/kjv.txt with moelab's protocol (see train_main)
-      and prints the validation loss and training tokens/s.
+      and prints the validation loss and training tokens/s. With --moe-experts > 0
+      every block (--moe-every) is a dropless MoE layer trained with the balance loss
+      (coefficient x mean over MoE layers, added to the cross-entropy), and the
+      experts per token over the validation tokens are reported too.
 
   torch_ref.py val CKPT.safetensors [--data data/kjv.txt] [--split val]
       Mean loss over every non-overlapping context window of the val (or train) split:
@@ -302,10 +307,11 @@ class MoE(nn.Module):
         self.router = nn.Linear(d, moe["experts"], bias=False)
         self.experts = nn.ModuleList(Expert(d, He, cfg["activation"]) for He in expert_hidden(cfg))
 
-    def route(self, x):
+    def route(self, x, p=None):
         """x (N, d) -> (weights (N, E) with zeros for unselected experts, selected mask (N, E))."""
         r = self.router_cfg
-        p = (x.float() @ self.router.weight.float().t()).softmax(dim=-1)
+        if p is None:
+            p = self.route_probs(x)
         E = p.shape[1]
         if r["kind"] == "topk":
             vals, idx = p.topk(r["k"], dim=-1)
@@ -327,16 +333,31 @@ class MoE(nn.Module):
         assert w.shape[1] == E
         return w.to(x.dtype), selected
 
+    def route_probs(self, x):
+        return (x.float() @ self.router.weight.float().t()).softmax(dim=-1)
+
     def forward(self, x):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
-        w, selected = self.route(flat)
+        p = self.route_probs(flat)
+        w, selected = self.route(flat, p)
+        # Balance loss (Switch): E * sum_i f_i P_i, f_i = fraction of tokens whose top-1
+        # expert is i (no gradient), P_i = mean of p_i over the tokens. Kept on the module
+        # for the training loop (GPT.aux_loss); the returned value stays the block output.
+        E = p.shape[1]
+        f = torch.bincount(p.detach().argmax(dim=-1), minlength=E).to(p.dtype) / p.shape[0]
+        self.balance = E * (f * p.mean(dim=0)).sum()
+        self.load = selected.sum(dim=0).detach()          # assignments per expert
+        self.tokens = flat.shape[0]
+        # Grouped execution: per expert, gather its tokens, run it as one batch, scale by
+        # the routing weights and scatter-add back (index_select / index_add_ both ways).
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             rows = selected[:, e].nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            out.index_add_(0, rows, expert(flat[rows]) * w[rows, e:e + 1])
+            y = expert(flat.index_select(0, rows)) * w[:, e].index_select(0, rows).unsqueeze(1)
+            out.index_add_(0, rows, y)
         return out.view(B, T, d)
 
 
@@ -400,6 +421,23 @@ class GPT(nn.Module):
     def loss(self, idx, targets):
         logits = self(idx)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def moe_layers(self):
+        return [b.moe for b in self.h if hasattr(b, "moe")]
+
+    def aux_loss(self):
+        """Weighted auxiliary loss of the last forward: balance coefficient times the MEAN
+        over MoE layers of each layer's balance loss (as moelab adds it), or None."""
+        layers = self.moe_layers()
+        coef = float(((self.cfg.get("moe") or {}).get("aux") or {}).get("balance", 0) or 0)
+        if not layers or coef == 0:
+            return None
+        return coef * torch.stack([m.balance for m in layers]).mean()
+
+    def routing_stats(self):
+        """(assignments per MoE layer, tokens) of the last forward."""
+        layers = self.moe_layers()
+        return [int(m.load.sum()) for m in layers], (layers[0].tokens if layers else 0)
 
 
 # ----------------------------------------------------------------------------
@@ -583,27 +621,41 @@ def lr_at(step, args):
 
 
 def evaluate(model, split, T, batches, batch, gen):
-    """Mean loss over `batches` random batches, and the standard error of that mean."""
+    """Mean loss over `batches` random batches, the standard error of that mean, and the
+    experts per token of each MoE layer over those tokens (empty list for a dense model)."""
     model.eval()
     losses = []
+    assign, tokens = None, 0
     with torch.no_grad():
         for _ in range(batches):
             x, y = get_batch(split, batch, T, gen)
             losses.append(model.loss(x, y).item())
+            a, n = model.routing_stats()
+            assign = a if assign is None else [s + t for s, t in zip(assign, a)]
+            tokens += n
     model.train()
     mean = sum(losses) / batches
     var = sum((l - mean) ** 2 for l in losses) / max(1, batches - 1)
-    return mean, math.sqrt(var / batches)
+    return mean, math.sqrt(var / batches), [a / tokens for a in (assign or [])]
 
 
 def train_main(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = normalize_config({"vocab": 256, "context": args.context, "layers": args.layers,
-                            "d_model": args.d_model, "heads": args.heads, "norm": args.norm,
-                            "activation": args.activation, "tied": args.tied,
-                            "norm_eps": args.norm_eps, "seed": args.seed,
-                            "ffn": {"hidden": args.hidden}})
+    raw = {"vocab": 256, "context": args.context, "layers": args.layers,
+           "d_model": args.d_model, "heads": args.heads, "norm": args.norm,
+           "activation": args.activation, "tied": args.tied,
+           "norm_eps": args.norm_eps, "seed": args.seed,
+           "ffn": {"hidden": args.hidden}}
+    if args.moe_experts:
+        if args.router == "topk":
+            router = {"kind": "topk", "k": args.k, "normalize": not args.raw, "capacity_factor": 0}
+        else:
+            router = {"kind": args.router, "p": args.p, "capacity_factor": 0}
+        raw["moe"] = {"every": args.moe_every, "experts": args.moe_experts,
+                      "hidden": args.moe_hidden or args.hidden, "router": router,
+                      "aux": {"balance": args.balance}}
+    cfg = normalize_config(raw)
     data = load_corpus(args.data)
     n = len(data)
     cut = int(math.floor(n * 0.9))
@@ -628,6 +680,8 @@ def train_main(args):
     gen = torch.Generator().manual_seed(args.seed)
     train_seconds = 0.0
     window_t, window_loss, window_steps = 0.0, 0.0, 0
+    window_aux, late_seconds = 0.0, 0.0
+    moe = "moe" in cfg
     loss_val = float("nan")
     last100 = []
     for step in range(args.steps):
@@ -636,9 +690,10 @@ def train_main(args):
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = get_batch(train, args.batch, T, gen)
-        loss = model.loss(x, y)
+        loss = model.loss(x, y)              # cross-entropy: the reported training loss
+        aux = model.aux_loss()               # balance coefficient x mean over MoE layers
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + aux).backward()
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
@@ -648,32 +703,62 @@ def train_main(args):
             print("diverged at step %d (loss %r)" % (step, loss_val))
             return 1
         train_seconds += dt
+        if step >= args.timing_skip:
+            late_seconds += dt
+        if aux is not None:
+            window_aux += aux.item()
         window_t += dt
         window_loss += loss_val
         window_steps += 1
         last100 = (last100 + [loss_val])[-100:]
         if (step + 1) % 100 == 0 or step == 0 or step + 1 == args.steps:
-            print("step %5d  loss %.4f  mean %.4f  lr %.2e  %.0f tokens/s"
-                  % (step + 1, loss_val, window_loss / window_steps, lr,
+            print("step %5d  loss %.4f  mean %.4f  %slr %.2e  %.0f tokens/s"
+                  % (step + 1, loss_val, window_loss / window_steps,
+                     "aux %.5f  " % (window_aux / window_steps) if moe else "", lr,
                      window_steps * args.batch * T / window_t))
             sys.stdout.flush()
-            window_t, window_loss, window_steps = 0.0, 0.0, 0
+            window_t, window_loss, window_steps, window_aux = 0.0, 0.0, 0, 0.0
     val_gen = torch.Generator().manual_seed(args.seed + 1000)
     t0 = time.perf_counter()
-    val_loss, val_stderr = evaluate(model, val, T, args.eval_batches, args.eval_batch, val_gen)
+    val_loss, val_stderr, ept = evaluate(model, val, T, args.eval_batches, args.eval_batch, val_gen)
     eval_seconds = time.perf_counter() - t0
     tokens_per_s = args.steps * args.batch * T / train_seconds
+    late_steps = args.steps - args.timing_skip
+    late_tps = late_steps * args.batch * T / late_seconds if late_steps > 0 and late_seconds > 0 else None
     print("val loss %.4f +- %.4f (standard error) over %d batches of %d (%.1f s); train %.1f s, %.0f tokens/s"
           % (val_loss, val_stderr, args.eval_batches, args.eval_batch, eval_seconds, train_seconds,
              tokens_per_s))
+    if late_tps is not None:
+        print("tokens/s over steps %d..%d: %.0f" % (args.timing_skip + 1, args.steps, late_tps))
+    if ept:
+        print("experts per token (val batches), by MoE layer: %s; mean %.4f"
+              % (" ".join("%.4f" % v for v in ept), sum(ept) / len(ept)))
+    full = None
+    if args.full_val:
+        t0 = time.perf_counter()
+        full, windows, full_ept = full_split_loss(model, val, T)
+        print("val loss over the whole val split (%d windows): %.4f (%.1f s)%s"
+              % (windows, full, time.perf_counter() - t0,
+                 "; experts per token %.4f" % (sum(full_ept) / len(full_ept)) if full_ept else ""))
     if args.save:
         save_checkpoint(model, args.save)
         print("saved %s" % args.save)
-    print(json.dumps({"val_loss": round(val_loss, 6), "val_loss_stderr": round(val_stderr, 6), "train_loss_last": round(loss_val, 6),
-                      "train_loss_last100": round(sum(last100) / len(last100), 6),
-                      "tokens_per_s": round(tokens_per_s, 1), "steps": args.steps,
-                      "train_seconds": round(train_seconds, 2), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "params": n_params}))
+    out = {"val_loss": round(val_loss, 6), "val_loss_stderr": round(val_stderr, 6)}
+    if full is not None:
+        out["val_loss_full_split"] = round(full, 6)
+    out.update({"train_loss_last": round(loss_val, 6),
+                "train_loss_last100": round(sum(last100) / len(last100), 6),
+                "tokens_per_s": round(tokens_per_s, 1)})
+    if late_tps is not None:
+        out["tokens_per_s_after_%d" % args.timing_skip] = round(late_tps, 1)
+    if ept:
+        out["experts_per_token"] = round(sum(ept) / len(ept), 4)
+        out["experts_per_token_by_layer"] = [round(v, 4) for v in ept]
+        if full is not None:
+            out["experts_per_token_full_split"] = round(sum(full_ept) / len(full_ept), 4)
+    out.update({"steps": args.steps, "train_seconds": round(train_seconds, 2),
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "params": n_params})
+    print(json.dumps(out))
     return 0
 
 
@@ -682,6 +767,8 @@ def full_split_loss(model, split, T, batch=64):
     o + T + 1 <= len): a noise-free number, unlike the 20 random batches."""
     offsets = list(range(0, len(split) - T, T))
     total, count = 0.0, 0
+    assign = None
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(offsets), batch):
@@ -692,7 +779,10 @@ def full_split_loss(model, split, T, batch=64):
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                      reduction="sum").double().item()
             count += y.numel()
-    return total / count, len(offsets)
+            a, _ = model.routing_stats()
+            assign = a if assign is None else [s + t for s, t in zip(assign, a)]
+    model.train(was_training)
+    return total / count, len(offsets), [a / count for a in (assign or [])]
 
 
 def val_main(args):
@@ -703,10 +793,14 @@ def val_main(args):
     split = data[cut:] if args.split == "val" else data[:cut]
     T = model.cfg["context"]
     t0 = time.perf_counter()
-    loss, windows = full_split_loss(model, split, T)
-    print(json.dumps({"split": args.split, "loss": round(loss, 6), "windows": windows,
-                      "tokens": windows * T, "seconds": round(time.perf_counter() - t0, 1),
-                      "checkpoint": args.ckpt}))
+    loss, windows, ept = full_split_loss(model, split, T)
+    out = {"split": args.split, "loss": round(loss, 6), "windows": windows,
+           "tokens": windows * T, "seconds": round(time.perf_counter() - t0, 1),
+           "checkpoint": args.ckpt}
+    if ept:
+        out["experts_per_token"] = round(sum(ept) / len(ept), 4)
+        out["experts_per_token_by_layer"] = [round(v, 4) for v in ept]
+    print(json.dumps(out))
     return 0
 
 
@@ -783,6 +877,31 @@ def selftest_main(args):
                 b[0, -1] = (b[0, -1] + 1) % 256
                 la, lb = model(a), model(b)
             check(torch.equal(la[:, :-1], lb[:, :-1]), "%s: attention is causal" % label)
+        # the grouped MoE execution (index_select / index_add_) against every expert run on
+        # every token and masked, and the balance loss against a loop over tokens
+        for kind in ("topk", "threshold"):
+            torch.manual_seed(11)
+            raw = copy.deepcopy(moe_base)
+            raw["moe"] = {"every": 1, "experts": 4, "hidden": 16, "aux": {"balance": 0.01},
+                          "router": {"kind": kind, "k": 2, "p": 0.7} if kind == "threshold"
+                          else {"kind": kind, "k": 2}}
+            raw["activation"] = "gelu"
+            moe = GPT(normalize_config(raw)).h[0].moe
+            with torch.no_grad():
+                moe.router.weight.normal_(0.0, 1.0)
+            x = torch.randn(3, 5, 32, dtype=torch.float64)
+            moe.double()
+            with torch.no_grad():
+                out = moe(x).reshape(15, 32)
+                flat = x.reshape(15, 32)
+                w, sel = moe.route(flat)
+                ref = sum(w[:, e:e + 1] * ex(flat) for e, ex in enumerate(moe.experts))
+                p = moe.route_probs(flat).double()
+                f = [sum(1 for t in range(15) if int(p[t].argmax()) == e) / 15 for e in range(4)]
+                bal = 4 * sum(f[e] * float(p[:, e].mean()) for e in range(4))
+            check(torch.allclose(out, ref, atol=1e-12), "moe/%s: grouped experts equal the masked dense sum" % kind)
+            check(abs(float(moe.balance) - bal) < 1e-6, "moe/%s: balance loss %.6f matches the token loop (|%.1e|)"
+                  % (kind, bal, abs(float(moe.balance) - bal)))
         # independent check of the attention/norm/FFN math on one dense model: a naive numpy forward
         cfg = normalize_config(variants[0])
         torch.manual_seed(5)
@@ -898,6 +1017,18 @@ def main(argv):
     tp.add_argument("--eval-batches", type=int, default=20)
     tp.add_argument("--eval-batch", type=int, default=16)
     tp.add_argument("--save", help="write the trained model as a moelab checkpoint (.safetensors)")
+    tp.add_argument("--moe-experts", type=int, default=0, help="experts per MoE block (0: dense)")
+    tp.add_argument("--moe-hidden", type=int, default=0, help="hidden size of each expert (default --hidden)")
+    tp.add_argument("--moe-every", type=int, default=1, help="block l is MoE when (l+1) %% every == 0")
+    tp.add_argument("--router", choices=("topk", "threshold", "topp"), default="topk")
+    tp.add_argument("--k", type=int, default=2, help="topk: experts per token")
+    tp.add_argument("--raw", action="store_true", help="topk: raw p as weights (default renormalised)")
+    tp.add_argument("--p", type=float, default=0.9, help="threshold/topp: the threshold t")
+    tp.add_argument("--balance", type=float, default=0.01, help="balance aux loss coefficient")
+    tp.add_argument("--timing-skip", type=int, default=10,
+                    help="also report tokens/s excluding the first N steps (warm-up)")
+    tp.add_argument("--no-full-val", dest="full_val", action="store_false",
+                    help="skip the loss over the whole val split after training")
     vp = sub.add_parser("val", help="loss of a checkpoint over all non-overlapping windows of a split")
     vp.add_argument("ckpt")
     vp.add_argument("--data", default="data/kjv.txt")
