@@ -272,7 +272,6 @@ struct Recorder {
     sqlite3_stmt *update_config;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
-    sqlite3_stmt *update_eval;
     sqlite3_stmt *eval_run;   /* the run of an evaluation */
     sqlite3_stmt *insert_rows[REC_ROW_KINDS];
 };
@@ -705,10 +704,7 @@ static int rec_prepare_all(Recorder *r, char *err) {
         || rec_prepare(r, &r->insert_eval,
                "INSERT INTO evals(run_id, step, split, tokens, loss,"
                " moe_flops_per_token, experts_per_token)"
-               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", err)
-        || rec_prepare(r, &r->update_eval,
-               "UPDATE evals SET tokens = ?2, loss = ?3, moe_flops_per_token = ?4,"
-               " experts_per_token = ?5 WHERE eval_id = ?1", err))
+               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", err))
         return -1;
     return 0;
 }
@@ -833,7 +829,6 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->update_config);
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
-    sqlite3_finalize(r->update_eval);
     sqlite3_finalize(r->savepoint);
     sqlite3_finalize(r->release);
     sqlite3_finalize(r->undo);
@@ -987,24 +982,6 @@ int rec_eval(Recorder *r, int64_t run_id, int64_t step, const char *split,
     r->pending_rows++;
     if (eval_id)
         *eval_id = sqlite3_last_insert_rowid(r->db);
-    return 0;
-}
-
-int rec_eval_update(Recorder *r, int64_t eval_id, int64_t tokens, double loss,
-                    double moe_flops_per_token, double experts_per_token, char *err) {
-    if (rec_begin_if_needed(r, err))
-        return -1;
-    sqlite3_stmt *st = r->update_eval;
-    sqlite3_bind_int64(st, 1, eval_id);
-    sqlite3_bind_int64(st, 2, tokens);
-    rec_bind_real_or_null(st, 3, loss);
-    rec_bind_real_or_null(st, 4, moe_flops_per_token);
-    rec_bind_real_or_null(st, 5, experts_per_token);
-    if (rec_step_done(r, st, "update an evaluation", err))
-        return -1;
-    if (sqlite3_changes(r->db) == 0)
-        return ml_error(err, "no evaluation with id %lld in '%s'", (long long)eval_id, r->path);
-    r->pending_rows++;
     return 0;
 }
 

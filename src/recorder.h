@@ -98,11 +98,6 @@ int rec_eval(Recorder *r, int64_t run_id, int64_t step, const char *split,
              int64_t tokens, double loss, double moe_flops_per_token,
              double experts_per_token, int64_t *eval_id, char *err);
 
-/* Fills in an evaluation begun with rec_eval before its numbers were known
-** (so that its rows could be written while it ran). */
-int rec_eval_update(Recorder *r, int64_t eval_id, int64_t tokens, double loss,
-                    double moe_flops_per_token, double experts_per_token, char *err);
-
 /*
 ** The MoE records. Each call writes rows[0..n) into the open transaction, all
 ** or none of them: on failure nothing of that call stays pending. n = 0 is a

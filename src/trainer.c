@@ -7,7 +7,6 @@
 #include <gsl/gsl_rng.h>
 #include <math.h>
 #include <omp.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,151 +148,83 @@ static int record_step_load(Trainer *t, char *err) {
     return 0;
 }
 
-/*
-** A recorded evaluation writes each batch's routing and token rows on a writer
-** thread while the next batch runs, so that SQLite's time per row overlaps the
-** model's (waiting OpenMP threads sleep: see main.c). The main thread fills
-** one of two buffers, hands it over, and fills the other; the recorder is used
-** by the writer alone between the first hand-over and the join.
-*/
+/* What a recorded evaluation keeps until its eval_id exists. */
 typedef struct {
-    RecRouting *routing;
-    size_t n_routing, cap_routing;
+    RecRouting **routing; /* (L) rows per layer, so that rows go out layer-major */
+    size_t *n_routing, *cap_routing;
     RecTokenStat *tokens;
-    size_t n_tokens, cap_tokens;
-} BatchRows;
+    size_t n_tokens;
+    int64_t *activations, *near_zero; /* (L, E) */
+    double *abs_sum;
+} EvalRecord;
 
-typedef struct {
-    pthread_t thread;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int started, quit, failed;
-    BatchRows *job;    /* handed over, not yet written */
-    Recorder *rec;
-    int64_t run_id, eval_id;
-    char err[ML_ERRLEN];
-} RowWriter;
-
-static void *row_writer_main(void *arg) {
-    RowWriter *w = arg;
-    pthread_mutex_lock(&w->mu);
-    for (;;) {
-        while (!w->job && !w->quit) pthread_cond_wait(&w->cv, &w->mu);
-        if (!w->job) break;
-        BatchRows *b = w->job;
-        int failed = w->failed;
-        pthread_mutex_unlock(&w->mu);
-        char err[ML_ERRLEN];
-        int rc = failed ? 0
-                        : rec_routing(w->rec, w->run_id, w->eval_id, b->routing, b->n_routing, err) ||
-                              rec_token_stats(w->rec, w->run_id, w->eval_id, b->tokens, b->n_tokens, err);
-        pthread_mutex_lock(&w->mu);
-        if (rc && !w->failed) {
-            w->failed = 1;
-            snprintf(w->err, sizeof w->err, "%s", err);
-        }
-        w->job = NULL;
-        pthread_cond_broadcast(&w->cv);
-    }
-    pthread_mutex_unlock(&w->mu);
-    return NULL;
+static void eval_record_free(EvalRecord *r, int L) {
+    for (int l = 0; r->routing && l < L; l++) free(r->routing[l]);
+    free(r->routing);
+    free(r->n_routing);
+    free(r->cap_routing);
+    free(r->tokens);
+    free(r->activations);
+    free(r->near_zero);
+    free(r->abs_sum);
+    memset(r, 0, sizeof *r);
 }
 
-static int row_writer_start(RowWriter *w, Recorder *rec, int64_t run_id, int64_t eval_id) {
-    memset(w, 0, sizeof *w);
-    w->rec = rec;
-    w->run_id = run_id;
-    w->eval_id = eval_id;
-    pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->cv, NULL);
-    w->started = pthread_create(&w->thread, NULL, row_writer_main, w) == 0;
-    return w->started ? 0 : -1;
-}
-
-/* Waits until the writer has taken nothing or finished; then hands b over. */
-static void row_writer_submit(RowWriter *w, BatchRows *b) {
-    pthread_mutex_lock(&w->mu);
-    while (w->job) pthread_cond_wait(&w->cv, &w->mu);
-    w->job = b;
-    pthread_cond_broadcast(&w->cv);
-    pthread_mutex_unlock(&w->mu);
-}
-
-/* Waits for the last hand-over to be written and ends the thread; returns -1
-** with the writer's message if any write failed. */
-static int row_writer_finish(RowWriter *w, char *err) {
-    if (!w->started) return 0;
-    pthread_mutex_lock(&w->mu);
-    while (w->job) pthread_cond_wait(&w->cv, &w->mu);
-    w->quit = 1;
-    pthread_cond_broadcast(&w->cv);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->thread, NULL);
-    pthread_mutex_destroy(&w->mu);
-    pthread_cond_destroy(&w->cv);
-    w->started = 0;
-    if (w->failed) return ml_error(err, "%s", w->err);
-    return 0;
-}
-
-static void batch_rows_free(BatchRows *b) {
-    free(b->routing);
-    free(b->tokens);
-    memset(b, 0, sizeof *b);
-}
-
-/* The last forward's routing rows (layer-major) and token stats (batch i). */
-static int batch_rows_fill(BatchRows *b, Model *m, int i, int B, int T) {
+/* Appends the last forward's routing, token stats and sparsity (batch i). */
+static int eval_record_batch(EvalRecord *r, Model *m, int i, int B, int T) {
     const ModelConfig *c = &m->config;
     const MoeConfig *mc = &c->moe;
     int N = B * T, E = mc->experts;
-    size_t need = 0;
-    for (int l = 0; l < c->layers; l++)
-        if (config_is_moe_block(c, l)) need += (size_t)m->moe[l].offsets[E];
-    if (need > b->cap_routing) {
-        RecRouting *p = realloc(b->routing, need * sizeof *p);
-        if (!p) return -1;
-        b->routing = p;
-        b->cap_routing = need;
-    }
-    if ((size_t)N > b->cap_tokens) {
-        RecTokenStat *p = realloc(b->tokens, (size_t)N * sizeof *p);
-        if (!p) return -1;
-        b->tokens = p;
-        b->cap_tokens = (size_t)N;
-    }
-    size_t n = 0;
-    for (int t = 0; t < N; t++)
-        b->tokens[t] = (RecTokenStat){.seq = i * B + t / T, .pos = t % T, .token = m->acts.inputs[t],
-                                      .experts = 0, .loss = m->acts.losses[t], .moe_flops = 0.0};
     for (int l = 0; l < c->layers; l++) {
         if (!config_is_moe_block(c, l)) continue;
-        const MoeState *s = &m->moe[l];
-        for (int t = 0; t < N; t++) {
-            RecTokenStat *ts = &b->tokens[t];
+        MoeState *s = &m->moe[l];
+        size_t need = r->n_routing[l] + (size_t)s->offsets[E];
+        if (need > r->cap_routing[l]) {
+            size_t cap = need * 2;
+            RecRouting *p = realloc(r->routing[l], cap * sizeof *p);
+            if (!p) return -1;
+            r->routing[l] = p;
+            r->cap_routing[l] = cap;
+        }
+        RecRouting *out = r->routing[l] + r->n_routing[l];
+        size_t n = 0;
+        for (int t = 0; t < N; t++)
             for (int k = 0; k < s->sel_count[t]; k++) {
                 size_t j = (size_t)t * s->slots + k;
                 if (s->sel_row[j] < 0) continue;
-                b->routing[n++] = (RecRouting){.layer = l, .seq = ts->seq, .pos = ts->pos,
-                                               .token = ts->token, .rank = k,
-                                               .expert = s->sel_expert[j], .pass = 0,
-                                               .weight = s->sel_weight[j]};
-                ts->experts++;
+                out[n++] = (RecRouting){.layer = l, .seq = i * B + t / T, .pos = t % T,
+                                        .token = m->acts.inputs[t], .rank = k,
+                                        .expert = s->sel_expert[j], .pass = 0,
+                                        .weight = s->sel_weight[j]};
             }
+        r->n_routing[l] += n;
+        moe_measure_sparsity(s, mc, mc->sparsity_eps);
+        for (int e = 0; e < E; e++) {
+            r->activations[(size_t)l * E + e] += (int64_t)s->counts[e] * mc->hidden[e];
+            r->near_zero[(size_t)l * E + e] += s->near_zero[e];
+            r->abs_sum[(size_t)l * E + e] += s->abs_sum[e];
+        }
+    }
+    RecTokenStat *p = realloc(r->tokens, (r->n_tokens + (size_t)N) * sizeof *p);
+    if (!p) return -1;
+    r->tokens = p;
+    for (int t = 0; t < N; t++) {
+        RecTokenStat *ts = &r->tokens[r->n_tokens + t];
+        *ts = (RecTokenStat){.seq = i * B + t / T, .pos = t % T, .token = m->acts.inputs[t],
+                             .experts = 0, .loss = m->acts.losses[t], .moe_flops = 0.0};
+        for (int l = 0; l < c->layers; l++) {
+            if (!config_is_moe_block(c, l)) continue;
+            const MoeState *s = &m->moe[l];
+            for (int k = 0; k < s->sel_count[t]; k++) ts->experts += s->sel_row[(size_t)t * s->slots + k] >= 0;
             ts->moe_flops += moe_token_flops(s, mc, c->activation, t);
         }
     }
-    b->n_routing = n;
-    b->n_tokens = (size_t)N;
+    r->n_tokens += (size_t)N;
     return 0;
 }
 
-/* The per-(layer, expert) records of an evaluation: load always, sparsity
-** when recorded. Arrays are (L, E). */
-static int write_expert_records(Trainer *t, int64_t eval_id, const int64_t *load,
-                                const int64_t *dropped, const double *mass,
-                                const int64_t *activations, const int64_t *near_zero,
-                                const double *abs_sum, char *err) {
+static int eval_record_write(EvalRecord *r, Trainer *t, int64_t eval_id, const int64_t *load,
+                             const int64_t *dropped, const double *mass, char *err) {
     Model *m = t->model;
     const ModelConfig *c = &m->config;
     int E = c->moe.experts;
@@ -306,16 +237,21 @@ static int write_expert_records(Trainer *t, int64_t eval_id, const int64_t *load
             lrows[e] = (RecExpertLoad){.layer = l, .expert = e, .tokens = load[k],
                                        .dropped = dropped[k],
                                        .prob_mass = c->moe.kind == ROUTER_HASH ? NAN : mass[k]};
-            if (activations)
-                srows[e] = (RecSparsity){.layer = l, .expert = e, .activations = activations[k],
-                                         .near_zero = near_zero[k],
-                                         .mean_abs = activations[k] > 0 ? abs_sum[k] / activations[k] : NAN};
+            if (r) {
+                int64_t n = r->activations[k];
+                srows[e] = (RecSparsity){.layer = l, .expert = e, .activations = n,
+                                         .near_zero = r->near_zero[k],
+                                         .mean_abs = n > 0 ? r->abs_sum[k] / n : NAN};
+            }
         }
         if (rec_expert_load(t->rec, t->run_id, eval_id, t->step, lrows, (size_t)E, err) != 0)
             return -1;
-        if (activations && rec_sparsity(t->rec, t->run_id, eval_id, srows, (size_t)E, err) != 0)
+        if (r && (rec_sparsity(t->rec, t->run_id, eval_id, srows, (size_t)E, err) != 0 ||
+                  rec_routing(t->rec, t->run_id, eval_id, r->routing[l], r->n_routing[l], err) != 0))
             return -1;
     }
+    if (r && rec_token_stats(t->rec, t->run_id, eval_id, r->tokens, r->n_tokens, err) != 0)
+        return -1;
     return 0;
 }
 
@@ -324,7 +260,6 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     const ModelConfig *c = &m->config;
     int T = c->context, B = o->batch, L = c->layers, E = c->moe.experts;
     memset(res, 0, sizeof *res);
-    res->eval_id = -1;
     if (o->batches < 1 || B < 1)
         return ml_error(err, "evaluate: batches and batch must be at least 1 (got %d, %d)",
                         o->batches, B);
@@ -332,26 +267,26 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (ensure_batch(t, B, T, err) != 0) return -1;
     int moe = m->n_moe_layers > 0;
     int record = o->record && t->rec && moe;
-    const char *split = corpus_split_name(o->split);
-    size_t LE = (size_t)L * E;
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
-    int64_t *counts = moe ? calloc(4 * LE, sizeof *counts) : NULL; /* load, dropped, activations, near_zero */
-    double *sums = moe ? calloc(2 * LE, sizeof *sums) : NULL;      /* prob mass, |a| */
-    BatchRows rows[2] = {{0}};
-    RowWriter writer = {0};
+    int64_t *load = moe ? calloc((size_t)L * E, sizeof *load) : NULL;
+    int64_t *dropped = moe ? calloc((size_t)L * E, sizeof *dropped) : NULL;
+    double *mass = moe ? calloc((size_t)L * E, sizeof *mass) : NULL;
+    EvalRecord rec = {0};
     int rc = -1;
-    if (!rng || (moe && (!counts || !sums))) {
+    if (!rng || (moe && (!load || !dropped || !mass))) {
         ml_error(err, "out of memory");
         goto done;
     }
-    int64_t *load = counts, *dropped = counts + LE, *activations = counts + 2 * LE,
-            *near_zero = counts + 3 * LE;
-    double *mass = sums, *abs_sum = sums + LE;
-    if (record) { /* the evaluation's row first: its rows are written as it runs */
-        if (rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &res->eval_id, err) != 0)
-            goto done;
-        if (row_writer_start(&writer, t->rec, t->run_id, res->eval_id) != 0) {
-            ml_error(err, "cannot start the thread that records the evaluation");
+    if (record) {
+        rec.routing = calloc((size_t)L, sizeof *rec.routing);
+        rec.n_routing = calloc((size_t)L, sizeof *rec.n_routing);
+        rec.cap_routing = calloc((size_t)L, sizeof *rec.cap_routing);
+        rec.activations = calloc((size_t)L * E, sizeof *rec.activations);
+        rec.near_zero = calloc((size_t)L * E, sizeof *rec.near_zero);
+        rec.abs_sum = calloc((size_t)L * E, sizeof *rec.abs_sum);
+        if (!rec.routing || !rec.n_routing || !rec.cap_routing || !rec.activations ||
+            !rec.near_zero || !rec.abs_sum) {
+            ml_error(err, "out of memory");
             goto done;
         }
     }
@@ -366,39 +301,28 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         flops += m->moe_flops;
         for (int l = 0; moe && l < L; l++) {
             if (!config_is_moe_block(c, l)) continue;
-            MoeState *s = &m->moe[l];
+            const MoeState *s = &m->moe[l];
             assignments += s->offsets[E];
-            if (record) moe_measure_sparsity(s, &c->moe, c->moe.sparsity_eps);
             for (int e = 0; e < E; e++) {
-                size_t k = (size_t)l * E + e;
-                load[k] += s->counts[e];
-                dropped[k] += s->dropped[e];
-                mass[k] += s->prob_mass[e];
-                if (!record) continue;
-                activations[k] += (int64_t)s->counts[e] * c->moe.hidden[e];
-                near_zero[k] += s->near_zero[e];
-                abs_sum[k] += s->abs_sum[e];
+                load[(size_t)l * E + e] += s->counts[e];
+                dropped[(size_t)l * E + e] += s->dropped[e];
+                mass[(size_t)l * E + e] += s->prob_mass[e];
             }
         }
-        if (record) {
-            BatchRows *b = &rows[i % 2]; /* the writer is done with it: see row_writer_submit */
-            if (batch_rows_fill(b, m, i, B, T) != 0) {
-                ml_error(err, "out of memory recording the evaluation");
-                goto done;
-            }
-            row_writer_submit(&writer, b);
+        if (record && eval_record_batch(&rec, m, i, B, T) != 0) {
+            ml_error(err, "out of memory recording the evaluation");
+            goto done;
         }
     }
-    if (row_writer_finish(&writer, err) != 0) goto done;
     res->loss = total / o->batches;
     res->tokens = (int64_t)o->batches * B * T;
     res->moe_flops_per_token = flops / res->tokens;
     res->experts_per_token = moe ? (double)assignments / ((double)res->tokens * m->n_moe_layers) : 0.0;
+    res->eval_id = -1;
     if (t->rec) {
-        if (record ? rec_eval_update(t->rec, res->eval_id, res->tokens, res->loss,
-                                     res->moe_flops_per_token, res->experts_per_token, err)
-                   : rec_eval(t->rec, t->run_id, t->step, split, res->tokens, res->loss,
-                              res->moe_flops_per_token, res->experts_per_token, &res->eval_id, err))
+        const char *split = corpus_split_name(o->split);
+        if (rec_eval(t->rec, t->run_id, t->step, split, res->tokens, res->loss,
+                     res->moe_flops_per_token, res->experts_per_token, &res->eval_id, err) != 0)
             goto done;
         /* the validation curve; a training-split evaluation stays in evals only,
         ** so that metrics keeps one 'train' row per step */
@@ -406,22 +330,17 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
                        res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
             goto done;
-        if (moe && write_expert_records(t, res->eval_id, load, dropped, mass,
-                                        record ? activations : NULL, near_zero, abs_sum, err) != 0)
+        if (moe && eval_record_write(record ? &rec : NULL, t, res->eval_id, load, dropped, mass, err) != 0)
             goto done;
         if (rec_flush(t->rec, err) != 0) goto done;
     }
     rc = 0;
 done:
-    if (rc != 0) { /* stop the writer; the error already in err stays */
-        char ignored[ML_ERRLEN];
-        row_writer_finish(&writer, ignored);
-    }
     if (rng) gsl_rng_free(rng);
-    free(counts);
-    free(sums);
-    batch_rows_free(&rows[0]);
-    batch_rows_free(&rows[1]);
+    free(load);
+    free(dropped);
+    free(mass);
+    eval_record_free(&rec, L);
     return rc;
 }
 
