@@ -2,7 +2,7 @@
 -- trains them in PyTorch, so the two can be compared.
 --
 --   ./moelab run experiments/moe_reference.lua router=topk|threshold [steps=1000]
---       [db=results/moe_reference.db]
+--       [seed=1] [db=results/moe_reference.db] [checkpoint=PATH]
 --
 -- The dense reference configuration (layers 4, d_model 128, heads 4, context
 -- 128, GELU, LayerNorm, untied head; batch 16, lr 3e-3, warm-up 50 then cosine
@@ -18,11 +18,13 @@ local name = kind == "threshold" and "threshold" or "top2"
 
 local data  = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
 local model = moelab.model{ layers = 4, d_model = 128, heads = 4, context = 128,
-                            activation = "gelu", norm = "layernorm", tied = false, seed = 1,
+                            activation = "gelu", norm = "layernorm", tied = false,
+                            seed = args.seed or 1,
                             moe = { experts = 8, hidden = 128, router = router,
                                     aux = { balance = 0.01 } } }
 local db    = moelab.open(args.db or "results/moe_reference.db")
-local run   = db:run{ name = name, model = model, data = data }
+local run   = db:run{ name = args.seed and (name .. "-seed" .. args.seed) or name,
+                      model = model, data = data }
 local t     = run:train{ steps = args.steps or 1000, batch = 16, lr = 3e-3, warmup = 50,
                          weight_decay = 0, clip = 0, eval_every = 100 }
 local e     = run:evaluate{ batches = 20, batch = 16, record = true }
