@@ -671,7 +671,10 @@ static int run_train(lua_State *L) {
         "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
         "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", NULL};
     LRun *r = check_run(L, 1);
-    if (lua_isnoneornil(L, 2)) lua_newtable(L);
+    if (lua_isnoneornil(L, 2)) {
+        lua_settop(L, 1);
+        lua_newtable(L);
+    }
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "run:train", keys);
     run_bind(L, r);
@@ -701,6 +704,8 @@ static int run_train(lua_State *L) {
     TrainResult res;
     char err[ML_ERRLEN] = "";
     if (trainer_train(&r->t, &o, &res, err) != 0) {
+        char ignored[ML_ERRLEN];
+        rec_run_status(r->t.rec, r->t.run_id, "failed", err, ignored); /* kept rows stay */
         snprintf(r->status, sizeof r->status, "failed");
         luaL_error(L, "run:train: %s", err);
     }
@@ -732,7 +737,10 @@ static int run_train(lua_State *L) {
 static int run_evaluate(lua_State *L) {
     static const char *const keys[] = {"batches", "batch", "split", "record", "seed", NULL};
     LRun *r = check_run(L, 1);
-    if (lua_isnoneornil(L, 2)) lua_newtable(L);
+    if (lua_isnoneornil(L, 2)) {
+        lua_settop(L, 1);
+        lua_newtable(L);
+    }
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "run:evaluate", keys);
     run_bind(L, r);
@@ -800,35 +808,27 @@ static int l_plot(lua_State *L) {
     } else {
         luaL_error(L, "moelab.plot: 'db' must be a database from moelab.open or a path");
     }
-    luaL_Buffer runs;
-    luaL_buffinit(L, &runs);
+    /* runs: a list of names or "a,b" */
     lua_getfield(L, 1, "runs");
-    int have_runs = !lua_isnil(L, -1);
+    const char *runs_csv = NULL;
     if (lua_type(L, -1) == LUA_TTABLE) {
-        lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
         int tbl = lua_gettop(L);
+        lua_Integer n = (lua_Integer)lua_rawlen(L, tbl);
+        luaL_Buffer runs;
+        luaL_buffinit(L, &runs);
         for (lua_Integer i = 1; i <= n; i++) {
-            lua_rawgeti(L, tbl, i);
-            if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "moelab.plot: 'runs' must hold run names");
-            size_t len;
-            const char *s = lua_tolstring(L, -1, &len);
-            lua_pop(L, 1);
             if (i > 1) luaL_addchar(&runs, ',');
-            luaL_addlstring(&runs, s, len);
+            if (lua_rawgeti(L, tbl, i) != LUA_TSTRING)
+                luaL_error(L, "moelab.plot: 'runs' must hold run names");
+            luaL_addvalue(&runs); /* the value on top, the buffer below it */
         }
-        lua_pop(L, 1);
+        luaL_pushresult(&runs);
+        runs_csv = lua_tostring(L, -1);
     } else if (lua_type(L, -1) == LUA_TSTRING) {
-        size_t len;
-        const char *s = lua_tolstring(L, -1, &len);
-        lua_pop(L, 1);
-        luaL_addlstring(&runs, s, len);
-    } else if (have_runs) {
+        runs_csv = lua_tostring(L, -1);
+    } else if (!lua_isnil(L, -1)) {
         luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
-    } else {
-        lua_pop(L, 1);
     }
-    luaL_pushresult(&runs);
-    const char *runs_csv = have_runs ? lua_tostring(L, -1) : NULL;
     if (plot_render(figure, db_path, out, runs_csv, plots_dir(), err) != 0)
         luaL_error(L, "moelab.plot: %s", err);
     lua_pushstring(L, out);
@@ -876,6 +876,7 @@ int luaopen_moelab(lua_State *L) {
     static const luaL_Reg functions[] = {
         {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
         {"plot", l_plot},     {"threads", l_threads}, {NULL, NULL}};
+    trainer_set_threads(0); /* OpenBLAS single-threaded inside OpenMP, from the start */
     new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
     new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);
     new_class(L, DB_MT, db_methods, db_close, NULL);

@@ -342,6 +342,11 @@ static void norm_backward(const ModelConfig *c, float *dinp, float *dw, float *d
         layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, c->d_model);
 }
 
+void model_seed_noise(Model *m, uint64_t seed) {
+    if (!m->noise_rng) m->noise_rng = gsl_rng_alloc(gsl_rng_mt19937);
+    if (m->noise_rng) gsl_rng_set((gsl_rng *)m->noise_rng, (unsigned long)(seed ^ 0xa0a0a0a0UL));
+}
+
 /* Standard normal noise for one layer's router logits. */
 static int fill_noise(Model *m, size_t n, char *err) {
     if (n > m->noise_cap) {

@@ -138,6 +138,10 @@ int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *e
 int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float temperature,
                  int top_k, uint64_t seed, int *out, char *err);
 
+/* Restarts the router-noise stream from seed (a run's seed; the model's
+** config seed until then). */
+void model_seed_noise(Model *m, uint64_t seed);
+
 /* Parameters a token uses: everything outside the experts, plus k experts
 ** (router.k; 1 for hash) of average size per MoE layer. */
 int64_t model_active_parameters(const Model *m);

@@ -99,6 +99,10 @@ static void act_forward(ActKind act, float *out, const float *h, const float *g,
     }
 }
 
+/* ceil() of a capacity computed from a float factor: 1.1f is 1.10000002, so
+** an exact product such as 1.1 · 2560 · 2 / 8 = 704 must not round up to 705. */
+static int ceil_capacity(double x) { return (int)ceil(x * (1.0 - 1e-6)); }
+
 /* A frozen selection: the same experts and drops; weights from the new p, or
 ** kept as they are. Leaves kept flags (1/0) in sel_row for the group stage. */
 static void reweight(MoeState *s, const MoeConfig *mc, int from_p) {
@@ -188,7 +192,7 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
         break;
     case ROUTER_EXPERT_CHOICE: {
         float c = mc->capacity_factor > 0.0f ? mc->capacity_factor : (float)mc->k;
-        int cap = (int)ceil((double)N * c / E);
+        int cap = ceil_capacity((double)N * c / E);
         s->capacity = cap > N ? N : cap;
         router_select_expert_choice(s->probs, N, E, s->capacity, s->sel_expert, s->sel_weight,
                                     s->sel_count, s->scratch);
@@ -200,7 +204,7 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
     /* capacity (token choice): kept flags go to sel_row for now */
     memset(s->dropped, 0, sizeof(int) * (size_t)E);
     if (mc->capacity_factor > 0.0f && mc->kind != ROUTER_EXPERT_CHOICE) {
-        int cap = (int)ceil((double)mc->capacity_factor * N * mc->k / E);
+        int cap = ceil_capacity((double)mc->capacity_factor * N * mc->k / E);
         s->capacity = cap > mc->min_capacity ? cap : mc->min_capacity;
         router_apply_capacity(s->sel_expert, s->sel_p, s->sel_count, N, slots, E, s->capacity,
                               s->sel_row, s->dropped, s->scratch);

@@ -88,6 +88,7 @@ int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_
     if (!rng) return ml_error(err, "out of memory");
     gsl_rng_set(rng, (unsigned long)seed);
     t->rng = rng;
+    model_seed_noise(model, seed);
     return 0;
 }
 

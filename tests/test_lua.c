@@ -289,6 +289,17 @@ static void test_moe_end_to_end(void **state) {
                   "== 2 * 4 * 16 * 2");
     assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM sparsity WHERE eval_id = ?', e.eval_id)[1].n == 4");
     assert_lua(L, "db:query('SELECT experts_per_token AS x FROM v_experts_per_token')[1].x == 2");
+    /* options may be nil */
+    run_ok(L, "e2 = run:evaluate(nil)");
+    /* a long list of runs (over Lua's 1 KB buffer) is read whole: the first
+    ** unknown name is reported, not a broken list */
+    run_err(L, "local names = {}\n"
+               "for i = 1, 200 do names[i] = string.format('no-such-run-%03d', i) end\n"
+               "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/x.pdf', runs = names }",
+            "no-such-run-001", NULL);
+    /* a training call that fails leaves the run 'failed' in the database */
+    run_err(L, "run:train(fast{ steps = 1, lr = 0 })", "lr", NULL);
+    assert_lua(L, "db:query('SELECT status FROM runs WHERE run_id = ?', run:id())[1].status == 'failed'");
     for (const char *f = "expert_load experts_per_token loss_vs_flops"; *f;) {
         char fig[32], code[256];
         size_t n = strcspn(f, " ");

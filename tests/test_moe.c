@@ -118,6 +118,32 @@ static ModelConfig moe_model(RouterKind kind) {
     return c;
 }
 
+static void test_capacity_formula(void **state) {
+    /* C = max(ceil(cf · T · k / E), min_capacity), exactly: 1.1 · 2560 · 2 / 8 = 704 */
+    (void)state;
+    ModelConfig c = moe_model(ROUTER_TOPK);
+    c.context = 128;
+    c.layers = 1;
+    c.moe.experts = 8;
+    for (int e = 0; e < 8; e++) c.moe.hidden[e] = 4;
+    c.moe.capacity_factor = 1.1f;
+    c.moe.min_capacity = 0;
+    Model *m;
+    char err[ML_ERRLEN];
+    assert_int_equal(model_create(&m, &c, err), 0);
+    int *in = malloc(sizeof(int) * 2560);
+    for (int i = 0; i < 2560; i++) in[i] = (i * 31) % 256;
+    assert_int_equal(model_forward(m, in, in, 20, 128, err), 0);
+    assert_int_equal(m->moe[0].capacity, 704);
+    c.moe.min_capacity = 800; /* the floor wins */
+    model_free(m);
+    assert_int_equal(model_create(&m, &c, err), 0);
+    assert_int_equal(model_forward(m, in, in, 20, 128, err), 0);
+    assert_int_equal(m->moe[0].capacity, 800);
+    free(in);
+    model_free(m);
+}
+
 static void test_flops_accounting(void **state) {
     (void)state;
     ModelConfig c = moe_model(ROUTER_TOPK);
@@ -338,6 +364,7 @@ int main(void) {
         cmocka_unit_test(test_topk_rule),
         cmocka_unit_test(test_capacity_priority),
         cmocka_unit_test(test_expert_choice_rule),
+        cmocka_unit_test(test_capacity_formula),
         cmocka_unit_test(test_flops_accounting),
         cmocka_unit_test(test_moe_checkpoint),
         cmocka_unit_test(test_expert_load_matches_forward),
