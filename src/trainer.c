@@ -392,7 +392,6 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         if (rec_run_status(t->rec, t->run_id, "running", NULL, err) != 0) return -1;
     }
 
-
     /* a Ctrl-C that came just before (the host sets the flag too) still counts */
     void (*old_handler)(int) = signal(SIGINT, sigint_handler);
     const char *status = "finished";
