@@ -4,7 +4,7 @@
 -- record everything in results/quickstart.db, draw the figures, and print a
 -- summary table and a sample.
 --
---   ./moelab run experiments/quickstart.lua [steps=300] [data=data/kjv.txt] [out=results]
+--   ./moelab run experiments/quickstart.lua [steps=500] [data=data/kjv.txt] [out=results]
 --
 -- Every model has 4 layers, d_model 128, 4 heads, context 128, GELU,
 -- LayerNorm, an untied head. The dense FFN has hidden 512; the MoE layers have
@@ -15,7 +15,7 @@ local moelab = require "moelab"
 local report = require "moelab.report"
 
 local args = moelab.args
-local steps = args.steps or 300
+local steps = args.steps or 500
 local out_dir = args.out or "results"
 
 local data = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
