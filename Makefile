@@ -63,6 +63,10 @@ $(BIN): $(BUILD)/main.o $(BUILD)/libmoelab.a
 $(BUILD)/bench_%: tests/bench_%.c tests/testutil.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
 
+# tools/dump_grads.c: moelab's gradients on one batch, for tools/compare_grads.py
+$(BUILD)/dump_grads: tools/dump_grads.c $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
+
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
 
