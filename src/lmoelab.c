@@ -666,17 +666,23 @@ static void set_int(lua_State *L, const char *k, lua_Integer v) {
     lua_setfield(L, -2, k);
 }
 
-static int run_train(lua_State *L) {
-    static const char *const keys[] = {
-        "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
-        "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", NULL};
-    LRun *r = check_run(L, 1);
+/* The options table of a run method at index 2 (nil or absent: all defaults),
+** its keys checked. */
+static void run_options(lua_State *L, const char *what, const char *const *keys) {
     if (lua_isnoneornil(L, 2)) {
         lua_settop(L, 1);
         lua_newtable(L);
     }
     luaL_checktype(L, 2, LUA_TTABLE);
-    check_keys(L, 2, "run:train", keys);
+    check_keys(L, 2, what, keys);
+}
+
+static int run_train(lua_State *L) {
+    static const char *const keys[] = {
+        "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
+        "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", NULL};
+    LRun *r = check_run(L, 1);
+    run_options(L, "run:train", keys);
     run_bind(L, r);
     TrainOptions o;
     train_options_defaults(&o);
@@ -737,12 +743,7 @@ static int run_train(lua_State *L) {
 static int run_evaluate(lua_State *L) {
     static const char *const keys[] = {"batches", "batch", "split", "record", "seed", NULL};
     LRun *r = check_run(L, 1);
-    if (lua_isnoneornil(L, 2)) {
-        lua_settop(L, 1);
-        lua_newtable(L);
-    }
-    luaL_checktype(L, 2, LUA_TTABLE);
-    check_keys(L, 2, "run:evaluate", keys);
+    run_options(L, "run:evaluate", keys);
     run_bind(L, r);
     EvalOptions o;
     eval_options_defaults(&o);
