@@ -23,9 +23,6 @@
 #include "recorder.h"
 #include "trainer.h"
 
-#ifndef MOELAB_PLOTS_DIR
-#define MOELAB_PLOTS_DIR "plots"
-#endif
 #ifndef MOELAB_LUA_DIR
 #define MOELAB_LUA_DIR "lua"
 #endif
@@ -783,11 +780,6 @@ static int run_tostring(lua_State *L) {
 /* ------------------------------------------------------------------------ */
 /* plots and settings                                                        */
 
-static const char *plots_dir(void) {
-    const char *env = getenv("MOELAB_PLOTS");
-    return env && *env ? env : MOELAB_PLOTS_DIR;
-}
-
 static int l_plot(lua_State *L) {
     static const char *const keys[] = {"db", "figure", "out", "runs", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -830,7 +822,7 @@ static int l_plot(lua_State *L) {
     } else if (!lua_isnil(L, -1)) {
         luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
     }
-    if (plot_render(figure, db_path, out, runs_csv, plots_dir(), err) != 0)
+    if (plot_render(figure, db_path, out, runs_csv, NULL, err) != 0)
         luaL_error(L, "moelab.plot: %s", err);
     lua_pushstring(L, out);
     return 1;

@@ -20,10 +20,6 @@
 #include "plot.h"
 #include "trainer.h"
 
-#ifndef MOELAB_PLOTS_DIR
-#define MOELAB_PLOTS_DIR "plots"
-#endif
-
 static const char *usage =
     "moelab " MOELAB_VERSION " — a workbench for Mixture-of-Experts routing research\n"
     "\n"
@@ -211,9 +207,8 @@ static int cmd_plot(int argc, char **argv) {
         fprintf(stderr, "moelab plot: cannot read database '%s'\n", db);
         return 1;
     }
-    const char *env = getenv("MOELAB_PLOTS");
     char err[ML_ERRLEN];
-    if (plot_render(figure, db, out, runs, env && *env ? env : MOELAB_PLOTS_DIR, err) != 0) {
+    if (plot_render(figure, db, out, runs, NULL, err) != 0) {
         fprintf(stderr, "moelab plot: %s\n", err);
         return 1;
     }
