@@ -311,6 +311,15 @@ group:
         s->aux[AUX_CV2] = (float)((imean > 0 ? ivar / (imean * imean) : 0.0) +
                                   (lmean > 0 ? lvar / (lmean * lmean) : 0.0));
         s->aux[AUX_P_PENALTY] = (float)(E * penalty);
+        /* d(weighted balance + p_penalty + cv2)/d p_te is the same for every token */
+        for (int e = 0; e < E; e++) {
+            double d = mc->aux_balance * E * f[e] / N +
+                       mc->aux_p_penalty * E * f[e] * ((double)mc->hidden[e] / hmax) / N;
+            if (mc->aux_cv2 > 0.0f && imean > 0.0) /* d CV²(I) / d I_e, with I_e = Σ_t p_te */
+                d += mc->aux_cv2 * (2.0 * (s->prob_mass[e] - imean) / (E * imean * imean) -
+                                    2.0 * ivar / (E * imean * imean * imean));
+            s->aux_dp[e] = (float)d;
+        }
     }
     s->aux_weighted = mc->aux_balance * s->aux[AUX_BALANCE] + mc->aux_z * s->aux[AUX_Z] +
                       mc->aux_cv2 * s->aux[AUX_CV2] + mc->aux_p_penalty * s->aux[AUX_P_PENALTY];
@@ -405,23 +414,9 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                                     s->sel_expert + (size_t)t * slots,
                                     s->sel_weight + (size_t)t * slots, scr->dw + (size_t)t * slots,
                                     s->sel_count[t], renorm);
-        /* auxiliary losses through p (balance, p_penalty, cv2) */
-        double f[MOE_MAX_EXPERTS] = {0};
-        int hmax = 0;
-        for (int e = 0; e < E; e++) hmax = mc->hidden[e] > hmax ? mc->hidden[e] : hmax;
-        for (int t = 0; t < N; t++) f[s->top1[t]] += 1.0 / N;
-        double imean = 0.0, ivar = 0.0;
-        for (int e = 0; e < E; e++) imean += s->prob_mass[e] / E;
-        for (int e = 0; e < E; e++) ivar += (s->prob_mass[e] - imean) * (s->prob_mass[e] - imean) / E;
+        /* auxiliary losses through p (balance, p_penalty, cv2): from the forward */
         float dpe[MOE_MAX_EXPERTS];
-        for (int e = 0; e < E; e++) {
-            double d = mc->aux_balance * E * f[e] / N +
-                       mc->aux_p_penalty * E * f[e] * ((double)mc->hidden[e] / hmax) / N;
-            if (mc->aux_cv2 > 0.0f && imean > 0.0) /* d CV²(I) / d I_e, with I_e = Σ_t p_te */
-                d += mc->aux_cv2 * (2.0 * (s->prob_mass[e] - imean) / (E * imean * imean) -
-                                    2.0 * ivar / (E * imean * imean * imean));
-            dpe[e] = (float)(d * aux_scale);
-        }
+        for (int e = 0; e < E; e++) dpe[e] = s->aux_dp[e] * aux_scale;
         float zscale = mc->aux_z * aux_scale * 2.0f / N;
 #pragma omp parallel for schedule(static)
         for (int t = 0; t < N; t++) {

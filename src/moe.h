@@ -57,6 +57,7 @@ typedef struct {
     double flops;             /* FLOPs executed by this layer in the last forward */
     float aux[AUX_KINDS];     /* unweighted auxiliary losses */
     float aux_weighted;       /* Σ coefficient · aux */
+    float aux_dp[MOE_MAX_EXPERTS]; /* d aux_weighted / d p_te (the same for every t) */
     int64_t near_zero[MOE_MAX_EXPERTS]; /* activations with |a| <= eps, last forward */
     double abs_sum[MOE_MAX_EXPERTS];
     /* capacities of the buffers above (grow only) */
