@@ -341,12 +341,21 @@ void moe_measure_sparsity(MoeState *s, const MoeConfig *mc, float eps) {
     for (int e = 0; e < s->E; e++) {
         const float *a = s->ae + s->hoff[e];
         size_t n = (size_t)s->counts[e] * mc->hidden[e];
+        /* in chunks: float lanes within one, a double across them */
         int64_t zero = 0;
         double sum = 0.0;
-        for (size_t i = 0; i < n; i++) {
-            float v = fabsf(a[i]);
-            zero += v <= eps;
-            sum += v;
+        for (size_t i0 = 0; i0 < n; i0 += 4096) {
+            size_t i1 = i0 + 4096 < n ? i0 + 4096 : n;
+            int z = 0;
+            float part = 0.0f;
+#pragma omp simd reduction(+ : z, part)
+            for (size_t i = i0; i < i1; i++) {
+                float v = fabsf(a[i]);
+                z += v <= eps;
+                part += v;
+            }
+            zero += z;
+            sum += part;
         }
         s->near_zero[e] = zero;
         s->abs_sum[e] = sum;

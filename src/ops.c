@@ -4,7 +4,10 @@
 ** Matrix products go to OpenBLAS's cblas_sgemm. Everything else is a plain loop,
 ** parallelised with OpenMP only over independent rows or (batch, head) pairs,
 ** so that each output is always computed by one thread in one fixed order: the
-** results are the same bit for bit for a given thread count.
+** results are the same bit for bit for a given thread count. Sums along a row
+** (norms, softmax) are `omp simd` reductions, in the vector lanes' order that
+** the build fixes: a strict left-to-right float sum cannot vectorise, and cost
+** the layer norms a 128-step dependency chain per row.
 */
 #include "ops.h"
 
@@ -33,6 +36,13 @@ static inline float ml_expf(float in) {
 
 /* tanh through ml_expf: 1 - 2 / (e^{2x} + 1); saturates cleanly at ±1 */
 static inline float ml_tanhf(float x) { return 1.0f - 2.0f / (ml_expf(2.0f * x) + 1.0f); }
+
+/* Rows [*lo, *hi) of n for this thread, in equal contiguous slices. */
+static void thread_slice(int n, int *lo, int *hi) {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    *lo = (int)((long)n * id / nt);
+    *hi = (int)((long)n * (id + 1) / nt);
+}
 
 void encoder_forward(float *out, const int *inp, const float *wte, const float *wpe,
                      int B, int T, int C) {
@@ -65,9 +75,11 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float m = 0.0f;
+#pragma omp simd reduction(+ : m)
         for (int i = 0; i < C; i++) m += x[i];
         m /= C;
         float v = 0.0f;
+#pragma omp simd reduction(+ : v)
         for (int i = 0; i < C; i++) {
             float d = x[i] - m;
             v += d * d;
@@ -91,6 +103,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
         const float *x = inp + (size_t)n * C;
         float m = mean[n], s = rstd[n];
         float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+#pragma omp simd reduction(+ : dnorm_mean, dnorm_norm_mean)
         for (int i = 0; i < C; i++) {
             float norm = (x[i] - m) * s;
             float dnorm = weight[i] * d[i];
@@ -106,14 +119,20 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
             di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
         }
     }
-    /* parameter gradients: a sum over rows, kept in one thread and one order */
-    for (int n = 0; n < N; n++) {
-        const float *d = dout + (size_t)n * C;
-        const float *x = inp + (size_t)n * C;
-        float m = mean[n], s = rstd[n];
-        for (int i = 0; i < C; i++) {
-            dbias[i] += d[i];
-            dweight[i] += (x[i] - m) * s * d[i];
+    /* parameter gradients: a sum over rows, each column in one thread and one
+    ** order (the threads take slices of the columns) */
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_slice(C, &lo, &hi);
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * C;
+            const float *x = inp + (size_t)n * C;
+            float m = mean[n], s = rstd[n];
+            for (int i = lo; i < hi; i++) {
+                dbias[i] += d[i];
+                dweight[i] += (x[i] - m) * s * d[i];
+            }
         }
     }
 }
@@ -124,6 +143,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float ms = 0.0f;
+#pragma omp simd reduction(+ : ms)
         for (int i = 0; i < C; i++) ms += x[i] * x[i];
         float s = 1.0f / sqrtf(ms / C + eps);
         float *o = out + (size_t)n * C;
@@ -141,24 +161,23 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
         float s = rstd[n];
         /* y_i = x_i s w_i, s = (mean x² + eps)^-1/2, ds/dx_j = -s³ x_j / C */
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (int i = 0; i < C; i++) dot += d[i] * weight[i] * x[i];
         float k = dot * s * s * s / C;
         float *di = dinp + (size_t)n * C;
         for (int i = 0; i < C; i++) di[i] += d[i] * weight[i] * s - k * x[i];
     }
-    for (int n = 0; n < N; n++) {
-        const float *d = dout + (size_t)n * C;
-        const float *x = inp + (size_t)n * C;
-        float s = rstd[n];
-        for (int i = 0; i < C; i++) dweight[i] += x[i] * s * d[i];
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_slice(C, &lo, &hi);
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * C;
+            const float *x = inp + (size_t)n * C;
+            float s = rstd[n];
+            for (int i = lo; i < hi; i++) dweight[i] += x[i] * s * d[i];
+        }
     }
-}
-
-/* Rows [*lo, *hi) of n for this thread, in equal contiguous slices. */
-static void thread_slice(int n, int *lo, int *hi) {
-    int nt = omp_get_num_threads(), id = omp_get_thread_num();
-    *lo = (int)((long)n * id / nt);
-    *hi = (int)((long)n * (id + 1) / nt);
 }
 
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -225,8 +244,10 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
             for (int t = 0; t < T; t++) {
                 float *row = a + (size_t)t * T;
                 float maxv = -INFINITY;
+#pragma omp simd reduction(max : maxv)
                 for (int t2 = 0; t2 <= t; t2++) maxv = row[t2] > maxv ? row[t2] : maxv;
                 float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
                 for (int t2 = 0; t2 <= t; t2++) {
                     row[t2] = ml_expf(row[t2] - maxv);
                     sum += row[t2];
@@ -265,6 +286,7 @@ void attention_backward(float *dqkv, float *datt, const float *dout, const float
                 const float *arow = a + (size_t)t * T;
                 float *drow = da + (size_t)t * T;
                 float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
                 for (int t2 = 0; t2 <= t; t2++) dot += arow[t2] * drow[t2];
                 for (int t2 = 0; t2 <= t; t2++) drow[t2] = arow[t2] * (drow[t2] - dot) * scale;
                 for (int t2 = t + 1; t2 < T; t2++) drow[t2] = 0.0f;
@@ -336,9 +358,10 @@ float crossentropy_forward(float *losses, float *probs, const float *logits,
         const float *l = logits + (size_t)n * V;
         float *p = probs + (size_t)n * V;
         float maxv = -INFINITY;
-        for (int i = 0; i < V; i++)
-            if (l[i] > maxv) maxv = l[i];
+#pragma omp simd reduction(max : maxv)
+        for (int i = 0; i < V; i++) maxv = l[i] > maxv ? l[i] : maxv;
         float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < V; i++) {
             p[i] = ml_expf(l[i] - maxv);
             sum += p[i];
