@@ -66,7 +66,9 @@ static const char *rec_schema_sql =
     "  tokens   INTEGER,                 -- tokens evaluated\n"
     "  loss     REAL,\n"
     "  moe_flops_per_token REAL,\n"
-    "  experts_per_token   REAL\n"
+    "  experts_per_token   REAL,\n"
+    "  routing_first INTEGER,            -- rowids of its routing rows: all lie\n"
+    "  routing_last  INTEGER             -- in [first, last] (see routing)\n"
     ");\n"
     "CREATE INDEX IF NOT EXISTS evals_by_run ON evals(run_id, step);\n"
     "\n"
@@ -89,16 +91,18 @@ static const char *rec_schema_sql =
     "\n"
     "-- One row per (token, layer, selected expert) of a recorded evaluation.\n"
     "-- An evaluation writes millions of these, so the table is made for\n"
-    "-- appending (over 1M rows/s, tests/bench_recorder.c): a rowid table, and\n"
-    "-- one index, on eval_id, whose entries (eval_id, rowid) are appended\n"
-    "-- too, in whatever order the rows come. A WITHOUT ROWID primary key on\n"
-    "-- (eval_id, layer, seq, pos, pass, rank) is as fast only while rows come\n"
-    "-- in exactly that order, and a third slower when an evaluation writes\n"
-    "-- them batch by batch; a foreign key costs two lookups per row (20%).\n"
-    "-- The index costs a third of the insert time (3.4M rows per CPU second\n"
-    "-- without it, 2.3M with), and is kept: without it every query by\n"
-    "-- eval_id, and the delete below, reads the whole table.\n"
-    "-- There are no foreign keys: the recorder\n"
+    "-- appending (over 1M rows/s, tests/bench_recorder.c): a rowid table with\n"
+    "-- no index. An index on eval_id cost a third of the insert time (3.4M\n"
+    "-- rows per CPU second without, 2.3M with) and put recording over its\n"
+    "-- budget; a WITHOUT ROWID key starting with eval_id costs as much.\n"
+    "-- Instead the recorder keeps, in evals.routing_first/routing_last, a\n"
+    "-- rowid range that holds all of an evaluation's rows (an evaluation is\n"
+    "-- written in one transaction, so in practice exactly them):\n"
+    "--   SELECT r.* FROM evals e JOIN routing r\n"
+    "--     ON r.rowid BETWEEN e.routing_first AND e.routing_last\n"
+    "--    AND r.eval_id = e.eval_id WHERE e.eval_id = ?\n"
+    "-- reads only that range; a plain WHERE eval_id = ? reads the table.\n"
+    "-- There are no foreign keys (two lookups per row, 20%): the recorder\n"
     "-- checks each call's evaluation once, and evals_delete_records below\n"
     "-- removes an evaluation's rows with it (and so with its run).\n"
     "CREATE TABLE IF NOT EXISTS routing(\n"
@@ -113,7 +117,6 @@ static const char *rec_schema_sql =
     "  weight  REAL,                     -- the factor on the expert's output\n"
     "  pass    INTEGER NOT NULL DEFAULT 0 -- stratum pass; 0 unless stratified\n"
     ");\n"
-    "CREATE INDEX IF NOT EXISTS routing_by_eval ON routing(eval_id);\n"
     "\n"
     "-- One row per token of a recorded evaluation. Keyed by (eval_id, seq,\n"
     "-- pos), the order tokens are written in, so appending stays cheap and\n"
@@ -135,7 +138,8 @@ static const char *rec_schema_sql =
     "-- deleting a run deletes its evaluations (ON DELETE CASCADE), and\n"
     "-- deleting an evaluation deletes their rows.\n"
     "CREATE TRIGGER IF NOT EXISTS evals_delete_records AFTER DELETE ON evals BEGIN\n"
-    "  DELETE FROM routing WHERE eval_id = old.eval_id;\n"
+    "  DELETE FROM routing WHERE rowid BETWEEN old.routing_first\n"
+    "    AND old.routing_last AND eval_id = old.eval_id;\n"
     "  DELETE FROM token_stats WHERE eval_id = old.eval_id;\n"
     "END;\n"
     "\n"
@@ -272,6 +276,8 @@ struct Recorder {
     sqlite3_stmt *update_config;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
+    sqlite3_stmt *update_eval;
+    sqlite3_stmt *routing_range;  /* widens evals.routing_first/last */
     sqlite3_stmt *eval_run;   /* the run of an evaluation */
     sqlite3_stmt *insert_rows[REC_ROW_KINDS];
 };
@@ -383,6 +389,23 @@ static const char *rec_upgrade_from_1_sql =
     "ALTER TABLE routing RENAME TO routing_v1;\n"
     "ALTER TABLE token_stats RENAME TO token_stats_v1;\n";
 
+/*
+** Version 2 had an index on routing(eval_id); version 3 keeps rowid ranges
+** in evals instead (see the schema). The trigger that deletes routing rows
+** is made again by the schema, with the ranges.
+*/
+static const char *rec_upgrade_from_2_sql =
+    "ALTER TABLE evals ADD COLUMN routing_first INTEGER;\n"
+    "ALTER TABLE evals ADD COLUMN routing_last INTEGER;\n"
+    "DROP TRIGGER IF EXISTS evals_delete_records;\n";
+
+static const char *rec_upgrade_from_2_ranges_sql =
+    "UPDATE evals SET routing_first = g.first, routing_last = g.last\n"
+    "  FROM (SELECT eval_id, MIN(rowid) AS first, MAX(rowid) AS last\n"
+    "        FROM routing GROUP BY eval_id) AS g\n"
+    "  WHERE g.eval_id = evals.eval_id;\n"
+    "DROP INDEX IF EXISTS routing_by_eval;\n";
+
 static const char *rec_upgrade_from_1_copy_sql =
     "INSERT INTO routing(run_id, eval_id, layer, seq, pos, token, rank, expert,"
     " weight, pass)\n"
@@ -420,10 +443,12 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         return -1;
     char sql[64];
     snprintf(sql, sizeof sql, "PRAGMA user_version = %d", REC_SCHEMA_VERSION);
-    int upgrade = version == 1;
-    if ((upgrade && rec_exec(r, rec_upgrade_from_1_sql, "upgrade the schema", err))
+    int from1 = version == 1, from2 = version == 1 || version == 2;
+    if ((from1 && rec_exec(r, rec_upgrade_from_1_sql, "upgrade the schema", err))
+        || (from2 && rec_exec(r, rec_upgrade_from_2_sql, "upgrade the schema", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
-        || (upgrade && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
+        || (from1 && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
+        || (from2 && rec_exec(r, rec_upgrade_from_2_ranges_sql, "upgrade the schema", err))
         || rec_exec(r, sql, "set the schema version", err)
         || rec_exec(r, "COMMIT", "create the schema", err)) {
         sqlite3_exec(r->db, "ROLLBACK", NULL, NULL, NULL);
@@ -704,7 +729,13 @@ static int rec_prepare_all(Recorder *r, char *err) {
         || rec_prepare(r, &r->insert_eval,
                "INSERT INTO evals(run_id, step, split, tokens, loss,"
                " moe_flops_per_token, experts_per_token)"
-               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", err))
+               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", err)
+        || rec_prepare(r, &r->update_eval,
+               "UPDATE evals SET tokens = ?2, loss = ?3, moe_flops_per_token = ?4,"
+               " experts_per_token = ?5 WHERE eval_id = ?1", err)
+        || rec_prepare(r, &r->routing_range,
+               "UPDATE evals SET routing_first = MIN(COALESCE(routing_first, ?2), ?2),"
+               " routing_last = MAX(COALESCE(routing_last, ?3), ?3) WHERE eval_id = ?1", err))
         return -1;
     return 0;
 }
@@ -829,6 +860,8 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->update_config);
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
+    sqlite3_finalize(r->update_eval);
+    sqlite3_finalize(r->routing_range);
     sqlite3_finalize(r->savepoint);
     sqlite3_finalize(r->release);
     sqlite3_finalize(r->undo);
@@ -855,6 +888,14 @@ int rec_flush(Recorder *r, char *err) {
         return -1;
     r->pending_rows = 0;
     return 0;
+}
+
+void rec_discard(Recorder *r) {
+    if (!sqlite3_get_autocommit(r->db)) {
+        sqlite3_step(r->rollback);
+        sqlite3_reset(r->rollback);
+    }
+    r->pending_rows = 0;
 }
 
 int64_t rec_pending_rows(const Recorder *r) {
@@ -985,6 +1026,24 @@ int rec_eval(Recorder *r, int64_t run_id, int64_t step, const char *split,
     return 0;
 }
 
+int rec_eval_result(Recorder *r, int64_t eval_id, int64_t tokens, double loss,
+                    double moe_flops_per_token, double experts_per_token, char *err) {
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_stmt *st = r->update_eval;
+    sqlite3_bind_int64(st, 1, eval_id);
+    sqlite3_bind_int64(st, 2, tokens);
+    rec_bind_real_or_null(st, 3, loss);
+    rec_bind_real_or_null(st, 4, moe_flops_per_token);
+    rec_bind_real_or_null(st, 5, experts_per_token);
+    if (rec_step_done(r, st, "update an evaluation", err))
+        return -1;
+    if (sqlite3_changes(r->db) == 0)
+        return ml_error(err, "no evaluation with id %lld in '%s'", (long long)eval_id, r->path);
+    r->pending_rows++;
+    return 0;
+}
+
 /* ---- the MoE records -------------------------------------------------- */
 
 /* An evaluation's rows must name its run: routing and token_stats have no
@@ -1044,8 +1103,16 @@ static int rec_insert_rows(Recorder *r, int k, int64_t run_id, int64_t eval_id, 
         sqlite3_bind_null(st, 4);
     if (k == REC_EXPERT_LOAD)
         sqlite3_bind_int64(st, 5, step);
-    if (rec_step_done(r, st, kind->what, err) == 0
-        && rec_step_done(r, r->release, kind->what, err) == 0) {
+    int failed = rec_step_done(r, st, kind->what, err);
+    if (!failed && k == REC_ROUTING) {
+        /* one statement appends its rows at consecutive rowids */
+        int64_t last = sqlite3_last_insert_rowid(r->db);
+        sqlite3_bind_int64(r->routing_range, 1, eval_id);
+        sqlite3_bind_int64(r->routing_range, 2, last - (int64_t)n + 1);
+        sqlite3_bind_int64(r->routing_range, 3, last);
+        failed = rec_step_done(r, r->routing_range, kind->what, err);
+    }
+    if (!failed && rec_step_done(r, r->release, kind->what, err) == 0) {
         r->pending_rows += (int64_t)n;
         return 0;
     }

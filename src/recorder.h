@@ -37,7 +37,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
 
 /* PRAGMA user_version of a database with the schema of this build. */
-#define REC_SCHEMA_VERSION 2
+#define REC_SCHEMA_VERSION 3
 
 /* Default busy timeout: how long a write waits for another writer's lock. */
 #define REC_BUSY_TIMEOUT_MS 5000
@@ -98,6 +98,11 @@ int rec_eval(Recorder *r, int64_t run_id, int64_t step, const char *split,
              int64_t tokens, double loss, double moe_flops_per_token,
              double experts_per_token, int64_t *eval_id, char *err);
 
+/* Sets an evaluation's results, for one recorded as it goes: rec_eval
+** first (with NaN for what is not known yet), its rows, then this. */
+int rec_eval_result(Recorder *r, int64_t eval_id, int64_t tokens, double loss,
+                    double moe_flops_per_token, double experts_per_token, char *err);
+
 /*
 ** The MoE records. Each call writes rows[0..n) into the open transaction, all
 ** or none of them: on failure nothing of that call stays pending. n = 0 is a
@@ -156,6 +161,9 @@ int rec_sparsity(Recorder *r, int64_t run_id, int64_t eval_id, const RecSparsity
 /* Commits the open transaction. On failure (say, the database is locked) the
 ** rows stay pending and the next flush tries again. */
 int rec_flush(Recorder *r, char *err);
+
+/* Rolls the open transaction back: every row since the last commit is gone. */
+void rec_discard(Recorder *r);
 
 /* Rows written since the last successful commit. */
 int64_t rec_pending_rows(const Recorder *r);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "json.h"
+#include "recwriter.h"
 
 volatile int trainer_interrupt = 0;
 
@@ -149,68 +150,45 @@ static int record_step_load(Trainer *t, char *err) {
     return 0;
 }
 
-/* What a recorded evaluation keeps until its eval_id exists. */
+/* A recorded evaluation's sparsity sums over its batches, per (layer, expert). */
 typedef struct {
-    RecRouting **routing; /* (L) rows per layer, so that rows go out layer-major */
-    size_t *n_routing, *cap_routing;
-    RecTokenStat *tokens;
-    size_t n_tokens;
-    int64_t *activations, *near_zero; /* (L, E) */
+    int64_t *activations, *near_zero;
     double *abs_sum;
-} EvalRecord;
+} EvalSparsity;
 
-static void eval_record_free(EvalRecord *r, int L) {
-    for (int l = 0; r->routing && l < L; l++) free(r->routing[l]);
-    free(r->routing);
-    free(r->n_routing);
-    free(r->cap_routing);
-    free(r->tokens);
-    free(r->activations);
-    free(r->near_zero);
-    free(r->abs_sum);
-    memset(r, 0, sizeof *r);
-}
-
-/* Appends the last forward's routing, token stats and sparsity (batch i). */
-static int eval_record_batch(EvalRecord *r, Model *m, int i, int B, int T) {
+/* The last forward's routing and token rows (batch i) into b, its sparsity
+** into sp. Routing rows go layer by layer, each in (seq, pos, rank) order. */
+static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Model *m, int i, int B, int T) {
     const ModelConfig *c = &m->config;
     const MoeConfig *mc = &c->moe;
     int N = B * T, E = mc->experts;
+    size_t n_routing = 0;
+    for (int l = 0; l < c->layers; l++)
+        if (config_is_moe_block(c, l)) n_routing += (size_t)m->moe[l].offsets[E];
+    if (recw_reserve(b, n_routing, (size_t)N) != 0) return -1;
+    RecRouting *out = b->routing;
     for (int l = 0; l < c->layers; l++) {
         if (!config_is_moe_block(c, l)) continue;
         MoeState *s = &m->moe[l];
-        size_t need = r->n_routing[l] + (size_t)s->offsets[E];
-        if (need > r->cap_routing[l]) {
-            size_t cap = need * 2;
-            RecRouting *p = realloc(r->routing[l], cap * sizeof *p);
-            if (!p) return -1;
-            r->routing[l] = p;
-            r->cap_routing[l] = cap;
-        }
-        RecRouting *out = r->routing[l] + r->n_routing[l];
-        size_t n = 0;
         for (int t = 0; t < N; t++)
             for (int k = 0; k < s->sel_count[t]; k++) {
                 size_t j = (size_t)t * s->slots + k;
                 if (s->sel_row[j] < 0) continue;
-                out[n++] = (RecRouting){.layer = l, .seq = i * B + t / T, .pos = t % T,
-                                        .token = m->acts.inputs[t], .rank = k,
-                                        .expert = s->sel_expert[j], .pass = 0,
-                                        .weight = s->sel_weight[j]};
+                *out++ = (RecRouting){.layer = l, .seq = i * B + t / T, .pos = t % T,
+                                      .token = m->acts.inputs[t], .rank = k,
+                                      .expert = s->sel_expert[j], .pass = 0,
+                                      .weight = s->sel_weight[j]};
             }
-        r->n_routing[l] += n;
         moe_measure_sparsity(s, mc, mc->sparsity_eps);
         for (int e = 0; e < E; e++) {
-            r->activations[(size_t)l * E + e] += (int64_t)s->counts[e] * mc->hidden[e];
-            r->near_zero[(size_t)l * E + e] += s->near_zero[e];
-            r->abs_sum[(size_t)l * E + e] += s->abs_sum[e];
+            sp->activations[(size_t)l * E + e] += (int64_t)s->counts[e] * mc->hidden[e];
+            sp->near_zero[(size_t)l * E + e] += s->near_zero[e];
+            sp->abs_sum[(size_t)l * E + e] += s->abs_sum[e];
         }
     }
-    RecTokenStat *p = realloc(r->tokens, (r->n_tokens + (size_t)N) * sizeof *p);
-    if (!p) return -1;
-    r->tokens = p;
+    b->n_routing = (size_t)(out - b->routing);
     for (int t = 0; t < N; t++) {
-        RecTokenStat *ts = &r->tokens[r->n_tokens + t];
+        RecTokenStat *ts = &b->tokens[t];
         *ts = (RecTokenStat){.seq = i * B + t / T, .pos = t % T, .token = m->acts.inputs[t],
                              .experts = 0, .loss = m->acts.losses[t], .moe_flops = 0.0};
         for (int l = 0; l < c->layers; l++) {
@@ -220,12 +198,14 @@ static int eval_record_batch(EvalRecord *r, Model *m, int i, int B, int T) {
             ts->moe_flops += moe_token_flops(s, mc, c->activation, t);
         }
     }
-    r->n_tokens += (size_t)N;
+    b->n_tokens = (size_t)N;
     return 0;
 }
 
-static int eval_record_write(EvalRecord *r, Trainer *t, int64_t eval_id, const int64_t *load,
-                             const int64_t *dropped, const double *mass, char *err) {
+/* expert_load of an evaluation, and its sparsity when sp is not NULL. */
+static int eval_record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
+                            const int64_t *load, const int64_t *dropped, const double *mass,
+                            char *err) {
     Model *m = t->model;
     const ModelConfig *c = &m->config;
     int E = c->moe.experts;
@@ -238,29 +218,35 @@ static int eval_record_write(EvalRecord *r, Trainer *t, int64_t eval_id, const i
             lrows[e] = (RecExpertLoad){.layer = l, .expert = e, .tokens = load[k],
                                        .dropped = dropped[k],
                                        .prob_mass = c->moe.kind == ROUTER_HASH ? NAN : mass[k]};
-            if (r) {
-                int64_t n = r->activations[k];
+            if (sp) {
+                int64_t n = sp->activations[k];
                 srows[e] = (RecSparsity){.layer = l, .expert = e, .activations = n,
-                                         .near_zero = r->near_zero[k],
-                                         .mean_abs = n > 0 ? r->abs_sum[k] / n : NAN};
+                                         .near_zero = sp->near_zero[k],
+                                         .mean_abs = n > 0 ? sp->abs_sum[k] / n : NAN};
             }
         }
         if (rec_expert_load(t->rec, t->run_id, eval_id, t->step, lrows, (size_t)E, err) != 0)
             return -1;
-        if (r && (rec_sparsity(t->rec, t->run_id, eval_id, srows, (size_t)E, err) != 0 ||
-                  rec_routing(t->rec, t->run_id, eval_id, r->routing[l], r->n_routing[l], err) != 0))
+        if (sp && rec_sparsity(t->rec, t->run_id, eval_id, srows, (size_t)E, err) != 0)
             return -1;
     }
-    if (r && rec_token_stats(t->rec, t->run_id, eval_id, r->tokens, r->n_tokens, err) != 0)
-        return -1;
     return 0;
 }
 
+/*
+** An evaluation in a recorded run is one transaction of its own: what the
+** run had pending is committed first, the evals row is written before the
+** first batch (its results are set at the end), and on failure everything
+** of the evaluation is rolled back. With record = true, each batch's routing
+** and token rows go to a background writer (recwriter.h) that inserts them
+** in the CPU time the next batches' computation leaves idle.
+*/
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err) {
     Model *m = t->model;
     const ModelConfig *c = &m->config;
     int T = c->context, B = o->batch, L = c->layers, E = c->moe.experts;
     memset(res, 0, sizeof *res);
+    res->eval_id = -1;
     if (o->batches < 1 || B < 1)
         return ml_error(err, "evaluate: batches and batch must be at least 1 (got %d, %d)",
                         o->batches, B);
@@ -268,28 +254,34 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (ensure_batch(t, B, T, err) != 0) return -1;
     int moe = m->n_moe_layers > 0;
     int record = o->record && t->rec && moe;
+    const char *split = corpus_split_name(o->split);
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     int64_t *load = moe ? calloc((size_t)L * E, sizeof *load) : NULL;
     int64_t *dropped = moe ? calloc((size_t)L * E, sizeof *dropped) : NULL;
     double *mass = moe ? calloc((size_t)L * E, sizeof *mass) : NULL;
-    EvalRecord rec = {0};
+    EvalSparsity sp = {0};
+    RecWriter *writer = NULL;
+    int64_t eval_id = -1;
     int rc = -1;
     if (!rng || (moe && (!load || !dropped || !mass))) {
         ml_error(err, "out of memory");
         goto done;
     }
     if (record) {
-        rec.routing = calloc((size_t)L, sizeof *rec.routing);
-        rec.n_routing = calloc((size_t)L, sizeof *rec.n_routing);
-        rec.cap_routing = calloc((size_t)L, sizeof *rec.cap_routing);
-        rec.activations = calloc((size_t)L * E, sizeof *rec.activations);
-        rec.near_zero = calloc((size_t)L * E, sizeof *rec.near_zero);
-        rec.abs_sum = calloc((size_t)L * E, sizeof *rec.abs_sum);
-        if (!rec.routing || !rec.n_routing || !rec.cap_routing || !rec.activations ||
-            !rec.near_zero || !rec.abs_sum) {
+        sp.activations = calloc((size_t)L * E, sizeof *sp.activations);
+        sp.near_zero = calloc((size_t)L * E, sizeof *sp.near_zero);
+        sp.abs_sum = calloc((size_t)L * E, sizeof *sp.abs_sum);
+        if (!sp.activations || !sp.near_zero || !sp.abs_sum) {
             ml_error(err, "out of memory");
             goto done;
         }
+    }
+    if (t->rec) {
+        if (rec_flush(t->rec, err) != 0 ||
+            rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &eval_id, err) != 0)
+            goto done;
+        if (record && recw_start(&writer, t->rec, t->run_id, eval_id, err) != 0)
+            goto done;
     }
     gsl_rng_set(rng, (unsigned long)o->seed);
     m->training = 0;
@@ -310,20 +302,31 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
                 mass[(size_t)l * E + e] += s->prob_mass[e];
             }
         }
-        if (record && eval_record_batch(&rec, m, i, B, T) != 0) {
-            ml_error(err, "out of memory recording the evaluation");
-            goto done;
+        if (writer) {
+            RecBatch *b = recw_batch(writer);
+            if (!b || eval_record_batch(b, &sp, m, i, B, T) != 0) {
+                if (b) { /* an empty batch gives the buffers back */
+                    b->n_routing = b->n_tokens = 0;
+                    recw_submit(writer, b, err);
+                }
+                ml_error(err, "out of memory recording the evaluation");
+                goto done;
+            }
+            if (recw_submit(writer, b, err) != 0) goto done;
         }
     }
     res->loss = total / o->batches;
     res->tokens = (int64_t)o->batches * B * T;
     res->moe_flops_per_token = flops / res->tokens;
     res->experts_per_token = moe ? (double)assignments / ((double)res->tokens * m->n_moe_layers) : 0.0;
-    res->eval_id = -1;
+    if (writer) {
+        int failed = recw_finish(writer, err);
+        writer = NULL;
+        if (failed) goto done;
+    }
     if (t->rec) {
-        const char *split = corpus_split_name(o->split);
-        if (rec_eval(t->rec, t->run_id, t->step, split, res->tokens, res->loss,
-                     res->moe_flops_per_token, res->experts_per_token, &res->eval_id, err) != 0)
+        if (rec_eval_result(t->rec, eval_id, res->tokens, res->loss, res->moe_flops_per_token,
+                            res->experts_per_token, err) != 0)
             goto done;
         /* the validation curve; a training-split evaluation stays in evals only,
         ** so that metrics keeps one 'train' row per step */
@@ -331,17 +334,22 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
                        res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
             goto done;
-        if (moe && eval_record_write(record ? &rec : NULL, t, res->eval_id, load, dropped, mass, err) != 0)
+        if (moe && eval_record_load(record ? &sp : NULL, t, eval_id, load, dropped, mass, err) != 0)
             goto done;
         if (rec_flush(t->rec, err) != 0) goto done;
+        res->eval_id = eval_id;
     }
     rc = 0;
 done:
+    if (writer) recw_abort(writer);
+    if (rc != 0 && eval_id >= 0) rec_discard(t->rec);
     if (rng) gsl_rng_free(rng);
     free(load);
     free(dropped);
     free(mass);
-    eval_record_free(&rec, L);
+    free(sp.activations);
+    free(sp.near_zero);
+    free(sp.abs_sum);
     return rc;
 }
 

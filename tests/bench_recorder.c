@@ -5,18 +5,20 @@
 **
 **     routing rows/s: 1234567
 **
-** for routing rows in the table's order (layer-major, as the trainer writes
-** them), routing rows batch by batch (each batch layer-major, the order of an
-** evaluation that writes as it goes), and token_stats rows. SPEC §5 / issue 3
+** for routing rows in the table's order (layer-major), routing rows batch by
+** batch (each batch layer-major, the order in which an evaluation writes
+** them), and token_stats rows. SPEC §5 / issue 3
 ** ask for at least 1,000,000 routing rows per second.
 **
 ** Last, the record of the evaluation of `make bench`'s section 4 (20
 ** batches: 327,680 routing rows in one call per layer, 40,960 token_stats
 ** rows, expert_load and sparsity, then the commit), written five times into
 ** one database as an evaluation at a time would be: milliseconds per
-** evaluation. Recording may add at most 15% to that evaluation's wall time,
-** so this is the number to hold against section 4's unrecorded time. The
-** databases are temporary files, removed at the end.
+** evaluation, the CPU time the recorder needs. Recording may add at most 15%
+** to that evaluation's wall time; the trainer writes these rows on a
+** background thread, mostly in CPU time the computation leaves idle, so
+** bench_moe's section 4 measures what is left of it. The databases are
+** temporary files, removed at the end.
 **
 ** Usage: bench_recorder [ROWS]   (default 2,000,000 routing rows)
 ** Build: the Makefile's bench target, or

@@ -24,6 +24,7 @@
 #include <sqlite3.h>
 
 #include "recorder.h"
+#include "recwriter.h"
 
 /* ---- helpers ---------------------------------------------------------- */
 
@@ -720,6 +721,8 @@ static void test_version_1_database_is_upgraded(void **state) {
     exec_sql(rec_db(r),
         "DROP TRIGGER evals_delete_records; DROP VIEW v_experts_per_token;"
         "DROP TABLE routing; DROP TABLE token_stats;"
+        "ALTER TABLE evals DROP COLUMN routing_first;"
+        "ALTER TABLE evals DROP COLUMN routing_last;"
         "CREATE TABLE routing(\n"
         "  run_id  INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
         "  eval_id INTEGER NOT NULL REFERENCES evals(eval_id) ON DELETE CASCADE,\n"
@@ -757,6 +760,153 @@ static void test_version_1_database_is_upgraded(void **state) {
     exec_sql(db, "DELETE FROM runs");
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 0);
     assert_int_equal(query_int(db, "SELECT count(*) FROM token_stats"), 0);
+    rec_close(r);
+}
+
+/* A database of schema version 2 (an index on routing(eval_id), no rowid
+** ranges in evals) gets the ranges of its evaluations' rows and loses the
+** index; deleting an evaluation still deletes its rows, and only those. */
+static void test_version_2_database_is_upgraded(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "v2.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "old"), e1 = 0, e2 = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &e1, err), 0);
+    assert_int_equal(rec_eval(r, run, 2, "val", 0, 1.0, NAN, NAN, &e2, err), 0);
+    RecRouting rows[3] = {{.expert = 1}, {.expert = 2, .rank = 1}, {.pos = 1, .expert = 3}};
+    assert_int_equal(rec_routing(r, run, e1, rows, 3, err), 0);
+    assert_int_equal(rec_routing(r, run, e2, rows, 2, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    exec_sql(rec_db(r),
+        "DROP TRIGGER evals_delete_records;"
+        "ALTER TABLE evals DROP COLUMN routing_first;"
+        "ALTER TABLE evals DROP COLUMN routing_last;"
+        "CREATE INDEX routing_by_eval ON routing(eval_id);"
+        "CREATE TRIGGER evals_delete_records AFTER DELETE ON evals BEGIN\n"
+        "  DELETE FROM routing WHERE eval_id = old.eval_id;\n"
+        "  DELETE FROM token_stats WHERE eval_id = old.eval_id;\n"
+        "END;"
+        "PRAGMA user_version = 2;");
+    rec_close(r);
+
+    r = open_ok(path);
+    sqlite3 *db = rec_db(r);
+    assert_int_equal(query_int(db, "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name = 'routing_by_eval'"), 0);
+    assert_int_equal(query_int(db, "SELECT routing_last - routing_first FROM evals WHERE eval_id = 1"), 2);
+    assert_int_equal(query_int(db, "SELECT routing_last - routing_first FROM evals WHERE eval_id = 2"), 1);
+    exec_sql(db, "DELETE FROM evals WHERE eval_id = 1");
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 2);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE eval_id = 2"), 2);
+    rec_close(r);
+}
+
+/* evals.routing_first/last hold every routing row of the evaluation even when
+** two evaluations' rows interleave, and deleting one leaves the other's. */
+static void test_routing_ranges_cover_interleaved_evaluations(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "ranges.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "ranges"), e1 = 0, e2 = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &e1, err), 0);
+    assert_int_equal(rec_eval(r, run, 2, "val", 0, 1.0, NAN, NAN, &e2, err), 0);
+    RecRouting rows[4] = {{.expert = 0}, {.pos = 1, .expert = 1}, {.pos = 2, .expert = 2},
+                          {.pos = 3, .expert = 3}};
+    assert_int_equal(rec_routing(r, run, e1, rows, 2, err), 0);
+    assert_int_equal(rec_routing(r, run, e2, rows, 4, err), 0);
+    assert_int_equal(rec_routing(r, run, e1, rows + 2, 2, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    sqlite3 *db = rec_db(r);
+    const char *in_range =
+        "SELECT count(*) FROM evals e JOIN routing x ON x.rowid BETWEEN e.routing_first"
+        " AND e.routing_last AND x.eval_id = e.eval_id WHERE e.eval_id = %lld";
+    char sql[256];
+    snprintf(sql, sizeof sql, in_range, (long long)e1);
+    assert_int_equal(query_int(db, sql), 4);
+    snprintf(sql, sizeof sql, in_range, (long long)e2);
+    assert_int_equal(query_int(db, sql), 4);
+    assert_int_equal(query_int(db, "SELECT routing_first FROM evals WHERE eval_id = 2"), 3);
+    snprintf(sql, sizeof sql, "DELETE FROM evals WHERE eval_id = %lld", (long long)e1);
+    exec_sql(db, sql);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 4);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM routing WHERE eval_id = %lld", (long long)e2);
+    assert_int_equal(query_int(db, sql), 4);
+    rec_close(r);
+}
+
+/* Fills b with n routing and n token rows of sequence seq (distinct keys). */
+static void fill_batch(RecBatch *b, int seq, size_t n) {
+    assert_int_equal(recw_reserve(b, n, n), 0);
+    for (size_t i = 0; i < n; i++) {
+        b->routing[i] = (RecRouting){.layer = (int)(i % 3), .seq = seq, .pos = (int)i,
+                                     .expert = (int)(i % 7), .weight = 0.25f};
+        b->tokens[i] = (RecTokenStat){.seq = seq, .pos = (int)i, .experts = 1, .loss = 1.5f};
+    }
+    b->n_routing = b->n_tokens = n;
+}
+
+/* The background writer stores every queued row, in chunks, batches larger
+** than a chunk included, and the batches' buffers are handed out again. */
+static void test_background_writer_writes_every_row(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "writer.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "w"), eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, NAN, NAN, NAN, &eval_id, err), 0);
+    RecWriter *w = NULL;
+    assert_int_equal(recw_start(&w, r, run, eval_id, err), 0);
+    size_t sizes[4] = {10000, 1, 0, 4097};
+    for (int i = 0; i < 4; i++) {
+        RecBatch *b = recw_batch(w);
+        assert_non_null(b);
+        fill_batch(b, i, sizes[i]);
+        assert_int_equal(recw_submit(w, b, err), 0);
+    }
+    assert_int_equal(recw_finish(w, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    sqlite3 *db = rec_db(r);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 14098);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM token_stats"), 14098);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE seq = 3"), 4097);
+    assert_int_equal(query_int(db, "SELECT sum(expert) FROM routing WHERE seq = 0"),
+                     query_int(db, "SELECT sum(pos % 7) FROM token_stats WHERE seq = 0"));
+    assert_int_equal(query_int(db, "SELECT routing_last - routing_first + 1 FROM evals"), 14098);
+    rec_close(r);
+}
+
+/* A write that fails on the thread (here: no such evaluation) is reported by
+** a later submit or by finish, with the recorder's message; rec_discard then
+** takes back what the evaluation had written. */
+static void test_background_writer_reports_failure(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "writer_fail.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "w");
+    RecWriter *w = NULL;
+    assert_int_equal(recw_start(&w, r, run, 999, err), 0);
+    int failed = 0;
+    for (int i = 0; i < 3; i++) {
+        RecBatch *b = recw_batch(w);
+        assert_non_null(b);
+        fill_batch(b, i, 100);
+        failed |= recw_submit(w, b, err) != 0;
+    }
+    failed |= recw_finish(w, err) != 0;
+    assert_true(failed);
+    assert_non_null(strstr(err, "no evaluation with id 999"));
+
+    int64_t eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, NAN, NAN, NAN, &eval_id, err), 0);
+    assert_int_equal(recw_start(&w, r, run, eval_id, err), 0);
+    RecBatch *b = recw_batch(w);
+    fill_batch(b, 0, 5000);
+    assert_int_equal(recw_submit(w, b, err), 0);
+    recw_abort(w);
+    rec_discard(r);
+    assert_int_equal(rec_pending_rows(r), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM evals"), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM routing"), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM runs"), 1);
     rec_close(r);
 }
 
@@ -931,6 +1081,14 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_flushed_rows_survive_close_and_reopen,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_large_routing_batch_reaches_the_file,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_version_2_database_is_upgraded,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_routing_ranges_cover_interleaved_evaluations,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_background_writer_writes_every_row,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_background_writer_reports_failure,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_version_1_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),

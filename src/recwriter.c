@@ -1,0 +1,245 @@
+/*
+** recwriter.c — the background writer of recwriter.h.
+**
+** Batches wait in a FIFO; the thread writes the head batch a chunk at a time
+** (routing rows, then token rows) and puts finished batches on a spare list
+** for recw_batch to hand out again, so the buffers stop growing after the
+** first few batches. The queue has no bound: the caller never waits for the
+** thread (on a machine busy with other work, an idle-priority thread may get
+** almost no CPU), and at worst holds the whole evaluation's rows, as it would
+** if it wrote them all at the end.
+**
+** Between chunks the thread looks at `closing`; recw_finish sets it, joins
+** the thread and goes on from the same row on its own thread. The recorder is
+** only ever used by one thread at a time: the writer's until it is joined,
+** the caller's after.
+*/
+#include "recwriter.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Rows per call of the recorder: about 2 ms of SQLite, the longest the
+** caller's recw_finish waits for the thread to notice `closing`. */
+enum { CHUNK = 4096 };
+
+struct RecWriter {
+    Recorder *rec;
+    int64_t run_id, eval_id;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    RecBatch **fifo;            /* fifo[head .. tail) wait to be written */
+    size_t head, tail, cap;
+    size_t done_routing;        /* rows of fifo[head] already written */
+    size_t done_tokens;
+    RecBatch **spare;           /* written batches, to be filled again */
+    size_t n_spare, cap_spare;
+    int closing;                /* recw_finish or recw_abort: the thread stops */
+    int failed;                 /* a write failed; err says why */
+    char err[ML_ERRLEN];
+};
+
+int recw_reserve(RecBatch *b, size_t n_routing, size_t n_tokens) {
+    if (n_routing > b->cap_routing) {
+        size_t cap = n_routing + n_routing / 2;
+        RecRouting *p = realloc(b->routing, cap * sizeof *p);
+        if (!p) return -1;
+        b->routing = p;
+        b->cap_routing = cap;
+    }
+    if (n_tokens > b->cap_tokens) {
+        size_t cap = n_tokens + n_tokens / 2;
+        RecTokenStat *p = realloc(b->tokens, cap * sizeof *p);
+        if (!p) return -1;
+        b->tokens = p;
+        b->cap_tokens = cap;
+    }
+    return 0;
+}
+
+static void batch_free(RecBatch *b) {
+    if (!b) return;
+    free(b->routing);
+    free(b->tokens);
+    free(b);
+}
+
+/* Writes the next chunk of b from *done_routing / *done_tokens on, and moves
+** them past it. No lock is held: the calling thread owns the recorder. */
+static int write_chunk(RecWriter *w, const RecBatch *b, size_t *done_routing,
+                       size_t *done_tokens, char *err) {
+    if (*done_routing < b->n_routing) {
+        size_t n = b->n_routing - *done_routing;
+        n = n < CHUNK ? n : CHUNK;
+        if (rec_routing(w->rec, w->run_id, w->eval_id, b->routing + *done_routing, n, err))
+            return -1;
+        *done_routing += n;
+    } else {
+        size_t n = b->n_tokens - *done_tokens;
+        n = n < CHUNK ? n : CHUNK;
+        if (rec_token_stats(w->rec, w->run_id, w->eval_id, b->tokens + *done_tokens, n, err))
+            return -1;
+        *done_tokens += n;
+    }
+    return 0;
+}
+
+/* Notes the head batch's progress; a finished batch goes to the spares.
+** Called with the lock held (or once the thread is joined). */
+static void advance(RecWriter *w, size_t done_routing, size_t done_tokens) {
+    RecBatch *b = w->fifo[w->head];
+    w->done_routing = done_routing;
+    w->done_tokens = done_tokens;
+    if (done_routing < b->n_routing || done_tokens < b->n_tokens)
+        return;
+    w->head++;
+    w->done_routing = w->done_tokens = 0;
+    if (w->n_spare == w->cap_spare) {
+        size_t cap = w->cap_spare ? 2 * w->cap_spare : 4;
+        RecBatch **p = realloc(w->spare, cap * sizeof *p);
+        if (!p) {
+            batch_free(b);
+            return;
+        }
+        w->spare = p;
+        w->cap_spare = cap;
+    }
+    w->spare[w->n_spare++] = b;
+}
+
+static void *writer_main(void *arg) {
+    RecWriter *w = arg;
+    /* best effort: without it the thread competes with the computation */
+    struct sched_param idle = {0};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
+    char err[ML_ERRLEN];
+    pthread_mutex_lock(&w->lock);
+    for (;;) {
+        while (w->head == w->tail && !w->closing)
+            pthread_cond_wait(&w->wake, &w->lock);
+        if (w->closing)
+            break;
+        const RecBatch *b = w->fifo[w->head];
+        size_t done_routing = w->done_routing, done_tokens = w->done_tokens;
+        pthread_mutex_unlock(&w->lock);
+        int rc = write_chunk(w, b, &done_routing, &done_tokens, err);
+        pthread_mutex_lock(&w->lock);
+        if (rc) {
+            w->failed = 1;
+            memcpy(w->err, err, sizeof err);
+            break;
+        }
+        advance(w, done_routing, done_tokens);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+int recw_start(RecWriter **out, Recorder *rec, int64_t run_id, int64_t eval_id, char *err) {
+    RecWriter *w = calloc(1, sizeof *w);
+    if (!w) return ml_error(err, "out of memory starting the evaluation's writer");
+    w->rec = rec;
+    w->run_id = run_id;
+    w->eval_id = eval_id;
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->wake, NULL);
+    int rc = pthread_create(&w->thread, NULL, writer_main, w);
+    if (rc != 0) {
+        pthread_cond_destroy(&w->wake);
+        pthread_mutex_destroy(&w->lock);
+        free(w);
+        return ml_error(err, "cannot start the evaluation's writer thread: %s", strerror(rc));
+    }
+    *out = w;
+    return 0;
+}
+
+RecBatch *recw_batch(RecWriter *w) {
+    RecBatch *b = NULL;
+    pthread_mutex_lock(&w->lock);
+    if (w->n_spare > 0)
+        b = w->spare[--w->n_spare];
+    pthread_mutex_unlock(&w->lock);
+    if (!b && !(b = calloc(1, sizeof *b)))
+        return NULL;
+    b->n_routing = b->n_tokens = 0;
+    return b;
+}
+
+int recw_submit(RecWriter *w, RecBatch *b, char *err) {
+    int status = 0;
+    pthread_mutex_lock(&w->lock);
+    if (w->failed) {
+        status = ml_error(err, "%s", w->err);
+    } else {
+        if (w->tail == w->cap && w->head > 0) {     /* slide the queue down */
+            memmove(w->fifo, w->fifo + w->head, (w->tail - w->head) * sizeof *w->fifo);
+            w->tail -= w->head;
+            w->head = 0;
+        }
+        if (w->tail == w->cap) {
+            size_t cap = w->cap ? 2 * w->cap : 8;
+            RecBatch **p = realloc(w->fifo, cap * sizeof *p);
+            if (p) {
+                w->fifo = p;
+                w->cap = cap;
+            }
+        }
+        if (w->tail < w->cap) {
+            w->fifo[w->tail++] = b;
+            b = NULL;
+            pthread_cond_signal(&w->wake);
+        } else {
+            status = ml_error(err, "out of memory queueing the evaluation's rows");
+        }
+    }
+    pthread_mutex_unlock(&w->lock);
+    batch_free(b);      /* not queued */
+    return status;
+}
+
+/* Stops and joins the thread. */
+static void stop(RecWriter *w) {
+    pthread_mutex_lock(&w->lock);
+    w->closing = 1;
+    pthread_cond_signal(&w->wake);
+    pthread_mutex_unlock(&w->lock);
+    pthread_join(w->thread, NULL);
+}
+
+static void writer_free(RecWriter *w) {
+    for (size_t i = w->head; i < w->tail; i++) batch_free(w->fifo[i]);
+    for (size_t i = 0; i < w->n_spare; i++) batch_free(w->spare[i]);
+    free(w->fifo);
+    free(w->spare);
+    pthread_cond_destroy(&w->wake);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+}
+
+int recw_finish(RecWriter *w, char *err) {
+    stop(w);
+    int status = 0;
+    if (w->failed) {
+        status = ml_error(err, "%s", w->err);
+    } else {
+        while (w->head < w->tail) {
+            size_t done_routing = w->done_routing, done_tokens = w->done_tokens;
+            if (write_chunk(w, w->fifo[w->head], &done_routing, &done_tokens, err)) {
+                status = -1;
+                break;
+            }
+            advance(w, done_routing, done_tokens);
+        }
+    }
+    writer_free(w);
+    return status;
+}
+
+void recw_abort(RecWriter *w) {
+    stop(w);
+    writer_free(w);
+}
