@@ -2,9 +2,10 @@
 ** ops.c — the transformer's kernels (see ops.h for the contract of each).
 **
 ** Matrix products go to OpenBLAS's cblas_sgemm. Everything else is a plain loop,
-** parallelised with OpenMP only over independent rows or (batch, head) pairs,
-** so that each output is always computed by one thread in one fixed order: the
-** results are the same bit for bit for a given thread count. Sums along a row
+** parallelised with OpenMP only over independent rows, (batch, head) pairs or,
+** for the norms' parameter gradients, slices of columns, so that each output is
+** always computed by one thread in one fixed order: the results are the same
+** bit for bit for a given thread count. Sums along a row
 ** (norms, softmax) are `omp simd` reductions, in the vector lanes' order that
 ** the build fixes: a strict left-to-right float sum cannot vectorise, and cost
 ** the layer norms a 128-step dependency chain per row.

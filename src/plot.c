@@ -652,9 +652,9 @@ static int plot_experts_hist(sqlite3 *db, const char *db_path, int64_t run_id,
     int status = -1, rc;
     *found = 0;
     if (plot_prepare(db, db_path, "routing",
-                     "SELECT e.eval_id, e.step FROM evals e WHERE e.run_id = ?1 AND EXISTS"
-                     " (SELECT 1 FROM routing r WHERE r.eval_id = e.eval_id)"
-                     " ORDER BY e.eval_id DESC LIMIT 1", &st, err))
+                     "SELECT e.eval_id, e.step FROM evals e WHERE e.run_id = ?1"
+                     " AND e.routing_first IS NOT NULL ORDER BY e.eval_id DESC LIMIT 1",
+                     &st, err))
         goto cleanup;
     sqlite3_bind_int64(st, 1, run_id);
     rc = sqlite3_step(st);
@@ -672,8 +672,10 @@ static int plot_experts_hist(sqlite3 *db, const char *db_path, int64_t run_id,
     st = NULL;
 
     if (plot_prepare(db, db_path, "routing",
-                     "SELECT n, count(*) FROM (SELECT count(*) AS n FROM routing"
-                     " WHERE eval_id = ?1 GROUP BY layer, seq, pos) GROUP BY n ORDER BY n",
+                     "SELECT n, count(*) FROM (SELECT count(*) AS n FROM evals e JOIN routing r"
+                     " ON r.routing_id BETWEEN e.routing_first AND e.routing_last"
+                     " AND r.eval_id = e.eval_id WHERE e.eval_id = ?1"
+                     " GROUP BY r.layer, r.seq, r.pos) GROUP BY n ORDER BY n",
                      &st, err))
         goto cleanup;
     sqlite3_bind_int64(st, 1, h->eval_id);
@@ -691,7 +693,9 @@ static int plot_experts_hist(sqlite3 *db, const char *db_path, int64_t run_id,
 
     if (plot_prepare(db, db_path, "token_stats",
                      "SELECT (SELECT count(*) FROM token_stats WHERE eval_id = ?1)"
-                     " * (SELECT count(DISTINCT layer) FROM routing WHERE eval_id = ?1)",
+                     " * (SELECT count(DISTINCT r.layer) FROM evals e JOIN routing r"
+                     " ON r.routing_id BETWEEN e.routing_first AND e.routing_last"
+                     " AND r.eval_id = e.eval_id WHERE e.eval_id = ?1)",
                      &st, err))
         goto cleanup;
     sqlite3_bind_int64(st, 1, h->eval_id);

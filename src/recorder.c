@@ -21,11 +21,12 @@
 
 /*
 ** The documented schema. Tables and columns named in SPEC §3 keep their
-** names; the rest (metrics.aux_*, runs.error, the indexes, the trigger)
-** are ours. expert_load and sparsity are indexed by run_id first, so that
+** names; the rest (metrics.aux_*, runs.error, evals.routing_first/last,
+** routing.routing_id, the indexes, the trigger) are ours. expert_load and sparsity are indexed by run_id first, so that
 ** the per-run queries of the views and `DELETE FROM runs` (cascading) stay
 ** index lookups; routing and token_stats, written a million rows a second,
-** are found by eval_id (see there).
+** are found by eval_id through token_stats' key and evals' routing ranges
+** (see there).
 */
 static const char *rec_schema_sql =
     "CREATE TABLE IF NOT EXISTS runs(\n"
@@ -67,7 +68,7 @@ static const char *rec_schema_sql =
     "  loss     REAL,\n"
     "  moe_flops_per_token REAL,\n"
     "  experts_per_token   REAL,\n"
-    "  routing_first INTEGER,            -- rowids of its routing rows: all lie\n"
+    "  routing_first INTEGER,            -- its routing rows all have a routing_id\n"
     "  routing_last  INTEGER             -- in [first, last] (see routing)\n"
     ");\n"
     "CREATE INDEX IF NOT EXISTS evals_by_run ON evals(run_id, step);\n"
@@ -96,16 +97,19 @@ static const char *rec_schema_sql =
     "-- rows per CPU second without, 2.3M with) and put recording over its\n"
     "-- budget; a WITHOUT ROWID key starting with eval_id costs as much.\n"
     "-- Instead the recorder keeps, in evals.routing_first/routing_last, a\n"
-    "-- rowid range that holds all of an evaluation's rows (an evaluation is\n"
-    "-- written in one transaction, so in practice exactly them):\n"
+    "-- range of routing_id that holds all of an evaluation's rows (the\n"
+    "-- trainer writes an evaluation in one transaction, so there exactly\n"
+    "-- them; rows written for two evaluations in turn interleave):\n"
     "--   SELECT r.* FROM evals e JOIN routing r\n"
-    "--     ON r.rowid BETWEEN e.routing_first AND e.routing_last\n"
+    "--     ON r.routing_id BETWEEN e.routing_first AND e.routing_last\n"
     "--    AND r.eval_id = e.eval_id WHERE e.eval_id = ?\n"
     "-- reads only that range; a plain WHERE eval_id = ? reads the table.\n"
+    "-- routing_id is an INTEGER PRIMARY KEY so that VACUUM keeps it.\n"
     "-- There are no foreign keys (two lookups per row, 20%): the recorder\n"
     "-- checks each call's evaluation once, and evals_delete_records below\n"
     "-- removes an evaluation's rows with it (and so with its run).\n"
     "CREATE TABLE IF NOT EXISTS routing(\n"
+    "  routing_id INTEGER PRIMARY KEY,   -- the rowid, kept by VACUUM\n"
     "  run_id  INTEGER NOT NULL,         -- runs(run_id), the evaluation's run\n"
     "  eval_id INTEGER NOT NULL,         -- evals(eval_id)\n"
     "  layer   INTEGER NOT NULL,         -- the block, counted from 0\n"
@@ -138,7 +142,7 @@ static const char *rec_schema_sql =
     "-- deleting a run deletes its evaluations (ON DELETE CASCADE), and\n"
     "-- deleting an evaluation deletes their rows.\n"
     "CREATE TRIGGER IF NOT EXISTS evals_delete_records AFTER DELETE ON evals BEGIN\n"
-    "  DELETE FROM routing WHERE rowid BETWEEN old.routing_first\n"
+    "  DELETE FROM routing WHERE routing_id BETWEEN old.routing_first\n"
     "    AND old.routing_last AND eval_id = old.eval_id;\n"
     "  DELETE FROM token_stats WHERE eval_id = old.eval_id;\n"
     "END;\n"
@@ -378,7 +382,8 @@ static int rec_exec(Recorder *r, const char *sql, const char *what, char *err) {
 
 /*
 ** Version 1 had routing and token_stats as WITHOUT ROWID tables with foreign
-** keys; version 2 made them quick to append to (see the schema). Their rows
+** keys; version 2 made them quick to append to (see the schema), and
+** version 3 changed routing again (below). Their rows
 ** move into the new tables; v_experts_per_token, which reads them, is made
 ** again by the schema.
 */
@@ -390,21 +395,34 @@ static const char *rec_upgrade_from_1_sql =
     "ALTER TABLE token_stats RENAME TO token_stats_v1;\n";
 
 /*
-** Version 2 had an index on routing(eval_id); version 3 keeps rowid ranges
-** in evals instead (see the schema). The trigger that deletes routing rows
-** is made again by the schema, with the ranges.
+** Version 2 had an index on routing(eval_id) and no routing_id; version 3
+** keeps ranges of routing_id in evals instead (see the schema). Routing rows
+** move into the new table with their rowids; the trigger that deletes them
+** is made again by the schema, with the ranges. (UPDATE ... FROM needs
+** SQLite 3.33; Debian 12 has 3.40.)
 */
 static const char *rec_upgrade_from_2_sql =
+    "DROP VIEW IF EXISTS v_experts_per_token;\n"
+    "DROP INDEX IF EXISTS routing_by_eval;\n"
+    "ALTER TABLE routing RENAME TO routing_v2;\n";
+
+static const char *rec_upgrade_to_3_sql =
     "ALTER TABLE evals ADD COLUMN routing_first INTEGER;\n"
     "ALTER TABLE evals ADD COLUMN routing_last INTEGER;\n"
     "DROP TRIGGER IF EXISTS evals_delete_records;\n";
 
-static const char *rec_upgrade_from_2_ranges_sql =
+static const char *rec_upgrade_from_2_copy_sql =
+    "INSERT INTO routing(routing_id, run_id, eval_id, layer, seq, pos, token, rank,"
+    " expert, weight, pass)\n"
+    "  SELECT rowid, run_id, eval_id, layer, seq, pos, token, rank, expert, weight, pass\n"
+    "  FROM routing_v2 ORDER BY rowid;\n"
+    "DROP TABLE routing_v2;\n";
+
+static const char *rec_upgrade_ranges_sql =
     "UPDATE evals SET routing_first = g.first, routing_last = g.last\n"
-    "  FROM (SELECT eval_id, MIN(rowid) AS first, MAX(rowid) AS last\n"
+    "  FROM (SELECT eval_id, MIN(routing_id) AS first, MAX(routing_id) AS last\n"
     "        FROM routing GROUP BY eval_id) AS g\n"
-    "  WHERE g.eval_id = evals.eval_id;\n"
-    "DROP INDEX IF EXISTS routing_by_eval;\n";
+    "  WHERE g.eval_id = evals.eval_id;\n";
 
 static const char *rec_upgrade_from_1_copy_sql =
     "INSERT INTO routing(run_id, eval_id, layer, seq, pos, token, rank, expert,"
@@ -437,18 +455,25 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         if (!found)
             return ml_error(err, "'%s' is not a moelab database (it has no runs table)",
                             r->path);
+        if (version > 0)
+            return ml_error(err, "'%s' has schema version %d and this moelab reads version "
+                            "%d: open it for writing once to upgrade it (moelab.open in a "
+                            "script, or any 'moelab run' that records into it)", r->path,
+                            version, REC_SCHEMA_VERSION);
         return 0;
     }
     if (rec_exec(r, "BEGIN IMMEDIATE", "create the schema", err))
         return -1;
     char sql[64];
     snprintf(sql, sizeof sql, "PRAGMA user_version = %d", REC_SCHEMA_VERSION);
-    int from1 = version == 1, from2 = version == 1 || version == 2;
+    int from1 = version == 1, from2 = version == 2, upgrade = from1 || from2;
     if ((from1 && rec_exec(r, rec_upgrade_from_1_sql, "upgrade the schema", err))
         || (from2 && rec_exec(r, rec_upgrade_from_2_sql, "upgrade the schema", err))
+        || (upgrade && rec_exec(r, rec_upgrade_to_3_sql, "upgrade the schema", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
         || (from1 && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
-        || (from2 && rec_exec(r, rec_upgrade_from_2_ranges_sql, "upgrade the schema", err))
+        || (from2 && rec_exec(r, rec_upgrade_from_2_copy_sql, "upgrade the schema", err))
+        || (upgrade && rec_exec(r, rec_upgrade_ranges_sql, "upgrade the schema", err))
         || rec_exec(r, sql, "set the schema version", err)
         || rec_exec(r, "COMMIT", "create the schema", err)) {
         sqlite3_exec(r->db, "ROLLBACK", NULL, NULL, NULL);

@@ -125,8 +125,9 @@ int rec_expert_load(Recorder *r, int64_t run_id, int64_t eval_id, int64_t step,
 
 /* One selected expert of one token in one layer. rank 0 is the router's first
 ** choice; pass is the stratum pass of a stratified layer, else 0; weight
-** multiplies the expert's output. Fastest in the table's own order: layer,
-** then seq, pos, pass, rank (any order is accepted). */
+** multiplies the expert's output. Any order is accepted; each call's rows
+** get consecutive routing_ids and widen the evaluation's range in
+** evals.routing_first/last. */
 typedef struct {
     int layer, seq, pos, token, rank, expert, pass;
     float weight;

@@ -4,15 +4,20 @@
 ** Batches wait in a FIFO; the thread writes the head batch a chunk at a time
 ** (routing rows, then token rows) and puts finished batches on a spare list
 ** for recw_batch to hand out again, so the buffers stop growing after the
-** first few batches. The queue has no bound: the caller never waits for the
-** thread (on a machine busy with other work, an idle-priority thread may get
-** almost no CPU), and at worst holds the whole evaluation's rows, as it would
-** if it wrote them all at the end.
+** first few batches. The queue has no bound, so the caller never waits for a
+** batch to be written (on a machine busy with other work, an idle-priority
+** thread may get almost no CPU); at worst it holds the whole evaluation's
+** rows, as it would if it wrote them all at the end.
 **
 ** Between chunks the thread looks at `closing`; recw_finish sets it, joins
 ** the thread and goes on from the same row on its own thread. The recorder is
 ** only ever used by one thread at a time: the writer's until it is joined,
-** the caller's after.
+** the caller's after. The join waits for the chunk in hand: a fraction of a
+** millisecond of CPU, longer in wall time when other processes keep the
+** cores busy and the idle-priority thread gets little of them. The thread
+** holds the lock only to read and update the queue, never to allocate (the
+** spare list is grown by recw_batch), so the caller does not wait on it
+** otherwise.
 */
 #include "recwriter.h"
 
@@ -21,9 +26,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Rows per call of the recorder: about 2 ms of SQLite, the longest the
-** caller's recw_finish waits for the thread to notice `closing`. */
-enum { CHUNK = 4096 };
+/* Rows per call of the recorder: about 0.3 ms of SQLite, what recw_finish
+** may wait for the thread to finish. A call costs a few microseconds more
+** than its rows (savepoint, evaluation check, range update). */
+enum { CHUNK = 1024 };
 
 struct RecWriter {
     Recorder *rec;
@@ -36,7 +42,8 @@ struct RecWriter {
     size_t done_routing;        /* rows of fifo[head] already written */
     size_t done_tokens;
     RecBatch **spare;           /* written batches, to be filled again */
-    size_t n_spare, cap_spare;
+    size_t n_spare, cap_spare;  /* cap_spare >= every batch made: no realloc */
+    size_t n_batches;           /* batches made by recw_batch */
     int closing;                /* recw_finish or recw_abort: the thread stops */
     int failed;                 /* a write failed; err says why */
     char err[ML_ERRLEN];
@@ -97,17 +104,7 @@ static void advance(RecWriter *w, size_t done_routing, size_t done_tokens) {
         return;
     w->head++;
     w->done_routing = w->done_tokens = 0;
-    if (w->n_spare == w->cap_spare) {
-        size_t cap = w->cap_spare ? 2 * w->cap_spare : 4;
-        RecBatch **p = realloc(w->spare, cap * sizeof *p);
-        if (!p) {
-            batch_free(b);
-            return;
-        }
-        w->spare = p;
-        w->cap_spare = cap;
-    }
-    w->spare[w->n_spare++] = b;
+    w->spare[w->n_spare++] = b;   /* room made by recw_batch */
 }
 
 static void *writer_main(void *arg) {
@@ -160,12 +157,25 @@ int recw_start(RecWriter **out, Recorder *rec, int64_t run_id, int64_t eval_id, 
 RecBatch *recw_batch(RecWriter *w) {
     RecBatch *b = NULL;
     pthread_mutex_lock(&w->lock);
-    if (w->n_spare > 0)
+    if (w->n_spare > 0) {
         b = w->spare[--w->n_spare];
+    } else {
+        /* a new batch, and first room for it on the spare list, where it
+        ** goes once written: the thread never allocates */
+        if (w->n_batches == w->cap_spare) {
+            size_t cap = w->cap_spare ? 2 * w->cap_spare : 4;
+            RecBatch **p = realloc(w->spare, cap * sizeof *p);
+            if (p) {
+                w->spare = p;
+                w->cap_spare = cap;
+            }
+        }
+        if (w->n_batches < w->cap_spare && (b = calloc(1, sizeof *b)))
+            w->n_batches++;
+    }
     pthread_mutex_unlock(&w->lock);
-    if (!b && !(b = calloc(1, sizeof *b)))
-        return NULL;
-    b->n_routing = b->n_tokens = 0;
+    if (b)
+        b->n_routing = b->n_tokens = 0;
     return b;
 }
 

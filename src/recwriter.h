@@ -4,9 +4,11 @@
 **
 ** The thread runs at idle priority (SCHED_IDLE): it takes only the CPU time
 ** the computation leaves, at its barriers and serial parts, and never holds
-** up the threads that compute. The caller never waits for it: recw_finish
-** writes whatever is still queued on the caller's own thread, at its own
-** priority, so a busy machine cannot starve the tail of an evaluation.
+** up the threads that compute. The caller does not wait for batches to be
+** written: recw_finish writes whatever is still queued on the caller's own
+** thread, at its own priority, once the thread has finished the chunk in
+** hand (1024 rows, a fraction of a millisecond of CPU, but longer when other
+** processes keep the cores busy).
 **
 **     RecWriter *w;
 **     recw_start(&w, rec, run_id, eval_id, err);      after rec_eval

@@ -262,6 +262,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     EvalSparsity sp = {0};
     RecWriter *writer = NULL;
     int64_t eval_id = -1;
+    int began = 0; /* everything pending is this evaluation's */
     int rc = -1;
     if (!rng || (moe && (!load || !dropped || !mass))) {
         ml_error(err, "out of memory");
@@ -277,8 +278,9 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         }
     }
     if (t->rec) {
-        if (rec_flush(t->rec, err) != 0 ||
-            rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &eval_id, err) != 0)
+        if (rec_flush(t->rec, err) != 0) goto done;
+        began = 1;
+        if (rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &eval_id, err) != 0)
             goto done;
         if (record && recw_start(&writer, t->rec, t->run_id, eval_id, err) != 0)
             goto done;
@@ -342,7 +344,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     rc = 0;
 done:
     if (writer) recw_abort(writer);
-    if (rc != 0 && eval_id >= 0) rec_discard(t->rec);
+    if (rc != 0 && began) rec_discard(t->rec);
     if (rng) gsl_rng_free(rng);
     free(load);
     free(dropped);

@@ -86,6 +86,10 @@ int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_
 void trainer_free(Trainer *t);
 
 int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err);
+/* With a recorder, the evaluation is a transaction of its own: the run's
+** pending rows are committed first, and a failure rolls back everything the
+** evaluation wrote. With record = true its routing and token rows are
+** written by a background thread (recwriter.h) while it computes. */
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err);
 
 /* Set by SIGINT while trainer_train runs (its handler is installed only then);

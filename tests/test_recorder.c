@@ -778,10 +778,18 @@ static void test_version_2_database_is_upgraded(void **state) {
     assert_int_equal(rec_routing(r, run, e2, rows, 2, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
     exec_sql(rec_db(r),
-        "DROP TRIGGER evals_delete_records;"
+        "DROP TRIGGER evals_delete_records; DROP VIEW v_experts_per_token;"
+        "CREATE TABLE routing_old(run_id INTEGER NOT NULL, eval_id INTEGER NOT NULL,"
+        "  layer INTEGER NOT NULL, seq INTEGER NOT NULL, pos INTEGER NOT NULL, token INTEGER,"
+        "  rank INTEGER NOT NULL, expert INTEGER NOT NULL, weight REAL,"
+        "  pass INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO routing_old SELECT run_id, eval_id, layer, seq, pos, token, rank, expert,"
+        "  weight, pass FROM routing ORDER BY routing_id;"
+        "DROP TABLE routing; ALTER TABLE routing_old RENAME TO routing;"
         "ALTER TABLE evals DROP COLUMN routing_first;"
         "ALTER TABLE evals DROP COLUMN routing_last;"
         "CREATE INDEX routing_by_eval ON routing(eval_id);"
+        "CREATE VIEW v_experts_per_token AS SELECT 1 AS stale;"
         "CREATE TRIGGER evals_delete_records AFTER DELETE ON evals BEGIN\n"
         "  DELETE FROM routing WHERE eval_id = old.eval_id;\n"
         "  DELETE FROM token_stats WHERE eval_id = old.eval_id;\n"
@@ -789,12 +797,18 @@ static void test_version_2_database_is_upgraded(void **state) {
         "PRAGMA user_version = 2;");
     rec_close(r);
 
+    /* reading it needs the upgrade first, and says so */
+    assert_int_equal(rec_open_readonly(&r, path, err), -1);
+    assert_null(r);
+    assert_non_null(strstr(err, "open it for writing once"));
     r = open_ok(path);
     sqlite3 *db = rec_db(r);
     assert_int_equal(query_int(db, "PRAGMA user_version"), REC_SCHEMA_VERSION);
     assert_int_equal(query_int(db, "SELECT count(*) FROM sqlite_schema WHERE name = 'routing_by_eval'"), 0);
     assert_int_equal(query_int(db, "SELECT routing_last - routing_first FROM evals WHERE eval_id = 1"), 2);
     assert_int_equal(query_int(db, "SELECT routing_last - routing_first FROM evals WHERE eval_id = 2"), 1);
+    assert_near(query_real(db, "SELECT experts_per_token FROM v_experts_per_token WHERE eval_id = 1"),
+                1.5, 1e-12);
     exec_sql(db, "DELETE FROM evals WHERE eval_id = 1");
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 2);
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE eval_id = 2"), 2);
@@ -818,7 +832,7 @@ static void test_routing_ranges_cover_interleaved_evaluations(void **state) {
     assert_int_equal(rec_flush(r, err), 0);
     sqlite3 *db = rec_db(r);
     const char *in_range =
-        "SELECT count(*) FROM evals e JOIN routing x ON x.rowid BETWEEN e.routing_first"
+        "SELECT count(*) FROM evals e JOIN routing x ON x.routing_id BETWEEN e.routing_first"
         " AND e.routing_last AND x.eval_id = e.eval_id WHERE e.eval_id = %lld";
     char sql[256];
     snprintf(sql, sizeof sql, in_range, (long long)e1);
@@ -831,6 +845,13 @@ static void test_routing_ranges_cover_interleaved_evaluations(void **state) {
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 4);
     snprintf(sql, sizeof sql, "SELECT count(*) FROM routing WHERE eval_id = %lld", (long long)e2);
     assert_int_equal(query_int(db, sql), 4);
+    /* VACUUM keeps routing_id (an INTEGER PRIMARY KEY), so the ranges hold */
+    exec_sql(db, "VACUUM");
+    snprintf(sql, sizeof sql, in_range, (long long)e2);
+    assert_int_equal(query_int(db, sql), 4);
+    snprintf(sql, sizeof sql, "DELETE FROM evals WHERE eval_id = %lld", (long long)e2);
+    exec_sql(db, sql);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 0);
     rec_close(r);
 }
 
