@@ -20,4 +20,10 @@
 int ml_error(char *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Makes *p hold at least n elements of size elem (one when n is 0), keeping
+** its contents; 0, or -1 when out of memory (then *p is unchanged). The
+** caller keeps the capacity. ML_GROW(ptr, n) for a typed pointer. */
+int ml_grow(void **p, size_t n, size_t elem);
+#define ML_GROW(ptr, n) ml_grow((void **)&(ptr), (n), sizeof *(ptr))
+
 #endif

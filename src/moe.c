@@ -20,17 +20,7 @@
 #include "router.h"
 
 /* ------------------------------------------------------------------------ */
-/* buffers                                                                   */
-
-/* Makes *p hold at least n elements of size elem; keeps nothing. */
-static int grow(void **p, size_t n, size_t elem) {
-    void *q = realloc(*p, (n ? n : 1) * elem);
-    if (!q) return -1;
-    *p = q;
-    return 0;
-}
-
-#define GROW(ptr, n) grow((void **)&(ptr), (n), sizeof *(ptr))
+/* buffers (grow-only, with ML_GROW of common.h)                             */
 
 void moe_state_free(MoeState *s) {
     if (!s) return;
@@ -52,11 +42,11 @@ void moe_scratch_free(MoeScratch *s) {
 static int ensure_tokens(MoeState *s, int N, int E, int slots) {
     if (N <= s->cap_tokens && slots <= s->cap_slots && s->E == E) return 0;
     size_t NE = (size_t)N * E, NS = (size_t)N * slots;
-    if (GROW(s->logits, NE) || GROW(s->probs, NE) || GROW(s->lse, N) || GROW(s->top1, N) ||
-        GROW(s->sel_expert, NS) || GROW(s->sel_weight, NS) || GROW(s->sel_p, NS) ||
-        GROW(s->sel_count, N) || GROW(s->sel_row, NS) || GROW(s->counts, E) ||
-        GROW(s->offsets, E + 1) || GROW(s->dropped, E) || GROW(s->hoff, E + 1) ||
-        GROW(s->prob_mass, E) || GROW(s->scratch, N))
+    if (ML_GROW(s->logits, NE) || ML_GROW(s->probs, NE) || ML_GROW(s->lse, N) || ML_GROW(s->top1, N) ||
+        ML_GROW(s->sel_expert, NS) || ML_GROW(s->sel_weight, NS) || ML_GROW(s->sel_p, NS) ||
+        ML_GROW(s->sel_count, N) || ML_GROW(s->sel_row, NS) || ML_GROW(s->counts, E) ||
+        ML_GROW(s->offsets, E + 1) || ML_GROW(s->dropped, E) || ML_GROW(s->hoff, E + 1) ||
+        ML_GROW(s->prob_mass, E) || ML_GROW(s->scratch, N))
         return -1;
     s->cap_tokens = N;
     s->cap_slots = slots;
@@ -66,12 +56,12 @@ static int ensure_tokens(MoeState *s, int N, int E, int slots) {
 static int ensure_rows(MoeState *s, size_t A, size_t hidden, int C, int swiglu) {
     if (A > s->cap_rows) {
         size_t n = A + A / 4; /* headroom: assignment counts vary step to step */
-        if (GROW(s->row_token, n) || GROW(s->xe, n * C) || GROW(s->ye, n * C)) return -1;
+        if (ML_GROW(s->row_token, n) || ML_GROW(s->xe, n * C) || ML_GROW(s->ye, n * C)) return -1;
         s->cap_rows = n;
     }
     if (hidden > s->cap_hidden) {
         size_t n = hidden + hidden / 4;
-        if (GROW(s->he, n) || GROW(s->ae, n) || (swiglu && GROW(s->ge, n))) return -1;
+        if (ML_GROW(s->he, n) || ML_GROW(s->ae, n) || (swiglu && ML_GROW(s->ge, n))) return -1;
         s->cap_hidden = n;
     }
     return 0;
@@ -370,16 +360,16 @@ static int ensure_scratch(MoeScratch *scr, const MoeState *s, int swiglu) {
     size_t tokens = (size_t)s->N * (s->slots > s->E ? s->slots : s->E);
     if (A > scr->cap_rows) {
         size_t n = A + A / 4;
-        if (GROW(scr->dye, n * s->C) || GROW(scr->dxe, n * s->C)) return -1;
+        if (ML_GROW(scr->dye, n * s->C) || ML_GROW(scr->dxe, n * s->C)) return -1;
         scr->cap_rows = n;
     }
     if (hidden > scr->cap_hidden) {
         size_t n = hidden + hidden / 4;
-        if (GROW(scr->dae, n) || GROW(scr->dhe, n) || (swiglu && GROW(scr->dge, n))) return -1;
+        if (ML_GROW(scr->dae, n) || ML_GROW(scr->dhe, n) || (swiglu && ML_GROW(scr->dge, n))) return -1;
         scr->cap_hidden = n;
     }
     if (tokens > scr->cap_tokens) {
-        if (GROW(scr->dw, tokens) || GROW(scr->dprobs, tokens) || GROW(scr->dlogits, tokens))
+        if (ML_GROW(scr->dw, tokens) || ML_GROW(scr->dprobs, tokens) || ML_GROW(scr->dlogits, tokens))
             return -1;
         scr->cap_tokens = tokens;
     }

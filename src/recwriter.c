@@ -50,19 +50,14 @@ struct RecWriter {
 };
 
 int recw_reserve(RecBatch *b, size_t n_routing, size_t n_tokens) {
+    /* half again what is asked, so that a slightly larger batch fits */
     if (n_routing > b->cap_routing) {
-        size_t cap = n_routing + n_routing / 2;
-        RecRouting *p = realloc(b->routing, cap * sizeof *p);
-        if (!p) return -1;
-        b->routing = p;
-        b->cap_routing = cap;
+        if (ML_GROW(b->routing, n_routing + n_routing / 2)) return -1;
+        b->cap_routing = n_routing + n_routing / 2;
     }
     if (n_tokens > b->cap_tokens) {
-        size_t cap = n_tokens + n_tokens / 2;
-        RecTokenStat *p = realloc(b->tokens, cap * sizeof *p);
-        if (!p) return -1;
-        b->tokens = p;
-        b->cap_tokens = cap;
+        if (ML_GROW(b->tokens, n_tokens + n_tokens / 2)) return -1;
+        b->cap_tokens = n_tokens + n_tokens / 2;
     }
     return 0;
 }
