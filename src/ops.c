@@ -94,6 +94,28 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
     }
 }
 
+/* The norms' parameter gradients, dweight += Σ_n (x - mean) rstd · dout and
+** dbias += Σ_n dout: a sum over rows, each column in one thread and one order
+** (the threads take slices of the columns). RMS norm passes no mean (0) and
+** no dbias. */
+static void norm_param_backward(float *dweight, float *dbias, const float *dout,
+                                const float *inp, const float *mean, const float *rstd,
+                                int N, int C) {
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_slice(C, &lo, &hi);
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * C;
+            const float *x = inp + (size_t)n * C;
+            float m = mean ? mean[n] : 0.0f, s = rstd[n];
+            for (int i = lo; i < hi; i++) dweight[i] += (x[i] - m) * s * d[i];
+            if (dbias)
+                for (int i = lo; i < hi; i++) dbias[i] += d[i];
+        }
+    }
+}
+
 void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                         const float *inp, const float *weight, const float *mean,
                         const float *rstd, int N, int C) {
@@ -120,22 +142,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, const float *
             di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
         }
     }
-    /* parameter gradients: a sum over rows, each column in one thread and one
-    ** order (the threads take slices of the columns) */
-#pragma omp parallel
-    {
-        int lo, hi;
-        thread_slice(C, &lo, &hi);
-        for (int n = 0; n < N; n++) {
-            const float *d = dout + (size_t)n * C;
-            const float *x = inp + (size_t)n * C;
-            float m = mean[n], s = rstd[n];
-            for (int i = lo; i < hi; i++) {
-                dbias[i] += d[i];
-                dweight[i] += (x[i] - m) * s * d[i];
-            }
-        }
-    }
+    norm_param_backward(dweight, dbias, dout, inp, mean, rstd, N, C);
 }
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
@@ -168,17 +175,7 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
         float *di = dinp + (size_t)n * C;
         for (int i = 0; i < C; i++) di[i] += d[i] * weight[i] * s - k * x[i];
     }
-#pragma omp parallel
-    {
-        int lo, hi;
-        thread_slice(C, &lo, &hi);
-        for (int n = 0; n < N; n++) {
-            const float *d = dout + (size_t)n * C;
-            const float *x = inp + (size_t)n * C;
-            float s = rstd[n];
-            for (int i = lo; i < hi; i++) dweight[i] += x[i] * s * d[i];
-        }
-    }
+    norm_param_backward(dweight, NULL, dout, inp, NULL, rstd, N, C);
 }
 
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
