@@ -10,10 +10,13 @@
 ** reads the caller's array through a virtual table (the row sources). The database
 ** runs in WAL mode with synchronous=NORMAL: a process crash never loses a
 ** commit, and readers (a plot, the sqlite3 shell) never block the writer.
+** The WAL is copied back into the database (checkpointed) by a thread of
+** our own rather than by the commit that fills it (see "checkpoints").
 */
 #include "recorder.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -249,6 +252,7 @@ static const char *rec_schema_sql =
 ** is bound, parsed or stepped per row.
 */
 typedef void (*RecRowColumn)(sqlite3_context *ctx, const void *row, int column);
+typedef struct RecCheckpointer RecCheckpointer;
 
 typedef struct {
     const char *table;
@@ -284,6 +288,8 @@ struct Recorder {
     sqlite3_stmt *routing_range;  /* widens evals.routing_first/last */
     sqlite3_stmt *eval_run;   /* the run of an evaluation */
     sqlite3_stmt *insert_rows[REC_ROW_KINDS];
+    RecCheckpointer *checkpointer; /* started by the first full WAL */
+    int checkpointer_failed;       /* could not start: commits checkpoint */
 };
 
 static const char *rec_statuses[] = {
@@ -783,6 +789,105 @@ static char *rec_immutable_uri(const char *path) {
     return uri;
 }
 
+/*
+** Checkpoints. SQLite copies the WAL back into the database from the commit
+** that takes it past 1000 pages, and with synchronous=NORMAL that copy syncs
+** the WAL and the database: tens of milliseconds of waiting for the disk,
+** every 16 MB, paid by whichever evaluation or training step commits then.
+** Here that commit only wakes a thread, which runs the checkpoint on its own
+** connection; a passive checkpoint does not stop the writer. Should the WAL
+** still grow to REC_WAL_FORCE_PAGES (the thread cannot get going), the commit
+** checkpoints itself, as SQLite would have.
+*/
+enum { REC_WAL_PAGES = 1000, REC_WAL_FORCE_PAGES = 16 * REC_WAL_PAGES };
+
+struct RecCheckpointer {
+    sqlite3 *db;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int requested, closing;
+    int64_t done;             /* checkpoints completed */
+};
+
+static void *rec_checkpointer_main(void *arg) {
+    RecCheckpointer *c = arg;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        while (!c->requested && !c->closing)
+            pthread_cond_wait(&c->wake, &c->lock);
+        if (c->closing)
+            break;
+        c->requested = 0;
+        pthread_mutex_unlock(&c->lock);
+        /* busy (a reader holds old pages, or a checkpoint is running
+        ** elsewhere) is not an error: the next commit asks again */
+        int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        pthread_mutex_lock(&c->lock);
+        c->done += rc == SQLITE_OK;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+static void rec_checkpointer_stop(RecCheckpointer *c) {
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->closing = 1;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->lock);
+    pthread_join(c->thread, NULL);
+    pthread_cond_destroy(&c->wake);
+    pthread_mutex_destroy(&c->lock);
+    sqlite3_close(c->db);
+    free(c);
+}
+
+static RecCheckpointer *rec_checkpointer_start(const char *path) {
+    RecCheckpointer *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
+            != SQLITE_OK
+        || sqlite3_exec(c->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL) != SQLITE_OK) {
+        sqlite3_close(c->db);
+        free(c);
+        return NULL;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->wake, NULL);
+    if (pthread_create(&c->thread, NULL, rec_checkpointer_main, c) != 0) {
+        pthread_cond_destroy(&c->wake);
+        pthread_mutex_destroy(&c->lock);
+        sqlite3_close(c->db);
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* sqlite3_wal_hook: called after each commit with the WAL's size in pages
+** (this replaces SQLite's own automatic checkpoint). */
+static int rec_wal_hook(void *arg, sqlite3 *db, const char *name, int pages) {
+    Recorder *r = arg;
+    if (pages < REC_WAL_PAGES)
+        return SQLITE_OK;
+    if (!r->checkpointer && !r->checkpointer_failed
+        && !(r->checkpointer = rec_checkpointer_start(r->path)))
+        r->checkpointer_failed = 1;
+    if (r->checkpointer && pages < REC_WAL_FORCE_PAGES) {
+        RecCheckpointer *c = r->checkpointer;
+        pthread_mutex_lock(&c->lock);
+        c->requested = 1;
+        pthread_cond_signal(&c->wake);
+        pthread_mutex_unlock(&c->lock);
+    } else {
+        sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    }
+    return SQLITE_OK;
+}
+
 static int rec_connect(Recorder *r, const char *filename, int flags, char *err) {
     /* One thread at a time uses a Recorder, so its connection needs no mutex
     ** (which every bind would otherwise take). */
@@ -846,6 +951,8 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, char *e
             || rec_exec(r, "PRAGMA journal_mode = WAL", "switch to WAL mode", err)
             || rec_exec(r, "PRAGMA synchronous = NORMAL", "set synchronous", err))
             goto fail;
+        /* ":memory:" has no WAL, and then no hook is called */
+        sqlite3_wal_hook(r->db, rec_wal_hook, r);
     }
     if (rec_exec(r, "PRAGMA foreign_keys = ON", "enable foreign keys", err)
         || rec_ensure_schema(r, readonly, err)
@@ -893,6 +1000,9 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->eval_run);
     for (int k = 0; k < REC_ROW_KINDS; k++)
         sqlite3_finalize(r->insert_rows[k]);
+    /* first, so that ours is the last connection, which checkpoints and
+    ** removes the WAL as it closes */
+    rec_checkpointer_stop(r->checkpointer);
     sqlite3_close(r->db);
     free(r->path);
     free(r);
@@ -921,6 +1031,16 @@ void rec_discard(Recorder *r) {
         sqlite3_reset(r->rollback);
     }
     r->pending_rows = 0;
+}
+
+int64_t rec_background_checkpoints(Recorder *r) {
+    RecCheckpointer *c = r->checkpointer;
+    if (!c)
+        return 0;
+    pthread_mutex_lock(&c->lock);
+    int64_t n = c->done;
+    pthread_mutex_unlock(&c->lock);
+    return n;
 }
 
 int64_t rec_pending_rows(const Recorder *r) {

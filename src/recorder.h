@@ -169,6 +169,10 @@ void rec_discard(Recorder *r);
 /* Rows written since the last successful commit. */
 int64_t rec_pending_rows(const Recorder *r);
 
+/* Checkpoints run so far by the background thread that copies a full WAL
+** (1000 pages) back into the database; 0 until the WAL first fills. */
+int64_t rec_background_checkpoints(Recorder *r);
+
 /* The connection, for tests and ad-hoc queries. */
 sqlite3 *rec_db(Recorder *r);
 

@@ -612,6 +612,53 @@ static void test_large_routing_batch_reaches_the_file(void **state) {
     rec_close(r);
 }
 
+/* A commit that fills the WAL past 1000 pages leaves the copy back into the
+** database to the recorder's checkpoint thread: the database file grows to
+** hold the rows before the recorder is closed, the WAL is reused rather than
+** grown by the next commit, and every row is there after a reopen. */
+static void test_full_wal_is_checkpointed_in_the_background(void **state) {
+    char path[512], wal[520], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "wal.db");
+    snprintf(wal, sizeof wal, "%s-wal", path);
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "wal"), eval_id = 0;
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
+    enum { N = 700000, CHUNK = 8192 };
+    RecRouting *rows = malloc(N * sizeof *rows);
+    assert_non_null(rows);
+    for (int i = 0; i < N; i++)
+        rows[i] = (RecRouting){.layer = i % 4, .seq = i / 512, .pos = i % 128, .token = i % 256,
+                               .rank = i % 2, .expert = i % 8, .weight = 0.5f};
+    for (int i = 0; i < N; i += CHUNK)
+        assert_int_equal(rec_routing(r, run, eval_id, rows + i, N - i < CHUNK ? N - i : CHUNK,
+                                     err), 0);
+    assert_int_equal(rec_background_checkpoints(r), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    struct stat st;
+    assert_int_equal(stat(wal, &st), 0);
+    off_t wal_size = st.st_size;
+    assert_true(wal_size > 1000 * 16384);
+    /* the thread may wait for a core and for the disk: up to 30 s */
+    for (int i = 0; i < 3000 && rec_background_checkpoints(r) == 0; i++) usleep(10000);
+    assert_int_equal(rec_background_checkpoints(r), 1);
+    assert_int_equal(stat(path, &st), 0);
+    assert_true(st.st_size > 1000 * 16384);
+    /* a checkpointed WAL is written again from its start */
+    for (int i = 0; i < N; i += CHUNK)
+        assert_int_equal(rec_routing(r, run, eval_id, rows + i, N - i < CHUNK ? N - i : CHUNK,
+                                     err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(stat(wal, &st), 0);
+    assert_true(st.st_size <= wal_size + 16 * 16384);
+    free(rows);
+    rec_close(r);
+
+    assert_int_equal(rec_open_readonly(&r, path, err), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM routing"), 2 * N);
+    assert_int_equal(query_int(rec_db(r), "SELECT sum(expert) FROM routing"), 2 * (N / 8) * 28);
+    rec_close(r);
+}
+
 /* The bulk path (one INSERT ... SELECT from the row source per call) stores
 ** exactly the rows given, in order: every value, NULL for a NaN weight or
 ** loss, the count; n = 0 stores nothing; 200,000 rows in one call. Rows of
@@ -876,12 +923,22 @@ static void test_background_writer_writes_every_row(void **state) {
     assert_int_equal(rec_eval(r, run, 1, "val", 0, NAN, NAN, NAN, &eval_id, err), 0);
     RecWriter *w = NULL;
     assert_int_equal(recw_start(&w, r, run, eval_id, err), 0);
+    /* nothing written yet: no rate to tell the backlog by */
+    assert_true(recw_backlog_seconds(w) == -1.0);
     size_t sizes[4] = {10000, 1, 0, 4097};
     for (int i = 0; i < 4; i++) {
         RecBatch *b = recw_batch(w);
         assert_non_null(b);
         fill_batch(b, i, sizes[i]);
         assert_int_equal(recw_submit(w, b, err), 0);
+        if (i == 0) {
+            /* queued: 20,000 rows, some seconds at most, and none once the
+            ** thread has caught up (up to 30 s on a busy machine) */
+            double s = recw_backlog_seconds(w);
+            assert_true(s == -1.0 || (s >= 0.0 && s < 5.0));
+            for (int k = 0; k < 3000 && recw_backlog_seconds(w) != 0.0; k++) usleep(10000);
+            assert_true(recw_backlog_seconds(w) == 0.0);
+        }
     }
     assert_int_equal(recw_finish(w, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
@@ -1100,6 +1157,8 @@ int main(void) {
         cmocka_unit_test(test_deleting_a_run_deletes_its_records),
         cmocka_unit_test(test_views_compute_the_documented_numbers),
         cmocka_unit_test_setup_teardown(test_flushed_rows_survive_close_and_reopen,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_full_wal_is_checkpointed_in_the_background,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_large_routing_batch_reaches_the_file,
                                         setup_tmpdir, teardown_tmpdir),
