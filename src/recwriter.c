@@ -25,6 +25,7 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* Rows per call of the recorder: about 0.3 ms of SQLite, what recw_finish
 ** may wait for the thread to finish. A call costs a few microseconds more
@@ -44,6 +45,9 @@ struct RecWriter {
     RecBatch **spare;           /* written batches, to be filled again */
     size_t n_spare, cap_spare;  /* cap_spare >= every batch made: no realloc */
     size_t n_batches;           /* batches made by recw_batch */
+    size_t queued;              /* rows submitted and not yet written */
+    double row_seconds;         /* the thread's CPU time per row written */
+    double measured_rows;       /* rows behind row_seconds */
     int closing;                /* recw_finish or recw_abort: the thread stops */
     int failed;                 /* a write failed; err says why */
     char err[ML_ERRLEN];
@@ -93,6 +97,7 @@ static int write_chunk(RecWriter *w, const RecBatch *b, size_t *done_routing,
 ** Called with the lock held (or once the thread is joined). */
 static void advance(RecWriter *w, size_t done_routing, size_t done_tokens) {
     RecBatch *b = w->fifo[w->head];
+    w->queued -= (done_routing - w->done_routing) + (done_tokens - w->done_tokens);
     w->done_routing = done_routing;
     w->done_tokens = done_tokens;
     if (done_routing < b->n_routing || done_tokens < b->n_tokens)
@@ -100,6 +105,14 @@ static void advance(RecWriter *w, size_t done_routing, size_t done_tokens) {
     w->head++;
     w->done_routing = w->done_tokens = 0;
     w->spare[w->n_spare++] = b;   /* room made by recw_batch */
+}
+
+/* CPU time of the calling thread: what a chunk costs, however long the
+** thread waited for a core. */
+static double thread_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 static void *writer_main(void *arg) {
@@ -116,14 +129,22 @@ static void *writer_main(void *arg) {
             break;
         const RecBatch *b = w->fifo[w->head];
         size_t done_routing = w->done_routing, done_tokens = w->done_tokens;
+        size_t before = done_routing + done_tokens;
         pthread_mutex_unlock(&w->lock);
+        double t0 = thread_seconds();
         int rc = write_chunk(w, b, &done_routing, &done_tokens, err);
+        double dt = thread_seconds() - t0;
         pthread_mutex_lock(&w->lock);
         if (rc) {
             w->failed = 1;
             memcpy(w->err, err, sizeof err);
             break;
         }
+        /* a running mean over the last few thousand rows */
+        double n = (double)(done_routing + done_tokens - before);
+        double keep = w->measured_rows > 4096.0 ? 4096.0 : w->measured_rows;
+        w->row_seconds = (w->row_seconds * keep + dt) / (keep + n);
+        w->measured_rows = keep + n;
         advance(w, done_routing, done_tokens);
     }
     pthread_mutex_unlock(&w->lock);
@@ -194,6 +215,7 @@ int recw_submit(RecWriter *w, RecBatch *b, char *err) {
             }
         }
         if (w->tail < w->cap) {
+            w->queued += b->n_routing + b->n_tokens;
             w->fifo[w->tail++] = b;
             b = NULL;
             pthread_cond_signal(&w->wake);
@@ -204,6 +226,13 @@ int recw_submit(RecWriter *w, RecBatch *b, char *err) {
     pthread_mutex_unlock(&w->lock);
     batch_free(b);      /* not queued */
     return status;
+}
+
+double recw_backlog_seconds(RecWriter *w) {
+    pthread_mutex_lock(&w->lock);
+    double s = w->measured_rows > 0.0 ? (double)w->queued * w->row_seconds : -1.0;
+    pthread_mutex_unlock(&w->lock);
+    return s;
 }
 
 /* Stops and joins the thread. */

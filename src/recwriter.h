@@ -4,7 +4,8 @@
 **
 ** The thread runs at idle priority (SCHED_IDLE): it takes only the CPU time
 ** the computation leaves, at its barriers and serial parts, and never holds
-** up the threads that compute. The caller does not wait for batches to be
+** up the threads that compute. When that is not enough, the caller can leave
+** it a core (recw_backlog_seconds tells when). The caller does not wait for batches to be
 ** written: recw_finish writes whatever is still queued on the caller's own
 ** thread, at its own priority, once the thread has finished the chunk in
 ** hand (1024 rows, a fraction of a millisecond of CPU, but longer when other
@@ -51,6 +52,11 @@ int recw_reserve(RecBatch *b, size_t n_routing, size_t n_tokens);
 /* Queues b, from recw_batch; the writer owns it again, whatever the result.
 ** Reports a failure of an earlier write. */
 int recw_submit(RecWriter *w, RecBatch *b, char *err);
+
+/* The CPU time the queued rows will take to write, at the rate the thread
+** has measured so far; -1 before its first chunk. The caller can use it to
+** give the thread a core of its own when it falls behind (trainer.c). */
+double recw_backlog_seconds(RecWriter *w);
 
 /* Stops the thread, writes what is left, frees the writer. */
 int recw_finish(RecWriter *w, char *err);

@@ -234,12 +234,40 @@ static int eval_record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
 }
 
 /*
+** Sharing the cores with the writer. Its idle-priority thread gets only the
+** gaps the computation leaves, a fraction of what the rows cost on a small
+** model, and whatever is still queued after the last batch would be written
+** alone while the other cores wait. So when the queue holds at least one
+** forward pass's worth of writing (at the thread's measured CPU time per row),
+** the next batch runs on one thread fewer and the writer has a core to itself.
+** On the last batch that is worth it when the queue takes longer to write
+** than the slower forward pass costs extra. The forward pass gives the same
+** numbers on any number of threads (each row, head and expert is computed by
+** one thread; tests/test_train.c checks it), so this changes only the time.
+*/
+typedef struct {
+    int threads;      /* the computation's usual team */
+    double all_ms;    /* the last forward pass on all of them */
+    double fewer_ms;  /* the last one on one thread fewer; 0: none yet */
+} EvalPace;
+
+static int eval_give_writer_a_core(const EvalPace *p, RecWriter *w, int last) {
+    if (p->threads < 2 || p->all_ms <= 0.0) return 0;
+    double backlog_ms = recw_backlog_seconds(w) * 1e3;
+    if (backlog_ms <= 0.0) return 0;
+    double fewer_ms = p->fewer_ms > 0.0 ? p->fewer_ms
+                                        : p->all_ms * p->threads / (p->threads - 1);
+    return last ? backlog_ms > fewer_ms - p->all_ms : backlog_ms >= fewer_ms;
+}
+
+/*
 ** An evaluation in a recorded run is one transaction of its own: what the
 ** run had pending is committed first, the evals row is written before the
 ** first batch (its results are set at the end), and on failure everything
 ** of the evaluation is rolled back. With record = true, each batch's routing
 ** and token rows go to a background writer (recwriter.h) that inserts them
-** in the CPU time the next batches' computation leaves idle.
+** in the CPU time the next batches' computation leaves idle, and gets a core
+** of its own when it falls behind (EvalPace above).
 */
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err) {
     Model *m = t->model;
@@ -289,9 +317,19 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     m->training = 0;
     double total = 0.0, flops = 0.0;
     int64_t assignments = 0;
+    EvalPace pace = {.threads = omp_get_max_threads()};
     for (int i = 0; i < o->batches; i++) {
         corpus_batch(t->corpus, o->split, rng, B, T, t->inputs, t->targets);
-        if (model_forward(m, t->inputs, t->targets, B, T, err) != 0) goto done;
+        int fewer = writer && eval_give_writer_a_core(&pace, writer, i == o->batches - 1);
+        if (fewer) omp_set_num_threads(pace.threads - 1);
+        double t0 = now_ms();
+        int failed = model_forward(m, t->inputs, t->targets, B, T, err);
+        if (fewer)
+            pace.fewer_ms = now_ms() - t0;
+        else
+            pace.all_ms = now_ms() - t0;
+        if (fewer) omp_set_num_threads(pace.threads);
+        if (failed) goto done;
         total += m->mean_loss;
         flops += m->moe_flops;
         for (int l = 0; moe && l < L; l++) {

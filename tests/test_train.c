@@ -1,10 +1,12 @@
 /*
 ** test_train.c — training as a whole: AdamW against a hand computation, the
 ** learning-rate schedule, checkpoints round trip bit for bit, the same seed
-** gives the same losses bit for bit, and a tiny model memorises a short text.
+** gives the same losses bit for bit, the forward pass is the same on any
+** number of threads, and a tiny model memorises a short text.
 */
 #include "testutil.h"
 
+#include <omp.h>
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -206,6 +208,70 @@ static void test_determinism(void **state) {
     assert_true(a[11] < a[0]); /* and it learns */
 }
 
+/* Runs one forward pass of a threshold MoE model on `threads` threads and
+** copies out the logits and every MoE layer's selections. */
+static void forward_on(int threads, float *logits, int *experts, float *weights, size_t slots) {
+    ModelConfig c = tiny_config();
+    c.context = 32;
+    c.d_model = 32;
+    c.seed = 11;
+    c.moe.enabled = 1;
+    c.moe.experts = 6;
+    for (int e = 0; e < 6; e++) c.moe.hidden[e] = 16 + 8 * (e % 3);
+    c.moe.hidden_list = 1;
+    c.moe.kind = ROUTER_THRESHOLD;
+    c.moe.p = 0.7f;
+    c.moe.sparsity_eps = 0.01f;
+    char err[ML_ERRLEN];
+    Model *m;
+    if (model_create(&m, &c, err) != 0) fail_msg("%s", err);
+    enum { B = 5, T = 32 };
+    int inputs[B * T], targets[B * T];
+    for (int i = 0; i < B * T; i++) {
+        inputs[i] = (i * 37 + i / 7) % 256;
+        targets[i] = (i * 11 + 3) % 256;
+    }
+    omp_set_num_threads(threads);
+    int rc = model_forward(m, inputs, targets, B, T, err);
+    trainer_set_threads(2);
+    if (rc != 0) fail_msg("%s", err);
+    memcpy(logits, m->acts.logits, sizeof(float) * B * T * 256);
+    size_t k = 0;
+    for (int l = 0; l < c.layers; l++) {
+        const MoeState *st = &m->moe[l];
+        for (int t = 0; t < B * T; t++)
+            for (int i = 0; i < st->sel_count[t]; i++) {
+                assert_true(k < slots);
+                experts[k] = st->sel_expert[(size_t)t * st->slots + i];
+                weights[k++] = st->sel_weight[(size_t)t * st->slots + i];
+            }
+    }
+    experts[k] = -1;
+    model_free(m);
+}
+
+/* The forward pass gives the same numbers, bit for bit, on one thread and
+** on two: a recorded evaluation runs some batches on one thread fewer while
+** its writer has a core (trainer.c), and must compute what an unrecorded
+** one does. */
+static void test_forward_same_on_any_thread_count(void **state) {
+    (void)state;
+    enum { LOGITS = 5 * 32 * 256, SLOTS = 5 * 32 * 6 * 2 + 1 };
+    float *l1 = malloc(sizeof(float) * LOGITS), *l2 = malloc(sizeof(float) * LOGITS);
+    int *e1 = malloc(sizeof(int) * SLOTS), *e2 = malloc(sizeof(int) * SLOTS);
+    float *w1 = malloc(sizeof(float) * SLOTS), *w2 = malloc(sizeof(float) * SLOTS);
+    assert_true(l1 && l2 && e1 && e2 && w1 && w2);
+    forward_on(1, l1, e1, w1, SLOTS);
+    forward_on(2, l2, e2, w2, SLOTS);
+    size_t n = 0;
+    while (e1[n] >= 0) n++;
+    assert_true(n > 2 * 5 * 32);            /* the threshold took more than one */
+    assert_memory_equal(e1, e2, sizeof(int) * (n + 1));
+    assert_memory_equal(w1, w2, sizeof(float) * n);
+    assert_memory_equal(l1, l2, sizeof(float) * LOGITS);
+    free(l1), free(l2), free(e1), free(e2), free(w1), free(w2);
+}
+
 static void test_memorise(void **state) {
     /* a short text, repeated: a tiny model learns it by heart */
     (void)state;
@@ -253,6 +319,7 @@ int main(void) {
         cmocka_unit_test(test_checkpoint_roundtrip),
         cmocka_unit_test(test_checkpoint_names),
         cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_forward_same_on_any_thread_count),
         cmocka_unit_test(test_memorise),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
