@@ -17,6 +17,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -792,21 +793,30 @@ static char *rec_immutable_uri(const char *path) {
 /*
 ** Checkpoints. SQLite copies the WAL back into the database from the commit
 ** that takes it past 1000 pages, and with synchronous=NORMAL that copy syncs
-** the WAL and the database: tens of milliseconds of waiting for the disk,
-** every 16 MB, paid by whichever evaluation or training step commits then.
-** Here that commit only wakes a thread, which runs the checkpoint on its own
-** connection; a passive checkpoint does not stop the writer. Should the WAL
-** still grow to REC_WAL_FORCE_PAGES (the thread cannot get going), the commit
-** checkpoints itself, as SQLite would have.
+** the WAL and the database: tens of milliseconds of waiting for the disk
+** (every 16 MB with our 16 KiB pages), paid by whichever evaluation or
+** training step commits then. Here that commit only wakes a thread, which
+** runs the checkpoint on its own connection; a passive checkpoint does not
+** stop the writer.
+**
+** A writer starts the WAL again from its beginning only when its transaction
+** begins after a checkpoint has copied all of it. Evaluations run back to
+** back begin the next one microseconds after the commit that woke the
+** thread, so the WAL would keep growing: at REC_WAL_FORCE_PAGES the commit
+** waits for the thread and copies the rest itself, once every few such
+** evaluations (and whenever the thread could not be started). Only the
+** Recorder's own thread commits (the writer of recwriter.h never does), so
+** the hook and r->checkpointer need no lock.
 */
-enum { REC_WAL_PAGES = 1000, REC_WAL_FORCE_PAGES = 16 * REC_WAL_PAGES };
+enum { REC_WAL_PAGES = 1000, REC_WAL_FORCE_PAGES = 4 * REC_WAL_PAGES };
 
 struct RecCheckpointer {
     sqlite3 *db;
     pthread_t thread;
     pthread_mutex_t lock;
-    pthread_cond_t wake;
-    int requested, closing;
+    pthread_cond_t wake;      /* requested or closing set */
+    pthread_cond_t idle;      /* running cleared */
+    int requested, running, closing;
     int64_t done;             /* checkpoints completed */
 };
 
@@ -819,12 +829,15 @@ static void *rec_checkpointer_main(void *arg) {
         if (c->closing)
             break;
         c->requested = 0;
+        c->running = 1;
         pthread_mutex_unlock(&c->lock);
         /* busy (a reader holds old pages, or a checkpoint is running
         ** elsewhere) is not an error: the next commit asks again */
         int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
         pthread_mutex_lock(&c->lock);
         c->done += rc == SQLITE_OK;
+        c->running = 0;
+        pthread_cond_broadcast(&c->idle);
     }
     pthread_mutex_unlock(&c->lock);
     return NULL;
@@ -839,17 +852,43 @@ static void rec_checkpointer_stop(RecCheckpointer *c) {
     pthread_mutex_unlock(&c->lock);
     pthread_join(c->thread, NULL);
     pthread_cond_destroy(&c->wake);
+    pthread_cond_destroy(&c->idle);
     pthread_mutex_destroy(&c->lock);
     sqlite3_close(c->db);
     free(c);
 }
 
-static RecCheckpointer *rec_checkpointer_start(const char *path) {
+/* The thread gets the normal policy whatever its creator runs at (a thread
+** inherits an idle-priority creator's otherwise). */
+static int rec_checkpointer_spawn(RecCheckpointer *c) {
+    pthread_attr_t attr;
+    struct sched_param normal = {0};
+    int rc = pthread_attr_init(&attr);
+    if (rc == 0) {
+        if (pthread_attr_setinheritsched(&attr, PTHREAD_EXPLICIT_SCHED) == 0
+            && pthread_attr_setschedpolicy(&attr, SCHED_OTHER) == 0
+            && pthread_attr_setschedparam(&attr, &normal) == 0)
+            rc = pthread_create(&c->thread, &attr, rec_checkpointer_main, c);
+        else
+            rc = pthread_create(&c->thread, NULL, rec_checkpointer_main, c);
+        pthread_attr_destroy(&attr);
+    }
+    return rc;
+}
+
+static RecCheckpointer *rec_checkpointer_start(sqlite3 *db) {
+    /* the file's absolute name, whatever the working directory is now */
+    const char *path = sqlite3_db_filename(db, "main");
     RecCheckpointer *c = calloc(1, sizeof *c);
-    if (!c)
+    if (!c || !path || !*path || !sqlite3_threadsafe()) {
+        free(c);
         return NULL;
+    }
+    /* The pragma reads the schema, and so opens the WAL: a connection that
+    ** has never read the database would checkpoint nothing. */
     if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
             != SQLITE_OK
+        || sqlite3_busy_timeout(c->db, REC_BUSY_TIMEOUT_MS) != SQLITE_OK
         || sqlite3_exec(c->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL) != SQLITE_OK) {
         sqlite3_close(c->db);
         free(c);
@@ -857,8 +896,10 @@ static RecCheckpointer *rec_checkpointer_start(const char *path) {
     }
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->wake, NULL);
-    if (pthread_create(&c->thread, NULL, rec_checkpointer_main, c) != 0) {
+    pthread_cond_init(&c->idle, NULL);
+    if (rec_checkpointer_spawn(c) != 0) {
         pthread_cond_destroy(&c->wake);
+        pthread_cond_destroy(&c->idle);
         pthread_mutex_destroy(&c->lock);
         sqlite3_close(c->db);
         free(c);
@@ -874,17 +915,22 @@ static int rec_wal_hook(void *arg, sqlite3 *db, const char *name, int pages) {
     if (pages < REC_WAL_PAGES)
         return SQLITE_OK;
     if (!r->checkpointer && !r->checkpointer_failed
-        && !(r->checkpointer = rec_checkpointer_start(r->path)))
+        && !(r->checkpointer = rec_checkpointer_start(db)))
         r->checkpointer_failed = 1;
-    if (r->checkpointer && pages < REC_WAL_FORCE_PAGES) {
-        RecCheckpointer *c = r->checkpointer;
+    RecCheckpointer *c = r->checkpointer;
+    if (c) {
         pthread_mutex_lock(&c->lock);
-        c->requested = 1;
-        pthread_cond_signal(&c->wake);
+        if (pages < REC_WAL_FORCE_PAGES) {
+            c->requested = 1;
+            pthread_cond_signal(&c->wake);
+            pthread_mutex_unlock(&c->lock);
+            return SQLITE_OK;
+        }
+        while (c->running)
+            pthread_cond_wait(&c->idle, &c->lock);
         pthread_mutex_unlock(&c->lock);
-    } else {
-        sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
     }
+    sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
     return SQLITE_OK;
 }
 
@@ -977,6 +1023,8 @@ void rec_close(Recorder *r) {
     if (!r)
         return;
     if (r->db && !sqlite3_get_autocommit(r->db)) {
+        /* closing checkpoints anyway: this commit need not start a thread */
+        sqlite3_wal_hook(r->db, NULL, NULL);
         if (!r->commit || sqlite3_step(r->commit) != SQLITE_DONE) {
             if (r->rollback)
                 sqlite3_step(r->rollback);

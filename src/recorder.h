@@ -20,6 +20,9 @@
 ** cache in memory and spills the rest to the WAL file.
 **
 ** A Recorder is used by one thread at a time (its connection has no mutex).
+** A database file also gets a thread of the recorder's own, with a second
+** connection, that copies a full WAL back into the database (recorder.c,
+** "checkpoints"); rec_close stops it.
 **
 ** Every function that can fail returns 0 or -1 with a one-line message in err
 ** (common.h). Messages name the database path and SQLite's own words, e.g.
