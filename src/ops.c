@@ -5,7 +5,10 @@
 ** parallelised with OpenMP only over independent rows, (batch, head) pairs or,
 ** for the norms' parameter gradients, slices of columns, so that each output is
 ** always computed by one thread in one fixed order: the results are the same
-** bit for bit for a given thread count. Sums along a row
+** bit for bit for a given thread count, and the forward pass's on any number
+** of threads (each sgemm row's sum does not depend on how the rows are
+** sliced; tests/test_train.c checks 1 thread against 2, which a recorded
+** evaluation relies on). Sums along a row
 ** (norms, softmax) are `omp simd` reductions, in the vector lanes' order that
 ** the build fixes: a strict left-to-right float sum cannot vectorise, and cost
 ** the layer norms a 128-step dependency chain per row.

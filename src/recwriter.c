@@ -140,11 +140,14 @@ static void *writer_main(void *arg) {
             memcpy(w->err, err, sizeof err);
             break;
         }
-        /* a running mean over the last few thousand rows */
+        /* a running mean over the last few thousand rows (routing and
+        ** token rows alike: they cost about the same) */
         double n = (double)(done_routing + done_tokens - before);
-        double keep = w->measured_rows > 4096.0 ? 4096.0 : w->measured_rows;
-        w->row_seconds = (w->row_seconds * keep + dt) / (keep + n);
-        w->measured_rows = keep + n;
+        if (n > 0.0) {
+            double keep = w->measured_rows > 4096.0 ? 4096.0 : w->measured_rows;
+            w->row_seconds = (w->row_seconds * keep + dt) / (keep + n);
+            w->measured_rows = keep + n;
+        }
         advance(w, done_routing, done_tokens);
     }
     pthread_mutex_unlock(&w->lock);

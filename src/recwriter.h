@@ -5,11 +5,11 @@
 ** The thread runs at idle priority (SCHED_IDLE): it takes only the CPU time
 ** the computation leaves, at its barriers and serial parts, and never holds
 ** up the threads that compute. When that is not enough, the caller can leave
-** it a core (recw_backlog_seconds tells when). The caller does not wait for batches to be
-** written: recw_finish writes whatever is still queued on the caller's own
-** thread, at its own priority, once the thread has finished the chunk in
-** hand (1024 rows, a fraction of a millisecond of CPU, but longer when other
-** processes keep the cores busy).
+** it a core (recw_backlog_seconds tells when). The caller does not wait for
+** batches to be written: recw_finish writes whatever is still queued on the
+** caller's own thread, at its own priority, once the thread has finished the
+** chunk in hand (1024 rows, a fraction of a millisecond of CPU, but longer
+** when other processes keep the cores busy).
 **
 **     RecWriter *w;
 **     recw_start(&w, rec, run_id, eval_id, err);      after rec_eval

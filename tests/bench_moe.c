@@ -177,14 +177,13 @@ static double step_time_per_token(int experts) {
     return best / (B * T);
 }
 
-/* Wall time of an evaluation of a small top-2 model, recorded or not, best
-** of five, and the CPU time of that one. */
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
 
-/* The best of five evaluations (and its CPU time), and their median. */
+/* Wall time of an evaluation of a small top-2 model, recorded or not: the
+** best of five (and its CPU time), and their median. */
 static double eval_seconds(int record, const char *db_path, double *cpu, double *median) {
     ModelConfig c;
     config_defaults(&c);
