@@ -843,6 +843,15 @@ static void *rec_checkpointer_main(void *arg) {
     return NULL;
 }
 
+/* Frees what rec_checkpointer_start made; the thread is not running. */
+static void rec_checkpointer_free(RecCheckpointer *c) {
+    pthread_cond_destroy(&c->wake);
+    pthread_cond_destroy(&c->idle);
+    pthread_mutex_destroy(&c->lock);
+    sqlite3_close(c->db);
+    free(c);
+}
+
 static void rec_checkpointer_stop(RecCheckpointer *c) {
     if (!c)
         return;
@@ -851,11 +860,7 @@ static void rec_checkpointer_stop(RecCheckpointer *c) {
     pthread_cond_signal(&c->wake);
     pthread_mutex_unlock(&c->lock);
     pthread_join(c->thread, NULL);
-    pthread_cond_destroy(&c->wake);
-    pthread_cond_destroy(&c->idle);
-    pthread_mutex_destroy(&c->lock);
-    sqlite3_close(c->db);
-    free(c);
+    rec_checkpointer_free(c);
 }
 
 /* The thread gets the normal policy whatever its creator runs at (a thread
@@ -879,30 +884,22 @@ static int rec_checkpointer_spawn(RecCheckpointer *c) {
 static RecCheckpointer *rec_checkpointer_start(sqlite3 *db) {
     /* the file's absolute name, whatever the working directory is now */
     const char *path = sqlite3_db_filename(db, "main");
-    RecCheckpointer *c = calloc(1, sizeof *c);
-    if (!c || !path || !*path || !sqlite3_threadsafe()) {
-        free(c);
+    if (!path || !*path || !sqlite3_threadsafe())
         return NULL;
-    }
+    RecCheckpointer *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->wake, NULL);
+    pthread_cond_init(&c->idle, NULL);
     /* The pragma reads the schema, and so opens the WAL: a connection that
     ** has never read the database would checkpoint nothing. */
     if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL)
             != SQLITE_OK
         || sqlite3_busy_timeout(c->db, REC_BUSY_TIMEOUT_MS) != SQLITE_OK
-        || sqlite3_exec(c->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL) != SQLITE_OK) {
-        sqlite3_close(c->db);
-        free(c);
-        return NULL;
-    }
-    pthread_mutex_init(&c->lock, NULL);
-    pthread_cond_init(&c->wake, NULL);
-    pthread_cond_init(&c->idle, NULL);
-    if (rec_checkpointer_spawn(c) != 0) {
-        pthread_cond_destroy(&c->wake);
-        pthread_cond_destroy(&c->idle);
-        pthread_mutex_destroy(&c->lock);
-        sqlite3_close(c->db);
-        free(c);
+        || sqlite3_exec(c->db, "PRAGMA synchronous = NORMAL", NULL, NULL, NULL) != SQLITE_OK
+        || rec_checkpointer_spawn(c) != 0) {
+        rec_checkpointer_free(c);
         return NULL;
     }
     return c;

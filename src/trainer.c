@@ -324,11 +324,13 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         if (fewer) omp_set_num_threads(pace.threads - 1);
         double t0 = now_ms();
         int failed = model_forward(m, t->inputs, t->targets, B, T, err);
-        if (fewer)
-            pace.fewer_ms = now_ms() - t0;
-        else
-            pace.all_ms = now_ms() - t0;
-        if (fewer) omp_set_num_threads(pace.threads);
+        double ms = now_ms() - t0;
+        if (fewer) {
+            omp_set_num_threads(pace.threads);
+            pace.fewer_ms = ms;
+        } else {
+            pace.all_ms = ms;
+        }
         if (failed) goto done;
         total += m->mean_loss;
         flops += m->moe_flops;
