@@ -67,7 +67,7 @@ $(BUILD)/bench_%: tests/bench_%.c tests/testutil.h $(BUILD)/libmoelab.a
 $(BUILD)/dump_grads: tools/dump_grads.c $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
 
-$(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libmoelab.a
+$(BUILD)/test_%: tests/test_%.c tests/testutil.h tests/testmodel.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
 
 data: data/kjv.txt
