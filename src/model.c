@@ -303,6 +303,12 @@ static size_t scratch_layout(Model *m, float *base, int B) {
     s->dgate = c->activation == ACT_SWIGLU ? carve(base, &at, BT * H) : NULL;
     s->datt = carve(base, &at, (size_t)B * c->heads * c->context * c->context);
     s->dlogits = carve(base, &at, BT * (size_t)c->vocab);
+    /* the largest of the products' weights: lm_head, qkv, fc/proj (gate) */
+    size_t pieces = 0, n;
+    int d = c->d_model, shapes[3] = {c->vocab, 3 * d, c->ffn_hidden};
+    for (int i = 0; i < 3; i++)
+        if ((n = matmul_backward_scratch((int)BT, d, shapes[i])) > pieces) pieces = n;
+    s->dweight_pieces = pieces ? carve(base, &at, pieces) : NULL;
     return at;
 }
 
@@ -463,7 +469,8 @@ int model_backward(Model *m, char *err) {
     Scratch *s = &m->scratch;
 
     crossentropy_backward(s->dlogits, a->probs, a->targets, 1.0f / N, N, V);
-    matmul_backward(s->dln, m->g.lm_head, NULL, s->dlogits, a->lnf, m->w.lm_head, N, C, V, 0.0f);
+    matmul_backward(s->dln, m->g.lm_head, NULL, s->dlogits, a->lnf, m->w.lm_head, N, C, V, 0.0f,
+                        s->dweight_pieces);
     const float *res_last = c->layers > 0 ? a->blocks[c->layers - 1].res3 : a->encoded;
     memset(s->dres, 0, sizeof(float) * (size_t)N * C);
     norm_backward(c, s->dres, m->g.lnfw, m->g.lnfb, s->dln, res_last, m->w.lnfw,
@@ -481,24 +488,28 @@ int model_backward(Model *m, char *err) {
                 return -1;
         } else {
         /* res3 = res2 + proj(act(fc(ln2(res2)))) */
-        matmul_backward(s->dact, g->projw, g->projb, s->dres, b->act, w->projw, N, H, C, 0.0f);
+        matmul_backward(s->dact, g->projw, g->projb, s->dres, b->act, w->projw, N, H, C, 0.0f,
+                        s->dweight_pieces);
         switch (c->activation) {
         case ACT_GELU: gelu_backward(s->dfch, s->dact, b->fch, NHid); break;
         case ACT_RELU: relu_backward(s->dfch, s->dact, b->fch, NHid); break;
         case ACT_SWIGLU: swiglu_backward(s->dgate, s->dfch, s->dact, b->gate, b->fch, NHid); break;
         }
-        matmul_backward(s->dln, g->fcw, g->fcb, s->dfch, b->ln2, w->fcw, N, C, H, 0.0f);
+        matmul_backward(s->dln, g->fcw, g->fcb, s->dfch, b->ln2, w->fcw, N, C, H, 0.0f,
+                        s->dweight_pieces);
         if (c->activation == ACT_SWIGLU)
-            matmul_backward(s->dln, g->gatew, NULL, s->dgate, b->ln2, w->gatew, N, C, H, 1.0f);
+            matmul_backward(s->dln, g->gatew, NULL, s->dgate, b->ln2, w->gatew, N, C, H, 1.0f,
+                            s->dweight_pieces);
         }
         norm_backward(c, s->dres, g->ln2w, g->ln2b, s->dln, b->res2, w->ln2w, b->ln2_mean,
                       b->ln2_rstd, N);
 
         /* res2 = res_in + attproj(attention(qkv(ln1(res_in)))) */
         matmul_backward(s->datty, g->attprojw, g->attprojb, s->dres, b->atty, w->attprojw, N, C,
-                        C, 0.0f);
+                        C, 0.0f, s->dweight_pieces);
         attention_backward(s->dqkv, s->datt, s->datty, b->qkv, b->att, B, T, C, NH);
-        matmul_backward(s->dln, g->qkvw, g->qkvb, s->dqkv, b->ln1, w->qkvw, N, C, 3 * C, 0.0f);
+        matmul_backward(s->dln, g->qkvw, g->qkvb, s->dqkv, b->ln1, w->qkvw, N, C, 3 * C, 0.0f,
+                        s->dweight_pieces);
         norm_backward(c, s->dres, g->ln1w, g->ln1b, s->dln, res_in, w->ln1w, b->ln1_mean,
                       b->ln1_rstd, N);
     }

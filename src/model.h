@@ -79,6 +79,7 @@ typedef struct {
     float *dact, *dfch, *dgate; /* (B,T,H) */
     float *datt;                /* (B,NH,T,T) */
     float *dlogits;             /* (B,T,V) */
+    float *dweight_pieces;      /* matmul_backward's partial products (ops.h) */
 } Scratch;
 
 typedef struct Model {

@@ -35,7 +35,7 @@ void moe_state_free(MoeState *s) {
 void moe_scratch_free(MoeScratch *s) {
     if (!s) return;
     free(s->dye); free(s->dxe); free(s->dae); free(s->dhe); free(s->dge);
-    free(s->dw); free(s->dprobs); free(s->dlogits);
+    free(s->dw); free(s->dprobs); free(s->dlogits); free(s->drouter_pieces);
     memset(s, 0, sizeof *s);
 }
 
@@ -373,6 +373,11 @@ static int ensure_scratch(MoeScratch *scr, const MoeState *s, int swiglu) {
             return -1;
         scr->cap_tokens = tokens;
     }
+    size_t pieces = matmul_backward_scratch(s->N, s->C, s->E);
+    if (pieces > scr->cap_pieces) {
+        if (ML_GROW(scr->drouter_pieces, pieces)) return -1;
+        scr->cap_pieces = pieces;
+    }
     return 0;
 }
 
@@ -428,7 +433,8 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
             }
             for (int e = 0; e < E; e++) dlt[e] = p[e] * (dpt[e] - dot) + zscale * s->lse[t] * p[e];
         }
-        matmul_backward(dx, g->router, NULL, dl, x, w->router, N, C, E, 0.0f);
+        matmul_backward(dx, g->router, NULL, dl, x, w->router, N, C, E, 0.0f,
+                        scr->drouter_pieces);
     } else {
         memset(dx, 0, sizeof(float) * (size_t)N * C);
     }

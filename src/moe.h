@@ -76,7 +76,8 @@ typedef struct {
     float *dae, *dhe, *dge;   /* (Σ n_e H_e) */
     float *dw;                /* (N, slots) */
     float *dprobs, *dlogits;  /* (N, E) */
-    size_t cap_rows, cap_hidden, cap_tokens;
+    float *drouter_pieces;    /* matmul_backward's partial products (ops.h) */
+    size_t cap_rows, cap_hidden, cap_tokens, cap_pieces;
 } MoeScratch;
 
 void moe_state_free(MoeState *s);

@@ -1,17 +1,20 @@
 /*
 ** ops.c — the transformer's kernels (see ops.h for the contract of each).
 **
-** Matrix products go to OpenBLAS's cblas_sgemm. Everything else is a plain loop,
-** parallelised with OpenMP only over independent rows, (batch, head) pairs or,
-** for the norms' parameter gradients, slices of columns, so that each output is
-** always computed by one thread in one fixed order: the results are the same
-** bit for bit for a given thread count, and the forward pass's on any number
-** of threads (each sgemm row's sum does not depend on how the rows are
-** sliced; tests/test_train.c checks 1 thread against 2, which a recorded
-** evaluation relies on). Sums along a row
-** (norms, softmax) are `omp simd` reductions, in the vector lanes' order that
-** the build fixes: a strict left-to-right float sum cannot vectorise, and cost
-** the layer norms a 128-step dependency chain per row.
+** Matrix products go to OpenBLAS's cblas_sgemm, cut into pieces by their
+** shape alone (see matmul_forward). Everything else is a plain loop,
+** parallelised with OpenMP only over independent rows, (batch, head) pairs,
+** elements or, for the norms' parameter gradients and the bias gradients,
+** slices of columns, each element's arithmetic the same whoever computes it.
+** So the forward and the backward pass give the same bits on any number of
+** threads (tests/test_threads.c checks 1, 2 and 3 threads on both of
+** OpenBLAS's x86-64 kernel families we meet; a recorded evaluation relies on
+** it). The build compiles ISO C (-std=c11), in which gcc contracts no a·b + c
+** into a fused multiply-add, so a vectorised loop and its scalar remainder
+** round alike. Sums along a row (norms, softmax) are `omp simd` reductions,
+** in the vector lanes' order that the build fixes: a strict left-to-right
+** float sum cannot vectorise, and cost the layer norms a 128-step dependency
+** chain per row.
 */
 #include "ops.h"
 
@@ -181,50 +184,112 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
     norm_param_backward(dweight, NULL, dout, inp, NULL, rstd, N, C);
 }
 
+/*
+** Matrix products are cut into pieces by their shape alone, never by the
+** number of threads: each piece is one single-threaded sgemm, the same call
+** with the same pointers whatever the team, and the threads only share the
+** pieces out. OpenBLAS computes a row differently depending on where it sits
+** in a call (edge kernels for the last rows of a panel, small-matrix paths
+** chosen by size), so slicing rows per thread gave last-bit differences
+** between one thread and two on its AVX2 kernels. Cut by shape, a product's
+** result does not depend on the thread count, by construction.
+**
+** Rows of out and dinp are cut into pieces of about MATMUL_PIECE_ROWS rows:
+** each piece re-packs only the weight, which is small. dweight sums over the
+** N rows, and cutting its own rows would make every piece re-pack all of inp,
+** so the sum is cut instead, in pieces of about MATMUL_PIECE_SUM rows whose
+** partial products (in scratch) are added in piece order. Measured on the
+** model's shapes (tests/bench_moe.c), either costs a few percent of one
+** sgemm's rate on one thread.
+*/
+#define MATMUL_PIECE_ROWS 256
+#define MATMUL_PIECE_SUM 512
+
+/* How many pieces n rows are cut into: about `rows` each, a multiple of 4
+** when more than one (so that 2 or 4 threads share them evenly), and no
+** piece under 16 rows. Grows with n. */
+static int piece_count(int n, int rows) {
+    int p = (n + rows - 1) / rows;
+    if (p > 1) p = (p + 3) / 4 * 4;
+    while (p > 1 && n < 16 * p) p--;
+    return p;
+}
+
+/* Rows [*lo, *hi) of piece i of p over n rows; inner boundaries fall on
+** multiples of 16, whole panels of the sgemm kernels. */
+static void piece_range(int n, int p, int i, int *lo, int *hi) {
+    *lo = i == 0 ? 0 : (int)((long)n * i / p) / 16 * 16;
+    *hi = i == p - 1 ? n : (int)((long)n * (i + 1) / p) / 16 * 16;
+}
+
+size_t matmul_backward_scratch(int N, int C, int OC) {
+    int p = piece_count(N, MATMUL_PIECE_SUM);
+    return p > 1 ? (size_t)p * OC * C : 0;
+}
+
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC, float beta) {
     if (N == 0) return;
-    /* each thread multiplies its own rows with a single-threaded sgemm */
-#pragma omp parallel
-    {
+    int pieces = piece_count(N, MATMUL_PIECE_ROWS);
+#pragma omp parallel for schedule(static) if (pieces > 1)
+    for (int i = 0; i < pieces; i++) {
         int lo, hi;
-        thread_slice(N, &lo, &hi);
-        if (hi > lo) {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, hi - lo, OC, C, 1.0f,
-                        inp + (size_t)lo * C, C, weight, C, beta, out + (size_t)lo * OC, OC);
-            if (bias)
-                for (int n = lo; n < hi; n++) {
-                    float *o = out + (size_t)n * OC;
-                    for (int j = 0; j < OC; j++) o[j] += bias[j];
-                }
-        }
+        piece_range(N, pieces, i, &lo, &hi);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, hi - lo, OC, C, 1.0f,
+                    inp + (size_t)lo * C, C, weight, C, beta, out + (size_t)lo * OC, OC);
+        if (bias)
+            for (int n = lo; n < hi; n++) {
+                float *o = out + (size_t)n * OC;
+                for (int j = 0; j < OC; j++) o[j] += bias[j];
+            }
     }
 }
 
 void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int C, int OC,
-                     float dinp_beta) {
+                     float dinp_beta, float *scratch) {
     if (N == 0) return;
+    int rows = dinp ? piece_count(N, MATMUL_PIECE_ROWS) : 0;
+    int sums = piece_count(N, MATMUL_PIECE_SUM);
+    size_t wn = (size_t)OC * C;
+    assert(sums == 1 || scratch);
 #pragma omp parallel
     {
-        int lo, hi;
-        if (dinp) { /* rows of dinp */
-            thread_slice(N, &lo, &hi);
-            if (hi > lo)
+        /* the pieces of dinp's rows, then those of dweight's sum over N */
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < rows + sums; i++) {
+            int lo, hi;
+            if (i < rows) {
+                piece_range(N, rows, i, &lo, &hi);
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, C, OC, 1.0f,
                             dout + (size_t)lo * OC, OC, weight, C, dinp_beta,
                             dinp + (size_t)lo * C, C);
+            } else {
+                piece_range(N, sums, i - rows, &lo, &hi);
+                int only = sums == 1; /* a single piece adds to dweight itself */
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, hi - lo, 1.0f,
+                            dout + (size_t)lo * OC, OC, inp + (size_t)lo * C, C,
+                            only ? 1.0f : 0.0f, only ? dweight : scratch + (i - rows) * wn, C);
+            }
         }
-        /* rows of dweight (output features): each sums over all N in one order */
-        thread_slice(OC, &lo, &hi);
-        if (hi > lo) {
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, hi - lo, C, N, 1.0f, dout + lo,
-                        OC, inp, C, 1.0f, dweight + (size_t)lo * C, C);
-            if (dbias)
-                for (int n = 0; n < N; n++) {
-                    const float *d = dout + (size_t)n * OC;
-                    for (int j = lo; j < hi; j++) dbias[j] += d[j];
-                }
+        /* dweight += the partial products, in piece order; dbias += column sums
+        ** of dout, each column in row order. Both are split by element, so
+        ** each element's arithmetic is the same on any number of threads. */
+        if (sums > 1) {
+#pragma omp for schedule(static)
+            for (size_t j = 0; j < wn; j++) {
+                float s = scratch[j];
+                for (int i = 1; i < sums; i++) s += scratch[i * wn + j];
+                dweight[j] += s;
+            }
+        }
+        if (dbias) {
+            int lo, hi;
+            thread_slice(OC, &lo, &hi);
+            for (int n = 0; n < N; n++) {
+                const float *d = dout + (size_t)n * OC;
+                for (int j = lo; j < hi; j++) dbias[j] += d[j];
+            }
         }
     }
 }

@@ -39,10 +39,14 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 void matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
                     int N, int C, int OC, float beta);
 /* dinp (N,C) = dinp_beta·dinp + dout · weight  (dinp may be NULL: skipped);
-** dweight (OC,C) += doutᵀ · inp; dbias (OC) += column sums of dout (may be NULL). */
+** dweight (OC,C) += doutᵀ · inp; dbias (OC) += column sums of dout (may be NULL).
+** scratch holds matmul_backward_scratch(N, C, OC) floats (NULL when that is 0):
+** the sum over N is cut into pieces whose partial products are added in order. */
 void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
                      const float *inp, const float *weight, int N, int C, int OC,
-                     float dinp_beta);
+                     float dinp_beta, float *scratch);
+/* Floats of scratch that matmul_backward needs for N rows; grows with N. */
+size_t matmul_backward_scratch(int N, int C, int OC);
 
 /* Causal multi-head attention.
 ** qkv (B,T,3C) holds q, k, v in that order along the last dim; head h uses the

@@ -242,8 +242,9 @@ static int eval_record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
 ** the next batch runs on one thread fewer and the writer has a core to itself.
 ** On the last batch that is worth it when the queue takes longer to write
 ** than the slower forward pass costs extra. The forward pass gives the same
-** numbers on any number of threads (each row, head and expert is computed by
-** one thread; tests/test_train.c checks it), so this changes only the time.
+** bits on any number of threads (each product is cut into pieces by its
+** shape, not by the team, ops.c; tests/test_threads.c checks it for each
+** OpenBLAS kernel family), so this changes only the time.
 */
 typedef struct {
     int threads;      /* the computation's usual team */

@@ -1,14 +1,18 @@
 #!/bin/sh
 # Runs each cmocka test program named on the command line (from $BUILD) and
 # ends with one summary line: "N passed, N failed". A program that crashes or
-# exits non-zero without a cmocka summary counts as one failure.
+# exits non-zero without a cmocka summary counts as one failure. NAME@CORE
+# runs NAME with OPENBLAS_CORETYPE=CORE (OpenBLAS's kernels for that processor).
 set -u
 BUILD=${BUILD:-build}
 passed=0
 failed=0
 bad=""
 for t in "$@"; do
-    out=$("$BUILD/$t" 2>&1)
+    case $t in
+    *@*) out=$(OPENBLAS_CORETYPE=${t#*@} "$BUILD/${t%@*}" 2>&1) ;;
+    *) out=$("$BUILD/$t" 2>&1) ;;
+    esac
     rc=$?
     printf '%s\n' "$out"
     p=$(printf '%s\n' "$out" | sed -n 's/^\[  PASSED  \] \([0-9]*\) test.*/\1/p' | awk '{s+=$1} END {print s+0}')

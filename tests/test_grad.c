@@ -103,7 +103,7 @@ static void test_matmul(void **state) {
     test_fill(bias, OC, 1.0f, 8);
     op_forward = fwd_matmul;
     fwd_matmul();
-    matmul_backward(dinp, dw, dbias, R, inp, w, B * T, C, OC, 0.0f);
+    matmul_backward(dinp, dw, dbias, R, inp, w, B * T, C, OC, 0.0f, NULL);
     check_grad("matmul dinp", inp, dinp, B * T * C);
     check_grad("matmul dweight", w, dw, OC * C);
     check_grad("matmul dbias", bias, dbias, OC);
@@ -123,9 +123,9 @@ static void test_matmul_beta(void **state) {
     test_fill(d1, B * T * C, 1.0f, 12);
     memcpy(d2, d1, sizeof d2);
     memset(dw, 0, sizeof dw);
-    matmul_backward(d2, dw, NULL, base, inp, w, B * T, C, OC, 1.0f);
+    matmul_backward(d2, dw, NULL, base, inp, w, B * T, C, OC, 1.0f, NULL);
     float only[B * T * C];
-    matmul_backward(only, dw, NULL, base, inp, w, B * T, C, OC, 0.0f);
+    matmul_backward(only, dw, NULL, base, inp, w, B * T, C, OC, 0.0f, NULL);
     for (int i = 0; i < B * T * C; i++) assert_true(test_close(d2[i], d1[i] + only[i], 1e-5, 1e-6));
 }
 

@@ -1,12 +1,11 @@
 /*
 ** test_train.c — training as a whole: AdamW against a hand computation, the
 ** learning-rate schedule, checkpoints round trip bit for bit, the same seed
-** gives the same losses bit for bit, the forward pass is the same on any
-** number of threads, and a tiny model memorises a short text.
+** gives the same losses bit for bit, and a tiny model memorises a short
+** text. (The same bits on any number of threads: test_threads.c.)
 */
 #include "testmodel.h"
 
-#include <omp.h>
 #include <sqlite3.h>
 #include <unistd.h>
 
@@ -192,91 +191,6 @@ static void test_determinism(void **state) {
     assert_true(a[11] < a[0]); /* and it learns */
 }
 
-/* A model for the thread-count test: small, with a threshold router, or at
-** the size of the benchmarked evaluation (d 128, context 128, top-2). */
-static ModelConfig thread_test_config(int big) {
-    ModelConfig c = tiny_config();
-    c.context = big ? 128 : 32;
-    c.d_model = big ? 128 : 32;
-    c.heads = big ? 4 : 2;
-    c.seed = 11;
-    c.moe.enabled = 1;
-    c.moe.experts = big ? 8 : 6;
-    for (int e = 0; e < c.moe.experts; e++) c.moe.hidden[e] = big ? 128 : 16 + 8 * (e % 3);
-    c.moe.hidden_list = !big;
-    c.moe.kind = big ? ROUTER_TOPK : ROUTER_THRESHOLD;
-    c.moe.k = 2;
-    c.moe.p = 0.7f;
-    c.moe.sparsity_eps = 0.01f;
-    return c;
-}
-
-/* Runs one forward pass of c on B sequences on `threads` threads and copies
-** out the logits, the mean loss and every MoE layer's selections (experts
-** ending with -1). */
-static void forward_on(const ModelConfig *c, int B, int threads, float *logits, float *loss,
-                       int *experts, float *weights, size_t slots) {
-    char err[ML_ERRLEN];
-    Model *m;
-    if (model_create(&m, c, err) != 0) fail_msg("%s", err);
-    int T = c->context, N = B * T;
-    int *inputs = malloc(sizeof(int) * N), *targets = malloc(sizeof(int) * N);
-    assert_true(inputs && targets);
-    for (int i = 0; i < N; i++) {
-        inputs[i] = (i * 37 + i / 7) % 256;
-        targets[i] = (i * 11 + 3) % 256;
-    }
-    omp_set_num_threads(threads);
-    int rc = model_forward(m, inputs, targets, B, T, err);
-    trainer_set_threads(2);
-    if (rc != 0) fail_msg("%s", err);
-    memcpy(logits, m->acts.logits, sizeof(float) * N * 256);
-    *loss = m->mean_loss;
-    size_t k = 0;
-    for (int l = 0; l < c->layers; l++) {
-        const MoeState *st = &m->moe[l];
-        for (int t = 0; t < N; t++)
-            for (int i = 0; i < st->sel_count[t]; i++) {
-                assert_true(k < slots);
-                experts[k] = st->sel_expert[(size_t)t * st->slots + i];
-                weights[k++] = st->sel_weight[(size_t)t * st->slots + i];
-            }
-    }
-    experts[k] = -1;
-    free(inputs);
-    free(targets);
-    model_free(m);
-}
-
-/* The forward pass gives the same numbers, bit for bit, on one thread and
-** on two: a recorded evaluation runs some batches on one thread fewer while
-** its writer has a core (trainer.c), and must compute what an unrecorded
-** one does. */
-static void test_forward_same_on_any_thread_count(void **state) {
-    (void)state;
-    for (int big = 0; big <= 1; big++) {
-        ModelConfig c = thread_test_config(big);
-        int B = big ? 16 : 5, N = B * c.context;
-        size_t slots = (size_t)N * c.moe.experts * c.layers + 1;
-        float *l1 = malloc(sizeof(float) * N * 256), *l2 = malloc(sizeof(float) * N * 256);
-        int *e1 = malloc(sizeof(int) * slots), *e2 = malloc(sizeof(int) * slots);
-        float *w1 = malloc(sizeof(float) * slots), *w2 = malloc(sizeof(float) * slots);
-        float loss1, loss2;
-        assert_true(l1 && l2 && e1 && e2 && w1 && w2);
-        forward_on(&c, B, 1, l1, &loss1, e1, w1, slots);
-        forward_on(&c, B, 2, l2, &loss2, e2, w2, slots);
-        size_t n = 0;
-        while (e1[n] >= 0) n++;
-        assert_true(n >= (size_t)2 * N * c.layers);
-        if (!big) assert_true(n > (size_t)2 * N * c.layers); /* the threshold took more */
-        assert_memory_equal(e1, e2, sizeof(int) * (n + 1));
-        assert_memory_equal(w1, w2, sizeof(float) * n);
-        assert_memory_equal(l1, l2, sizeof(float) * N * 256);
-        assert_memory_equal(&loss1, &loss2, sizeof loss1);
-        free(l1), free(l2), free(e1), free(e2), free(w1), free(w2);
-    }
-}
-
 static void test_memorise(void **state) {
     /* a short text, repeated: a tiny model learns it by heart */
     (void)state;
@@ -324,7 +238,6 @@ int main(void) {
         cmocka_unit_test(test_checkpoint_roundtrip),
         cmocka_unit_test(test_checkpoint_names),
         cmocka_unit_test(test_determinism),
-        cmocka_unit_test(test_forward_same_on_any_thread_count),
         cmocka_unit_test(test_memorise),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
