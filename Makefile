@@ -21,7 +21,7 @@ LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lcmocka -lm -ldl -lpthread -fope
 LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
-CORE    := common config json ops router moe model data safetensors checkpoint
+CORE    := common config json ops moe/router moe/layer model data safetensors checkpoint
 RECORD  := recorder recwriter plot trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
@@ -51,7 +51,8 @@ deps:
 $(BUILD):
 	@mkdir -p $(BUILD)
 
-$(BUILD)/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h src/*/*.h) | $(BUILD)
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -DMOELAB_LUA_DIR='"$(CURDIR)/lua"' -c $< -o $@
 
 $(BUILD)/libmoelab.a: $(LIBOBJ)

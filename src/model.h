@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #include "config.h"
-#include "moe.h"
+#include "moe/moe.h"
 
 #define MODEL_MAX_NAME 64
 

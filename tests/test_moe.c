@@ -13,7 +13,7 @@
 #include "data.h"
 #include "model.h"
 #include "recorder.h"
-#include "router.h"
+#include "moe/router.h"
 #include "trainer.h"
 
 static void test_threshold_rule(void **state) {

@@ -1,5 +1,5 @@
 /*
-** router.h — the selection rules of SPEC §2, one function per rule, and the
+** moe/router.h — the selection rules of SPEC §2, one function per rule, and the
 ** capacity limit. Routers see probabilities p = softmax(x · Wrᵀ) (computed by
 ** the MoE layer) and decide which experts a token uses and with what weight.
 **

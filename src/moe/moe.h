@@ -1,5 +1,5 @@
 /*
-** moe.h — the Mixture-of-Experts FFN layer: router, selection, capacity,
+** moe/moe.h — the Mixture-of-Experts FFN layer: router, selection, capacity,
 ** grouped expert execution, auxiliary losses, and the route trace.
 **
 ** Forward, named where each stage happens (which is where the trace hooks in):

@@ -1,7 +1,7 @@
 /*
-** router.c — the routers' selection rules and the capacity limit (router.h).
+** moe/router.c — the routers' selection rules and the capacity limit (router.h).
 */
-#include "router.h"
+#include "moe/router.h"
 
 #include <stdlib.h>
 #include <string.h>

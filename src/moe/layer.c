@@ -1,5 +1,5 @@
 /*
-** moe.c — the Mixture-of-Experts layer (moe.h): route, select, capacity,
+** moe/layer.c — the Mixture-of-Experts layer (moe.h): route, select, capacity,
 ** group, experts, combine; and the same in reverse.
 **
 ** Buffers live in MoeState and grow only, so after the first steps a forward
@@ -8,7 +8,7 @@
 ** runs in rank order, so results do not depend on how experts were spread
 ** over threads.
 */
-#include "moe.h"
+#include "moe/moe.h"
 
 #include <assert.h>
 #include <cblas.h>
@@ -17,7 +17,7 @@
 #include <string.h>
 
 #include "ops.h"
-#include "router.h"
+#include "moe/router.h"
 
 /* ------------------------------------------------------------------------ */
 /* buffers (grow-only, with ML_GROW of common.h)                             */
