@@ -67,19 +67,8 @@ static int ensure_rows(MoeState *s, size_t A, size_t hidden, int C, int swiglu) 
     return 0;
 }
 
-static int slots_for(const MoeConfig *mc) {
-    switch (mc->kind) {
-    case ROUTER_TOPK: return mc->k;
-    case ROUTER_THRESHOLD:
-    case ROUTER_TOPP: return mc->max_k > 0 ? mc->max_k : mc->experts;
-    case ROUTER_EXPERT_CHOICE: return mc->experts;
-    case ROUTER_HASH: return 1;
-    }
-    return mc->experts;
-}
-
 /* ------------------------------------------------------------------------ */
-/* forward                                                                   */
+/* forward, stage by stage                                                   */
 
 static void act_forward(ActKind act, float *out, const float *h, const float *g, size_t n) {
     switch (act) {
@@ -89,121 +78,95 @@ static void act_forward(ActKind act, float *out, const float *h, const float *g,
     }
 }
 
-/* ceil() of a capacity computed from a float factor: 1.1f is 1.10000002, so
-** an exact product such as 1.1 · 2560 · 2 / 8 = 704 must not round up to 705. */
-static int ceil_capacity(double x) { return (int)ceil(x * (1.0 - 1e-6)); }
+/* route: logits (N,E) = x (N,C) · router (E,C)ᵀ (+ noise (N,E) · std),
+** p = softmax(logits), lse (N), top1 (N) the argmax (kept when frozen).
+** Without a router (hash): p = 0 and top1 the map's expert. */
+static void moe_route(MoeState *s, const Router *r, const MoeConfig *mc, const float *router,
+                      const float *x, const float *noise, const int *tokens, const int *hash_map) {
+    int N = s->N, E = s->E, C = s->C;
+    assert(N >= 0 && E >= 1 && C >= 1);
+    if (!r->has_router) {
+        memset(s->probs, 0, sizeof(float) * (size_t)N * E);
+        memset(s->lse, 0, sizeof(float) * (size_t)N);
+        for (int t = 0; t < N; t++) s->top1[t] = hash_map[tokens[t]];
+        return;
+    }
+    matmul_forward(s->logits, x, router, NULL, N, C, E, 0.0f);
+    if (noise)
+        for (size_t i = 0; i < (size_t)N * E; i++) s->logits[i] += mc->noise * noise[i];
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        const float *l = s->logits + (size_t)t * E;
+        float *p = s->probs + (size_t)t * E;
+        float maxv = l[0];
+        int arg = 0;
+        for (int e = 1; e < E; e++)
+            if (l[e] > maxv) {
+                maxv = l[e];
+                arg = e;
+            }
+        double sum = 0.0;
+        for (int e = 0; e < E; e++) {
+            p[e] = expf(l[e] - maxv);
+            sum += p[e];
+        }
+        for (int e = 0; e < E; e++) p[e] = (float)(p[e] / sum);
+        s->lse[t] = maxv + (float)log(sum);
+        if (!s->freeze) s->top1[t] = arg;
+    }
+}
 
-/* A frozen selection: the same experts and drops; weights from the new p, or
-** kept as they are. Leaves kept flags (1/0) in sel_row for the group stage. */
-static void reweight(MoeState *s, const MoeConfig *mc, int from_p) {
-    int renorm = (mc->kind == ROUTER_TOPK && mc->normalize) || mc->kind == ROUTER_TOPP;
+/* select: the router's rule → per token, in rank order, sel_expert, sel_weight,
+** sel_p (N, slots) and sel_count (N). */
+static void moe_select(MoeState *s, const Router *r, const MoeConfig *mc, const int *tokens,
+                       const int *hash_map) {
+    RouterBatch b = {.probs = r->has_router ? s->probs : NULL, .tokens = tokens,
+                     .hash_map = hash_map, .N = s->N, .E = s->E, .slots = s->slots,
+                     .sel_expert = s->sel_expert, .sel_weight = s->sel_weight, .sel_p = s->sel_p,
+                     .sel_count = s->sel_count, .scratch = s->scratch};
+    r->select(mc, &b);
+    s->capacity = b.capacity;
+    for (int t = 0; t < s->N; t++) assert(s->sel_count[t] >= 0 && s->sel_count[t] <= s->slots);
+}
+
+/* A frozen selection (select's replacement): the same experts and drops;
+** weights from the new p, or kept as they are. Leaves the kept flags (1/0) in
+** sel_row, as capacity does. */
+static void moe_reselect(MoeState *s, const Router *r, const MoeConfig *mc, int from_p) {
     for (int t = 0; t < s->N; t++) {
         size_t k0 = (size_t)t * s->slots;
-        float sum = 0.0f;
-        for (int i = 0; !from_p && i < s->slots; i++) s->sel_row[k0 + i] = s->sel_row[k0 + i] >= 0;
-        if (!from_p) continue;
-        for (int i = 0; i < s->sel_count[t]; i++) {
-            float p = s->probs[(size_t)t * s->E + s->sel_expert[k0 + i]];
-            s->sel_p[k0 + i] = p;
-            s->sel_weight[k0 + i] = mc->kind == ROUTER_HASH ? 1.0f : p;
-            sum += p;
+        if (from_p) {
+            const float *p = s->probs + (size_t)t * s->E;
+            router_weights(r, mc, p, s->sel_expert + k0, s->sel_weight + k0, s->sel_count[t]);
+            for (int i = 0; i < s->sel_count[t]; i++)
+                s->sel_p[k0 + i] = r->has_router ? p[s->sel_expert[k0 + i]] : 0.0f;
         }
-        if (renorm && sum > 0.0f)
-            for (int i = 0; i < s->sel_count[t]; i++) s->sel_weight[k0 + i] /= sum;
         for (int i = 0; i < s->slots; i++) s->sel_row[k0 + i] = s->sel_row[k0 + i] >= 0;
     }
 }
 
-int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
-                const int *hash_map, float *out, const float *x, const int *tokens,
-                const float *noise, int N, int C, char *err) {
-    int E = mc->experts, slots = slots_for(mc);
-    int swiglu = act == ACT_SWIGLU;
-    if (ensure_tokens(s, N, E, slots) != 0) return ml_error(err, "out of memory in an MoE layer");
-    s->N = N;
-    s->E = E;
-    s->C = C;
-    s->slots = slots;
-    s->capacity = 0;
-
-    /* route: p = softmax(x · Wrᵀ (+ noise)) */
-    if (mc->kind != ROUTER_HASH) {
-        matmul_forward(s->logits, x, w->router, NULL, N, C, E, 0.0f);
-        if (noise)
-            for (size_t i = 0; i < (size_t)N * E; i++) s->logits[i] += mc->noise * noise[i];
-#pragma omp parallel for schedule(static)
-        for (int t = 0; t < N; t++) {
-            const float *l = s->logits + (size_t)t * E;
-            float *p = s->probs + (size_t)t * E;
-            float maxv = l[0];
-            int arg = 0;
-            for (int e = 1; e < E; e++)
-                if (l[e] > maxv) {
-                    maxv = l[e];
-                    arg = e;
-                }
-            double sum = 0.0;
-            for (int e = 0; e < E; e++) {
-                p[e] = expf(l[e] - maxv);
-                sum += p[e];
-            }
-            for (int e = 0; e < E; e++) p[e] = (float)(p[e] / sum);
-            s->lse[t] = maxv + (float)log(sum);
-            if (!s->freeze) s->top1[t] = arg;
-        }
-    } else {
-        memset(s->probs, 0, sizeof(float) * (size_t)N * E);
-        memset(s->lse, 0, sizeof(float) * (size_t)N);
-        for (int t = 0; t < N; t++) s->top1[t] = hash_map[tokens[t]];
-    }
-
-    if (s->freeze) {
-        reweight(s, mc, s->freeze == 1);
-        goto group;
-    }
-    /* select */
-    switch (mc->kind) {
-    case ROUTER_TOPK:
-    case ROUTER_THRESHOLD:
-    case ROUTER_TOPP:
-    case ROUTER_HASH:
-#pragma omp parallel for schedule(static)
-        for (int t = 0; t < N; t++) {
-            const float *p = s->probs + (size_t)t * E;
-            int *ex = s->sel_expert + (size_t)t * slots;
-            float *wt = s->sel_weight + (size_t)t * slots;
-            int n;
-            if (mc->kind == ROUTER_TOPK) n = router_select_topk(p, E, mc->k, mc->normalize, ex, wt);
-            else if (mc->kind == ROUTER_HASH) n = router_select_hash(tokens[t], hash_map, ex, wt);
-            else n = router_select_threshold(p, E, mc->p, mc->max_k, mc->kind == ROUTER_TOPP, ex, wt);
-            s->sel_count[t] = n;
-            for (int i = 0; i < n; i++) s->sel_p[(size_t)t * slots + i] = p[ex[i]];
-        }
-        break;
-    case ROUTER_EXPERT_CHOICE: {
-        float c = mc->capacity_factor > 0.0f ? mc->capacity_factor : (float)mc->k;
-        int cap = ceil_capacity((double)N * c / E);
-        s->capacity = cap > N ? N : cap;
-        router_select_expert_choice(s->probs, N, E, s->capacity, s->sel_expert, s->sel_weight,
-                                    s->sel_count, s->scratch);
-        memcpy(s->sel_p, s->sel_weight, sizeof(float) * (size_t)N * slots);
-        break;
-    }
-    }
-
-    /* capacity (token choice): kept flags go to sel_row for now */
+/* capacity (token choice, capacity_factor > 0): each expert keeps at most
+** C = max(ceil(cf · N · k / E), min_capacity) assignments; kept flags (1/0)
+** go to sel_row (N, slots) for the group stage, drops to dropped (E). */
+static void moe_capacity(MoeState *s, const Router *r, const MoeConfig *mc) {
+    int N = s->N, E = s->E;
     memset(s->dropped, 0, sizeof(int) * (size_t)E);
-    if (mc->capacity_factor > 0.0f && mc->kind != ROUTER_EXPERT_CHOICE) {
-        int cap = ceil_capacity((double)mc->capacity_factor * N * mc->k / E);
+    if (mc->capacity_factor > 0.0f && r->token_choice) {
+        int cap = router_ceil_capacity((double)mc->capacity_factor * N * r->nominal_k(mc) / E);
         s->capacity = cap > mc->min_capacity ? cap : mc->min_capacity;
-        router_apply_capacity(s->sel_expert, s->sel_p, s->sel_count, N, slots, E, s->capacity,
+        router_apply_capacity(s->sel_expert, s->sel_p, s->sel_count, N, s->slots, E, s->capacity,
                               s->sel_row, s->dropped, s->scratch);
     } else {
-        for (size_t i = 0; i < (size_t)N * slots; i++) s->sel_row[i] = 1;
+        for (size_t i = 0; i < (size_t)N * s->slots; i++) s->sel_row[i] = 1;
     }
+}
 
-group:
-    /* group: the counting pass; its histogram is the expert load */
+/* group: a counting pass, whose histogram counts (E) is the expert load; the
+** kept assignments become rows, expert by expert (offsets (E+1), hoff (E+1)
+** into the hidden buffers), sel_row (N, slots) their row or -1, row_token (A)
+** their token, and xe (A, C) the gathered inputs. */
+static int moe_group(MoeState *s, const MoeConfig *mc, int swiglu, const float *x, char *err) {
+    int N = s->N, E = s->E, C = s->C, slots = s->slots;
     memset(s->counts, 0, sizeof(int) * (size_t)E);
     for (int t = 0; t < N; t++)
         for (int i = 0; i < s->sel_count[t]; i++)
@@ -233,8 +196,14 @@ group:
 #pragma omp parallel for schedule(static)
     for (size_t r = 0; r < A; r++)
         memcpy(s->xe + r * C, x + (size_t)s->row_token[r] * C, sizeof(float) * C);
+    return 0;
+}
 
-    /* experts: one GEMM per expert over its contiguous rows */
+/* experts: for each expert e, its n_e rows xe (n_e, C) →
+** he = xe · fc_eᵀ (n_e, H_e) (and ge = xe · gate_eᵀ), ae = act(he),
+** ye = ae · proj_eᵀ (n_e, C); one GEMM per expert, experts over threads. */
+static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w) {
+    int E = s->E, C = s->C, swiglu = act == ACT_SWIGLU;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < E; e++) {
         int n = s->counts[e], H = mc->hidden[e];
@@ -251,10 +220,13 @@ group:
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, C, H, 1.0f, ae, H, w->proj[e], H,
                     0.0f, s->ye + (size_t)s->offsets[e] * C, C);
     }
+}
 
-    /* combine, in rank order */
+/* combine: out[t] (C) += Σ_i weight_ti · ye[row_ti], in rank order. */
+static void moe_combine(const MoeState *s, float *out) {
+    int C = s->C, slots = s->slots;
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++) {
+    for (int t = 0; t < s->N; t++) {
         float *o = out + (size_t)t * C;
         for (int i = 0; i < s->sel_count[t]; i++) {
             int row = s->sel_row[(size_t)t * slots + i];
@@ -264,17 +236,21 @@ group:
             for (int c = 0; c < C; c++) o[c] += wt * y[c];
         }
     }
+}
 
-    /* accounting: FLOPs, probability mass, auxiliary losses */
-    int mult = swiglu ? 3 : 2;
-    double flops = mc->kind == ROUTER_HASH ? 0.0 : 2.0 * N * C * E;
+/* accounting: FLOPs executed, probability mass (E), the auxiliary losses and
+** their gradient with respect to p (the same for every token). */
+static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKind act) {
+    int N = s->N, E = s->E, C = s->C, slots = s->slots;
+    int mult = act == ACT_SWIGLU ? 3 : 2;
+    double flops = r->has_router ? 2.0 * N * C * E : 0.0;
     for (int e = 0; e < E; e++) flops += 2.0 * mult * s->counts[e] * C * mc->hidden[e];
     s->flops = flops;
     memset(s->prob_mass, 0, sizeof(float) * (size_t)E);
     for (int t = 0; t < N; t++)
         for (int e = 0; e < E; e++) s->prob_mass[e] += s->probs[(size_t)t * E + e];
     memset(s->aux, 0, sizeof s->aux);
-    if (mc->kind != ROUTER_HASH) {
+    if (r->has_router) {
         double f[MOE_MAX_EXPERTS] = {0}, load[MOE_MAX_EXPERTS] = {0};
         int hmax = 0;
         for (int e = 0; e < E; e++) hmax = mc->hidden[e] > hmax ? mc->hidden[e] : hmax;
@@ -313,12 +289,37 @@ group:
     }
     s->aux_weighted = mc->aux_balance * s->aux[AUX_BALANCE] + mc->aux_z * s->aux[AUX_Z] +
                       mc->aux_cv2 * s->aux[AUX_CV2] + mc->aux_p_penalty * s->aux[AUX_P_PENALTY];
+}
+
+int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
+                const int *hash_map, float *out, const float *x, const int *tokens,
+                const float *noise, int N, int C, char *err) {
+    const Router *r = router_of(mc->kind);
+    int E = mc->experts, slots = r->slots(mc);
+    assert(N >= 0 && C >= 1 && E >= 1 && slots >= 1);
+    if (ensure_tokens(s, N, E, slots) != 0) return ml_error(err, "out of memory in an MoE layer");
+    s->N = N;
+    s->E = E;
+    s->C = C;
+    s->slots = slots;
+    s->capacity = 0;
+    moe_route(s, r, mc, w->router, x, noise, tokens, hash_map);
+    if (s->freeze) {
+        moe_reselect(s, r, mc, s->freeze == 1);
+    } else {
+        moe_select(s, r, mc, tokens, hash_map);
+        moe_capacity(s, r, mc);
+    }
+    if (moe_group(s, mc, act == ACT_SWIGLU, x, err) != 0) return -1;
+    moe_run_experts(s, mc, act, w);
+    moe_combine(s, out);
+    moe_account(s, r, mc, act);
     return 0;
 }
 
 double moe_token_flops(const MoeState *s, const MoeConfig *mc, ActKind act, int t) {
     int mult = act == ACT_SWIGLU ? 3 : 2;
-    double flops = mc->kind == ROUTER_HASH ? 0.0 : 2.0 * s->C * s->E;
+    double flops = router_of(mc->kind)->has_router ? 2.0 * s->C * s->E : 0.0;
     for (int i = 0; i < s->sel_count[t]; i++) {
         size_t k = (size_t)t * s->slots + i;
         if (s->sel_row[k] >= 0) flops += 2.0 * mult * s->C * mc->hidden[s->sel_expert[k]];
@@ -409,10 +410,11 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
     }
 
     /* route, reversed: weights → p → logits → x and Wr. This writes dx. */
-    if (mc->kind != ROUTER_HASH) {
+    const Router *r = router_of(mc->kind);
+    if (r->has_router) {
         float *dp = scr->dprobs, *dl = scr->dlogits;
         memset(dp, 0, sizeof(float) * (size_t)N * E);
-        int renorm = (mc->kind == ROUTER_TOPK && mc->normalize) || mc->kind == ROUTER_TOPP;
+        int renorm = r->renormalised(mc);
         for (int t = 0; t < N; t++)
             router_weights_backward(dp + (size_t)t * E, s->probs + (size_t)t * E,
                                     s->sel_expert + (size_t)t * slots,

@@ -1,8 +1,10 @@
 /*
-** moe/router.c — the routers' selection rules and the capacity limit (router.h).
+** moe/router.c — the routers (router.h): their selection rules, the capacity
+** limit, and at the end the table with one entry per router.
 */
 #include "moe/router.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -157,4 +159,105 @@ void router_weights_backward(float *dp, const float *p, const int *experts, cons
     }
     if (s <= 0.0f) return;
     for (int i = 0; i < n; i++) dp[experts[i]] += (dw[i] - dot) / s;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the table                                                                 */
+
+static const char *const key_names[ROUTER_KEY_COUNT] = {
+    "k", "p", "max_k", "normalize", "capacity_factor", "min_capacity", "noise"};
+
+const char *router_key_name(int bit) {
+    return bit >= 0 && bit < ROUTER_KEY_COUNT ? key_names[bit] : "?";
+}
+
+/* capacity_factor > 0 limits a token-choice router: min_capacity then applies */
+static unsigned capacity_keys(const MoeConfig *mc) {
+    return ROUTER_KEY_CAPACITY_FACTOR | (mc->capacity_factor > 0.0f ? ROUTER_KEY_MIN_CAPACITY : 0);
+}
+
+/* Per-token rules over a batch, in parallel: each token's selection is its own. */
+static void select_per_token(const MoeConfig *mc, RouterBatch *b) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < b->N; t++) {
+        const float *p = b->probs ? b->probs + (size_t)t * b->E : NULL;
+        int *ex = b->sel_expert + (size_t)t * b->slots;
+        float *wt = b->sel_weight + (size_t)t * b->slots;
+        int n;
+        switch (mc->kind) {
+        case ROUTER_TOPK: n = router_select_topk(p, b->E, mc->k, mc->normalize, ex, wt); break;
+        case ROUTER_HASH: n = router_select_hash(b->tokens[t], b->hash_map, ex, wt); break;
+        default:
+            n = router_select_threshold(p, b->E, mc->p, mc->max_k, mc->kind == ROUTER_TOPP, ex, wt);
+        }
+        b->sel_count[t] = n;
+        for (int i = 0; i < n; i++) b->sel_p[(size_t)t * b->slots + i] = p ? p[ex[i]] : 0.0f;
+    }
+}
+
+/* ceil() of a capacity computed from a float factor: 1.1f is 1.10000002, so
+** an exact product such as 1.1 · 2560 · 2 / 8 = 704 must not round up to 705. */
+int router_ceil_capacity(double x) { return (int)ceil(x * (1.0 - 1e-6)); }
+
+static void select_expert_choice(const MoeConfig *mc, RouterBatch *b) {
+    float c = mc->capacity_factor > 0.0f ? mc->capacity_factor : (float)mc->k;
+    int cap = router_ceil_capacity((double)b->N * c / b->E);
+    b->capacity = cap > b->N ? b->N : cap;
+    router_select_expert_choice(b->probs, b->N, b->E, b->capacity, b->sel_expert, b->sel_weight,
+                                b->sel_count, b->scratch);
+    memcpy(b->sel_p, b->sel_weight, sizeof(float) * (size_t)b->N * b->slots);
+}
+
+static unsigned topk_keys(const MoeConfig *mc) {
+    return ROUTER_KEY_K | ROUTER_KEY_NORMALIZE | ROUTER_KEY_NOISE | capacity_keys(mc);
+}
+static int topk_slots(const MoeConfig *mc) { return mc->k; }
+static int topk_renormalised(const MoeConfig *mc) { return mc->normalize; }
+
+/* threshold and topp read k only as capacity's k */
+static unsigned threshold_keys(const MoeConfig *mc) {
+    return ROUTER_KEY_P | ROUTER_KEY_MAX_K | ROUTER_KEY_NOISE | capacity_keys(mc) |
+           (mc->capacity_factor > 0.0f ? ROUTER_KEY_K : 0);
+}
+static int threshold_slots(const MoeConfig *mc) { return mc->max_k > 0 ? mc->max_k : mc->experts; }
+static int never(const MoeConfig *mc) { (void)mc; return 0; }
+static int always(const MoeConfig *mc) { (void)mc; return 1; }
+static int config_k(const MoeConfig *mc) { return mc->k; }
+
+/* expert choice: k is its c unless capacity_factor gives it */
+static unsigned expert_choice_keys(const MoeConfig *mc) {
+    return ROUTER_KEY_CAPACITY_FACTOR | ROUTER_KEY_NOISE |
+           (mc->capacity_factor > 0.0f ? 0 : ROUTER_KEY_K);
+}
+static int expert_choice_slots(const MoeConfig *mc) { return mc->experts; }
+
+static unsigned hash_keys(const MoeConfig *mc) { return capacity_keys(mc); }
+
+static const Router routers[] = {
+    {ROUTER_TOPK, "topk", 1, 1, topk_keys, topk_slots, config_k, select_per_token,
+     topk_renormalised},
+    {ROUTER_THRESHOLD, "threshold", 1, 1, threshold_keys, threshold_slots, config_k,
+     select_per_token, never},
+    {ROUTER_TOPP, "topp", 1, 1, threshold_keys, threshold_slots, config_k, select_per_token,
+     always},
+    {ROUTER_EXPERT_CHOICE, "expert_choice", 1, 0, expert_choice_keys, expert_choice_slots,
+     config_k, select_expert_choice, never},
+    {ROUTER_HASH, "hash", 0, 1, hash_keys, always, always, select_per_token, never},
+};
+
+const Router *router_of(RouterKind kind) {
+    for (size_t i = 0; i < sizeof routers / sizeof routers[0]; i++)
+        if (routers[i].kind == kind) return &routers[i];
+    return NULL;
+}
+
+void router_weights(const Router *r, const MoeConfig *mc, const float *p, const int *experts,
+                    float *weights, int n) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        weights[i] = r->has_router ? p[experts[i]] : 1.0f;
+        sum += weights[i];
+    }
+    if (r->has_router && r->renormalised(mc) && sum > 0.0f)
+        for (int i = 0; i < n; i++) weights[i] /= sum;
 }

@@ -1,7 +1,8 @@
 /*
-** moe/router.h — the selection rules of SPEC §2, one function per rule, and the
-** capacity limit. Routers see probabilities p = softmax(x · Wrᵀ) (computed by
-** the MoE layer) and decide which experts a token uses and with what weight.
+** moe/router.h — the routers of SPEC §2: their table (one entry per router:
+** name, keys, selection, weights), the selection rules, and the capacity
+** limit. Routers see probabilities p = softmax(x · Wrᵀ) (computed by the MoE
+** layer) and decide which experts a token uses and with what weight.
 **
 ** A token's selection is written in rank order (rank 0 = the router's first
 ** choice) into `experts` and `weights`, at most `slots` entries; the count is
@@ -9,6 +10,70 @@
 */
 #ifndef MOELAB_ROUTER_H
 #define MOELAB_ROUTER_H
+
+#include "config.h"
+
+/* The keys of `moe.router` (beside `kind`), as bits: what a router reads. */
+enum {
+    ROUTER_KEY_K = 1 << 0,
+    ROUTER_KEY_P = 1 << 1,
+    ROUTER_KEY_MAX_K = 1 << 2,
+    ROUTER_KEY_NORMALIZE = 1 << 3,
+    ROUTER_KEY_CAPACITY_FACTOR = 1 << 4,
+    ROUTER_KEY_MIN_CAPACITY = 1 << 5,
+    ROUTER_KEY_NOISE = 1 << 6,
+    ROUTER_KEY_COUNT = 7
+};
+
+/* The key of bit i (ROUTER_KEY_K is bit 0: "k"). */
+const char *router_key_name(int bit);
+
+/* One batch's selection, filled in rank order per token (slots entries each). */
+typedef struct {
+    const float *probs;   /* (N, E) p; NULL for hash */
+    const int *tokens;    /* (N) token ids, for hash */
+    const int *hash_map;  /* (vocab) expert of each token id, for hash */
+    int N, E, slots;
+    int *sel_expert;      /* (N, slots) */
+    float *sel_weight;    /* (N, slots) */
+    float *sel_p;         /* (N, slots) p of each choice */
+    int *sel_count;       /* (N) */
+    int *scratch;         /* (N) */
+    int capacity;         /* set by routers with their own capacity (expert choice) */
+} RouterBatch;
+
+/*
+** A router: one entry of the table in router.c. Adding a router is adding an
+** entry there (and its name to RouterKind and config.c's list of names).
+*/
+typedef struct {
+    RouterKind kind;
+    const char *name;
+    int has_router;   /* a router weight and probabilities (hash has neither) */
+    int token_choice; /* capacity limits its selections afterwards; expert choice
+                      ** sets its own (and sees the whole batch: not causal) */
+    /* the moe.router keys it reads under this configuration (ROUTER_KEY_*) */
+    unsigned (*keys)(const MoeConfig *mc);
+    /* selections per token at most */
+    int (*slots)(const MoeConfig *mc);
+    /* experts per token nominally: capacity's k and the active parameter count */
+    int (*nominal_k)(const MoeConfig *mc);
+    /* the selection of a batch */
+    void (*select)(const MoeConfig *mc, RouterBatch *b);
+    /* whether the weights are p renormalised over the selection (else raw p,
+    ** or 1 without a router); router_weights_backward takes the same flag */
+    int (*renormalised)(const MoeConfig *mc);
+} Router;
+
+/* The router of a kind (never NULL for a valid kind). */
+const Router *router_of(RouterKind kind);
+
+/* ceil() of a capacity from a float factor, exact products not rounded up. */
+int router_ceil_capacity(double x);
+
+/* The weights of a given selection (n experts) from p: raw, renormalised or 1. */
+void router_weights(const Router *r, const MoeConfig *mc, const float *p, const int *experts,
+                    float *weights, int n);
 
 /* topk: the k largest p; weights p renormalised over the k, or raw p. */
 int router_select_topk(const float *p, int E, int k, int normalize, int *experts,
