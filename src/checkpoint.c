@@ -46,7 +46,7 @@ int checkpoint_load(Model **out, const char *path, char *err) {
     }
     ModelConfig c;
     config_defaults(&c);
-    if (config_from_json(&c, json, strlen(json), inner) != 0 || model_create(&m, &c, inner) != 0) {
+    if (config_from_checkpoint_json(&c, json, strlen(json), inner) != 0 || model_create(&m, &c, inner) != 0) {
         st_close(f);
         return ml_error(err, "'%s': bad moelab_config: %s", path, inner);
     }

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "json.h"
+#include "moe/router.h"
 
 void config_defaults(ModelConfig *c) {
     memset(c, 0, sizeof *c);
@@ -244,8 +245,21 @@ static const char *const router_keys[] = {"kind", "k", "p", "max_k", "normalize"
 static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty"};
 #define NKEYS(a) ((int)(sizeof(a) / sizeof(a)[0]))
 
-/* The `moe` table: over the defaults, into c->moe. */
-static int read_moe(ModelConfig *c, const JsonValue *moe, char *err) {
+/* The keys of `keys` (ROUTER_KEY_* bits) as a list, for messages. */
+static void router_key_list(char *buf, size_t n, unsigned keys) {
+    buf[0] = 0;
+    for (int i = 0; i < ROUTER_KEY_COUNT; i++)
+        if (keys & (1u << i)) {
+            strncat(buf, buf[0] ? ", " : "", n - strlen(buf) - 1);
+            strncat(buf, router_key_name(i), n - strlen(buf) - 1);
+        }
+}
+
+/* The `moe` table: over the defaults, into c->moe. A router key that the
+** router does not read under this configuration is refused when strict (a
+** user's table), ignored otherwise (checkpoints written before the routers
+** stored only their own keys). */
+static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err) {
     MoeConfig *m = &c->moe;
     if (json_type(moe) != JSON_OBJECT)
         return ml_error(err, "'moe' must be a table, for example { experts = 8, hidden = 128 }");
@@ -304,6 +318,16 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, char *err) {
             read_float(router, "noise", "moe.router.", &m->noise, err) ||
             read_bool(router, "normalize", "moe.router.", &m->normalize, err))
             return -1;
+        unsigned used = router_of(m->kind)->keys(m);
+        for (int i = 0; strict && i < ROUTER_KEY_COUNT; i++) {
+            if ((used & (1u << i)) || !json_object_get(router, router_key_name(i))) continue;
+            char list[256];
+            router_key_list(list, sizeof list, used);
+            return ml_error(err, "'moe.router.%s' is not read by the %s router%s (it reads %s)",
+                            router_key_name(i), config_router_name(m->kind),
+                            m->capacity_factor > 0.0f ? "" : " when dropless",
+                            list[0] ? list : "no other key");
+        }
     }
     const JsonValue *aux = json_object_get(moe, "aux");
     if (aux) {
@@ -319,7 +343,7 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, char *err) {
     return 0;
 }
 
-int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
+static int config_parse(ModelConfig *c, const char *json, size_t len, int strict, char *err) {
     char jerr[ML_ERRLEN];
     JsonValue *root = NULL;
     if (json_parse(json, len, &root, jerr) != 0)
@@ -368,7 +392,7 @@ int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
     }
     if (c->ffn_hidden == 0) c->ffn_hidden = 4 * c->d_model;
     const JsonValue *moe = json_object_get(root, "moe");
-    if (moe && json_type(moe) != JSON_NULL && read_moe(c, moe, err)) goto done;
+    if (moe && json_type(moe) != JSON_NULL && read_moe(c, moe, strict, err)) goto done;
     if (c->moe.enabled) {
         for (int e = 0; e < c->moe.experts; e++)
             if (c->moe.hidden[e] == 0) c->moe.hidden[e] = c->d_model;
@@ -376,9 +400,34 @@ int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
             c->moe.sparsity_eps = c->activation == ACT_RELU ? 0.0f : 0.01f;
     }
     rc = config_validate(c, err);
+    if (rc == 0) config_canonical(c);
 done:
     json_free(root);
     return rc;
+}
+
+void config_canonical(ModelConfig *c) {
+    MoeConfig *m = &c->moe, d;
+    if (!m->enabled) return;
+    ModelConfig defaults;
+    config_defaults(&defaults);
+    d = defaults.moe;
+    unsigned used = router_of(m->kind)->keys(m);
+    if (!(used & ROUTER_KEY_K)) m->k = d.k;
+    if (!(used & ROUTER_KEY_P)) m->p = d.p;
+    if (!(used & ROUTER_KEY_MAX_K)) m->max_k = d.max_k;
+    if (!(used & ROUTER_KEY_NORMALIZE)) m->normalize = d.normalize;
+    if (!(used & ROUTER_KEY_CAPACITY_FACTOR)) m->capacity_factor = d.capacity_factor;
+    if (!(used & ROUTER_KEY_MIN_CAPACITY)) m->min_capacity = d.min_capacity;
+    if (!(used & ROUTER_KEY_NOISE)) m->noise = d.noise;
+}
+
+int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
+    return config_parse(c, json, len, 1, err);
+}
+
+int config_from_checkpoint_json(ModelConfig *c, const char *json, size_t len, char *err) {
+    return config_parse(c, json, len, 0, err);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -408,15 +457,27 @@ char *config_to_json(const ModelConfig *c) {
         } else {
             jb_printf(&b, "%d", m->hidden[0]);
         }
+        /* the router's own keys only, in the order of ROUTER_KEY_* */
         jb_puts(&b, ",\"router\":{\"kind\":");
         jb_string(&b, config_router_name(m->kind));
-        jb_printf(&b, ",\"k\":%d,\"normalize\":%s,\"capacity_factor\":", m->k,
-                  m->normalize ? "true" : "false");
-        jb_float(&b, m->capacity_factor);
-        jb_puts(&b, ",\"p\":");
-        jb_float(&b, m->p);
-        jb_printf(&b, ",\"max_k\":%d,\"min_capacity\":%d,\"noise\":", m->max_k, m->min_capacity);
-        jb_float(&b, m->noise);
+        unsigned used = router_of(m->kind)->keys(m);
+        if (used & ROUTER_KEY_K) jb_printf(&b, ",\"k\":%d", m->k);
+        if (used & ROUTER_KEY_P) {
+            jb_puts(&b, ",\"p\":");
+            jb_float(&b, m->p);
+        }
+        if (used & ROUTER_KEY_MAX_K) jb_printf(&b, ",\"max_k\":%d", m->max_k);
+        if (used & ROUTER_KEY_NORMALIZE)
+            jb_printf(&b, ",\"normalize\":%s", m->normalize ? "true" : "false");
+        if (used & ROUTER_KEY_CAPACITY_FACTOR) {
+            jb_puts(&b, ",\"capacity_factor\":");
+            jb_float(&b, m->capacity_factor);
+        }
+        if (used & ROUTER_KEY_MIN_CAPACITY) jb_printf(&b, ",\"min_capacity\":%d", m->min_capacity);
+        if (used & ROUTER_KEY_NOISE) {
+            jb_puts(&b, ",\"noise\":");
+            jb_float(&b, m->noise);
+        }
         jb_puts(&b, "},\"aux\":{\"balance\":");
         jb_float(&b, m->aux_balance);
         jb_puts(&b, ",\"z\":");

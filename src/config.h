@@ -71,9 +71,17 @@ void config_defaults(ModelConfig *c);
 /* Checks values against each other; the message names the value and why. */
 int config_validate(const ModelConfig *c, char *err);
 
+/* Resets the router keys that the router does not read to their defaults, so
+** that two configurations that mean the same are the same bytes. */
+void config_canonical(ModelConfig *c);
+
 /* Parses a JSON object of configuration keys over the defaults. An unknown key
 ** is an error that names it and the nearest valid key. */
 int config_from_json(ModelConfig *c, const char *json, size_t len, char *err);
+
+/* The same for a checkpoint's configuration: router keys that its router does
+** not read are ignored (files written before routers stored only their own). */
+int config_from_checkpoint_json(ModelConfig *c, const char *json, size_t len, char *err);
 
 /* Writes the configuration as JSON with every default filled in; returns a
 ** malloc'd string or NULL when out of memory. */

@@ -167,6 +167,7 @@ int model_create(Model **out, const ModelConfig *config, char *err) {
     Model *m = calloc(1, sizeof *m);
     if (!m) return ml_error(err, "out of memory creating the model");
     m->config = *config;
+    config_canonical(&m->config);
     int L = config->layers;
     m->w.blocks = calloc((size_t)L, sizeof(BlockWeights));
     m->g.blocks = calloc((size_t)L, sizeof(BlockWeights));

@@ -485,8 +485,20 @@ static void test_config_errors(void **state) {
             "'moe.router.k' = 5", "moe.experts = 4", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, hidden = { 8, 8, 8 } } })",
             "3 sizes for 4 experts", NULL);
-    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { p = 1.5 } } })",
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', p = 1.5 } } })",
             "'moe.router.p'", "(0, 1]", NULL);
+    /* a key the router does not read is refused, naming the keys it reads */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { p = 0.5 } } })",
+            "'moe.router.p' is not read by the topk router", "k, normalize", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', normalize = false } } })",
+            "'moe.router.normalize' is not read by the threshold router when dropless",
+            "p, max_k, capacity_factor, noise", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', k = 2 } } })",
+            "'moe.router.k' is not read by the threshold router when dropless", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { min_capacity = 2 } } })",
+            "'moe.router.min_capacity' is not read", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'hash', k = 1 } } })",
+            "'moe.router.k' is not read by the hash router", NULL);
     run_err(L, "moelab.model(tiny{ moe = { router = { kind = 'hash' }, aux = { z = 1 } } })",
             "hash", "moe.aux", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 0 } })", "'moe.experts'", NULL);

@@ -193,6 +193,55 @@ static void test_moe_checkpoint(void **state) {
     }
 }
 
+/* A configuration stores only the keys its router reads (threshold: no k or
+** normalize unless capacity makes k capacity's k); a checkpoint written with
+** every key, as before, still loads, while a user's table with them fails. */
+static void test_router_keys_stored(void **state) {
+    (void)state;
+    static const struct { const char *router, *has[4], *lacks[4]; } cases[] = {
+        {"{\"kind\":\"threshold\",\"p\":0.8}", {"\"p\":", "\"max_k\":", "\"noise\":"},
+         {"\"k\":", "\"normalize\":", "\"min_capacity\":"}},
+        {"{\"kind\":\"threshold\",\"p\":0.8,\"capacity_factor\":1.5,\"k\":3}",
+         {"\"k\":3", "\"min_capacity\":4", "\"capacity_factor\":1.5"}, {"\"normalize\":"}},
+        {"{\"kind\":\"topk\",\"k\":1,\"normalize\":false}", {"\"k\":1", "\"normalize\":false"},
+         {"\"p\":", "\"max_k\":", "\"min_capacity\":"}},
+        {"{\"kind\":\"hash\"}", {"\"capacity_factor\":0"}, {"\"k\":", "\"p\":", "\"noise\":"}},
+        {"{\"kind\":\"expert_choice\",\"k\":2}", {"\"k\":2"}, {"\"min_capacity\":", "\"normalize\":"}},
+    };
+    char err[ML_ERRLEN], json[512];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(json, sizeof json, "{\"layers\":1,\"moe\":{\"experts\":4,\"router\":%s}}",
+                 cases[i].router);
+        ModelConfig c;
+        config_defaults(&c);
+        if (config_from_json(&c, json, strlen(json), err) != 0) fail_msg("%s: %s", json, err);
+        char *out = config_to_json(&c);
+        assert_non_null(out);
+        for (int j = 0; j < 4 && cases[i].has[j]; j++)
+            if (!strstr(out, cases[i].has[j])) fail_msg("%s lacks %s", out, cases[i].has[j]);
+        for (int j = 0; j < 4 && cases[i].lacks[j]; j++)
+            if (strstr(strstr(out, "\"router\""), cases[i].lacks[j]))
+                fail_msg("%s has %s", out, cases[i].lacks[j]);
+        /* what it wrote reads back to the same bytes */
+        ModelConfig back;
+        config_defaults(&back);
+        assert_int_equal(config_from_json(&back, out, strlen(out), err), 0);
+        assert_memory_equal(&back, &c, sizeof c);
+        free(out);
+    }
+    /* the old form: every router key, whatever the router */
+    const char *old = "{\"layers\":1,\"moe\":{\"experts\":4,\"router\":{\"kind\":\"threshold\","
+                      "\"k\":2,\"normalize\":true,\"capacity_factor\":0,\"p\":0.9,\"max_k\":0,"
+                      "\"min_capacity\":4,\"noise\":0}}}";
+    ModelConfig c;
+    config_defaults(&c);
+    assert_int_equal(config_from_checkpoint_json(&c, old, strlen(old), err), 0);
+    assert_int_equal(c.moe.kind, ROUTER_THRESHOLD);
+    config_defaults(&c);
+    assert_int_equal(config_from_json(&c, old, strlen(old), err), -1);
+    assert_non_null(strstr(err, "'moe.router.k' is not read by the threshold router"));
+}
+
 /* A trained-for-a-few-steps model in an in-memory database. */
 typedef struct {
     Corpus *corpus;
@@ -353,6 +402,7 @@ int main(void) {
         cmocka_unit_test(test_capacity_formula),
         cmocka_unit_test(test_flops_accounting),
         cmocka_unit_test(test_moe_checkpoint),
+        cmocka_unit_test(test_router_keys_stored),
         cmocka_unit_test(test_expert_load_matches_forward),
         cmocka_unit_test(test_recorded_routing_reproduces_forward),
     };
