@@ -56,7 +56,7 @@ $(BUILD)/%.o: src/%.c $(wildcard src/*.h src/*/*.h) | $(BUILD)
 	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -DMOELAB_LUA_DIR='"$(CURDIR)/lua"' -c $< -o $@
 
 $(BUILD)/libmoelab.a: $(LIBOBJ)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 $(BIN): $(BUILD)/main.o $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS_MAIN)

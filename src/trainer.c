@@ -97,6 +97,7 @@ void trainer_free(Trainer *t) {
     if (t->rng) gsl_rng_free((gsl_rng *)t->rng);
     free(t->inputs);
     free(t->targets);
+    free(t->trace);
     memset(t, 0, sizeof *t);
 }
 
@@ -136,13 +137,10 @@ static int record_step_load(Trainer *t, char *err) {
     RecExpertLoad rows[MOE_MAX_EXPERTS];
     for (int l = 0; l < m->config.layers; l++) {
         if (!config_is_moe_block(&m->config, l)) continue;
-        const MoeState *s = &m->moe[l];
         for (int e = 0; e < mc->experts; e++) {
-            rows[e].layer = l;
-            rows[e].expert = e;
-            rows[e].tokens = s->counts[e];
-            rows[e].dropped = s->dropped[e];
-            rows[e].prob_mass = mc->kind == ROUTER_HASH ? NAN : s->prob_mass[e];
+            MoeExpertTrace x = moe_trace_expert(&m->moe[l], mc, e);
+            rows[e] = (RecExpertLoad){.layer = l, .expert = e, .tokens = x.tokens,
+                                      .dropped = x.dropped, .prob_mass = x.prob_mass};
         }
         if (rec_expert_load(t->rec, t->run_id, -1, t->step, rows, (size_t)mc->experts, err) != 0)
             return -1;
@@ -156,46 +154,47 @@ typedef struct {
     double *abs_sum;
 } EvalSparsity;
 
-/* The last forward's routing and token rows (batch i) into b, its sparsity
-** into sp. Routing rows go layer by layer, each in (seq, pos, rank) order. */
-static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Model *m, int i, int B, int T) {
+/* The last forward's routing and token rows (batch i) into b, from each MoE
+** layer's route trace; its sparsity into sp. Routing rows go layer by layer,
+** each in (seq, pos, pass, rank) order. */
+static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, int B, int T) {
+    Model *m = t->model;
     const ModelConfig *c = &m->config;
     const MoeConfig *mc = &c->moe;
     int N = B * T, E = mc->experts;
     size_t n_routing = 0;
     for (int l = 0; l < c->layers; l++)
-        if (config_is_moe_block(c, l)) n_routing += (size_t)m->moe[l].offsets[E];
+        if (config_is_moe_block(c, l)) n_routing += moe_trace_count(&m->moe[l]);
     if (recw_reserve(b, n_routing, (size_t)N) != 0) return -1;
+    if (n_routing > t->trace_cap) {
+        if (ML_GROW(t->trace, n_routing)) return -1;
+        t->trace_cap = n_routing;
+    }
     RecRouting *out = b->routing;
     for (int l = 0; l < c->layers; l++) {
         if (!config_is_moe_block(c, l)) continue;
-        MoeState *s = &m->moe[l];
-        for (int t = 0; t < N; t++)
-            for (int k = 0; k < s->sel_count[t]; k++) {
-                size_t j = (size_t)t * s->slots + k;
-                if (s->sel_row[j] < 0) continue;
-                *out++ = (RecRouting){.layer = l, .seq = i * B + t / T, .pos = t % T,
-                                      .token = m->acts.inputs[t], .rank = k,
-                                      .expert = s->sel_expert[j], .pass = 0,
-                                      .weight = s->sel_weight[j]};
-            }
-        moe_measure_sparsity(s, mc, mc->sparsity_eps);
-        for (int e = 0; e < E; e++) {
-            sp->activations[(size_t)l * E + e] += (int64_t)s->counts[e] * mc->hidden[e];
-            sp->near_zero[(size_t)l * E + e] += s->near_zero[e];
-            sp->abs_sum[(size_t)l * E + e] += s->abs_sum[e];
+        const MoeState *s = &m->moe[l];
+        size_t n = moe_trace_routes(s, t->trace);
+        for (size_t j = 0; j < n; j++) {
+            const MoeRoute *r = &t->trace[j];
+            *out++ = (RecRouting){.layer = l, .seq = i * B + r->token / T, .pos = r->token % T,
+                                  .token = m->acts.inputs[r->token], .rank = r->rank,
+                                  .expert = r->expert, .pass = r->pass, .weight = r->weight};
         }
+        size_t k = (size_t)l * E;
+        moe_trace_sparsity(s, mc, mc->sparsity_eps, sp->activations + k, sp->near_zero + k,
+                           sp->abs_sum + k);
     }
     b->n_routing = (size_t)(out - b->routing);
-    for (int t = 0; t < N; t++) {
-        RecTokenStat *ts = &b->tokens[t];
-        *ts = (RecTokenStat){.seq = i * B + t / T, .pos = t % T, .token = m->acts.inputs[t],
-                             .experts = 0, .loss = m->acts.losses[t], .moe_flops = 0.0};
+    for (int n = 0; n < N; n++) {
+        RecTokenStat *ts = &b->tokens[n];
+        *ts = (RecTokenStat){.seq = i * B + n / T, .pos = n % T, .token = m->acts.inputs[n],
+                             .experts = 0, .loss = m->acts.losses[n], .moe_flops = 0.0};
         for (int l = 0; l < c->layers; l++) {
             if (!config_is_moe_block(c, l)) continue;
-            const MoeState *s = &m->moe[l];
-            for (int k = 0; k < s->sel_count[t]; k++) ts->experts += s->sel_row[(size_t)t * s->slots + k] >= 0;
-            ts->moe_flops += moe_token_flops(s, mc, c->activation, t);
+            MoeTokenTrace x = moe_trace_token(&m->moe[l], mc, c->activation, n);
+            ts->experts += x.experts;
+            ts->moe_flops += x.flops;
         }
     }
     b->n_tokens = (size_t)N;
@@ -217,7 +216,7 @@ static int eval_record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
             size_t k = (size_t)l * E + e;
             lrows[e] = (RecExpertLoad){.layer = l, .expert = e, .tokens = load[k],
                                        .dropped = dropped[k],
-                                       .prob_mass = c->moe.kind == ROUTER_HASH ? NAN : mass[k]};
+                                       .prob_mass = mass[k]};
             if (sp) {
                 int64_t n = sp->activations[k];
                 srows[e] = (RecSparsity){.layer = l, .expert = e, .activations = n,
@@ -337,17 +336,17 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         flops += m->moe_flops;
         for (int l = 0; moe && l < L; l++) {
             if (!config_is_moe_block(c, l)) continue;
-            const MoeState *s = &m->moe[l];
-            assignments += s->offsets[E];
+            assignments += (int64_t)moe_trace_count(&m->moe[l]);
             for (int e = 0; e < E; e++) {
-                load[(size_t)l * E + e] += s->counts[e];
-                dropped[(size_t)l * E + e] += s->dropped[e];
-                mass[(size_t)l * E + e] += s->prob_mass[e];
+                MoeExpertTrace x = moe_trace_expert(&m->moe[l], &c->moe, e);
+                load[(size_t)l * E + e] += x.tokens;
+                dropped[(size_t)l * E + e] += x.dropped;
+                mass[(size_t)l * E + e] += x.prob_mass;
             }
         }
         if (writer) {
             RecBatch *b = recw_batch(writer);
-            if (!b || eval_record_batch(b, &sp, m, i, B, T) != 0) {
+            if (!b || eval_record_batch(b, &sp, t, i, B, T) != 0) {
                 if (b) { /* an empty batch gives the buffers back */
                     b->n_routing = b->n_tokens = 0;
                     recw_submit(writer, b, err);

@@ -71,6 +71,8 @@ typedef struct {
     void *rng;         /* gsl_rng of the training batches */
     int *inputs, *targets;
     int cap;           /* ints in inputs and targets */
+    MoeRoute *trace;   /* one layer's route trace, while an evaluation is recorded */
+    size_t trace_cap;
 } Trainer;
 
 void train_options_defaults(TrainOptions *o);

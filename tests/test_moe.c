@@ -160,7 +160,7 @@ static void test_flops_accounting(void **state) {
     assert_true(s->flops == want);
     assert_true(m->moe_flops == want);
     double per_token = 0.0;
-    for (int t = 0; t < 32; t++) per_token += moe_token_flops(s, &c.moe, c.activation, t);
+    for (int t = 0; t < 32; t++) per_token += moe_trace_token(s, &c.moe, c.activation, t).flops;
     assert_true(test_close(per_token, want, 1e-12, 0));
     int total = 0;
     for (int e = 0; e < 4; e++) total += s->counts[e];

@@ -317,17 +317,44 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
     return 0;
 }
 
-double moe_token_flops(const MoeState *s, const MoeConfig *mc, ActKind act, int t) {
-    int mult = act == ACT_SWIGLU ? 3 : 2;
-    double flops = router_of(mc->kind)->has_router ? 2.0 * s->C * s->E : 0.0;
-    for (int i = 0; i < s->sel_count[t]; i++) {
-        size_t k = (size_t)t * s->slots + i;
-        if (s->sel_row[k] >= 0) flops += 2.0 * mult * s->C * mc->hidden[s->sel_expert[k]];
-    }
-    return flops;
+/* ------------------------------------------------------------------------ */
+/* the route trace                                                           */
+
+size_t moe_trace_count(const MoeState *s) { return (size_t)s->offsets[s->E]; }
+
+size_t moe_trace_routes(const MoeState *s, MoeRoute *out) {
+    MoeRoute *o = out;
+    for (int t = 0; t < s->N; t++)
+        for (int k = 0; k < s->sel_count[t]; k++) {
+            size_t j = (size_t)t * s->slots + k;
+            if (s->sel_row[j] < 0) continue;
+            *o++ = (MoeRoute){.token = t, .pass = 0, .rank = k, .expert = s->sel_expert[j],
+                              .weight = s->sel_weight[j]};
+        }
+    assert((size_t)(o - out) == moe_trace_count(s));
+    return (size_t)(o - out);
 }
 
-void moe_measure_sparsity(MoeState *s, const MoeConfig *mc, float eps) {
+MoeTokenTrace moe_trace_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t) {
+    int mult = act == ACT_SWIGLU ? 3 : 2;
+    MoeTokenTrace tr = {.experts = 0, .passes = 1,
+                        .flops = router_of(mc->kind)->has_router ? 2.0 * s->C * s->E : 0.0};
+    for (int i = 0; i < s->sel_count[t]; i++) {
+        size_t k = (size_t)t * s->slots + i;
+        if (s->sel_row[k] < 0) continue;
+        tr.experts++;
+        tr.flops += 2.0 * mult * s->C * mc->hidden[s->sel_expert[k]];
+    }
+    return tr;
+}
+
+MoeExpertTrace moe_trace_expert(const MoeState *s, const MoeConfig *mc, int e) {
+    return (MoeExpertTrace){.tokens = s->counts[e], .dropped = s->dropped[e],
+                            .prob_mass = router_of(mc->kind)->has_router ? s->prob_mass[e] : NAN};
+}
+
+void moe_trace_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
+                        int64_t *near_zero, double *abs_sum) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < s->E; e++) {
         const float *a = s->ae + s->hoff[e];
@@ -348,8 +375,9 @@ void moe_measure_sparsity(MoeState *s, const MoeConfig *mc, float eps) {
             zero += z;
             sum += part;
         }
-        s->near_zero[e] = zero;
-        s->abs_sum[e] = sum;
+        activations[e] += (int64_t)n;
+        near_zero[e] += zero;
+        abs_sum[e] += sum;
     }
 }
 

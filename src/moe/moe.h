@@ -58,8 +58,6 @@ typedef struct {
     float aux[AUX_KINDS];     /* unweighted auxiliary losses */
     float aux_weighted;       /* Σ coefficient · aux */
     float aux_dp[MOE_MAX_EXPERTS]; /* d aux_weighted / d p_te (the same for every t) */
-    int64_t near_zero[MOE_MAX_EXPERTS]; /* activations with |a| <= eps, last forward */
-    double abs_sum[MOE_MAX_EXPERTS];
     /* capacities of the buffers above (grow only) */
     int cap_tokens, cap_slots;
     size_t cap_rows, cap_hidden;
@@ -97,12 +95,36 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                  const MoeWeights *w, MoeWeights *g, float *dx, const float *dout,
                  const float *x, float aux_scale, char *err);
 
-/* Multiply-adds × 2 that one token's routing costs in this layer (router
-** included), from the last forward. */
-double moe_token_flops(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
+/*
+** The route trace of the last forward: what the recorder persists, so that
+** nothing outside the layer reads its state. Tokens are the layer's rows
+** 0 .. N-1; a token-choice layer has one pass (0).
+*/
+typedef struct {
+    int token, pass, rank, expert; /* rank 0 = the router's first choice */
+    float weight;                  /* the factor on the expert's output */
+} MoeRoute;
 
-/* Sparsity of the last forward's expert activations: fills near_zero and
-** abs_sum per expert. */
-void moe_measure_sparsity(MoeState *s, const MoeConfig *mc, float eps);
+typedef struct {
+    int experts;  /* assignments kept, over the passes */
+    int passes;   /* passes through the layer */
+    double flops; /* 2 × multiply-adds routing it cost, router included */
+} MoeTokenTrace;
+
+typedef struct {
+    int64_t tokens, dropped; /* assignments kept and dropped */
+    double prob_mass;        /* Σ_t p_te; NaN without router probabilities */
+} MoeExpertTrace;
+
+/* Kept assignments: the rows moe_trace_routes writes. */
+size_t moe_trace_count(const MoeState *s);
+/* One row per kept assignment, token by token, in rank order; returns the count. */
+size_t moe_trace_routes(const MoeState *s, MoeRoute *out);
+MoeTokenTrace moe_trace_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
+MoeExpertTrace moe_trace_expert(const MoeState *s, const MoeConfig *mc, int e);
+/* Adds each expert's hidden activations, those with |a| <= eps and Σ|a| to
+** activations, near_zero and abs_sum (E each). */
+void moe_trace_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
+                        int64_t *near_zero, double *abs_sum);
 
 #endif
