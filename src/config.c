@@ -106,14 +106,14 @@ int config_validate(const ModelConfig *c, char *err) {
         return ml_error(err, "'moe.router.min_capacity' must be >= 0, got %d", m->min_capacity);
     if (!(m->noise >= 0.0f) || !isfinite(m->noise))
         return ml_error(err, "'moe.router.noise' must be >= 0, got %g", m->noise);
-    float aux[] = {m->aux_balance, m->aux_z, m->aux_cv2, m->aux_p_penalty};
-    const char *aux_names[] = {"balance", "z", "cv2", "p_penalty"};
-    for (int i = 0; i < 4; i++)
+    float aux[] = {m->aux_balance, m->aux_z, m->aux_cv2, m->aux_p_penalty, m->aux_entropy};
+    const char *aux_names[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
+    for (int i = 0; i < 5; i++)
         if (!(aux[i] >= 0.0f) || !isfinite(aux[i]))
             return ml_error(err, "'moe.aux.%s' must be a number >= 0 (0 = off), got %g",
                             aux_names[i], aux[i]);
     if (m->kind == ROUTER_HASH && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
-                                   m->aux_p_penalty > 0 || m->noise > 0))
+                                   m->aux_p_penalty > 0 || m->aux_entropy > 0 || m->noise > 0))
         return ml_error(err, "'moe.router.kind' = \"hash\" has no router probabilities: "
                         "moe.aux and moe.router.noise must be 0");
     if (!(m->sparsity_eps >= 0.0f) || !isfinite(m->sparsity_eps))
@@ -242,7 +242,7 @@ static int read_choice(const JsonValue *obj, const char *key, const char *where,
 static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps"};
 static const char *const router_keys[] = {"kind", "k", "p", "max_k", "normalize",
                                           "capacity_factor", "min_capacity", "noise"};
-static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty"};
+static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
 #define NKEYS(a) ((int)(sizeof(a) / sizeof(a)[0]))
 
 /* The keys of `keys` (ROUTER_KEY_* bits) as a list, for messages. */
@@ -337,7 +337,8 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
         if (read_float(aux, "balance", "moe.aux.", &m->aux_balance, err) ||
             read_float(aux, "z", "moe.aux.", &m->aux_z, err) ||
             read_float(aux, "cv2", "moe.aux.", &m->aux_cv2, err) ||
-            read_float(aux, "p_penalty", "moe.aux.", &m->aux_p_penalty, err))
+            read_float(aux, "p_penalty", "moe.aux.", &m->aux_p_penalty, err) ||
+            read_float(aux, "entropy", "moe.aux.", &m->aux_entropy, err))
             return -1;
     }
     return 0;
@@ -486,6 +487,8 @@ char *config_to_json(const ModelConfig *c) {
         jb_float(&b, m->aux_cv2);
         jb_puts(&b, ",\"p_penalty\":");
         jb_float(&b, m->aux_p_penalty);
+        jb_puts(&b, ",\"entropy\":");
+        jb_float(&b, m->aux_entropy);
         jb_puts(&b, "},\"sparsity_eps\":");
         jb_float(&b, m->sparsity_eps);
         jb_puts(&b, "}");

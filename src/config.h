@@ -41,7 +41,7 @@ typedef struct {
     float capacity_factor; /* token choice: 0 = dropless; expert choice: c (0 = k) */
     int min_capacity;
     float noise;        /* std of Gaussian noise added to router logits in training */
-    float aux_balance, aux_z, aux_cv2, aux_p_penalty; /* coefficients; 0 = off */
+    float aux_balance, aux_z, aux_cv2, aux_p_penalty, aux_entropy; /* coefficients; 0 = off */
     float sparsity_eps; /* |a| <= eps counts as a near-zero activation; < 0: default */
 } MoeConfig;
 

@@ -59,7 +59,8 @@ static const char *rec_schema_sql =
     "  tokens   INTEGER,                 -- tokens seen so far\n"
     "  moe_flops_per_token REAL,\n"
     "  wall_ms  REAL,\n"
-    "  aux_balance REAL, aux_z REAL, aux_cv2 REAL, aux_p_penalty REAL\n"
+    "  aux_balance REAL, aux_z REAL, aux_cv2 REAL, aux_p_penalty REAL,\n"
+    "  aux_entropy REAL                  -- (schema 4)\n"
     ");\n"
     "CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics(run_id, split, step);\n"
     "\n"
@@ -139,6 +140,7 @@ static const char *rec_schema_sql =
     "  loss      REAL,                   -- nats, predicting the next token\n"
     "  experts   INTEGER,                -- expert applications, summed over layers\n"
     "  moe_flops REAL,\n"
+    "  passes    INTEGER,                -- passes through MoE layers, summed (schema 4)\n"
     "  PRIMARY KEY (eval_id, seq, pos)\n"
     ") WITHOUT ROWID;\n"
     "\n"
@@ -381,6 +383,26 @@ cleanup:
     return status;
 }
 
+/* Adds a column unless the table has it already: version 4's columns, for
+** databases of any older version. */
+static int rec_add_column(Recorder *r, const char *table, const char *column, const char *type,
+                          char *err) {
+    sqlite3_stmt *st = NULL;
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT 1 FROM pragma_table_info('%s') WHERE name = '%s'", table,
+             column);
+    if (sqlite3_prepare_v2(r->db, sql, -1, &st, NULL) != SQLITE_OK)
+        return rec_sqlite_error(r, "read the schema", err);
+    int rc = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) return rec_sqlite_error(r, "read the schema", err);
+    if (rc == SQLITE_ROW) return 0;
+    snprintf(sql, sizeof sql, "ALTER TABLE %s ADD COLUMN %s %s", table, column, type);
+    if (sqlite3_exec(r->db, sql, NULL, NULL, NULL) != SQLITE_OK)
+        return rec_sqlite_error(r, "upgrade the schema", err);
+    return 0;
+}
+
 static int rec_exec(Recorder *r, const char *sql, const char *what, char *err) {
     if (sqlite3_exec(r->db, sql, NULL, NULL, NULL) != SQLITE_OK)
         return rec_sqlite_error(r, what, err);
@@ -474,9 +496,12 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
     char sql[64];
     snprintf(sql, sizeof sql, "PRAGMA user_version = %d", REC_SCHEMA_VERSION);
     int from1 = version == 1, from2 = version == 2, upgrade = from1 || from2;
+    int old = version > 0; /* version 4 adds metrics.aux_entropy, token_stats.passes */
     if ((from1 && rec_exec(r, rec_upgrade_from_1_sql, "upgrade the schema", err))
         || (from2 && rec_exec(r, rec_upgrade_from_2_sql, "upgrade the schema", err))
         || (upgrade && rec_exec(r, rec_upgrade_to_3_sql, "upgrade the schema", err))
+        || (old && rec_add_column(r, "metrics", "aux_entropy", "REAL", err))
+        || (old && !from1 && rec_add_column(r, "token_stats", "passes", "INTEGER", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
         || (from1 && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
         || (from2 && rec_exec(r, rec_upgrade_from_2_copy_sql, "upgrade the schema", err))
@@ -561,6 +586,7 @@ static void rec_column_token_stat(sqlite3_context *ctx, const void *row, int col
     case 3: rec_result_real_or_null(ctx, x->loss); break;
     case 4: sqlite3_result_int(ctx, x->experts); break;
     case 5: rec_result_real_or_null(ctx, x->moe_flops); break;
+    case 6: sqlite3_result_int(ctx, x->passes); break;
     }
 }
 
@@ -583,7 +609,7 @@ static const RecRowKind rec_row_kinds[REC_ROW_KINDS] = {
         "run_id, eval_id", "layer, seq, pos, token, rank, expert, weight, pass", 8,
         sizeof(RecRouting), rec_column_routing, "insert routing rows", 1},
     [REC_TOKEN_STATS] = {"token_stats", "moelab_token_stats_rows", "moelab_token_stats",
-        "run_id, eval_id", "seq, pos, token, loss, experts, moe_flops", 6,
+        "run_id, eval_id", "seq, pos, token, loss, experts, moe_flops, passes", 7,
         sizeof(RecTokenStat), rec_column_token_stat, "insert token_stats rows", 1},
     [REC_SPARSITY] = {"sparsity", "moelab_sparsity_rows", "moelab_sparsity",
         "run_id, eval_id", "layer, expert, activations, near_zero, mean_abs", 5,
@@ -756,8 +782,9 @@ static int rec_prepare_all(Recorder *r, char *err) {
                " WHERE run_id = ?1", err)
         || rec_prepare(r, &r->insert_metric,
                "INSERT INTO metrics(run_id, step, split, loss, aux_loss, lr, tokens,"
-               " moe_flops_per_token, wall_ms, aux_balance, aux_z, aux_cv2, aux_p_penalty)"
-               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)", err)
+               " moe_flops_per_token, wall_ms, aux_balance, aux_z, aux_cv2, aux_p_penalty,"
+               " aux_entropy) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+               err)
         || rec_prepare(r, &r->insert_eval,
                "INSERT INTO evals(run_id, step, split, tokens, loss,"
                " moe_flops_per_token, experts_per_token)"
@@ -1186,6 +1213,7 @@ int rec_metric(Recorder *r, int64_t run_id, int64_t step, const char *split,
         rec_bind_real_or_null(st, 11, aux->z);
         rec_bind_real_or_null(st, 12, aux->cv2);
         rec_bind_real_or_null(st, 13, aux->p_penalty);
+        rec_bind_real_or_null(st, 14, aux->entropy);
     }
     if (rec_step_done(r, st, "insert a metric", err))
         return -1;

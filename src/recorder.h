@@ -40,7 +40,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
 
 /* PRAGMA user_version of a database with the schema of this build. */
-#define REC_SCHEMA_VERSION 3
+#define REC_SCHEMA_VERSION 4
 
 /* Default busy timeout: how long a write waits for another writer's lock. */
 #define REC_BUSY_TIMEOUT_MS 5000
@@ -80,10 +80,10 @@ int rec_run_config_set(Recorder *r, int64_t run_id, const char *key, const char 
                        char *err);
 
 /* The unweighted auxiliary losses of one metrics row, in the columns
-** aux_balance, aux_z, aux_cv2 and aux_p_penalty; a NaN part (a loss that is
-** off) is stored as NULL. */
+** aux_balance, aux_z, aux_cv2, aux_p_penalty and aux_entropy; a NaN part (a
+** loss that is off) is stored as NULL. */
 typedef struct {
-    double balance, z, cv2, p_penalty;
+    double balance, z, cv2, p_penalty, entropy;
 } RecAux;
 
 /* One row of the training curve (split "train") or of an evaluation ("val").
@@ -140,12 +140,13 @@ int rec_routing(Recorder *r, int64_t run_id, int64_t eval_id, const RecRouting *
                 size_t n, char *err);
 
 /* One token of a recorded evaluation: its loss (nats; NaN → NULL), the
-** expert applications it received summed over layers, and the MoE FLOPs
-** spent on it. A (seq, pos) is recorded once per evaluation. */
+** expert applications and passes it received summed over layers, and the
+** MoE FLOPs spent on it. A (seq, pos) is recorded once per evaluation. */
 typedef struct {
     int seq, pos, token, experts;
     float loss;
     double moe_flops;
+    int passes; /* passes through the MoE layers, summed over them */
 } RecTokenStat;
 
 int rec_token_stats(Recorder *r, int64_t run_id, int64_t eval_id,

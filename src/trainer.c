@@ -189,11 +189,13 @@ static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, i
     for (int n = 0; n < N; n++) {
         RecTokenStat *ts = &b->tokens[n];
         *ts = (RecTokenStat){.seq = i * B + n / T, .pos = n % T, .token = m->acts.inputs[n],
-                             .experts = 0, .loss = m->acts.losses[n], .moe_flops = 0.0};
+                             .experts = 0, .passes = 0, .loss = m->acts.losses[n],
+                             .moe_flops = 0.0};
         for (int l = 0; l < c->layers; l++) {
             if (!config_is_moe_block(c, l)) continue;
             MoeTokenTrace x = moe_trace_token(&m->moe[l], mc, c->activation, n);
             ts->experts += x.experts;
+            ts->passes += x.passes;
             ts->moe_flops += x.flops;
         }
     }
@@ -491,7 +493,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         if (t->rec) {
             int moe = m->n_moe_layers > 0;
             RecAux aux = {m->aux_parts[AUX_BALANCE], m->aux_parts[AUX_Z], m->aux_parts[AUX_CV2],
-                          m->aux_parts[AUX_P_PENALTY]};
+                          m->aux_parts[AUX_P_PENALTY], m->aux_parts[AUX_ENTROPY]};
             if (rec_metric(t->rec, t->run_id, t->step, "train", loss, moe ? m->aux_loss : NAN, lr,
                            t->tokens, m->moe_flops / ((double)B * T), t->wall_ms,
                            moe ? &aux : NULL, err) != 0 ||

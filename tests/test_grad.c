@@ -368,12 +368,13 @@ static void test_moe_capacity_drops(void **state) {
 
 static void test_moe_aux_losses(void **state) {
     (void)state;
-    const char *names[] = {"balance", "z", "cv2", "p_penalty"};
-    for (int k = 0; k < 4; k++) {
-        ModelConfig c = moe_config(ROUTER_TOPK);
-        float *coef[] = {&c.moe.aux_balance, &c.moe.aux_z, &c.moe.aux_cv2, &c.moe.aux_p_penalty};
+    const char *names[] = {"balance", "z", "cv2", "p_penalty", "entropy", "p_penalty topp"};
+    for (int k = 0; k < 6; k++) {
+        ModelConfig c = moe_config(k == 5 ? ROUTER_TOPP : ROUTER_TOPK);
+        float *coef[] = {&c.moe.aux_balance, &c.moe.aux_z,       &c.moe.aux_cv2,
+                         &c.moe.aux_p_penalty, &c.moe.aux_entropy, &c.moe.aux_p_penalty};
         *coef[k] = 1.0f;
-        if (k == 3) /* heterogeneous experts, so the penalty differs from balance */
+        if (k == 3 || k == 5) /* heterogeneous experts, so the penalty differs from balance */
             for (int e = 0; e < 4; e++) c.moe.hidden[e] = 3 + 2 * e;
         char label[64];
         snprintf(label, sizeof label, "moe aux %s", names[k]);

@@ -193,6 +193,50 @@ static void test_moe_checkpoint(void **state) {
     }
 }
 
+/* HMoE's parameter penalty E · Σ_i M_i P_i, M_i the share of tokens whose
+** selected set holds i times H_i / mean(H), P_i the mean p_i: the balance
+** loss for equal sizes and k = 1; and the entropy, the mean of -Σ p log p. */
+static void test_penalty_and_entropy(void **state) {
+    (void)state;
+    char err[ML_ERRLEN];
+    for (int hetero = 0; hetero <= 1; hetero++) {
+        ModelConfig c = moe_model(ROUTER_TOPP);
+        c.moe.p = 0.5f;
+        if (!hetero) {
+            c.moe.kind = ROUTER_TOPK;
+            c.moe.k = 1;
+            for (int e = 0; e < c.moe.experts; e++) c.moe.hidden[e] = 16;
+        }
+        Model *m;
+        assert_int_equal(model_create(&m, &c, err), 0);
+        int N = 2 * c.context, in[2 * 64], tg[2 * 64];
+        assert_true(N <= 128);
+        for (int t = 0; t < N; t++) in[t] = tg[t] = (t * 29 + 7) % 256;
+        assert_int_equal(model_forward(m, in, tg, 2, c.context, err), 0);
+        const MoeState *s = &m->moe[0];
+        int E = c.moe.experts;
+        double hmean = 0, M[MOE_MAX_EXPERTS] = {0}, P[MOE_MAX_EXPERTS] = {0}, H = 0;
+        for (int e = 0; e < E; e++) hmean += c.moe.hidden[e] / (double)E;
+        int more_than_one = 0;
+        for (int t = 0; t < N; t++) {
+            const float *p = s->probs + (size_t)t * E;
+            for (int i = 0; i < s->sel_count[t]; i++) M[s->sel_expert[t * s->slots + i]] += 1.0 / N;
+            more_than_one += s->sel_count[t] > 1;
+            for (int e = 0; e < E; e++) {
+                P[e] += p[e] / N;
+                H -= p[e] * log(p[e]) / N;
+            }
+        }
+        double penalty = 0;
+        for (int e = 0; e < E; e++) penalty += E * M[e] * (c.moe.hidden[e] / hmean) * P[e];
+        assert_true(test_close(s->aux[AUX_P_PENALTY], penalty, 1e-5, 0));
+        assert_true(test_close(s->aux[AUX_ENTROPY], H, 1e-5, 0));
+        if (hetero) assert_true(more_than_one > 0);
+        else assert_true(test_close(s->aux[AUX_P_PENALTY], s->aux[AUX_BALANCE], 1e-6, 0));
+        model_free(m);
+    }
+}
+
 /* A configuration stores only the keys its router reads (threshold: no k or
 ** normalize unless capacity makes k capacity's k); a checkpoint written with
 ** every key, as before, still loads, while a user's table with them fails. */
@@ -403,6 +447,7 @@ int main(void) {
         cmocka_unit_test(test_flops_accounting),
         cmocka_unit_test(test_moe_checkpoint),
         cmocka_unit_test(test_router_keys_stored),
+        cmocka_unit_test(test_penalty_and_entropy),
         cmocka_unit_test(test_expert_load_matches_forward),
         cmocka_unit_test(test_recorded_routing_reproduces_forward),
     };

@@ -81,7 +81,7 @@ static int record_moe_run(Recorder *r, const char *name, int threshold, int expe
     if (rec_run_begin(r, name, "test", "{}", 1, 1000, 500, &run, err))
         return -1;
     for (int step = 1; step <= STEPS; step++) {
-        RecAux aux = {0.01 * step, NAN, NAN, NAN};
+        RecAux aux = {0.01 * step, NAN, NAN, NAN, NAN};
         if (rec_metric(r, run, step, "train", 5.0 - 0.1 * step, experts ? 0.01 : NAN, 1e-3,
                        step * 1024, experts ? flops : NAN, 5, experts ? &aux : NULL, err))
             return -1;

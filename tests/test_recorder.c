@@ -358,12 +358,13 @@ static void test_moe_records_read_back(void **state) {
     assert_int_equal(sqlite3_step(st), SQLITE_DONE);
     sqlite3_finalize(st);
 
-    RecTokenStat tokens[] = {{0, 0, 72, 4, 2.5f, 1.5e5}, {0, 1, 101, 3, NAN, 1.25e5}};
+    RecTokenStat tokens[] = {{0, 0, 72, 4, 2.5f, 1.5e5, 3}, {0, 1, 101, 3, NAN, 1.25e5, 2}};
     assert_int_equal(rec_token_stats(r, run, eval_id, tokens, 2, err), 0);
     assert_int_equal(query_int(db, "SELECT token * 10 + experts FROM token_stats"
                                    " WHERE seq=0 AND pos=0"), 724);
     assert_near(query_real(db, "SELECT loss FROM token_stats WHERE pos=0"), 2.5, 0);
     assert_near(query_real(db, "SELECT moe_flops FROM token_stats WHERE pos=1"), 1.25e5, 0);
+    assert_int_equal(query_int(db, "SELECT sum(passes * (pos + 1)) FROM token_stats"), 7);
     assert_true(query_is_null(db, "SELECT loss FROM token_stats WHERE pos=1"));
     snprintf(sql, sizeof sql, "SELECT count(*) FROM token_stats WHERE run_id=%lld"
              " AND eval_id=%lld", (long long)run, (long long)eval_id);
@@ -444,7 +445,7 @@ static void test_deleting_a_run_deletes_its_records(void **state) {
         runs[i] = begin_run(r, i ? "keep" : "drop");
         assert_int_equal(rec_eval(r, runs[i], 5, "val", 2, 1.0, NAN, NAN, &evals[i], err), 0);
         RecRouting routing[] = {{0, 0, 0, 1, 0, 2, 0, 1.0f}, {0, 0, 1, 2, 0, 3, 0, 1.0f}};
-        RecTokenStat tokens[] = {{0, 0, 1, 1, 1.0f, 0}, {0, 1, 2, 1, 1.0f, 0}};
+        RecTokenStat tokens[] = {{0, 0, 1, 1, 1.0f, 0, 1}, {0, 1, 2, 1, 1.0f, 0, 1}};
         RecExpertLoad load[] = {{0, 2, 1, 0, 0.5}, {0, 3, 1, 0, 0.5}};
         RecSparsity sparsity[] = {{0, 2, 8, 4, 0.5}};
         assert_int_equal(rec_routing(r, runs[i], evals[i], routing, 2, err), 0);
@@ -502,10 +503,10 @@ static void test_views_compute_the_documented_numbers(void **state) {
         {1, 0, 2, 67, 0, 1, 0, 1.0f},
     };
     /* eval 2: the same layer-0 routing, but token_stats knows a fourth token
-    ** that no expert took. {seq, pos, token, experts, loss, moe_flops} */
+    ** that no expert took. {seq, pos, token, experts, loss, moe_flops, passes} */
     static const RecTokenStat tokens[] = {
-        {0, 0, 65, 2, 1.0f, 0}, {0, 1, 66, 1, 1.0f, 0}, {0, 2, 67, 3, 1.0f, 0},
-        {0, 3, 68, 0, 1.0f, 0},
+        {0, 0, 65, 2, 1.0f, 0, 1}, {0, 1, 66, 1, 1.0f, 0, 1}, {0, 2, 67, 3, 1.0f, 0, 1},
+        {0, 3, 68, 0, 1.0f, 0, 1},
     };
     assert_int_equal(rec_expert_load(r, run, -1, 10, step_load, 4, err), 0);
     assert_int_equal(rec_expert_load(r, run, e1, 10, eval_load, 2, err), 0);
@@ -780,6 +781,7 @@ static void test_version_1_database_is_upgraded(void **state) {
     exec_sql(rec_db(r),
         "DROP TRIGGER evals_delete_records; DROP VIEW v_experts_per_token;"
         "DROP TABLE routing; DROP TABLE token_stats;"
+        "ALTER TABLE metrics DROP COLUMN aux_entropy;"
         "ALTER TABLE evals DROP COLUMN routing_first;"
         "ALTER TABLE evals DROP COLUMN routing_last;"
         "CREATE TABLE routing(\n"
@@ -845,6 +847,8 @@ static void test_version_2_database_is_upgraded(void **state) {
         "INSERT INTO routing_old SELECT run_id, eval_id, layer, seq, pos, token, rank, expert,"
         "  weight, pass FROM routing ORDER BY routing_id;"
         "DROP TABLE routing; ALTER TABLE routing_old RENAME TO routing;"
+        "ALTER TABLE metrics DROP COLUMN aux_entropy;"
+        "ALTER TABLE token_stats DROP COLUMN passes;"
         "ALTER TABLE evals DROP COLUMN routing_first;"
         "ALTER TABLE evals DROP COLUMN routing_last;"
         "CREATE INDEX routing_by_eval ON routing(eval_id);"
@@ -871,6 +875,37 @@ static void test_version_2_database_is_upgraded(void **state) {
     exec_sql(db, "DELETE FROM evals WHERE eval_id = 1");
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing"), 2);
     assert_int_equal(query_int(db, "SELECT count(*) FROM routing WHERE eval_id = 2"), 2);
+    rec_close(r);
+}
+
+/* A database of schema version 3 gains metrics.aux_entropy and
+** token_stats.passes, its rows kept (NULL in the new columns). */
+static void test_version_3_database_is_upgraded(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "v3.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "old"), eval_id = 0;
+    RecAux aux = {.balance = 1.5, .z = NAN, .cv2 = NAN, .p_penalty = NAN, .entropy = NAN};
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, 0.1, 1e-3, 100, NAN, 1.0, &aux, err), 0);
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
+    RecTokenStat tok = {.seq = 0, .pos = 0, .token = 65, .experts = 2, .loss = 1.5f};
+    assert_int_equal(rec_token_stats(r, run, eval_id, &tok, 1, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    exec_sql(rec_db(r), "ALTER TABLE metrics DROP COLUMN aux_entropy;"
+                        "ALTER TABLE token_stats DROP COLUMN passes;"
+                        "PRAGMA user_version = 3;");
+    rec_close(r);
+    r = open_ok(path);
+    sqlite3 *db = rec_db(r);
+    assert_int_equal(query_int(db, "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    assert_near(query_real(db, "SELECT aux_balance FROM metrics"), 1.5, 0);
+    assert_true(query_is_null(db, "SELECT aux_entropy FROM metrics"));
+    assert_true(query_is_null(db, "SELECT passes FROM token_stats"));
+    assert_near(query_real(db, "SELECT loss FROM token_stats"), 1.5, 0);
+    aux.entropy = 0.25;
+    assert_int_equal(rec_metric(r, run, 2, "train", 2.0, 0.1, 1e-3, 200, NAN, 1.0, &aux, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_near(query_real(db, "SELECT aux_entropy FROM metrics WHERE step = 2"), 0.25, 0);
     rec_close(r);
 }
 
@@ -1175,6 +1210,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_full_wal_is_checkpointed_in_the_background,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_large_routing_batch_reaches_the_file,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_version_3_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_version_2_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),

@@ -251,21 +251,31 @@ static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKi
         for (int e = 0; e < E; e++) s->prob_mass[e] += s->probs[(size_t)t * E + e];
     memset(s->aux, 0, sizeof s->aux);
     if (r->has_router) {
-        double f[MOE_MAX_EXPERTS] = {0}, load[MOE_MAX_EXPERTS] = {0};
-        int hmax = 0;
-        for (int e = 0; e < E; e++) hmax = mc->hidden[e] > hmax ? mc->hidden[e] : hmax;
+        /* f: share of tokens whose first choice is e; M: share whose selected
+        ** set holds e, times H_e / mean(H) (HMoE's parameter penalty) */
+        double f[MOE_MAX_EXPERTS] = {0}, load[MOE_MAX_EXPERTS] = {0}, M[MOE_MAX_EXPERTS];
+        double hmean = 0.0;
+        for (int e = 0; e < E; e++) hmean += (double)mc->hidden[e] / E;
         for (int t = 0; t < N; t++) {
             f[s->top1[t]] += 1.0 / N;
             for (int i = 0; i < s->sel_count[t]; i++) load[s->sel_expert[(size_t)t * slots + i]] += 1.0;
         }
-        double balance = 0.0, penalty = 0.0, z = 0.0;
+        for (int e = 0; e < E; e++) M[e] = N > 0 ? load[e] / N * (mc->hidden[e] / hmean) : 0.0;
+        double balance = 0.0, penalty = 0.0, z = 0.0, entropy = 0.0;
         double imean = 0.0, ivar = 0.0, lmean = 0.0, lvar = 0.0;
         for (int e = 0; e < E; e++) {
             double P = s->prob_mass[e] / N;
             balance += f[e] * P;
-            penalty += f[e] * ((double)mc->hidden[e] / hmax) * P;
+            penalty += M[e] * P;
             imean += s->prob_mass[e] / E;
             lmean += load[e] / E;
+        }
+        for (int t = 0; t < N; t++) {
+            const float *p = s->probs + (size_t)t * E;
+            double h = 0.0;
+            for (int e = 0; e < E; e++)
+                if (p[e] > 0.0f) h -= (double)p[e] * log(p[e]);
+            entropy += h / N;
         }
         for (int e = 0; e < E; e++) {
             ivar += (s->prob_mass[e] - imean) * (s->prob_mass[e] - imean) / E;
@@ -277,10 +287,11 @@ static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKi
         s->aux[AUX_CV2] = (float)((imean > 0 ? ivar / (imean * imean) : 0.0) +
                                   (lmean > 0 ? lvar / (lmean * lmean) : 0.0));
         s->aux[AUX_P_PENALTY] = (float)(E * penalty);
-        /* d(weighted balance + p_penalty + cv2)/d p_te is the same for every token */
+        s->aux[AUX_ENTROPY] = (float)entropy;
+        /* d(weighted balance + p_penalty + cv2)/d p_te is the same for every
+        ** token (f and M held constant); the entropy's is not (backward) */
         for (int e = 0; e < E; e++) {
-            double d = mc->aux_balance * E * f[e] / N +
-                       mc->aux_p_penalty * E * f[e] * ((double)mc->hidden[e] / hmax) / N;
+            double d = mc->aux_balance * E * f[e] / N + mc->aux_p_penalty * E * M[e] / N;
             if (mc->aux_cv2 > 0.0f && imean > 0.0) /* d CV²(I) / d I_e, with I_e = Σ_t p_te */
                 d += mc->aux_cv2 * (2.0 * (s->prob_mass[e] - imean) / (E * imean * imean) -
                                     2.0 * ivar / (E * imean * imean * imean));
@@ -288,7 +299,8 @@ static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKi
         }
     }
     s->aux_weighted = mc->aux_balance * s->aux[AUX_BALANCE] + mc->aux_z * s->aux[AUX_Z] +
-                      mc->aux_cv2 * s->aux[AUX_CV2] + mc->aux_p_penalty * s->aux[AUX_P_PENALTY];
+                      mc->aux_cv2 * s->aux[AUX_CV2] + mc->aux_p_penalty * s->aux[AUX_P_PENALTY] +
+                      mc->aux_entropy * s->aux[AUX_ENTROPY];
 }
 
 int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
@@ -452,6 +464,7 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
         float dpe[MOE_MAX_EXPERTS];
         for (int e = 0; e < E; e++) dpe[e] = s->aux_dp[e] * aux_scale;
         float zscale = mc->aux_z * aux_scale * 2.0f / N;
+        float hscale = mc->aux_entropy * aux_scale / N;
 #pragma omp parallel for schedule(static)
         for (int t = 0; t < N; t++) {
             const float *p = s->probs + (size_t)t * E;
@@ -462,6 +475,14 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                 dot += p[e] * dpt[e];
             }
             for (int e = 0; e < E; e++) dlt[e] = p[e] * (dpt[e] - dot) + zscale * s->lse[t] * p[e];
+            if (hscale != 0.0f) {
+                /* d H_t / d logit_e = -p_e (log p_e + H_t) */
+                float h = 0.0f;
+                for (int e = 0; e < E; e++)
+                    if (p[e] > 0.0f) h -= p[e] * logf(p[e]);
+                for (int e = 0; e < E; e++)
+                    if (p[e] > 0.0f) dlt[e] -= hscale * p[e] * (logf(p[e]) + h);
+            }
         }
         matmul_backward(dx, g->router, NULL, dl, x, w->router, N, C, E, 0.0f,
                         scr->drouter_pieces);

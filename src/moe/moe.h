@@ -29,7 +29,7 @@ typedef struct {
     float *proj[MOE_MAX_EXPERTS]; /* (C, H_e) */
 } MoeWeights;
 
-enum { AUX_BALANCE, AUX_Z, AUX_CV2, AUX_P_PENALTY, AUX_KINDS };
+enum { AUX_BALANCE, AUX_Z, AUX_CV2, AUX_P_PENALTY, AUX_ENTROPY, AUX_KINDS };
 
 typedef struct {
     int N, E, C, slots;       /* tokens, experts, d_model, selections per token at most */
