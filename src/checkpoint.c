@@ -3,17 +3,30 @@
 */
 #include "checkpoint.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "safetensors.h"
 
+/* The hash router's token map of layer l, h.{l}.moe.hash_map (V): expert ids
+** as float32 (SPEC §4 allows int32 or float32), so a loaded model routes as
+** the saved one did. Checkpoints written before it was stored have none; the
+** map is then the one derived from the seed, as it was when they were saved. */
+static void hash_map_name(char *buf, size_t n, int l) { snprintf(buf, n, "h.%d.moe.hash_map", l); }
+
 int checkpoint_save(const Model *m, const char *path, char *err) {
-    StTensor *ts = calloc((size_t)m->n_params, sizeof *ts);
-    char *config = config_to_json(&m->config);
-    if (!ts || !config) {
+    const ModelConfig *c = &m->config;
+    int maps = m->hash_map ? m->n_moe_layers : 0, n = m->n_params + maps;
+    StTensor *ts = calloc((size_t)n, sizeof *ts);
+    char *config = config_to_json(c);
+    float *ids = maps ? malloc(sizeof(float) * (size_t)maps * c->vocab) : NULL;
+    char(*names)[64] = maps ? malloc(sizeof *names * (size_t)maps) : NULL;
+    if (!ts || !config || (maps && (!ids || !names))) {
         free(ts);
         free(config);
+        free(ids);
+        free(names);
         return ml_error(err, "out of memory saving '%s'", path);
     }
     for (int i = 0; i < m->n_params; i++) {
@@ -24,12 +37,47 @@ int checkpoint_save(const Model *m, const char *path, char *err) {
         ts[i].shape[1] = p->shape[1];
         ts[i].data = m->param_mem + p->offset;
     }
+    for (int l = 0, k = 0; maps && l < c->layers; l++) {
+        if (!config_is_moe_block(c, l)) continue;
+        float *map = ids + (size_t)k * c->vocab;
+        for (int v = 0; v < c->vocab; v++) map[v] = (float)m->hash_map[(size_t)l * c->vocab + v];
+        hash_map_name(names[k], sizeof names[k], l);
+        ts[m->n_params + k] = (StTensor){.name = names[k], .ndim = 1, .shape = {c->vocab}, .data = map};
+        k++;
+    }
     const char *keys[] = {"moelab_config", "format"};
     const char *values[] = {config, "pt"};
-    int rc = st_save(path, ts, m->n_params, keys, values, 2, err);
+    int rc = st_save(path, ts, n, keys, values, 2, err);
     free(ts);
     free(config);
+    free(ids);
+    free(names);
     return rc;
+}
+
+/* Reads the hash maps a checkpoint has into m; counts them in *found. */
+static int load_hash_maps(Model *m, const StFile *f, const char *path, int *found, char *err) {
+    const ModelConfig *c = &m->config;
+    *found = 0;
+    for (int l = 0; m->hash_map && l < c->layers; l++) {
+        if (!config_is_moe_block(c, l)) continue;
+        char name[64];
+        StTensor t;
+        hash_map_name(name, sizeof name, l);
+        if (st_find(f, name, &t) != 0) continue;
+        if (t.ndim != 1 || t.shape[0] != c->vocab)
+            return ml_error(err, "'%s': tensor '%s' has the wrong shape (expected %d)", path, name,
+                            c->vocab);
+        for (int v = 0; v < c->vocab; v++) {
+            float e = t.data[v];
+            if (!(e >= 0.0f && e < (float)c->moe.experts && e == (float)(int)e))
+                return ml_error(err, "'%s': tensor '%s' maps token %d to %g, not an expert id "
+                                "(0 to %d)", path, name, v, e, c->moe.experts - 1);
+            m->hash_map[(size_t)l * c->vocab + v] = (int)e;
+        }
+        (*found)++;
+    }
+    return 0;
 }
 
 int checkpoint_load(Model **out, const char *path, char *err) {
@@ -66,11 +114,14 @@ int checkpoint_load(Model **out, const char *path, char *err) {
         }
         memcpy(m->param_mem + p->offset, t.data, sizeof(float) * p->numel);
     }
-    if (st_count(f) != m->n_params) {
+    int maps;
+    if (load_hash_maps(m, f, path, &maps, err) != 0) goto fail;
+    if (st_count(f) != m->n_params + maps) {
         for (int i = 0; i < st_count(f); i++) {
             StTensor t;
             st_tensor_at(f, i, &t);
-            if (model_find_param(m, t.name) < 0) {
+            int map = m->hash_map && strstr(t.name, ".moe.hash_map");
+            if (model_find_param(m, t.name) < 0 && !map) {
                 ml_error(err, "'%s': tensor '%s' does not belong to a model of this "
                          "configuration", path, t.name);
                 goto fail;

@@ -193,6 +193,45 @@ static void test_moe_checkpoint(void **state) {
     }
 }
 
+/* A hash model's token map is stored: a map that is not the seed's routes the
+** same after loading; a map naming no expert is refused. */
+static void test_hash_map_stored(void **state) {
+    (void)state;
+    ModelConfig c = moe_model(ROUTER_HASH);
+    Model *m, *back;
+    char err[ML_ERRLEN], dir[] = "/tmp/moelab_hash_XXXXXX", path[256];
+    assert_int_equal(model_create(&m, &c, err), 0);
+    int V = c.vocab, changed = 0;
+    for (int l = 0; l < c.layers; l++)
+        for (int v = 0; v < V; v++) {
+            int e = (v * 7 + l) % c.moe.experts;
+            changed += m->hash_map[l * V + v] != e;
+            m->hash_map[l * V + v] = e;
+        }
+    assert_true(changed > 0);
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/h.safetensors", dir);
+    if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
+    if (checkpoint_load(&back, path, err) != 0) fail_msg("%s", err);
+    assert_memory_equal(back->hash_map, m->hash_map, sizeof(int) * c.layers * V);
+    int tokens[17];
+    for (int i = 0; i < 17; i++) tokens[i] = "And God said, Let"[i];
+    float a, b;
+    assert_int_equal(model_sequence_loss(m, tokens, 17, &a, err), 0);
+    assert_int_equal(model_sequence_loss(back, tokens, 17, &b, err), 0);
+    assert_true(a == b);
+    model_free(back);
+    /* expert 4 of 4 experts: refused, naming the tensor */
+    m->hash_map[V + 3] = c.moe.experts;
+    if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
+    assert_int_equal(checkpoint_load(&back, path, err), -1);
+    assert_null(back);
+    assert_non_null(strstr(err, "'h.1.moe.hash_map' maps token 3 to 4"));
+    model_free(m);
+    unlink(path);
+    rmdir(dir);
+}
+
 /* HMoE's parameter penalty E · Σ_i M_i P_i, M_i the share of tokens whose
 ** selected set holds i times H_i / mean(H), P_i the mean p_i: the balance
 ** loss for equal sizes and k = 1; and the entropy, the mean of -Σ p log p. */
@@ -448,6 +487,7 @@ int main(void) {
         cmocka_unit_test(test_moe_checkpoint),
         cmocka_unit_test(test_router_keys_stored),
         cmocka_unit_test(test_penalty_and_entropy),
+        cmocka_unit_test(test_hash_map_stored),
         cmocka_unit_test(test_expert_load_matches_forward),
         cmocka_unit_test(test_recorded_routing_reproduces_forward),
     };
