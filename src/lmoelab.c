@@ -354,6 +354,29 @@ static int model_loss(lua_State *L) {
     return 1;
 }
 
+/* model:token_losses(text): the next-byte loss at each position, as an array
+** of #text - 1 numbers whose mean is model:loss(text). */
+static int model_token_losses(lua_State *L) {
+    LModel *m = check_model(L, 1);
+    size_t n;
+    const char *text = luaL_checklstring(L, 2, &n);
+    int max = m->m->config.context + 1;
+    if (n < 2 || n > (size_t)max)
+        luaL_error(L, "model:token_losses: the text must have 2 to context + 1 = %d bytes, got %d",
+                   max, (int)n);
+    int *tokens = string_tokens(L, text, n);
+    float *losses = lua_newuserdatauv(L, sizeof(float) * (n - 1), 0);
+    char err[ML_ERRLEN];
+    if (model_sequence_losses(m->m, tokens, (int)n, losses, err) != 0)
+        luaL_error(L, "model:token_losses: %s", err);
+    lua_createtable(L, (int)n - 1, 0);
+    for (size_t i = 0; i + 1 < n; i++) {
+        lua_pushnumber(L, losses[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
 static int model_sample_l(lua_State *L) {
     static const char *const keys[] = {"prompt", "tokens", "temperature", "top_k", "seed", NULL};
     LModel *m = check_model(L, 1);
@@ -858,7 +881,8 @@ static void new_class(lua_State *L, const char *name, const luaL_Reg *methods,
 int luaopen_moelab(lua_State *L) {
     static const luaL_Reg corpus_methods[] = {{"size", corpus_size}, {"close", corpus_gc}, {NULL, NULL}};
     static const luaL_Reg model_methods[] = {
-        {"save", model_save},     {"loss", model_loss},   {"sample", model_sample_l},
+        {"save", model_save},     {"loss", model_loss},   {"token_losses", model_token_losses},
+        {"sample", model_sample_l},
         {"config", model_config_l}, {"parameters", model_parameters}, {"close", model_gc},
         {NULL, NULL}};
     static const luaL_Reg db_methods[] = {

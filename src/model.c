@@ -571,6 +571,13 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 /* ------------------------------------------------------------------------ */
 /* evaluation and sampling                                                   */
 
+int model_sequence_losses(Model *m, const int *tokens, int n, float *losses, char *err) {
+    float mean;
+    if (model_sequence_loss(m, tokens, n, &mean, err) != 0) return -1;
+    memcpy(losses, m->acts.losses, sizeof(float) * (size_t)(n - 1));
+    return 0;
+}
+
 int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *err) {
     if (n < 2 || n > m->config.context + 1)
         return ml_error(err, "a sequence needs 2 to context + 1 = %d tokens, got %d",

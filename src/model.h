@@ -133,6 +133,9 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 
 /* Mean next-token loss of one sequence of n tokens (2 <= n <= context + 1). */
 int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *err);
+/* The same forward: losses (n - 1) gets each position's next-token loss
+** (their mean is the sequence's loss). */
+int model_sequence_losses(Model *m, const int *tokens, int n, float *losses, char *err);
 
 /* Appends n_new sampled tokens to the prompt: out (n_prompt + n_new) starts
 ** with the prompt. temperature 0 is greedy; top_k 0 keeps every token. */

@@ -422,6 +422,16 @@ static void test_save_load_sample_plot(void **state) {
     /* ... and not just the initialisation */
     assert_lua(L, "moelab.model(tiny()):loss(S1) ~= model:loss(S1)");
     assert_true(isfinite(lua_num(L, "model:loss(string.rep('x', 17))")));
+    /* per-position losses: #text - 1 of them, their mean the loss, and a
+    ** later byte changes none of the earlier positions' losses */
+    run_ok(L, "tl = model:token_losses(S1)\n"
+              "tl_mean = 0; for _, x in ipairs(tl) do tl_mean = tl_mean + x / #tl end\n"
+              "other = model:token_losses(S1:sub(1, -2) .. (S1:sub(-1) == 'z' and 'y' or 'z'))");
+    assert_lua(L, "#tl == #S1 - 1");
+    assert_lua(L, "math.abs(tl_mean - model:loss(S1)) <= 1e-6 * model:loss(S1)");
+    assert_lua(L, "(function() for i = 1, #tl - 1 do if tl[i] ~= other[i] then return false end end"
+                  " return tl[#tl] ~= other[#tl] end)()");
+    run_err(L, "model:token_losses('a')", "model:token_losses", "got 1", NULL);
 
     /* sampling: the prompt, then `tokens` bytes */
     run_ok(L, "g = model:sample{ prompt = 'abc', tokens = 20, temperature = 0 }");
