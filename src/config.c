@@ -45,7 +45,8 @@ void config_defaults(ModelConfig *c) {
     m->sparsity_eps = -1.0f; /* 0 for ReLU, 0.01 otherwise */
 }
 
-static const char *const router_names[] = {"topk", "threshold", "topp", "expert_choice", "hash"};
+static const char *const router_names[] = {"topk", "threshold", "topp", "expert_choice", "hash",
+                                           "stratified"};
 
 const char *config_router_name(RouterKind k) {
     return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";
@@ -116,6 +117,14 @@ int config_validate(const ModelConfig *c, char *err) {
                                    m->aux_p_penalty > 0 || m->aux_entropy > 0 || m->noise > 0))
         return ml_error(err, "'moe.router.kind' = \"hash\" has no router probabilities: "
                         "moe.aux and moe.router.noise must be 0");
+    if (m->kind == ROUTER_STRATIFIED) {
+        int sum = 0;
+        for (int i = 0; i < m->n_strata; i++) sum += m->strata[i];
+        if (m->n_strata < 1 || sum != m->experts)
+            return ml_error(err, "'moe.router.strata' must split the %d experts into strata "
+                            "(sizes that add up to %d), got sizes adding up to %d", m->experts,
+                            m->experts, sum);
+    }
     if (!(m->sparsity_eps >= 0.0f) || !isfinite(m->sparsity_eps))
         return ml_error(err, "'moe.sparsity_eps' must be a number >= 0, got %g", m->sparsity_eps);
     return 0;
@@ -240,8 +249,9 @@ static int read_choice(const JsonValue *obj, const char *key, const char *where,
 }
 
 static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps"};
-static const char *const router_keys[] = {"kind", "k", "p", "max_k", "normalize",
-                                          "capacity_factor", "min_capacity", "noise"};
+static const char *const router_keys[] = {"kind",         "k",     "p",      "max_k",
+                                          "normalize",    "capacity_factor", "min_capacity",
+                                          "noise",        "strata", "second"};
 static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
 #define NKEYS(a) ((int)(sizeof(a) / sizeof(a)[0]))
 
@@ -317,6 +327,25 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
             read_float(router, "capacity_factor", "moe.router.", &m->capacity_factor, err) ||
             read_float(router, "noise", "moe.router.", &m->noise, err) ||
             read_bool(router, "normalize", "moe.router.", &m->normalize, err))
+            return -1;
+        const JsonValue *strata = json_object_get(router, "strata");
+        if (strata) {
+            size_t n = json_array_len(strata);
+            if (json_type(strata) != JSON_ARRAY || n < 1 || n > MOE_MAX_EXPERTS)
+                return ml_error(err, "'moe.router.strata' must be a list of stratum sizes, for "
+                                "example { 4, 4 }");
+            for (size_t i = 0; i < n; i++) {
+                const JsonValue *x = json_array_at(strata, i);
+                double v = json_number(x);
+                if (json_type(x) != JSON_NUMBER || v != floor(v) || v < 1 || v > MOE_MAX_EXPERTS)
+                    return ml_error(err, "'moe.router.strata[%zu]' must be an integer between 1 "
+                                    "and %d", i + 1, MOE_MAX_EXPERTS);
+                m->strata[i] = (int)v;
+            }
+            m->n_strata = (int)n;
+        }
+        static const char *const seconds[] = {"max", "sample"};
+        if (read_choice(router, "second", "moe.router.", seconds, 2, &m->second_sample, err))
             return -1;
         unsigned used = router_of(m->kind)->keys(m);
         for (int i = 0; strict && i < ROUTER_KEY_COUNT; i++) {
@@ -397,6 +426,12 @@ static int config_parse(ModelConfig *c, const char *json, size_t len, int strict
     if (c->moe.enabled) {
         for (int e = 0; e < c->moe.experts; e++)
             if (c->moe.hidden[e] == 0) c->moe.hidden[e] = c->d_model;
+        if (c->moe.kind == ROUTER_STRATIFIED && c->moe.n_strata == 0) { /* two halves */
+            int E = c->moe.experts;
+            c->moe.n_strata = E > 1 ? 2 : 1;
+            c->moe.strata[0] = E > 1 ? E / 2 : 1;
+            c->moe.strata[1] = E - E / 2;
+        }
         if (c->moe.sparsity_eps < 0.0f)
             c->moe.sparsity_eps = c->activation == ACT_RELU ? 0.0f : 0.01f;
     }
@@ -421,6 +456,11 @@ void config_canonical(ModelConfig *c) {
     if (!(used & ROUTER_KEY_CAPACITY_FACTOR)) m->capacity_factor = d.capacity_factor;
     if (!(used & ROUTER_KEY_MIN_CAPACITY)) m->min_capacity = d.min_capacity;
     if (!(used & ROUTER_KEY_NOISE)) m->noise = d.noise;
+    if (!(used & ROUTER_KEY_STRATA)) {
+        m->n_strata = 0;
+        memset(m->strata, 0, sizeof m->strata);
+    }
+    if (!(used & ROUTER_KEY_SECOND)) m->second_sample = 0;
 }
 
 int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
@@ -479,6 +519,13 @@ char *config_to_json(const ModelConfig *c) {
             jb_puts(&b, ",\"noise\":");
             jb_float(&b, m->noise);
         }
+        if (used & ROUTER_KEY_STRATA) {
+            jb_puts(&b, ",\"strata\":[");
+            for (int i = 0; i < m->n_strata; i++) jb_printf(&b, i ? ",%d" : "%d", m->strata[i]);
+            jb_puts(&b, "]");
+        }
+        if (used & ROUTER_KEY_SECOND)
+            jb_printf(&b, ",\"second\":\"%s\"", m->second_sample ? "sample" : "max");
         jb_puts(&b, "},\"aux\":{\"balance\":");
         jb_float(&b, m->aux_balance);
         jb_puts(&b, ",\"z\":");

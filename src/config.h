@@ -25,6 +25,7 @@ typedef enum {
     ROUTER_TOPP = 2,          /* the threshold rule, renormalised weights */
     ROUTER_EXPERT_CHOICE = 3, /* each expert takes its top C tokens; non-causal */
     ROUTER_HASH = 4,          /* a fixed random map of token ids; weight 1 */
+    ROUTER_STRATIFIED = 5,    /* SMoE: strata of experts, top-2 per pass (moe/stratified.c) */
 } RouterKind;
 
 typedef struct {
@@ -41,6 +42,9 @@ typedef struct {
     float capacity_factor; /* token choice: 0 = dropless; expert choice: c (0 = k) */
     int min_capacity;
     float noise;        /* std of Gaussian noise added to router logits in training */
+    int n_strata;       /* stratified: the number of strata L */
+    int strata[MOE_MAX_EXPERTS]; /* stratified: experts per stratum, in order */
+    int second_sample;  /* stratified: the second choice Gumbel-sampled, not the 2nd largest p */
     float aux_balance, aux_z, aux_cv2, aux_p_penalty, aux_entropy; /* coefficients; 0 = off */
     float sparsity_eps; /* |a| <= eps counts as a near-zero activation; < 0: default */
 } MoeConfig;

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe/router.h"
 #include "ops.h"
 
 /* ------------------------------------------------------------------------ */
@@ -88,9 +89,18 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
         if (b->moe) {
             const MoeConfig *mc = &c->moe;
             MoeWeights *mw = b->moe;
-            mw->router = mc->kind == ROUTER_HASH
-                             ? NULL
-                             : take(&L, INIT_NORMAL, mc->experts, C, "h.%d.moe.router.weight", l);
+            const Router *r = router_of(mc->kind);
+            mw->router = r->has_router && mc->kind != ROUTER_STRATIFIED
+                             ? take(&L, INIT_NORMAL, mc->experts, C, "h.%d.moe.router.weight", l)
+                             : NULL;
+            for (int st = 0, m_s = 0; mc->kind == ROUTER_STRATIFIED && st < mc->n_strata;
+                 m_s += mc->strata[st++]) {
+                mw->routers[st] = take(&L, INIT_NORMAL, mc->experts - m_s, C,
+                                       "h.%d.moe.routers.%d.weight", l, st);
+                if (st == 0) continue; /* pass 0 starts from the block's ln_2 */
+                mw->norm_w[st] = take(&L, INIT_ONE, C, 0, "h.%d.moe.norms.%d.weight", l, st);
+                mw->norm_b[st] = rms ? NULL : take(&L, INIT_ZERO, C, 0, "h.%d.moe.norms.%d.bias", l, st);
+            }
             for (int e = 0; e < mc->experts; e++) {
                 int He = mc->hidden[e];
                 mw->fc[e] = take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.fc.weight", l, e);
@@ -172,7 +182,7 @@ int model_create(Model **out, const ModelConfig *config, char *err) {
     m->w.blocks = calloc((size_t)L, sizeof(BlockWeights));
     m->g.blocks = calloc((size_t)L, sizeof(BlockWeights));
     m->acts.blocks = calloc((size_t)L, sizeof(BlockActs));
-    m->moe = calloc((size_t)(L > 0 ? L : 1), sizeof(MoeState));
+    m->moe = calloc((size_t)(L > 0 ? L : 1), sizeof(MoeLayer));
     int failed = !m->w.blocks || !m->g.blocks || !m->acts.blocks || !m->moe;
     for (int l = 0; l < L && !failed; l++)
         if (config_is_moe_block(config, l)) {
@@ -205,7 +215,7 @@ void model_free(Model *m) {
     for (int l = 0; l < m->config.layers; l++) {
         if (m->w.blocks) free(m->w.blocks[l].moe);
         if (m->g.blocks) free(m->g.blocks[l].moe);
-        if (m->moe) moe_state_free(&m->moe[l]);
+        if (m->moe) moe_layer_free(&m->moe[l]);
     }
     free(m->moe);
     moe_scratch_free(&m->moe_scratch);
@@ -232,7 +242,7 @@ int64_t model_active_parameters(const Model *m) {
     int per_expert_mats = m->config.activation == ACT_SWIGLU ? 3 : 2;
     int64_t experts = 0;
     for (int e = 0; e < mc->experts; e++) experts += (int64_t)per_expert_mats * mc->hidden[e] * m->config.d_model;
-    int k = mc->kind == ROUTER_HASH ? 1 : mc->k;
+    int k = router_of(mc->kind)->nominal_k(mc);
     /* per MoE layer: all experts out, k of average size in */
     return total - (int64_t)m->n_moe_layers * (experts - experts * k / mc->experts);
 }
@@ -414,9 +424,12 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
                 if (fill_noise(m, (size_t)N * c->moe.experts, err) != 0) return -1;
                 noise = m->noise;
             }
-            if (moe_forward(&m->moe[l], &c->moe, c->activation, w->moe,
-                            m->hash_map ? m->hash_map + (size_t)l * V : NULL, b->res3, b->ln2,
-                            a->inputs, noise, N, C, err) != 0)
+            /* Gumbel draws (stratified, second = "sample"): by seed, step and layer */
+            uint64_t key = c->seed * 0x9e3779b97f4a7c15ULL ^
+                           ((uint64_t)(m->training ? m->adam_t + 1 : 0) << 16) ^ (uint64_t)l;
+            if (moe_layer_forward(&m->moe[l], c, w->moe,
+                                  m->hash_map ? m->hash_map + (size_t)l * V : NULL, b->res3, b->ln2,
+                                  a->inputs, noise, N, key, err) != 0)
                 return -1;
             m->moe_flops += m->moe[l].flops;
             m->aux_loss += m->moe[l].aux_weighted / m->n_moe_layers;
@@ -484,8 +497,8 @@ int model_backward(Model *m, char *err) {
         const float *res_in = l == 0 ? a->encoded : a->blocks[l - 1].res3;
 
         if (w->moe) { /* res3 = res2 + moe(ln2(res2)) */
-            if (moe_backward(&m->moe[l], &m->moe_scratch, &c->moe, c->activation, w->moe, g->moe,
-                             s->dln, s->dres, b->ln2, 1.0f / m->n_moe_layers, err) != 0)
+            if (moe_layer_backward(&m->moe[l], &m->moe_scratch, c, w->moe, g->moe, s->dln,
+                                   s->dres, b->ln2, 1.0f / m->n_moe_layers, err) != 0)
                 return -1;
         } else {
         /* res3 = res2 + proj(act(fc(ln2(res2)))) */

@@ -99,7 +99,7 @@ typedef struct Model {
     float mean_loss;   /* of the last forward with targets: cross-entropy only */
     /* MoE */
     int n_moe_layers;
-    MoeState *moe;            /* (L); used by the MoE blocks */
+    MoeLayer *moe;            /* (L); used by the MoE blocks */
     MoeScratch moe_scratch;
     int *hash_map;            /* (L, V) expert of each token id, for hash routing */
     float *noise;             /* (B·T, E) router noise of one layer, in training */

@@ -173,8 +173,8 @@ static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, i
     RecRouting *out = b->routing;
     for (int l = 0; l < c->layers; l++) {
         if (!config_is_moe_block(c, l)) continue;
-        const MoeState *s = &m->moe[l];
-        size_t n = moe_trace_routes(s, t->trace);
+        const MoeLayer *layer = &m->moe[l];
+        size_t n = moe_trace_routes(layer, mc, t->trace);
         for (size_t j = 0; j < n; j++) {
             const MoeRoute *r = &t->trace[j];
             *out++ = (RecRouting){.layer = l, .seq = i * B + r->token / T, .pos = r->token % T,
@@ -182,7 +182,7 @@ static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, i
                                   .expert = r->expert, .pass = r->pass, .weight = r->weight};
         }
         size_t k = (size_t)l * E;
-        moe_trace_sparsity(s, mc, mc->sparsity_eps, sp->activations + k, sp->near_zero + k,
+        moe_trace_sparsity(layer, mc, mc->sparsity_eps, sp->activations + k, sp->near_zero + k,
                            sp->abs_sum + k);
     }
     b->n_routing = (size_t)(out - b->routing);

@@ -357,9 +357,9 @@ static void test_moe_capacity_drops(void **state) {
     assert_int_equal(model_forward(m, g_in, g_tg, 2, 6, err), 0);
     int dropped = 0, kept = 0;
     for (int e = 0; e < 4; e++) {
-        dropped += m->moe[0].dropped[e];
-        kept += m->moe[0].counts[e];
-        assert_true(m->moe[0].counts[e] <= 3);
+        dropped += m->moe[0].tc.dropped[e];
+        kept += m->moe[0].tc.counts[e];
+        assert_true(m->moe[0].tc.counts[e] <= 3);
     }
     assert_true(dropped > 0);
     assert_int_equal(kept + dropped, 12 * 2);
@@ -392,6 +392,45 @@ static void test_moe_heterogeneous_swiglu(void **state) {
     check_config(c, "hmoe swiglu every 2");
 }
 
+/* Stratified layers (strata {2, 2}): every pass's router, norm and experts,
+** the second choice the next largest p or Gumbel-sampled, with and without
+** capacity, layer norm and RMS norm; some tokens make two passes. */
+static void test_moe_stratified(void **state) {
+    (void)state;
+    for (int v = 0; v < 4; v++) {
+        ModelConfig c = moe_config(ROUTER_STRATIFIED);
+        c.moe.n_strata = 2;
+        c.moe.strata[0] = c.moe.strata[1] = 2;
+        c.moe.second_sample = v == 1;
+        c.moe.aux_balance = v == 2 ? 1.0f : 0.0f;
+        if (v == 2) { /* C = max(ceil(0.75 · n · 2 / E_s), 0) per pass: drops */
+            c.moe.capacity_factor = 0.75f;
+            c.moe.min_capacity = 0;
+        }
+        if (v == 3) {
+            c.norm = NORM_RMSNORM;
+            c.activation = ACT_SWIGLU;
+            for (int e = 0; e < 4; e++) c.moe.hidden[e] = 3 + e;
+        }
+        const char *labels[] = {"stratified", "stratified sampled", "stratified capacity balance",
+                                "stratified rmsnorm swiglu hmoe"};
+        check_config(c, labels[v]);
+        /* two passes for some tokens, one for others */
+        char err[ML_ERRLEN];
+        Model *m;
+        assert_int_equal(model_create(&m, &c, err), 0);
+        assert_int_equal(model_forward(m, g_in, g_tg, 2, 6, err), 0);
+        int one = 0, two = 0;
+        for (int t = 0; t < 12; t++) {
+            int p = moe_trace_token(&m->moe[0], &c.moe, c.activation, t).passes;
+            one += p == 1;
+            two += p == 2;
+        }
+        if (!(one > 0 && two > 0)) fail_msg("%s: %d tokens with one pass, %d with two", labels[v], one, two);
+        model_free(m);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layernorm),
@@ -412,6 +451,7 @@ int main(void) {
         cmocka_unit_test(test_moe_capacity_drops),
         cmocka_unit_test(test_moe_aux_losses),
         cmocka_unit_test(test_moe_heterogeneous_swiglu),
+        cmocka_unit_test(test_moe_stratified),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
 }

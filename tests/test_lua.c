@@ -312,6 +312,50 @@ static void test_moe_end_to_end(void **state) {
     lua_close(L);
 }
 
+/* A stratified model end to end: trained, its evaluation recorded with the
+** stratum of each pass in routing.pass, passes and experts in token_stats
+** agreeing with the routing rows, and the experts of all passes loaded. */
+static void test_stratified_end_to_end(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT, split = 0.9 }\n"
+              "model = moelab.model(tiny{ moe = { experts = 4, hidden = 8,\n"
+              "        router = { kind = 'stratified', strata = { 2, 2 }, second = 'sample' },\n"
+              "        aux = { balance = 0.01 } } })\n"
+              "db    = moelab.open(DIR .. '/strata.db')\n"
+              "run   = db:run{ name = 'smoe', model = model, data = data }\n"
+              "t = run:train(fast{ steps = 5 })\n"
+              "e = run:evaluate{ batches = 2, batch = 4, record = true }");
+    assert_lua(L, "t.status == 'finished'");
+    assert_lua(L, "model:config().moe.router.strata[2] == 2");
+    assert_lua(L, "model:config().moe.router.second == 'sample'");
+    /* 2 to 4 experts a token: one or two passes of two */
+    assert_lua(L, "e.experts_per_token >= 2 and e.experts_per_token <= 4");
+    assert_lua(L, "db:query('SELECT COUNT(DISTINCT pass) AS n FROM routing WHERE eval_id = ?',"
+                  " e.eval_id)[1].n == 2");
+    /* pass 1 routes to stratum 1's experts only */
+    assert_lua(L, "db:query('SELECT MIN(expert) AS x FROM routing WHERE eval_id = ? AND pass = 1',"
+                  " e.eval_id)[1].x >= 2");
+    assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM token_stats ts WHERE eval_id = ? AND "
+                  "passes <> (SELECT COUNT(DISTINCT r.pass) FROM routing r WHERE r.eval_id = ts.eval_id"
+                  " AND r.seq = ts.seq AND r.pos = ts.pos)', e.eval_id)[1].n == 0");
+    assert_lua(L, "db:query('SELECT SUM(experts) AS n FROM token_stats WHERE eval_id = ?', e.eval_id)[1].n"
+                  " == db:query('SELECT COUNT(*) AS n FROM routing WHERE eval_id = ?', e.eval_id)[1].n");
+    assert_lua(L, "db:query('SELECT SUM(tokens) AS n FROM expert_load WHERE eval_id = ?', e.eval_id)[1].n"
+                  " == db:query('SELECT COUNT(*) AS n FROM routing WHERE eval_id = ?', e.eval_id)[1].n");
+    /* a checkpoint loads back to the same loss */
+    run_ok(L, "model:save(DIR .. '/smoe.safetensors')\n"
+              "same = moelab.load(DIR .. '/smoe.safetensors')");
+    assert_lua(L, "same:loss('In the beginning') == model:loss('In the beginning')");
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'stratified', strata = { 2, 3 } } } })",
+            "'moe.router.strata'", "add up to 4", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'stratified', second = 'gumbel' } } })",
+            "'moe.router.second'", "max, sample", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'topk', strata = { 2, 2 } } } })",
+            "'moe.router.strata' is not read by the topk router", NULL);
+    lua_close(L);
+}
+
 static void test_train_evaluate_record(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -843,6 +887,7 @@ int main(void) {
         cmocka_unit_test(test_config_defaults),
         cmocka_unit_test(test_train_evaluate_record),
         cmocka_unit_test(test_moe_end_to_end),
+        cmocka_unit_test(test_stratified_end_to_end),
         cmocka_unit_test(test_save_load_sample_plot),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_option_errors),

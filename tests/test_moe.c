@@ -134,12 +134,12 @@ static void test_capacity_formula(void **state) {
     int *in = malloc(sizeof(int) * 2560);
     for (int i = 0; i < 2560; i++) in[i] = (i * 31) % 256;
     assert_int_equal(model_forward(m, in, in, 20, 128, err), 0);
-    assert_int_equal(m->moe[0].capacity, 704);
+    assert_int_equal(m->moe[0].tc.capacity, 704);
     c.moe.min_capacity = 800; /* the floor wins */
     model_free(m);
     assert_int_equal(model_create(&m, &c, err), 0);
     assert_int_equal(model_forward(m, in, in, 20, 128, err), 0);
-    assert_int_equal(m->moe[0].capacity, 800);
+    assert_int_equal(m->moe[0].tc.capacity, 800);
     free(in);
     model_free(m);
 }
@@ -154,13 +154,13 @@ static void test_flops_accounting(void **state) {
     int in[2 * 16], tg[2 * 16];
     for (int i = 0; i < 32; i++) in[i] = tg[i] = (i * 37) % 256;
     assert_int_equal(model_forward(m, in, tg, 2, 16, err), 0);
-    const MoeState *s = &m->moe[1];
+    const MoeState *s = &m->moe[1].tc;
     double want = 2.0 * 32 * 16 * 4; /* the router */
     for (int e = 0; e < 4; e++) want += 2.0 * 2 * s->counts[e] * 16 * c.moe.hidden[e];
     assert_true(s->flops == want);
     assert_true(m->moe_flops == want);
     double per_token = 0.0;
-    for (int t = 0; t < 32; t++) per_token += moe_trace_token(s, &c.moe, c.activation, t).flops;
+    for (int t = 0; t < 32; t++) per_token += moe_trace_token(&m->moe[1], &c.moe, c.activation, t).flops;
     assert_true(test_close(per_token, want, 1e-12, 0));
     int total = 0;
     for (int e = 0; e < 4; e++) total += s->counts[e];
@@ -252,7 +252,7 @@ static void test_penalty_and_entropy(void **state) {
         assert_true(N <= 128);
         for (int t = 0; t < N; t++) in[t] = tg[t] = (t * 29 + 7) % 256;
         assert_int_equal(model_forward(m, in, tg, 2, c.context, err), 0);
-        const MoeState *s = &m->moe[0];
+        const MoeState *s = &m->moe[0].tc;
         int E = c.moe.experts;
         double hmean = 0, M[MOE_MAX_EXPERTS] = {0}, P[MOE_MAX_EXPERTS] = {0}, H = 0;
         for (int e = 0; e < E; e++) hmean += c.moe.hidden[e] / (double)E;
@@ -323,6 +323,182 @@ static void test_router_keys_stored(void **state) {
     config_defaults(&c);
     assert_int_equal(config_from_json(&c, old, strlen(old), err), -1);
     assert_non_null(strstr(err, "'moe.router.k' is not read by the threshold router"));
+}
+
+/* ------------------------------------------------------------------------ */
+/* stratified layers                                                         */
+
+static ModelConfig strata_model(int first, int second) {
+    ModelConfig c = moe_model(ROUTER_STRATIFIED);
+    c.moe.n_strata = 2;
+    c.moe.strata[0] = first;
+    c.moe.strata[1] = second;
+    c.moe.experts = first + second;
+    for (int e = 0; e < c.moe.experts; e++) c.moe.hidden[e] = 8 + 4 * (e % 3);
+    c.init_std = 0.2f; /* routers far from uniform: tokens spread over the strata */
+    return c;
+}
+
+static double gelu(double x) {
+    return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+}
+
+/* One expert on one input, in double: proj(gelu(fc · u)). */
+static void naive_expert(const MoeWeights *w, int e, int H, const double *u, int C, double *y) {
+    for (int j = 0; j < C; j++) y[j] = 0.0;
+    for (int h = 0; h < H; h++) {
+        double a = 0.0;
+        for (int j = 0; j < C; j++) a += w->fc[e][h * C + j] * u[j];
+        a = gelu(a);
+        for (int j = 0; j < C; j++) y[j] += w->proj[e][j * H + h] * a;
+    }
+}
+
+/* SPEC §2's stratified layer, token by token in double, against the grouped
+** layer: passes, per-pass norms, routers over the visible experts, top-2
+** renormalised, strata moves. */
+static void test_stratified_against_naive_loop(void **state) {
+    (void)state;
+    ModelConfig c = strata_model(3, 3);
+    c.moe.n_strata = 3;
+    c.moe.strata[0] = c.moe.strata[1] = 2;
+    c.moe.strata[2] = 2;
+    c.moe.experts = 6;
+    char err[ML_ERRLEN];
+    Model *m;
+    assert_int_equal(model_create(&m, &c, err), 0);
+    int B = 2, T = 16, N = B * T, C = c.d_model, E = c.moe.experts;
+    int in[32], tg[32];
+    for (int i = 0; i < N; i++) in[i] = tg[i] = (i * 41 + 5) % 256;
+    assert_int_equal(model_forward(m, in, tg, B, T, err), 0);
+    int histogram[4] = {0};
+    for (int l = 0; l < c.layers; l++) {
+        const BlockActs *b = &m->acts.blocks[l];
+        const MoeWeights *w = m->w.blocks[l].moe;
+        for (int t = 0; t < N; t++) {
+            double h[16], u[16], y[16], logit[8], p[8];
+            for (int j = 0; j < C; j++) h[j] = b->res2[t * C + j];
+            int st = 0, passes = 0, first[4] = {0, 2, 4, 6};
+            for (int s = 0; s < 3; s++) {
+                if (st != s) continue;
+                passes++;
+                if (s == 0) {
+                    for (int j = 0; j < C; j++) u[j] = b->ln2[t * C + j];
+                } else {
+                    double mean = 0, var = 0;
+                    for (int j = 0; j < C; j++) mean += h[j] / C;
+                    for (int j = 0; j < C; j++) var += (h[j] - mean) * (h[j] - mean) / C;
+                    for (int j = 0; j < C; j++)
+                        u[j] = (h[j] - mean) / sqrt(var + 1e-5) * w->norm_w[s][j] + w->norm_b[s][j];
+                }
+                int m_s = first[s], Es = E - m_s, e1 = 0, e2 = -1;
+                double maxl = -1e30, sum = 0;
+                for (int e = 0; e < Es; e++) {
+                    logit[e] = 0;
+                    for (int j = 0; j < C; j++) logit[e] += w->routers[s][e * C + j] * u[j];
+                    if (logit[e] > maxl) maxl = logit[e];
+                }
+                for (int e = 0; e < Es; e++) sum += p[e] = exp(logit[e] - maxl);
+                for (int e = 0; e < Es; e++) p[e] /= sum;
+                for (int e = 1; e < Es; e++) if (p[e] > p[e1]) e1 = e;
+                for (int e = 0; e < Es; e++) if (e != e1 && (e2 < 0 || p[e] > p[e2])) e2 = e;
+                int pick[2] = {e1, e2};
+                for (int i = 0; i < 2; i++) {
+                    naive_expert(w, m_s + pick[i], c.moe.hidden[m_s + pick[i]], u, C, y);
+                    double wt = p[pick[i]] / (p[e1] + p[e2]);
+                    for (int j = 0; j < C; j++) h[j] += wt * y[j];
+                }
+                int e = m_s + e1;
+                st = e < 2 ? 1 : e < 4 ? 2 : 3;
+            }
+            histogram[passes]++;
+            assert_int_equal(moe_trace_token(&m->moe[l], &c.moe, c.activation, t).passes, passes);
+            for (int j = 0; j < C; j++)
+                if (!test_close(b->res3[t * C + j], h[j], 1e-4, 1e-5))
+                    fail_msg("layer %d token %d feature %d: %g, naive %g", l, t, j,
+                             (double)b->res3[t * C + j], h[j]);
+        }
+    }
+    /* the test saw tokens of one, two and three passes */
+    if (!(histogram[1] && histogram[2] && histogram[3]))
+        fail_msg("passes: %d, %d, %d tokens", histogram[1], histogram[2], histogram[3]);
+    model_free(m);
+}
+
+/* Tokens whose first choice is in the last stratum leave after one pass: a
+** layer where every token does so is a top-2 layer with stratum 0's router. */
+static void test_stratified_one_pass_is_top2(void **state) {
+    (void)state;
+    ModelConfig c = strata_model(2, 2);
+    char err[ML_ERRLEN];
+    Model *sm, *tm;
+    assert_int_equal(model_create(&sm, &c, err), 0);
+    ModelConfig tc = c;
+    tc.moe.kind = ROUTER_TOPK;
+    tc.moe.k = 2;
+    tc.moe.normalize = 1;
+    tc.moe.n_strata = 0;
+    assert_int_equal(model_create(&tm, &tc, err), 0);
+    int C = c.d_model;
+    for (int l = 0; l < c.layers; l++) {
+        /* stratum 0's router: zero rows for experts 0, 1; r and -r for 2, 3,
+        ** so one of the last stratum's logits is positive, the largest */
+        float *r = sm->w.blocks[l].moe->routers[0];
+        for (int j = 0; j < C; j++) {
+            r[0 * C + j] = r[1 * C + j] = 0.0f;
+            r[3 * C + j] = -r[2 * C + j];
+        }
+    }
+    /* the same weights, name by name, where the top-2 model has them */
+    for (int i = 0; i < tm->n_params; i++) {
+        char name[96];
+        snprintf(name, sizeof name, "%s", tm->params[i].name);
+        char *router = strstr(name, "moe.router.weight");
+        if (router) snprintf(router, sizeof name - (size_t)(router - name), "moe.routers.0.weight");
+        int j = model_find_param(sm, name);
+        assert_true(j >= 0);
+        assert_int_equal(sm->params[j].numel, tm->params[i].numel);
+        memcpy(tm->param_mem + tm->params[i].offset, sm->param_mem + sm->params[j].offset,
+               sizeof(float) * tm->params[i].numel);
+    }
+    int in[32], tg[32];
+    for (int i = 0; i < 32; i++) in[i] = tg[i] = (i * 13 + 1) % 256;
+    assert_int_equal(model_forward(sm, in, tg, 2, 16, err), 0);
+    assert_int_equal(model_forward(tm, in, tg, 2, 16, err), 0);
+    for (int l = 0; l < c.layers; l++)
+        for (int t = 0; t < 32; t++)
+            assert_int_equal(moe_trace_token(&sm->moe[l], &c.moe, c.activation, t).passes, 1);
+    assert_memory_equal(sm->acts.logits, tm->acts.logits, sizeof(float) * 32 * c.vocab);
+    assert_true(sm->mean_loss == tm->mean_loss);
+    assert_true(sm->moe_flops == tm->moe_flops);
+    model_free(sm);
+    model_free(tm);
+}
+
+/* Stratified checkpoints: SPEC §4's names and shapes, and a round trip. */
+static void test_stratified_checkpoint(void **state) {
+    (void)state;
+    ModelConfig c = strata_model(3, 2);
+    c.moe.second_sample = 1;
+    char err[ML_ERRLEN];
+    Model *m;
+    assert_int_equal(model_create(&m, &c, err), 0);
+    int i = model_find_param(m, "h.1.moe.routers.1.weight");
+    assert_true(i >= 0);
+    assert_int_equal(m->params[i].shape[0], 2); /* E - m_1 = 5 - 3 */
+    assert_int_equal(m->params[i].shape[1], c.d_model);
+    i = model_find_param(m, "h.1.moe.routers.0.weight");
+    assert_int_equal(m->params[i].shape[0], 5);
+    assert_true(model_find_param(m, "h.0.moe.norms.1.weight") >= 0);
+    assert_true(model_find_param(m, "h.0.moe.norms.1.bias") >= 0);
+    assert_int_equal(model_find_param(m, "h.0.moe.norms.0.weight"), -1); /* pass 0: ln_2 */
+    assert_int_equal(model_find_param(m, "h.0.moe.router.weight"), -1);
+    test_fill(m->param_mem, m->num_parameters, 0.3f, 9);
+    test_save_load_same(m, "And God said, Let");
+    char *json = config_to_json(&m->config);
+    assert_non_null(strstr(json, "\"strata\":[3,2],\"second\":\"sample\""));
+    free(json);
+    model_free(m);
 }
 
 /* A trained-for-a-few-steps model in an in-memory database. */
@@ -403,7 +579,7 @@ static void test_expert_load_matches_forward(void **state) {
                 snprintf(sql, sizeof sql, "SELECT tokens * 1000000 + dropped FROM expert_load "
                          "WHERE eval_id = %lld AND layer = %d AND expert = %d",
                          (long long)er.eval_id, l, e);
-                const MoeState *s = &f.model->moe[l];
+                const MoeState *s = &f.model->moe[l].tc;
                 assert_int_equal(query_int(f.rec, sql), (int64_t)s->counts[e] * 1000000 + s->dropped[e]);
             }
         fixture_close(&f);
@@ -431,7 +607,7 @@ static void test_recorded_routing_reproduces_forward(void **state) {
         Model *m = f.model;
         int N = 4 * 16, C = 16;
         for (int l = 0; l < 2; l++) {
-            MoeState *s = &m->moe[l];
+            MoeState *s = &m->moe[l].tc;
             BlockActs *b = &m->acts.blocks[l];
             /* wipe the selection and rebuild it from the database */
             for (int t = 0; t < N; t++) {
@@ -488,6 +664,9 @@ int main(void) {
         cmocka_unit_test(test_router_keys_stored),
         cmocka_unit_test(test_penalty_and_entropy),
         cmocka_unit_test(test_hash_map_stored),
+        cmocka_unit_test(test_stratified_against_naive_loop),
+        cmocka_unit_test(test_stratified_one_pass_is_top2),
+        cmocka_unit_test(test_stratified_checkpoint),
         cmocka_unit_test(test_expert_load_matches_forward),
         cmocka_unit_test(test_recorded_routing_reproduces_forward),
     };

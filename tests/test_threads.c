@@ -172,7 +172,7 @@ static void forward_on(const ModelConfig *c, int B, int threads, float *logits, 
     *loss = m->mean_loss;
     size_t k = 0;
     for (int l = 0; l < c->layers; l++) {
-        const MoeState *st = &m->moe[l];
+        const MoeState *st = &m->moe[l].tc;
         for (int t = 0; t < N; t++)
             for (int i = 0; i < st->sel_count[t]; i++) {
                 assert_true(k < slots);
@@ -252,8 +252,8 @@ static float *train_on(const ModelConfig *c, const Corpus *corpus, int steps, in
 /* Training steps give the same parameters, bit for bit, on one, two and
 ** three threads: a model of dense and MoE blocks (top-2, balance and z
 ** losses, GELU, layer norm, batch of 1024 tokens, so every product is cut
-** into several pieces), and a threshold model with SwiGLU, RMS norm and
-** capacity. */
+** into several pieces), a threshold model with SwiGLU, RMS norm and
+** capacity, and a stratified model with Gumbel-sampled second choices. */
 static void test_train_step_same_on_any_thread_count(void **state) {
     (void)state;
     char err[ML_ERRLEN];
@@ -261,12 +261,19 @@ static void test_train_step_same_on_any_thread_count(void **state) {
     for (size_t i = 0; i < sizeof text; i++) text[i] = (uint8_t)("In the beginning God "[i % 21] + i / 997 % 3);
     Corpus *corpus;
     assert_int_equal(corpus_from_bytes(&corpus, text, sizeof text, 0.9, err), 0);
-    for (int kind = 0; kind < 2; kind++) {
-        ModelConfig c = thread_test_config(kind == 1);
+    for (int kind = 0; kind < 3; kind++) {
+        ModelConfig c = thread_test_config(kind >= 1);
         if (kind == 0) {
             c.activation = ACT_SWIGLU;
             c.norm = NORM_RMSNORM;
             c.moe.capacity_factor = 1.25f;
+        } else if (kind == 2) { /* stratified, sampled second choices, capacity */
+            c.moe.kind = ROUTER_STRATIFIED;
+            c.moe.n_strata = 2;
+            c.moe.strata[0] = c.moe.strata[1] = 4;
+            c.moe.second_sample = 1;
+            c.moe.capacity_factor = 1.0f;
+            c.moe.aux_balance = 0.01f;
         } else {
             c.layers = 2;
             c.moe.every = 2;
@@ -274,7 +281,7 @@ static void test_train_step_same_on_any_thread_count(void **state) {
             c.moe.aux_balance = 0.01f;
             c.moe.aux_z = 0.001f;
         }
-        int batch = kind == 1 ? 8 : 4, steps = 3;
+        int batch = kind >= 1 ? 8 : 4, steps = 3;
         size_t n1, n;
         float *p1 = train_on(&c, corpus, steps, batch, 1, &n1);
         for (int threads = 2; threads <= 3; threads++) {

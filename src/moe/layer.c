@@ -120,13 +120,27 @@ static void moe_route(MoeState *s, const Router *r, const MoeConfig *mc, const f
 ** sel_p (N, slots) and sel_count (N). */
 static void moe_select(MoeState *s, const Router *r, const MoeConfig *mc, const int *tokens,
                        const int *hash_map) {
-    RouterBatch b = {.probs = r->has_router ? s->probs : NULL, .tokens = tokens,
+    RouterBatch b = {.probs = r->has_router ? s->probs : NULL, .logits = s->logits,
+                     .gumbel = s->gumbel, .tokens = tokens,
                      .hash_map = hash_map, .N = s->N, .E = s->E, .slots = s->slots,
                      .sel_expert = s->sel_expert, .sel_weight = s->sel_weight, .sel_p = s->sel_p,
                      .sel_count = s->sel_count, .scratch = s->scratch};
     r->select(mc, &b);
     s->capacity = b.capacity;
     for (int t = 0; t < s->N; t++) assert(s->sel_count[t] >= 0 && s->sel_count[t] <= s->slots);
+}
+
+/* Weights p renormalised over the assignments kept (flags 1/0 in sel_row):
+** a token left with one of its pair gets weight 1, with none nothing. */
+static void renormalise_kept(MoeState *s) {
+    for (int t = 0; t < s->N; t++) {
+        size_t k0 = (size_t)t * s->slots;
+        float sum = 0.0f;
+        for (int i = 0; i < s->sel_count[t]; i++)
+            if (s->sel_row[k0 + i]) sum += s->sel_p[k0 + i];
+        for (int i = 0; i < s->sel_count[t]; i++)
+            s->sel_weight[k0 + i] = s->sel_row[k0 + i] && sum > 0.0f ? s->sel_p[k0 + i] / sum : 0.0f;
+    }
 }
 
 /* A frozen selection (select's replacement): the same experts and drops;
@@ -143,6 +157,7 @@ static void moe_reselect(MoeState *s, const Router *r, const MoeConfig *mc, int 
         }
         for (int i = 0; i < s->slots; i++) s->sel_row[k0 + i] = s->sel_row[k0 + i] >= 0;
     }
+    if (from_p && r->renormalise_kept) renormalise_kept(s);
 }
 
 /* capacity (token choice, capacity_factor > 0): each expert keeps at most
@@ -156,6 +171,7 @@ static void moe_capacity(MoeState *s, const Router *r, const MoeConfig *mc) {
         s->capacity = cap > mc->min_capacity ? cap : mc->min_capacity;
         router_apply_capacity(s->sel_expert, s->sel_p, s->sel_count, N, s->slots, E, s->capacity,
                               s->sel_row, s->dropped, s->scratch);
+        if (r->renormalise_kept) renormalise_kept(s);
     } else {
         for (size_t i = 0; i < (size_t)N * s->slots; i++) s->sel_row[i] = 1;
     }
@@ -332,22 +348,20 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
 /* ------------------------------------------------------------------------ */
 /* the route trace                                                           */
 
-size_t moe_trace_count(const MoeState *s) { return (size_t)s->offsets[s->E]; }
-
-size_t moe_trace_routes(const MoeState *s, MoeRoute *out) {
+size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, MoeRoute *out) {
     MoeRoute *o = out;
     for (int t = 0; t < s->N; t++)
         for (int k = 0; k < s->sel_count[t]; k++) {
             size_t j = (size_t)t * s->slots + k;
             if (s->sel_row[j] < 0) continue;
-            *o++ = (MoeRoute){.token = t, .pass = 0, .rank = k, .expert = s->sel_expert[j],
-                              .weight = s->sel_weight[j]};
+            *o++ = (MoeRoute){.token = rows ? rows[t] : t, .pass = pass, .rank = k,
+                              .expert = first + s->sel_expert[j], .weight = s->sel_weight[j]};
         }
-    assert((size_t)(o - out) == moe_trace_count(s));
+    assert((size_t)(o - out) == (size_t)s->offsets[s->E]);
     return (size_t)(o - out);
 }
 
-MoeTokenTrace moe_trace_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t) {
+MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t) {
     int mult = act == ACT_SWIGLU ? 3 : 2;
     MoeTokenTrace tr = {.experts = 0, .passes = 1,
                         .flops = router_of(mc->kind)->has_router ? 2.0 * s->C * s->E : 0.0};
@@ -360,13 +374,8 @@ MoeTokenTrace moe_trace_token(const MoeState *s, const MoeConfig *mc, ActKind ac
     return tr;
 }
 
-MoeExpertTrace moe_trace_expert(const MoeState *s, const MoeConfig *mc, int e) {
-    return (MoeExpertTrace){.tokens = s->counts[e], .dropped = s->dropped[e],
-                            .prob_mass = router_of(mc->kind)->has_router ? s->prob_mass[e] : NAN};
-}
-
-void moe_trace_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
-                        int64_t *near_zero, double *abs_sum) {
+void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
+                       int64_t *near_zero, double *abs_sum) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < s->E; e++) {
         const float *a = s->ae + s->hoff[e];
@@ -391,6 +400,63 @@ void moe_trace_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64
         near_zero[e] += zero;
         abs_sum[e] += sum;
     }
+}
+
+size_t moe_trace_count(const MoeLayer *l) {
+    return l->strata ? strata_trace_count(l->strata) : (size_t)l->tc.offsets[l->tc.E];
+}
+
+size_t moe_trace_routes(const MoeLayer *l, const MoeConfig *mc, MoeRoute *out) {
+    return l->strata ? strata_trace_routes(l->strata, mc, out)
+                     : moe_pass_routes(&l->tc, 0, 0, NULL, out);
+}
+
+MoeTokenTrace moe_trace_token(const MoeLayer *l, const MoeConfig *mc, ActKind act, int t) {
+    return l->strata ? strata_trace_token(l->strata, mc, act, t) : moe_pass_token(&l->tc, mc, act, t);
+}
+
+MoeExpertTrace moe_trace_expert(const MoeLayer *l, const MoeConfig *mc, int e) {
+    if (l->strata) return strata_trace_expert(l->strata, mc, e);
+    return (MoeExpertTrace){.tokens = l->tc.counts[e], .dropped = l->tc.dropped[e],
+                            .prob_mass = router_of(mc->kind)->has_router ? l->tc.prob_mass[e] : NAN};
+}
+
+void moe_trace_sparsity(const MoeLayer *l, const MoeConfig *mc, float eps, int64_t *activations,
+                        int64_t *near_zero, double *abs_sum) {
+    if (l->strata) strata_trace_sparsity(l->strata, mc, eps, activations, near_zero, abs_sum);
+    else moe_pass_sparsity(&l->tc, mc, eps, activations, near_zero, abs_sum);
+}
+
+/* ------------------------------------------------------------------------ */
+/* the layer as the model holds it                                           */
+
+void moe_layer_free(MoeLayer *l) {
+    if (!l) return;
+    moe_state_free(&l->tc);
+    strata_free(l->strata);
+    memset(l, 0, sizeof *l);
+}
+
+int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, const int *hash_map,
+                      float *out, const float *x, const int *tokens, const float *noise, int N,
+                      uint64_t key, char *err) {
+    if (c->moe.kind == ROUTER_STRATIFIED) return strata_forward(l, c, w, out, x, N, key, err);
+    l->tc.freeze = l->freeze;
+    if (moe_forward(&l->tc, &c->moe, c->activation, w, hash_map, out, x, tokens, noise, N,
+                    c->d_model, err) != 0)
+        return -1;
+    l->flops = l->tc.flops;
+    memcpy(l->aux, l->tc.aux, sizeof l->aux);
+    l->aux_weighted = l->tc.aux_weighted;
+    return 0;
+}
+
+int moe_layer_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
+                       MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
+                       char *err) {
+    if (c->moe.kind == ROUTER_STRATIFIED)
+        return strata_backward(l, scr, c, w, g, dx, dout, x, aux_scale, err);
+    return moe_backward(&l->tc, scr, &c->moe, c->activation, w, g, dx, dout, x, aux_scale, err);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -455,11 +521,25 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
         float *dp = scr->dprobs, *dl = scr->dlogits;
         memset(dp, 0, sizeof(float) * (size_t)N * E);
         int renorm = r->renormalised(mc);
-        for (int t = 0; t < N; t++)
-            router_weights_backward(dp + (size_t)t * E, s->probs + (size_t)t * E,
-                                    s->sel_expert + (size_t)t * slots,
-                                    s->sel_weight + (size_t)t * slots, scr->dw + (size_t)t * slots,
-                                    s->sel_count[t], renorm);
+        for (int t = 0; t < N; t++) {
+            const int *ex = s->sel_expert + (size_t)t * slots;
+            const float *wt = s->sel_weight + (size_t)t * slots, *dw = scr->dw + (size_t)t * slots;
+            int n = s->sel_count[t];
+            int kex[MOE_MAX_EXPERTS];
+            float kwt[MOE_MAX_EXPERTS], kdw[MOE_MAX_EXPERTS];
+            if (r->renormalise_kept) { /* the weights are over the kept ones only */
+                int m = 0;
+                for (int i = 0; i < n; i++)
+                    if (s->sel_row[(size_t)t * slots + i] >= 0) {
+                        kex[m] = ex[i];
+                        kwt[m] = wt[i];
+                        kdw[m++] = dw[i];
+                    }
+                ex = kex, wt = kwt, dw = kdw, n = m;
+            }
+            router_weights_backward(dp + (size_t)t * E, s->probs + (size_t)t * E, ex, wt, dw, n,
+                                    renorm);
+        }
         /* auxiliary losses through p (balance, p_penalty, cv2): from the forward */
         float dpe[MOE_MAX_EXPERTS];
         for (int e = 0; e < E; e++) dpe[e] = s->aux_dp[e] * aux_scale;

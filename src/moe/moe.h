@@ -23,10 +23,14 @@
 #include "config.h"
 
 typedef struct {
-    float *router;                /* (E, C); NULL for hash routing */
+    float *router;                /* (E, C); NULL for hash routing and stratified layers */
     float *fc[MOE_MAX_EXPERTS];   /* (H_e, C) */
     float *gate[MOE_MAX_EXPERTS]; /* (H_e, C), SwiGLU only */
     float *proj[MOE_MAX_EXPERTS]; /* (C, H_e) */
+    /* stratified: stratum s's router over the experts of strata >= s, and for
+    ** s >= 1 the norm its pass starts with (pass 0 uses the block's ln_2) */
+    float *routers[MOE_MAX_EXPERTS];                      /* (E - m_s, C) */
+    float *norm_w[MOE_MAX_EXPERTS], *norm_b[MOE_MAX_EXPERTS]; /* (C); no bias for RMSNorm */
 } MoeWeights;
 
 enum { AUX_BALANCE, AUX_Z, AUX_CV2, AUX_P_PENALTY, AUX_ENTROPY, AUX_KINDS };
@@ -66,10 +70,47 @@ typedef struct {
                               ** recompute only the weights from p (gradient
                               ** checks); 2: keep the weights too (re-running a
                               ** recorded selection) */
+    const float *gumbel;      /* (N, E) Gumbel noise for a sampled choice, or NULL;
+                              ** set by the caller (stratified passes) */
 } MoeState;
 
-/* Backward scratch shared by every MoE layer (grow only). */
+typedef struct Strata Strata; /* a stratified layer's passes (stratified.c) */
+struct MoeScratch;
+
+/*
+** One MoE block's layer, as the model holds it: a token-choice layer is one
+** MoeState; a stratified layer runs one MoeState per stratum that has tokens.
+** The totals of the last forward are the same for both.
+*/
 typedef struct {
+    MoeState tc;              /* token-choice layers */
+    Strata *strata;           /* stratified layers; NULL otherwise */
+    int freeze;               /* as MoeState.freeze, for every pass */
+    double flops;             /* executed in the last forward, every pass */
+    float aux[AUX_KINDS];     /* unweighted, averaged over the passes that ran */
+    float aux_weighted;
+} MoeLayer;
+
+void moe_layer_free(MoeLayer *l);
+
+/* out (N,C) holds the block's residual stream and gets the layer added:
+** out += MoE(x), x (N,C) = ln_2(out) (a stratified layer's later passes
+** normalise out itself). tokens (N) are the input ids (hash routing), noise
+** (N,E) the router noise of training or NULL; key seeds the Gumbel draws of
+** a sampled second choice (stratified). */
+int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, const int *hash_map,
+                      float *out, const float *x, const int *tokens, const float *noise, int N,
+                      uint64_t key, char *err);
+
+/* dx (N,C) = d/dx (written); dout (N,C) is d/d out, and a stratified layer
+** adds to it what flows through its later passes' norms. Gradients
+** accumulate into g. */
+int moe_layer_backward(MoeLayer *l, struct MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
+                       MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
+                       char *err);
+
+/* Backward scratch shared by every MoE layer (grow only). */
+typedef struct MoeScratch {
     float *dye, *dxe;         /* (A, C) */
     float *dae, *dhe, *dge;   /* (Σ n_e H_e) */
     float *dw;                /* (N, slots) */
@@ -117,14 +158,35 @@ typedef struct {
 } MoeExpertTrace;
 
 /* Kept assignments: the rows moe_trace_routes writes. */
-size_t moe_trace_count(const MoeState *s);
+size_t moe_trace_count(const MoeLayer *l);
 /* One row per kept assignment, token by token, in rank order; returns the count. */
-size_t moe_trace_routes(const MoeState *s, MoeRoute *out);
-MoeTokenTrace moe_trace_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
-MoeExpertTrace moe_trace_expert(const MoeState *s, const MoeConfig *mc, int e);
+size_t moe_trace_routes(const MoeLayer *l, const MoeConfig *mc, MoeRoute *out);
+MoeTokenTrace moe_trace_token(const MoeLayer *l, const MoeConfig *mc, ActKind act, int t);
+MoeExpertTrace moe_trace_expert(const MoeLayer *l, const MoeConfig *mc, int e);
 /* Adds each expert's hidden activations, those with |a| <= eps and Σ|a| to
 ** activations, near_zero and abs_sum (E each). */
-void moe_trace_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
+void moe_trace_sparsity(const MoeLayer *l, const MoeConfig *mc, float eps, int64_t *activations,
                         int64_t *near_zero, double *abs_sum);
+
+/* The same for one token-choice pass over E experts, the first of which is
+** expert `first` of the layer (stratified.c composes its passes of these). */
+size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, MoeRoute *out);
+MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
+void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
+                       int64_t *near_zero, double *abs_sum);
+
+/* stratified.c */
+int strata_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float *out,
+                   const float *x, int N, uint64_t key, char *err);
+int strata_backward(MoeLayer *l, struct MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
+                    MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
+                    char *err);
+void strata_free(Strata *s);
+size_t strata_trace_count(const Strata *s);
+size_t strata_trace_routes(const Strata *s, const MoeConfig *mc, MoeRoute *out);
+MoeTokenTrace strata_trace_token(const Strata *s, const MoeConfig *mc, ActKind act, int t);
+MoeExpertTrace strata_trace_expert(const Strata *s, const MoeConfig *mc, int e);
+void strata_trace_sparsity(const Strata *s, const MoeConfig *mc, float eps, int64_t *activations,
+                           int64_t *near_zero, double *abs_sum);
 
 #endif

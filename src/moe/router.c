@@ -165,7 +165,7 @@ void router_weights_backward(float *dp, const float *p, const int *experts, cons
 /* the table                                                                 */
 
 static const char *const key_names[ROUTER_KEY_COUNT] = {
-    "k", "p", "max_k", "normalize", "capacity_factor", "min_capacity", "noise"};
+    "k", "p", "max_k", "normalize", "capacity_factor", "min_capacity", "noise", "strata", "second"};
 
 const char *router_key_name(int bit) {
     return bit >= 0 && bit < ROUTER_KEY_COUNT ? key_names[bit] : "?";
@@ -233,16 +233,65 @@ static int expert_choice_slots(const MoeConfig *mc) { return mc->experts; }
 
 static unsigned hash_keys(const MoeConfig *mc) { return capacity_keys(mc); }
 
+/* One stratum's pass (SMoE): top-2 over the experts it sees, the first the
+** largest p, the second the next largest or, with second = "sample", the
+** largest logit + Gumbel noise among the others (as the reference code);
+** weights renormalised over the pair (and again over what capacity keeps). */
+static void select_stratum_top2(const MoeConfig *mc, RouterBatch *b) {
+    int E = b->E;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < b->N; t++) {
+        const float *p = b->probs + (size_t)t * E;
+        int *ex = b->sel_expert + (size_t)t * b->slots;
+        float *wt = b->sel_weight + (size_t)t * b->slots;
+        int first = 0;
+        for (int e = 1; e < E; e++)
+            if (p[e] > p[first]) first = e;
+        int second = -1;
+        if (E > 1) {
+            const float *l = b->logits + (size_t)t * E;
+            const float *g = mc->second_sample && b->gumbel ? b->gumbel + (size_t)t * E : NULL;
+            float best = 0.0f;
+            for (int e = 0; e < E; e++) {
+                if (e == first) continue;
+                float key = g ? l[e] + g[e] : p[e];
+                if (second < 0 || key > best) {
+                    second = e;
+                    best = key;
+                }
+            }
+        }
+        int n = second < 0 ? 1 : 2;
+        ex[0] = first;
+        if (n == 2) ex[1] = second;
+        float sum = 0.0f;
+        for (int i = 0; i < n; i++) sum += wt[i] = p[ex[i]];
+        for (int i = 0; i < n; i++) {
+            b->sel_p[(size_t)t * b->slots + i] = wt[i];
+            if (sum > 0.0f) wt[i] /= sum;
+        }
+        b->sel_count[t] = n;
+    }
+}
+
+static unsigned stratified_keys(const MoeConfig *mc) {
+    return ROUTER_KEY_STRATA | ROUTER_KEY_SECOND | capacity_keys(mc);
+}
+static int two_at_most(const MoeConfig *mc) { return mc->experts < 2 ? mc->experts : 2; }
+static int two(const MoeConfig *mc) { (void)mc; return 2; }
+
 static const Router routers[] = {
-    {ROUTER_TOPK, "topk", 1, 1, topk_keys, topk_slots, config_k, select_per_token,
+    {ROUTER_TOPK, "topk", 1, 1, 0, topk_keys, topk_slots, config_k, select_per_token,
      topk_renormalised},
-    {ROUTER_THRESHOLD, "threshold", 1, 1, threshold_keys, threshold_slots, config_k,
+    {ROUTER_THRESHOLD, "threshold", 1, 1, 0, threshold_keys, threshold_slots, config_k,
      select_per_token, never},
-    {ROUTER_TOPP, "topp", 1, 1, threshold_keys, threshold_slots, config_k, select_per_token,
+    {ROUTER_TOPP, "topp", 1, 1, 0, threshold_keys, threshold_slots, config_k, select_per_token,
      always},
-    {ROUTER_EXPERT_CHOICE, "expert_choice", 1, 0, expert_choice_keys, expert_choice_slots,
+    {ROUTER_EXPERT_CHOICE, "expert_choice", 1, 0, 0, expert_choice_keys, expert_choice_slots,
      config_k, select_expert_choice, never},
-    {ROUTER_HASH, "hash", 0, 1, hash_keys, always, always, select_per_token, never},
+    {ROUTER_HASH, "hash", 0, 1, 0, hash_keys, always, always, select_per_token, never},
+    {ROUTER_STRATIFIED, "stratified", 1, 1, 1, stratified_keys, two_at_most, two,
+     select_stratum_top2, always},
 };
 
 const Router *router_of(RouterKind kind) {

@@ -22,7 +22,9 @@ enum {
     ROUTER_KEY_CAPACITY_FACTOR = 1 << 4,
     ROUTER_KEY_MIN_CAPACITY = 1 << 5,
     ROUTER_KEY_NOISE = 1 << 6,
-    ROUTER_KEY_COUNT = 7
+    ROUTER_KEY_STRATA = 1 << 7,
+    ROUTER_KEY_SECOND = 1 << 8,
+    ROUTER_KEY_COUNT = 9
 };
 
 /* The key of bit i (ROUTER_KEY_K is bit 0: "k"). */
@@ -31,6 +33,8 @@ const char *router_key_name(int bit);
 /* One batch's selection, filled in rank order per token (slots entries each). */
 typedef struct {
     const float *probs;   /* (N, E) p; NULL for hash */
+    const float *logits;  /* (N, E) the logits p came from */
+    const float *gumbel;  /* (N, E) standard Gumbel noise for a sampled choice, or NULL */
     const int *tokens;    /* (N) token ids, for hash */
     const int *hash_map;  /* (vocab) expert of each token id, for hash */
     int N, E, slots;
@@ -52,6 +56,8 @@ typedef struct {
     int has_router;   /* a router weight and probabilities (hash has neither) */
     int token_choice; /* capacity limits its selections afterwards; expert choice
                       ** sets its own (and sees the whole batch: not causal) */
+    int renormalise_kept; /* weights renormalised over the assignments that
+                          ** capacity kept (stratified), not over the selection */
     /* the moe.router keys it reads under this configuration (ROUTER_KEY_*) */
     unsigned (*keys)(const MoeConfig *mc);
     /* selections per token at most */
