@@ -56,7 +56,7 @@ class RefError(Exception):
 
 TOP_KEYS = {"vocab", "context", "layers", "d_model", "heads", "norm", "activation",
             "tied", "seed", "ffn", "moe", "norm_eps"}
-ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp"}
+ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified"}
 ROUTER_KINDS_KNOWN = ROUTER_KINDS_SUPPORTED | {"expert_choice", "hash", "stratified", "merge"}
 
 
@@ -129,6 +129,10 @@ def normalize_config(raw):
     if router["kind"] == "topk":
         router.setdefault("k", 2)
         router.setdefault("normalize", True)
+    if router["kind"] == "stratified":
+        E = moe["experts"]
+        router.setdefault("strata", [E // 2, E - E // 2] if E > 1 else [1])
+        router.setdefault("second", "max")
     router.setdefault("capacity_factor", 0)
     moe["router"] = router
     cfg["moe"] = moe
@@ -165,6 +169,16 @@ def check_supported(cfg):
         raise RefError("moelab_config: router.k must be in 1..%d, got %r" % (moe["experts"], router["k"]))
     if kind in ("threshold", "topp") and "p" not in router:
         raise RefError("moelab_config: router kind %r needs the threshold 'p'" % kind)
+    if kind == "stratified":
+        strata = router["strata"]
+        if (not isinstance(strata, list) or not all(isinstance(n, int) and n > 0 for n in strata)
+                or sum(strata) != moe["experts"]):
+            raise RefError("moelab_config: router.strata must be sizes adding up to %d, got %r"
+                           % (moe["experts"], strata))
+        if router["second"] != "max":
+            raise RefError("stratified second = %r is not implemented in this reference (only "
+                           "'max': a sampled second choice depends on moelab's generator)"
+                           % (router["second"],))
 
 
 def expected_tensors(cfg):
@@ -188,8 +202,16 @@ def expected_tensors(cfg):
         out[p + "attn.proj.weight"] = (d, d)
         out[p + "attn.proj.bias"] = (d,)
         norm(p + "ln_2")
-        if is_moe_block(cfg, l):
+        if is_moe_block(cfg, l) and cfg["moe"]["router"]["kind"] == "stratified":
+            first = 0
+            for s, size in enumerate(cfg["moe"]["router"]["strata"]):
+                out[p + "moe.routers.%d.weight" % s] = (cfg["moe"]["experts"] - first, d)
+                if s > 0:
+                    norm(p + "moe.norms.%d" % s)
+                first += size
+        elif is_moe_block(cfg, l):
             out[p + "moe.router.weight"] = (cfg["moe"]["experts"], d)
+        if is_moe_block(cfg, l):
             for e, He in enumerate(expert_hidden(cfg)):
                 q = p + "moe.experts.%d." % e
                 out[q + "fc.weight"] = (He, d)
@@ -361,19 +383,78 @@ class MoE(nn.Module):
         return out.view(B, T, d)
 
 
+class StratifiedMoE(nn.Module):
+    """Stratified experts (SMoE), dropless, from SPEC section 2 alone.
+
+    Experts are split into strata of consecutive experts; stratum s has its own router
+    over the experts of strata >= s. Every token starts at stratum 0; each pass takes
+    the tokens at the lowest stratum still occupied, normalises them (pass 0 with the
+    block's ln_2, pass s >= 1 with its own norm), routes them top-2 (the largest p and
+    the second largest, weights renormalised over the pair), adds the weighted expert
+    outputs to the residual, and moves each token to 1 + the stratum of its first
+    choice; a token at stratum L has left the layer.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg["d_model"]
+        moe = cfg["moe"]
+        self.strata = moe["router"]["strata"]
+        self.first = [sum(self.strata[:s]) for s in range(len(self.strata) + 1)]
+        E = moe["experts"]
+        self.routers = nn.ModuleList(nn.Linear(d, E - self.first[s], bias=False)
+                                     for s in range(len(self.strata)))
+        self.norms = nn.ModuleDict({str(s): make_norm(cfg) for s in range(1, len(self.strata))})
+        self.experts = nn.ModuleList(Expert(d, He, cfg["activation"]) for He in expert_hidden(cfg))
+
+    def forward_block(self, x, ln_2):
+        """x (B, T, d): the residual stream before the layer; returns it after."""
+        B, T, d = x.shape
+        h = x.reshape(B * T, d).clone()
+        state = torch.zeros(B * T, dtype=torch.long, device=x.device)
+        L = len(self.strata)
+        for s in range(L):
+            rows = (state == s).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            hs = h.index_select(0, rows)
+            u = ln_2(hs) if s == 0 else self.norms[str(s)](hs)
+            p = (u.float() @ self.routers[s].weight.float().t()).softmax(dim=-1)
+            m = self.first[s]
+            top = p.topk(min(2, p.shape[1]), dim=-1)
+            w = top.values / top.values.sum(dim=-1, keepdim=True)
+            y = torch.zeros_like(u)
+            for i in range(top.indices.shape[1]):
+                for e in range(p.shape[1]):
+                    pick = (top.indices[:, i] == e).nonzero(as_tuple=True)[0]
+                    if pick.numel():
+                        out = self.experts[m + e](u.index_select(0, pick))
+                        y.index_add_(0, pick, out * w[pick, i].unsqueeze(1).to(u.dtype))
+            h = h.index_add(0, rows, y)
+            first_global = top.indices[:, 0] + m
+            stratum = torch.bucketize(first_global, torch.tensor(self.first[1:], device=x.device),
+                                      right=True)
+            state = state.index_copy(0, rows, stratum + 1)
+        return h.view(B, T, d)
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.ln_1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.ln_2 = make_norm(cfg)
-        if is_moe_block(cfg, layer):
+        if is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "stratified":
+            self.moe = StratifiedMoE(cfg)
+        elif is_moe_block(cfg, layer):
             self.moe = MoE(cfg)
         else:
             self.mlp = DenseFFN(cfg)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
+        if isinstance(getattr(self, "moe", None), StratifiedMoE):
+            return self.moe.forward_block(x, self.ln_2)
         ffn = self.moe if hasattr(self, "moe") else self.mlp
         return x + ffn(self.ln_2(x))
 

@@ -1,0 +1,48 @@
+-- designs.lua — the MoE designs beyond token-choice routing, each trained on
+-- the reference configuration and recorded, to compare with
+-- experiments/moe_reference.lua's top-2 and threshold runs.
+--
+--   ./moelab run experiments/designs.lua [design=stratified] [steps=1000]
+--       [seed=1] [db=results/designs.db] [second=max|sample]
+--
+-- The reference configuration (layers 4, d_model 128, heads 4, context 128,
+-- GELU, LayerNorm, untied head; batch 16, lr 3e-3, warm-up 50 then cosine
+-- decay to 0; an MoE layer in every block, 8 experts of hidden 128, balance
+-- loss 0.01, dropless) with:
+--   stratified  SMoE, strata {4, 4}: top-2 per pass, 1 or 2 passes a token.
+-- Merged experts (MEO) and dense-to-sparse conversion are not written yet.
+
+local moelab = require "moelab"
+local args = moelab.args
+local design = args.design or "stratified"
+local designs = {
+  stratified = { kind = "stratified", strata = { 4, 4 }, second = args.second or "max" },
+}
+local router = designs[design]
+if not router then
+  local names = {}
+  for name in pairs(designs) do names[#names + 1] = name end
+  table.sort(names)
+  error(string.format("designs.lua: unknown design '%s' (one of: %s)", design,
+                      table.concat(names, ", ")), 0)
+end
+
+local data  = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
+local model = moelab.model{ layers = 4, d_model = 128, heads = 4, context = 128,
+                            activation = "gelu", norm = "layernorm", tied = false,
+                            seed = args.seed or 1,
+                            moe = { experts = 8, hidden = 128, router = router,
+                                    aux = { balance = 0.01 } } }
+local db    = moelab.open(args.db or "results/designs.db")
+local name  = design .. (args.seed and ("-seed" .. args.seed) or "")
+local run   = db:run{ name = name, model = model, data = data, experiment = "designs" }
+local t     = run:train{ steps = args.steps or 1000, batch = 16, lr = 3e-3, warmup = 50,
+                         weight_decay = 0, clip = 0, eval_every = 100 }
+local e     = run:evaluate{ batches = 20, batch = 16, record = true }
+model:save(args.checkpoint or ("results/" .. design .. "-reference.safetensors"))
+local passes = db:query([[SELECT AVG(passes) / 4.0 AS p FROM token_stats WHERE eval_id = ?]],
+                        e.eval_id)[1].p
+print(string.format("%s: val loss %.4f  experts/token %.2f  passes/token/layer %.2f  " ..
+                    "MoE FLOPs/token %.0f  train loss (last 10%%) %.4f  %.0f tokens/s  %.0f s",
+                    name, e.loss, e.experts_per_token, passes, e.moe_flops_per_token, t.loss,
+                    t.tokens_per_s, t.seconds))
