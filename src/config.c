@@ -46,7 +46,7 @@ void config_defaults(ModelConfig *c) {
 }
 
 static const char *const router_names[] = {"topk", "threshold", "topp", "expert_choice", "hash",
-                                           "stratified"};
+                                           "stratified", "merge"};
 
 const char *config_router_name(RouterKind k) {
     return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";
@@ -124,6 +124,26 @@ int config_validate(const ModelConfig *c, char *err) {
             return ml_error(err, "'moe.router.strata' must split the %d experts into strata "
                             "(sizes that add up to %d), got sizes adding up to %d", m->experts,
                             m->experts, sum);
+    }
+    if (m->kind == ROUTER_MERGE) {
+        for (int e = 1; e < m->experts; e++)
+            if (m->hidden[e] != m->hidden[0])
+                return ml_error(err, "'moe.router.kind' = \"merge\" merges the experts into one: "
+                                "they need one hidden size (moe.hidden lists %d and %d)",
+                                m->hidden[0], m->hidden[e]);
+        if (c->activation == ACT_SWIGLU)
+            return ml_error(err, "'moe.router.kind' = \"merge\" merges fc and proj: use "
+                            "activation \"gelu\" or \"relu\", not \"swiglu\"");
+        if (m->segment > c->context)
+            return ml_error(err, "'moe.router.segment' = %d is longer than the context (%d)",
+                            m->segment, c->context);
+        if (m->token_attention > c->d_model)
+            return ml_error(err, "'moe.router.token_attention' = %d leaves d_model = %d no width "
+                            "(it must be at most d_model)", m->token_attention, c->d_model);
+        if (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 || m->aux_p_penalty > 0 ||
+            m->aux_entropy > 0)
+            return ml_error(err, "'moe.router.kind' = \"merge\" gates whole sequences, not "
+                            "tokens: moe.aux is not supported for it");
     }
     if (!(m->sparsity_eps >= 0.0f) || !isfinite(m->sparsity_eps))
         return ml_error(err, "'moe.sparsity_eps' must be a number >= 0, got %g", m->sparsity_eps);
@@ -249,9 +269,9 @@ static int read_choice(const JsonValue *obj, const char *key, const char *where,
 }
 
 static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps"};
-static const char *const router_keys[] = {"kind",         "k",     "p",      "max_k",
-                                          "normalize",    "capacity_factor", "min_capacity",
-                                          "noise",        "strata", "second"};
+static const char *const router_keys[] = {
+    "kind",  "k",      "p",      "max_k",   "normalize",      "capacity_factor", "min_capacity",
+    "noise", "strata", "second", "segment", "token_attention"};
 static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
 #define NKEYS(a) ((int)(sizeof(a) / sizeof(a)[0]))
 
@@ -344,6 +364,12 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
             }
             m->n_strata = (int)n;
         }
+        v = m->segment;
+        if (read_int(router, "segment", "moe.router.", 0, 1 << 16, &v, err)) return -1;
+        m->segment = (int)v;
+        v = m->token_attention;
+        if (read_int(router, "token_attention", "moe.router.", 0, 1 << 20, &v, err)) return -1;
+        m->token_attention = (int)v;
         static const char *const seconds[] = {"max", "sample"};
         if (read_choice(router, "second", "moe.router.", seconds, 2, &m->second_sample, err))
             return -1;
@@ -461,6 +487,8 @@ void config_canonical(ModelConfig *c) {
         memset(m->strata, 0, sizeof m->strata);
     }
     if (!(used & ROUTER_KEY_SECOND)) m->second_sample = 0;
+    if (!(used & ROUTER_KEY_SEGMENT)) m->segment = 0;
+    if (!(used & ROUTER_KEY_TOKEN_ATTENTION)) m->token_attention = 0;
 }
 
 int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
@@ -526,6 +554,9 @@ char *config_to_json(const ModelConfig *c) {
         }
         if (used & ROUTER_KEY_SECOND)
             jb_printf(&b, ",\"second\":\"%s\"", m->second_sample ? "sample" : "max");
+        if (used & ROUTER_KEY_SEGMENT) jb_printf(&b, ",\"segment\":%d", m->segment);
+        if (used & ROUTER_KEY_TOKEN_ATTENTION)
+            jb_printf(&b, ",\"token_attention\":%d", m->token_attention);
         jb_puts(&b, "},\"aux\":{\"balance\":");
         jb_float(&b, m->aux_balance);
         jb_puts(&b, ",\"z\":");

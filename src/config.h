@@ -26,6 +26,7 @@ typedef enum {
     ROUTER_EXPERT_CHOICE = 3, /* each expert takes its top C tokens; non-causal */
     ROUTER_HASH = 4,          /* a fixed random map of token ids; weight 1 */
     ROUTER_STRATIFIED = 5,    /* SMoE: strata of experts, top-2 per pass (moe/stratified.c) */
+    ROUTER_MERGE = 6,         /* MEO: experts merged per sequence or segment (moe/merge.c) */
 } RouterKind;
 
 typedef struct {
@@ -45,6 +46,9 @@ typedef struct {
     int n_strata;       /* stratified: the number of strata L */
     int strata[MOE_MAX_EXPERTS]; /* stratified: experts per stratum, in order */
     int second_sample;  /* stratified: the second choice Gumbel-sampled, not the 2nd largest p */
+    int segment;        /* merge: 0 = gate on the whole sequence (not causal), S > 0 = causal
+                        ** segments of S positions gated on the means before them */
+    int token_attention; /* merge: r > 0 adds x + Up(ReLU(Down(x))), width / r wide */
     float aux_balance, aux_z, aux_cv2, aux_p_penalty, aux_entropy; /* coefficients; 0 = off */
     float sparsity_eps; /* |a| <= eps counts as a near-zero activation; < 0: default */
 } MoeConfig;

@@ -90,9 +90,22 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
             const MoeConfig *mc = &c->moe;
             MoeWeights *mw = b->moe;
             const Router *r = router_of(mc->kind);
-            mw->router = r->has_router && mc->kind != ROUTER_STRATIFIED
+            int own_router = mc->kind != ROUTER_STRATIFIED && mc->kind != ROUTER_MERGE;
+            mw->router = r->has_router && own_router
                              ? take(&L, INIT_NORMAL, mc->experts, C, "h.%d.moe.router.weight", l)
                              : NULL;
+            if (mc->kind == ROUTER_MERGE) { /* a gate per linear; token attention */
+                int He = mc->hidden[0], r_ = mc->token_attention;
+                mw->gate_fc = take(&L, INIT_NORMAL, mc->experts, C, "h.%d.moe.gate_fc.weight", l);
+                mw->gate_proj = take(&L, INIT_NORMAL, mc->experts, He, "h.%d.moe.gate_proj.weight", l);
+                if (r_ > 0) {
+                    int rf = C / r_, rp = He / r_ > 0 ? He / r_ : 1;
+                    mw->tfc_down = take(&L, INIT_NORMAL, rf, C, "h.%d.moe.tokatt_fc.down.weight", l);
+                    mw->tfc_up = take(&L, INIT_ZERO, C, rf, "h.%d.moe.tokatt_fc.up.weight", l);
+                    mw->tpr_down = take(&L, INIT_NORMAL, rp, He, "h.%d.moe.tokatt_proj.down.weight", l);
+                    mw->tpr_up = take(&L, INIT_ZERO, He, rp, "h.%d.moe.tokatt_proj.up.weight", l);
+                }
+            }
             for (int st = 0, m_s = 0; mc->kind == ROUTER_STRATIFIED && st < mc->n_strata;
                  m_s += mc->strata[st++]) {
                 mw->routers[st] = take(&L, INIT_NORMAL, mc->experts - m_s, C,
@@ -429,7 +442,7 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
                            ((uint64_t)(m->training ? m->adam_t + 1 : 0) << 16) ^ (uint64_t)l;
             if (moe_layer_forward(&m->moe[l], c, w->moe,
                                   m->hash_map ? m->hash_map + (size_t)l * V : NULL, b->res3, b->ln2,
-                                  a->inputs, noise, N, key, err) != 0)
+                                  a->inputs, noise, B, T, key, err) != 0)
                 return -1;
             m->moe_flops += m->moe[l].flops;
             m->aux_loss += m->moe[l].aux_weighted / m->n_moe_layers;

@@ -262,9 +262,10 @@ static void check_config(ModelConfig c, const char *label) {
         g_in[i] = (i * 7 + 3) % c.vocab;
         g_tg[i] = (i * 5 + 1) % c.vocab;
     }
-    /* biases and norm weights start at 0 and 1: randomise them too */
+    /* biases and norm weights start at 0 and 1, token attention's Up at 0:
+    ** randomise them too */
     for (int i = 0; i < gm->n_params; i++)
-        if (gm->params[i].ndim == 1)
+        if (gm->params[i].ndim == 1 || strstr(gm->params[i].name, "up.weight"))
             test_fill(gm->param_mem + gm->params[i].offset, gm->params[i].numel, 0.5f, 30 + i);
     for (int i = 0; i < gm->n_params; i++)
         if (strstr(gm->params[i].name, "ln") && gm->params[i].ndim == 1 &&
@@ -431,6 +432,23 @@ static void test_moe_stratified(void **state) {
     }
 }
 
+/* Merged layers (MEO): both gates, the merges, the means over the windows,
+** with whole-sequence and causal segments, k = 1 and 2, token attention. */
+static void test_moe_merge(void **state) {
+    (void)state;
+    for (int v = 0; v < 4; v++) {
+        ModelConfig c = moe_config(ROUTER_MERGE);
+        c.moe.k = v == 1 ? 1 : 2;
+        c.moe.segment = v == 0 ? 0 : 2;
+        c.moe.token_attention = v >= 2 ? 2 : 0;
+        if (v == 3) c.activation = ACT_RELU;
+        char label[64];
+        snprintf(label, sizeof label, "merge k %d segment %d r %d%s", c.moe.k, c.moe.segment,
+                 c.moe.token_attention, v == 3 ? " relu" : "");
+        check_config(c, label);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layernorm),
@@ -452,6 +470,7 @@ int main(void) {
         cmocka_unit_test(test_moe_aux_losses),
         cmocka_unit_test(test_moe_heterogeneous_swiglu),
         cmocka_unit_test(test_moe_stratified),
+        cmocka_unit_test(test_moe_merge),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
 }

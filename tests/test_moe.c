@@ -501,6 +501,169 @@ static void test_stratified_checkpoint(void **state) {
     model_free(m);
 }
 
+/* ------------------------------------------------------------------------ */
+/* merged layers                                                             */
+
+static ModelConfig merge_model(int k, int segment, int r) {
+    ModelConfig c = moe_model(ROUTER_MERGE);
+    for (int e = 0; e < c.moe.experts; e++) c.moe.hidden[e] = 12;
+    c.moe.hidden_list = 0;
+    c.moe.k = k;
+    c.moe.segment = segment;
+    c.moe.token_attention = r;
+    c.init_std = 0.2f;
+    return c;
+}
+
+/* SPEC §2's merged layer, position by position in double, against the layer:
+** the windows' means, both gates (top-k logits, softmax over the k), the
+** merged fc and proj; k = 1 is the chosen expert itself. */
+static void test_merge_against_naive_loop(void **state) {
+    (void)state;
+    for (int v = 0; v < 3; v++) {
+        int k = v == 0 ? 1 : 2, S = v == 2 ? 0 : 5; /* 16 positions: segments of 5, 5, 5, 1 */
+        ModelConfig c = merge_model(k, S, 0);
+        char err[ML_ERRLEN];
+        Model *m;
+        assert_int_equal(model_create(&m, &c, err), 0);
+        int B = 2, T = 16, C = c.d_model, H = 12, E = c.moe.experts;
+        int in[32], tg[32];
+        for (int i = 0; i < B * T; i++) in[i] = tg[i] = (i * 53 + 11) % 256;
+        assert_int_equal(model_forward(m, in, tg, B, T, err), 0);
+        int chose_other = 0;
+        for (int l = 0; l < c.layers; l++) {
+            const BlockActs *b = &m->acts.blocks[l];
+            const MoeWeights *w = m->w.blocks[l].moe;
+            double a[16][12];
+            for (int bb = 0; bb < B; bb++) {
+                const float *x0 = b->ln2 + (size_t)bb * T * C;
+                /* a for every position, from its own segment's fc gate */
+                for (int t = 0; t < T; t++) {
+                    int s = S ? t / S : 0, wend = S ? (s * S > 1 ? s * S : 1) : T;
+                    double mean[16] = {0}, logit[4] = {0}, g[4], z = 0;
+                    int idx[4];
+                    for (int q = 0; q < wend; q++)
+                        for (int j = 0; j < C; j++) mean[j] += x0[q * C + j] / (double)wend;
+                    for (int e = 0; e < E; e++) {
+                        logit[e] = 0;
+                        for (int j = 0; j < C; j++) logit[e] += w->gate_fc[e * C + j] * mean[j];
+                    }
+                    for (int i = 0; i < k; i++) {
+                        idx[i] = -1;
+                        for (int e = 0; e < E; e++) {
+                            int taken = 0;
+                            for (int q = 0; q < i; q++) taken |= idx[q] == e;
+                            if (!taken && (idx[i] < 0 || logit[e] > logit[idx[i]])) idx[i] = e;
+                        }
+                    }
+                    for (int i = 0; i < k; i++) z += g[i] = exp(logit[idx[i]] - logit[idx[0]]);
+                    for (int h = 0; h < H; h++) {
+                        double acc = 0;
+                        for (int i = 0; i < k; i++)
+                            for (int j = 0; j < C; j++)
+                                acc += g[i] / z * w->fc[idx[i]][h * C + j] * x0[t * C + j];
+                        a[t][h] = gelu(acc);
+                    }
+                    chose_other += idx[0] != 0;
+                }
+                for (int pos = 0; pos < T; pos++) {
+                    int s = S ? pos / S : 0, wend = S ? (s * S > 1 ? s * S : 1) : T;
+                    double logit[4] = {0}, g[4], z;
+                    int idx[4];
+                    /* the proj gate on the mean of a over the window */
+                    double pmean[12] = {0};
+                    for (int t = 0; t < wend; t++)
+                        for (int h = 0; h < H; h++) pmean[h] += a[t][h] / wend;
+                    for (int e = 0; e < E; e++) {
+                        logit[e] = 0;
+                        for (int h = 0; h < H; h++) logit[e] += w->gate_proj[e * H + h] * pmean[h];
+                    }
+                    for (int i = 0; i < k; i++) {
+                        idx[i] = -1;
+                        for (int e = 0; e < E; e++) {
+                            int taken = 0;
+                            for (int q = 0; q < i; q++) taken |= idx[q] == e;
+                            if (!taken && (idx[i] < 0 || logit[e] > logit[idx[i]])) idx[i] = e;
+                        }
+                    }
+                    z = 0;
+                    for (int i = 0; i < k; i++) z += g[i] = exp(logit[idx[i]] - logit[idx[0]]);
+                    int n = bb * T + pos;
+                    for (int j = 0; j < C; j++) {
+                        double y = b->res2[n * C + j];
+                        for (int i = 0; i < k; i++)
+                            for (int h = 0; h < H; h++)
+                                y += g[i] / z * w->proj[idx[i]][j * H + h] * a[pos][h];
+                        if (!test_close(b->res3[n * C + j], y, 1e-4, 1e-5))
+                            fail_msg("k %d segment %d layer %d seq %d pos %d feature %d: %g, naive %g",
+                                     k, S, l, bb, pos, j, (double)b->res3[n * C + j], y);
+                    }
+                }
+            }
+        }
+        assert_true(chose_other > 0); /* not only the tie-break's expert 0 */
+        model_free(m);
+    }
+}
+
+/* Token attention starts as the identity (Up is zero): the same outputs, bit
+** for bit, as the layer without it and the same other weights. */
+static void test_merge_token_attention_starts_as_identity(void **state) {
+    (void)state;
+    ModelConfig with = merge_model(2, 4, 4), without = merge_model(2, 4, 0);
+    char err[ML_ERRLEN];
+    Model *a, *b;
+    assert_int_equal(model_create(&a, &with, err), 0);
+    assert_int_equal(model_create(&b, &without, err), 0);
+    for (int i = 0; i < b->n_params; i++) {
+        int j = model_find_param(a, b->params[i].name);
+        assert_true(j >= 0);
+        memcpy(b->param_mem + b->params[i].offset, a->param_mem + a->params[j].offset,
+               sizeof(float) * b->params[i].numel);
+    }
+    assert_true(model_find_param(a, "h.0.moe.tokatt_fc.down.weight") >= 0);
+    assert_true(model_find_param(a, "h.1.moe.tokatt_proj.up.weight") >= 0);
+    int in[32], tg[32];
+    for (int i = 0; i < 32; i++) in[i] = tg[i] = (i * 19 + 2) % 256;
+    assert_int_equal(model_forward(a, in, tg, 2, 16, err), 0);
+    assert_int_equal(model_forward(b, in, tg, 2, 16, err), 0);
+    assert_memory_equal(a->acts.logits, b->acts.logits, sizeof(float) * 32 * with.vocab);
+    model_free(a);
+    model_free(b);
+}
+
+/* Merged checkpoints: SPEC §4's names and shapes, and a round trip; the
+** configuration errors. */
+static void test_merge_checkpoint_and_errors(void **state) {
+    (void)state;
+    ModelConfig c = merge_model(3, 8, 4);
+    char err[ML_ERRLEN];
+    Model *m;
+    assert_int_equal(model_create(&m, &c, err), 0);
+    int i = model_find_param(m, "h.0.moe.gate_fc.weight");
+    assert_true(i >= 0 && m->params[i].shape[0] == 4 && m->params[i].shape[1] == c.d_model);
+    i = model_find_param(m, "h.1.moe.gate_proj.weight");
+    assert_true(i >= 0 && m->params[i].shape[0] == 4 && m->params[i].shape[1] == 12);
+    i = model_find_param(m, "h.1.moe.tokatt_proj.down.weight");
+    assert_true(i >= 0 && m->params[i].shape[0] == 3 && m->params[i].shape[1] == 12);
+    assert_int_equal(model_find_param(m, "h.0.moe.router.weight"), -1);
+    test_fill(m->param_mem, m->num_parameters, 0.3f, 4);
+    test_save_load_same(m, "And God said, Let");
+    model_free(m);
+    ModelConfig bad = merge_model(2, 0, 0);
+    bad.moe.hidden[1] = 20;
+    assert_int_equal(model_create(&m, &bad, err), -1);
+    assert_non_null(strstr(err, "one hidden size"));
+    bad = merge_model(2, 0, 0);
+    bad.activation = ACT_SWIGLU;
+    assert_int_equal(model_create(&m, &bad, err), -1);
+    assert_non_null(strstr(err, "swiglu"));
+    bad = merge_model(2, 0, 0);
+    bad.moe.aux_balance = 0.01f;
+    assert_int_equal(model_create(&m, &bad, err), -1);
+    assert_non_null(strstr(err, "moe.aux"));
+}
+
 /* A trained-for-a-few-steps model in an in-memory database. */
 typedef struct {
     Corpus *corpus;
@@ -667,6 +830,9 @@ int main(void) {
         cmocka_unit_test(test_stratified_against_naive_loop),
         cmocka_unit_test(test_stratified_one_pass_is_top2),
         cmocka_unit_test(test_stratified_checkpoint),
+        cmocka_unit_test(test_merge_against_naive_loop),
+        cmocka_unit_test(test_merge_token_attention_starts_as_identity),
+        cmocka_unit_test(test_merge_checkpoint_and_errors),
         cmocka_unit_test(test_expert_load_matches_forward),
         cmocka_unit_test(test_recorded_routing_reproduces_forward),
     };

@@ -403,19 +403,23 @@ void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_
 }
 
 size_t moe_trace_count(const MoeLayer *l) {
+    if (l->merge) return merge_trace_count(l->merge);
     return l->strata ? strata_trace_count(l->strata) : (size_t)l->tc.offsets[l->tc.E];
 }
 
 size_t moe_trace_routes(const MoeLayer *l, const MoeConfig *mc, MoeRoute *out) {
+    if (l->merge) return merge_trace_routes(l->merge, out);
     return l->strata ? strata_trace_routes(l->strata, mc, out)
                      : moe_pass_routes(&l->tc, 0, 0, NULL, out);
 }
 
 MoeTokenTrace moe_trace_token(const MoeLayer *l, const MoeConfig *mc, ActKind act, int t) {
+    if (l->merge) return merge_trace_token(l->merge, t);
     return l->strata ? strata_trace_token(l->strata, mc, act, t) : moe_pass_token(&l->tc, mc, act, t);
 }
 
 MoeExpertTrace moe_trace_expert(const MoeLayer *l, const MoeConfig *mc, int e) {
+    if (l->merge) return merge_trace_expert(l->merge, e);
     if (l->strata) return strata_trace_expert(l->strata, mc, e);
     return (MoeExpertTrace){.tokens = l->tc.counts[e], .dropped = l->tc.dropped[e],
                             .prob_mass = router_of(mc->kind)->has_router ? l->tc.prob_mass[e] : NAN};
@@ -423,6 +427,7 @@ MoeExpertTrace moe_trace_expert(const MoeLayer *l, const MoeConfig *mc, int e) {
 
 void moe_trace_sparsity(const MoeLayer *l, const MoeConfig *mc, float eps, int64_t *activations,
                         int64_t *near_zero, double *abs_sum) {
+    if (l->merge) return; /* one merged FFN: no activations of an expert's own */
     if (l->strata) strata_trace_sparsity(l->strata, mc, eps, activations, near_zero, abs_sum);
     else moe_pass_sparsity(&l->tc, mc, eps, activations, near_zero, abs_sum);
 }
@@ -434,12 +439,15 @@ void moe_layer_free(MoeLayer *l) {
     if (!l) return;
     moe_state_free(&l->tc);
     strata_free(l->strata);
+    merge_free(l->merge);
     memset(l, 0, sizeof *l);
 }
 
 int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, const int *hash_map,
-                      float *out, const float *x, const int *tokens, const float *noise, int N,
-                      uint64_t key, char *err) {
+                      float *out, const float *x, const int *tokens, const float *noise, int B,
+                      int T, uint64_t key, char *err) {
+    int N = B * T;
+    if (c->moe.kind == ROUTER_MERGE) return merge_forward(l, c, w, out, x, B, T, err);
     if (c->moe.kind == ROUTER_STRATIFIED) return strata_forward(l, c, w, out, x, N, key, err);
     l->tc.freeze = l->freeze;
     if (moe_forward(&l->tc, &c->moe, c->activation, w, hash_map, out, x, tokens, noise, N,
@@ -454,6 +462,7 @@ int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, co
 int moe_layer_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
                        MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
                        char *err) {
+    if (c->moe.kind == ROUTER_MERGE) return merge_backward(l, c, w, g, dx, dout, x, err);
     if (c->moe.kind == ROUTER_STRATIFIED)
         return strata_backward(l, scr, c, w, g, dx, dout, x, aux_scale, err);
     return moe_backward(&l->tc, scr, &c->moe, c->activation, w, g, dx, dout, x, aux_scale, err);

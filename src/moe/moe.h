@@ -31,6 +31,10 @@ typedef struct {
     ** s >= 1 the norm its pass starts with (pass 0 uses the block's ln_2) */
     float *routers[MOE_MAX_EXPERTS];                      /* (E - m_s, C) */
     float *norm_w[MOE_MAX_EXPERTS], *norm_b[MOE_MAX_EXPERTS]; /* (C); no bias for RMSNorm */
+    /* merge: a gate per linear, and with token attention r its blocks */
+    float *gate_fc, *gate_proj;   /* (E, C), (E, H) */
+    float *tfc_down, *tfc_up;     /* (C/r, C), (C, C/r) */
+    float *tpr_down, *tpr_up;     /* (H/r, H), (H, H/r) */
 } MoeWeights;
 
 enum { AUX_BALANCE, AUX_Z, AUX_CV2, AUX_P_PENALTY, AUX_ENTROPY, AUX_KINDS };
@@ -75,6 +79,7 @@ typedef struct {
 } MoeState;
 
 typedef struct Strata Strata; /* a stratified layer's passes (stratified.c) */
+typedef struct Merge Merge;   /* a merged layer's state (merge.c) */
 struct MoeScratch;
 
 /*
@@ -85,6 +90,7 @@ struct MoeScratch;
 typedef struct {
     MoeState tc;              /* token-choice layers */
     Strata *strata;           /* stratified layers; NULL otherwise */
+    Merge *merge;             /* merged layers; NULL otherwise */
     int freeze;               /* as MoeState.freeze, for every pass */
     double flops;             /* executed in the last forward, every pass */
     float aux[AUX_KINDS];     /* unweighted, averaged over the passes that ran */
@@ -93,14 +99,14 @@ typedef struct {
 
 void moe_layer_free(MoeLayer *l);
 
-/* out (N,C) holds the block's residual stream and gets the layer added:
+/* out (N,C), N = B·T, holds the block's residual stream and gets the layer added:
 ** out += MoE(x), x (N,C) = ln_2(out) (a stratified layer's later passes
 ** normalise out itself). tokens (N) are the input ids (hash routing), noise
 ** (N,E) the router noise of training or NULL; key seeds the Gumbel draws of
 ** a sampled second choice (stratified). */
 int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, const int *hash_map,
-                      float *out, const float *x, const int *tokens, const float *noise, int N,
-                      uint64_t key, char *err);
+                      float *out, const float *x, const int *tokens, const float *noise, int B,
+                      int T, uint64_t key, char *err);
 
 /* dx (N,C) = d/dx (written); dout (N,C) is d/d out, and a stratified layer
 ** adds to it what flows through its later passes' norms. Gradients
@@ -174,6 +180,17 @@ size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, 
 MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
 void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
                        int64_t *near_zero, double *abs_sum);
+
+/* merge.c */
+int merge_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float *out,
+                  const float *x, int B, int T, char *err);
+int merge_backward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, MoeWeights *g,
+                   float *dx, const float *dout, const float *x, char *err);
+void merge_free(Merge *m);
+size_t merge_trace_count(const Merge *m);
+size_t merge_trace_routes(const Merge *m, MoeRoute *out);
+MoeTokenTrace merge_trace_token(const Merge *m, int t);
+MoeExpertTrace merge_trace_expert(const Merge *m, int e);
 
 /* stratified.c */
 int strata_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float *out,

@@ -4,6 +4,7 @@
 */
 #include "moe/router.h"
 
+#include <assert.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,7 +166,8 @@ void router_weights_backward(float *dp, const float *p, const int *experts, cons
 /* the table                                                                 */
 
 static const char *const key_names[ROUTER_KEY_COUNT] = {
-    "k", "p", "max_k", "normalize", "capacity_factor", "min_capacity", "noise", "strata", "second"};
+    "k",     "p",      "max_k",  "normalize", "capacity_factor", "min_capacity",
+    "noise", "strata", "second", "segment",   "token_attention"};
 
 const char *router_key_name(int bit) {
     return bit >= 0 && bit < ROUTER_KEY_COUNT ? key_names[bit] : "?";
@@ -280,6 +282,18 @@ static unsigned stratified_keys(const MoeConfig *mc) {
 static int two_at_most(const MoeConfig *mc) { return mc->experts < 2 ? mc->experts : 2; }
 static int two(const MoeConfig *mc) { (void)mc; return 2; }
 
+/* merge gates each linear per sequence or segment (moe/merge.c), not per
+** token: it has no per-token selection for the token-choice stages */
+static unsigned merge_keys(const MoeConfig *mc) {
+    (void)mc;
+    return ROUTER_KEY_K | ROUTER_KEY_SEGMENT | ROUTER_KEY_TOKEN_ATTENTION;
+}
+static void select_none(const MoeConfig *mc, RouterBatch *b) {
+    (void)mc;
+    (void)b;
+    assert(!"merge layers do not select per token");
+}
+
 static const Router routers[] = {
     {ROUTER_TOPK, "topk", 1, 1, 0, topk_keys, topk_slots, config_k, select_per_token,
      topk_renormalised},
@@ -292,6 +306,7 @@ static const Router routers[] = {
     {ROUTER_HASH, "hash", 0, 1, 0, hash_keys, always, always, select_per_token, never},
     {ROUTER_STRATIFIED, "stratified", 1, 1, 1, stratified_keys, two_at_most, two,
      select_stratum_top2, always},
+    {ROUTER_MERGE, "merge", 1, 0, 0, merge_keys, config_k, config_k, select_none, always},
 };
 
 const Router *router_of(RouterKind kind) {

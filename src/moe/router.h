@@ -24,7 +24,9 @@ enum {
     ROUTER_KEY_NOISE = 1 << 6,
     ROUTER_KEY_STRATA = 1 << 7,
     ROUTER_KEY_SECOND = 1 << 8,
-    ROUTER_KEY_COUNT = 9
+    ROUTER_KEY_SEGMENT = 1 << 9,
+    ROUTER_KEY_TOKEN_ATTENTION = 1 << 10,
+    ROUTER_KEY_COUNT = 11
 };
 
 /* The key of bit i (ROUTER_KEY_K is bit 0: "k"). */
