@@ -10,7 +10,8 @@
 #include "safetensors.h"
 
 /* The hash router's token map of layer l, h.{l}.moe.hash_map (V): expert ids
-** as float32 (SPEC §4 allows int32 or float32), so a loaded model routes as
+** as float32 (SPEC §4 allows int32 or float32; moelab reads float32, as its
+** safetensors reader takes F32 tensors only), so a loaded model routes as
 ** the saved one did. Checkpoints written before it was stored have none; the
 ** map is then the one derived from the seed, as it was when they were saved. */
 static void hash_map_name(char *buf, size_t n, int l) { snprintf(buf, n, "h.%d.moe.hash_map", l); }
@@ -120,7 +121,12 @@ int checkpoint_load(Model **out, const char *path, char *err) {
         for (int i = 0; i < st_count(f); i++) {
             StTensor t;
             st_tensor_at(f, i, &t);
-            int map = m->hash_map && strstr(t.name, ".moe.hash_map");
+            int map = 0; /* one of the maps load_hash_maps read */
+            for (int l = 0; m->hash_map && l < m->config.layers && !map; l++) {
+                char name[64];
+                hash_map_name(name, sizeof name, l);
+                map = config_is_moe_block(&m->config, l) && strcmp(t.name, name) == 0;
+            }
             if (model_find_param(m, t.name) < 0 && !map) {
                 ml_error(err, "'%s': tensor '%s' does not belong to a model of this "
                          "configuration", path, t.name);

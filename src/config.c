@@ -92,7 +92,7 @@ int config_validate(const ModelConfig *c, char *err) {
         if (m->hidden[e] < 1 || m->hidden[e] > 1 << 20)
             return ml_error(err, "'moe.hidden' of expert %d must be between 1 and %d, got %d", e,
                             1 << 20, m->hidden[e]);
-    if (m->k < 1 || m->k > m->experts)
+    if ((router_of(m->kind)->keys(m) & ROUTER_KEY_K) && (m->k < 1 || m->k > m->experts))
         return ml_error(err, "'moe.router.k' = %d must be between 1 and moe.experts = %d", m->k,
                         m->experts);
     if (!(m->p > 0.0f && m->p <= 1.0f))
@@ -374,14 +374,17 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
         if (read_choice(router, "second", "moe.router.", seconds, 2, &m->second_sample, err))
             return -1;
         unsigned used = router_of(m->kind)->keys(m);
+        MoeConfig limited = *m; /* what it reads with a capacity */
+        limited.capacity_factor = 1.0f;
+        unsigned with_capacity = router_of(m->kind)->keys(&limited);
         for (int i = 0; strict && i < ROUTER_KEY_COUNT; i++) {
             if ((used & (1u << i)) || !json_object_get(router, router_key_name(i))) continue;
             char list[256];
             router_key_list(list, sizeof list, used);
+            int dropless = m->capacity_factor == 0.0f && (with_capacity & (1u << i));
             return ml_error(err, "'moe.router.%s' is not read by the %s router%s (it reads %s)",
                             router_key_name(i), config_router_name(m->kind),
-                            m->capacity_factor > 0.0f ? "" : " when dropless",
-                            list[0] ? list : "no other key");
+                            dropless ? " when dropless" : "", list[0] ? list : "no other key");
         }
     }
     const JsonValue *aux = json_object_get(moe, "aux");

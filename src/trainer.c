@@ -156,7 +156,7 @@ typedef struct {
 
 /* The last forward's routing and token rows (batch i) into b, from each MoE
 ** layer's route trace; its sparsity into sp. Routing rows go layer by layer,
-** each in (seq, pos, pass, rank) order. */
+** each pass by pass in (seq, pos, rank) order. */
 static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, int B, int T) {
     Model *m = t->model;
     const ModelConfig *c = &m->config;

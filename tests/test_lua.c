@@ -594,12 +594,16 @@ static void test_config_errors(void **state) {
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { p = 0.5 } } })",
             "'moe.router.p' is not read by the topk router", "k, normalize", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', normalize = false } } })",
-            "'moe.router.normalize' is not read by the threshold router when dropless",
+            "'moe.router.normalize' is not read by the threshold router (it reads",
             "p, max_k, capacity_factor, noise", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', k = 2 } } })",
             "'moe.router.k' is not read by the threshold router when dropless", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { min_capacity = 2 } } })",
-            "'moe.router.min_capacity' is not read", NULL);
+            "'moe.router.min_capacity' is not read by the topk router when dropless", NULL);
+    /* one expert: routers that do not read k are not held to k <= experts */
+    run_ok(L, "for _, kind in ipairs{ 'stratified', 'hash', 'threshold' } do\n"
+              "  moelab.model(tiny{ moe = { experts = 1, router = { kind = kind } } })\n"
+              "end");
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'hash', k = 1 } } })",
             "'moe.router.k' is not read by the hash router", NULL);
     run_err(L, "moelab.model(tiny{ moe = { router = { kind = 'hash' }, aux = { z = 1 } } })",

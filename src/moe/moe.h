@@ -165,7 +165,8 @@ typedef struct {
 
 /* Kept assignments: the rows moe_trace_routes writes. */
 size_t moe_trace_count(const MoeLayer *l);
-/* One row per kept assignment, token by token, in rank order; returns the count. */
+/* One row per kept assignment: pass by pass, token by token in each, in rank
+** order; returns the count. */
 size_t moe_trace_routes(const MoeLayer *l, const MoeConfig *mc, MoeRoute *out);
 MoeTokenTrace moe_trace_token(const MoeLayer *l, const MoeConfig *mc, ActKind act, int t);
 MoeExpertTrace moe_trace_expert(const MoeLayer *l, const MoeConfig *mc, int e);

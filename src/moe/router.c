@@ -232,6 +232,12 @@ static unsigned expert_choice_keys(const MoeConfig *mc) {
            (mc->capacity_factor > 0.0f ? 0 : ROUTER_KEY_K);
 }
 static int expert_choice_slots(const MoeConfig *mc) { return mc->experts; }
+/* experts per token on average: c, from capacity_factor or else k (rounded) */
+static int expert_choice_nominal_k(const MoeConfig *mc) {
+    if (mc->capacity_factor <= 0.0f) return mc->k;
+    int c = (int)lroundf(mc->capacity_factor);
+    return c < 1 ? 1 : c > mc->experts ? mc->experts : c;
+}
 
 static unsigned hash_keys(const MoeConfig *mc) { return capacity_keys(mc); }
 
@@ -280,7 +286,6 @@ static unsigned stratified_keys(const MoeConfig *mc) {
     return ROUTER_KEY_STRATA | ROUTER_KEY_SECOND | capacity_keys(mc);
 }
 static int two_at_most(const MoeConfig *mc) { return mc->experts < 2 ? mc->experts : 2; }
-static int two(const MoeConfig *mc) { (void)mc; return 2; }
 
 /* merge gates each linear per sequence or segment (moe/merge.c), not per
 ** token: it has no per-token selection for the token-choice stages */
@@ -302,9 +307,9 @@ static const Router routers[] = {
     {ROUTER_TOPP, "topp", 1, 1, 0, threshold_keys, threshold_slots, config_k, select_per_token,
      always},
     {ROUTER_EXPERT_CHOICE, "expert_choice", 1, 0, 0, expert_choice_keys, expert_choice_slots,
-     config_k, select_expert_choice, never},
+     expert_choice_nominal_k, select_expert_choice, never},
     {ROUTER_HASH, "hash", 0, 1, 0, hash_keys, always, always, select_per_token, never},
-    {ROUTER_STRATIFIED, "stratified", 1, 1, 1, stratified_keys, two_at_most, two,
+    {ROUTER_STRATIFIED, "stratified", 1, 1, 1, stratified_keys, two_at_most, two_at_most,
      select_stratum_top2, always},
     {ROUTER_MERGE, "merge", 1, 0, 0, merge_keys, config_k, config_k, select_none, always},
 };
