@@ -248,6 +248,12 @@ void model_free(Model *m) {
     free(m);
 }
 
+int model_is_causal(const Model *m) {
+    const MoeConfig *mc = &m->config.moe;
+    if (!mc->enabled) return 1;
+    return mc->kind != ROUTER_EXPERT_CHOICE && !(mc->kind == ROUTER_MERGE && mc->segment == 0);
+}
+
 int64_t model_active_parameters(const Model *m) {
     int64_t total = (int64_t)m->num_parameters;
     const MoeConfig *mc = &m->config.moe;

@@ -51,6 +51,7 @@ typedef struct {
     int64_t run_id;
     char *name;
     int name_repeats;    /* another selected run has the same name */
+    int noncausal;       /* runs.causal = 0: its titles say so */
 } PlotRun;
 
 typedef struct {
@@ -147,7 +148,8 @@ static void plot_free_runs(PlotRuns *runs) {
     runs->count = 0;
 }
 
-static int plot_add_run(PlotRuns *runs, int64_t run_id, const char *name, char *err) {
+static int plot_add_run(PlotRuns *runs, int64_t run_id, const char *name, int noncausal,
+                        char *err) {
     for (int i = 0; i < runs->count; i++)
         if (runs->runs[i].run_id == run_id)
             return 0;                       /* named twice: draw once */
@@ -158,6 +160,7 @@ static int plot_add_run(PlotRuns *runs, int64_t run_id, const char *name, char *
     PlotRun *run = &runs->runs[runs->count];
     run->run_id = run_id;
     run->name_repeats = 0;
+    run->noncausal = noncausal;
     run->name = strdup(name ? name : "");
     if (!run->name)
         return ml_error(err, "out of memory selecting runs");
@@ -190,14 +193,14 @@ cleanup:
 static int plot_select_all_runs(sqlite3 *db, const char *db_path, PlotRuns *runs, char *err) {
     sqlite3_stmt *st = NULL;
     int status = -1, rc;
-    if (sqlite3_prepare_v2(db, "SELECT run_id, name FROM runs ORDER BY run_id", -1, &st,
-                           NULL) != SQLITE_OK) {
+    if (sqlite3_prepare_v2(db, "SELECT run_id, name, causal = 0 FROM runs ORDER BY run_id", -1,
+                           &st, NULL) != SQLITE_OK) {
         ml_error(err, "'%s': cannot list runs: %s", db_path, sqlite3_errmsg(db));
         goto cleanup;
     }
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
         if (plot_add_run(runs, sqlite3_column_int64(st, 0),
-                         (const char *)sqlite3_column_text(st, 1), err))
+                         (const char *)sqlite3_column_text(st, 1), sqlite3_column_int(st, 2), err))
             goto cleanup;
     if (rc != SQLITE_DONE) {
         ml_error(err, "'%s': cannot list runs: %s", db_path, sqlite3_errmsg(db));
@@ -223,7 +226,7 @@ static int plot_select_named_runs(sqlite3 *db, const char *db_path, const char *
         ml_error(err, "out of memory selecting runs");
         goto cleanup;
     }
-    if (sqlite3_prepare_v2(db, "SELECT run_id FROM runs WHERE name = ?1"
+    if (sqlite3_prepare_v2(db, "SELECT run_id, causal = 0 FROM runs WHERE name = ?1"
                            " ORDER BY run_id DESC LIMIT 1", -1, &st, NULL) != SQLITE_OK) {
         ml_error(err, "'%s': cannot look up runs: %s", db_path, sqlite3_errmsg(db));
         goto cleanup;
@@ -250,8 +253,9 @@ static int plot_select_named_runs(sqlite3 *db, const char *db_path, const char *
             goto cleanup;
         }
         int64_t run_id = sqlite3_column_int64(st, 0);
+        int noncausal = sqlite3_column_int(st, 1);
         sqlite3_reset(st);
-        if (plot_add_run(runs, run_id, name, err))
+        if (plot_add_run(runs, run_id, name, noncausal, err))
             goto cleanup;
     }
     if (runs->count == 0) {
@@ -334,6 +338,8 @@ static void plot_put_run_titles(FILE *gp, const PlotRuns *runs) {
         char title[64] = "";
         if (run->name_repeats)   /* same name twice: tell them apart */
             snprintf(title, sizeof title, " (run %lld)", (long long)run->run_id);
+        if (run->noncausal)      /* its loss may look at later bytes */
+            snprintf(title + strlen(title), sizeof title - strlen(title), " (non-causal)");
         fprintf(gp, "run_title[%d] = ", i + 1);
         plot_put_quoted(gp, "", run->name);
         if (title[0]) {

@@ -45,7 +45,10 @@ static const char *rec_schema_sql =
     "  finished_at   TEXT,               -- ISO-8601 UTC, set by terminal states\n"
     "  params_total  INTEGER,\n"
     "  params_active INTEGER,\n"
-    "  error         TEXT                -- why a run diverged or failed\n"
+    "  error         TEXT,               -- why a run diverged or failed\n"
+    "  causal        INTEGER             -- 1: no position's loss depends on a later\n"
+    "                                    -- byte; 0: it may (expert choice, merged\n"
+    "                                    -- experts gated on whole sequences) (schema 4)\n"
     ");\n"
     "CREATE INDEX IF NOT EXISTS runs_by_name ON runs(name);\n"
     "\n"
@@ -233,7 +236,7 @@ static const char *rec_schema_sql =
     "\n"
     "-- Per run: the last recorded train and val loss, and the tokens seen.\n"
     "CREATE VIEW IF NOT EXISTS v_final_loss AS\n"
-    "SELECT r.run_id, r.name, r.status,\n"
+    "SELECT r.run_id, r.name, r.status, r.causal,\n"
     "       (SELECT m.loss FROM metrics m WHERE m.run_id = r.run_id\n"
     "          AND m.split = 'train' ORDER BY m.step DESC, m.rowid DESC LIMIT 1)\n"
     "         AS train_loss,\n"
@@ -285,6 +288,7 @@ struct Recorder {
     sqlite3_stmt *insert_run;
     sqlite3_stmt *update_status;
     sqlite3_stmt *update_config;
+    sqlite3_stmt *update_causal;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
     sqlite3_stmt *update_eval;
@@ -501,6 +505,8 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         || (from2 && rec_exec(r, rec_upgrade_from_2_sql, "upgrade the schema", err))
         || (upgrade && rec_exec(r, rec_upgrade_to_3_sql, "upgrade the schema", err))
         || (old && rec_add_column(r, "metrics", "aux_entropy", "REAL", err))
+        || (old && rec_add_column(r, "runs", "causal", "INTEGER", err))
+        || (old && rec_exec(r, "DROP VIEW IF EXISTS v_final_loss", "upgrade the schema", err))
         || (old && !from1 && rec_add_column(r, "token_stats", "passes", "INTEGER", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
         || (from1 && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
@@ -777,6 +783,8 @@ static int rec_prepare_all(Recorder *r, char *err) {
                " finished_at = CASE WHEN ?2 = 'running' THEN NULL"
                " ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END"
                " WHERE run_id = ?1", err)
+        || rec_prepare(r, &r->update_causal,
+               "UPDATE runs SET causal = ?2 WHERE run_id = ?1", err)
         || rec_prepare(r, &r->update_config,
                "UPDATE runs SET config = json_set(COALESCE(config, '{}'), '$.' || ?2, json(?3))"
                " WHERE run_id = ?1", err)
@@ -1062,6 +1070,7 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->insert_run);
     sqlite3_finalize(r->update_status);
     sqlite3_finalize(r->update_config);
+    sqlite3_finalize(r->update_causal);
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
     sqlite3_finalize(r->update_eval);
@@ -1149,6 +1158,18 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
         return -1;
     if (run_id)
         *run_id = id;
+    return 0;
+}
+
+int rec_run_causal(Recorder *r, int64_t run_id, int causal, char *err) {
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_stmt *st = r->update_causal;
+    sqlite3_bind_int64(st, 1, run_id);
+    sqlite3_bind_int(st, 2, causal != 0);
+    if (rec_step_done(r, st, "mark a run causal or not", err))
+        return -1;
+    r->pending_rows++;
     return 0;
 }
 

@@ -71,6 +71,9 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
 /* Sets a run's status: running, finished, diverged, interrupted or failed.
 ** Every status but running also sets finished_at; error_msg (may be NULL) is
 ** the message kept for diverged or failed runs. Commits at once. */
+/* Marks a run causal (1: no position's loss depends on a later byte) or not. */
+int rec_run_causal(Recorder *r, int64_t run_id, int causal, char *err);
+
 int rec_run_status(Recorder *r, int64_t run_id, const char *status,
                    const char *error_msg, char *err);
 

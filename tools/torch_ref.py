@@ -56,7 +56,7 @@ class RefError(Exception):
 
 TOP_KEYS = {"vocab", "context", "layers", "d_model", "heads", "norm", "activation",
             "tied", "seed", "ffn", "moe", "norm_eps"}
-ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified"}
+ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified", "merge"}
 ROUTER_KINDS_KNOWN = ROUTER_KINDS_SUPPORTED | {"expert_choice", "hash", "stratified", "merge"}
 
 
@@ -129,6 +129,10 @@ def normalize_config(raw):
     if router["kind"] == "topk":
         router.setdefault("k", 2)
         router.setdefault("normalize", True)
+    if router["kind"] == "merge":
+        router.setdefault("k", 2)
+        router.setdefault("segment", 0)
+        router.setdefault("token_attention", 0)
     if router["kind"] == "stratified":
         E = moe["experts"]
         router.setdefault("strata", [E // 2, E - E // 2] if E > 1 else [1])
@@ -209,6 +213,15 @@ def expected_tensors(cfg):
                 if s > 0:
                     norm(p + "moe.norms.%d" % s)
                 first += size
+        elif is_moe_block(cfg, l) and cfg["moe"]["router"]["kind"] == "merge":
+            E, He, r = cfg["moe"]["experts"], expert_hidden(cfg)[0], cfg["moe"]["router"]["token_attention"]
+            out[p + "moe.gate_fc.weight"] = (E, d)
+            out[p + "moe.gate_proj.weight"] = (E, He)
+            if r > 0:
+                out[p + "moe.tokatt_fc.down.weight"] = (d // r, d)
+                out[p + "moe.tokatt_fc.up.weight"] = (d, d // r)
+                out[p + "moe.tokatt_proj.down.weight"] = (max(He // r, 1), He)
+                out[p + "moe.tokatt_proj.up.weight"] = (He, max(He // r, 1))
         elif is_moe_block(cfg, l):
             out[p + "moe.router.weight"] = (cfg["moe"]["experts"], d)
         if is_moe_block(cfg, l):
@@ -438,6 +451,71 @@ class StratifiedMoE(nn.Module):
         return h.view(B, T, d)
 
 
+class TokenAttention(nn.Module):
+    """x + Up(ReLU(Down(x))), without biases (SPEC section 2, merged experts)."""
+
+    def __init__(self, width, reduced):
+        super().__init__()
+        self.down = nn.Linear(width, reduced, bias=False)
+        self.up = nn.Linear(reduced, width, bias=False)
+
+    def forward(self, x):
+        return x + self.up(F.relu(self.down(x)))
+
+
+class MergedMoE(nn.Module):
+    """Merged experts (MEO) from SPEC section 2 alone.
+
+    fc and proj each have a gate (d -> E on the mean of the layer input, H -> E on the
+    mean of the hidden activation) taking the k largest logits with a softmax over the
+    k; each linear is merged as W = sum_i g_i W_i and applied once. segment = 0 gates on
+    the whole sequence; segment = S > 0 lets positions [sS, (s+1)S) use the means over
+    positions [0, max(sS, 1)) only. Token attention r > 0 puts x + Up(ReLU(Down(x)))
+    before each merged linear, feeding its gate and the linear.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, moe = cfg["d_model"], cfg["moe"]
+        router = moe["router"]
+        E, H = moe["experts"], expert_hidden(cfg)[0]
+        if len(set(expert_hidden(cfg))) != 1:
+            raise RefError("merged experts need one hidden size")
+        self.k, self.segment, r = router["k"], router["segment"], router["token_attention"]
+        self.activation = cfg["activation"]
+        self.gate_fc = nn.Linear(d, E, bias=False)
+        self.gate_proj = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(Expert(d, H, cfg["activation"]) for _ in range(E))
+        if r > 0:
+            self.tokatt_fc = TokenAttention(d, d // r)
+            self.tokatt_proj = TokenAttention(H, max(H // r, 1))
+
+    def merged(self, gate, mean, which):
+        top = gate(mean).topk(self.k)
+        g = top.values.softmax(dim=-1)
+        mats = torch.stack([getattr(self.experts[int(e)], which).weight for e in top.indices])
+        return (g.view(-1, 1, 1) * mats).sum(dim=0)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        S = self.segment or T
+        xp = self.tokatt_fc(x) if hasattr(self, "tokatt_fc") else x
+        out = []
+        for b in range(B):
+            aps, ys = [], []
+            for s in range((T + S - 1) // S):
+                lo, hi = s * S, min((s + 1) * S, T)
+                end = T if self.segment == 0 else max(s * S, 1)
+                W = self.merged(self.gate_fc, xp[b, :end].mean(dim=0), "fc")
+                a = activate(self.activation, xp[b, lo:hi] @ W.t())
+                ap = self.tokatt_proj(a) if hasattr(self, "tokatt_proj") else a
+                aps.append(ap)
+                Wp = self.merged(self.gate_proj, torch.cat(aps)[:end].mean(dim=0), "proj")
+                ys.append(ap @ Wp.t())
+            out.append(torch.cat(ys))
+        return torch.stack(out)
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
@@ -446,6 +524,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         if is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "stratified":
             self.moe = StratifiedMoE(cfg)
+        elif is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "merge":
+            self.moe = MergedMoE(cfg)
         elif is_moe_block(cfg, layer):
             self.moe = MoE(cfg)
         else:
