@@ -397,6 +397,15 @@ static void test_merge_end_to_end(void **state) {
     /* the two gate weights of a pass add up to 1 */
     assert_lua(L, "db:query('SELECT MAX(ABS(s - 1)) AS d FROM (SELECT SUM(weight) AS s FROM routing"
                   " WHERE eval_id = ? GROUP BY seq, pos, pass)', e.eval_id)[1].d < 1e-6");
+    /* the whole-sequence gate's run is recorded, and drawn, as non-causal */
+    run_ok(L, "run2 = db:run{ name = 'meo-whole', model = whole, data = data }\n"
+              "run2:train(fast{ steps = 2 })\n"
+              "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/meo-loss.svg' }\n"
+              "local f = io.open(DIR .. '/meo-loss.svg'); svg = f:read('a'); f:close()");
+    assert_lua(L, "db:query(\"SELECT causal FROM runs WHERE name = 'meo'\")[1].causal == 1");
+    assert_lua(L, "db:query(\"SELECT causal FROM v_final_loss WHERE name = 'meo-whole'\")[1].causal == 0");
+    assert_lua(L, "svg:find('meo-whole (non-causal)', 1, true) ~= nil");
+    assert_lua(L, "svg:find('meo (non-causal)', 1, true) == nil");
     run_ok(L, "causal:save(DIR .. '/meo.safetensors')\n"
               "same = moelab.load(DIR .. '/meo.safetensors')");
     assert_lua(L, "same:loss(S1) == causal:loss(S1)");

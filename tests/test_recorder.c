@@ -878,8 +878,9 @@ static void test_version_2_database_is_upgraded(void **state) {
     rec_close(r);
 }
 
-/* A database of schema version 3 gains metrics.aux_entropy and
-** token_stats.passes, its rows kept (NULL in the new columns). */
+/* A database of schema version 3 gains runs.causal, metrics.aux_entropy and
+** token_stats.passes, its rows kept (NULL in the new columns), and
+** v_final_loss with causal. */
 static void test_version_3_database_is_upgraded(void **state) {
     char path[512], err[ML_ERRLEN] = "";
     tmp_path(path, sizeof path, state, "v3.db");
@@ -891,7 +892,10 @@ static void test_version_3_database_is_upgraded(void **state) {
     RecTokenStat tok = {.seq = 0, .pos = 0, .token = 65, .experts = 2, .loss = 1.5f};
     assert_int_equal(rec_token_stats(r, run, eval_id, &tok, 1, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
-    exec_sql(rec_db(r), "ALTER TABLE metrics DROP COLUMN aux_entropy;"
+    exec_sql(rec_db(r), "DROP VIEW v_final_loss;"
+                        "CREATE VIEW v_final_loss AS SELECT run_id, name FROM runs;"
+                        "ALTER TABLE runs DROP COLUMN causal;"
+                        "ALTER TABLE metrics DROP COLUMN aux_entropy;"
                         "ALTER TABLE token_stats DROP COLUMN passes;"
                         "PRAGMA user_version = 3;");
     rec_close(r);
@@ -902,6 +906,10 @@ static void test_version_3_database_is_upgraded(void **state) {
     assert_true(query_is_null(db, "SELECT aux_entropy FROM metrics"));
     assert_true(query_is_null(db, "SELECT passes FROM token_stats"));
     assert_near(query_real(db, "SELECT loss FROM token_stats"), 1.5, 0);
+    assert_true(query_is_null(db, "SELECT causal FROM v_final_loss"));
+    assert_int_equal(rec_run_causal(r, run, 0, err), 0);
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(query_int(db, "SELECT causal FROM v_final_loss"), 0);
     aux.entropy = 0.25;
     assert_int_equal(rec_metric(r, run, 2, "train", 2.0, 0.1, 1e-3, 200, NAN, 1.0, &aux, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
