@@ -782,6 +782,7 @@ static int run_evaluate(lua_State *L) {
     lua_newtable(L);
     set_num(L, "loss", res.loss);
     set_num(L, "moe_flops_per_token", res.moe_flops_per_token);
+    if (!isnan(res.topk_flops_per_token)) set_num(L, "topk_flops_per_token", res.topk_flops_per_token);
     set_num(L, "experts_per_token", res.experts_per_token);
     set_int(L, "tokens", res.tokens);
     set_int(L, "eval_id", res.eval_id);

@@ -421,7 +421,7 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
     m->B = B;
     m->T = T;
 
-    m->moe_flops = 0.0;
+    m->moe_flops = m->moe_flops_topk = 0.0;
     m->aux_loss = 0.0f;
     memset(m->aux_parts, 0, sizeof m->aux_parts);
     encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
@@ -451,6 +451,7 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
                                   a->inputs, noise, B, T, key, err) != 0)
                 return -1;
             m->moe_flops += m->moe[l].flops;
+            m->moe_flops_topk += m->moe[l].flops_topk;
             m->aux_loss += m->moe[l].aux_weighted / m->n_moe_layers;
             for (int k = 0; k < AUX_KINDS; k++) m->aux_parts[k] += m->moe[l].aux[k] / m->n_moe_layers;
             res = b->res3;

@@ -109,6 +109,7 @@ typedef struct Model {
     float aux_loss;           /* Σ coefficient · aux, averaged over MoE layers */
     float aux_parts[AUX_KINDS]; /* unweighted, averaged over MoE layers */
     double moe_flops;         /* FLOPs executed in MoE layers by the last forward */
+    double moe_flops_topk;    /* the same as per-token top-k layers (merged experts) */
 } Model;
 
 /* Builds a model with freshly initialised weights (seeded by config.seed). */

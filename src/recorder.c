@@ -76,6 +76,8 @@ static const char *rec_schema_sql =
     "  loss     REAL,\n"
     "  moe_flops_per_token REAL,\n"
     "  experts_per_token   REAL,\n"
+    "  topk_flops_per_token REAL,          -- merged experts: the same gates as per-token\n"
+    "                                      -- top-k layers would cost (schema 4)\n"
     "  routing_first INTEGER,            -- its routing rows all have a routing_id\n"
     "  routing_last  INTEGER             -- in [first, last] (see routing)\n"
     ");\n"
@@ -289,6 +291,7 @@ struct Recorder {
     sqlite3_stmt *update_status;
     sqlite3_stmt *update_config;
     sqlite3_stmt *update_causal;
+    sqlite3_stmt *update_topk_flops;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
     sqlite3_stmt *update_eval;
@@ -506,6 +509,7 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         || (upgrade && rec_exec(r, rec_upgrade_to_3_sql, "upgrade the schema", err))
         || (old && rec_add_column(r, "metrics", "aux_entropy", "REAL", err))
         || (old && rec_add_column(r, "runs", "causal", "INTEGER", err))
+        || (old && rec_add_column(r, "evals", "topk_flops_per_token", "REAL", err))
         || (old && rec_exec(r, "DROP VIEW IF EXISTS v_final_loss", "upgrade the schema", err))
         || (old && !from1 && rec_add_column(r, "token_stats", "passes", "INTEGER", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
@@ -783,6 +787,8 @@ static int rec_prepare_all(Recorder *r, char *err) {
                " finished_at = CASE WHEN ?2 = 'running' THEN NULL"
                " ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END"
                " WHERE run_id = ?1", err)
+        || rec_prepare(r, &r->update_topk_flops,
+               "UPDATE evals SET topk_flops_per_token = ?2 WHERE eval_id = ?1", err)
         || rec_prepare(r, &r->update_causal,
                "UPDATE runs SET causal = ?2 WHERE run_id = ?1", err)
         || rec_prepare(r, &r->update_config,
@@ -1071,6 +1077,7 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->update_status);
     sqlite3_finalize(r->update_config);
     sqlite3_finalize(r->update_causal);
+    sqlite3_finalize(r->update_topk_flops);
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
     sqlite3_finalize(r->update_eval);
@@ -1158,6 +1165,18 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
         return -1;
     if (run_id)
         *run_id = id;
+    return 0;
+}
+
+int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, char *err) {
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_stmt *st = r->update_topk_flops;
+    sqlite3_bind_int64(st, 1, eval_id);
+    rec_bind_real_or_null(st, 2, flops_per_token);
+    if (rec_step_done(r, st, "record an evaluation's top-k FLOPs", err))
+        return -1;
+    r->pending_rows++;
     return 0;
 }
 

@@ -71,6 +71,10 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
 /* Sets a run's status: running, finished, diverged, interrupted or failed.
 ** Every status but running also sets finished_at; error_msg (may be NULL) is
 ** the message kept for diverged or failed runs. Commits at once. */
+/* Sets evals.topk_flops_per_token: what a merged model's gates would have
+** cost as per-token top-k layers. */
+int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, char *err);
+
 /* Marks a run causal (1: no position's loss depends on a later byte) or not. */
 int rec_run_causal(Recorder *r, int64_t run_id, int causal, char *err);
 

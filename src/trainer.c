@@ -317,7 +317,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     }
     gsl_rng_set(rng, (unsigned long)o->seed);
     m->training = 0;
-    double total = 0.0, flops = 0.0;
+    double total = 0.0, flops = 0.0, flops_topk = 0.0;
     int64_t assignments = 0;
     EvalPace pace = {.threads = omp_get_max_threads()};
     for (int i = 0; i < o->batches; i++) {
@@ -336,6 +336,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         if (failed) goto done;
         total += m->mean_loss;
         flops += m->moe_flops;
+        flops_topk += m->moe_flops_topk;
         for (int l = 0; moe && l < L; l++) {
             if (!config_is_moe_block(c, l)) continue;
             assignments += (int64_t)moe_trace_count(&m->moe[l]);
@@ -362,6 +363,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     res->loss = total / o->batches;
     res->tokens = (int64_t)o->batches * B * T;
     res->moe_flops_per_token = flops / res->tokens;
+    res->topk_flops_per_token = moe && c->moe.kind == ROUTER_MERGE ? flops_topk / res->tokens : NAN;
     res->experts_per_token = moe ? (double)assignments / ((double)res->tokens * m->n_moe_layers) : 0.0;
     if (writer) {
         int failed = recw_finish(writer, err);
@@ -370,7 +372,9 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     }
     if (t->rec) {
         if (rec_eval_result(t->rec, eval_id, res->tokens, res->loss, res->moe_flops_per_token,
-                            res->experts_per_token, err) != 0)
+                            res->experts_per_token, err) != 0 ||
+            (!isnan(res->topk_flops_per_token) &&
+             rec_eval_topk_flops(t->rec, eval_id, res->topk_flops_per_token, err) != 0))
             goto done;
         /* the validation curve; a training-split evaluation stays in evals only,
         ** so that metrics keeps one 'train' row per step */

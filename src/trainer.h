@@ -54,6 +54,7 @@ typedef struct {
 typedef struct {
     double loss;
     double moe_flops_per_token;
+    double topk_flops_per_token; /* merged experts: as per-token top-k; NaN otherwise */
     double experts_per_token;
     int64_t tokens;
     int64_t eval_id;

@@ -390,6 +390,16 @@ static void test_merge_end_to_end(void **state) {
               "e = run:evaluate{ batches = 2, batch = 4, record = true }");
     assert_lua(L, "t.status == 'finished'");
     assert_lua(L, "e.experts_per_token == 4");
+    /* per-token top-k with the same gates: k = 2 experts of 2 x 2 x 16 x 8
+    ** FLOPs and a router of 2 x 16 x 4 (one layer); the merged layer costs less */
+    assert_lua(L, "e.topk_flops_per_token == 2 * 2 * 2 * 16 * 8 + 2 * 16 * 4");
+    /* what it executed: per segment of 4 positions two merges (2 x 2 x 16 x 8)
+    ** and two gates (2 x 4 x (16 + 8)); per token the two merged products
+    ** (2 x 2 x 16 x 8) and token attention (2 x 2 x (16 x 8 + 8 x 4)) */
+    assert_lua(L, "e.moe_flops_per_token == (2 * 2 * 2 * 16 * 8 + 2 * 4 * 24) / 4"
+                  " + 2 * 2 * 16 * 8 + 2 * 2 * (16 * 8 + 8 * 4)");
+    assert_lua(L, "db:query('SELECT topk_flops_per_token AS x FROM evals WHERE eval_id = ?',"
+                  " e.eval_id)[1].x == e.topk_flops_per_token");
     assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM routing WHERE eval_id = ?', e.eval_id)[1].n"
                   " == 2 * 4 * 16 * 4");
     assert_lua(L, "db:query('SELECT COUNT(DISTINCT pass) AS n FROM routing WHERE eval_id = ?',"

@@ -453,7 +453,7 @@ int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, co
     if (moe_forward(&l->tc, &c->moe, c->activation, w, hash_map, out, x, tokens, noise, N,
                     c->d_model, err) != 0)
         return -1;
-    l->flops = l->tc.flops;
+    l->flops = l->flops_topk = l->tc.flops;
     memcpy(l->aux, l->tc.aux, sizeof l->aux);
     l->aux_weighted = l->tc.aux_weighted;
     return 0;

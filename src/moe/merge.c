@@ -221,6 +221,7 @@ int merge_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float 
     /* the same gates as a per-token top-k layer: k experts, a router of E */
     m->flops_topk = N * (k * 2.0 * 2.0 * C * H + 2.0 * C * E);
     l->flops = m->flops;
+    l->flops_topk = m->flops_topk;
     memset(l->aux, 0, sizeof l->aux);
     l->aux_weighted = 0.0f;
     return 0;

@@ -93,6 +93,8 @@ typedef struct {
     Merge *merge;             /* merged layers; NULL otherwise */
     int freeze;               /* as MoeState.freeze, for every pass */
     double flops;             /* executed in the last forward, every pass */
+    double flops_topk;        /* merged layers: what the same gates would cost as a
+                              ** per-token top-k layer; the same as flops otherwise */
     float aux[AUX_KINDS];     /* unweighted, averaged over the passes that ran */
     float aux_weighted;
 } MoeLayer;

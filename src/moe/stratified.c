@@ -203,6 +203,7 @@ int strata_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float
     }
     for (int k = 0; k < AUX_KINDS; k++) l->aux[k] /= ran;
     l->aux_weighted /= ran;
+    l->flops_topk = l->flops;
     return 0;
 }
 
