@@ -10,13 +10,19 @@
 -- decay to 0; an MoE layer in every block, 8 experts of hidden 128, balance
 -- loss 0.01, dropless) with:
 --   stratified  SMoE, strata {4, 4}: top-2 per pass, 1 or 2 passes a token.
--- Merged experts (MEO) and dense-to-sparse conversion are not written yet.
+--   merge       MEO, k 4, causal segments of 32 positions: each linear merged
+--               from 4 experts per segment, gated on the means before it.
+--   merge-whole MEO as the paper, gated on the whole sequence: its loss sees
+--               later bytes (the run is recorded as non-causal).
+-- Dense-to-sparse conversion is not written yet.
 
 local moelab = require "moelab"
 local args = moelab.args
 local design = args.design or "stratified"
 local designs = {
   stratified = { kind = "stratified", strata = { 4, 4 }, second = args.second or "max" },
+  merge = { kind = "merge", k = 4, segment = 32 },
+  ["merge-whole"] = { kind = "merge", k = 4, segment = 0 },
 }
 local router = designs[design]
 if not router then
@@ -28,11 +34,12 @@ if not router then
 end
 
 local data  = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
+local merged = router.kind == "merge" -- gates whole segments: no per-token aux loss
 local model = moelab.model{ layers = 4, d_model = 128, heads = 4, context = 128,
                             activation = "gelu", norm = "layernorm", tied = false,
                             seed = args.seed or 1,
                             moe = { experts = 8, hidden = 128, router = router,
-                                    aux = { balance = 0.01 } } }
+                                    aux = { balance = merged and 0 or 0.01 } } }
 local db    = moelab.open(args.db or "results/designs.db")
 local name  = design .. (args.seed and ("-seed" .. args.seed) or "")
 local run   = db:run{ name = name, model = model, data = data, experiment = "designs" }
@@ -43,6 +50,8 @@ model:save(args.checkpoint or ("results/" .. design .. "-reference.safetensors")
 local passes = db:query([[SELECT AVG(passes) / 4.0 AS p FROM token_stats WHERE eval_id = ?]],
                         e.eval_id)[1].p
 print(string.format("%s: val loss %.4f  experts/token %.2f  passes/token/layer %.2f  " ..
-                    "MoE FLOPs/token %.0f  train loss (last 10%%) %.4f  %.0f tokens/s  %.0f s",
-                    name, e.loss, e.experts_per_token, passes, e.moe_flops_per_token, t.loss,
-                    t.tokens_per_s, t.seconds))
+                    "MoE FLOPs/token %.0f%s  train loss (last 10%%) %.4f  %.0f tokens/s  %.0f s",
+                    name, e.loss, e.experts_per_token, passes, e.moe_flops_per_token,
+                    e.topk_flops_per_token and string.format(" (as per-token top-k: %.0f)",
+                                                             e.topk_flops_per_token) or "",
+                    t.loss, t.tokens_per_s, t.seconds))
