@@ -425,6 +425,104 @@ static void test_stratified_against_naive_loop(void **state) {
     model_free(m);
 }
 
+/* Every token-choice router against a naive per-token loop in double (and
+** expert choice's per-expert rule): SPEC §2's selection and weights, each
+** selected expert run on the token alone, summed into the residual. */
+static void test_routers_against_naive_loop(void **state) {
+    (void)state;
+    struct { RouterKind kind; int k, normalize; float p; int max_k; } cases[] = {
+        {ROUTER_TOPK, 2, 1, 0, 0},      {ROUTER_TOPK, 1, 0, 0, 0},  {ROUTER_THRESHOLD, 2, 0, 0.6f, 0},
+        {ROUTER_TOPP, 2, 1, 0.8f, 3},   {ROUTER_EXPERT_CHOICE, 2, 0, 0, 0}, {ROUTER_HASH, 1, 0, 0, 0},
+    };
+    for (size_t v = 0; v < sizeof cases / sizeof cases[0]; v++) {
+        ModelConfig c = moe_model(cases[v].kind);
+        c.moe.k = cases[v].k;
+        c.moe.normalize = cases[v].normalize;
+        if (cases[v].p > 0) c.moe.p = cases[v].p;
+        c.moe.max_k = cases[v].max_k;
+        c.init_std = 0.2f;
+        char err[ML_ERRLEN];
+        Model *m;
+        assert_int_equal(model_create(&m, &c, err), 0);
+        int B = 2, T = 16, N = B * T, C = c.d_model, E = c.moe.experts;
+        int in[32], tg[32];
+        for (int i = 0; i < N; i++) in[i] = tg[i] = (i * 61 + 9) % 256;
+        assert_int_equal(model_forward(m, in, tg, B, T, err), 0);
+        for (int l = 0; l < c.layers; l++) {
+            const BlockActs *b = &m->acts.blocks[l];
+            const MoeWeights *w = m->w.blocks[l].moe;
+            static double p[32][4], wt[32][4]; /* wt[t][e]: the factor on expert e's output */
+            for (int t = 0; t < N; t++) {
+                double logit[4], maxl = -1e30, sum = 0;
+                for (int e = 0; e < E; e++) {
+                    logit[e] = 0;
+                    for (int j = 0; j < C && w->router; j++) logit[e] += w->router[e * C + j] * b->ln2[t * C + j];
+                    if (logit[e] > maxl) maxl = logit[e];
+                }
+                for (int e = 0; e < E; e++) sum += p[t][e] = exp(logit[e] - maxl);
+                for (int e = 0; e < E; e++) {
+                    p[t][e] /= sum;
+                    wt[t][e] = 0;
+                }
+                int order[4] = {0, 1, 2, 3}; /* by p, descending; ties to the lower index */
+                for (int i = 0; i < E; i++)
+                    for (int j = i + 1; j < E; j++)
+                        if (p[t][order[j]] > p[t][order[i]]) {
+                            int x = order[i];
+                            order[i] = order[j];
+                            order[j] = x;
+                        }
+                int n = 0;
+                double before = 0, kept = 0;
+                switch (cases[v].kind) {
+                case ROUTER_TOPK: n = cases[v].k; break;
+                case ROUTER_THRESHOLD:
+                case ROUTER_TOPP:
+                    while (n < E && (n == 0 || before < cases[v].p) && (!cases[v].max_k || n < cases[v].max_k))
+                        before += p[t][order[n++]];
+                    break;
+                case ROUTER_HASH: wt[t][m->hash_map[l * c.vocab + in[t]]] = 1.0; break;
+                default: break;
+                }
+                for (int i = 0; i < n; i++) kept += p[t][order[i]];
+                int renorm = cases[v].kind == ROUTER_TOPP || (cases[v].kind == ROUTER_TOPK && cases[v].normalize);
+                for (int i = 0; i < n; i++) wt[t][order[i]] = p[t][order[i]] / (renorm ? kept : 1.0);
+            }
+            if (cases[v].kind == ROUTER_EXPERT_CHOICE) { /* each expert its top ceil(N·k/E) tokens */
+                int cap = (N * cases[v].k + E - 1) / E;
+                for (int e = 0; e < E; e++) {
+                    int taken[32] = {0};
+                    for (int i = 0; i < cap; i++) {
+                        int best = -1;
+                        for (int t = 0; t < N; t++)
+                            if (!taken[t] && (best < 0 || p[t][e] > p[best][e])) best = t;
+                        taken[best] = 1;
+                        wt[best][e] = p[best][e];
+                    }
+                }
+            }
+            for (int t = 0; t < N; t++) {
+                double u[16], y[16], out[16];
+                for (int j = 0; j < C; j++) {
+                    u[j] = b->ln2[t * C + j];
+                    out[j] = b->res2[t * C + j];
+                }
+                for (int e = 0; e < E; e++) {
+                    if (wt[t][e] == 0.0) continue;
+                    naive_expert(w, e, c.moe.hidden[e], u, C, y);
+                    for (int j = 0; j < C; j++) out[j] += wt[t][e] * y[j];
+                }
+                for (int j = 0; j < C; j++)
+                    if (!test_close(b->res3[t * C + j], out[j], 1e-4, 1e-5))
+                        fail_msg("router %s layer %d token %d feature %d: %g, naive %g",
+                                 config_router_name(cases[v].kind), l, t, j,
+                                 (double)b->res3[t * C + j], out[j]);
+            }
+        }
+        model_free(m);
+    }
+}
+
 /* Tokens whose first choice is in the last stratum leave after one pass: a
 ** layer where every token does so is a top-2 layer with stratum 0's router. */
 static void test_stratified_one_pass_is_top2(void **state) {
@@ -827,6 +925,7 @@ int main(void) {
         cmocka_unit_test(test_router_keys_stored),
         cmocka_unit_test(test_penalty_and_entropy),
         cmocka_unit_test(test_hash_map_stored),
+        cmocka_unit_test(test_routers_against_naive_loop),
         cmocka_unit_test(test_stratified_against_naive_loop),
         cmocka_unit_test(test_stratified_one_pass_is_top2),
         cmocka_unit_test(test_stratified_checkpoint),
