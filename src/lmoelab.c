@@ -646,9 +646,9 @@ static int db_run(lua_State *L) {
     }
     int64_t run_id;
     int rc = rec_run_begin(d->r, name, experiment, b.data, (uint64_t)seed,
-                           (int64_t)m->m->num_parameters, model_active_parameters(m->m), &run_id, err);
+                           (int64_t)m->m->num_parameters, model_active_parameters(m->m),
+                           model_is_causal(m->m), &run_id, err);
     jb_free(&b);
-    if (rc == 0) rc = rec_run_causal(d->r, run_id, model_is_causal(m->m), err);
     if (rc != 0) luaL_error(L, "db:run: %s", err);
     if (trainer_init(&r->t, m->m, c->c, d->r, run_id, name, (uint64_t)seed, err) != 0)
         luaL_error(L, "db:run: %s", err);

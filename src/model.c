@@ -251,7 +251,11 @@ void model_free(Model *m) {
 int model_is_causal(const Model *m) {
     const MoeConfig *mc = &m->config.moe;
     if (!mc->enabled) return 1;
-    return mc->kind != ROUTER_EXPERT_CHOICE && !(mc->kind == ROUTER_MERGE && mc->segment == 0);
+    /* a capacity drops assignments by what the whole batch chose, later
+    ** positions included */
+    int capacity = router_of(mc->kind)->token_choice && mc->capacity_factor > 0.0f;
+    return mc->kind != ROUTER_EXPERT_CHOICE && !(mc->kind == ROUTER_MERGE && mc->segment == 0) &&
+           !capacity;
 }
 
 int64_t model_active_parameters(const Model *m) {

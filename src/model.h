@@ -150,7 +150,8 @@ void model_seed_noise(Model *m, uint64_t seed);
 /* Parameters a token uses: everything outside the experts, plus k experts
 ** (router.k; 1 for hash) of average size per MoE layer. */
 /* 1 when no position's output depends on a later position (0: expert choice
-** routing, merged experts gated on whole sequences). */
+** routing, merged experts gated on whole sequences, and any capacity limit,
+** which drops assignments by what the whole batch chose). */
 int model_is_causal(const Model *m);
 int64_t model_active_parameters(const Model *m);
 

@@ -290,7 +290,6 @@ struct Recorder {
     sqlite3_stmt *insert_run;
     sqlite3_stmt *update_status;
     sqlite3_stmt *update_config;
-    sqlite3_stmt *update_causal;
     sqlite3_stmt *update_topk_flops;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
@@ -779,9 +778,9 @@ static int rec_prepare_all(Recorder *r, char *err) {
         || rec_prepare(r, &r->eval_run, "SELECT run_id FROM evals WHERE eval_id = ?1", err)
         || rec_prepare(r, &r->insert_run,
                "INSERT INTO runs(name, experiment, config, seed, status, started_at,"
-               " params_total, params_active)"
+               " params_total, params_active, causal)"
                " VALUES (?1, ?2, ?3, ?4, 'running',"
-               " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?5, ?6)", err)
+               " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?5, ?6, ?7)", err)
         || rec_prepare(r, &r->update_status,
                "UPDATE runs SET status = ?2, error = ?3,"
                " finished_at = CASE WHEN ?2 = 'running' THEN NULL"
@@ -789,8 +788,6 @@ static int rec_prepare_all(Recorder *r, char *err) {
                " WHERE run_id = ?1", err)
         || rec_prepare(r, &r->update_topk_flops,
                "UPDATE evals SET topk_flops_per_token = ?2 WHERE eval_id = ?1", err)
-        || rec_prepare(r, &r->update_causal,
-               "UPDATE runs SET causal = ?2 WHERE run_id = ?1", err)
         || rec_prepare(r, &r->update_config,
                "UPDATE runs SET config = json_set(COALESCE(config, '{}'), '$.' || ?2, json(?3))"
                " WHERE run_id = ?1", err)
@@ -1076,7 +1073,6 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->insert_run);
     sqlite3_finalize(r->update_status);
     sqlite3_finalize(r->update_config);
-    sqlite3_finalize(r->update_causal);
     sqlite3_finalize(r->update_topk_flops);
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
@@ -1145,7 +1141,7 @@ const char *rec_path(const Recorder *r) {
 
 int rec_run_begin(Recorder *r, const char *name, const char *experiment,
                   const char *config_json, uint64_t seed, int64_t params_total,
-                  int64_t params_active, int64_t *run_id, char *err) {
+                  int64_t params_active, int causal, int64_t *run_id, char *err) {
     if (!name || !*name)
         return ml_error(err, "a run needs a non-empty name");
     if (rec_begin_if_needed(r, err))
@@ -1157,6 +1153,8 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
     sqlite3_bind_int64(st, 4, (int64_t)seed);
     sqlite3_bind_int64(st, 5, params_total);
     sqlite3_bind_int64(st, 6, params_active);
+    if (causal >= 0) sqlite3_bind_int(st, 7, causal != 0);
+    else sqlite3_bind_null(st, 7);
     if (rec_step_done(r, st, "insert a run", err))
         return -1;
     int64_t id = sqlite3_last_insert_rowid(r->db);
@@ -1175,18 +1173,6 @@ int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, ch
     sqlite3_bind_int64(st, 1, eval_id);
     rec_bind_real_or_null(st, 2, flops_per_token);
     if (rec_step_done(r, st, "record an evaluation's top-k FLOPs", err))
-        return -1;
-    r->pending_rows++;
-    return 0;
-}
-
-int rec_run_causal(Recorder *r, int64_t run_id, int causal, char *err) {
-    if (rec_begin_if_needed(r, err))
-        return -1;
-    sqlite3_stmt *st = r->update_causal;
-    sqlite3_bind_int64(st, 1, run_id);
-    sqlite3_bind_int(st, 2, causal != 0);
-    if (rec_step_done(r, st, "mark a run causal or not", err))
         return -1;
     r->pending_rows++;
     return 0;

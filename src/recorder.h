@@ -63,10 +63,12 @@ int rec_set_busy_timeout(Recorder *r, int ms, char *err);
 
 /* Starts a run with status 'running' and started_at now; commits at once.
 ** experiment and config_json may be NULL. Seeds of 2^63 and above are stored
-** as their two's-complement int64 (cast back to uint64_t to read them). */
+** as their two's-complement int64 (cast back to uint64_t to read them).
+** causal: 1 when no position's loss depends on a later byte, 0 when one may
+** (model_is_causal), -1 unknown (NULL). */
 int rec_run_begin(Recorder *r, const char *name, const char *experiment,
                   const char *config_json, uint64_t seed, int64_t params_total,
-                  int64_t params_active, int64_t *run_id, char *err);
+                  int64_t params_active, int causal, int64_t *run_id, char *err);
 
 /* Sets a run's status: running, finished, diverged, interrupted or failed.
 ** Every status but running also sets finished_at; error_msg (may be NULL) is
@@ -74,9 +76,6 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
 /* Sets evals.topk_flops_per_token: what a merged model's gates would have
 ** cost as per-token top-k layers. */
 int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, char *err);
-
-/* Marks a run causal (1: no position's loss depends on a later byte) or not. */
-int rec_run_causal(Recorder *r, int64_t run_id, int causal, char *err);
 
 int rec_run_status(Recorder *r, int64_t run_id, const char *status,
                    const char *error_msg, char *err);

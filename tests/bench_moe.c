@@ -218,7 +218,7 @@ static double eval_seconds(int record, const char *db_path, double *cpu, double 
     Trainer t;
     int64_t run_id;
     if (corpus_from_bytes(&corpus, text, n, 0.5, err) || model_create(&m, &c, err) ||
-        rec_open(&rec, db_path, err) || rec_run_begin(rec, "bench", NULL, NULL, 1, 0, 0, &run_id, err) ||
+        rec_open(&rec, db_path, err) || rec_run_begin(rec, "bench", NULL, NULL, 1, 0, 0, 1, &run_id, err) ||
         trainer_init(&t, m, corpus, rec, run_id, "bench", 1, err))
         die("eval setup", err);
     EvalOptions o;

@@ -108,7 +108,7 @@ static void bench_open(BenchDb *db) {
         die("mkstemp", "cannot create a temporary file");
     close(fd);
     if (rec_open(&db->rec, db->path, err)
-        || rec_run_begin(db->rec, "bench", NULL, NULL, 1, 0, 0, &db->run_id, err)
+        || rec_run_begin(db->rec, "bench", NULL, NULL, 1, 0, 0, 1, &db->run_id, err)
         || rec_eval(db->rec, db->run_id, 0, "val", 0, 1.0, 0.0, K, &db->eval_id, err)
         || rec_flush(db->rec, err))
         die(db->path, err);

@@ -413,6 +413,10 @@ static void test_merge_end_to_end(void **state) {
               "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/meo-loss.svg' }\n"
               "local f = io.open(DIR .. '/meo-loss.svg'); svg = f:read('a'); f:close()");
     assert_lua(L, "db:query(\"SELECT causal FROM runs WHERE name = 'meo'\")[1].causal == 1");
+    /* a capacity limit drops by what the whole batch chose: not causal either */
+    run_ok(L, "run3 = db:run{ name = 'capped', data = data, model = moelab.model(tiny{ moe = {\n"
+              "  experts = 4, router = { kind = 'topk', k = 2, capacity_factor = 1 } } }) }");
+    assert_lua(L, "db:query(\"SELECT causal FROM runs WHERE name = 'capped'\")[1].causal == 0");
     assert_lua(L, "db:query(\"SELECT causal FROM v_final_loss WHERE name = 'meo-whole'\")[1].causal == 0");
     assert_lua(L, "svg:find('meo-whole (non-causal)', 1, true) ~= nil");
     assert_lua(L, "svg:find('meo (non-causal)', 1, true) == nil");

@@ -777,7 +777,7 @@ static void fixture_open(Fixture *f, ModelConfig c, int steps) {
     assert_int_equal(corpus_from_bytes(&f->corpus, (const uint8_t *)text, sizeof text, 0.8, err), 0);
     assert_int_equal(model_create(&f->model, &c, err), 0);
     assert_int_equal(rec_open(&f->rec, ":memory:", err), 0);
-    assert_int_equal(rec_run_begin(f->rec, "moe", NULL, NULL, 1, 0, 0, &run_id, err), 0);
+    assert_int_equal(rec_run_begin(f->rec, "moe", NULL, NULL, 1, 0, 0, 1, &run_id, err), 0);
     assert_int_equal(trainer_init(&f->t, f->model, f->corpus, f->rec, run_id, "moe", 1, err), 0);
     TrainOptions o;
     train_options_defaults(&o);

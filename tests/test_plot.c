@@ -51,7 +51,7 @@ static int remove_entry(const char *path, const struct stat *sb, int flag, struc
 /* A run's loss falls from ln(256) towards 1.4 nats/byte; val every 50 steps. */
 static int record_run(Recorder *r, const char *name, double floor, char *err) {
     int64_t run = 0;
-    if (rec_run_begin(r, name, "test", "{}", 1, 1000, 500, &run, err))
+    if (rec_run_begin(r, name, "test", "{}", 1, 1000, 500, 1, &run, err))
         return -1;
     for (int step = 1; step <= 400; step++) {
         double loss = floor + (log(256.0) - floor) * exp(-step / 60.0);
@@ -78,7 +78,7 @@ static int record_moe_run(Recorder *r, const char *name, int threshold, int expe
     enum { STEPS = 20, SEQS = 4, POS = 16 };
     static const int layers[] = {1, 3};
     int64_t run = 0, eval_id = 0;
-    if (rec_run_begin(r, name, "test", "{}", 1, 1000, 500, &run, err))
+    if (rec_run_begin(r, name, "test", "{}", 1, 1000, 500, 1, &run, err))
         return -1;
     for (int step = 1; step <= STEPS; step++) {
         RecAux aux = {0.01 * step, NAN, NAN, NAN, NAN};
@@ -150,7 +150,7 @@ static int setup_fixture(void **state) {
     }
     rec_close(r);
     if (rec_open(&r, fx->empty_db, err)
-        || rec_run_begin(r, "idle", NULL, NULL, 0, 0, 0, NULL, err)) {
+        || rec_run_begin(r, "idle", NULL, NULL, 0, 0, 0, -1, NULL, err)) {
         print_error("fixture: %s\n", err);
         rec_close(r);
         return -1;

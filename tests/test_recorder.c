@@ -130,7 +130,7 @@ static Recorder *open_ok(const char *path) {
 static int64_t begin_run(Recorder *r, const char *name) {
     int64_t id = 0;
     char err[ML_ERRLEN] = "";
-    if (rec_run_begin(r, name, "exp", "{\"layers\":2}", 7, 1000, 250, &id, err))
+    if (rec_run_begin(r, name, "exp", "{\"layers\":2}", 7, 1000, 250, 1, &id, err))
         fail_msg("rec_run_begin: %s", err);
     return id;
 }
@@ -272,7 +272,7 @@ static void test_bad_status_and_unknown_run_are_rejected(void **state) {
     assert_non_null(strstr(err, "no run with id"));
     assert_int_equal(rec_metric(r, run + 41, 1, "train", 1, 0, 0, 1, 0, 0, NULL, err), -1);
     assert_non_null(strstr(err, "FOREIGN KEY"));
-    assert_int_equal(rec_run_begin(r, "", NULL, NULL, 0, 0, 0, NULL, err), -1);
+    assert_int_equal(rec_run_begin(r, "", NULL, NULL, 0, 0, 0, -1, NULL, err), -1);
     assert_int_equal(rec_metric(r, run, 1, NULL, 1, 0, 0, 1, 0, 0, NULL, err), -1);
     rec_close(r);
 }
@@ -895,6 +895,7 @@ static void test_version_3_database_is_upgraded(void **state) {
     exec_sql(rec_db(r), "DROP VIEW v_final_loss;"
                         "CREATE VIEW v_final_loss AS SELECT run_id, name FROM runs;"
                         "ALTER TABLE runs DROP COLUMN causal;"
+                        "ALTER TABLE evals DROP COLUMN topk_flops_per_token;"
                         "ALTER TABLE metrics DROP COLUMN aux_entropy;"
                         "ALTER TABLE token_stats DROP COLUMN passes;"
                         "PRAGMA user_version = 3;");
@@ -907,9 +908,10 @@ static void test_version_3_database_is_upgraded(void **state) {
     assert_true(query_is_null(db, "SELECT passes FROM token_stats"));
     assert_near(query_real(db, "SELECT loss FROM token_stats"), 1.5, 0);
     assert_true(query_is_null(db, "SELECT causal FROM v_final_loss"));
-    assert_int_equal(rec_run_causal(r, run, 0, err), 0);
-    assert_int_equal(rec_flush(r, err), 0);
-    assert_int_equal(query_int(db, "SELECT causal FROM v_final_loss"), 0);
+    assert_true(query_is_null(db, "SELECT topk_flops_per_token FROM evals"));
+    int64_t later = 0;
+    assert_int_equal(rec_run_begin(r, "new", NULL, NULL, 1, 0, 0, 0, &later, err), 0);
+    assert_int_equal(query_int(db, "SELECT causal FROM v_final_loss WHERE name = 'new'"), 0);
     aux.entropy = 0.25;
     assert_int_equal(rec_metric(r, run, 2, "train", 2.0, 0.1, 1e-3, 200, NAN, 1.0, &aux, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
@@ -1054,7 +1056,7 @@ static void test_crash_loses_only_unflushed_rows(void **state) {
         Recorder *r = NULL;
         char err[ML_ERRLEN];
         int64_t run = 0;
-        if (rec_open(&r, path, err) || rec_run_begin(r, "c", NULL, NULL, 1, 0, 0, &run, err))
+        if (rec_open(&r, path, err) || rec_run_begin(r, "c", NULL, NULL, 1, 0, 0, 1, &run, err))
             _exit(2);
         for (int i = 0; i < 5; i++)
             if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NULL, err))

@@ -154,7 +154,7 @@ static void train_losses(int steps, double *losses) {
     assert_int_equal(corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.9, err), 0);
     assert_int_equal(model_create(&m, &c, err), 0);
     assert_int_equal(rec_open(&rec, ":memory:", err), 0);
-    assert_int_equal(rec_run_begin(rec, "det", NULL, NULL, 5, 0, 0, &run_id, err), 0);
+    assert_int_equal(rec_run_begin(rec, "det", NULL, NULL, 5, 0, 0, 1, &run_id, err), 0);
     assert_int_equal(trainer_init(&t, m, corpus, rec, run_id, "det", 5, err), 0);
     TrainOptions o;
     train_options_defaults(&o);

@@ -329,15 +329,15 @@ size_t merge_trace_count(const Merge *m) { return (size_t)m->B * m->T * 2 * m->k
 
 size_t merge_trace_routes(const Merge *m, MoeRoute *out) {
     MoeRoute *o = out;
-    for (int t = 0; t < m->B * m->T; t++) {
-        int seg = (t / m->T) * m->nseg + (t % m->T) / m->S;
-        for (int pass = 0; pass < 2; pass++) {
+    for (int pass = 0; pass < 2; pass++) /* pass by pass, as every layer's trace */
+        for (int t = 0; t < m->B * m->T; t++) {
+            int seg = (t / m->T) * m->nseg + (t % m->T) / m->S;
             const int *idx = (pass ? m->pr_idx : m->fc_idx) + (size_t)seg * m->k;
             const float *g = (pass ? m->pr_g : m->fc_g) + (size_t)seg * m->k;
             for (int i = 0; i < m->k; i++)
-                *o++ = (MoeRoute){.token = t, .pass = pass, .rank = i, .expert = idx[i], .weight = g[i]};
+                *o++ = (MoeRoute){.token = t, .pass = pass, .rank = i, .expert = idx[i],
+                                  .weight = g[i]};
         }
-    }
     return (size_t)(o - out);
 }
 
