@@ -21,7 +21,7 @@ LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lcmocka -lm -ldl -lpthread -fope
 LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
-CORE    := common config json ops moe/router moe/layer moe/stratified moe/merge model data safetensors checkpoint
+CORE    := common config json ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
 RECORD  := recorder recwriter plot trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))

@@ -46,7 +46,7 @@ void config_defaults(ModelConfig *c) {
 }
 
 static const char *const router_names[] = {"topk", "threshold", "topp", "expert_choice", "hash",
-                                           "stratified", "merge"};
+                                           "stratified", "merge", "all"};
 
 const char *config_router_name(RouterKind k) {
     return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";
@@ -113,6 +113,12 @@ int config_validate(const ModelConfig *c, char *err) {
         if (!(aux[i] >= 0.0f) || !isfinite(aux[i]))
             return ml_error(err, "'moe.aux.%s' must be a number >= 0 (0 = off), got %g",
                             aux_names[i], aux[i]);
+    if (m->bias && m->kind == ROUTER_MERGE)
+        return ml_error(err, "'moe.bias' (expert biases) is not supported with merged experts");
+    if (m->kind == ROUTER_ALL && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
+                                  m->aux_p_penalty > 0 || m->aux_entropy > 0))
+        return ml_error(err, "'moe.router.kind' = \"all\" runs every expert without a router: "
+                        "moe.aux must be 0");
     if (m->kind == ROUTER_HASH && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
                                    m->aux_p_penalty > 0 || m->aux_entropy > 0 || m->noise > 0))
         return ml_error(err, "'moe.router.kind' = \"hash\" has no router probabilities: "
@@ -268,7 +274,8 @@ static int read_choice(const JsonValue *obj, const char *key, const char *where,
     return ml_error(err, "'%s%s' = \"%s\" is not one of %s", where, key, s, list);
 }
 
-static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps"};
+static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps",
+                                       "bias"};
 static const char *const router_keys[] = {
     "kind",  "k",      "p",      "max_k",   "normalize",      "capacity_factor", "min_capacity",
     "noise", "strata", "second", "segment", "token_attention"};
@@ -324,6 +331,7 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
         m->hidden_list = 0;
     }
     if (read_float(moe, "sparsity_eps", "moe.", &m->sparsity_eps, err)) return -1;
+    if (read_bool(moe, "bias", "moe.", &m->bias, err)) return -1;
 
     const JsonValue *router = json_object_get(moe, "router");
     if (router) {
@@ -572,6 +580,7 @@ char *config_to_json(const ModelConfig *c) {
         jb_float(&b, m->aux_entropy);
         jb_puts(&b, "},\"sparsity_eps\":");
         jb_float(&b, m->sparsity_eps);
+        if (m->bias) jb_puts(&b, ",\"bias\":true");
         jb_puts(&b, "}");
     }
     jb_puts(&b, "}");

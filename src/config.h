@@ -27,6 +27,7 @@ typedef enum {
     ROUTER_HASH = 4,          /* a fixed random map of token ids; weight 1 */
     ROUTER_STRATIFIED = 5,    /* SMoE: strata of experts, top-2 per pass (moe/stratified.c) */
     ROUTER_MERGE = 6,         /* MEO: experts merged per sequence or segment (moe/merge.c) */
+    ROUTER_ALL = 7,           /* every expert, weight 1: a dense FFN split into experts (moefy.c) */
 } RouterKind;
 
 typedef struct {
@@ -35,6 +36,7 @@ typedef struct {
     int experts;        /* E */
     int hidden[MOE_MAX_EXPERTS]; /* H_e, one per expert */
     int hidden_list;    /* hidden was given as a list (HMoE): written back as one */
+    int bias;           /* experts have fc biases and the layer a proj bias (moefied dense FFNs) */
     RouterKind kind;
     int k;              /* topk: experts per token; capacity's k for the others */
     float p;            /* threshold / topp: the probability mass t */

@@ -324,6 +324,27 @@ static int l_load(lua_State *L) {
     return 1;
 }
 
+/* moelab.moefy(model, { experts = E, method = "kmeans" | "random", seed = 1 }) */
+static int l_moefy(lua_State *L) {
+    static const char *const keys[] = {"experts", "method", "seed", NULL};
+    LModel *dense = check_model(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    check_keys(L, 2, "moelab.moefy", keys);
+    int E = (int)opt_int(L, 2, "experts", 8, 1, MOE_MAX_EXPERTS);
+    lua_Integer seed = opt_int(L, 2, "seed", 1, 0, (lua_Integer)1 << 53);
+    lua_getfield(L, 2, "method");
+    const char *method = lua_isnil(L, -1) ? "kmeans" : lua_tostring(L, -1);
+    if (!method || (strcmp(method, "kmeans") != 0 && strcmp(method, "random") != 0))
+        luaL_error(L, "moelab.moefy: 'method' must be \"kmeans\" or \"random\"");
+    int kmeans = strcmp(method, "kmeans") == 0;
+    lua_pop(L, 1);
+    LModel *m = new_model_udata(L);
+    char err[ML_ERRLEN];
+    if (moe_moefy(&m->m, dense->m, E, kmeans, (uint64_t)seed, err) != 0)
+        luaL_error(L, "moelab.%s", err);
+    return 1;
+}
+
 static int model_save(lua_State *L) {
     LModel *m = check_model(L, 1);
     const char *path = luaL_checkstring(L, 2);
@@ -894,7 +915,7 @@ int luaopen_moelab(lua_State *L) {
         {NULL, NULL}};
     static const luaL_Reg functions[] = {
         {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
-        {"plot", l_plot},     {"threads", l_threads}, {NULL, NULL}};
+        {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {NULL, NULL}};
     trainer_set_threads(0); /* OpenBLAS single-threaded inside OpenMP, from the start */
     new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
     new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);

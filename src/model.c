@@ -122,7 +122,11 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
                                   : NULL;
                 mw->proj[e] = take(&L, INIT_NORMAL_RESIDUAL, C, He,
                                    "h.%d.moe.experts.%d.proj.weight", l, e);
+                mw->fc_bias[e] = mc->bias ? take(&L, INIT_ZERO, He, 0,
+                                                 "h.%d.moe.experts.%d.fc.bias", l, e)
+                                          : NULL;
             }
+            mw->bias = mc->bias ? take(&L, INIT_ZERO, C, 0, "h.%d.moe.bias", l) : NULL;
             b->fcw = b->fcb = b->gatew = b->projw = b->projb = NULL;
             continue;
         }

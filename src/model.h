@@ -149,6 +149,12 @@ void model_seed_noise(Model *m, uint64_t seed);
 
 /* Parameters a token uses: everything outside the experts, plus k experts
 ** (router.k; 1 for hash) of average size per MoE layer. */
+/* Dense to sparse (moe/moefy.c): a new model whose every FFN is the dense
+** one's hidden neurons split into E experts (balanced k-means on the
+** normalised fc rows, or a seeded random split), router "all": the same
+** function until another router is given. */
+int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed, char *err);
+
 /* 1 when no position's output depends on a later position (0: expert choice
 ** routing, merged experts gated on whole sequences, and any capacity limit,
 ** which drops assignments by what the whole batch chose). */

@@ -449,6 +449,17 @@ static void test_moe_merge(void **state) {
     }
 }
 
+/* Moefied layers: every expert at weight 1, experts' fc biases and the
+** layer's proj bias. */
+static void test_moe_all_with_biases(void **state) {
+    (void)state;
+    ModelConfig c = moe_config(ROUTER_ALL);
+    c.moe.bias = 1;
+    check_config(c, "moe all with biases");
+    c.activation = ACT_SWIGLU;
+    check_config(c, "moe all with biases swiglu");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layernorm),
@@ -471,6 +482,7 @@ int main(void) {
         cmocka_unit_test(test_moe_heterogeneous_swiglu),
         cmocka_unit_test(test_moe_stratified),
         cmocka_unit_test(test_moe_merge),
+        cmocka_unit_test(test_moe_all_with_biases),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
 }

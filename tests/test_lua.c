@@ -426,6 +426,55 @@ static void test_merge_end_to_end(void **state) {
     lua_close(L);
 }
 
+/* moelab.moefy: a trained dense model split into experts computes the same
+** function (every expert active), by k-means or at random, with ReLU, GELU
+** or SwiGLU; it saves, loads, trains and records like any MoE model. */
+static void test_moefy_end_to_end(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data = moelab.corpus{ text = TEXT, split = 0.9 }\n"
+              "db   = moelab.open(DIR .. '/moefy.db')\n"
+              "S1, S2 = 'In the beginning', 'And God said, Le'\n"
+              "function same(a, b)\n"
+              "  for _, s in ipairs{ S1, S2 } do\n"
+              "    local x, y = a:loss(s), b:loss(s)\n"
+              "    if math.abs(x - y) > 1e-5 * math.abs(x) then return false end\n"
+              "  end\n"
+              "  return true\n"
+              "end\n"
+              "results = {}\n"
+              "for _, act in ipairs{ 'relu', 'gelu', 'swiglu' } do\n"
+              "  local dense = moelab.model(tiny{ activation = act, ffn = { hidden = 32 } })\n"
+              "  db:run{ name = 'dense-' .. act, model = dense, data = data }:train(fast{ steps = 5 })\n"
+              "  for _, method in ipairs{ 'kmeans', 'random' } do\n"
+              "    local sparse = moelab.moefy(dense, { experts = 4, method = method, seed = 2 })\n"
+              "    results[#results + 1] = { act = act, method = method, same = same(dense, sparse),\n"
+              "                              kind = sparse:config().moe.router.kind,\n"
+              "                              bias = sparse:config().moe.bias,\n"
+              "                              hidden = sparse:config().moe.hidden }\n"
+              "    last = sparse\n"
+              "  end\n"
+              "end");
+    assert_lua(L, "#results == 6");
+    assert_lua(L, "(function() for _, r in ipairs(results) do if not r.same then return false end end"
+                  " return true end)()");
+    assert_lua(L, "results[1].kind == 'all' and results[1].bias == true and results[1].hidden == 8");
+    /* it saves and loads (experts' fc biases, the layer's bias), and trains */
+    run_ok(L, "last:save(DIR .. '/moefied.safetensors')\n"
+              "back = moelab.load(DIR .. '/moefied.safetensors')\n"
+              "run = db:run{ name = 'moefied', model = last, data = data }\n"
+              "t = run:train(fast{ steps = 2 })\n"
+              "e = run:evaluate{ batches = 1, batch = 2, record = true }");
+    assert_lua(L, "t.status == 'finished'");
+    assert_lua(L, "e.experts_per_token == 4");
+    run_err(L, "moelab.moefy(moelab.model(tiny{ ffn = { hidden = 30 } }), { experts = 4 })",
+            "experts = 4 must divide", "30", NULL);
+    run_err(L, "moelab.moefy(last, { experts = 2 })", "MoE layers already", NULL);
+    run_err(L, "moelab.moefy(moelab.model(tiny()), { experts = 2, method = 'spectral' })",
+            "'method'", NULL);
+    lua_close(L);
+}
+
 static void test_train_evaluate_record(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -965,6 +1014,7 @@ int main(void) {
         cmocka_unit_test(test_moe_end_to_end),
         cmocka_unit_test(test_stratified_end_to_end),
         cmocka_unit_test(test_merge_end_to_end),
+        cmocka_unit_test(test_moefy_end_to_end),
         cmocka_unit_test(test_save_load_sample_plot),
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_option_errors),

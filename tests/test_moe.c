@@ -762,6 +762,66 @@ static void test_merge_checkpoint_and_errors(void **state) {
     assert_non_null(strstr(err, "moe.aux"));
 }
 
+/* ------------------------------------------------------------------------ */
+/* dense to sparse                                                           */
+
+/* Mean cosine similarity of each neuron's fc row to its group's other rows. */
+static double group_coherence(const Model *m, int l, int E, int He, int C) {
+    const MoeWeights *w = m->w.blocks[l].moe;
+    double total = 0.0;
+    for (int e = 0; e < E; e++)
+        for (int i = 0; i < He; i++)
+            for (int j = 0; j < He; j++) {
+                if (i == j) continue;
+                const float *a = w->fc[e] + (size_t)i * C, *b = w->fc[e] + (size_t)j * C;
+                double ab = 0, aa = 0, bb = 0;
+                for (int q = 0; q < C; q++) {
+                    ab += a[q] * b[q];
+                    aa += a[q] * a[q];
+                    bb += b[q] * b[q];
+                }
+                total += ab / sqrt(aa * bb);
+            }
+    return total / ((double)E * He * (He - 1));
+}
+
+/* moefy's groups: E of H/E neurons each, every neuron once; k-means groups
+** rows that point the same way more than a random split does. */
+static void test_moefy_groups(void **state) {
+    (void)state;
+    ModelConfig c = moe_model(ROUTER_TOPK);
+    c.moe.enabled = 0;
+    c.ffn_hidden = 64;
+    c.d_model = 16;
+    char err[ML_ERRLEN];
+    Model *dense, *km, *rnd;
+    assert_int_equal(model_create(&dense, &c, err), 0);
+    /* fc rows in 4 directions plus noise: there are groups to find */
+    for (int l = 0; l < c.layers; l++) {
+        float *fc = dense->w.blocks[l].fcw;
+        test_fill(fc, 64 * 16, 0.3f, 40 + l);
+        for (int h = 0; h < 64; h++) fc[h * 16 + (h * 7) % 4] += 2.0f;
+    }
+    assert_int_equal(moe_moefy(&km, dense, 4, 1, 1, err), 0);
+    assert_int_equal(moe_moefy(&rnd, dense, 4, 0, 1, err), 0);
+    for (int l = 0; l < c.layers; l++) {
+        /* every dense row is in exactly one expert */
+        int seen[64] = {0};
+        for (int e = 0; e < 4; e++)
+            for (int i = 0; i < 16; i++)
+                for (int h = 0; h < 64; h++)
+                    if (!memcmp(km->w.blocks[l].moe->fc[e] + i * 16, dense->w.blocks[l].fcw + h * 16,
+                                sizeof(float) * 16))
+                        seen[h]++;
+        for (int h = 0; h < 64; h++) assert_int_equal(seen[h], 1);
+        double a = group_coherence(km, l, 4, 16, 16), b = group_coherence(rnd, l, 4, 16, 16);
+        if (!(a > b + 0.3)) fail_msg("layer %d: k-means coherence %.3f, random %.3f", l, a, b);
+    }
+    model_free(dense);
+    model_free(km);
+    model_free(rnd);
+}
+
 /* A trained-for-a-few-steps model in an in-memory database. */
 typedef struct {
     Corpus *corpus;
@@ -932,6 +992,7 @@ int main(void) {
         cmocka_unit_test(test_merge_against_naive_loop),
         cmocka_unit_test(test_merge_token_attention_starts_as_identity),
         cmocka_unit_test(test_merge_checkpoint_and_errors),
+        cmocka_unit_test(test_moefy_groups),
         cmocka_unit_test(test_expert_load_matches_forward),
         cmocka_unit_test(test_recorded_routing_reproduces_forward),
     };

@@ -88,7 +88,7 @@ static void moe_route(MoeState *s, const Router *r, const MoeConfig *mc, const f
     if (!r->has_router) {
         memset(s->probs, 0, sizeof(float) * (size_t)N * E);
         memset(s->lse, 0, sizeof(float) * (size_t)N);
-        for (int t = 0; t < N; t++) s->top1[t] = hash_map[tokens[t]];
+        for (int t = 0; t < N; t++) s->top1[t] = hash_map ? hash_map[tokens[t]] : 0;
         return;
     }
     matmul_forward(s->logits, x, router, NULL, N, C, E, 0.0f);
@@ -229,6 +229,9 @@ static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const
         float *ge = swiglu ? s->ge + s->hoff[e] : NULL;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, H, C, 1.0f, xe, C, w->fc[e], C,
                     0.0f, he, H);
+        if (w->fc_bias[e])
+            for (int r = 0; r < n; r++)
+                for (int h = 0; h < H; h++) he[(size_t)r * H + h] += w->fc_bias[e][h];
         if (swiglu)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, H, C, 1.0f, xe, C, w->gate[e],
                         C, 0.0f, ge, H);
@@ -341,6 +344,9 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
     if (moe_group(s, mc, act == ACT_SWIGLU, x, err) != 0) return -1;
     moe_run_experts(s, mc, act, w);
     moe_combine(s, out);
+    if (w->bias) /* the layer's proj bias: once per token */
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < C; c++) out[(size_t)t * C + c] += w->bias[c];
     moe_account(s, r, mc, act);
     return 0;
 }
@@ -504,6 +510,9 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
     int swiglu = act == ACT_SWIGLU;
     if (ensure_scratch(scr, s, swiglu) != 0) return ml_error(err, "out of memory in MoE backward");
 
+    if (g->bias) /* the layer's proj bias, each column summed in token order */
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < C; c++) g->bias[c] += dout[(size_t)t * C + c];
     /* combine, reversed: dye = weight · dout; dweight = dout · ye */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -601,7 +610,10 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
             swiglu_backward(scr->dge + s->hoff[e], dhe, dae, s->ge + s->hoff[e], he, (size_t)n * H);
             break;
         }
-        /* he = xe · fcᵀ (and ge = xe · gateᵀ) */
+        if (g->fc_bias[e])
+            for (int r = 0; r < n; r++)
+                for (int h = 0; h < H; h++) g->fc_bias[e][h] += dhe[(size_t)r * H + h];
+        /* he = xe · fcᵀ (+ fc bias) (and ge = xe · gateᵀ) */
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dhe, H, xe, C, 1.0f,
                     g->fc[e], C);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dhe, H, w->fc[e], C,

@@ -27,6 +27,8 @@ typedef struct {
     float *fc[MOE_MAX_EXPERTS];   /* (H_e, C) */
     float *gate[MOE_MAX_EXPERTS]; /* (H_e, C), SwiGLU only */
     float *proj[MOE_MAX_EXPERTS]; /* (C, H_e) */
+    float *fc_bias[MOE_MAX_EXPERTS]; /* (H_e) with moe.bias (moefied dense FFNs), else NULL */
+    float *bias;                  /* (C) the layer's proj bias, added once per token */
     /* stratified: stratum s's router over the experts of strata >= s, and for
     ** s >= 1 the norm its pass starts with (pass 0 uses the block's ln_2) */
     float *routers[MOE_MAX_EXPERTS];                      /* (E - m_s, C) */

@@ -299,6 +299,22 @@ static void select_none(const MoeConfig *mc, RouterBatch *b) {
     assert(!"merge layers do not select per token");
 }
 
+/* all: every expert, weight 1 (a dense FFN split into experts computes the
+** same function so, moefy.c) */
+static unsigned all_keys(const MoeConfig *mc) { (void)mc; return 0; }
+static int all_experts(const MoeConfig *mc) { return mc->experts; }
+static void select_all(const MoeConfig *mc, RouterBatch *b) {
+    (void)mc;
+    for (int t = 0; t < b->N; t++) {
+        for (int e = 0; e < b->E; e++) {
+            b->sel_expert[(size_t)t * b->slots + e] = e;
+            b->sel_weight[(size_t)t * b->slots + e] = 1.0f;
+            b->sel_p[(size_t)t * b->slots + e] = 0.0f;
+        }
+        b->sel_count[t] = b->E;
+    }
+}
+
 static const Router routers[] = {
     {ROUTER_TOPK, "topk", 1, 1, 0, topk_keys, topk_slots, config_k, select_per_token,
      topk_renormalised},
@@ -312,6 +328,7 @@ static const Router routers[] = {
     {ROUTER_STRATIFIED, "stratified", 1, 1, 1, stratified_keys, two_at_most, two_at_most,
      select_stratum_top2, always},
     {ROUTER_MERGE, "merge", 1, 0, 0, merge_keys, config_k, config_k, select_none, always},
+    {ROUTER_ALL, "all", 0, 1, 0, all_keys, all_experts, all_experts, select_all, never},
 };
 
 const Router *router_of(RouterKind kind) {

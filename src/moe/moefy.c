@@ -1,0 +1,176 @@
+/*
+** moe/moefy.c — dense to sparse: a trained dense model's FFNs split into
+** experts (MoEfication, Zhang et al. 2022, as XMoE applies it to dense
+** models).
+**
+** Each dense FFN's H hidden neurons go into E groups of H/E. With "kmeans"
+** the groups are balanced k-means clusters of the fc rows, each row
+** normalised to unit length (as the MoEfication code clusters them); with
+** "random", a seeded random split, the control. Expert e takes its neurons'
+** fc rows, fc biases (and SwiGLU gate rows) and proj columns; the layer keeps
+** the proj bias, added once per token. Run with router "all" (every expert,
+** weight 1) the layer computes the same function as the dense FFN, up to the
+** order of the sums: proj(act(fc x + b)) + c = Σ_e proj_e(act(fc_e x + b_e)) + c.
+**
+** The balanced assignment is greedy: every (neuron, centre) pair by distance,
+** nearest first, a neuron taken by the first centre with room. (The
+** MoEfication code solves it exactly as a min-cost flow; the greedy one is
+** what is written here.) Centres start at E distinct neurons of a seeded
+** shuffle; at most 50 rounds, until no neuron moves.
+*/
+#include <gsl/gsl_rng.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "moe/moe.h"
+
+typedef struct {
+    float dist;
+    int neuron, centre;
+} Pair;
+
+static int by_distance(const void *a, const void *b) {
+    const Pair *x = a, *y = b;
+    if (x->dist != y->dist) return x->dist < y->dist ? -1 : 1;
+    if (x->neuron != y->neuron) return x->neuron - y->neuron;
+    return x->centre - y->centre;
+}
+
+static void shuffle(int *v, int n, gsl_rng *rng) {
+    for (int i = 0; i < n; i++) v[i] = i;
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)gsl_rng_uniform_int(rng, (unsigned long)i + 1), t = v[i];
+        v[i] = v[j];
+        v[j] = t;
+    }
+}
+
+/* group[H]: each neuron's group, E groups of H/E. fc (H, C). */
+static int split_neurons(int *group, const float *fc, int H, int C, int E, int kmeans,
+                         gsl_rng *rng) {
+    int size = H / E;
+    int *order = malloc(sizeof(int) * (size_t)H);
+    if (!order) return -1;
+    shuffle(order, H, rng);
+    if (!kmeans) {
+        for (int i = 0; i < H; i++) group[order[i]] = i / size;
+        free(order);
+        return 0;
+    }
+    float *x = malloc(sizeof(float) * (size_t)H * C), *centre = malloc(sizeof(float) * (size_t)E * C);
+    Pair *pairs = malloc(sizeof(Pair) * (size_t)H * E);
+    int *fill = malloc(sizeof(int) * (size_t)E), *prev = malloc(sizeof(int) * (size_t)H);
+    if (!x || !centre || !pairs || !fill || !prev) {
+        free(order), free(x), free(centre), free(pairs), free(fill), free(prev);
+        return -1;
+    }
+    for (int h = 0; h < H; h++) {
+        double n2 = 0.0;
+        for (int j = 0; j < C; j++) n2 += (double)fc[(size_t)h * C + j] * fc[(size_t)h * C + j];
+        float inv = n2 > 0.0 ? (float)(1.0 / sqrt(n2)) : 0.0f;
+        for (int j = 0; j < C; j++) x[(size_t)h * C + j] = fc[(size_t)h * C + j] * inv;
+    }
+    for (int e = 0; e < E; e++) memcpy(centre + (size_t)e * C, x + (size_t)order[e] * C, sizeof(float) * C);
+    for (int h = 0; h < H; h++) prev[h] = -1;
+    for (int round = 0; round < 50; round++) {
+        for (int h = 0; h < H; h++)
+            for (int e = 0; e < E; e++) {
+                double d = 0.0;
+                for (int j = 0; j < C; j++) {
+                    double diff = x[(size_t)h * C + j] - centre[(size_t)e * C + j];
+                    d += diff * diff;
+                }
+                pairs[(size_t)h * E + e] = (Pair){(float)d, h, e};
+            }
+        qsort(pairs, (size_t)H * E, sizeof(Pair), by_distance);
+        for (int h = 0; h < H; h++) group[h] = -1;
+        memset(fill, 0, sizeof(int) * (size_t)E);
+        for (size_t i = 0; i < (size_t)H * E; i++) {
+            const Pair *p = &pairs[i];
+            if (group[p->neuron] >= 0 || fill[p->centre] == size) continue;
+            group[p->neuron] = p->centre;
+            fill[p->centre]++;
+        }
+        int moved = 0;
+        for (int h = 0; h < H; h++) moved += group[h] != prev[h];
+        memcpy(prev, group, sizeof(int) * (size_t)H);
+        if (!moved) break;
+        memset(centre, 0, sizeof(float) * (size_t)E * C);
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < C; j++) centre[(size_t)group[h] * C + j] += x[(size_t)h * C + j] / size;
+    }
+    free(order), free(x), free(centre), free(pairs), free(fill), free(prev);
+    return 0;
+}
+
+int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed, char *err) {
+    *out = NULL;
+    const ModelConfig *d = &dense->config;
+    int H = d->ffn_hidden, C = d->d_model;
+    if (d->moe.enabled)
+        return ml_error(err, "moefy: the model has MoE layers already; it takes a dense model");
+    if (E < 1 || E > MOE_MAX_EXPERTS || H % E != 0)
+        return ml_error(err, "moefy: experts = %d must divide the FFN's hidden size %d (and be at "
+                        "most %d)", E, H, MOE_MAX_EXPERTS);
+    ModelConfig c = *d;
+    MoeConfig *mc = &c.moe;
+    mc->enabled = 1;
+    mc->every = 1;
+    mc->experts = E;
+    for (int e = 0; e < E; e++) mc->hidden[e] = H / E;
+    mc->hidden_list = 0;
+    mc->kind = ROUTER_ALL;
+    mc->bias = 1;
+    mc->sparsity_eps = d->activation == ACT_RELU ? 0.0f : 0.01f;
+    config_canonical(&c);
+    Model *m;
+    if (model_create(&m, &c, err) != 0) return -1;
+    /* everything but the dense FFNs, by name */
+    for (int i = 0; i < dense->n_params; i++) {
+        const ParamInfo *p = &dense->params[i];
+        if (strstr(p->name, ".mlp.")) continue;
+        int j = model_find_param(m, p->name);
+        if (j < 0 || m->params[j].numel != p->numel) {
+            model_free(m);
+            return ml_error(err, "moefy: no tensor '%s' in the sparse model", p->name);
+        }
+        memcpy(m->param_mem + m->params[j].offset, dense->param_mem + p->offset,
+               sizeof(float) * p->numel);
+    }
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    int *group = malloc(sizeof(int) * (size_t)H), *fill = malloc(sizeof(int) * (size_t)E);
+    if (!rng || !group || !fill) {
+        if (rng) gsl_rng_free(rng);
+        free(group), free(fill), model_free(m);
+        return ml_error(err, "moefy: out of memory");
+    }
+    gsl_rng_set(rng, (unsigned long)seed);
+    int rc = 0;
+    for (int l = 0; l < c.layers && rc == 0; l++) {
+        const BlockWeights *db = &dense->w.blocks[l];
+        const MoeWeights *w = m->w.blocks[l].moe;
+        if (split_neurons(group, db->fcw, H, C, E, kmeans, rng) != 0) {
+            rc = ml_error(err, "moefy: out of memory");
+            break;
+        }
+        memset(fill, 0, sizeof(int) * (size_t)E);
+        for (int h = 0; h < H; h++) { /* neurons in ascending order within each expert */
+            int e = group[h], i = fill[e]++, He = H / E;
+            memcpy(w->fc[e] + (size_t)i * C, db->fcw + (size_t)h * C, sizeof(float) * C);
+            if (db->gatew) memcpy(w->gate[e] + (size_t)i * C, db->gatew + (size_t)h * C, sizeof(float) * C);
+            w->fc_bias[e][i] = db->fcb[h];
+            for (int j = 0; j < C; j++) w->proj[e][(size_t)j * He + i] = db->projw[(size_t)j * H + h];
+        }
+        memcpy(w->bias, db->projb, sizeof(float) * C);
+    }
+    gsl_rng_free(rng);
+    free(group), free(fill);
+    if (rc != 0) {
+        model_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
