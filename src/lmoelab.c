@@ -360,14 +360,21 @@ static int *string_tokens(lua_State *L, const char *s, size_t n) {
     return t;
 }
 
+/* The text argument of model:loss and model:token_losses as token ids, its
+** length checked: one sequence of 2 to context + 1 bytes. */
+static int *sequence_arg(lua_State *L, const LModel *m, const char *what, size_t *n) {
+    const char *text = luaL_checklstring(L, 2, n);
+    int max = m->m->config.context + 1;
+    if (*n < 2 || *n > (size_t)max)
+        luaL_error(L, "model:%s: the text must have 2 to context + 1 = %d bytes, got %d", what,
+                   max, (int)*n);
+    return string_tokens(L, text, *n);
+}
+
 static int model_loss(lua_State *L) {
     LModel *m = check_model(L, 1);
     size_t n;
-    const char *text = luaL_checklstring(L, 2, &n);
-    int max = m->m->config.context + 1;
-    if (n < 2 || n > (size_t)max)
-        luaL_error(L, "model:loss: the text must have 2 to context + 1 = %d bytes, got %d", max, (int)n);
-    int *tokens = string_tokens(L, text, n);
+    int *tokens = sequence_arg(L, m, "loss", &n);
     float loss;
     char err[ML_ERRLEN];
     if (model_sequence_loss(m->m, tokens, (int)n, &loss, err) != 0) luaL_error(L, "model:loss: %s", err);
@@ -380,12 +387,7 @@ static int model_loss(lua_State *L) {
 static int model_token_losses(lua_State *L) {
     LModel *m = check_model(L, 1);
     size_t n;
-    const char *text = luaL_checklstring(L, 2, &n);
-    int max = m->m->config.context + 1;
-    if (n < 2 || n > (size_t)max)
-        luaL_error(L, "model:token_losses: the text must have 2 to context + 1 = %d bytes, got %d",
-                   max, (int)n);
-    int *tokens = string_tokens(L, text, n);
+    int *tokens = sequence_arg(L, m, "token_losses", &n);
     float *losses = lua_newuserdatauv(L, sizeof(float) * (n - 1), 0);
     char err[ML_ERRLEN];
     if (model_sequence_losses(m->m, tokens, (int)n, losses, err) != 0)

@@ -613,6 +613,27 @@ static ModelConfig merge_model(int k, int segment, int r) {
     return c;
 }
 
+/* A merge gate in double: logits = mean · Wgᵀ, the k largest (ties to the
+** lower expert) in idx, g their softmax. */
+static void naive_gate(const float *Wg, const double *mean, int E, int D, int k, int *idx,
+                       double *g) {
+    double logit[8], z = 0;
+    for (int e = 0; e < E; e++) {
+        logit[e] = 0;
+        for (int j = 0; j < D; j++) logit[e] += Wg[e * D + j] * mean[j];
+    }
+    for (int i = 0; i < k; i++) {
+        idx[i] = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int q = 0; q < i; q++) taken |= idx[q] == e;
+            if (!taken && (idx[i] < 0 || logit[e] > logit[idx[i]])) idx[i] = e;
+        }
+    }
+    for (int i = 0; i < k; i++) z += g[i] = exp(logit[idx[i]] - logit[idx[0]]);
+    for (int i = 0; i < k; i++) g[i] /= z;
+}
+
 /* SPEC §2's merged layer, position by position in double, against the layer:
 ** the windows' means, both gates (top-k logits, softmax over the k), the
 ** merged fc and proj; k = 1 is the chosen expert itself. */
@@ -638,23 +659,12 @@ static void test_merge_against_naive_loop(void **state) {
                 /* a for every position, from its own segment's fc gate */
                 for (int t = 0; t < T; t++) {
                     int s = S ? t / S : 0, wend = S ? (s * S > 1 ? s * S : 1) : T;
-                    double mean[16] = {0}, logit[4] = {0}, g[4], z = 0;
+                    double mean[16] = {0}, g[4];
                     int idx[4];
                     for (int q = 0; q < wend; q++)
                         for (int j = 0; j < C; j++) mean[j] += x0[q * C + j] / (double)wend;
-                    for (int e = 0; e < E; e++) {
-                        logit[e] = 0;
-                        for (int j = 0; j < C; j++) logit[e] += w->gate_fc[e * C + j] * mean[j];
-                    }
-                    for (int i = 0; i < k; i++) {
-                        idx[i] = -1;
-                        for (int e = 0; e < E; e++) {
-                            int taken = 0;
-                            for (int q = 0; q < i; q++) taken |= idx[q] == e;
-                            if (!taken && (idx[i] < 0 || logit[e] > logit[idx[i]])) idx[i] = e;
-                        }
-                    }
-                    for (int i = 0; i < k; i++) z += g[i] = exp(logit[idx[i]] - logit[idx[0]]);
+                    naive_gate(w->gate_fc, mean, E, C, k, idx, g);
+                    double z = 1.0;
                     for (int h = 0; h < H; h++) {
                         double acc = 0;
                         for (int i = 0; i < k; i++)
@@ -666,26 +676,13 @@ static void test_merge_against_naive_loop(void **state) {
                 }
                 for (int pos = 0; pos < T; pos++) {
                     int s = S ? pos / S : 0, wend = S ? (s * S > 1 ? s * S : 1) : T;
-                    double logit[4] = {0}, g[4], z;
+                    double g[4], z = 1.0;
                     int idx[4];
                     /* the proj gate on the mean of a over the window */
                     double pmean[12] = {0};
                     for (int t = 0; t < wend; t++)
                         for (int h = 0; h < H; h++) pmean[h] += a[t][h] / wend;
-                    for (int e = 0; e < E; e++) {
-                        logit[e] = 0;
-                        for (int h = 0; h < H; h++) logit[e] += w->gate_proj[e * H + h] * pmean[h];
-                    }
-                    for (int i = 0; i < k; i++) {
-                        idx[i] = -1;
-                        for (int e = 0; e < E; e++) {
-                            int taken = 0;
-                            for (int q = 0; q < i; q++) taken |= idx[q] == e;
-                            if (!taken && (idx[i] < 0 || logit[e] > logit[idx[i]])) idx[i] = e;
-                        }
-                    }
-                    z = 0;
-                    for (int i = 0; i < k; i++) z += g[i] = exp(logit[idx[i]] - logit[idx[0]]);
+                    naive_gate(w->gate_proj, pmean, E, H, k, idx, g);
                     int n = bb * T + pos;
                     for (int j = 0; j < C; j++) {
                         double y = b->res2[n * C + j];

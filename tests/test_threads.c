@@ -12,7 +12,7 @@
 ** SkylakeX where the processor has AVX-512); the first test checks that the
 ** kernels asked for are the ones running.
 */
-#include "testutil.h"
+#include "testmodel.h"
 
 #include <ctype.h>
 #include <omp.h>
@@ -118,22 +118,10 @@ static void test_matmul_same_on_any_thread_count(void **state) {
 /* ------------------------------------------------------------------------ */
 /* the forward pass                                                          */
 
-static ModelConfig small_config(void) {
-    ModelConfig c;
-    config_defaults(&c);
-    c.vocab = 256;
-    c.context = 16;
-    c.layers = 2;
-    c.d_model = 16;
-    c.heads = 2;
-    c.ffn_hidden = 32;
-    return c;
-}
-
 /* A model for the thread-count test: small, with a threshold router, or at
 ** the size of the benchmarked evaluation (d 128, context 128, top-2). */
 static ModelConfig thread_test_config(int big) {
-    ModelConfig c = small_config();
+    ModelConfig c = test_tiny_config();
     c.context = big ? 128 : 32;
     c.d_model = big ? 128 : 32;
     c.heads = big ? 4 : 2;

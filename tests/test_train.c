@@ -15,21 +15,9 @@
 #include "recorder.h"
 #include "trainer.h"
 
-static ModelConfig tiny_config(void) {
-    ModelConfig c;
-    config_defaults(&c);
-    c.vocab = 256;
-    c.context = 16;
-    c.layers = 2;
-    c.d_model = 16;
-    c.heads = 2;
-    c.ffn_hidden = 32;
-    return c;
-}
-
 static void test_adamw_by_hand(void **state) {
     (void)state;
-    ModelConfig c = tiny_config();
+    ModelConfig c = test_tiny_config();
     Model *m;
     char err[ML_ERRLEN];
     assert_int_equal(model_create(&m, &c, err), 0);
@@ -90,7 +78,7 @@ static void test_lr_schedule(void **state) {
 }
 
 static void roundtrip(NormKind norm, ActKind act, int tied) {
-    ModelConfig c = tiny_config();
+    ModelConfig c = test_tiny_config();
     c.norm = norm;
     c.activation = act;
     c.tied = tied;
@@ -113,7 +101,7 @@ static void test_checkpoint_roundtrip(void **state) {
 static void test_checkpoint_names(void **state) {
     /* the SPEC §4 names and nn.Linear shapes (out × in) */
     (void)state;
-    ModelConfig c = tiny_config();
+    ModelConfig c = test_tiny_config();
     c.activation = ACT_SWIGLU;
     Model *m;
     char err[ML_ERRLEN];
@@ -142,7 +130,7 @@ static void test_checkpoint_names(void **state) {
 /* Trains a fresh model for `steps` on a synthetic corpus, recording into an
 ** in-memory database, and returns the recorded training losses. */
 static void train_losses(int steps, double *losses) {
-    ModelConfig c = tiny_config();
+    ModelConfig c = test_tiny_config();
     c.seed = 5;
     char err[ML_ERRLEN], text[4096];
     for (size_t i = 0; i < sizeof text; i++) text[i] = "abcdefghij klmnop"[(i * 7 + i / 13) % 17];
@@ -198,7 +186,7 @@ static void test_memorise(void **state) {
     char text[2048];
     size_t len = strlen(line);
     for (size_t i = 0; i < sizeof text; i++) text[i] = line[i % len];
-    ModelConfig c = tiny_config();
+    ModelConfig c = test_tiny_config();
     c.context = 32;
     c.d_model = 32;
     c.heads = 4;

@@ -1,5 +1,6 @@
 /*
-** testmodel.h — checks the model tests share (test_train.c, test_moe.c).
+** testmodel.h — what the model tests share (test_train.c, test_moe.c,
+** test_threads.c): a tiny configuration and the checkpoint round trip.
 */
 #ifndef MOELAB_TESTMODEL_H
 #define MOELAB_TESTMODEL_H
@@ -9,6 +10,19 @@
 #include "checkpoint.h"
 #include "model.h"
 #include "testutil.h"
+
+/* A tiny dense model: 2 layers of width 16, context 16, hidden 32. */
+static inline ModelConfig test_tiny_config(void) {
+    ModelConfig c;
+    config_defaults(&c);
+    c.vocab = 256;
+    c.context = 16;
+    c.layers = 2;
+    c.d_model = 16;
+    c.heads = 2;
+    c.ffn_hidden = 32;
+    return c;
+}
 
 /* Saves m to a temporary file and loads it back: the same tensors, bit for
 ** bit, the same configuration, and the same loss on text (17 bytes). */
