@@ -11,8 +11,14 @@
 **   experts   one GEMM per expert over its rows (experts spread over threads)
 **   combine   out[t] += Σ weight · expert output, in rank order
 ** Backward runs the same stages in reverse. The state of the last forward
-** stays in MoeState: it is both what backward needs and the route trace that
-** the recorder persists (selection, load, drops, FLOPs, sparsity).
+** stays in MoeState: what backward needs, and what the route trace below
+** hands the recorder (selection, load, drops, FLOPs, sparsity).
+**
+** A model's MoE block holds a MoeLayer: a token-choice layer (layer.c, one
+** MoeState), a stratified one (stratified.c: one token-choice pass per
+** stratum, composed of the same stages), or a merged one (merge.c: experts
+** merged per sequence or segment). Each design is in its own file; the
+** routers are one table (router.c); moefy.c turns dense FFNs into experts.
 */
 #ifndef MOELAB_MOE_H
 #define MOELAB_MOE_H
