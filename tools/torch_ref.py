@@ -56,7 +56,7 @@ class RefError(Exception):
 
 TOP_KEYS = {"vocab", "context", "layers", "d_model", "heads", "norm", "activation",
             "tied", "seed", "ffn", "moe", "norm_eps"}
-ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified", "merge"}
+ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified", "merge", "all"}
 ROUTER_KINDS_KNOWN = ROUTER_KINDS_SUPPORTED | {"expert_choice", "hash", "stratified", "merge"}
 
 
@@ -222,12 +222,17 @@ def expected_tensors(cfg):
                 out[p + "moe.tokatt_fc.up.weight"] = (d, d // r)
                 out[p + "moe.tokatt_proj.down.weight"] = (max(He // r, 1), He)
                 out[p + "moe.tokatt_proj.up.weight"] = (He, max(He // r, 1))
+        elif is_moe_block(cfg, l) and cfg["moe"]["router"]["kind"] == "all":
+            if cfg["moe"].get("bias"):
+                out[p + "moe.bias"] = (d,)
         elif is_moe_block(cfg, l):
             out[p + "moe.router.weight"] = (cfg["moe"]["experts"], d)
         if is_moe_block(cfg, l):
             for e, He in enumerate(expert_hidden(cfg)):
                 q = p + "moe.experts.%d." % e
                 out[q + "fc.weight"] = (He, d)
+                if cfg["moe"].get("bias"):
+                    out[q + "fc.bias"] = (He,)
                 out[q + "proj.weight"] = (d, He)
                 if swiglu:
                     out[q + "gate.weight"] = (He, d)
@@ -311,12 +316,13 @@ class DenseFFN(nn.Module):
 
 
 class Expert(nn.Module):
-    """An expert FFN: like DenseFFN but without any bias (SPEC section 1)."""
+    """An expert FFN: like DenseFFN but without any bias (SPEC section 1); a
+    moefied model's experts (moe.bias) keep their share of the fc bias."""
 
-    def __init__(self, d, H, activation):
+    def __init__(self, d, H, activation, fc_bias=False):
         super().__init__()
         self.activation = activation
-        self.fc = nn.Linear(d, H, bias=False)
+        self.fc = nn.Linear(d, H, bias=fc_bias)
         if activation == "swiglu":
             self.gate = nn.Linear(d, H, bias=False)
         self.proj = nn.Linear(H, d, bias=False)
@@ -324,6 +330,24 @@ class Expert(nn.Module):
     def forward(self, x):
         g = self.gate(x) if self.activation == "swiglu" else None
         return self.proj(activate(self.activation, self.fc(x), g))
+
+
+class AllExperts(nn.Module):
+    """Router kind "all" (a dense FFN split into experts by moelab.moefy): every
+    expert at weight 1, with moe.bias the experts' fc biases and the layer's
+    proj bias added once."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, moe = cfg["d_model"], cfg["moe"]
+        bias = bool(moe.get("bias", False))
+        self.experts = nn.ModuleList(Expert(d, He, cfg["activation"], bias) for He in expert_hidden(cfg))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        out = sum(expert(x) for expert in self.experts)
+        return out + self.bias if hasattr(self, "bias") else out
 
 
 class MoE(nn.Module):
@@ -526,6 +550,8 @@ class Block(nn.Module):
             self.moe = StratifiedMoE(cfg)
         elif is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "merge":
             self.moe = MergedMoE(cfg)
+        elif is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "all":
+            self.moe = AllExperts(cfg)
         elif is_moe_block(cfg, layer):
             self.moe = MoE(cfg)
         else:
