@@ -113,8 +113,9 @@ int config_validate(const ModelConfig *c, char *err) {
         if (!(aux[i] >= 0.0f) || !isfinite(aux[i]))
             return ml_error(err, "'moe.aux.%s' must be a number >= 0 (0 = off), got %g",
                             aux_names[i], aux[i]);
-    if (m->bias && m->kind == ROUTER_MERGE)
-        return ml_error(err, "'moe.bias' (expert biases) is not supported with merged experts");
+    if (m->bias && (m->kind == ROUTER_MERGE || m->kind == ROUTER_STRATIFIED))
+        return ml_error(err, "'moe.bias' (expert biases) is not supported with %s experts",
+                        m->kind == ROUTER_MERGE ? "merged" : "stratified");
     if (m->kind == ROUTER_ALL && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
                                   m->aux_p_penalty > 0 || m->aux_entropy > 0))
         return ml_error(err, "'moe.router.kind' = \"all\" runs every expert without a router: "

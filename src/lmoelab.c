@@ -331,7 +331,8 @@ static int l_moefy(lua_State *L) {
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "moelab.moefy", keys);
     int E = (int)opt_int(L, 2, "experts", 8, 1, MOE_MAX_EXPERTS);
-    lua_Integer seed = opt_int(L, 2, "seed", 1, 0, (lua_Integer)1 << 53);
+    /* the generator takes 32 bits (moefy.c adds one) */
+    lua_Integer seed = opt_int(L, 2, "seed", 1, 0, ((lua_Integer)1 << 32) - 2);
     lua_getfield(L, 2, "method");
     const char *method = lua_isnil(L, -1) ? "kmeans" : lua_tostring(L, -1);
     if (!method || (strcmp(method, "kmeans") != 0 && strcmp(method, "random") != 0))

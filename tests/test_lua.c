@@ -469,7 +469,10 @@ static void test_moefy_end_to_end(void **state) {
     assert_lua(L, "e.experts_per_token == 4");
     run_err(L, "moelab.moefy(moelab.model(tiny{ ffn = { hidden = 30 } }), { experts = 4 })",
             "experts = 4 must divide", "30", NULL);
-    run_err(L, "moelab.moefy(last, { experts = 2 })", "MoE layers already", NULL);
+    run_err(L, "moelab.moefy(last, { experts = 2 })", "has a moe configuration", NULL);
+    run_err(L, "moelab.moefy(moelab.model(tiny()), { experts = 2, seed = 2^32 })", "'seed'", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, bias = true, router = { kind = 'stratified' } } })",
+            "'moe.bias'", "stratified", NULL);
     run_err(L, "moelab.moefy(moelab.model(tiny()), { experts = 2, method = 'spectral' })",
             "'method'", NULL);
     lua_close(L);

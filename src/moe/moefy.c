@@ -110,7 +110,7 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
     const ModelConfig *d = &dense->config;
     int H = d->ffn_hidden, C = d->d_model;
     if (d->moe.enabled)
-        return ml_error(err, "moefy: the model has MoE layers already; it takes a dense model");
+        return ml_error(err, "moefy: the model has a moe configuration; it takes a dense model");
     if (E < 1 || E > MOE_MAX_EXPERTS || H % E != 0)
         return ml_error(err, "moefy: experts = %d must divide the FFN's hidden size %d (and be at "
                         "most %d)", E, H, MOE_MAX_EXPERTS);
@@ -146,7 +146,7 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
         free(group), free(fill), model_free(m);
         return ml_error(err, "moefy: out of memory");
     }
-    gsl_rng_set(rng, (unsigned long)seed);
+    gsl_rng_set(rng, (unsigned long)seed + 1); /* mt19937 takes 0 as its default 4357 */
     int rc = 0;
     for (int l = 0; l < c.layers && rc == 0; l++) {
         const BlockWeights *db = &dense->w.blocks[l];
