@@ -45,8 +45,9 @@ void config_defaults(ModelConfig *c) {
     m->sparsity_eps = -1.0f; /* 0 for ReLU, 0.01 otherwise */
 }
 
-static const char *const router_names[] = {"topk", "threshold", "topp", "expert_choice", "hash",
-                                           "stratified", "merge", "all"};
+static const char *const router_names[] = {"topk",       "threshold", "topp", "expert_choice",
+                                           "hash",       "stratified", "merge", "all",
+                                           "similarity"};
 
 const char *config_router_name(RouterKind k) {
     return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";
@@ -279,7 +280,7 @@ static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "
                                        "bias"};
 static const char *const router_keys[] = {
     "kind",  "k",      "p",      "max_k",   "normalize",      "capacity_factor", "min_capacity",
-    "noise", "strata", "second", "segment", "token_attention"};
+    "noise", "strata", "second", "segment", "token_attention", "select"};
 static const char *const aux_keys[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
 #define NKEYS(a) ((int)(sizeof(a) / sizeof(a)[0]))
 
@@ -379,6 +380,9 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
         v = m->token_attention;
         if (read_int(router, "token_attention", "moe.router.", 0, 1 << 20, &v, err)) return -1;
         m->token_attention = (int)v;
+        static const char *const selects[] = {"topk", "threshold"};
+        if (read_choice(router, "select", "moe.router.", selects, 2, &m->select_threshold, err))
+            return -1;
         static const char *const seconds[] = {"max", "sample"};
         if (read_choice(router, "second", "moe.router.", seconds, 2, &m->second_sample, err))
             return -1;
@@ -501,6 +505,7 @@ void config_canonical(ModelConfig *c) {
     if (!(used & ROUTER_KEY_SECOND)) m->second_sample = 0;
     if (!(used & ROUTER_KEY_SEGMENT)) m->segment = 0;
     if (!(used & ROUTER_KEY_TOKEN_ATTENTION)) m->token_attention = 0;
+    if (!(used & ROUTER_KEY_SELECT)) m->select_threshold = 0;
 }
 
 int config_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
@@ -569,6 +574,8 @@ char *config_to_json(const ModelConfig *c) {
         if (used & ROUTER_KEY_SEGMENT) jb_printf(&b, ",\"segment\":%d", m->segment);
         if (used & ROUTER_KEY_TOKEN_ATTENTION)
             jb_printf(&b, ",\"token_attention\":%d", m->token_attention);
+        if (used & ROUTER_KEY_SELECT)
+            jb_printf(&b, ",\"select\":\"%s\"", m->select_threshold ? "threshold" : "topk");
         jb_puts(&b, "},\"aux\":{\"balance\":");
         jb_float(&b, m->aux_balance);
         jb_puts(&b, ",\"z\":");

@@ -28,6 +28,7 @@ typedef enum {
     ROUTER_STRATIFIED = 5,    /* SMoE: strata of experts, top-2 per pass (moe/stratified.c) */
     ROUTER_MERGE = 6,         /* MEO: experts merged per sequence or segment (moe/merge.c) */
     ROUTER_ALL = 7,           /* every expert, weight 1: a dense FFN split into experts (moefy.c) */
+    ROUTER_SIMILARITY = 8,    /* a moefied layer's experts by x · centroid, top-k or threshold, weight 1 */
 } RouterKind;
 
 typedef struct {
@@ -51,6 +52,7 @@ typedef struct {
     int segment;        /* merge: 0 = gate on the whole sequence (not causal), S > 0 = causal
                         ** segments of S positions gated on the means before them */
     int token_attention; /* merge: r > 0 adds x + Up(ReLU(Down(x))), width / r wide */
+    int select_threshold; /* similarity: the threshold rule on p (t = p), not the k largest */
     float aux_balance, aux_z, aux_cv2, aux_p_penalty, aux_entropy; /* coefficients; 0 = off */
     float sparsity_eps; /* |a| <= eps counts as a near-zero activation; < 0: default */
 } MoeConfig;

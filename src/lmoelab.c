@@ -326,7 +326,8 @@ static int l_load(lua_State *L) {
 
 /* moelab.moefy(model, { experts = E, method = "kmeans" | "random", seed = 1 }) */
 static int l_moefy(lua_State *L) {
-    static const char *const keys[] = {"experts", "method", "seed", NULL};
+    static const char *const keys[] = {"experts", "method", "seed", "router", NULL};
+    static const char *const router_keys[] = {"kind", "select", "k", "p", NULL};
     LModel *dense = check_model(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "moelab.moefy", keys);
@@ -339,9 +340,32 @@ static int l_moefy(lua_State *L) {
         luaL_error(L, "moelab.moefy: 'method' must be \"kmeans\" or \"random\"");
     int kmeans = strcmp(method, "kmeans") == 0;
     lua_pop(L, 1);
+    MoeConfig router = {.kind = ROUTER_ALL, .k = 2, .p = 0.9f};
+    lua_getfield(L, 2, "router");
+    if (!lua_isnil(L, -1)) {
+        int r = lua_gettop(L);
+        luaL_checktype(L, r, LUA_TTABLE);
+        check_keys(L, r, "moelab.moefy router", router_keys);
+        lua_getfield(L, r, "kind");
+        const char *kind = lua_isnil(L, -1) ? "similarity" : lua_tostring(L, -1);
+        if (!kind || (strcmp(kind, "similarity") != 0 && strcmp(kind, "all") != 0))
+            luaL_error(L, "moelab.moefy: router 'kind' must be \"similarity\" or \"all\"");
+        router.kind = strcmp(kind, "all") == 0 ? ROUTER_ALL : ROUTER_SIMILARITY;
+        lua_getfield(L, r, "select");
+        const char *select = lua_isnil(L, -1) ? "topk" : lua_tostring(L, -1);
+        if (!select || (strcmp(select, "topk") != 0 && strcmp(select, "threshold") != 0))
+            luaL_error(L, "moelab.moefy: router 'select' must be \"topk\" or \"threshold\"");
+        router.select_threshold = strcmp(select, "threshold") == 0;
+        lua_pop(L, 2);
+        router.k = (int)opt_int(L, r, "k", 2, 1, MOE_MAX_EXPERTS);
+        lua_getfield(L, r, "p");
+        if (!lua_isnil(L, -1)) router.p = (float)luaL_checknumber(L, -1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
     LModel *m = new_model_udata(L);
     char err[ML_ERRLEN];
-    if (moe_moefy(&m->m, dense->m, E, kmeans, (uint64_t)seed, err) != 0)
+    if (moe_moefy(&m->m, dense->m, E, kmeans, (uint64_t)seed, &router, err) != 0)
         luaL_error(L, "moelab.%s", err);
     return 1;
 }
@@ -808,6 +832,9 @@ static int run_evaluate(lua_State *L) {
     set_num(L, "moe_flops_per_token", res.moe_flops_per_token);
     if (!isnan(res.topk_flops_per_token)) set_num(L, "topk_flops_per_token", res.topk_flops_per_token);
     set_num(L, "experts_per_token", res.experts_per_token);
+    const MoeConfig *mc = &r->t.model->config.moe;
+    if (mc->enabled && mc->bias) /* a moefied model: the share of its FFN neurons run */
+        set_num(L, "ffn_fraction", res.experts_per_token / mc->experts);
     set_int(L, "tokens", res.tokens);
     set_int(L, "eval_id", res.eval_id);
     return 1;

@@ -151,9 +151,10 @@ void model_seed_noise(Model *m, uint64_t seed);
 ** (router.k; 1 for hash) of average size per MoE layer. */
 /* Dense to sparse (moe/moefy.c): a new model whose every FFN is the dense
 ** one's hidden neurons split into E experts (balanced k-means on the
-** normalised fc rows, or a seeded random split), router "all": the same
-** function until another router is given. */
-int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed, char *err);
+** normalised fc rows, or a seeded random split). router (NULL: "all", the
+** same function) may ask for "similarity" with its select, k and p. */
+int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
+              const MoeConfig *router, char *err);
 
 /* 1 when no position's output depends on a later position (0: expert choice
 ** routing, merged experts gated on whole sequences, and any capacity limit,

@@ -458,6 +458,14 @@ static void test_moe_all_with_biases(void **state) {
     check_config(c, "moe all with biases");
     c.activation = ACT_SWIGLU;
     check_config(c, "moe all with biases swiglu");
+    /* the similarity router: chosen experts at weight 1 (no gradient to it) */
+    c = moe_config(ROUTER_SIMILARITY);
+    c.moe.bias = 1;
+    c.moe.k = 2;
+    check_config(c, "moe similarity top-2 with biases");
+    c.moe.select_threshold = 1;
+    c.moe.p = 0.5f;
+    check_config(c, "moe similarity threshold with biases");
 }
 
 int main(void) {

@@ -467,6 +467,23 @@ static void test_moefy_end_to_end(void **state) {
               "e = run:evaluate{ batches = 1, batch = 2, record = true }");
     assert_lua(L, "t.status == 'finished'");
     assert_lua(L, "e.experts_per_token == 4");
+    assert_lua(L, "e.ffn_fraction == 1");
+    /* the similarity router: all of them chosen is the dense model again;
+    ** one chosen is a quarter of the FFN, and not the dense loss */
+    run_ok(L, "dense = moelab.model(tiny{ activation = 'relu', ffn = { hidden = 32 } })\n"
+              "db:run{ name = 'dense-sim', model = dense, data = data }:train(fast{ steps = 5 })\n"
+              "all4 = moelab.moefy(dense, { experts = 4, router = { select = 'topk', k = 4 } })\n"
+              "t1 = moelab.moefy(dense, { experts = 4, router = { select = 'threshold', p = 1 } })\n"
+              "one = moelab.moefy(dense, { experts = 4, router = { kind = 'similarity', k = 1 } })\n"
+              "r1 = db:run{ name = 'sim-1', model = one, data = data }\n"
+              "e1 = r1:evaluate{ batches = 1, batch = 2, record = true }");
+    assert_lua(L, "same(dense, all4) and same(dense, t1)");
+    assert_lua(L, "not same(dense, one)");
+    assert_lua(L, "e1.experts_per_token == 1 and e1.ffn_fraction == 0.25");
+    assert_lua(L, "one:config().moe.router.kind == 'similarity' and one:config().moe.router.k == 1");
+    assert_lua(L, "t1:config().moe.router.select == 'threshold' and t1:config().moe.router.k == nil");
+    run_err(L, "moelab.moefy(dense, { experts = 4, router = { kind = 'topk' } })",
+            "'kind' must be", NULL);
     run_err(L, "moelab.moefy(moelab.model(tiny{ ffn = { hidden = 30 } }), { experts = 4 })",
             "experts = 4 must divide", "30", NULL);
     run_err(L, "moelab.moefy(last, { experts = 2 })", "has a moe configuration", NULL);

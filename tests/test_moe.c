@@ -799,8 +799,8 @@ static void test_moefy_groups(void **state) {
         test_fill(fc, 64 * 16, 0.3f, 40 + l);
         for (int h = 0; h < 64; h++) fc[h * 16 + (h * 7) % 4] += 2.0f;
     }
-    assert_int_equal(moe_moefy(&km, dense, 4, 1, 1, err), 0);
-    assert_int_equal(moe_moefy(&rnd, dense, 4, 0, 1, err), 0);
+    assert_int_equal(moe_moefy(&km, dense, 4, 1, 1, NULL, err), 0);
+    assert_int_equal(moe_moefy(&rnd, dense, 4, 0, 1, NULL, err), 0);
     for (int l = 0; l < c.layers; l++) {
         /* every dense row is in exactly one expert */
         int seen[64] = {0};

@@ -555,8 +555,9 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                     }
                 ex = kex, wt = kwt, dw = kdw, n = m;
             }
-            router_weights_backward(dp + (size_t)t * E, s->probs + (size_t)t * E, ex, wt, dw, n,
-                                    renorm);
+            if (renorm >= 0) /* unit weights (similarity) pass nothing back to p */
+                router_weights_backward(dp + (size_t)t * E, s->probs + (size_t)t * E, ex, wt, dw,
+                                        n, renorm);
         }
         /* auxiliary losses through p (balance, p_penalty, cv2): from the forward */
         float dpe[MOE_MAX_EXPERTS];

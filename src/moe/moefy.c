@@ -105,7 +105,8 @@ static int split_neurons(int *group, const float *fc, int H, int C, int E, int k
     return 0;
 }
 
-int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed, char *err) {
+int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
+              const MoeConfig *router, char *err) {
     *out = NULL;
     const ModelConfig *d = &dense->config;
     int H = d->ffn_hidden, C = d->d_model;
@@ -122,6 +123,15 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
     for (int e = 0; e < E; e++) mc->hidden[e] = H / E;
     mc->hidden_list = 0;
     mc->kind = ROUTER_ALL;
+    if (router && router->kind == ROUTER_SIMILARITY) {
+        mc->kind = ROUTER_SIMILARITY;
+        mc->select_threshold = router->select_threshold;
+        mc->k = router->k;
+        mc->p = router->p;
+    } else if (router && router->kind != ROUTER_ALL) {
+        return ml_error(err, "moefy: the router of a converted model is \"all\" or "
+                        "\"similarity\", not \"%s\"", config_router_name(router->kind));
+    }
     mc->bias = 1;
     mc->sparsity_eps = d->activation == ACT_RELU ? 0.0f : 0.01f;
     config_canonical(&c);
@@ -164,6 +174,16 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
             for (int j = 0; j < C; j++) w->proj[e][(size_t)j * He + i] = db->projw[(size_t)j * H + h];
         }
         memcpy(w->bias, db->projb, sizeof(float) * C);
+        if (w->router) { /* similarity: each group's centroid of normalised fc rows */
+            memset(w->router, 0, sizeof(float) * (size_t)E * C);
+            for (int h = 0; h < H; h++) {
+                double n2 = 0.0;
+                const float *row = db->fcw + (size_t)h * C;
+                for (int j = 0; j < C; j++) n2 += (double)row[j] * row[j];
+                float scale = n2 > 0.0 ? (float)(1.0 / sqrt(n2) / (H / E)) : 0.0f;
+                for (int j = 0; j < C; j++) w->router[(size_t)group[h] * C + j] += row[j] * scale;
+            }
+        }
     }
     gsl_rng_free(rng);
     free(group), free(fill);

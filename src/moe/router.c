@@ -167,7 +167,7 @@ void router_weights_backward(float *dp, const float *p, const int *experts, cons
 
 static const char *const key_names[ROUTER_KEY_COUNT] = {
     "k",     "p",      "max_k",  "normalize", "capacity_factor", "min_capacity",
-    "noise", "strata", "second", "segment",   "token_attention"};
+    "noise", "strata", "second", "segment",   "token_attention", "select"};
 
 const char *router_key_name(int bit) {
     return bit >= 0 && bit < ROUTER_KEY_COUNT ? key_names[bit] : "?";
@@ -315,6 +315,33 @@ static void select_all(const MoeConfig *mc, RouterBatch *b) {
     }
 }
 
+/* similarity (moefied layers): p = softmax(x · centroidsᵀ); the k largest or
+** the threshold rule on p; every chosen expert at weight 1, so that choosing
+** them all is the dense FFN (MoEfication sums the chosen groups unweighted) */
+static unsigned similarity_keys(const MoeConfig *mc) {
+    return ROUTER_KEY_SELECT | (mc->select_threshold ? ROUTER_KEY_P : ROUTER_KEY_K);
+}
+static int similarity_slots(const MoeConfig *mc) { return mc->select_threshold ? mc->experts : mc->k; }
+static int similarity_nominal_k(const MoeConfig *mc) {
+    return mc->select_threshold ? mc->experts : mc->k;
+}
+static void select_similarity(const MoeConfig *mc, RouterBatch *b) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < b->N; t++) {
+        const float *p = b->probs + (size_t)t * b->E;
+        int *ex = b->sel_expert + (size_t)t * b->slots;
+        float *wt = b->sel_weight + (size_t)t * b->slots;
+        int n = mc->select_threshold ? router_select_threshold(p, b->E, mc->p, 0, 0, ex, wt)
+                                     : router_select_topk(p, b->E, mc->k, 0, ex, wt);
+        b->sel_count[t] = n;
+        for (int i = 0; i < n; i++) {
+            b->sel_p[(size_t)t * b->slots + i] = wt[i];
+            wt[i] = 1.0f;
+        }
+    }
+}
+static int unit(const MoeConfig *mc) { (void)mc; return -1; }
+
 static const Router routers[] = {
     {ROUTER_TOPK, "topk", 1, 1, 0, topk_keys, topk_slots, config_k, select_per_token,
      topk_renormalised},
@@ -329,6 +356,8 @@ static const Router routers[] = {
      select_stratum_top2, always},
     {ROUTER_MERGE, "merge", 1, 0, 0, merge_keys, config_k, config_k, select_none, always},
     {ROUTER_ALL, "all", 0, 1, 0, all_keys, all_experts, all_experts, select_all, never},
+    {ROUTER_SIMILARITY, "similarity", 1, 1, 0, similarity_keys, similarity_slots,
+     similarity_nominal_k, select_similarity, unit},
 };
 
 const Router *router_of(RouterKind kind) {
@@ -339,11 +368,12 @@ const Router *router_of(RouterKind kind) {
 
 void router_weights(const Router *r, const MoeConfig *mc, const float *p, const int *experts,
                     float *weights, int n) {
+    int how = r->renormalised(mc); /* 1 renormalised, 0 raw, -1 unit */
     float sum = 0.0f;
     for (int i = 0; i < n; i++) {
-        weights[i] = r->has_router ? p[experts[i]] : 1.0f;
+        weights[i] = r->has_router && how >= 0 ? p[experts[i]] : 1.0f;
         sum += weights[i];
     }
-    if (r->has_router && r->renormalised(mc) && sum > 0.0f)
+    if (r->has_router && how == 1 && sum > 0.0f)
         for (int i = 0; i < n; i++) weights[i] /= sum;
 }

@@ -26,7 +26,8 @@ enum {
     ROUTER_KEY_SECOND = 1 << 8,
     ROUTER_KEY_SEGMENT = 1 << 9,
     ROUTER_KEY_TOKEN_ATTENTION = 1 << 10,
-    ROUTER_KEY_COUNT = 11
+    ROUTER_KEY_SELECT = 1 << 11,
+    ROUTER_KEY_COUNT = 12
 };
 
 /* The key of bit i (ROUTER_KEY_K is bit 0: "k"). */
@@ -68,8 +69,9 @@ typedef struct {
     int (*nominal_k)(const MoeConfig *mc);
     /* the selection of a batch */
     void (*select)(const MoeConfig *mc, RouterBatch *b);
-    /* whether the weights are p renormalised over the selection (else raw p,
-    ** or 1 without a router); router_weights_backward takes the same flag */
+    /* 1: the weights are p renormalised over the selection; 0: raw p (or 1
+    ** without a router); -1: 1 whatever p (similarity), so no gradient
+    ** reaches the router through them. router_weights_backward takes 1 or 0. */
     int (*renormalised)(const MoeConfig *mc);
 } Router;
 
