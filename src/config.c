@@ -47,7 +47,7 @@ void config_defaults(ModelConfig *c) {
 
 static const char *const router_names[] = {"topk",       "threshold", "topp", "expert_choice",
                                            "hash",       "stratified", "merge", "all",
-                                           "similarity"};
+                                           "similarity", "learned"};
 
 const char *config_router_name(RouterKind k) {
     return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";

@@ -29,6 +29,7 @@ typedef enum {
     ROUTER_MERGE = 6,         /* MEO: experts merged per sequence or segment (moe/merge.c) */
     ROUTER_ALL = 7,           /* every expert, weight 1: a dense FFN split into experts (moefy.c) */
     ROUTER_SIMILARITY = 8,    /* a moefied layer's experts by x · centroid, top-k or threshold, weight 1 */
+    ROUTER_LEARNED = 9,       /* the same, its router fitted to the groups' activation mass (moefy.c) */
 } RouterKind;
 
 typedef struct {

@@ -348,9 +348,13 @@ static int l_moefy(lua_State *L) {
         check_keys(L, r, "moelab.moefy router", router_keys);
         lua_getfield(L, r, "kind");
         const char *kind = lua_isnil(L, -1) ? "similarity" : lua_tostring(L, -1);
-        if (!kind || (strcmp(kind, "similarity") != 0 && strcmp(kind, "all") != 0))
-            luaL_error(L, "moelab.moefy: router 'kind' must be \"similarity\" or \"all\"");
-        router.kind = strcmp(kind, "all") == 0 ? ROUTER_ALL : ROUTER_SIMILARITY;
+        if (!kind || (strcmp(kind, "similarity") != 0 && strcmp(kind, "learned") != 0 &&
+                      strcmp(kind, "all") != 0))
+            luaL_error(L, "moelab.moefy: router 'kind' must be \"similarity\", \"learned\" "
+                       "or \"all\"");
+        router.kind = strcmp(kind, "all") == 0       ? ROUTER_ALL
+                      : strcmp(kind, "learned") == 0 ? ROUTER_LEARNED
+                                                     : ROUTER_SIMILARITY;
         lua_getfield(L, r, "select");
         const char *select = lua_isnil(L, -1) ? "topk" : lua_tostring(L, -1);
         if (!select || (strcmp(select, "topk") != 0 && strcmp(select, "threshold") != 0))
@@ -367,6 +371,40 @@ static int l_moefy(lua_State *L) {
     char err[ML_ERRLEN];
     if (moe_moefy(&m->m, dense->m, E, kmeans, (uint64_t)seed, &router, err) != 0)
         luaL_error(L, "moelab.%s", err);
+    return 1;
+}
+
+static void set_num(lua_State *L, const char *k, double v);
+
+/* moelab.fit_router(model, corpus, { steps = 200, batch = 16, lr = 1e-2, seed = 1 }):
+** fits a moefied model's learned routers, the rest frozen; returns { loss,
+** recall, first_loss, first_recall }. */
+static int l_fit_router(lua_State *L) {
+    static const char *const keys[] = {"steps", "batch", "lr", "seed", NULL};
+    LModel *m = check_model(L, 1);
+    LCorpus *c = check_corpus(L, 2);
+    if (!c->c) luaL_error(L, "moelab.fit_router: the corpus is closed");
+    int steps = 200, batch = 16;
+    double lr = 1e-2;
+    lua_Integer seed = 1;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        check_keys(L, 3, "moelab.fit_router", keys);
+        steps = (int)opt_int(L, 3, "steps", steps, 1, 1000000);
+        batch = (int)opt_int(L, 3, "batch", batch, 1, 4096);
+        seed = opt_int(L, 3, "seed", seed, 0, ((lua_Integer)1 << 32) - 2);
+        lr = opt_num(L, 3, "lr", lr);
+        if (!(lr > 0.0) || !isfinite(lr)) luaL_error(L, "moelab.fit_router: 'lr' must be a positive number");
+    }
+    MoeFit fit;
+    char err[ML_ERRLEN];
+    if (moe_fit_routers(m->m, c->c, steps, batch, (float)lr, (uint64_t)seed, &fit, err) != 0)
+        luaL_error(L, "moelab.%s", err);
+    lua_newtable(L);
+    set_num(L, "loss", fit.loss);
+    set_num(L, "recall", fit.recall);
+    set_num(L, "first_loss", fit.first_loss);
+    set_num(L, "first_recall", fit.first_recall);
     return 1;
 }
 
@@ -945,7 +983,7 @@ int luaopen_moelab(lua_State *L) {
         {NULL, NULL}};
     static const luaL_Reg functions[] = {
         {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
-        {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {NULL, NULL}};
+        {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {"fit_router", l_fit_router}, {NULL, NULL}};
     trainer_set_threads(0); /* OpenBLAS single-threaded inside OpenMP, from the start */
     new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
     new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);

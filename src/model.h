@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "data.h"
 #include "moe/moe.h"
 
 #define MODEL_MAX_NAME 64
@@ -155,6 +156,19 @@ void model_seed_noise(Model *m, uint64_t seed);
 ** same function) may ask for "similarity" with its select, k and p. */
 int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
               const MoeConfig *router, char *err);
+
+/* What moe_fit_routers reports: the routers' loss (cross-entropy against
+** the groups' activation-mass shares, averaged over MoE layers) and recall
+** (the share of the mass their choice covers), at the first step and over
+** the last tenth of the steps. */
+typedef struct {
+    double first_loss, loss, first_recall, recall;
+} MoeFit;
+
+/* Fits a moefied model's learned routers (moe/moefy.c), the rest frozen:
+** steps batches of B sequences from the corpus's train split. */
+int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr,
+                    uint64_t seed, MoeFit *fit, char *err);
 
 /* 1 when no position's output depends on a later position (0: expert choice
 ** routing, merged experts gated on whole sequences, and any capacity limit,

@@ -466,6 +466,8 @@ static void test_moe_all_with_biases(void **state) {
     c.moe.select_threshold = 1;
     c.moe.p = 0.5f;
     check_config(c, "moe similarity threshold with biases");
+    c.moe.kind = ROUTER_LEARNED;
+    check_config(c, "moe learned threshold with biases");
 }
 
 int main(void) {

@@ -484,6 +484,20 @@ static void test_moefy_end_to_end(void **state) {
     assert_lua(L, "t1:config().moe.router.select == 'threshold' and t1:config().moe.router.k == nil");
     run_err(L, "moelab.moefy(dense, { experts = 4, router = { kind = 'topk' } })",
             "'kind' must be", NULL);
+    /* the learned router: fitting lowers its loss and raises the activation
+    ** mass its choice covers; with every expert chosen it is the dense model */
+    run_ok(L, "learned = moelab.moefy(dense, { experts = 4, router = { kind = 'learned', k = 2 } })\n"
+              "fit = moelab.fit_router(learned, data, { steps = 30, batch = 4, lr = 3e-2 })\n"
+              "every = moelab.moefy(dense, { experts = 4, router = { kind = 'learned', k = 4 } })\n"
+              "moelab.fit_router(every, data, { steps = 3, batch = 2 })");
+    assert_lua(L, "fit.loss < fit.first_loss and fit.recall > fit.first_recall");
+    assert_lua(L, "same(dense, every)");
+    assert_lua(L, "learned:config().moe.router.kind == 'learned'");
+    run_ok(L, "learned:save(DIR .. '/learned.safetensors')\n"
+              "back = moelab.load(DIR .. '/learned.safetensors')");
+    assert_lua(L, "back:loss(S1) == learned:loss(S1) and back:loss(S2) == learned:loss(S2)");
+    run_err(L, "moelab.fit_router(one, data)", "not \"learned\"", NULL);
+    run_err(L, "moelab.fit_router(learned, data, { lr = -1 })", "'lr'", NULL);
     run_err(L, "moelab.moefy(moelab.model(tiny{ ffn = { hidden = 30 } }), { experts = 4 })",
             "experts = 4 must divide", "30", NULL);
     run_err(L, "moelab.moefy(last, { experts = 2 })", "has a moe configuration", NULL);

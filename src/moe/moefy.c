@@ -18,13 +18,17 @@
 ** what is written here.) Centres start at E distinct neurons of a seeded
 ** shuffle; at most 50 rounds, until no neuron moves.
 */
+#include <cblas.h>
 #include <gsl/gsl_rng.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "data.h"
 #include "model.h"
 #include "moe/moe.h"
+#include "moe/router.h"
+#include "ops.h"
 
 typedef struct {
     float dist;
@@ -123,14 +127,15 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
     for (int e = 0; e < E; e++) mc->hidden[e] = H / E;
     mc->hidden_list = 0;
     mc->kind = ROUTER_ALL;
-    if (router && router->kind == ROUTER_SIMILARITY) {
-        mc->kind = ROUTER_SIMILARITY;
+    if (router && (router->kind == ROUTER_SIMILARITY || router->kind == ROUTER_LEARNED)) {
+        mc->kind = router->kind;
         mc->select_threshold = router->select_threshold;
         mc->k = router->k;
         mc->p = router->p;
     } else if (router && router->kind != ROUTER_ALL) {
-        return ml_error(err, "moefy: the router of a converted model is \"all\" or "
-                        "\"similarity\", not \"%s\"", config_router_name(router->kind));
+        return ml_error(err, "moefy: the router of a converted model is \"all\", "
+                        "\"similarity\" or \"learned\", not \"%s\"",
+                        config_router_name(router->kind));
     }
     mc->bias = 1;
     mc->sparsity_eps = d->activation == ACT_RELU ? 0.0f : 0.01f;
@@ -193,4 +198,120 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
     }
     *out = m;
     return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* fitting a learned router                                                  */
+
+/*
+** Each MoE layer's router is fitted, the rest of the model frozen, to predict
+** each group's share of the layer's activation mass: the target q_te is
+** Σ_h |a_h| over expert e's neurons for token t, over the same summed over
+** every expert (uniform when all are zero), with every expert running (the
+** dense function, so each layer sees the inputs it will see); the loss is the
+** cross-entropy of softmax(x · Wᵀ) against q, minimised with Adam (β 0.9,
+** 0.999) on W alone. recall is the share of the mass that the router's own
+** choice (its select, k or p) covers.
+*/
+int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr, uint64_t seed,
+                    MoeFit *fit, char *err) {
+    const ModelConfig *c = &m->config;
+    const MoeConfig *mc = &c->moe;
+    memset(fit, 0, sizeof *fit);
+    if (!mc->enabled || mc->kind != ROUTER_LEARNED)
+        return ml_error(err, "fit_router: the model's router is not \"learned\" (make one with "
+                        "moelab.moefy(model, { router = { kind = \"learned\" } }))");
+    int T = c->context, N = B * T, E = mc->experts, C = c->d_model, L = c->layers;
+    if (corpus_check_context(corpus, SPLIT_TRAIN, T, err) != 0) return -1;
+    size_t NE = (size_t)N * E, EC = (size_t)E * C;
+    int *in = malloc(sizeof(int) * (size_t)N), *tg = malloc(sizeof(int) * (size_t)N);
+    float *q = malloc(sizeof(float) * NE), *p = malloc(sizeof(float) * NE);
+    float *grad = malloc(sizeof(float) * EC), *mom = calloc(2 * EC * (size_t)L, sizeof(float));
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    int rc = -1;
+    if (!in || !tg || !q || !p || !grad || !mom || !rng) {
+        ml_error(err, "fit_router: out of memory");
+        goto done;
+    }
+    gsl_rng_set(rng, (unsigned long)seed + 1);
+    int tail = steps - steps / 10, counted = 0;
+    for (int step = 0; step < steps; step++) {
+        corpus_batch(corpus, SPLIT_TRAIN, rng, B, T, in, tg);
+        m->config.moe.kind = ROUTER_ALL; /* every expert: the targets, and the dense inputs */
+        int training = m->training;
+        m->training = 0;
+        int failed = model_forward(m, in, NULL, B, T, err);
+        m->config.moe.kind = ROUTER_LEARNED;
+        m->training = training;
+        if (failed) goto done;
+        double loss = 0.0, recall = 0.0;
+        int layers = 0;
+        for (int l = 0; l < L; l++) {
+            if (!config_is_moe_block(c, l)) continue;
+            const MoeState *s = &m->moe[l].tc;
+            const float *x = m->acts.blocks[l].ln2;
+            float *W = m->w.blocks[l].moe->router;
+            /* the targets: rows of expert e are the tokens in order */
+            for (int t = 0; t < N; t++) {
+                double total = 0.0;
+                for (int e = 0; e < E; e++) {
+                    const float *a = s->ae + s->hoff[e] + (size_t)t * mc->hidden[e];
+                    double mass = 0.0;
+                    for (int h = 0; h < mc->hidden[e]; h++) mass += fabsf(a[h]);
+                    q[(size_t)t * E + e] = (float)mass;
+                    total += mass;
+                }
+                for (int e = 0; e < E; e++)
+                    q[(size_t)t * E + e] = total > 0.0 ? (float)(q[(size_t)t * E + e] / total)
+                                                       : 1.0f / E;
+            }
+            matmul_forward(p, x, W, NULL, N, C, E, 0.0f);
+            for (int t = 0; t < N; t++) {
+                float *pt = p + (size_t)t * E;
+                const float *qt = q + (size_t)t * E;
+                float maxv = pt[0];
+                for (int e = 1; e < E; e++) maxv = pt[e] > maxv ? pt[e] : maxv;
+                double sum = 0.0;
+                for (int e = 0; e < E; e++) sum += pt[e] = expf(pt[e] - maxv);
+                for (int e = 0; e < E; e++) {
+                    pt[e] = (float)(pt[e] / sum);
+                    if (qt[e] > 0.0f) loss -= qt[e] * log(pt[e] > 1e-30f ? pt[e] : 1e-30f) / N;
+                }
+                int ex[MOE_MAX_EXPERTS];
+                float wt[MOE_MAX_EXPERTS];
+                int n = mc->select_threshold ? router_select_threshold(pt, E, mc->p, 0, 0, ex, wt)
+                                             : router_select_topk(pt, E, mc->k, 0, ex, wt);
+                for (int i = 0; i < n; i++) recall += qt[ex[i]] / N;
+                for (int e = 0; e < E; e++) pt[e] = (pt[e] - qt[e]) / N; /* d loss / d logit */
+            }
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, p, E, x, C, 0.0f,
+                        grad, C);
+            float *m1 = mom + 2 * EC * (size_t)l, *m2 = m1 + EC;
+            float bc1 = 1.0f - powf(0.9f, (float)(step + 1)), bc2 = 1.0f - powf(0.999f, (float)(step + 1));
+            for (size_t i = 0; i < EC; i++) {
+                m1[i] = 0.9f * m1[i] + 0.1f * grad[i];
+                m2[i] = 0.999f * m2[i] + 0.001f * grad[i] * grad[i];
+                W[i] -= lr * (m1[i] / bc1) / (sqrtf(m2[i] / bc2) + 1e-8f);
+            }
+            layers++;
+        }
+        loss /= layers;
+        recall /= layers;
+        if (step == 0) {
+            fit->first_loss = loss;
+            fit->first_recall = recall;
+        }
+        if (step >= tail) {
+            fit->loss += loss;
+            fit->recall += recall;
+            counted++;
+        }
+    }
+    fit->loss /= counted;
+    fit->recall /= counted;
+    rc = 0;
+done:
+    free(in), free(tg), free(q), free(p), free(grad), free(mom);
+    if (rng) gsl_rng_free(rng);
+    return rc;
 }

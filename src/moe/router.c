@@ -358,6 +358,8 @@ static const Router routers[] = {
     {ROUTER_ALL, "all", 0, 1, 0, all_keys, all_experts, all_experts, select_all, never},
     {ROUTER_SIMILARITY, "similarity", 1, 1, 0, similarity_keys, similarity_slots,
      similarity_nominal_k, select_similarity, unit},
+    {ROUTER_LEARNED, "learned", 1, 1, 0, similarity_keys, similarity_slots, similarity_nominal_k,
+     select_similarity, unit},
 };
 
 const Router *router_of(RouterKind kind) {
