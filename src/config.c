@@ -47,7 +47,7 @@ void config_defaults(ModelConfig *c) {
 
 static const char *const router_names[] = {"topk",       "threshold", "topp", "expert_choice",
                                            "hash",       "stratified", "merge", "all",
-                                           "similarity", "learned"};
+                                           "similarity", "learned", "oracle"};
 
 const char *config_router_name(RouterKind k) {
     return (unsigned)k < sizeof router_names / sizeof router_names[0] ? router_names[k] : "?";
@@ -117,10 +117,10 @@ int config_validate(const ModelConfig *c, char *err) {
     if (m->bias && (m->kind == ROUTER_MERGE || m->kind == ROUTER_STRATIFIED))
         return ml_error(err, "'moe.bias' (expert biases) is not supported with %s experts",
                         m->kind == ROUTER_MERGE ? "merged" : "stratified");
-    if (m->kind == ROUTER_ALL && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
+    if ((m->kind == ROUTER_ALL || m->kind == ROUTER_ORACLE) && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
                                   m->aux_p_penalty > 0 || m->aux_entropy > 0))
-        return ml_error(err, "'moe.router.kind' = \"all\" runs every expert without a router: "
-                        "moe.aux must be 0");
+        return ml_error(err, "'moe.router.kind' = \"%s\" runs every expert without a router: "
+                        "moe.aux must be 0", config_router_name(m->kind));
     if (m->kind == ROUTER_HASH && (m->aux_balance > 0 || m->aux_z > 0 || m->aux_cv2 > 0 ||
                                    m->aux_p_penalty > 0 || m->aux_entropy > 0 || m->noise > 0))
         return ml_error(err, "'moe.router.kind' = \"hash\" has no router probabilities: "

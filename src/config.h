@@ -30,6 +30,7 @@ typedef enum {
     ROUTER_ALL = 7,           /* every expert, weight 1: a dense FFN split into experts (moefy.c) */
     ROUTER_SIMILARITY = 8,    /* a moefied layer's experts by x · centroid, top-k or threshold, weight 1 */
     ROUTER_LEARNED = 9,       /* the same, its router fitted to the groups' activation mass (moefy.c) */
+    ROUTER_ORACLE = 10,       /* every expert run, the ones with the most activation mass kept */
 } RouterKind;
 
 typedef struct {

@@ -349,11 +349,12 @@ static int l_moefy(lua_State *L) {
         lua_getfield(L, r, "kind");
         const char *kind = lua_isnil(L, -1) ? "similarity" : lua_tostring(L, -1);
         if (!kind || (strcmp(kind, "similarity") != 0 && strcmp(kind, "learned") != 0 &&
-                      strcmp(kind, "all") != 0))
-            luaL_error(L, "moelab.moefy: router 'kind' must be \"similarity\", \"learned\" "
-                       "or \"all\"");
+                      strcmp(kind, "oracle") != 0 && strcmp(kind, "all") != 0))
+            luaL_error(L, "moelab.moefy: router 'kind' must be \"similarity\", \"learned\", "
+                       "\"oracle\" or \"all\"");
         router.kind = strcmp(kind, "all") == 0       ? ROUTER_ALL
                       : strcmp(kind, "learned") == 0 ? ROUTER_LEARNED
+                      : strcmp(kind, "oracle") == 0  ? ROUTER_ORACLE
                                                      : ROUTER_SIMILARITY;
         lua_getfield(L, r, "select");
         const char *select = lua_isnil(L, -1) ? "topk" : lua_tostring(L, -1);

@@ -497,6 +497,16 @@ static void test_moefy_end_to_end(void **state) {
               "back = moelab.load(DIR .. '/learned.safetensors')");
     assert_lua(L, "back:loss(S1) == learned:loss(S1) and back:loss(S2) == learned:loss(S2)");
     run_err(L, "moelab.fit_router(one, data)", "not \"learned\"", NULL);
+    /* the oracle: every expert run, the most active kept; all kept is dense */
+    run_ok(L, "o4 = moelab.moefy(dense, { experts = 4, router = { kind = 'oracle', k = 4 } })\n"
+              "o1 = moelab.moefy(dense, { experts = 4, router = { kind = 'oracle', k = 1 } })\n"
+              "ro = db:run{ name = 'oracle-1', model = o1, data = data }\n"
+              "eo = ro:evaluate{ batches = 1, batch = 2, record = true }");
+    assert_lua(L, "same(dense, o4) and not same(dense, o1)");
+    assert_lua(L, "eo.experts_per_token == 1");
+    /* it computes every expert: the FLOPs of all four, no router */
+    assert_lua(L, "eo.moe_flops_per_token == 4 * 2 * 2 * 16 * 8");
+    run_err(L, "ro:train(fast{ steps = 1 })", "oracle", "evaluation", NULL);
     run_err(L, "moelab.fit_router(learned, data, { lr = -1 })", "'lr'", NULL);
     run_err(L, "moelab.moefy(moelab.model(tiny{ ffn = { hidden = 30 } }), { experts = 4 })",
             "experts = 4 must divide", "30", NULL);

@@ -241,6 +241,40 @@ static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const
     }
 }
 
+/* oracle: every expert ran; each token keeps, at weight 1, the experts with
+** the largest shares of its activation mass Σ_h |a_h| (the k largest, or the
+** threshold rule on the shares), in rank order. The rows of the others were
+** computed and are not combined. */
+static void moe_oracle_choose(MoeState *s, const MoeConfig *mc) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < s->N; t++) {
+        float share[MOE_MAX_EXPERTS], wt[MOE_MAX_EXPERTS];
+        int ex[MOE_MAX_EXPERTS], row[MOE_MAX_EXPERTS];
+        size_t k0 = (size_t)t * s->slots;
+        double total = 0.0;
+        for (int i = 0; i < s->sel_count[t]; i++) { /* every expert, in order */
+            int e = s->sel_expert[k0 + i], r = s->sel_row[k0 + i];
+            const float *a = s->ae + s->hoff[e] + (size_t)(r - s->offsets[e]) * mc->hidden[e];
+            double mass = 0.0;
+            for (int h = 0; h < mc->hidden[e]; h++) mass += fabsf(a[h]);
+            share[e] = (float)mass;
+            row[e] = r;
+            total += mass;
+        }
+        for (int e = 0; e < s->E; e++) share[e] = total > 0.0 ? (float)(share[e] / total) : 1.0f / s->E;
+        int n = mc->select_threshold ? router_select_threshold(share, s->E, mc->p, 0, 0, ex, wt)
+                                     : router_select_topk(share, s->E, mc->k, 0, ex, wt);
+        for (int i = 0; i < n; i++) {
+            s->sel_expert[k0 + i] = ex[i];
+            s->sel_weight[k0 + i] = 1.0f;
+            s->sel_p[k0 + i] = share[ex[i]];
+            s->sel_row[k0 + i] = row[ex[i]];
+        }
+        for (int i = n; i < s->slots; i++) s->sel_row[k0 + i] = -1;
+        s->sel_count[t] = n;
+    }
+}
+
 /* combine: out[t] (C) += Σ_i weight_ti · ye[row_ti], in rank order. */
 static void moe_combine(const MoeState *s, float *out) {
     int C = s->C, slots = s->slots;
@@ -343,6 +377,7 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
     }
     if (moe_group(s, mc, act == ACT_SWIGLU, x, err) != 0) return -1;
     moe_run_experts(s, mc, act, w);
+    if (mc->kind == ROUTER_ORACLE) moe_oracle_choose(s, mc);
     moe_combine(s, out);
     if (w->bias) /* the layer's proj bias: once per token */
         for (int t = 0; t < N; t++)
@@ -354,6 +389,14 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
 /* ------------------------------------------------------------------------ */
 /* the route trace                                                           */
 
+/* Kept assignments of a pass: every row, but for the oracle's uncombined ones. */
+static size_t moe_pass_count(const MoeState *s) {
+    size_t n = 0;
+    for (int t = 0; t < s->N; t++)
+        for (int k = 0; k < s->sel_count[t]; k++) n += s->sel_row[(size_t)t * s->slots + k] >= 0;
+    return n;
+}
+
 size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, MoeRoute *out) {
     MoeRoute *o = out;
     for (int t = 0; t < s->N; t++)
@@ -363,7 +406,7 @@ size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, 
             *o++ = (MoeRoute){.token = rows ? rows[t] : t, .pass = pass, .rank = k,
                               .expert = first + s->sel_expert[j], .weight = s->sel_weight[j]};
         }
-    assert((size_t)(o - out) == (size_t)s->offsets[s->E]);
+    assert((size_t)(o - out) == moe_pass_count(s));
     return (size_t)(o - out);
 }
 
@@ -375,8 +418,10 @@ MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act
         size_t k = (size_t)t * s->slots + i;
         if (s->sel_row[k] < 0) continue;
         tr.experts++;
-        tr.flops += 2.0 * mult * s->C * mc->hidden[s->sel_expert[k]];
+        if (mc->kind != ROUTER_ORACLE) tr.flops += 2.0 * mult * s->C * mc->hidden[s->sel_expert[k]];
     }
+    for (int e = 0; mc->kind == ROUTER_ORACLE && e < s->E; e++) /* it ran them all */
+        tr.flops += 2.0 * mult * s->C * mc->hidden[e];
     return tr;
 }
 
@@ -410,7 +455,7 @@ void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_
 
 size_t moe_trace_count(const MoeLayer *l) {
     if (l->merge) return merge_trace_count(l->merge);
-    return l->strata ? strata_trace_count(l->strata) : (size_t)l->tc.offsets[l->tc.E];
+    return l->strata ? strata_trace_count(l->strata) : moe_pass_count(&l->tc);
 }
 
 size_t moe_trace_routes(const MoeLayer *l, const MoeConfig *mc, MoeRoute *out) {
@@ -506,6 +551,9 @@ static int ensure_scratch(MoeScratch *scr, const MoeState *s, int swiglu) {
 int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                  const MoeWeights *w, MoeWeights *g, float *dx, const float *dout,
                  const float *x, float aux_scale, char *err) {
+    if (mc->kind == ROUTER_ORACLE)
+        return ml_error(err, "the oracle router runs every expert to choose among them: it is "
+                        "for evaluation, not training");
     int N = s->N, E = s->E, C = s->C, slots = s->slots;
     int swiglu = act == ACT_SWIGLU;
     if (ensure_scratch(scr, s, swiglu) != 0) return ml_error(err, "out of memory in MoE backward");

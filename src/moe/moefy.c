@@ -127,14 +127,15 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
     for (int e = 0; e < E; e++) mc->hidden[e] = H / E;
     mc->hidden_list = 0;
     mc->kind = ROUTER_ALL;
-    if (router && (router->kind == ROUTER_SIMILARITY || router->kind == ROUTER_LEARNED)) {
+    if (router && (router->kind == ROUTER_SIMILARITY || router->kind == ROUTER_LEARNED ||
+                   router->kind == ROUTER_ORACLE)) {
         mc->kind = router->kind;
         mc->select_threshold = router->select_threshold;
         mc->k = router->k;
         mc->p = router->p;
     } else if (router && router->kind != ROUTER_ALL) {
         return ml_error(err, "moefy: the router of a converted model is \"all\", "
-                        "\"similarity\" or \"learned\", not \"%s\"",
+                        "\"similarity\", \"learned\" or \"oracle\", not \"%s\"",
                         config_router_name(router->kind));
     }
     mc->bias = 1;

@@ -360,6 +360,8 @@ static const Router routers[] = {
      similarity_nominal_k, select_similarity, unit},
     {ROUTER_LEARNED, "learned", 1, 1, 0, similarity_keys, similarity_slots, similarity_nominal_k,
      select_similarity, unit},
+    {ROUTER_ORACLE, "oracle", 0, 1, 0, similarity_keys, all_experts, similarity_nominal_k,
+     select_all, never},
 };
 
 const Router *router_of(RouterKind kind) {
