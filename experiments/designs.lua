@@ -14,7 +14,12 @@
 --               from 4 experts per segment, gated on the means before it.
 --   merge-whole MEO as the paper, gated on the whole sequence: its loss sees
 --               later bytes (the run is recorded as non-causal).
--- Dense-to-sparse conversion is not written yet.
+--   moefy       dense to sparse: a dense ReLU model (hidden 512) trained as
+--               the dense reference, split into 16 experts of 32 neurons by
+--               balanced k-means, its learned router fitted (the rest frozen)
+--               and run with the threshold rule at t = 0.9; evaluated with
+--               the similarity and oracle routers, top-4, and a random split
+--               beside it (each its own run in the database).
 
 local moelab = require "moelab"
 local args = moelab.args
@@ -25,22 +30,56 @@ local designs = {
   ["merge-whole"] = { kind = "merge", k = 4, segment = 0 },
 }
 local router = designs[design]
+local data  = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
+local db    = moelab.open(args.db or "results/designs.db")
+
+if design == "moefy" then
+  local dense = moelab.model{ layers = 4, d_model = 128, heads = 4, context = 128,
+                              activation = "relu", norm = "layernorm", tied = false,
+                              ffn = { hidden = 512 }, seed = args.seed or 1 }
+  local run = db:run{ name = "moefy-dense", model = dense, data = data, experiment = "designs" }
+  run:train{ steps = args.steps or 1000, batch = 16, lr = 3e-3, warmup = 50, weight_decay = 0,
+             clip = 0, eval_every = 100 }
+  local function evaluate(name, model)
+    local r = db:run{ name = name, model = model, data = data, experiment = "designs" }
+    local e = r:evaluate{ batches = 20, batch = 16, record = true }
+    print(string.format("%-26s val loss %.4f  experts/token %5.2f  FFN share %.3f  MoE FLOPs/token %.0f",
+                        name, e.loss, e.experts_per_token, e.ffn_fraction or 1, e.moe_flops_per_token))
+    return e
+  end
+  evaluate("moefy-dense", dense)
+  for _, method in ipairs{ "kmeans", "random" } do
+    local learned = moelab.moefy(dense, { experts = 16, method = method,
+                                          router = { kind = "learned", select = "threshold", p = 0.9 } })
+    local fit = moelab.fit_router(learned, data, { steps = args.fit_steps or 300, batch = 16 })
+    print(string.format("%s: router fit loss %.3f -> %.3f, mass covered %.3f -> %.3f", method,
+                        fit.first_loss, fit.loss, fit.first_recall, fit.recall))
+    evaluate("moefy-" .. method .. "-learned-t0.9", learned)
+    evaluate("moefy-" .. method .. "-similarity-top4",
+             moelab.moefy(dense, { experts = 16, method = method,
+                                   router = { kind = "similarity", k = 4 } }))
+    evaluate("moefy-" .. method .. "-oracle-top4",
+             moelab.moefy(dense, { experts = 16, method = method, router = { kind = "oracle", k = 4 } }))
+    if method == "kmeans" then learned:save(args.checkpoint or "results/moefy-reference.safetensors") end
+  end
+  return
+end
+
 if not router then
   local names = {}
   for name in pairs(designs) do names[#names + 1] = name end
+  names[#names + 1] = "moefy"
   table.sort(names)
   error(string.format("designs.lua: unknown design '%s' (one of: %s)", design,
                       table.concat(names, ", ")), 0)
 end
 
-local data  = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
 local merged = router.kind == "merge" -- gates whole segments: no per-token aux loss
 local model = moelab.model{ layers = 4, d_model = 128, heads = 4, context = 128,
                             activation = "gelu", norm = "layernorm", tied = false,
                             seed = args.seed or 1,
                             moe = { experts = 8, hidden = 128, router = router,
                                     aux = { balance = merged and 0 or 0.01 } } }
-local db    = moelab.open(args.db or "results/designs.db")
 local name  = design .. (args.seed and ("-seed" .. args.seed) or "")
 local run   = db:run{ name = name, model = model, data = data, experiment = "designs" }
 local t     = run:train{ steps = args.steps or 1000, batch = 16, lr = 3e-3, warmup = 50,
