@@ -56,7 +56,9 @@ class RefError(Exception):
 
 TOP_KEYS = {"vocab", "context", "layers", "d_model", "heads", "norm", "activation",
             "tied", "seed", "ffn", "moe", "norm_eps"}
-ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified", "merge", "all"}
+ROUTER_KINDS_SUPPORTED = {"topk", "threshold", "topp", "stratified", "merge", "all",
+                          "similarity", "learned", "oracle"}
+CONVERTED_KINDS = {"all", "similarity", "learned", "oracle"}
 ROUTER_KINDS_KNOWN = ROUTER_KINDS_SUPPORTED | {"expert_choice", "hash", "stratified", "merge"}
 
 
@@ -222,9 +224,11 @@ def expected_tensors(cfg):
                 out[p + "moe.tokatt_fc.up.weight"] = (d, d // r)
                 out[p + "moe.tokatt_proj.down.weight"] = (max(He // r, 1), He)
                 out[p + "moe.tokatt_proj.up.weight"] = (He, max(He // r, 1))
-        elif is_moe_block(cfg, l) and cfg["moe"]["router"]["kind"] == "all":
+        elif is_moe_block(cfg, l) and cfg["moe"]["router"]["kind"] in CONVERTED_KINDS:
             if cfg["moe"].get("bias"):
                 out[p + "moe.bias"] = (d,)
+            if cfg["moe"]["router"]["kind"] in ("similarity", "learned"):
+                out[p + "moe.router.weight"] = (cfg["moe"]["experts"], d)
         elif is_moe_block(cfg, l):
             out[p + "moe.router.weight"] = (cfg["moe"]["experts"], d)
         if is_moe_block(cfg, l):
@@ -333,20 +337,50 @@ class Expert(nn.Module):
 
 
 class AllExperts(nn.Module):
-    """Router kind "all" (a dense FFN split into experts by moelab.moefy): every
-    expert at weight 1, with moe.bias the experts' fc biases and the layer's
-    proj bias added once."""
+    """A dense FFN split into experts (moelab.moefy): chosen experts at weight 1,
+    with moe.bias the experts' fc biases and the layer's proj bias added once.
+    Router "all" chooses every expert; "similarity" and "learned" choose by
+    p = softmax(x W^T), "oracle" by each expert's share of the activation mass
+    sum |a|; then the k largest (select "topk") or the threshold rule with p."""
 
     def __init__(self, cfg):
         super().__init__()
         d, moe = cfg["d_model"], cfg["moe"]
+        self.router_cfg = moe["router"]
+        self.activation = cfg["activation"]
         bias = bool(moe.get("bias", False))
         self.experts = nn.ModuleList(Expert(d, He, cfg["activation"], bias) for He in expert_hidden(cfg))
+        if self.router_cfg["kind"] in ("similarity", "learned"):
+            self.router = nn.Linear(d, moe["experts"], bias=False)
         if bias:
             self.bias = nn.Parameter(torch.zeros(d))
 
+    def choose(self, scores):
+        """scores (N, E) -> a 0/1 mask of the chosen experts."""
+        r = self.router_cfg
+        if r.get("select", "topk") == "topk":
+            idx = scores.topk(r.get("k", 2), dim=-1).indices
+            return torch.zeros_like(scores).scatter_(1, idx, 1.0)
+        sorted_s, order = scores.sort(dim=-1, descending=True)
+        keep = (sorted_s.cumsum(dim=-1) - sorted_s) < float(r.get("p", 0.9))
+        keep[:, 0] = True
+        return torch.zeros_like(scores).scatter_(1, order, keep.to(scores.dtype))
+
     def forward(self, x):
-        out = sum(expert(x) for expert in self.experts)
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        outs = torch.stack([expert(flat) for expert in self.experts], dim=1)   # (N, E, d)
+        kind = self.router_cfg["kind"]
+        if kind == "all":
+            mask = torch.ones(outs.shape[:2], dtype=outs.dtype)
+        elif kind == "oracle":
+            mass = torch.stack([activate(self.activation, e.fc(flat),
+                                         e.gate(flat) if self.activation == "swiglu" else None)
+                                .abs().sum(dim=-1) for e in self.experts], dim=1)
+            mask = self.choose(mass / mass.sum(dim=-1, keepdim=True))
+        else:
+            mask = self.choose((flat.float() @ self.router.weight.float().t()).softmax(dim=-1))
+        out = (outs * mask.unsqueeze(-1).to(outs.dtype)).sum(dim=1).view(B, T, d)
         return out + self.bias if hasattr(self, "bias") else out
 
 
@@ -550,7 +584,7 @@ class Block(nn.Module):
             self.moe = StratifiedMoE(cfg)
         elif is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "merge":
             self.moe = MergedMoE(cfg)
-        elif is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] == "all":
+        elif is_moe_block(cfg, layer) and cfg["moe"]["router"]["kind"] in CONVERTED_KINDS:
             self.moe = AllExperts(cfg)
         elif is_moe_block(cfg, layer):
             self.moe = MoE(cfg)
