@@ -88,6 +88,10 @@ local e     = run:evaluate{ batches = 20, batch = 16, record = true }
 model:save(args.checkpoint or ("results/" .. design .. "-reference.safetensors"))
 local passes = db:query([[SELECT AVG(passes) / 4.0 AS p FROM token_stats WHERE eval_id = ?]],
                         e.eval_id)[1].p
+-- a run whose loss may see later bytes says so wherever its loss is shown
+if db:query("SELECT causal FROM runs WHERE run_id = ?", run:id())[1].causal == 0 then
+  name = name .. " (non-causal)"
+end
 print(string.format("%s: val loss %.4f  experts/token %.2f  passes/token/layer %.2f  " ..
                     "MoE FLOPs/token %.0f%s  train loss (last 10%%) %.4f  %.0f tokens/s  %.0f s",
                     name, e.loss, e.experts_per_token, passes, e.moe_flops_per_token,

@@ -433,6 +433,7 @@ static void test_routers_against_naive_loop(void **state) {
     struct { RouterKind kind; int k, normalize; float p; int max_k; } cases[] = {
         {ROUTER_TOPK, 2, 1, 0, 0},      {ROUTER_TOPK, 1, 0, 0, 0},  {ROUTER_THRESHOLD, 2, 0, 0.6f, 0},
         {ROUTER_TOPP, 2, 1, 0.8f, 3},   {ROUTER_EXPERT_CHOICE, 2, 0, 0, 0}, {ROUTER_HASH, 1, 0, 0, 0},
+        {ROUTER_SIMILARITY, 2, 0, 0, 0}, {ROUTER_LEARNED, 2, 0, 0.7f, 0}, {ROUTER_ORACLE, 2, 0, 0, 0},
     };
     for (size_t v = 0; v < sizeof cases / sizeof cases[0]; v++) {
         ModelConfig c = moe_model(cases[v].kind);
@@ -440,6 +441,7 @@ static void test_routers_against_naive_loop(void **state) {
         c.moe.normalize = cases[v].normalize;
         if (cases[v].p > 0) c.moe.p = cases[v].p;
         c.moe.max_k = cases[v].max_k;
+        c.moe.select_threshold = cases[v].kind == ROUTER_LEARNED; /* with p; the others top-k */
         c.init_std = 0.2f;
         char err[ML_ERRLEN];
         Model *m;
@@ -472,9 +474,37 @@ static void test_routers_against_naive_loop(void **state) {
                             order[i] = order[j];
                             order[j] = x;
                         }
-                int n = 0;
+                int n = 0, unit = 0;
                 double before = 0, kept = 0;
+                if (cases[v].kind == ROUTER_ORACLE) { /* by shares of activation mass */
+                    double mass[4], total = 0, y[16], u[16];
+                    for (int j = 0; j < C; j++) u[j] = b->ln2[t * C + j];
+                    for (int e = 0; e < E; e++) {
+                        mass[e] = 0;
+                        for (int h = 0; h < c.moe.hidden[e]; h++) {
+                            double a = 0;
+                            for (int j = 0; j < C; j++) a += w->fc[e][h * C + j] * u[j];
+                            mass[e] += fabs(gelu(a));
+                        }
+                        total += mass[e];
+                    }
+                    (void)y;
+                    for (int e = 0; e < E; e++) p[t][e] = mass[e] / total;
+                    for (int i = 0; i < E; i++)
+                        for (int j = i + 1; j < E; j++)
+                            if (p[t][order[j]] > p[t][order[i]]) {
+                                int x = order[i];
+                                order[i] = order[j];
+                                order[j] = x;
+                            }
+                }
                 switch (cases[v].kind) {
+                case ROUTER_SIMILARITY:
+                case ROUTER_ORACLE: n = cases[v].k, unit = 1; break;
+                case ROUTER_LEARNED:
+                    unit = 1; /* the threshold rule, at weight 1 */
+                    while (n < E && (n == 0 || before < cases[v].p)) before += p[t][order[n++]];
+                    break;
                 case ROUTER_TOPK: n = cases[v].k; break;
                 case ROUTER_THRESHOLD:
                 case ROUTER_TOPP:
@@ -486,7 +516,8 @@ static void test_routers_against_naive_loop(void **state) {
                 }
                 for (int i = 0; i < n; i++) kept += p[t][order[i]];
                 int renorm = cases[v].kind == ROUTER_TOPP || (cases[v].kind == ROUTER_TOPK && cases[v].normalize);
-                for (int i = 0; i < n; i++) wt[t][order[i]] = p[t][order[i]] / (renorm ? kept : 1.0);
+                for (int i = 0; i < n; i++)
+                    wt[t][order[i]] = unit ? 1.0 : p[t][order[i]] / (renorm ? kept : 1.0);
             }
             if (cases[v].kind == ROUTER_EXPERT_CHOICE) { /* each expert its top ceil(N·k/E) tokens */
                 int cap = (N * cases[v].k + E - 1) / E;

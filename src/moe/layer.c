@@ -194,6 +194,7 @@ static int moe_group(MoeState *s, const MoeConfig *mc, int swiglu, const float *
         s->hoff[e + 1] = s->hoff[e] + (size_t)s->counts[e] * mc->hidden[e];
     }
     size_t A = (size_t)s->offsets[E];
+    assert(A <= (size_t)N * slots);
     if (ensure_rows(s, A, s->hoff[E], C, swiglu) != 0)
         return ml_error(err, "out of memory for %zu expert assignments", A);
     int fill[MOE_MAX_EXPERTS];
@@ -220,6 +221,7 @@ static int moe_group(MoeState *s, const MoeConfig *mc, int swiglu, const float *
 ** ye = ae · proj_eᵀ (n_e, C); one GEMM per expert, experts over threads. */
 static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w) {
     int E = s->E, C = s->C, swiglu = act == ACT_SWIGLU;
+    assert(s->offsets[0] == 0 && s->hoff[0] == 0);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < E; e++) {
         int n = s->counts[e], H = mc->hidden[e];
@@ -278,6 +280,7 @@ static void moe_oracle_choose(MoeState *s, const MoeConfig *mc) {
 /* combine: out[t] (C) += Σ_i weight_ti · ye[row_ti], in rank order. */
 static void moe_combine(const MoeState *s, float *out) {
     int C = s->C, slots = s->slots;
+    assert(s->N == 0 || out);
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < s->N; t++) {
         float *o = out + (size_t)t * C;
