@@ -634,7 +634,8 @@ int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float tem
     int V = c->vocab;
     if (n_prompt < 1) return ml_error(err, "sample: the prompt needs at least one token");
     if (n_new < 0) return ml_error(err, "sample: tokens must be >= 0, got %d", n_new);
-    if (temperature < 0.0f) return ml_error(err, "sample: temperature must be >= 0");
+    if (!(temperature >= 0.0f) || !isfinite(temperature))
+        return ml_error(err, "sample: temperature must be a number >= 0, got %g", temperature);
     if (top_k < 0 || top_k > V) top_k = 0;
     float *p = malloc(sizeof(float) * (size_t)V);
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);

@@ -766,6 +766,15 @@ static void test_option_errors(void **state) {
     run_err(L, "run:train(fast{ steps = 1, beta1 = 1 })", "beta1", NULL);
     run_err(L, "run:train(fast{ steps = 1, warmup = -1 })", "warmup", NULL);
     run_err(L, "run:train(fast{ steps = 1, clip = -1 })", "clip", NULL);
+    /* NaN, infinities and out-of-range values name the option and the value */
+    run_err(L, "run:train(fast{ steps = 1, clip = 0/0 })", "clip must be a number >= 0", "nan", NULL);
+    run_err(L, "run:train(fast{ steps = 1, weight_decay = 1/0 })", "weight_decay", "inf", NULL);
+    run_err(L, "run:train(fast{ steps = 1, beta1 = 0/0 })", "beta1 must be in [0, 1)", NULL);
+    run_err(L, "run:train(fast{ steps = 1, beta2 = -0.5 })", "beta2 must be in [0, 1)", "-0.5", NULL);
+    run_err(L, "run:train(fast{ steps = 1, eps = -1 })", "eps must be a positive number", "-1", NULL);
+    run_err(L, "run:train(fast{ steps = 1, eps = 0/0 })", "eps", NULL);
+    run_err(L, "run:train(fast{ steps = 1, min_lr = 0/0 })", "min_lr must be between 0 and lr", NULL);
+    run_err(L, "run:train(fast{ steps = 1, lr = 1e-3, min_lr = 1 })", "min_lr", "got 1", NULL);
     run_err(L, "run:train(fast{ steps = 1, eval_every = -1 })", "eval_every", NULL);
     run_err(L, "run:train{ [1] = 5 }", "run:train", "strings", NULL);
     run_err(L, "run:train(5)", "table expected", NULL);
@@ -778,6 +787,8 @@ static void test_option_errors(void **state) {
     run_err(L, "model:sample{ temprature = 1 }", "'temprature'", "'temperature'", NULL);
     run_err(L, "model:sample{ prompt = '' }", "prompt", "empty", NULL);
     run_err(L, "model:sample{ temperature = -1 }", "temperature", NULL);
+    run_err(L, "model:sample{ temperature = 0/0 }", "temperature must be a number >= 0", NULL);
+    run_err(L, "model:sample{ temperature = 1/0 }", "temperature", "inf", NULL);
     run_err(L, "model:sample{ tokens = -1 }", "tokens", NULL);
     run_err(L, "model:sample{ top_k = -1 }", "top_k", NULL);
     run_err(L, "model:sample{ prompt = 5 }", "'prompt'", "string", NULL);
