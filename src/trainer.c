@@ -465,6 +465,10 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     double start = now_ms(), last_flush = start, last_print = 0.0;
     double tail_sum = 0.0;
     int tail_n = 0, tail_from = o->steps - (o->steps + 9) / 10;
+    /* divergence without NaN: TRAIN_EXPLODE_STEPS steps in a row more than
+    ** TRAIN_EXPLODE_MARGIN nats above this call's first loss */
+    float first_loss = NAN;
+    int above = 0;
     int rc = 0, s = 0;
     for (s = 0; s < o->steps; s++) {
         if (trainer_interrupt) {
@@ -485,6 +489,16 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             status = "diverged";
             snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
                      isnan(loss) || isnan(m->aux_loss) ? "NaN" : "infinite", (long long)t->step);
+            break;
+        }
+        if (s == 0) first_loss = loss;
+        above = loss > first_loss + TRAIN_EXPLODE_MARGIN ? above + 1 : 0;
+        if (above >= TRAIN_EXPLODE_STEPS) {
+            status = "diverged";
+            snprintf(status_msg, sizeof status_msg,
+                     "loss exploded: %g at step %lld, more than %g nats above the first step's "
+                     "%g for %d steps in a row; training stopped", loss, (long long)t->step,
+                     TRAIN_EXPLODE_MARGIN, first_loss, TRAIN_EXPLODE_STEPS);
             break;
         }
         if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */

@@ -17,6 +17,12 @@
 #include "model.h"
 #include "recorder.h"
 
+/* A run has diverged when its loss is NaN or infinite, or stays more than
+** TRAIN_EXPLODE_MARGIN nats above the first step's loss of the train call
+** for TRAIN_EXPLODE_STEPS steps in a row. */
+#define TRAIN_EXPLODE_MARGIN 3.0
+#define TRAIN_EXPLODE_STEPS 10
+
 typedef struct {
     int steps;
     int batch;

@@ -973,6 +973,33 @@ static void test_divergence(void **state) {
     sqlite3_close(db);
 }
 
+/* A loss that explodes but stays finite (lr 1e6: it climbs past 1e10) ends the
+** run as diverged after TRAIN_EXPLODE_STEPS steps above the first loss plus
+** TRAIN_EXPLODE_MARGIN, with the step and the loss in the message. */
+static void test_exploding_loss_diverges(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/explode.db')\n"
+              "run   = db:run{ name = 'explode', model = model, data = data }\n"
+              "t = run:train(fast{ steps = 200, lr = 1e6, warmup = 0, eval_batches = 0 })\n"
+              "err = db:query('SELECT error FROM runs')[1].error\n"
+              "worst = db:query(\"SELECT MAX(loss) AS x FROM metrics WHERE split = 'train'\")[1].x");
+    char buf[512];
+    assert_string_equal(lua_str(L, "t.status", buf, sizeof buf), "diverged");
+    assert_true(lua_num(L, "t.steps") < 200);
+    lua_str(L, "err", buf, sizeof buf);
+    if (!strstr(buf, "loss exploded") || !strstr(buf, "at step") || !strstr(buf, "10 steps"))
+        fail_msg("runs.error is '%s'", buf);
+    assert_lua(L, "worst > 100 and worst < math.huge"); /* finite: not the NaN rule */
+    /* an ordinary run is not caught by it */
+    run_ok(L, "ok = db:run{ name = 'fine', model = moelab.model(tiny()), data = data }"
+              ":train(fast{ steps = 40 })");
+    assert_lua(L, "ok.status == 'finished'");
+    lua_close(L);
+}
+
 /* A script that fails while a run is open: lmoelab_script_ended then lua_close
 ** record the run as failed, with the message, keeping its rows. A run whose
 ** training finished before the error stays finished. */
@@ -1078,6 +1105,7 @@ int main(void) {
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),
         cmocka_unit_test(test_divergence),
+        cmocka_unit_test(test_exploding_loss_diverges),
         cmocka_unit_test(test_script_error_fails_open_runs),
         cmocka_unit_test(test_script_interrupted_or_finished),
     };
