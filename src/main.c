@@ -6,6 +6,7 @@
 ** as lua.c does. Ctrl-C outside training stops the script at the next Lua
 ** instruction (training has its own handler that ends the step cleanly); in
 ** both cases open runs are recorded as 'interrupted' and the exit code is 130.
+** SIGTERM and SIGHUP are handled the same way (exit codes 143 and 129).
 */
 #include <lauxlib.h>
 #include <lualib.h>
@@ -43,13 +44,15 @@ static volatile sig_atomic_t interrupted;
 static void lstop(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
-    luaL_error(L, "interrupted by Ctrl-C");
+    luaL_error(L, "interrupted by %s", trainer_signal_name(interrupted));
 }
 
+/* Ctrl-C, SIGTERM and SIGHUP alike: the script stops, its open runs are
+** recorded as 'interrupted', and moelab exits with 128 + the signal. */
 static void laction(int sig) {
     signal(sig, SIG_DFL);
-    interrupted = 1;
-    trainer_interrupt = 1; /* training about to start stops at once */
+    interrupted = sig;
+    trainer_interrupt = sig; /* training about to start stops at once */
     lua_sethook(globalL, lstop, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
@@ -71,8 +74,12 @@ static int docall(lua_State *L, int nargs, int nres) {
     lua_insert(L, base);
     globalL = L;
     signal(SIGINT, laction);
+    signal(SIGTERM, laction);
+    signal(SIGHUP, laction);
     int status = lua_pcall(L, nargs, nres, base);
     signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    signal(SIGHUP, SIG_DFL);
     lua_remove(L, base);
     return status;
 }
@@ -158,10 +165,11 @@ static int cmd_run(int argc, char **argv) {
     int rc = 0;
     if (status != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
-        int was_interrupted = interrupted || (msg && strstr(msg, "interrupted by Ctrl-C"));
+        int was_interrupted = interrupted || (msg && strstr(msg, "interrupted by "));
         lmoelab_script_ended(L, msg, was_interrupted);
         report(L, status);
-        rc = was_interrupted ? 130 : 1;
+        int sig = interrupted ? interrupted : trainer_stopped_by ? trainer_stopped_by : SIGINT;
+        rc = was_interrupted ? 128 + sig : 1;
     } else {
         lmoelab_script_ended(L, NULL, 0);
     }

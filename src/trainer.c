@@ -116,10 +116,15 @@ static int ensure_batch(Trainer *t, int B, int T, char *err) {
     return 0;
 }
 
+volatile int trainer_stopped_by = 0;
+
 static void sigint_handler(int sig) {
-    (void)sig;
-    trainer_interrupt = 1;
-    signal(SIGINT, SIG_DFL); /* a second Ctrl-C ends the process */
+    trainer_interrupt = sig;
+    signal(sig, SIG_DFL); /* a second one ends the process */
+}
+
+const char *trainer_signal_name(int sig) {
+    return sig == SIGTERM ? "SIGTERM" : sig == SIGHUP ? "SIGHUP" : "Ctrl-C";
 }
 
 static void format_duration(char *buf, size_t n, double s) {
@@ -459,7 +464,10 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     }
 
     /* a Ctrl-C that came just before (the host sets the flag too) still counts */
-    void (*old_handler)(int) = signal(SIGINT, sigint_handler);
+    /* Ctrl-C, SIGTERM and SIGHUP end the step and stop the run as interrupted */
+    void (*old_int)(int) = signal(SIGINT, sigint_handler);
+    void (*old_term)(int) = signal(SIGTERM, sigint_handler);
+    void (*old_hup)(int) = signal(SIGHUP, sigint_handler);
     const char *status = "finished";
     char status_msg[ML_ERRLEN] = "";
     double start = now_ms(), last_flush = start, last_print = 0.0;
@@ -472,10 +480,12 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     int rc = 0, s = 0;
     for (s = 0; s < o->steps; s++) {
         if (trainer_interrupt) {
+            int sig = trainer_interrupt == 1 ? SIGINT : trainer_interrupt;
             status = "interrupted";
             trainer_interrupt = 0;
-            snprintf(status_msg, sizeof status_msg, "interrupted by Ctrl-C at step %lld",
-                     (long long)t->step);
+            trainer_stopped_by = sig;
+            snprintf(status_msg, sizeof status_msg, "interrupted by %s at step %lld",
+                     trainer_signal_name(sig), (long long)t->step);
             break;
         }
         double t0 = now_ms();
@@ -547,7 +557,9 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
     }
     if (progress) fprintf(stderr, "\n");
-    signal(SIGINT, old_handler);
+    signal(SIGINT, old_int);
+    signal(SIGTERM, old_term);
+    signal(SIGHUP, old_hup);
     res->steps = s;
     res->tokens = t->tokens;
     res->seconds = (now_ms() - start) / 1e3;

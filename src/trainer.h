@@ -101,9 +101,14 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
 ** written by a background thread (recwriter.h) while it computes. */
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err);
 
-/* Set by SIGINT while trainer_train runs (its handler is installed only then);
-** a second Ctrl-C kills the process as usual. */
+/* Set to the signal by SIGINT, SIGTERM or SIGHUP while trainer_train runs (its
+** handler is installed only then; 1 from older callers means SIGINT); a
+** second such signal kills the process as usual. */
 extern volatile int trainer_interrupt;
+/* The signal (SIGINT, SIGTERM or SIGHUP) that last stopped a training run; 0 if none. */
+extern volatile int trainer_stopped_by;
+/* "Ctrl-C", "SIGTERM" or "SIGHUP", for messages. */
+const char *trainer_signal_name(int sig);
 
 /* Number of threads of the OpenMP loops (OpenBLAS runs single-threaded inside
 ** them). n <= 0: all cores, unless a count was already set. */

@@ -561,6 +561,45 @@ static void test_sigint_during_training(void **state) {
     sqlite3_close(d);
 }
 
+/* SIGTERM while run:train works, SIGHUP while plain Lua runs: as Ctrl-C, the
+** runs 'interrupted' with a message, exit 128 + the signal (143, 129). */
+static void test_sigterm_and_sighup(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512], db[512], arg[600];
+    for (int v = 0; v < 2; v++) {
+        int sig = v == 0 ? SIGTERM : SIGHUP;
+        tmp_path(script, sizeof script, v == 0 ? "term.lua" : "hup.lua");
+        tmp_path(db, sizeof db, v == 0 ? "term.db" : "hup.db");
+        snprintf(arg, sizeof arg, "db=%s", db);
+        write_file(script, v == 0 ? TINY_PRELUDE
+                   "local run = db:run{ name = 'long', model = model, data = data }\n"
+                   "print('busy') io.stdout:flush()\n"
+                   "run:train{ steps = 100000000, batch = 4, lr = 1e-3, threads = 1,\n"
+                   "           progress = false, eval_batches = 0 }\n"
+                   : TINY_PRELUDE
+                   "local open = db:run{ name = 'long', model = model, data = data }\n"
+                   "print('busy') io.stdout:flush()\n"
+                   "while true do end\n");
+        Proc p;
+        const char *const args[] = {"run", script, arg, NULL};
+        proc_start(&p, NULL, args);
+        proc_wait_for(&p, "busy\n", 60);
+        double until = now_s() + 0.5;
+        while (now_s() < until) proc_pump(&p, 50);
+        kill(p.pid, sig);
+        proc_finish(&p, 30);
+        expect_code(&p, 128 + sig);
+        expect_in("stderr", p.err.data, v == 0 ? "interrupted by SIGTERM" : "interrupted by SIGHUP");
+        proc_free(&p);
+        sqlite3 *d = db_open(db);
+        char buf[512];
+        assert_string_equal(db_text(d, "SELECT status FROM runs", buf, sizeof buf), "interrupted");
+        assert_int_equal(db_int(d, "SELECT finished_at IS NOT NULL FROM runs"), 1);
+        sqlite3_close(d);
+    }
+}
+
 /* Ctrl-C while plain Lua runs: the same, through the interpreter's hook. */
 static void test_sigint_in_lua(void **state) {
     (void)state;
@@ -651,6 +690,7 @@ int main(void) {
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),
         cmocka_unit_test(test_sigint_in_lua),
+        cmocka_unit_test(test_sigterm_and_sighup),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
