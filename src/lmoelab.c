@@ -823,8 +823,10 @@ static int run_train(lua_State *L) {
         luaL_error(L, "run:train: %s", err);
     }
     snprintf(r->status, sizeof r->status, "%s", res.status);
-    if (strcmp(res.status, "interrupted") == 0)
+    if (strcmp(res.status, "interrupted") == 0) {
+        lua_sethook(L, NULL, 0, 0); /* the CLI's stop hook would replace this message */
         luaL_error(L, "run '%s' %s; the run is recorded as 'interrupted'", r->t.name, err);
+    }
     if (strcmp(res.status, "diverged") == 0) {
         lua_getglobal(L, "io");
         lua_getfield(L, -1, "stderr");
@@ -864,7 +866,16 @@ static int run_evaluate(lua_State *L) {
     else luaL_error(L, "run:evaluate: split must be \"val\" or \"train\", got \"%s\"", split);
     EvalResult res;
     char err[ML_ERRLEN];
-    if (trainer_evaluate(&r->t, &o, &res, err) != 0) luaL_error(L, "run:evaluate: %s", err);
+    if (trainer_evaluate(&r->t, &o, &res, err) != 0) {
+        if (res.interrupted) { /* the run is interrupted too, as by run:train */
+            char ignored[ML_ERRLEN];
+            rec_run_status(r->t.rec, r->t.run_id, "interrupted", err, ignored);
+            snprintf(r->status, sizeof r->status, "interrupted");
+            lua_sethook(L, NULL, 0, 0); /* the CLI's stop hook would replace this message */
+            luaL_error(L, "run '%s' %s; the run is recorded as 'interrupted'", r->t.name, err);
+        }
+        luaL_error(L, "run:evaluate: %s", err);
+    }
     lua_newtable(L);
     set_num(L, "loss", res.loss);
     set_num(L, "moe_flops_per_token", res.moe_flops_per_token);

@@ -326,6 +326,14 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     int64_t assignments = 0;
     EvalPace pace = {.threads = omp_get_max_threads()};
     for (int i = 0; i < o->batches; i++) {
+        if (trainer_interrupt) { /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
+            int sig = trainer_interrupt == 1 ? SIGINT : trainer_interrupt;
+            trainer_interrupt = 0;
+            trainer_stopped_by = res->interrupted = sig;
+            ml_error(err, "interrupted by %s during an evaluation, at batch %d of %d (none of "
+                     "its rows were kept)", trainer_signal_name(sig), i + 1, o->batches);
+            goto done;
+        }
         corpus_batch(t->corpus, o->split, rng, B, T, t->inputs, t->targets);
         int fewer = writer && eval_give_writer_a_core(&pace, writer, i == o->batches - 1);
         if (fewer) omp_set_num_threads(pace.threads - 1);
@@ -543,7 +551,15 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         if (can_eval && o->eval_every > 0 && (s + 1) % o->eval_every == 0 && s + 1 < o->steps) {
             EvalResult er;
-            if (trainer_evaluate(t, &eo, &er, err) != 0) { rc = -1; break; }
+            if (trainer_evaluate(t, &eo, &er, err) != 0) {
+                if (er.interrupted) { /* the run stops as interrupted, not failed */
+                    status = "interrupted";
+                    snprintf(status_msg, sizeof status_msg, "%s", err);
+                } else {
+                    rc = -1;
+                }
+                break;
+            }
             res->val_loss = er.loss;
         }
         if (progress && (t1 - last_print > 200.0 || s + 1 == o->steps)) {
@@ -577,8 +593,14 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     }
     if (strcmp(status, "finished") == 0 && can_eval) {
         EvalResult er;
-        if (trainer_evaluate(t, &eo, &er, err) != 0) return -1;
-        res->val_loss = er.loss;
+        if (trainer_evaluate(t, &eo, &er, err) == 0) {
+            res->val_loss = er.loss;
+        } else if (er.interrupted) {
+            status = res->status = "interrupted";
+            snprintf(status_msg, sizeof status_msg, "%s", err);
+        } else {
+            return -1;
+        }
     }
     if (t->rec) {
         if (rec_flush(t->rec, err) != 0) return -1;

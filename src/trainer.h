@@ -64,6 +64,7 @@ typedef struct {
     double experts_per_token;
     int64_t tokens;
     int64_t eval_id;
+    int interrupted;    /* the signal that stopped it (its rows were rolled back); 0 */
 } EvalResult;
 
 typedef struct {

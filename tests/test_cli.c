@@ -561,6 +561,44 @@ static void test_sigint_during_training(void **state) {
     sqlite3_close(d);
 }
 
+/* Ctrl-C during a long recorded run:evaluate stops it at the next batch: the
+** evaluation's rows are rolled back, the run is 'interrupted', exit 130. */
+static void test_sigint_during_evaluation(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512], db[512], arg[600];
+    tmp_path(script, sizeof script, "eval.lua");
+    tmp_path(db, sizeof db, "eval.db");
+    snprintf(arg, sizeof arg, "db=%s", db);
+    write_file(script, TINY_PRELUDE
+               "local run = db:run{ name = 'eval', model = model, data = data }\n"
+               "run:train{ steps = 2, batch = 4, threads = 1, progress = false, eval_batches = 0 }\n"
+               "print('evaluating') io.stdout:flush()\n"
+               "run:evaluate{ batches = 1000000, batch = 4, record = true }\n"
+               "print('not reached')\n");
+    Proc p;
+    const char *const args[] = {"run", script, arg, NULL};
+    proc_start(&p, NULL, args);
+    proc_wait_for(&p, "evaluating\n", 60);
+    double until = now_s() + 0.5;
+    while (now_s() < until) proc_pump(&p, 50);
+    double sent = now_s();
+    kill(p.pid, SIGINT);
+    proc_finish(&p, 30);
+    if (now_s() - sent > 10) fail_msg("the evaluation took %.1f s to stop", now_s() - sent);
+    expect_code(&p, 130);
+    assert_null(strstr(p.out.data, "not reached"));
+    expect_in("stderr", p.err.data, "during an evaluation");
+    proc_free(&p);
+    sqlite3 *d = db_open(db);
+    char buf[512];
+    assert_string_equal(db_text(d, "SELECT status FROM runs", buf, sizeof buf), "interrupted");
+    assert_int_equal(db_int(d, "SELECT count(*) FROM evals"), 0);
+    assert_int_equal(db_int(d, "SELECT count(*) FROM routing"), 0);
+    assert_int_equal(db_int(d, "SELECT count(*) FROM metrics WHERE split = 'train'"), 2);
+    sqlite3_close(d);
+}
+
 /* SIGTERM while run:train works, SIGHUP while plain Lua runs: as Ctrl-C, the
 ** runs 'interrupted' with a message, exit 128 + the signal (143, 129). */
 static void test_sigterm_and_sighup(void **state) {
@@ -691,6 +729,7 @@ int main(void) {
         cmocka_unit_test(test_sigint_during_training),
         cmocka_unit_test(test_sigint_in_lua),
         cmocka_unit_test(test_sigterm_and_sighup),
+        cmocka_unit_test(test_sigint_during_evaluation),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
