@@ -566,7 +566,14 @@ static int db_close(lua_State *L) {
 }
 
 static int l_open(lua_State *L) {
+    static const char *const keys[] = {"adopt", NULL};
     const char *path = luaL_checkstring(L, 1);
+    int adopt = 0;
+    if (!lua_isnoneornil(L, 2)) { /* moelab.open(path, { adopt = true }) */
+        luaL_checktype(L, 2, LUA_TTABLE);
+        check_keys(L, 2, "moelab.open", keys);
+        adopt = opt_bool(L, 2, "adopt", 0) == 1;
+    }
     LDb *d = lua_newuserdatauv(L, sizeof *d, 1);
     d->r = NULL;
     d->path = NULL;
@@ -578,7 +585,8 @@ static int l_open(lua_State *L) {
     lua_setmetatable(L, -2);
     lua_setiuservalue(L, -2, 1);
     char err[ML_ERRLEN];
-    if (rec_open(&d->r, path, err) != 0) luaL_error(L, "moelab.open: %s", err);
+    if ((adopt ? rec_open_adopting(&d->r, path, err) : rec_open(&d->r, path, err)) != 0)
+        luaL_error(L, "moelab.open: %s", err);
     d->path = strdup(path);
     return 1;
 }

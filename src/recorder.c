@@ -1007,7 +1007,36 @@ static int rec_connect_readonly(Recorder *r, char *err) {
     return status;
 }
 
-static int rec_open_with(Recorder **out, const char *path, int readonly, char *err) {
+/* A file with tables of its own and no moelab schema is someone else's:
+** refused before anything in it changes (the journal mode included), unless
+** the caller adopts it. */
+static int rec_check_foreign(Recorder *r, char *err) {
+    int version = 0, runs = 0;
+    if (rec_schema_version(r, &version, err) || rec_has_table(r, "runs", &runs, err))
+        return -1;
+    if (version > 0 || runs)
+        return 0;
+    sqlite3_stmt *st = NULL;
+    char names[200] = "";
+    int n = 0;
+    if (sqlite3_prepare_v2(r->db, "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view')"
+                           " AND name NOT LIKE 'sqlite_%' ORDER BY name", -1, &st, NULL) != SQLITE_OK)
+        return rec_sqlite_error(r, "read the schema", err);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(st, 0);
+        if (n++ < 5 && strlen(names) + strlen(name) + 3 < sizeof names)
+            snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", n > 1 ? ", " : "",
+                     name);
+    }
+    sqlite3_finalize(st);
+    if (n == 0)
+        return 0;
+    return ml_error(err, "'%s' is not a moelab database: it has %d table%s of its own (%s%s) and "
+                    "no moelab schema; nothing was changed. To add moelab's tables to it, open it "
+                    "with adopt = true", r->path, n, n == 1 ? "" : "s", names, n > 5 ? ", ..." : "");
+}
+
+static int rec_open_with(Recorder **out, const char *path, int readonly, int adopt, char *err) {
     *out = NULL;
     if (!path || !*path)
         return ml_error(err, "no database path given");
@@ -1028,6 +1057,7 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, char *e
         ** faster. A larger page cache (cache_size) or temp_store=MEMORY do
         ** not help either (measured with tests/bench_recorder.c). */
         if (rec_connect(r, path, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, err)
+            || (!adopt && rec_check_foreign(r, err))
             || rec_exec(r, "PRAGMA page_size = 16384", "set the page size", err)
             || rec_exec(r, "PRAGMA journal_mode = WAL", "switch to WAL mode", err)
             || rec_exec(r, "PRAGMA synchronous = NORMAL", "set synchronous", err))
@@ -1047,11 +1077,15 @@ fail:
 }
 
 int rec_open(Recorder **out, const char *path, char *err) {
-    return rec_open_with(out, path, 0, err);
+    return rec_open_with(out, path, 0, 0, err);
+}
+
+int rec_open_adopting(Recorder **out, const char *path, char *err) {
+    return rec_open_with(out, path, 0, 1, err);
 }
 
 int rec_open_readonly(Recorder **out, const char *path, char *err) {
-    return rec_open_with(out, path, 1, err);
+    return rec_open_with(out, path, 1, 0, err);
 }
 
 void rec_close(Recorder *r) {

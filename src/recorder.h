@@ -51,6 +51,10 @@ int rec_open(Recorder **out, const char *path, char *err);
 
 /* Opens an existing moelab database for reading only (plots, queries); every
 ** write through it fails with "attempt to write a readonly database". */
+/* rec_open for a file that has tables of its own and no moelab schema, which
+** rec_open refuses: moelab's tables are added beside them. */
+int rec_open_adopting(Recorder **out, const char *path, char *err);
+
 int rec_open_readonly(Recorder **out, const char *path, char *err);
 
 /* Commits pending rows (call rec_flush first to learn whether that worked:

@@ -347,6 +347,7 @@ static void test_stratified_end_to_end(void **state) {
     run_ok(L, "model:save(DIR .. '/smoe.safetensors')\n"
               "same = moelab.load(DIR .. '/smoe.safetensors')");
     assert_lua(L, "same:loss('In the beginning') == model:loss('In the beginning')");
+    run_err(L, "moelab.open(DIR .. '/x.db', { adpot = true })", "'adpot'", "'adopt'", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'stratified', strata = { 2, 3 } } } })",
             "'moe.router.strata'", "add up to 4", NULL);
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'stratified', second = 'gumbel' } } })",

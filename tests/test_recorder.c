@@ -878,6 +878,42 @@ static void test_version_2_database_is_upgraded(void **state) {
     rec_close(r);
 }
 
+/* Someone else's SQLite file (tables of its own, no moelab schema) is refused,
+** naming its tables, and left as it was (no WAL, no new tables); adopting it
+** adds moelab's tables beside its own. An empty file is simply created. */
+static void test_foreign_database_is_refused(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "notes.db");
+    sqlite3 *db;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    exec_sql(db, "CREATE TABLE notes(id INTEGER PRIMARY KEY, text TEXT);"
+                 "INSERT INTO notes(text) VALUES ('keep me');");
+    sqlite3_close(db);
+    Recorder *r = NULL;
+    assert_int_equal(rec_open(&r, path, err), -1);
+    assert_null(r);
+    assert_non_null(strstr(err, "not a moelab database"));
+    assert_non_null(strstr(err, "notes"));
+    assert_non_null(strstr(err, "adopt = true"));
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM sqlite_schema"), 1);
+    char mode[32];
+    sqlite3_stmt *st;
+    assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    snprintf(mode, sizeof mode, "%s", (const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    assert_string_equal(mode, "delete");
+    sqlite3_close(db);
+    assert_int_equal(rec_open_adopting(&r, path, err), 0);
+    assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM notes"), 1);
+    assert_int_equal(query_int(rec_db(r), "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    rec_close(r);
+    /* adopted once, it is a moelab database: a plain open works */
+    assert_int_equal(rec_open(&r, path, err), 0);
+    rec_close(r);
+}
+
 /* A database of schema version 3 gains runs.causal, metrics.aux_entropy and
 ** token_stats.passes, its rows kept (NULL in the new columns), and
 ** v_final_loss with causal. */
@@ -1220,6 +1256,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_full_wal_is_checkpointed_in_the_background,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_large_routing_batch_reaches_the_file,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_foreign_database_is_refused,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_version_3_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),
