@@ -413,7 +413,9 @@ size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, 
     return (size_t)(o - out);
 }
 
-MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t) {
+MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, int first, ActKind act,
+                             int t) {
+    const int *hidden = mc->hidden + first; /* the pass's experts */
     int mult = act == ACT_SWIGLU ? 3 : 2;
     MoeTokenTrace tr = {.experts = 0, .passes = 1,
                         .flops = router_of(mc->kind)->has_router ? 2.0 * s->C * s->E : 0.0};
@@ -421,19 +423,19 @@ MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act
         size_t k = (size_t)t * s->slots + i;
         if (s->sel_row[k] < 0) continue;
         tr.experts++;
-        if (mc->kind != ROUTER_ORACLE) tr.flops += 2.0 * mult * s->C * mc->hidden[s->sel_expert[k]];
+        if (mc->kind != ROUTER_ORACLE) tr.flops += 2.0 * mult * s->C * hidden[s->sel_expert[k]];
     }
     for (int e = 0; mc->kind == ROUTER_ORACLE && e < s->E; e++) /* it ran them all */
-        tr.flops += 2.0 * mult * s->C * mc->hidden[e];
+        tr.flops += 2.0 * mult * s->C * hidden[e];
     return tr;
 }
 
-void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
-                       int64_t *near_zero, double *abs_sum) {
+void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, int first, float eps,
+                       int64_t *activations, int64_t *near_zero, double *abs_sum) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < s->E; e++) {
         const float *a = s->ae + s->hoff[e];
-        size_t n = (size_t)s->counts[e] * mc->hidden[e];
+        size_t n = (size_t)s->counts[e] * mc->hidden[first + e];
         /* in chunks: float lanes within one, a double across them */
         int64_t zero = 0;
         double sum = 0.0;
@@ -469,7 +471,7 @@ size_t moe_trace_routes(const MoeLayer *l, const MoeConfig *mc, MoeRoute *out) {
 
 MoeTokenTrace moe_trace_token(const MoeLayer *l, const MoeConfig *mc, ActKind act, int t) {
     if (l->merge) return merge_trace_token(l->merge, t);
-    return l->strata ? strata_trace_token(l->strata, mc, act, t) : moe_pass_token(&l->tc, mc, act, t);
+    return l->strata ? strata_trace_token(l->strata, mc, act, t) : moe_pass_token(&l->tc, mc, 0, act, t);
 }
 
 MoeExpertTrace moe_trace_expert(const MoeLayer *l, const MoeConfig *mc, int e) {
@@ -483,7 +485,7 @@ void moe_trace_sparsity(const MoeLayer *l, const MoeConfig *mc, float eps, int64
                         int64_t *near_zero, double *abs_sum) {
     if (l->merge) return; /* one merged FFN: no activations of an expert's own */
     if (l->strata) strata_trace_sparsity(l->strata, mc, eps, activations, near_zero, abs_sum);
-    else moe_pass_sparsity(&l->tc, mc, eps, activations, near_zero, abs_sum);
+    else moe_pass_sparsity(&l->tc, mc, 0, eps, activations, near_zero, abs_sum);
 }
 
 /* ------------------------------------------------------------------------ */

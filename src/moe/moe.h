@@ -186,11 +186,13 @@ void moe_trace_sparsity(const MoeLayer *l, const MoeConfig *mc, float eps, int64
                         int64_t *near_zero, double *abs_sum);
 
 /* The same for one token-choice pass over E experts, the first of which is
-** expert `first` of the layer (stratified.c composes its passes of these). */
+** expert `first` of the layer (stratified.c composes its passes of these;
+** mc is the layer's configuration). */
 size_t moe_pass_routes(const MoeState *s, int pass, int first, const int *rows, MoeRoute *out);
-MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, ActKind act, int t);
-void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, float eps, int64_t *activations,
-                       int64_t *near_zero, double *abs_sum);
+MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, int first, ActKind act,
+                             int t);
+void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, int first, float eps,
+                       int64_t *activations, int64_t *near_zero, double *abs_sum);
 
 /* merge.c */
 int merge_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float *out,

@@ -278,9 +278,7 @@ MoeTokenTrace strata_trace_token(const Strata *s, const MoeConfig *mc, ActKind a
     for (int p = 0; p < s->L; p++) {
         int i = s->local[(size_t)p * s->N + t];
         if (i < 0) continue;
-        MoeConfig pc;
-        pass_config(mc, s, p, &pc);
-        MoeTokenTrace x = moe_pass_token(&s->pass[p], &pc, act, i);
+        MoeTokenTrace x = moe_pass_token(&s->pass[p], mc, s->first[p], act, i);
         tr.experts += x.experts;
         tr.passes += 1;
         tr.flops += x.flops;
@@ -306,9 +304,7 @@ void strata_trace_sparsity(const Strata *s, const MoeConfig *mc, float eps, int6
                            int64_t *near_zero, double *abs_sum) {
     for (int p = 0; p < s->L; p++) {
         if (s->pass[p].N == 0) continue;
-        MoeConfig pc;
-        pass_config(mc, s, p, &pc);
         int m = s->first[p];
-        moe_pass_sparsity(&s->pass[p], &pc, eps, activations + m, near_zero + m, abs_sum + m);
+        moe_pass_sparsity(&s->pass[p], mc, m, eps, activations + m, near_zero + m, abs_sum + m);
     }
 }
