@@ -247,23 +247,29 @@ static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const
 ** the largest shares of its activation mass Σ_h |a_h| (the k largest, or the
 ** threshold rule on the shares), in rank order. The rows of the others were
 ** computed and are not combined. */
+void moe_mass_shares(const MoeState *s, const MoeConfig *mc, int t, float *share) {
+    size_t k0 = (size_t)t * s->slots;
+    double total = 0.0;
+    assert(s->sel_count[t] == s->E);
+    for (int i = 0; i < s->sel_count[t]; i++) {
+        int e = s->sel_expert[k0 + i], r = s->sel_row[k0 + i];
+        const float *a = s->ae + s->hoff[e] + (size_t)(r - s->offsets[e]) * mc->hidden[e];
+        double mass = 0.0;
+        for (int h = 0; h < mc->hidden[e]; h++) mass += fabsf(a[h]);
+        share[e] = (float)mass;
+        total += mass;
+    }
+    for (int e = 0; e < s->E; e++) share[e] = total > 0.0 ? (float)(share[e] / total) : 1.0f / s->E;
+}
+
 static void moe_oracle_choose(MoeState *s, const MoeConfig *mc) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < s->N; t++) {
         float share[MOE_MAX_EXPERTS], wt[MOE_MAX_EXPERTS];
         int ex[MOE_MAX_EXPERTS], row[MOE_MAX_EXPERTS];
         size_t k0 = (size_t)t * s->slots;
-        double total = 0.0;
-        for (int i = 0; i < s->sel_count[t]; i++) { /* every expert, in order */
-            int e = s->sel_expert[k0 + i], r = s->sel_row[k0 + i];
-            const float *a = s->ae + s->hoff[e] + (size_t)(r - s->offsets[e]) * mc->hidden[e];
-            double mass = 0.0;
-            for (int h = 0; h < mc->hidden[e]; h++) mass += fabsf(a[h]);
-            share[e] = (float)mass;
-            row[e] = r;
-            total += mass;
-        }
-        for (int e = 0; e < s->E; e++) share[e] = total > 0.0 ? (float)(share[e] / total) : 1.0f / s->E;
+        moe_mass_shares(s, mc, t, share);
+        for (int i = 0; i < s->sel_count[t]; i++) row[s->sel_expert[k0 + i]] = s->sel_row[k0 + i];
         int n = mc->select_threshold ? router_select_threshold(share, s->E, mc->p, 0, 0, ex, wt)
                                      : router_select_topk(share, s->E, mc->k, 0, ex, wt);
         for (int i = 0; i < n; i++) {

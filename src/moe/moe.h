@@ -194,6 +194,12 @@ MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, int first, 
 void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, int first, float eps,
                        int64_t *activations, int64_t *near_zero, double *abs_sum);
 
+/* Each expert's share of token t's activation mass Σ_h |a_h| (uniform when it
+** is all zero), after a forward in which every expert ran on every token (the
+** "all" and oracle selections): share (E). The oracle chooses by it, and
+** moe_fit_routers fits learned routers to it. */
+void moe_mass_shares(const MoeState *s, const MoeConfig *mc, int t, float *share);
+
 /* merge.c */
 int merge_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float *out,
                   const float *x, int B, int T, char *err);

@@ -252,20 +252,7 @@ int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr, 
             const MoeState *s = &m->moe[l].tc;
             const float *x = m->acts.blocks[l].ln2;
             float *W = m->w.blocks[l].moe->router;
-            /* the targets: rows of expert e are the tokens in order */
-            for (int t = 0; t < N; t++) {
-                double total = 0.0;
-                for (int e = 0; e < E; e++) {
-                    const float *a = s->ae + s->hoff[e] + (size_t)t * mc->hidden[e];
-                    double mass = 0.0;
-                    for (int h = 0; h < mc->hidden[e]; h++) mass += fabsf(a[h]);
-                    q[(size_t)t * E + e] = (float)mass;
-                    total += mass;
-                }
-                for (int e = 0; e < E; e++)
-                    q[(size_t)t * E + e] = total > 0.0 ? (float)(q[(size_t)t * E + e] / total)
-                                                       : 1.0f / E;
-            }
+            for (int t = 0; t < N; t++) moe_mass_shares(s, mc, t, q + (size_t)t * E);
             matmul_forward(p, x, W, NULL, N, C, E, 0.0f);
             for (int t = 0; t < N; t++) {
                 float *pt = p + (size_t)t * E;
