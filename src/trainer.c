@@ -123,6 +123,15 @@ static void sigint_handler(int sig) {
     signal(sig, SIG_DFL); /* a second one ends the process */
 }
 
+/* The signal that asked to stop (1 from an older caller means SIGINT), taken:
+** the flag is cleared and trainer_stopped_by set. */
+static int take_interrupt(void) {
+    int sig = trainer_interrupt == 1 ? SIGINT : trainer_interrupt;
+    trainer_interrupt = 0;
+    trainer_stopped_by = sig;
+    return sig;
+}
+
 const char *trainer_signal_name(int sig) {
     return sig == SIGTERM ? "SIGTERM" : sig == SIGHUP ? "SIGHUP" : "Ctrl-C";
 }
@@ -327,9 +336,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     EvalPace pace = {.threads = omp_get_max_threads()};
     for (int i = 0; i < o->batches; i++) {
         if (trainer_interrupt) { /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
-            int sig = trainer_interrupt == 1 ? SIGINT : trainer_interrupt;
-            trainer_interrupt = 0;
-            trainer_stopped_by = res->interrupted = sig;
+            int sig = res->interrupted = take_interrupt();
             ml_error(err, "interrupted by %s during an evaluation, at batch %d of %d (none of "
                      "its rows were kept)", trainer_signal_name(sig), i + 1, o->batches);
             goto done;
@@ -488,10 +495,8 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     int rc = 0, s = 0;
     for (s = 0; s < o->steps; s++) {
         if (trainer_interrupt) {
-            int sig = trainer_interrupt == 1 ? SIGINT : trainer_interrupt;
+            int sig = take_interrupt();
             status = "interrupted";
-            trainer_interrupt = 0;
-            trainer_stopped_by = sig;
             snprintf(status_msg, sizeof status_msg, "interrupted by %s at step %lld",
                      trainer_signal_name(sig), (long long)t->step);
             break;
