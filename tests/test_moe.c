@@ -425,6 +425,18 @@ static void test_stratified_against_naive_loop(void **state) {
     model_free(m);
 }
 
+/* order (E): the experts by p, descending. */
+static void order_desc(const double *p, int E, int *order) {
+    for (int e = 0; e < E; e++) order[e] = e;
+    for (int i = 0; i < E; i++)
+        for (int j = i + 1; j < E; j++)
+            if (p[order[j]] > p[order[i]]) {
+                int x = order[i];
+                order[i] = order[j];
+                order[j] = x;
+            }
+}
+
 /* Every token-choice router against a naive per-token loop in double (and
 ** expert choice's per-expert rule): SPEC §2's selection and weights, each
 ** selected expert run on the token alone, summed into the residual. */
@@ -466,18 +478,12 @@ static void test_routers_against_naive_loop(void **state) {
                     p[t][e] /= sum;
                     wt[t][e] = 0;
                 }
-                int order[4] = {0, 1, 2, 3}; /* by p, descending; ties to the lower index */
-                for (int i = 0; i < E; i++)
-                    for (int j = i + 1; j < E; j++)
-                        if (p[t][order[j]] > p[t][order[i]]) {
-                            int x = order[i];
-                            order[i] = order[j];
-                            order[j] = x;
-                        }
+                int order[4];
+                order_desc(p[t], E, order);
                 int n = 0, unit = 0;
                 double before = 0, kept = 0;
                 if (cases[v].kind == ROUTER_ORACLE) { /* by shares of activation mass */
-                    double mass[4], total = 0, y[16], u[16];
+                    double mass[4], total = 0, u[16];
                     for (int j = 0; j < C; j++) u[j] = b->ln2[t * C + j];
                     for (int e = 0; e < E; e++) {
                         mass[e] = 0;
@@ -488,15 +494,8 @@ static void test_routers_against_naive_loop(void **state) {
                         }
                         total += mass[e];
                     }
-                    (void)y;
                     for (int e = 0; e < E; e++) p[t][e] = mass[e] / total;
-                    for (int i = 0; i < E; i++)
-                        for (int j = i + 1; j < E; j++)
-                            if (p[t][order[j]] > p[t][order[i]]) {
-                                int x = order[i];
-                                order[i] = order[j];
-                                order[j] = x;
-                            }
+                    order_desc(p[t], E, order);
                 }
                 switch (cases[v].kind) {
                 case ROUTER_SIMILARITY:
