@@ -115,6 +115,21 @@ static const char *opt_str(lua_State *L, int idx, const char *key, const char *d
     return v;
 }
 
+/* The index in names (NULL-terminated) of string option key, def when it is
+** absent; another value is an error that lists the names. */
+static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
+                      const char *const *names, int def) {
+    const char *v = opt_str(L, idx, key, NULL);
+    if (!v) return def;
+    char list[160] = "";
+    for (int i = 0; names[i]; i++) {
+        if (strcmp(v, names[i]) == 0) return i;
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s\"%s\"", i ? ", " : "",
+                 names[i]);
+    }
+    return luaL_error(L, "%s: '%s' must be one of %s, got \"%s\"", what, key, list, v);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Lua values as JSON                                                        */
 
@@ -324,48 +339,33 @@ static int l_load(lua_State *L) {
     return 1;
 }
 
-/* moelab.moefy(model, { experts = E, method = "kmeans" | "random", seed = 1 }) */
+/* moelab.moefy(model, { experts = E, method = "kmeans" | "random", seed = 1,
+** router = { kind, select, k, p } }) */
 static int l_moefy(lua_State *L) {
     static const char *const keys[] = {"experts", "method", "seed", "router", NULL};
     static const char *const router_keys[] = {"kind", "select", "k", "p", NULL};
+    static const char *const methods[] = {"kmeans", "random", NULL};
+    static const char *const kinds[] = {"similarity", "learned", "oracle", "all", NULL};
+    static const RouterKind kind_of[] = {ROUTER_SIMILARITY, ROUTER_LEARNED, ROUTER_ORACLE,
+                                         ROUTER_ALL};
+    static const char *const selects[] = {"topk", "threshold", NULL};
     LModel *dense = check_model(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "moelab.moefy", keys);
     int E = (int)opt_int(L, 2, "experts", 8, 1, MOE_MAX_EXPERTS);
     /* the generator takes 32 bits (moefy.c adds one) */
     lua_Integer seed = opt_int(L, 2, "seed", 1, 0, ((lua_Integer)1 << 32) - 2);
-    lua_getfield(L, 2, "method");
-    const char *method = lua_isnil(L, -1) ? "kmeans" : lua_tostring(L, -1);
-    if (!method || (strcmp(method, "kmeans") != 0 && strcmp(method, "random") != 0))
-        luaL_error(L, "moelab.moefy: 'method' must be \"kmeans\" or \"random\"");
-    int kmeans = strcmp(method, "kmeans") == 0;
-    lua_pop(L, 1);
+    int kmeans = opt_choice(L, 2, "moelab.moefy", "method", methods, 0) == 0;
     MoeConfig router = {.kind = ROUTER_ALL, .k = 2, .p = 0.9f};
     lua_getfield(L, 2, "router");
     if (!lua_isnil(L, -1)) {
         int r = lua_gettop(L);
         luaL_checktype(L, r, LUA_TTABLE);
         check_keys(L, r, "moelab.moefy router", router_keys);
-        lua_getfield(L, r, "kind");
-        const char *kind = lua_isnil(L, -1) ? "similarity" : lua_tostring(L, -1);
-        if (!kind || (strcmp(kind, "similarity") != 0 && strcmp(kind, "learned") != 0 &&
-                      strcmp(kind, "oracle") != 0 && strcmp(kind, "all") != 0))
-            luaL_error(L, "moelab.moefy: router 'kind' must be \"similarity\", \"learned\", "
-                       "\"oracle\" or \"all\"");
-        router.kind = strcmp(kind, "all") == 0       ? ROUTER_ALL
-                      : strcmp(kind, "learned") == 0 ? ROUTER_LEARNED
-                      : strcmp(kind, "oracle") == 0  ? ROUTER_ORACLE
-                                                     : ROUTER_SIMILARITY;
-        lua_getfield(L, r, "select");
-        const char *select = lua_isnil(L, -1) ? "topk" : lua_tostring(L, -1);
-        if (!select || (strcmp(select, "topk") != 0 && strcmp(select, "threshold") != 0))
-            luaL_error(L, "moelab.moefy: router 'select' must be \"topk\" or \"threshold\"");
-        router.select_threshold = strcmp(select, "threshold") == 0;
-        lua_pop(L, 2);
+        router.kind = kind_of[opt_choice(L, r, "moelab.moefy", "kind", kinds, 0)];
+        router.select_threshold = opt_choice(L, r, "moelab.moefy", "select", selects, 0) == 1;
         router.k = (int)opt_int(L, r, "k", 2, 1, MOE_MAX_EXPERTS);
-        lua_getfield(L, r, "p");
-        if (!lua_isnil(L, -1)) router.p = (float)luaL_checknumber(L, -1);
-        lua_pop(L, 1);
+        router.p = (float)opt_num(L, r, "p", router.p);
     }
     lua_pop(L, 1);
     LModel *m = new_model_udata(L);
