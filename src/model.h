@@ -160,7 +160,7 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
 /* What moe_fit_routers reports: the routers' loss (cross-entropy against
 ** the groups' activation-mass shares, averaged over MoE layers) and recall
 ** (the share of the mass their choice covers), at the first step and over
-** the last tenth of the steps. */
+** the last tenth of the steps (at least the last step). */
 typedef struct {
     double first_loss, loss, first_recall, recall;
 } MoeFit;

@@ -235,7 +235,7 @@ int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr, 
         goto done;
     }
     gsl_rng_set(rng, (unsigned long)seed + 1);
-    int tail = steps - steps / 10, counted = 0;
+    int tail = steps - (steps >= 10 ? steps / 10 : 1), counted = 0; /* at least the last step */
     for (int step = 0; step < steps; step++) {
         corpus_batch(corpus, SPLIT_TRAIN, rng, B, T, in, tg);
         m->config.moe.kind = ROUTER_ALL; /* every expert: the targets, and the dense inputs */
