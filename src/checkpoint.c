@@ -3,10 +3,12 @@
 */
 #include "checkpoint.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe/router.h"
 #include "safetensors.h"
 
 /* The hash router's token map of layer l, h.{l}.moe.hash_map (V): expert ids
@@ -56,32 +58,84 @@ int checkpoint_save(const Model *m, const char *path, char *err) {
     return rc;
 }
 
-/* Reads the hash maps a checkpoint has into m; counts them in *found. */
-static int load_hash_maps(Model *m, const StFile *f, const char *path, int *found, char *err) {
+/* The hash map of layer l in f, checked, in *t; *found is 0 when the file
+** has none (the map then stays the one derived from the seed). */
+static int find_hash_map(const Model *m, const StFile *f, const char *path, int l, StTensor *t,
+                         int *found, char *err) {
     const ModelConfig *c = &m->config;
+    char name[64];
+    hash_map_name(name, sizeof name, l);
     *found = 0;
-    for (int l = 0; m->hash_map && l < c->layers; l++) {
-        if (!config_is_moe_block(c, l)) continue;
-        char name[64];
+    if (st_find(f, name, t) != 0) return 0;
+    if (t->ndim != 1 || t->shape[0] != c->vocab)
+        return ml_error(err, "'%s': tensor '%s' has the wrong shape (expected %d)", path, name,
+                        c->vocab);
+    for (int v = 0; v < c->vocab; v++) {
+        float e = t->data[v];
+        if (!(e >= 0.0f && e < (float)c->moe.experts && e == (float)(int)e))
+            return ml_error(err, "'%s': tensor '%s' maps token %d to %g, not an expert id "
+                            "(0 to %d)", path, name, v, e, c->moe.experts - 1);
+    }
+    *found = 1;
+    return 0;
+}
+
+static int has_hash_maps(const Model *m) {
+    return m->config.moe.enabled && m->config.moe.kind == ROUTER_HASH;
+}
+
+/* Checks every tensor of f against the planned model m before anything is
+** allocated for it: each parameter present with its shape (and finite unless
+** allowed), the hash maps well formed, and no tensor the model lacks. */
+static int check_tensors(const Model *m, const StFile *f, const char *path, int allow_nonfinite,
+                         char *err) {
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
         StTensor t;
-        hash_map_name(name, sizeof name, l);
-        if (st_find(f, name, &t) != 0) continue;
-        if (t.ndim != 1 || t.shape[0] != c->vocab)
-            return ml_error(err, "'%s': tensor '%s' has the wrong shape (expected %d)", path, name,
-                            c->vocab);
-        for (int v = 0; v < c->vocab; v++) {
-            float e = t.data[v];
-            if (!(e >= 0.0f && e < (float)c->moe.experts && e == (float)(int)e))
-                return ml_error(err, "'%s': tensor '%s' maps token %d to %g, not an expert id "
-                                "(0 to %d)", path, name, v, e, c->moe.experts - 1);
-            m->hash_map[(size_t)l * c->vocab + v] = (int)e;
+        if (st_find(f, p->name, &t) != 0) return ml_error(err, "'%s' has no tensor '%s'", path, p->name);
+        int ok = t.ndim == p->ndim && t.shape[0] == p->shape[0] &&
+                 (p->ndim == 1 || t.shape[1] == p->shape[1]);
+        if (!ok)
+            return ml_error(err, "'%s': tensor '%s' has the wrong shape (expected %d x %d)", path,
+                            p->name, p->shape[0], p->ndim == 2 ? p->shape[1] : 1);
+        if (allow_nonfinite) continue;
+        size_t bad = 0, first = 0;
+        for (size_t j = p->numel; j-- > 0;)
+            if (!isfinite(t.data[j])) {
+                bad++;
+                first = j;
+            }
+        if (bad)
+            return ml_error(err, "'%s': tensor '%s' has %zu non-finite values (the first at "
+                            "element %zu is %g); load it with {nonfinite = true} to inspect it",
+                            path, p->name, bad, first, t.data[first]);
+    }
+    int maps = 0;
+    for (int l = 0; has_hash_maps(m) && l < m->config.layers; l++) {
+        StTensor t;
+        int found;
+        if (!config_is_moe_block(&m->config, l)) continue;
+        if (find_hash_map(m, f, path, l, &t, &found, err) != 0) return -1;
+        maps += found;
+    }
+    if (st_count(f) == m->n_params + maps) return 0;
+    for (int i = 0; i < st_count(f); i++) {
+        StTensor t;
+        st_tensor_at(f, i, &t);
+        int map = 0; /* one of the maps counted above */
+        for (int l = 0; has_hash_maps(m) && l < m->config.layers && !map; l++) {
+            char name[64];
+            hash_map_name(name, sizeof name, l);
+            map = config_is_moe_block(&m->config, l) && strcmp(t.name, name) == 0;
         }
-        (*found)++;
+        if (model_find_param(m, t.name) < 0 && !map)
+            return ml_error(err, "'%s': tensor '%s' does not belong to a model of this "
+                            "configuration", path, t.name);
     }
     return 0;
 }
 
-int checkpoint_load(Model **out, const char *path, char *err) {
+int checkpoint_load(Model **out, const char *path, int allow_nonfinite, char *err) {
     *out = NULL;
     StFile *f = NULL;
     Model *m = NULL;
@@ -95,44 +149,28 @@ int checkpoint_load(Model **out, const char *path, char *err) {
     }
     ModelConfig c;
     config_defaults(&c);
-    if (config_from_checkpoint_json(&c, json, strlen(json), inner) != 0 || model_create(&m, &c, inner) != 0) {
+    if (config_from_checkpoint_json(&c, json, strlen(json), inner) != 0 || model_plan(&m, &c, inner) != 0) {
         st_close(f);
         return ml_error(err, "'%s': bad moelab_config: %s", path, inner);
+    }
+    if (check_tensors(m, f, path, allow_nonfinite, err) != 0) goto fail;
+    if (model_allocate(m, inner) != 0) {
+        ml_error(err, "'%s': %s", path, inner);
+        goto fail;
     }
     for (int i = 0; i < m->n_params; i++) {
         const ParamInfo *p = &m->params[i];
         StTensor t;
-        if (st_find(f, p->name, &t) != 0) {
-            ml_error(err, "'%s' has no tensor '%s'", path, p->name);
-            goto fail;
-        }
-        int ok = t.ndim == p->ndim && t.shape[0] == p->shape[0] &&
-                 (p->ndim == 1 || t.shape[1] == p->shape[1]);
-        if (!ok) {
-            ml_error(err, "'%s': tensor '%s' has the wrong shape (expected %d x %d)", path,
-                     p->name, p->shape[0], p->ndim == 2 ? p->shape[1] : 1);
-            goto fail;
-        }
+        st_find(f, p->name, &t);
         memcpy(m->param_mem + p->offset, t.data, sizeof(float) * p->numel);
     }
-    int maps;
-    if (load_hash_maps(m, f, path, &maps, err) != 0) goto fail;
-    if (st_count(f) != m->n_params + maps) {
-        for (int i = 0; i < st_count(f); i++) {
-            StTensor t;
-            st_tensor_at(f, i, &t);
-            int map = 0; /* one of the maps load_hash_maps read */
-            for (int l = 0; m->hash_map && l < m->config.layers && !map; l++) {
-                char name[64];
-                hash_map_name(name, sizeof name, l);
-                map = config_is_moe_block(&m->config, l) && strcmp(t.name, name) == 0;
-            }
-            if (model_find_param(m, t.name) < 0 && !map) {
-                ml_error(err, "'%s': tensor '%s' does not belong to a model of this "
-                         "configuration", path, t.name);
-                goto fail;
-            }
-        }
+    for (int l = 0; has_hash_maps(m) && l < m->config.layers; l++) {
+        StTensor t;
+        int found;
+        if (!config_is_moe_block(&m->config, l)) continue;
+        find_hash_map(m, f, path, l, &t, &found, NULL);
+        for (int v = 0; found && v < m->config.vocab; v++)
+            m->hash_map[(size_t)l * m->config.vocab + v] = (int)t.data[v];
     }
     st_close(f);
     *out = m;

@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 int ml_grow(void **p, size_t n, size_t elem) {
     void *q = realloc(*p, (n ? n : 1) * elem);
@@ -22,4 +23,27 @@ int ml_error(char *err, const char *fmt, ...) {
         va_end(ap);
     }
     return -1;
+}
+
+size_t ml_memory_limit(void) {
+    const char *env = getenv("MOELAB_MAX_MEMORY");
+    if (env && *env) {
+        char *end;
+        double v = strtod(env, &end);
+        double unit = *end == 'K' || *end == 'k' ? 1024.0
+                      : *end == 'M' || *end == 'm' ? 1048576.0
+                      : *end == 'G' || *end == 'g' ? 1073741824.0
+                      : *end == 'T' || *end == 't' ? 1099511627776.0 : 1.0;
+        if (v > 0 && v * unit < 1.8e19) return (size_t)(v * unit);
+    }
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && page > 0 ? (size_t)pages * (size_t)page : SIZE_MAX;
+}
+
+int ml_memory_check(size_t need, const char *what, char *err) {
+    size_t limit = ml_memory_limit();
+    if (need <= limit) return 0;
+    return ml_error(err, "%s would need about %.3g GiB of memory, more than the %.3g GiB "
+                    "allowed (the machine's memory, or MOELAB_MAX_MEMORY)", what,
+                    need / 1073741824.0, limit / 1073741824.0);
 }

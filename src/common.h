@@ -26,4 +26,11 @@ int ml_error(char *err, const char *fmt, ...)
 int ml_grow(void **p, size_t n, size_t elem);
 #define ML_GROW(ptr, n) ml_grow((void **)&(ptr), (n), sizeof *(ptr))
 
+/* The memory moelab lets a model and its batches take: MOELAB_MAX_MEMORY
+** (bytes, or with a suffix K, M, G or T) when set, else the machine's
+** physical memory. ml_memory_check refuses need bytes over it, with a
+** message naming what needs them and the estimate. */
+size_t ml_memory_limit(void);
+int ml_memory_check(size_t need, const char *what, char *err);
+
 #endif

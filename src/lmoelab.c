@@ -331,11 +331,20 @@ static int l_model(lua_State *L) {
     return 1;
 }
 
+/* moelab.load(path [, { nonfinite = true }]): nonfinite loads a checkpoint
+** whose weights hold NaN or infinities, to inspect a diverged model. */
 static int l_load(lua_State *L) {
+    static const char *const keys[] = {"nonfinite", NULL};
     const char *path = luaL_checkstring(L, 1);
+    int nonfinite = 0;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        check_keys(L, 2, "moelab.load", keys);
+        nonfinite = opt_bool(L, 2, "nonfinite", 0) == 1;
+    }
     LModel *m = new_model_udata(L);
     char err[ML_ERRLEN];
-    if (checkpoint_load(&m->m, path, err) != 0) luaL_error(L, "moelab.load: %s", err);
+    if (checkpoint_load(&m->m, path, nonfinite, err) != 0) luaL_error(L, "moelab.load: %s", err);
     return 1;
 }
 

@@ -188,7 +188,7 @@ static void initialise(Model *m) {
     gsl_rng_free(rng);
 }
 
-int model_create(Model **out, const ModelConfig *config, char *err) {
+int model_plan(Model **out, const ModelConfig *config, char *err) {
     *out = NULL;
     if (config_validate(config, err) != 0) return -1;
     Model *m = calloc(1, sizeof *m);
@@ -208,20 +208,36 @@ int model_create(Model **out, const ModelConfig *config, char *err) {
             m->g.blocks[l].moe = calloc(1, sizeof(MoeWeights));
             failed = !m->w.blocks[l].moe || !m->g.blocks[l].moe;
         }
-    if (!failed && config->moe.enabled && config->moe.kind == ROUTER_HASH)
-        failed = make_hash_map(m) != 0;
     if (!failed) model_layout(m, &m->w, NULL, 1, &failed);
     if (failed) {
         model_free(m);
         return ml_error(err, "out of memory creating the model");
     }
+    *out = m;
+    return 0;
+}
+
+int model_allocate(Model *m, char *err) {
+    const ModelConfig *c = &m->config;
+    int hash = c->moe.enabled && c->moe.kind == ROUTER_HASH;
+    size_t map_bytes = hash ? sizeof(int) * (size_t)c->layers * c->vocab : 0;
+    char what[96];
+    snprintf(what, sizeof what, "the model's %zu parameters", m->num_parameters);
+    if (ml_memory_check(m->num_parameters * sizeof(float) + map_bytes, what, err) != 0) return -1;
+    if (hash && make_hash_map(m) != 0) return ml_error(err, "out of memory creating the model");
     m->param_mem = arena_alloc(m->num_parameters);
-    if (!m->param_mem) {
-        size_t n = m->num_parameters;
-        model_free(m);
-        return ml_error(err, "out of memory: %zu parameters", n);
-    }
+    if (!m->param_mem) return ml_error(err, "out of memory: %zu parameters", m->num_parameters);
     model_layout(m, &m->w, m->param_mem, 0, NULL);
+    return 0;
+}
+
+int model_create(Model **out, const ModelConfig *config, char *err) {
+    Model *m;
+    if (model_plan(&m, config, err) != 0) return -1;
+    if (model_allocate(m, err) != 0) {
+        model_free(m);
+        return -1;
+    }
     initialise(m);
     *out = m;
     return 0;
@@ -290,15 +306,15 @@ static float *carve(float *base, size_t *cursor, size_t n) {
     return p;
 }
 
-static size_t acts_layout(Model *m, float *base, int B) {
-    const ModelConfig *c = &m->config;
+/* Lays out the activations of B sequences from base into a (or, with base
+** NULL, only counts them: then a->blocks may be NULL). Returns floats. */
+static size_t acts_layout(const ModelConfig *c, Acts *a, float *base, int B) {
     size_t T = (size_t)c->context, C = (size_t)c->d_model, H = (size_t)c->ffn_hidden;
     size_t NH = (size_t)c->heads, V = (size_t)c->vocab, BT = (size_t)B * T;
     size_t at = 0;
-    Acts *a = &m->acts;
     a->encoded = carve(base, &at, BT * C);
     for (int l = 0; l < c->layers; l++) {
-        BlockActs *b = &a->blocks[l];
+        BlockActs counting, *b = a->blocks ? &a->blocks[l] : &counting;
         b->ln1 = carve(base, &at, BT * C);
         b->ln1_mean = carve(base, &at, BT);
         b->ln1_rstd = carve(base, &at, BT);
@@ -327,11 +343,9 @@ static size_t acts_layout(Model *m, float *base, int B) {
     return at;
 }
 
-static size_t scratch_layout(Model *m, float *base, int B) {
-    const ModelConfig *c = &m->config;
+static size_t scratch_layout(const ModelConfig *c, Scratch *s, float *base, int B) {
     size_t BT = (size_t)B * c->context, C = (size_t)c->d_model, H = (size_t)c->ffn_hidden;
     size_t at = 0;
-    Scratch *s = &m->scratch;
     s->dres = carve(base, &at, BT * C);
     s->dln = carve(base, &at, BT * C);
     s->datty = carve(base, &at, BT * C);
@@ -350,18 +364,61 @@ static size_t scratch_layout(Model *m, float *base, int B) {
     return at;
 }
 
+size_t model_memory_bytes(const Model *m, int B, int training) {
+    const ModelConfig *c = &m->config;
+    const MoeConfig *mc = &c->moe;
+    size_t floats = m->num_parameters * (training ? 4 : 1);
+    Acts a = {0};
+    Scratch s;
+    floats += acts_layout(c, &a, NULL, B);
+    if (training) floats += scratch_layout(c, &s, NULL, B);
+    if (m->n_moe_layers > 0) {
+        /* per MoE layer: router probabilities and, for each of the nominal
+        ** experts per token, its hidden activations (twice when training) */
+        double hidden = 0.0, N = (double)B * c->context;
+        for (int e = 0; e < mc->experts; e++) hidden += mc->hidden[e];
+        hidden /= mc->experts;
+        int mats = c->activation == ACT_SWIGLU ? 3 : 2;
+        double per_layer = N * mc->experts + N * router_of(mc->kind)->nominal_k(mc) * hidden * mats *
+                           (training ? 2 : 1) + N * c->d_model * 2;
+        floats += (size_t)(per_layer * m->n_moe_layers);
+    }
+    return floats * sizeof(float);
+}
+
+/* The limit checks of a batch of B sequences of T tokens: the token count
+** every loop indexes with an int, and the memory it needs. */
+static int check_batch(const Model *m, int B, int T, int training, char *err) {
+    if ((int64_t)B * T > MODEL_MAX_BATCH_TOKENS)
+        return ml_error(err, "a batch of %d x %d tokens is %lld tokens, more than moelab takes in "
+                        "one batch (%d); use a smaller batch", B, T, (long long)B * T,
+                        MODEL_MAX_BATCH_TOKENS);
+    char what[96];
+    snprintf(what, sizeof what, "%s a batch of %d sequences of %d tokens",
+             training ? "training on" : "running", B, m->config.context);
+    return ml_memory_check(model_memory_bytes(m, B, training), what, err);
+}
+
+int model_check_batch(const Model *m, int B, int T, int training, char *err) {
+    if (B < 1 || T < 1 || T > m->config.context)
+        return ml_error(err, "need a batch of at least 1 sequence of 1 to %d tokens (the context), "
+                        "got %d x %d", m->config.context, B, T);
+    return check_batch(m, B, T, training, err);
+}
+
 /* Makes the activation arena large enough for B sequences; grows, never shrinks. */
 static int ensure_acts(Model *m, int B, char *err) {
     if (B <= m->max_batch) return 0;
+    if (check_batch(m, B, m->config.context, m->grad_mem != NULL, err) != 0) return -1;
     free(m->act_mem);
     free(m->scratch_mem);
     m->scratch_mem = NULL;
-    m->act_mem = arena_alloc(acts_layout(m, NULL, B));
+    m->act_mem = arena_alloc(acts_layout(&m->config, &m->acts, NULL, B));
     if (!m->act_mem) {
         m->max_batch = 0;
         return ml_error(err, "out of memory for the activations of a batch of %d", B);
     }
-    acts_layout(m, m->act_mem, B);
+    acts_layout(&m->config, &m->acts, m->act_mem, B);
     m->max_batch = B;
     return 0;
 }
@@ -414,6 +471,8 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
     if (B < 1 || T < 1 || T > c->context)
         return ml_error(err, "forward: need 1 <= T <= context (%d), got B=%d T=%d",
                         c->context, B, T);
+    if ((int64_t)B * T > MODEL_MAX_BATCH_TOKENS)
+        return check_batch(m, B, T, 0, err);
     for (int i = 0; i < B * T; i++) {
         if (inputs[i] < 0 || inputs[i] >= c->vocab)
             return ml_error(err, "forward: token %d outside the vocabulary (%d)", inputs[i], c->vocab);
@@ -500,9 +559,10 @@ int model_backward(Model *m, char *err) {
         model_layout(m, &m->g, m->grad_mem, 0, NULL);
     }
     if (!m->scratch_mem) {
-        m->scratch_mem = arena_alloc(scratch_layout(m, NULL, m->max_batch));
+        Scratch counting;
+        m->scratch_mem = arena_alloc(scratch_layout(&m->config, &counting, NULL, m->max_batch));
         if (!m->scratch_mem) return ml_error(err, "out of memory for the backward pass");
-        scratch_layout(m, m->scratch_mem, m->max_batch);
+        scratch_layout(&m->config, &m->scratch, m->scratch_mem, m->max_batch);
     }
     int B = m->B, T = m->T, N = B * T;
     int C = c->d_model, H = c->ffn_hidden, V = c->vocab, NH = c->heads;

@@ -115,6 +115,31 @@ typedef struct Model {
 
 /* Builds a model with freshly initialised weights (seeded by config.seed). */
 int model_create(Model **out, const ModelConfig *config, char *err);
+
+/* model_create in two steps, for a loader that checks a file against the
+** model's tensors before it pays for them: model_plan validates the
+** configuration and registers every parameter (params, num_parameters) but
+** allocates none of them; model_allocate checks the memory they need against
+** the machine's (ml_memory_check) and allocates them, zeroed, with the hash
+** router's map derived from the seed. */
+int model_plan(Model **out, const ModelConfig *config, char *err);
+int model_allocate(Model *m, char *err);
+
+/* The most tokens one batch may hold (B x T): every loop over a batch's
+** tokens indexes with an int, and N x E router probabilities must too. */
+#define MODEL_MAX_BATCH_TOKENS (1 << 22)
+
+/* An estimate of the bytes a batch of B sequences needs: the parameters,
+** their gradients and AdamW moments when training, the activations and the
+** backward pass's scratch (training), and the MoE layers' per-batch state
+** at the nominal experts per token. */
+size_t model_memory_bytes(const Model *m, int B, int training);
+
+/* Refuses, with a message, a batch of B sequences of T tokens that is empty,
+** longer than the context, over MODEL_MAX_BATCH_TOKENS, or needs more memory
+** than ml_memory_check allows. model_forward checks it; callers that
+** allocate per batch (the trainer) check it first. */
+int model_check_batch(const Model *m, int B, int T, int training, char *err);
 void model_free(Model *m);
 
 /* Runs the model on inputs (B,T) with T <= context. With targets, computes

@@ -101,8 +101,9 @@ void trainer_free(Trainer *t) {
     memset(t, 0, sizeof *t);
 }
 
+/* Room for B x T token ids; model_check_batch has bounded B x T. */
 static int ensure_batch(Trainer *t, int B, int T, char *err) {
-    int need = B * T;
+    size_t need = (size_t)B * (size_t)T;
     if (need <= t->cap) return 0;
     free(t->inputs);
     free(t->targets);
@@ -295,6 +296,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         return ml_error(err, "evaluate: batches and batch must be at least 1 (got %d, %d)",
                         o->batches, B);
     if (corpus_check_context(t->corpus, o->split, T, err) != 0) return -1;
+    char inner[ML_ERRLEN];
+    if (model_check_batch(m, B, T, 0, inner) != 0) return ml_error(err, "evaluate: %s", inner);
     if (ensure_batch(t, B, T, err) != 0) return -1;
     int moe = m->n_moe_layers > 0;
     int record = o->record && t->rec && moe;
@@ -445,6 +448,8 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (!(o->eps > 0.0f) || !isfinite(o->eps))
         return ml_error(err, "train: eps must be a positive number, got %g", o->eps);
     if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
+    char inner[ML_ERRLEN];
+    if (model_check_batch(m, B, T, 1, inner) != 0) return ml_error(err, "train: %s", inner);
     if (ensure_batch(t, B, T, err) != 0) return -1;
     trainer_set_threads(o->threads);
     int progress = o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;

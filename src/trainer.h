@@ -78,7 +78,7 @@ typedef struct {
     double wall_ms;    /* training time so far */
     void *rng;         /* gsl_rng of the training batches */
     int *inputs, *targets;
-    int cap;           /* ints in inputs and targets */
+    size_t cap;        /* ints in inputs and targets */
     MoeRoute *trace;   /* one layer's route trace, while an evaluation is recorded */
     size_t trace_cap;
 } Trainer;

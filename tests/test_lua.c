@@ -894,6 +894,46 @@ static void test_load_errors(void **state) {
     lua_close(L);
 }
 
+/* A checkpoint whose weights hold NaN is refused, naming the tensor, unless
+** asked for (it used to load silently, and every loss was NaN). */
+static void test_load_nonfinite(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "model = moelab.model(tiny())\n"
+              "model:save(DIR .. '/nan.safetensors')\n"
+              "local f = assert(io.open(DIR .. '/nan.safetensors', 'rb'))\n"
+              "local bytes = f:read('a') f:close()\n"
+              "local data = 8 + string.unpack('<I8', bytes) + 1\n"
+              "bytes = bytes:sub(1, data + 39) .. string.pack('<f', 0/0) .. bytes:sub(data + 44)\n"
+              "f = assert(io.open(DIR .. '/nan.safetensors', 'wb')) f:write(bytes) f:close()");
+    run_err(L, "moelab.load(DIR .. '/nan.safetensors')", "moelab.load", "nan.safetensors",
+            "'wte.weight' has 1 non-finite value", "element 10", "nonfinite = true", NULL);
+    run_ok(L, "back = moelab.load(DIR .. '/nan.safetensors', { nonfinite = true })");
+    assert_lua(L, "back:loss('\\0abcdefgh') ~= back:loss('\\0abcdefgh')"); /* byte 0's embedding */
+    run_err(L, "moelab.load(DIR .. '/nan.safetensors', { nonfinit = true })", "moelab.load",
+            "nonfinit", NULL);
+    lua_close(L);
+}
+
+/* batch x context past an int's range, each within its limit: refused with a
+** message and the run marked failed (it used to segfault, the run left
+** running). */
+static void test_train_batch_overflow(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "model = moelab.model{ context = 65536, d_model = 8, heads = 1, layers = 1,\n"
+              "                      ffn = { hidden = 8 } }\n"
+              "db = moelab.open(DIR .. '/overflow.db')\n"
+              "run = db:run{ name = 'big', model = model,\n"
+              "              data = moelab.corpus{ text = string.rep('abcdefgh', 100000) } }");
+    run_err(L, "run:train{ steps = 1, batch = 32768 }", "run:train", "32768 x 65536",
+            "2147483648 tokens", NULL);
+    assert_lua(L, "db:query('SELECT status FROM runs')[1].status == 'failed'");
+    run_err(L, "run:evaluate{ batches = 1, batch = 40 }", "run:evaluate",
+            "a batch of 40 sequences of 65536 tokens", "GiB", NULL);
+    lua_close(L);
+}
+
 static void test_loss_errors(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1105,6 +1145,8 @@ int main(void) {
         cmocka_unit_test(test_option_errors),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
+        cmocka_unit_test(test_load_nonfinite),
+        cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),
         cmocka_unit_test(test_divergence),

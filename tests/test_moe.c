@@ -212,7 +212,7 @@ static void test_hash_map_stored(void **state) {
     assert_non_null(mkdtemp(dir));
     snprintf(path, sizeof path, "%s/h.safetensors", dir);
     if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
-    if (checkpoint_load(&back, path, err) != 0) fail_msg("%s", err);
+    if (checkpoint_load(&back, path, 0, err) != 0) fail_msg("%s", err);
     assert_memory_equal(back->hash_map, m->hash_map, sizeof(int) * c.layers * V);
     int tokens[17];
     for (int i = 0; i < 17; i++) tokens[i] = "And God said, Let"[i];
@@ -224,7 +224,7 @@ static void test_hash_map_stored(void **state) {
     /* expert 4 of 4 experts: refused, naming the tensor */
     m->hash_map[V + 3] = c.moe.experts;
     if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
-    assert_int_equal(checkpoint_load(&back, path, err), -1);
+    assert_int_equal(checkpoint_load(&back, path, 0, err), -1);
     assert_null(back);
     assert_non_null(strstr(err, "'h.1.moe.hash_map' maps token 3 to 4"));
     model_free(m);

@@ -7,12 +7,16 @@
 #include "testmodel.h"
 
 #include <sqlite3.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "checkpoint.h"
 #include "data.h"
 #include "model.h"
 #include "recorder.h"
+#include "safetensors.h"
 #include "trainer.h"
 
 static void test_adamw_by_hand(void **state) {
@@ -127,6 +131,78 @@ static void test_checkpoint_names(void **state) {
     model_free(m);
 }
 
+/* Loads path in a child process: its exit status says whether the load
+** failed with a message containing want, and *peak_mb its peak memory. */
+static int load_in_child(const char *path, const char *want, long *peak_mb) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        Model *m;
+        char err[ML_ERRLEN] = "";
+        int rc = checkpoint_load(&m, path, 0, err);
+        _exit(rc == -1 && strstr(err, want) ? 0 : (fprintf(stderr, "load: %s\n", err), 1));
+    }
+    int status;
+    struct rusage ru;
+    if (wait4(pid, &status, 0, &ru) != pid) return -1;
+    *peak_mb = ru.ru_maxrss / 1024;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* A file of a few hundred bytes whose configuration claims a model of 4 GB:
+** refused for its missing tensors before anything of that size is
+** allocated (it used to allocate and initialise the model first, 100 s). */
+static void test_checkpoint_checked_before_allocation(void **state) {
+    (void)state;
+    char dir[] = "/tmp/moelab_hostile_XXXXXX", path[256], err[ML_ERRLEN];
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/huge.safetensors", dir);
+    const char *keys[] = {"moelab_config"};
+    const char *values[] = {"{\"vocab\":4194304,\"d_model\":256,\"heads\":1,\"layers\":1,"
+                            "\"context\":16,\"tied\":false}"};
+    if (st_save(path, NULL, 0, keys, values, 1, err) != 0) fail_msg("%s", err);
+    long peak_mb = 0;
+    assert_int_equal(load_in_child(path, "has no tensor 'wte.weight'", &peak_mb), 0);
+    if (peak_mb > 512) fail_msg("loading a 200-byte file took %ld MB", peak_mb);
+    unlink(path);
+    rmdir(dir);
+}
+
+/* A model, or a checkpoint, or a batch larger than the memory allowed is
+** refused with the estimate; MOELAB_MAX_MEMORY stands in for a small machine. */
+static void test_memory_estimate_refused(void **state) {
+    (void)state;
+    ModelConfig c = test_tiny_config();
+    Model *m, *back;
+    char err[ML_ERRLEN], dir[] = "/tmp/moelab_mem_XXXXXX", path[256];
+    assert_int_equal(model_create(&m, &c, err), 0);
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
+    size_t need = model_memory_bytes(m, 4, 1);
+    assert_true(need > m->num_parameters * 4 * sizeof(float));
+    setenv("MOELAB_MAX_MEMORY", "16K", 1); /* less than the parameters need */
+    assert_int_equal(model_create(&back, &c, err), -1);
+    assert_non_null(strstr(err, "would need about"));
+    assert_int_equal(checkpoint_load(&back, path, 0, err), -1);
+    assert_non_null(strstr(err, "m.safetensors"));
+    assert_non_null(strstr(err, "GiB"));
+    setenv("MOELAB_MAX_MEMORY", "2M", 1); /* the model, not a batch of 64 */
+    assert_int_equal(model_check_batch(m, 1, 16, 0, err), 0);
+    assert_int_equal(model_check_batch(m, 64, 16, 1, err), -1);
+    assert_non_null(strstr(err, "a batch of 64 sequences of 16 tokens"));
+    int tokens[64 * 16] = {0};
+    assert_int_equal(model_forward(m, tokens, tokens, 64, 16, err), -1);
+    unsetenv("MOELAB_MAX_MEMORY");
+    assert_int_equal(model_check_batch(m, 64, 16, 1, err), 0);
+    /* a batch whose token count passes an int's range is refused, not overflowed */
+    assert_int_equal(model_check_batch(m, 1 << 20, 16, 0, err), -1);
+    assert_non_null(strstr(err, "16777216 tokens"));
+    assert_int_equal(model_forward(m, tokens, NULL, 1 << 28, 16, err), -1);
+    model_free(m);
+    unlink(path);
+    rmdir(dir);
+}
+
 /* Trains a fresh model for `steps` on a synthetic corpus, recording into an
 ** in-memory database, and returns the recorded training losses. */
 static void train_losses(int steps, double *losses) {
@@ -225,6 +301,8 @@ int main(void) {
         cmocka_unit_test(test_lr_schedule),
         cmocka_unit_test(test_checkpoint_roundtrip),
         cmocka_unit_test(test_checkpoint_names),
+        cmocka_unit_test(test_checkpoint_checked_before_allocation),
+        cmocka_unit_test(test_memory_estimate_refused),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_memorise),
     };

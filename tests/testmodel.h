@@ -32,7 +32,7 @@ static inline void test_save_load_same(Model *m, const char *text) {
     assert_non_null(mkdtemp(dir));
     snprintf(path, sizeof path, "%s/m.safetensors", dir);
     if (checkpoint_save(m, path, err) != 0) fail_msg("%s", err);
-    if (checkpoint_load(&back, path, err) != 0) fail_msg("%s", err);
+    if (checkpoint_load(&back, path, 0, err) != 0) fail_msg("%s", err);
     assert_int_equal(back->num_parameters, m->num_parameters);
     assert_int_equal(back->n_params, m->n_params);
     assert_memory_equal(back->param_mem, m->param_mem, sizeof(float) * m->num_parameters);

@@ -25,7 +25,7 @@ int main(int argc, char **argv) {
     char err[ML_ERRLEN];
     Model *m;
     trainer_set_threads(0);
-    if (checkpoint_load(&m, argv[1], err) != 0) {
+    if (checkpoint_load(&m, argv[1], 0, err) != 0) {
         fprintf(stderr, "dump_grads: %s\n", err);
         return 1;
     }
