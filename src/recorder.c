@@ -15,13 +15,16 @@
 */
 #include "recorder.h"
 
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /*
 ** The documented schema. Tables and columns named in SPEC §3 keep their
@@ -32,24 +35,34 @@
 ** are found by eval_id through token_stats' key and evals' routing ranges
 ** (see there).
 */
+/* The runs table, shared by a new schema and the upgrade that rebuilds it. */
+#define REC_RUNS_COLUMNS \
+    "(\n" \
+    "  run_id        INTEGER PRIMARY KEY,\n" \
+    "  name          TEXT NOT NULL,\n" \
+    "  experiment    TEXT,\n" \
+    "  config        TEXT,               -- the whole configuration as JSON\n" \
+    "  seed          INTEGER,\n" \
+    "  status        TEXT NOT NULL DEFAULT 'running' CHECK (status IN\n" \
+    "                ('running','finished','diverged','interrupted','failed','crashed')),\n" \
+    "  started_at    TEXT NOT NULL,      -- ISO-8601 UTC\n" \
+    "  finished_at   TEXT,               -- ISO-8601 UTC, set by terminal states\n" \
+    "                                    -- (not by crashed: when is not known)\n" \
+    "  params_total  INTEGER,\n" \
+    "  params_active INTEGER,\n" \
+    "  error         TEXT,               -- why a run diverged, failed, crashed\n" \
+    "  causal        INTEGER,            -- 1: no position's loss depends on a later\n" \
+    "                                    -- byte; 0: it may (expert choice, merged\n" \
+    "                                    -- experts gated on whole sequences) (schema 4)\n" \
+    "  -- the process that set it running: its pid, host and start time (Unix\n" \
+    "  -- seconds); a run 'running' whose process is gone is 'crashed' (schema 5)\n" \
+    "  pid           INTEGER,\n" \
+    "  host          TEXT,\n" \
+    "  pid_started   REAL\n" \
+    ")"
+
 static const char *rec_schema_sql =
-    "CREATE TABLE IF NOT EXISTS runs(\n"
-    "  run_id        INTEGER PRIMARY KEY,\n"
-    "  name          TEXT NOT NULL,\n"
-    "  experiment    TEXT,\n"
-    "  config        TEXT,               -- the whole configuration as JSON\n"
-    "  seed          INTEGER,\n"
-    "  status        TEXT NOT NULL DEFAULT 'running' CHECK (status IN\n"
-    "                ('running','finished','diverged','interrupted','failed')),\n"
-    "  started_at    TEXT NOT NULL,      -- ISO-8601 UTC\n"
-    "  finished_at   TEXT,               -- ISO-8601 UTC, set by terminal states\n"
-    "  params_total  INTEGER,\n"
-    "  params_active INTEGER,\n"
-    "  error         TEXT,               -- why a run diverged or failed\n"
-    "  causal        INTEGER             -- 1: no position's loss depends on a later\n"
-    "                                    -- byte; 0: it may (expert choice, merged\n"
-    "                                    -- experts gated on whole sequences) (schema 4)\n"
-    ");\n"
+    "CREATE TABLE IF NOT EXISTS runs" REC_RUNS_COLUMNS ";\n"
     "CREATE INDEX IF NOT EXISTS runs_by_name ON runs(name);\n"
     "\n"
     "CREATE TABLE IF NOT EXISTS metrics(\n"
@@ -79,7 +92,10 @@ static const char *rec_schema_sql =
     "  topk_flops_per_token REAL,          -- merged experts: the same gates as per-token\n"
     "                                      -- top-k layers would cost (schema 4)\n"
     "  routing_first INTEGER,            -- its routing rows all have a routing_id\n"
-    "  routing_last  INTEGER             -- in [first, last] (see routing)\n"
+    "  routing_last  INTEGER,            -- in [first, last] (see routing)\n"
+    "  -- 0 while it is written: a long one commits in chunks, and a crash\n"
+    "  -- leaves it 0 with the rows written so far (schema 5)\n"
+    "  complete      INTEGER NOT NULL DEFAULT 1\n"
     ");\n"
     "CREATE INDEX IF NOT EXISTS evals_by_run ON evals(run_id, step);\n"
     "\n"
@@ -294,15 +310,20 @@ struct Recorder {
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
     sqlite3_stmt *update_eval;
+    sqlite3_stmt *delete_eval;
     sqlite3_stmt *routing_range;  /* widens evals.routing_first/last */
     sqlite3_stmt *eval_run;   /* the run of an evaluation */
     sqlite3_stmt *insert_rows[REC_ROW_KINDS];
+    int64_t commit_rows;      /* an evaluation's writer commits every so many rows */
+    int pid;                  /* this process, recorded with the runs it sets running */
+    char host[256];
+    double pid_started;
     RecCheckpointer *checkpointer; /* started by the first full WAL */
     int checkpointer_failed;       /* could not start: commits checkpoint */
 };
 
 static const char *rec_statuses[] = {
-    "running", "finished", "diverged", "interrupted", "failed",
+    "running", "finished", "diverged", "interrupted", "failed", "crashed",
 };
 
 /* The message for the connection's last error while doing `what`. */
@@ -348,6 +369,13 @@ static void rec_bind_text_or_null(sqlite3_stmt *st, int index, const char *text)
         sqlite3_bind_text(st, index, text, -1, SQLITE_TRANSIENT);
     else
         sqlite3_bind_null(st, index);
+}
+
+/* This process's pid, host and start time, at index, index + 1, index + 2. */
+static void rec_bind_process(Recorder *r, sqlite3_stmt *st, int index) {
+    sqlite3_bind_int(st, index, r->pid);
+    sqlite3_bind_text(st, index + 1, r->host, -1, SQLITE_STATIC);
+    rec_bind_real_or_null(st, index + 2, r->pid_started);
 }
 
 /* Reads PRAGMA user_version: the first real read of the file, so this is
@@ -471,8 +499,26 @@ static const char *rec_upgrade_from_1_copy_sql =
     "DROP TABLE routing_v1;\n"
     "DROP TABLE token_stats_v1;\n";
 
+/*
+** Version 5 lets a run be 'crashed', which the CHECK of older versions'
+** runs table refuses, and records the process of a running run. The table
+** is made again and its rows copied (SQLite's way to change a constraint:
+** create, copy, drop, rename, with foreign keys off so that the drop
+** cascades to nothing); v_final_loss, which reads it, is made again by the
+** schema.
+*/
+static const char *rec_upgrade_runs_to_5_sql =
+    "DROP VIEW IF EXISTS v_final_loss;\n"
+    "CREATE TABLE runs_v5" REC_RUNS_COLUMNS ";\n"
+    "INSERT INTO runs_v5(run_id, name, experiment, config, seed, status, started_at,"
+    " finished_at, params_total, params_active, error, causal)\n"
+    "  SELECT run_id, name, experiment, config, seed, status, started_at, finished_at,"
+    " params_total, params_active, error, causal FROM runs;\n"
+    "DROP TABLE runs;\n"
+    "ALTER TABLE runs_v5 RENAME TO runs;\n";
+
 /* Creates the schema of a new database, upgrades an older one, or checks an
-** existing one's version. */
+** existing one's version. Foreign keys are still off (rec_open_with). */
 static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
     int version = 0;
     if (rec_schema_version(r, &version, err))
@@ -511,6 +557,8 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         || (old && rec_add_column(r, "evals", "topk_flops_per_token", "REAL", err))
         || (old && rec_exec(r, "DROP VIEW IF EXISTS v_final_loss", "upgrade the schema", err))
         || (old && !from1 && rec_add_column(r, "token_stats", "passes", "INTEGER", err))
+        || (old && rec_add_column(r, "evals", "complete", "INTEGER NOT NULL DEFAULT 1", err))
+        || (old && rec_exec(r, rec_upgrade_runs_to_5_sql, "upgrade the schema", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
         || (from1 && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
         || (from2 && rec_exec(r, rec_upgrade_from_2_copy_sql, "upgrade the schema", err))
@@ -778,13 +826,16 @@ static int rec_prepare_all(Recorder *r, char *err) {
         || rec_prepare(r, &r->eval_run, "SELECT run_id FROM evals WHERE eval_id = ?1", err)
         || rec_prepare(r, &r->insert_run,
                "INSERT INTO runs(name, experiment, config, seed, status, started_at,"
-               " params_total, params_active, causal)"
+               " params_total, params_active, causal, pid, host, pid_started)"
                " VALUES (?1, ?2, ?3, ?4, 'running',"
-               " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?5, ?6, ?7)", err)
+               " strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?5, ?6, ?7, ?8, ?9, ?10)", err)
         || rec_prepare(r, &r->update_status,
                "UPDATE runs SET status = ?2, error = ?3,"
                " finished_at = CASE WHEN ?2 = 'running' THEN NULL"
-               " ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END"
+               " ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END,"
+               " pid = CASE WHEN ?2 = 'running' THEN ?4 ELSE pid END,"
+               " host = CASE WHEN ?2 = 'running' THEN ?5 ELSE host END,"
+               " pid_started = CASE WHEN ?2 = 'running' THEN ?6 ELSE pid_started END"
                " WHERE run_id = ?1", err)
         || rec_prepare(r, &r->update_topk_flops,
                "UPDATE evals SET topk_flops_per_token = ?2 WHERE eval_id = ?1", err)
@@ -798,11 +849,12 @@ static int rec_prepare_all(Recorder *r, char *err) {
                err)
         || rec_prepare(r, &r->insert_eval,
                "INSERT INTO evals(run_id, step, split, tokens, loss,"
-               " moe_flops_per_token, experts_per_token)"
-               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)", err)
+               " moe_flops_per_token, experts_per_token, complete)"
+               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?5 IS NOT NULL)", err)
         || rec_prepare(r, &r->update_eval,
                "UPDATE evals SET tokens = ?2, loss = ?3, moe_flops_per_token = ?4,"
-               " experts_per_token = ?5 WHERE eval_id = ?1", err)
+               " experts_per_token = ?5, complete = 1 WHERE eval_id = ?1", err)
+        || rec_prepare(r, &r->delete_eval, "DELETE FROM evals WHERE eval_id = ?1", err)
         || rec_prepare(r, &r->routing_range,
                "UPDATE evals SET routing_first = MIN(COALESCE(routing_first, ?2), ?2),"
                " routing_last = MAX(COALESCE(routing_last, ?3), ?3) WHERE eval_id = ?1", err))
@@ -1036,6 +1088,121 @@ static int rec_check_foreign(Recorder *r, char *err) {
                     "with adopt = true", r->path, n, n == 1 ? "" : "s", names, n > 5 ? ", ..." : "");
 }
 
+/* ---- runs whose process is gone ------------------------------------ */
+
+/*
+** A run is set running with its process's pid, host and start time. When a
+** database is opened for writing, every run still 'running' on this host
+** whose process is gone -- no such pid, a zombie, or a pid since reused by a
+** process that started at another time -- is marked 'crashed'. Runs of
+** other hosts cannot be checked from here and keep their status.
+*/
+
+/* The start time of process pid in Unix seconds, from /proc (NAN when it
+** cannot be read), and in *zombie whether it has ended but not been reaped. */
+static double rec_process_started(int pid, int *zombie) {
+    char path[64], buf[1024];
+    *zombie = 0;
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return NAN;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    char state = 0;
+    unsigned long long ticks = 0;
+    /* after the name: state (field 3), ..., starttime (field 22) */
+    if (!p || sscanf(p + 1, " %c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s"
+                     " %*s %*s %*s %llu", &state, &ticks) != 2)
+        return NAN;
+    *zombie = state == 'Z';
+    f = fopen("/proc/stat", "r");
+    if (!f)
+        return NAN;
+    double boot = NAN;
+    unsigned long long btime;
+    while (fgets(buf, sizeof buf, f))
+        if (sscanf(buf, "btime %llu", &btime) == 1)
+            boot = (double)btime;
+    fclose(f);
+    return boot + (double)ticks / (double)sysconf(_SC_CLK_TCK);
+}
+
+static int rec_process_alive(int64_t pid, double started) {
+    if (pid <= 0 || pid > INT32_MAX)
+        return 0;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH)
+        return 0;
+    int zombie;
+    double now = rec_process_started((int)pid, &zombie);
+    return !zombie && (isnan(started) || isnan(now) || fabs(now - started) < 0.5);
+}
+
+static int rec_mark_crashed(Recorder *r, char *err) {
+    sqlite3_stmt *st = NULL;
+    int64_t *dead = NULL;
+    int64_t *pids = NULL;
+    size_t n = 0, cap = 0;
+    int status = -1;
+    if (sqlite3_prepare_v2(r->db, "SELECT run_id, pid, pid_started FROM runs"
+                           " WHERE status = 'running' AND host = ?1 AND pid IS NOT NULL",
+                           -1, &st, NULL) != SQLITE_OK) {
+        rec_sqlite_error(r, "read the runs", err);
+        goto cleanup;
+    }
+    sqlite3_bind_text(st, 1, r->host, -1, SQLITE_STATIC);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int64_t pid = sqlite3_column_int64(st, 1);
+        double started = sqlite3_column_type(st, 2) == SQLITE_NULL ? NAN : sqlite3_column_double(st, 2);
+        if (rec_process_alive(pid, started))
+            continue;
+        if (n == cap && (ML_GROW(dead, cap * 2 + 8) || ML_GROW(pids, cap * 2 + 8))) {
+            ml_error(err, "out of memory opening '%s'", r->path);
+            goto cleanup;
+        }
+        if (n == cap)
+            cap = cap * 2 + 8;
+        pids[n] = pid;
+        dead[n++] = sqlite3_column_int64(st, 0);
+    }
+    if (rc != SQLITE_DONE) {
+        rec_sqlite_error(r, "read the runs", err);
+        goto cleanup;
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    for (size_t i = 0; i < n; i++) {
+        char msg[400];
+        snprintf(msg, sizeof msg, "its process (pid %lld on %s) ended without finishing the run: "
+                 "killed or crashed; found on opening the database", (long long)pids[i], r->host);
+        if (rec_begin_if_needed(r, err))
+            goto cleanup;
+        if (sqlite3_prepare_v2(r->db, "UPDATE runs SET status = 'crashed', error = ?2"
+                               " WHERE run_id = ?1 AND status = 'running'", -1, &st, NULL) != SQLITE_OK) {
+            rec_sqlite_error(r, "mark a crashed run", err);
+            goto cleanup;
+        }
+        sqlite3_bind_int64(st, 1, dead[i]);
+        sqlite3_bind_text(st, 2, msg, -1, SQLITE_TRANSIENT);
+        if (rec_step_done(r, st, "mark a crashed run", err))
+            goto cleanup;
+        sqlite3_finalize(st);
+        st = NULL;
+        r->pending_rows++;
+    }
+    status = rec_flush(r, err);
+cleanup:
+    if (status != 0)
+        rec_discard(r);
+    sqlite3_finalize(st);
+    free(dead);
+    free(pids);
+    return status;
+}
+
 static int rec_open_with(Recorder **out, const char *path, int readonly, int adopt, char *err) {
     *out = NULL;
     if (!path || !*path)
@@ -1045,6 +1212,12 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, int ado
         free(r);
         return ml_error(err, "out of memory opening '%s'", path);
     }
+    r->commit_rows = REC_EVAL_COMMIT_ROWS;
+    r->pid = (int)getpid();
+    if (gethostname(r->host, sizeof r->host - 1) != 0)
+        snprintf(r->host, sizeof r->host, "unknown");
+    int zombie;
+    r->pid_started = rec_process_started(r->pid, &zombie);
     if (readonly) {
         if (rec_connect_readonly(r, err))
             goto fail;
@@ -1065,9 +1238,10 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, int ado
         /* ":memory:" has no WAL, and then no hook is called */
         sqlite3_wal_hook(r->db, rec_wal_hook, r);
     }
-    if (rec_exec(r, "PRAGMA foreign_keys = ON", "enable foreign keys", err)
-        || rec_ensure_schema(r, readonly, err)
-        || rec_prepare_all(r, err))
+    if (rec_ensure_schema(r, readonly, err)
+        || rec_exec(r, "PRAGMA foreign_keys = ON", "enable foreign keys", err)
+        || rec_prepare_all(r, err)
+        || (!readonly && rec_mark_crashed(r, err)))
         goto fail;
     *out = r;
     return 0;
@@ -1111,6 +1285,7 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
     sqlite3_finalize(r->update_eval);
+    sqlite3_finalize(r->delete_eval);
     sqlite3_finalize(r->routing_range);
     sqlite3_finalize(r->savepoint);
     sqlite3_finalize(r->release);
@@ -1161,6 +1336,27 @@ int64_t rec_background_checkpoints(Recorder *r) {
     return n;
 }
 
+void rec_set_commit_rows(Recorder *r, int64_t rows) {
+    r->commit_rows = rows > 0 ? rows : REC_EVAL_COMMIT_ROWS;
+}
+
+int rec_commit_due(const Recorder *r) {
+    return r->pending_rows >= r->commit_rows;
+}
+
+int rec_eval_delete(Recorder *r, int64_t eval_id, char *err) {
+    rec_discard(r);
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_bind_int64(r->delete_eval, 1, eval_id);
+    if (rec_step_done(r, r->delete_eval, "delete an evaluation", err)) {
+        rec_discard(r);
+        return -1;
+    }
+    r->pending_rows++;
+    return rec_flush(r, err);
+}
+
 int64_t rec_pending_rows(const Recorder *r) {
     return r->pending_rows;
 }
@@ -1189,6 +1385,7 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
     sqlite3_bind_int64(st, 6, params_active);
     if (causal >= 0) sqlite3_bind_int(st, 7, causal != 0);
     else sqlite3_bind_null(st, 7);
+    rec_bind_process(r, st, 8);
     if (rec_step_done(r, st, "insert a run", err))
         return -1;
     int64_t id = sqlite3_last_insert_rowid(r->db);
@@ -1219,17 +1416,75 @@ int rec_run_status(Recorder *r, int64_t run_id, const char *status,
         known |= strcmp(status, rec_statuses[i]) == 0;
     if (!known)
         return ml_error(err, "unknown run status '%s' (expected running, finished, "
-                        "diverged, interrupted or failed)", status ? status : "(null)");
+                        "diverged, interrupted, failed or crashed)", status ? status : "(null)");
     if (rec_begin_if_needed(r, err))
         return -1;
     sqlite3_stmt *st = r->update_status;
     sqlite3_bind_int64(st, 1, run_id);
     sqlite3_bind_text(st, 2, status, -1, SQLITE_TRANSIENT);
     rec_bind_text_or_null(st, 3, error_msg);
+    rec_bind_process(r, st, 4);
     if (rec_step_done(r, st, "update a run's status", err))
         return -1;
     if (sqlite3_changes(r->db) == 0)
         return ml_error(err, "no run with id %lld in '%s'", (long long)run_id, r->path);
+    r->pending_rows++;
+    return rec_flush(r, err);
+}
+
+int rec_run_hold(Recorder *r, int64_t run_id, char *held, size_t n, char *err) {
+    sqlite3_stmt *st = NULL;
+    int status = -1;
+    if (rec_flush(r, err))
+        return -1;
+    if (sqlite3_prepare_v2(r->db, "SELECT status FROM runs WHERE run_id = ?1", -1, &st, NULL)
+        != SQLITE_OK) {
+        rec_sqlite_error(r, "read a run's status", err);
+        goto cleanup;
+    }
+    sqlite3_bind_int64(st, 1, run_id);
+    if (sqlite3_step(st) != SQLITE_ROW) {
+        ml_error(err, "no run with id %lld in '%s'", (long long)run_id, r->path);
+        goto cleanup;
+    }
+    snprintf(held, n, "%s", (const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    st = NULL;
+    if (strcmp(held, "running") == 0)
+        return 0;
+    if (rec_begin_if_needed(r, err))
+        goto cleanup;
+    if (sqlite3_prepare_v2(r->db, "UPDATE runs SET status = 'running', pid = ?2, host = ?3,"
+                           " pid_started = ?4 WHERE run_id = ?1", -1, &st, NULL) != SQLITE_OK) {
+        rec_sqlite_error(r, "hold a run", err);
+        goto cleanup;
+    }
+    sqlite3_bind_int64(st, 1, run_id);
+    rec_bind_process(r, st, 2);
+    if (rec_step_done(r, st, "hold a run", err))
+        goto cleanup;
+    r->pending_rows++;
+    status = rec_flush(r, err);
+cleanup:
+    sqlite3_finalize(st);
+    return status;
+}
+
+int rec_run_release(Recorder *r, int64_t run_id, const char *held, char *err) {
+    if (strcmp(held, "running") == 0)
+        return 0;
+    sqlite3_stmt *st = NULL;
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    if (sqlite3_prepare_v2(r->db, "UPDATE runs SET status = ?2 WHERE run_id = ?1", -1, &st, NULL)
+        != SQLITE_OK)
+        return rec_sqlite_error(r, "release a run", err);
+    sqlite3_bind_int64(st, 1, run_id);
+    sqlite3_bind_text(st, 2, held, -1, SQLITE_TRANSIENT);
+    int failed = rec_step_done(r, st, "release a run", err);
+    sqlite3_finalize(st);
+    if (failed)
+        return -1;
     r->pending_rows++;
     return rec_flush(r, err);
 }

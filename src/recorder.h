@@ -40,7 +40,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
 
 /* PRAGMA user_version of a database with the schema of this build. */
-#define REC_SCHEMA_VERSION 4
+#define REC_SCHEMA_VERSION 5
 
 /* Default busy timeout: how long a write waits for another writer's lock. */
 #define REC_BUSY_TIMEOUT_MS 5000
@@ -49,12 +49,15 @@ typedef struct Recorder Recorder;
 ** works. On failure *out is NULL. */
 int rec_open(Recorder **out, const char *path, char *err);
 
-/* Opens an existing moelab database for reading only (plots, queries); every
-** write through it fails with "attempt to write a readonly database". */
+/* Opening for writing also marks 'crashed' every run left 'running' on
+** this host whose process is gone (see recorder.c). */
+
 /* rec_open for a file that has tables of its own and no moelab schema, which
 ** rec_open refuses: moelab's tables are added beside them. */
 int rec_open_adopting(Recorder **out, const char *path, char *err);
 
+/* Opens an existing moelab database for reading only (plots, queries); every
+** write through it fails with "attempt to write a readonly database". */
 int rec_open_readonly(Recorder **out, const char *path, char *err);
 
 /* Commits pending rows (call rec_flush first to learn whether that worked:
@@ -74,15 +77,24 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
                   const char *config_json, uint64_t seed, int64_t params_total,
                   int64_t params_active, int causal, int64_t *run_id, char *err);
 
-/* Sets a run's status: running, finished, diverged, interrupted or failed.
-** Every status but running also sets finished_at; error_msg (may be NULL) is
-** the message kept for diverged or failed runs. Commits at once. */
 /* Sets evals.topk_flops_per_token: what a merged model's gates would have
 ** cost as per-token top-k layers. */
 int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, char *err);
 
+/* Sets a run's status: running, finished, diverged, interrupted, failed or
+** crashed. Every status but running also sets finished_at; running records
+** this process (pid, host, start time) as the run's. error_msg (may be NULL)
+** is the message kept for diverged or failed runs. Commits at once. */
 int rec_run_status(Recorder *r, int64_t run_id, const char *status,
                    const char *error_msg, char *err);
+
+/* A run is 'running' while a process works on it, so that a crash marks it
+** 'crashed'. rec_run_hold makes it running for a while (an evaluation of a
+** trained run) with this process as its own, keeping its finished_at and
+** error, and puts its status in held; rec_run_release puts held back.
+** Both commit at once. */
+int rec_run_hold(Recorder *r, int64_t run_id, char *held, size_t n, char *err);
+int rec_run_release(Recorder *r, int64_t run_id, const char *held, char *err);
 
 /* Sets config.KEY of a run to the JSON value json (as training options are
 ** known only when training starts: key "train"). Commits at once. */
@@ -112,9 +124,21 @@ int rec_eval(Recorder *r, int64_t run_id, int64_t step, const char *split,
              double experts_per_token, int64_t *eval_id, char *err);
 
 /* Sets an evaluation's results, for one recorded as it goes: rec_eval
-** first (with NaN for what is not known yet), its rows, then this. */
+** first (with NaN for what is not known yet: evals.complete is 0 until
+** this), its rows, then this. */
 int rec_eval_result(Recorder *r, int64_t eval_id, int64_t tokens, double loss,
                     double moe_flops_per_token, double experts_per_token, char *err);
+
+/* Deletes an evaluation and every row of it, committed or pending, and
+** commits: what an evaluation that fails or is interrupted leaves. */
+int rec_eval_delete(Recorder *r, int64_t eval_id, char *err);
+
+/* A recorded evaluation's writer (recwriter.h) commits whenever this many
+** rows are pending, so that its WAL stays bounded however long it runs;
+** rec_commit_due says when. */
+#define REC_EVAL_COMMIT_ROWS ((int64_t)1 << 21)
+void rec_set_commit_rows(Recorder *r, int64_t rows);
+int rec_commit_due(const Recorder *r);
 
 /*
 ** The MoE records. Each call writes rows[0..n) into the open transaction, all

@@ -90,7 +90,8 @@ static int write_chunk(RecWriter *w, const RecBatch *b, size_t *done_routing,
             return -1;
         *done_tokens += n;
     }
-    return 0;
+    /* a long evaluation commits as it goes, so that the WAL stays bounded */
+    return rec_commit_due(w->rec) ? rec_flush(w->rec, err) : 0;
 }
 
 /* Notes the head batch's progress; a finished batch goes to the spares.

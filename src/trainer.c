@@ -278,10 +278,13 @@ static int eval_give_writer_a_core(const EvalPace *p, RecWriter *w, int last) {
 }
 
 /*
-** An evaluation in a recorded run is one transaction of its own: what the
+** An evaluation in a recorded run is a transaction of its own: what the
 ** run had pending is committed first, the evals row is written before the
-** first batch (its results are set at the end), and on failure everything
-** of the evaluation is rolled back. With record = true, each batch's routing
+** first batch (its results, and complete = 1, are set at the end), and on
+** failure or interrupt everything of the evaluation is rolled back. A long
+** recorded one commits every REC_EVAL_COMMIT_ROWS rows (recwriter.c), so
+** its WAL stays bounded; a failure then deletes what it committed, and a
+** crash leaves it with complete = 0 and the rows written so far. With record = true, each batch's routing
 ** and token rows go to a background writer (recwriter.h) that inserts them
 ** in the CPU time the next batches' computation leaves idle, and gets a core
 ** of its own when it falls behind (EvalPace above).
@@ -310,6 +313,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     RecWriter *writer = NULL;
     int64_t eval_id = -1;
     int began = 0; /* everything pending is this evaluation's */
+    char held[32] = "running"; /* the run's status before (rec_run_hold) */
     int rc = -1;
     if (!rng || (moe && (!load || !dropped || !mass))) {
         ml_error(err, "out of memory");
@@ -325,7 +329,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         }
     }
     if (t->rec) {
-        if (rec_flush(t->rec, err) != 0) goto done;
+        if (rec_run_hold(t->rec, t->run_id, held, sizeof held, err) != 0) goto done;
         began = 1;
         if (rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &eval_id, err) != 0)
             goto done;
@@ -413,7 +417,12 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     rc = 0;
 done:
     if (writer) recw_abort(writer);
-    if (rc != 0 && began) rec_discard(t->rec);
+    /* a long one may have committed some of its rows (recwriter.h): all go */
+    if (rc != 0 && began && eval_id >= 0)
+        rec_eval_delete(t->rec, eval_id, NULL);
+    else if (rc != 0 && began)
+        rec_discard(t->rec);
+    if (began && rec_run_release(t->rec, t->run_id, held, rc == 0 ? err : NULL) != 0) rc = -1;
     if (rng) gsl_rng_free(rng);
     free(load);
     free(dropped);

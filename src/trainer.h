@@ -97,9 +97,11 @@ void trainer_free(Trainer *t);
 
 int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err);
 /* With a recorder, the evaluation is a transaction of its own: the run's
-** pending rows are committed first, and a failure rolls back everything the
-** evaluation wrote. With record = true its routing and token rows are
-** written by a background thread (recwriter.h) while it computes. */
+** pending rows are committed first, and a failure or an interrupt removes
+** everything the evaluation wrote. With record = true its routing and token
+** rows are written by a background thread (recwriter.h) while it computes,
+** committed every REC_EVAL_COMMIT_ROWS rows: a crash leaves evals.complete
+** = 0. */
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err);
 
 /* Set to the signal by SIGINT, SIGTERM or SIGHUP while trainer_train runs (its

@@ -142,6 +142,8 @@ static void test_schema_has_every_documented_column(void **state) {
     static const char *spec[][12] = {
         {"runs", "run_id", "name", "experiment", "config", "seed", "status",
          "started_at", "finished_at", "params_total", "params_active", "error"},
+        {"runs", "causal", "pid", "host", "pid_started"},
+        {"evals", "routing_first", "routing_last", "complete"},
         {"metrics", "run_id", "step", "split", "loss", "aux_loss", "lr", "tokens",
          "moe_flops_per_token", "wall_ms", "aux_balance", "aux_z"},
         {"metrics", "aux_cv2", "aux_p_penalty"},
@@ -1115,6 +1117,107 @@ static void test_crash_loses_only_unflushed_rows(void **state) {
     rec_close(r);
 }
 
+/* A run left 'running' by a process that is gone is 'crashed' on the next
+** open for writing; one whose process lives (this one), one on another host
+** and one whose pid was reused by a later process are told apart. */
+static void test_dead_process_run_is_marked_crashed(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "crashed.db");
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        Recorder *r = NULL;
+        int64_t run = 0;
+        if (rec_open(&r, path, err) || rec_run_begin(r, "dies", NULL, NULL, 1, 0, 0, 1, &run, err))
+            _exit(2);
+        _exit(0); /* as kill -9 would leave it: running, no finished_at */
+    }
+    int wstatus = 0;
+    assert_int_equal(waitpid(pid, &wstatus, 0), pid);
+    assert_true(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0);
+    Recorder *r = open_ok(path);
+    sqlite3 *db = rec_db(r);
+    char text[400];
+    query_text(db, "SELECT status FROM runs WHERE name = 'dies'", text, sizeof text);
+    assert_string_equal(text, "crashed");
+    query_text(db, "SELECT error FROM runs WHERE name = 'dies'", text, sizeof text);
+    char want[64];
+    snprintf(want, sizeof want, "pid %d on ", (int)pid);
+    if (!strstr(text, want)) fail_msg("error '%s' does not name %s", text, want);
+    assert_true(query_is_null(db, "SELECT finished_at FROM runs WHERE name = 'dies'"));
+    /* this process's run; one of another host; one whose pid is ours but
+    ** whose process started at another time (the pid was reused) */
+    int64_t mine = begin_run(r, "mine");
+    assert_true(query_int(db, "SELECT pid FROM runs WHERE name = 'mine'") == getpid());
+    exec_sql(db, "INSERT INTO runs(name, status, started_at, pid, host, pid_started)"
+                 " SELECT 'elsewhere', 'running', started_at, 1, 'another-host', 0 FROM runs"
+                 " WHERE name = 'mine';"
+                 "INSERT INTO runs(name, status, started_at, pid, host, pid_started)"
+                 " SELECT 'reused', 'running', started_at, pid, host, pid_started - 1000"
+                 " FROM runs WHERE name = 'mine';");
+    rec_close(r);
+    r = open_ok(path);
+    db = rec_db(r);
+    query_text(db, "SELECT group_concat(name || '=' || status, ' ') FROM"
+                   " (SELECT * FROM runs ORDER BY run_id)", text, sizeof text);
+    assert_string_equal(text, "dies=crashed mine=running elsewhere=running reused=crashed");
+    /* a run set running again belongs to the process that did it */
+    assert_int_equal(rec_run_status(r, mine, "finished", NULL, err), 0);
+    assert_int_equal(rec_run_status(r, mine, "running", NULL, err), 0);
+    assert_int_equal(rec_run_status(r, mine, "crashed", "by hand", err), 0);
+    rec_close(r);
+}
+
+/* Version 4's runs table refuses 'crashed' in its CHECK: the upgrade makes
+** the table again with its rows, and the cascades still work. */
+static void test_version_4_database_is_upgraded(void **state) {
+    char path[512], err[ML_ERRLEN] = "";
+    tmp_path(path, sizeof path, state, "v4.db");
+    Recorder *r = open_ok(path);
+    int64_t run = begin_run(r, "old"), eval_id = 0;
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, 0.1, 1e-3, 100, NAN, 1.0, NULL, err), 0);
+    assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
+    assert_int_equal(rec_run_status(r, run, "finished", NULL, err), 0);
+    rec_close(r);
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    exec_sql(db, "PRAGMA foreign_keys = OFF;"
+                 "BEGIN;"
+                 "DROP VIEW v_final_loss;"
+                 "CREATE TABLE runs_v4(run_id INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+                 "  experiment TEXT, config TEXT, seed INTEGER,"
+                 "  status TEXT NOT NULL DEFAULT 'running' CHECK (status IN"
+                 "  ('running','finished','diverged','interrupted','failed')),"
+                 "  started_at TEXT NOT NULL, finished_at TEXT, params_total INTEGER,"
+                 "  params_active INTEGER, error TEXT, causal INTEGER);"
+                 "INSERT INTO runs_v4 SELECT run_id, name, experiment, config, seed, status,"
+                 "  started_at, finished_at, params_total, params_active, error, causal FROM runs;"
+                 "DROP TABLE runs;"
+                 "ALTER TABLE runs_v4 RENAME TO runs;"
+                 "CREATE VIEW v_final_loss AS SELECT run_id, name FROM runs;"
+                 /* DROP COLUMN trips on the comment before it; a rename does */
+                 "ALTER TABLE evals RENAME COLUMN complete TO complete_before;"
+                 "PRAGMA user_version = 4;"
+                 "COMMIT;");
+    assert_int_equal(sqlite3_exec(db, "UPDATE runs SET status = 'crashed'", NULL, NULL, NULL),
+                     SQLITE_CONSTRAINT);
+    sqlite3_close(db);
+    r = open_ok(path);
+    db = rec_db(r);
+    assert_int_equal(query_int(db, "PRAGMA user_version"), REC_SCHEMA_VERSION);
+    char text[64];
+    query_text(db, "SELECT status FROM runs", text, sizeof text);
+    assert_string_equal(text, "finished");
+    assert_int_equal(query_int(db, "SELECT complete FROM evals"), 1);
+    assert_true(query_is_null(db, "SELECT pid FROM runs"));
+    assert_int_equal(query_int(db, "SELECT count(*) FROM pragma_foreign_key_check"), 0);
+    assert_int_equal(rec_run_status(r, run, "crashed", NULL, err), 0);
+    exec_sql(db, "DELETE FROM runs");
+    assert_int_equal(query_int(db, "SELECT count(*) FROM metrics"), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM evals"), 0);
+    rec_close(r);
+}
+
 static void test_locked_database_names_the_lock(void **state) {
     char path[512], err[ML_ERRLEN] = "";
     tmp_path(path, sizeof path, state, "locked.db");
@@ -1272,6 +1375,10 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_version_1_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_crash_loses_only_unflushed_rows,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_dead_process_run_is_marked_crashed,
+                                        setup_tmpdir, teardown_tmpdir),
+        cmocka_unit_test_setup_teardown(test_version_4_database_is_upgraded,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_locked_database_names_the_lock,
                                         setup_tmpdir, teardown_tmpdir),
