@@ -7,7 +7,8 @@
 ** the killed run 'crashed' and leave at most the evaluation in progress
 ** incomplete (evals.complete = 0). Then Ctrl-C in the middle of a long
 ** recorded evaluation, after some of its chunks were committed, must remove
-** all of it. Bounded: a fixed number of kills, each within a second.
+** all of it, and a disk that fills up during one must leave the file sound.
+** Bounded: a fixed number of kills, each within a second.
 */
 #include "testmodel.h"
 
@@ -16,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -242,6 +245,81 @@ static void test_interrupt_removes_committed_chunks(void **state) {
     rec_close(r);
 }
 
+/* A full disk (here a file size limit) in the middle of a recorded
+** evaluation: the call fails with SQLite's message, what was committed
+** before stays, nothing of the evaluation is left, and the file is sound. */
+static void test_full_disk_fails_cleanly(void **state) {
+    (void)state;
+    char path[300], err[ML_ERRLEN];
+    snprintf(path, sizeof path, "%s/full.db", dir);
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(fds[0]);
+        char text[8192];
+        for (size_t i = 0; i < sizeof text; i++) text[i] = "abcdefghij klmnop"[(i * 7 + i / 13) % 17];
+        ModelConfig c = crash_config();
+        Corpus *corpus;
+        Model *m;
+        Recorder *rec;
+        Trainer t;
+        int64_t run_id;
+        trainer_set_threads(1);
+        if (corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.5, err) ||
+            model_create(&m, &c, err) || rec_open(&rec, path, err) ||
+            rec_run_begin(rec, "full", NULL, NULL, 3, 0, 0, 1, &run_id, err) ||
+            trainer_init(&t, m, corpus, rec, run_id, "full", 3, err))
+            _exit(2);
+        TrainOptions o;
+        train_options_defaults(&o);
+        o.steps = 3;
+        o.batch = 4;
+        o.progress = 0;
+        o.eval_batches = 0;
+        TrainResult tr;
+        if (trainer_train(&t, &o, &tr, err) != 0) _exit(3);
+        signal(SIGXFSZ, SIG_IGN); /* a write past the limit fails instead */
+        struct stat st;
+        off_t size = stat(path, &st) == 0 ? st.st_size : 0;
+        struct rlimit lim = {(rlim_t)size + (256 << 10), (rlim_t)size + (256 << 10)};
+        if (setrlimit(RLIMIT_FSIZE, &lim) != 0) _exit(4);
+        EvalOptions eo;
+        eval_options_defaults(&eo);
+        eo.batches = 400;
+        eo.batch = EVAL_BATCH;
+        eo.record = 1;
+        EvalResult r;
+        int rc = trainer_evaluate(&t, &eo, &r, err);
+        char line[ML_ERRLEN + 8];
+        int n = snprintf(line, sizeof line, "%d %s\n", rc, rc ? err : "");
+        if (write(fds[1], line, (size_t)n) != n) _exit(5);
+        rec_close(rec);
+        _exit(0);
+    }
+    close(fds[1]);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    char buf[ML_ERRLEN + 8];
+    ssize_t n = read(fds[0], buf, sizeof buf - 1);
+    close(fds[0]);
+    buf[n > 0 ? n : 0] = 0;
+    if (strncmp(buf, "-1 ", 3) != 0 || !strstr(buf, "full.db") ||
+        !(strstr(buf, "disk I/O error") || strstr(buf, "full")))
+        fail_msg("the evaluation should fail on the full disk with SQLite's message, got '%s'", buf);
+    Recorder *r;
+    if (rec_open(&r, path, err) != 0) fail_msg("%s", err);
+    sqlite3 *db = rec_db(r);
+    check_integrity(db);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM metrics WHERE split = 'train'", 0), 3);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM evals WHERE complete = 0", 0), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM routing r WHERE NOT EXISTS"
+                                   " (SELECT 1 FROM evals e WHERE e.eval_id = r.eval_id)", 0), 0);
+    rec_close(r);
+}
+
 static int setup(void **state) {
     (void)state;
     return mkdtemp(dir) ? 0 : -1;
@@ -258,6 +336,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_killed_at_random_points),
         cmocka_unit_test(test_interrupt_removes_committed_chunks),
+        cmocka_unit_test(test_full_disk_fails_cleanly),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
