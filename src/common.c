@@ -3,9 +3,11 @@
 */
 #include "common.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 int ml_grow(void **p, size_t n, size_t elem) {
@@ -46,4 +48,14 @@ int ml_memory_check(size_t need, const char *what, char *err) {
     return ml_error(err, "%s would need about %.3g GiB of memory, more than the %.3g GiB "
                     "allowed (the machine's memory, or MOELAB_MAX_MEMORY)", what,
                     need / 1073741824.0, limit / 1073741824.0);
+}
+
+const char *ml_number(char *buf, double x) {
+    if (isnan(x)) return strcpy(buf, "nan"); /* 0/0 has its sign bit set: not "-nan" */
+    if (isinf(x)) return strcpy(buf, x > 0 ? "inf" : "-inf");
+    for (int digits = 1; digits <= 17; digits++) {
+        snprintf(buf, ML_NUMLEN, "%.*g", digits, x);
+        if (strtod(buf, NULL) == x) break;
+    }
+    return buf;
 }

@@ -20,6 +20,12 @@
 int ml_error(char *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* A number as a message shows it: the shortest text that reads back as x
+** (3, 1.5, 1e+300, 9.223372036854776e+18), or nan, inf, -inf. Writes into
+** buf, ML_NUMLEN bytes, and returns it. */
+#define ML_NUMLEN 32
+const char *ml_number(char *buf, double x);
+
 /* Makes *p hold at least n elements of size elem (one when n is 0), keeping
 ** its contents; 0, or -1 when out of memory (then *p is unchanged). The
 ** caller keeps the capacity. ML_GROW(ptr, n) for a typed pointer. */

@@ -97,6 +97,11 @@ int config_from_json(ModelConfig *c, const char *json, size_t len, char *err);
 ** not read are ignored (files written before routers stored only their own). */
 int config_from_checkpoint_json(ModelConfig *c, const char *json, size_t len, char *err);
 
+/* The message for a value that cannot reach config_from_json, because JSON
+** cannot carry it (NaN, infinities): it names the key's path ("moe.router.p",
+** "moe.hidden[2]"), the value and what the key takes. Returns -1. */
+int config_number_error(const char *path, double x, char *err);
+
 /* Writes the configuration as JSON with every default filled in; returns a
 ** malloc'd string or NULL when out of memory. */
 char *config_to_json(const ModelConfig *c);

@@ -149,15 +149,21 @@ static int is_array(lua_State *L, int idx) {
     return count == n && n > 0;
 }
 
+/* path is the value's key path for messages: "moe.router.p", "moe.hidden[2]". */
 static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *path) {
     idx = lua_absindex(L, idx);
     if (depth > 16) luaL_error(L, "configuration nested too deeply at '%s'", path);
+    char child[256];
     switch (lua_type(L, idx)) {
     case LUA_TNUMBER:
         if (lua_isinteger(L, idx)) jb_printf(b, "%lld", (long long)lua_tointeger(L, idx));
         else {
             double x = lua_tonumber(L, idx);
-            if (!isfinite(x)) luaL_error(L, "configuration value '%s' is not a finite number", path);
+            if (!isfinite(x)) { /* JSON cannot carry it: config.c says what the key takes */
+                char err[ML_ERRLEN];
+                config_number_error(path, x, err);
+                luaL_error(L, "%s", err);
+            }
             jb_number(b, x);
         }
         break;
@@ -170,7 +176,8 @@ static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *pa
             for (lua_Integer i = 1; i <= n; i++) {
                 if (i > 1) jb_puts(b, ",");
                 lua_rawgeti(L, idx, i);
-                to_json(L, -1, b, depth + 1, path);
+                snprintf(child, sizeof child, "%s[%lld]", path, (long long)i);
+                to_json(L, -1, b, depth + 1, child);
                 lua_pop(L, 1);
             }
             jb_puts(b, "]");
@@ -180,13 +187,15 @@ static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *pa
             lua_pushnil(L);
             while (lua_next(L, idx)) {
                 if (lua_type(L, -2) != LUA_TSTRING)
-                    luaL_error(L, "configuration table '%s' has a key that is not a string", path);
+                    luaL_error(L, "configuration table '%s' has a key that is not a string",
+                               *path ? path : "model");
                 const char *k = lua_tostring(L, -2);
                 if (!first) jb_puts(b, ",");
                 first = 0;
                 jb_string(b, k);
                 jb_puts(b, ":");
-                to_json(L, -1, b, depth + 1, k);
+                snprintf(child, sizeof child, "%s%s%s", path, *path ? "." : "", k);
+                to_json(L, -1, b, depth + 1, child);
                 lua_pop(L, 1);
             }
             jb_puts(b, "}");
@@ -194,7 +203,7 @@ static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *pa
         break;
     default:
         luaL_error(L, "configuration value '%s' has type %s; use numbers, strings, booleans "
-                   "and tables", path, luaL_typename(L, idx));
+                   "and tables", *path ? path : "model", luaL_typename(L, idx));
     }
 }
 
@@ -303,7 +312,7 @@ static LModel *new_model_udata(lua_State *L) {
 /* to_json under lua_pcall: (table, JsonBuf*) */
 static int to_json_protected(lua_State *L) {
     JsonBuf *b = lua_touserdata(L, 2);
-    to_json(L, 1, b, 0, "model");
+    to_json(L, 1, b, 0, "");
     return 0;
 }
 

@@ -743,11 +743,73 @@ static void test_config_errors(void **state) {
     run_err(L, "moelab.model(tiny{ norm_eps = 0 })", "'norm_eps'", NULL);
     run_err(L, "moelab.model(tiny{ init_std = -1 })", "'init_std'", NULL);
     run_err(L, "moelab.model(tiny{ seed = print })", "function", NULL);
-    run_err(L, "moelab.model(tiny{ norm_eps = 0/0 })", "norm_eps", "finite", NULL);
+    run_err(L, "moelab.model(tiny{ norm_eps = 0/0 })", "'norm_eps' must be a number > 0, got nan", NULL);
     run_err(L, "moelab.model(tiny{ [1] = 2 })", "not a string", NULL);
     run_err(L, "moelab.model()", "table expected", NULL);
     /* and a good one still works after all that */
     run_ok(L, "assert(moelab.model(tiny()):parameters() > 0)");
+    lua_close(L);
+}
+
+/* Every numeric configuration key: NaN, infinities, fractions for integers,
+** values a float32 cannot hold, out-of-range and meaningless values get a
+** message with the key's whole path, the value and what the key takes. */
+static void test_config_numbers(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    /* NaN and infinities stop before the JSON; the message still names the path and range */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', p = 0/0 } } })",
+            "moelab.model: 'moe.router.p' must be a number in (0, 1] (the threshold t), got nan", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { k = 1/0 } } })",
+            "'moe.router.k' must be an integer between 1 and 256, got inf", NULL);
+    run_err(L, "moelab.model(tiny{ ffn = { hidden = -1/0 } })",
+            "'ffn.hidden' must be an integer between 1 and 1048576, got -inf", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, hidden = { 8, 0/0, 8, 8 } } })",
+            "'moe.hidden[2]' must be an integer between 1 and 1048576, got nan", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, aux = { z = 0/0 } } })",
+            "'moe.aux.z' must be a number >= 0 (0 = off), got nan", NULL);
+    /* list elements and fractions name the value */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, hidden = { 8, 1.5, 8, 8 } } })",
+            "'moe.hidden[2]' must be an integer between 1 and 1048576, got 1.5", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'stratified', strata = { 0, 4 } } } })",
+            "'moe.router.strata[1]' must be an integer between 1 and 256, got 0", NULL);
+    run_err(L, "moelab.model(tiny{ context = 1.5 })", "'context' must be an integer between 1 and 65536, got 1.5",
+            NULL);
+    run_err(L, "moelab.model(tiny{ layers = math.maxinteger })",
+            "'layers' must be an integer between 0 and 1024, got 9.223372036854776e+18", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { segment = 1e300, kind = 'merge' } } })",
+            "'moe.router.segment' must be an integer between 0 and 65536 (0 = the whole sequence), got 1e+300",
+            NULL);
+    run_err(L, "moelab.model(tiny{ seed = 2^53 })",
+            "'seed' must be an integer between 0 and 9007199254740991, got 9007199254740992", NULL);
+    run_err(L, "moelab.model(tiny{ vocab = 'bytes' })", "'vocab' must be an integer between 2 and 16777216, "
+            "got string", NULL);
+    /* real keys are float32: what overflows to inf or underflows to 0 is refused as given */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { noise = 1e300 } } })",
+            "'moe.router.noise' must be a number >= 0, got 1e+300", "float32", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, aux = { balance = -1e300 } } })",
+            "'moe.aux.balance' must be a number >= 0 (0 = off), got -1e+300", NULL);
+    run_err(L, "moelab.model(tiny{ norm_eps = 1e-50 })", "'norm_eps' must be a number > 0, got 1e-50",
+            "float32", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kind = 'threshold', p = 1e-300 } } })",
+            "'moe.router.p'", "got 1e-300", NULL);
+    run_err(L, "moelab.model(tiny{ init_std = -1 })", "'init_std' must be a number >= 0, got -1", NULL);
+    /* values that were taken silently */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, sparsity_eps = -1 } })",
+            "'moe.sparsity_eps' must be a number >= 0, got -1", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { capacity_factor = 1e30 } } })",
+            "'moe.router.capacity_factor' must be a number in [0, 256] (0 = dropless), got 1e+30", NULL);
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, every = 2 } })",
+            "'moe.every' = 2 must be at most layers = 1", "no MoE layer", NULL);
+    run_err(L, "moelab.model(tiny{ layers = 0, moe = { experts = 4 } })", "'moe.every' = 1", "layers = 0",
+            NULL);
+    /* a key that takes no number (here an unknown one), not finite: its path and value */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { nosie = 0/0 } } })",
+            "'moe.router.nosie' cannot be nan: a configuration holds finite numbers only", NULL);
+    /* the edges of each range are taken */
+    run_ok(L, "moelab.model(tiny{ init_std = 0, seed = 2^53 - 1, norm_eps = 1e-30,\n"
+              "  moe = { experts = 4, every = 1, sparsity_eps = 0,\n"
+              "          router = { kind = 'threshold', p = 1, capacity_factor = 256 } } })");
     lua_close(L);
 }
 
@@ -1142,6 +1204,7 @@ int main(void) {
         cmocka_unit_test(test_moefy_end_to_end),
         cmocka_unit_test(test_save_load_sample_plot),
         cmocka_unit_test(test_config_errors),
+        cmocka_unit_test(test_config_numbers),
         cmocka_unit_test(test_option_errors),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
