@@ -295,9 +295,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     int T = c->context, B = o->batch, L = c->layers, E = c->moe.experts;
     memset(res, 0, sizeof *res);
     res->eval_id = -1;
-    if (o->batches < 1 || B < 1)
-        return ml_error(err, "evaluate: batches and batch must be at least 1 (got %d, %d)",
-                        o->batches, B);
+    if (o->batches < 1) return ml_error(err, "evaluate: batches must be at least 1, got %d", o->batches);
+    if (B < 1) return ml_error(err, "evaluate: batch must be at least 1, got %d", B);
     if (corpus_check_context(t->corpus, o->split, T, err) != 0) return -1;
     char inner[ML_ERRLEN];
     if (model_check_batch(m, B, T, 0, inner) != 0) return ml_error(err, "evaluate: %s", inner);

@@ -295,6 +295,34 @@ static void test_memorise(void **state) {
     corpus_free(corpus);
 }
 
+/* trainer_evaluate's options, as a C caller may pass them: each bad one named
+** with its value. */
+static void test_evaluate_options(void **state) {
+    (void)state;
+    char text[512], err[ML_ERRLEN];
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + i % 7);
+    ModelConfig c = test_tiny_config();
+    Corpus *corpus;
+    Model *m;
+    Trainer t;
+    assert_int_equal(corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.5, err), 0);
+    assert_int_equal(model_create(&m, &c, err), 0);
+    assert_int_equal(trainer_init(&t, m, corpus, NULL, 0, "options", 1, err), 0);
+    EvalOptions o;
+    EvalResult res;
+    eval_options_defaults(&o);
+    o.batch = 0;
+    assert_int_equal(trainer_evaluate(&t, &o, &res, err), -1);
+    if (!strstr(err, "evaluate: batch must be at least 1, got 0")) fail_msg("%s", err);
+    eval_options_defaults(&o);
+    o.batches = -3;
+    assert_int_equal(trainer_evaluate(&t, &o, &res, err), -1);
+    if (!strstr(err, "evaluate: batches must be at least 1, got -3")) fail_msg("%s", err);
+    trainer_free(&t);
+    model_free(m);
+    corpus_free(corpus);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adamw_by_hand),
@@ -305,6 +333,7 @@ int main(void) {
         cmocka_unit_test(test_memory_estimate_refused),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_memorise),
+        cmocka_unit_test(test_evaluate_options),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
 }
