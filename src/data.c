@@ -11,9 +11,13 @@
 
 int corpus_from_bytes(Corpus **out, const uint8_t *bytes, size_t n, double split, char *err) {
     *out = NULL;
+    char got[ML_NUMLEN];
     if (!(split > 0.0 && split <= 1.0))
-        return ml_error(err, "corpus split must be in (0, 1], got %g", split);
+        return ml_error(err, "corpus split must be in (0, 1], got %s", ml_number(got, split));
     if (n < 2) return ml_error(err, "corpus has %zu bytes; it needs at least 2", n);
+    if ((size_t)((double)n * split) == 0)
+        return ml_error(err, "corpus split %s of %zu bytes leaves the train split empty",
+                        ml_number(got, split), n);
     Corpus *c = calloc(1, sizeof *c);
     if (!c || !(c->bytes = malloc(n))) {
         free(c);
