@@ -5,7 +5,8 @@
 ** table; __gc and __close call one idempotent close. The userdata is created
 ** empty before the resource is acquired, so an error never leaks it. Option
 ** tables are checked key by key: an unknown key is named together with the
-** nearest valid one. Configurations go to C as JSON, so that config.c is the
+** nearest valid one, and a value of the wrong type or outside its range
+** with the function, the key, the range and the value. Configurations go to C as JSON, so that config.c is the
 ** one validator for tables and checkpoints alike.
 */
 #include "lmoelab.h"
@@ -63,40 +64,85 @@ static void check_keys(lua_State *L, int idx, const char *what, const char *cons
 
 #define SEED_MAX 9007199254740991LL /* 2^53 - 1: exact in JSON */
 
-/* An integer option in [min, max], or def. */
-static lua_Integer opt_int(lua_State *L, int idx, const char *key, lua_Integer def,
-                           lua_Integer min, lua_Integer max) {
-    lua_getfield(L, idx, key);
-    lua_Integer v = def;
-    if (!lua_isnil(L, -1)) {
-        int ok;
-        v = lua_tointegerx(L, -1, &ok);
-        if (!ok) luaL_error(L, "option '%s' must be an integer, got %s", key, luaL_tolstring(L, -1, NULL));
-        if (v < min || v > max)
-            luaL_error(L, "option '%s' must be between %I and %I, got %I", key, (LUAI_UACINT)min,
-                       (LUAI_UACINT)max, (LUAI_UACINT)v);
+/* The value at idx as a message shows it: 3, 1.5, nan, "3", true, a table. */
+static const char *value_text(lua_State *L, int idx, char *buf, size_t n) {
+    switch (lua_type(L, idx)) {
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx)) snprintf(buf, n, LUA_INTEGER_FMT, (LUAI_UACINT)lua_tointeger(L, idx));
+        else ml_number(buf, lua_tonumber(L, idx));
+        break;
+    case LUA_TSTRING: snprintf(buf, n, "\"%.40s\"%s", lua_tostring(L, idx),
+                               lua_rawlen(L, idx) > 40 ? "..." : ""); break;
+    case LUA_TBOOLEAN: snprintf(buf, n, "%s", lua_toboolean(L, idx) ? "true" : "false"); break;
+    default: snprintf(buf, n, "a %s", luaL_typename(L, idx));
     }
+    return buf;
+}
+
+/* The value at idx as an integer in [min, max]; anything else (a fraction,
+** NaN, a string) is an error naming what ("run:evaluate"), the key, the range
+** and the value. */
+static lua_Integer check_int(lua_State *L, int idx, const char *what, const char *key,
+                             lua_Integer min, lua_Integer max) {
+    int ok = lua_type(L, idx) == LUA_TNUMBER;
+    lua_Integer v = ok ? lua_tointegerx(L, idx, &ok) : 0;
+    if (!ok || v < min || v > max) {
+        char got[64];
+        luaL_error(L, "%s: '%s' must be an integer between %I and %I, got %s", what, key,
+                   (LUAI_UACINT)min, (LUAI_UACINT)max, value_text(L, idx, got, sizeof got));
+    }
+    return v;
+}
+
+/* An integer option in [min, max], or def when absent. */
+static lua_Integer opt_int(lua_State *L, int idx, const char *what, const char *key,
+                           lua_Integer def, lua_Integer min, lua_Integer max) {
+    lua_getfield(L, idx, key);
+    lua_Integer v = lua_isnil(L, -1) ? def : check_int(L, -1, what, key, min, max);
     lua_pop(L, 1);
     return v;
 }
 
-static double opt_num(lua_State *L, int idx, const char *key, double def) {
+/* A number option, or def when absent; its range is the caller's to check
+** (NaN and infinities included). */
+static double opt_num(lua_State *L, int idx, const char *what, const char *key, double def) {
     lua_getfield(L, idx, key);
     double v = def;
     if (!lua_isnil(L, -1)) {
-        int ok;
-        v = lua_tonumberx(L, -1, &ok);
-        if (!ok) luaL_error(L, "option '%s' must be a number, got %s", key, luaL_tolstring(L, -1, NULL));
+        char got[64];
+        if (lua_type(L, -1) != LUA_TNUMBER)
+            luaL_error(L, "%s: '%s' must be a number, got %s", what, key,
+                       value_text(L, -1, got, sizeof got));
+        v = lua_tonumber(L, -1);
     }
     lua_pop(L, 1);
     return v;
 }
 
-static int opt_bool(lua_State *L, int idx, const char *key, int def) {
+/* A number option for a float32 field: a finite value that the float would
+** turn into an infinity or 0 is refused as given (NaN and infinities pass, for
+** the caller's range check to name). */
+static float opt_float(lua_State *L, int idx, const char *what, const char *key, float def) {
+    double v = opt_num(L, idx, what, key, def);
+    float f = (float)v;
+    char got[ML_NUMLEN];
+    if (isfinite(v) && isinf(f))
+        luaL_error(L, "%s: '%s' = %s is too large for a float32 (at most 3.4e+38)", what, key,
+                   ml_number(got, v));
+    if (v != 0.0 && f == 0.0f)
+        luaL_error(L, "%s: '%s' = %s is too small for a float32 (it would be 0)", what, key,
+                   ml_number(got, v));
+    return f;
+}
+
+static int opt_bool(lua_State *L, int idx, const char *what, const char *key, int def) {
     lua_getfield(L, idx, key);
     int v = def;
     if (!lua_isnil(L, -1)) {
-        if (!lua_isboolean(L, -1)) luaL_error(L, "option '%s' must be true or false", key);
+        char got[64];
+        if (!lua_isboolean(L, -1))
+            luaL_error(L, "%s: '%s' must be true or false, got %s", what, key,
+                       value_text(L, -1, got, sizeof got));
         v = lua_toboolean(L, -1);
     }
     lua_pop(L, 1);
@@ -104,11 +150,15 @@ static int opt_bool(lua_State *L, int idx, const char *key, int def) {
 }
 
 /* A string option, or def; the string stays valid while the table lives. */
-static const char *opt_str(lua_State *L, int idx, const char *key, const char *def) {
+static const char *opt_str(lua_State *L, int idx, const char *what, const char *key,
+                           const char *def) {
     lua_getfield(L, idx, key);
     const char *v = def;
     if (!lua_isnil(L, -1)) {
-        if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string", key);
+        char got[64];
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "%s: '%s' must be a string, got %s", what, key,
+                       value_text(L, -1, got, sizeof got));
         v = lua_tostring(L, -1);
     }
     lua_pop(L, 1);
@@ -119,7 +169,7 @@ static const char *opt_str(lua_State *L, int idx, const char *key, const char *d
 ** absent; another value is an error that lists the names. */
 static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
                       const char *const *names, int def) {
-    const char *v = opt_str(L, idx, key, NULL);
+    const char *v = opt_str(L, idx, what, key, NULL);
     if (!v) return def;
     char list[160] = "";
     for (int i = 0; names[i]; i++) {
@@ -253,11 +303,15 @@ static int l_corpus(lua_State *L) {
     static const char *const keys[] = {"path", "text", "split", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     check_keys(L, 1, "moelab.corpus", keys);
-    const char *path = opt_str(L, 1, "path", NULL);
+    const char *path = opt_str(L, 1, "moelab.corpus", "path", NULL);
+    const char *text = opt_str(L, 1, "moelab.corpus", "text", NULL);
     size_t text_len = 0;
-    lua_getfield(L, 1, "text");
-    const char *text = lua_isnil(L, -1) ? NULL : luaL_checklstring(L, -1, &text_len);
-    double split = opt_num(L, 1, "split", 0.9);
+    if (text) {
+        lua_getfield(L, 1, "text");
+        lua_tolstring(L, -1, &text_len); /* bytes, NULs included */
+        lua_pop(L, 1);
+    }
+    double split = opt_num(L, 1, "moelab.corpus", "split", 0.9);
     if (!path == !text) luaL_error(L, "moelab.corpus: give either 'path' or 'text'");
     LCorpus *c = lua_newuserdatauv(L, sizeof *c, 0);
     c->c = NULL;
@@ -349,12 +403,20 @@ static int l_load(lua_State *L) {
     if (!lua_isnoneornil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);
         check_keys(L, 2, "moelab.load", keys);
-        nonfinite = opt_bool(L, 2, "nonfinite", 0) == 1;
+        nonfinite = opt_bool(L, 2, "moelab.load", "nonfinite", 0) == 1;
     }
     LModel *m = new_model_udata(L);
     char err[ML_ERRLEN];
     if (checkpoint_load(&m->m, path, nonfinite, err) != 0) luaL_error(L, "moelab.load: %s", err);
     return 1;
+}
+
+/* Raises err from moefy.c as moelab.<fn>: err starts "<fn>: " unless it comes
+** from below (the configuration's checks, the corpus). */
+static void moefy_error(lua_State *L, const char *fn, const char *err) {
+    size_t n = strlen(fn);
+    if (strncmp(err, fn, n) == 0 && strncmp(err + n, ": ", 2) == 0) err += n + 2;
+    luaL_error(L, "moelab.%s: %s", fn, err);
 }
 
 /* moelab.moefy(model, { experts = E, method = "kmeans" | "random", seed = 1,
@@ -370,9 +432,9 @@ static int l_moefy(lua_State *L) {
     LModel *dense = check_model(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "moelab.moefy", keys);
-    int E = (int)opt_int(L, 2, "experts", 8, 1, MOE_MAX_EXPERTS);
+    int E = (int)opt_int(L, 2, "moelab.moefy", "experts", 8, 1, MOE_MAX_EXPERTS);
     /* the generator takes 32 bits (moefy.c adds one) */
-    lua_Integer seed = opt_int(L, 2, "seed", 1, 0, ((lua_Integer)1 << 32) - 2);
+    lua_Integer seed = opt_int(L, 2, "moelab.moefy", "seed", 1, 0, ((lua_Integer)1 << 32) - 2);
     int kmeans = opt_choice(L, 2, "moelab.moefy", "method", methods, 0) == 0;
     MoeConfig router = {.kind = ROUTER_ALL, .k = 2, .p = 0.9f};
     lua_getfield(L, 2, "router");
@@ -380,16 +442,25 @@ static int l_moefy(lua_State *L) {
         int r = lua_gettop(L);
         luaL_checktype(L, r, LUA_TTABLE);
         check_keys(L, r, "moelab.moefy router", router_keys);
-        router.kind = kind_of[opt_choice(L, r, "moelab.moefy", "kind", kinds, 0)];
-        router.select_threshold = opt_choice(L, r, "moelab.moefy", "select", selects, 0) == 1;
-        router.k = (int)opt_int(L, r, "k", 2, 1, MOE_MAX_EXPERTS);
-        router.p = (float)opt_num(L, r, "p", router.p);
+        const char *what = "moelab.moefy router";
+        router.kind = kind_of[opt_choice(L, r, what, "kind", kinds, 0)];
+        router.select_threshold = opt_choice(L, r, what, "select", selects, 0) == 1;
+        /* k is read by the top-k selection, p by the threshold */
+        int uses_k = router.kind != ROUTER_ALL && !router.select_threshold;
+        router.k = (int)opt_int(L, r, what, "k", uses_k && E < 2 ? E : 2, 1,
+                                uses_k ? E : MOE_MAX_EXPERTS);
+        router.p = opt_float(L, r, what, "p", router.p);
+        if (!(router.p > 0.0f && router.p <= 1.0f)) {
+            char got[ML_NUMLEN];
+            luaL_error(L, "%s: 'p' (the threshold t) must be a number in (0, 1], got %s", what,
+                       ml_number(got, router.p));
+        }
     }
     lua_pop(L, 1);
     LModel *m = new_model_udata(L);
     char err[ML_ERRLEN];
     if (moe_moefy(&m->m, dense->m, E, kmeans, (uint64_t)seed, &router, err) != 0)
-        luaL_error(L, "moelab.%s", err);
+        moefy_error(L, "moefy", err);
     return 1;
 }
 
@@ -403,22 +474,26 @@ static int l_fit_router(lua_State *L) {
     LModel *m = check_model(L, 1);
     LCorpus *c = check_corpus(L, 2);
     if (!c->c) luaL_error(L, "moelab.fit_router: the corpus is closed");
+    const char *what = "moelab.fit_router";
     int steps = 200, batch = 16;
-    double lr = 1e-2;
+    float lr = 1e-2f;
     lua_Integer seed = 1;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
-        check_keys(L, 3, "moelab.fit_router", keys);
-        steps = (int)opt_int(L, 3, "steps", steps, 1, 1000000);
-        batch = (int)opt_int(L, 3, "batch", batch, 1, 4096);
-        seed = opt_int(L, 3, "seed", seed, 0, ((lua_Integer)1 << 32) - 2);
-        lr = opt_num(L, 3, "lr", lr);
-        if (!(lr > 0.0) || !isfinite(lr)) luaL_error(L, "moelab.fit_router: 'lr' must be a positive number");
+        check_keys(L, 3, what, keys);
+        steps = (int)opt_int(L, 3, what, "steps", steps, 1, 1000000);
+        batch = (int)opt_int(L, 3, what, "batch", batch, 1, 4096);
+        seed = opt_int(L, 3, what, "seed", seed, 0, ((lua_Integer)1 << 32) - 2);
+        lr = opt_float(L, 3, what, "lr", lr);
+        if (!(lr > 0.0f) || !isfinite(lr)) {
+            char got[ML_NUMLEN];
+            luaL_error(L, "%s: 'lr' must be a number > 0, got %s", what, ml_number(got, lr));
+        }
     }
     MoeFit fit;
     char err[ML_ERRLEN];
-    if (moe_fit_routers(m->m, c->c, steps, batch, (float)lr, (uint64_t)seed, &fit, err) != 0)
-        luaL_error(L, "moelab.%s", err);
+    if (moe_fit_routers(m->m, c->c, steps, batch, lr, (uint64_t)seed, &fit, err) != 0)
+        moefy_error(L, "fit_router", err);
     lua_newtable(L);
     set_num(L, "loss", fit.loss);
     set_num(L, "recall", fit.recall);
@@ -495,15 +570,16 @@ static int model_sample_l(lua_State *L) {
         prompt = lua_tolstring(L, -1, &np);
     }
     lua_pop(L, 1); /* the string stays alive in the options table */
-    lua_Integer n_new = opt_int(L, 2, "tokens", 200, 0, 1000000);
-    double temperature = opt_num(L, 2, "temperature", 1.0);
-    lua_Integer top_k = opt_int(L, 2, "top_k", 0, 0, 1 << 24);
-    lua_Integer seed = opt_int(L, 2, "seed", 1, 0, SEED_MAX);
+    lua_Integer n_new = opt_int(L, 2, "model:sample", "tokens", 200, 0, 1000000);
+    float temperature = opt_float(L, 2, "model:sample", "temperature", 1.0f);
+    lua_Integer top_k = opt_int(L, 2, "model:sample", "top_k", 0, 0, m->m->config.vocab);
+    lua_Integer seed = opt_int(L, 2, "model:sample", "seed", 1, 0, SEED_MAX);
     if (np < 1) luaL_error(L, "model:sample: the prompt must not be empty");
-    if (n_new < 0 || n_new > 1000000) luaL_error(L, "model:sample: tokens must be in 0 .. 1000000");
-    if (!(temperature >= 0) || !isfinite(temperature))
-        luaL_error(L, "model:sample: temperature must be a number >= 0, got %f", temperature);
-    if (top_k < 0) luaL_error(L, "model:sample: top_k must be >= 0 (0 = all)");
+    if (!(temperature >= 0) || !isfinite(temperature)) {
+        char got[ML_NUMLEN];
+        luaL_error(L, "model:sample: temperature must be a number >= 0, got %s",
+                   ml_number(got, temperature));
+    }
     int *in = string_tokens(L, prompt, np);
     int *out = lua_newuserdatauv(L, sizeof(int) * (np + (size_t)n_new), 0);
     char err[ML_ERRLEN];
@@ -590,7 +666,7 @@ static int l_open(lua_State *L) {
     if (!lua_isnoneornil(L, 2)) { /* moelab.open(path, { adopt = true }) */
         luaL_checktype(L, 2, LUA_TTABLE);
         check_keys(L, 2, "moelab.open", keys);
-        adopt = opt_bool(L, 2, "adopt", 0) == 1;
+        adopt = opt_bool(L, 2, "moelab.open", "adopt", 0) == 1;
     }
     LDb *d = lua_newuserdatauv(L, sizeof *d, 1);
     d->r = NULL;
@@ -714,16 +790,16 @@ static int db_run(lua_State *L) {
     LDb *d = check_db(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "db:run", keys);
-    const char *name = opt_str(L, 2, "name", NULL);
+    const char *name = opt_str(L, 2, "db:run", "name", NULL);
     if (!name) luaL_error(L, "db:run: 'name' is required");
-    const char *experiment = opt_str(L, 2, "experiment", NULL);
+    const char *experiment = opt_str(L, 2, "db:run", "experiment", NULL);
     lua_getfield(L, 2, "model");
     LModel *m = luaL_testudata(L, -1, MODEL_MT);
     if (!m || !m->m) luaL_error(L, "db:run: 'model' must be a model from moelab.model or moelab.load");
     lua_getfield(L, 2, "data");
     LCorpus *c = luaL_testudata(L, -1, CORPUS_MT);
     if (!c || !c->c) luaL_error(L, "db:run: 'data' must be a corpus from moelab.corpus");
-    lua_Integer seed = opt_int(L, 2, "seed", (lua_Integer)m->m->config.seed, 0, SEED_MAX);
+    lua_Integer seed = opt_int(L, 2, "db:run", "seed", (lua_Integer)m->m->config.seed, 0, SEED_MAX);
     char err[ML_ERRLEN];
     if (corpus_check_context(c->c, SPLIT_TRAIN, m->m->config.context, err) != 0)
         luaL_error(L, "db:run: %s", err);
@@ -821,24 +897,22 @@ static int run_train(lua_State *L) {
     run_bind(L, r);
     TrainOptions o;
     train_options_defaults(&o);
-    o.steps = (int)opt_int(L, 2, "steps", o.steps, 1, 1 << 30);
-    o.batch = (int)opt_int(L, 2, "batch", o.batch, 1, 65536);
-    o.lr = (float)opt_num(L, 2, "lr", o.lr);
-    o.min_lr = (float)opt_num(L, 2, "min_lr", o.min_lr);
-    o.warmup = (int)opt_int(L, 2, "warmup", o.warmup, 0, 1 << 30);
-    o.weight_decay = (float)opt_num(L, 2, "weight_decay", o.weight_decay);
-    o.clip = (float)opt_num(L, 2, "clip", o.clip);
-    o.beta1 = (float)opt_num(L, 2, "beta1", o.beta1);
-    o.beta2 = (float)opt_num(L, 2, "beta2", o.beta2);
-    o.eps = (float)opt_num(L, 2, "eps", o.eps);
-    o.eval_every = (int)opt_int(L, 2, "eval_every", o.eval_every, 0, 1 << 30);
-    o.eval_batches = (int)opt_int(L, 2, "eval_batches", o.eval_batches, 0, 1 << 20);
-    o.eval_batch = (int)opt_int(L, 2, "eval_batch", o.eval_batch, 0, 65536);
-    o.threads = (int)opt_int(L, 2, "threads", o.threads, 0, 1024);
-    o.progress = opt_bool(L, 2, "progress", -1);
-    if (o.steps < 1) luaL_error(L, "run:train: steps must be at least 1, got %d", o.steps);
-    if (o.batch < 1 || o.batch > 1 << 16) luaL_error(L, "run:train: batch must be in 1 .. 65536, got %d", o.batch);
-    if (o.eval_every < 0) luaL_error(L, "run:train: eval_every must be >= 0 (0 = only at the end)");
+    const char *what = "run:train";
+    o.steps = (int)opt_int(L, 2, what, "steps", o.steps, 1, 1 << 30);
+    o.batch = (int)opt_int(L, 2, what, "batch", o.batch, 1, 65536);
+    o.lr = opt_float(L, 2, what, "lr", o.lr);
+    o.min_lr = opt_float(L, 2, what, "min_lr", o.min_lr);
+    o.warmup = (int)opt_int(L, 2, what, "warmup", o.warmup, 0, 1 << 30);
+    o.weight_decay = opt_float(L, 2, what, "weight_decay", o.weight_decay);
+    o.clip = opt_float(L, 2, what, "clip", o.clip);
+    o.beta1 = opt_float(L, 2, what, "beta1", o.beta1);
+    o.beta2 = opt_float(L, 2, what, "beta2", o.beta2);
+    o.eps = opt_float(L, 2, what, "eps", o.eps);
+    o.eval_every = (int)opt_int(L, 2, what, "eval_every", o.eval_every, 0, 1 << 30);
+    o.eval_batches = (int)opt_int(L, 2, what, "eval_batches", o.eval_batches, 0, 1 << 20);
+    o.eval_batch = (int)opt_int(L, 2, what, "eval_batch", o.eval_batch, 0, 65536);
+    o.threads = (int)opt_int(L, 2, what, "threads", o.threads, 0, 1024);
+    o.progress = opt_bool(L, 2, what, "progress", -1);
 
     TrainResult res;
     char err[ML_ERRLEN] = "";
@@ -882,14 +956,13 @@ static int run_evaluate(lua_State *L) {
     run_bind(L, r);
     EvalOptions o;
     eval_options_defaults(&o);
-    o.batches = (int)opt_int(L, 2, "batches", o.batches, 1, 1 << 20);
-    o.batch = (int)opt_int(L, 2, "batch", o.batch, 1, 65536);
-    o.seed = (uint64_t)opt_int(L, 2, "seed", (lua_Integer)o.seed, 0, SEED_MAX);
-    o.record = opt_bool(L, 2, "record", 0);
-    const char *split = opt_str(L, 2, "split", "val");
-    if (strcmp(split, "val") == 0) o.split = SPLIT_VAL;
-    else if (strcmp(split, "train") == 0) o.split = SPLIT_TRAIN;
-    else luaL_error(L, "run:evaluate: split must be \"val\" or \"train\", got \"%s\"", split);
+    static const char *const splits[] = {"val", "train", NULL};
+    const char *what = "run:evaluate";
+    o.batches = (int)opt_int(L, 2, what, "batches", o.batches, 1, 1 << 20);
+    o.batch = (int)opt_int(L, 2, what, "batch", o.batch, 1, 65536);
+    o.seed = (uint64_t)opt_int(L, 2, what, "seed", (lua_Integer)o.seed, 0, SEED_MAX);
+    o.record = opt_bool(L, 2, what, "record", 0);
+    o.split = opt_choice(L, 2, what, "split", splits, 0) == 0 ? SPLIT_VAL : SPLIT_TRAIN;
     EvalResult res;
     char err[ML_ERRLEN];
     if (trainer_evaluate(&r->t, &o, &res, err) != 0) {
@@ -935,8 +1008,8 @@ static int l_plot(lua_State *L) {
     static const char *const keys[] = {"db", "figure", "out", "runs", NULL};
     luaL_checktype(L, 1, LUA_TTABLE);
     check_keys(L, 1, "moelab.plot", keys);
-    const char *figure = opt_str(L, 1, "figure", NULL);
-    const char *out = opt_str(L, 1, "out", NULL);
+    const char *figure = opt_str(L, 1, "moelab.plot", "figure", NULL);
+    const char *out = opt_str(L, 1, "moelab.plot", "out", NULL);
     if (!figure) luaL_error(L, "moelab.plot: 'figure' is required (one of %s)", PLOT_FIGURES);
     if (!out) luaL_error(L, "moelab.plot: 'out' is required (a .pdf, .png or .svg path)");
     lua_getfield(L, 1, "db");
@@ -980,8 +1053,7 @@ static int l_plot(lua_State *L) {
 }
 
 static int l_threads(lua_State *L) {
-    lua_Integer n = luaL_checkinteger(L, 1);
-    if (n < 0 || n > 1024) luaL_error(L, "moelab.threads: n must be in 0 .. 1024 (0 = all cores)");
+    lua_Integer n = check_int(L, 1, "moelab.threads", "n", 0, 1024); /* 0: all cores */
     trainer_set_threads((int)n);
     return 0;
 }

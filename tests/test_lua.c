@@ -822,7 +822,7 @@ static void test_option_errors(void **state) {
               "run   = db:run{ name = 'opts', model = model, data = data }");
     run_err(L, "run:train{ stpes = 1 }", "run:train", "'stpes'", "'steps'", NULL);
     run_err(L, "run:train(fast{ lerning_rate = 1 })", "'lerning_rate'", NULL);
-    run_err(L, "run:train(fast{ steps = 0 })", "option 'steps' must be between 1 and", NULL);
+    run_err(L, "run:train(fast{ steps = 0 })", "run:train: 'steps' must be an integer between 1 and", NULL);
     run_err(L, "run:train(fast{ steps = 1.5 })", "'steps'", "integer", NULL);
     run_err(L, "run:train(fast{ steps = 1, batch = 0 })", "batch", NULL);
     run_err(L, "run:train(fast{ steps = 1, lr = -1 })", "lr must be a positive", NULL);
@@ -870,6 +870,82 @@ static void test_option_errors(void **state) {
     run_err(L, "db:run{ name = 'x', model = data, data = data }", "'model'", NULL);
     run_err(L, "db:run{ name = 'x', model = model, data = 'some text' }", "'data'", NULL);
     run_err(L, "moelab.open(DIR .. '/no/such/dir/x.db')", "moelab.open", "x.db", NULL);
+    /* none of it touched the run */
+    run_ok(L, "t = run:train(fast{ steps = 2, eval_batches = 0 })\n"
+              "assert(t.status == 'finished' and t.steps == 2)");
+    lua_close(L);
+}
+
+/* Numeric options of every function: NaN, infinities, fractions, strings,
+** values beyond a float32 and out-of-range values get a message naming the
+** function, the option, the range and the value. */
+static void test_option_numbers(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data  = moelab.corpus{ text = TEXT }\n"
+              "model = moelab.model(tiny())\n"
+              "db    = moelab.open(DIR .. '/option-numbers.db')\n"
+              "run   = db:run{ name = 'numbers', model = model, data = data }");
+    /* the function, the option, the range and the value */
+    run_err(L, "run:evaluate{ batch = 0 }", "run:evaluate: 'batch' must be an integer between 1 and 65536, got 0",
+            NULL);
+    run_err(L, "run:evaluate{ batches = 0/0 }",
+            "run:evaluate: 'batches' must be an integer between 1 and 1048576, got nan", NULL);
+    run_err(L, "run:evaluate{ seed = 1.5 }", "run:evaluate: 'seed' must be an integer between 0 and", "got 1.5",
+            NULL);
+    run_err(L, "run:evaluate{ batch = 2^40 }", "'batch'", "got 1099511627776", NULL);
+    run_err(L, "run:evaluate{ split = 5 }", "run:evaluate: 'split' must be a string, got 5", NULL);
+    run_err(L, "run:train(fast{ eval_batch = -1 })", "run:train: 'eval_batch' must be an integer between 0 and",
+            "got -1", NULL);
+    run_err(L, "run:train(fast{ threads = 1/0 })", "run:train: 'threads'", "got inf", NULL);
+    run_err(L, "db:run{ name = 'x', model = model, data = data, seed = 1.5 }",
+            "db:run: 'seed' must be an integer between 0 and 9007199254740991, got 1.5", NULL);
+    run_err(L, "model:sample{ seed = -1 }", "model:sample: 'seed'", "got -1", NULL);
+    run_err(L, "model:sample{ temperature = 0/0 }", "temperature must be a number >= 0, got nan", NULL);
+    /* numbers as strings were taken; configurations refuse them, and so do options */
+    run_err(L, "run:evaluate{ batches = '3' }", "run:evaluate: 'batches'", "got \"3\"", NULL);
+    run_err(L, "model:sample{ tokens = '3' }", "model:sample: 'tokens'", "got \"3\"", NULL);
+    run_err(L, "run:train(fast{ steps = '1' })", "run:train: 'steps'", "got \"1\"", NULL);
+    run_err(L, "run:train(fast{ steps = 1, lr = '0.1' })", "run:train: 'lr' must be a number, got \"0.1\"", NULL);
+    run_err(L, "moelab.threads('2')", "moelab.threads: 'n'", "got \"2\"", NULL);
+    run_err(L, "moelab.corpus{ text = 55 }", "moelab.corpus: 'text' must be a string, got 55", NULL);
+    /* top_k beyond the vocabulary meant all of it, silently */
+    run_err(L, "model:sample{ top_k = 300 }", "model:sample: 'top_k' must be an integer between 0 and 256, got 300",
+            NULL);
+    /* moelab.threads: the range and the value, for NaN and fractions too */
+    run_err(L, "moelab.threads(0/0)", "moelab.threads: 'n' must be an integer between 0 and 1024, got nan", NULL);
+    run_err(L, "moelab.threads(1.5)", "got 1.5", NULL);
+    run_err(L, "moelab.threads(2000)", "between 0 and 1024, got 2000", NULL);
+    /* float32 options: what the float would make inf or 0 is refused as given */
+    run_err(L, "run:train(fast{ steps = 1, lr = 1e300 })", "run:train: 'lr' = 1e+300 is too large for a float32",
+            NULL);
+    run_err(L, "run:train(fast{ steps = 1, lr = 1e-50 })", "run:train: 'lr' = 1e-50 is too small for a float32",
+            NULL);
+    /* moelab.open */
+    run_err(L, "moelab.open(DIR .. '/adopt.db', { adopt = 1 })", "moelab.open: 'adopt' must be true or false, got 1",
+            NULL);
+    /* a split that leaves nothing to train on */
+    run_err(L, "moelab.corpus{ text = TEXT, split = 1e-9 }", "moelab.corpus", "split 1e-09 of 1600 bytes",
+            "train split empty", NULL);
+    run_err(L, "moelab.corpus{ text = TEXT, split = 0/0 }", "split must be in (0, 1], got nan", NULL);
+    /* moefy and fit_router */
+    run_err(L, "moelab.moefy(model, { experts = 4, router = { kind = 'similarity', select = 'threshold', p = 0/0 } })",
+            "moelab.moefy router: 'p' (the threshold t) must be a number in (0, 1], got nan", NULL);
+    run_err(L, "moelab.moefy(model, { experts = 4, router = { kind = 'similarity', k = 5 } })",
+            "moelab.moefy router: 'k' must be an integer between 1 and 4, got 5", NULL);
+    run_err(L, "moelab.moefy(model, { experts = 0/0 })", "moelab.moefy: 'experts' must be an integer between 1 and 256, "
+            "got nan", NULL);
+    run_ok(L, "one = moelab.moefy(model, { experts = 1, router = { kind = 'similarity' } })\n"
+              "assert(one:config().moe.router.k == 1)");
+    run_ok(L, "learned = moelab.moefy(model, { experts = 4, router = { kind = 'learned' } })");
+    run_err(L, "moelab.fit_router(learned, data, { lr = 0/0 })", "moelab.fit_router: 'lr' must be a number > 0, got nan",
+            NULL);
+    run_err(L, "moelab.fit_router(learned, data, { steps = 1, lr = 1e300 })",
+            "moelab.fit_router: 'lr' = 1e+300 is too large for a float32", NULL);
+    run_err(L, "moelab.fit_router(learned, data, { steps = 0 })",
+            "moelab.fit_router: 'steps' must be an integer between 1 and 1000000, got 0", NULL);
+    run_err(L, "moelab.fit_router(learned, moelab.corpus{ text = 'abcdefgh' }, { steps = 1 })",
+            "moelab.fit_router: context 16 is longer than the corpus", NULL);
     /* none of it touched the run */
     run_ok(L, "t = run:train(fast{ steps = 2, eval_batches = 0 })\n"
               "assert(t.status == 'finished' and t.steps == 2)");
@@ -1206,6 +1282,7 @@ int main(void) {
         cmocka_unit_test(test_config_errors),
         cmocka_unit_test(test_config_numbers),
         cmocka_unit_test(test_option_errors),
+        cmocka_unit_test(test_option_numbers),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
