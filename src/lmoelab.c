@@ -180,6 +180,14 @@ static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
     return luaL_error(L, "%s: '%s' must be one of %s, got \"%s\"", what, key, list, v);
 }
 
+/* Raises err, a message from the C layer, as "what: ..."; err's own prefix
+** ("train: ", "moefy: ") is dropped, so that it is not said twice. */
+static int c_error(lua_State *L, const char *what, const char *prefix, const char *err) {
+    size_t n = strlen(prefix);
+    if (strncmp(err, prefix, n) == 0 && strncmp(err + n, ": ", 2) == 0) err += n + 2;
+    return luaL_error(L, "%s: %s", what, err);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Lua values as JSON                                                        */
 
@@ -411,14 +419,6 @@ static int l_load(lua_State *L) {
     return 1;
 }
 
-/* Raises err from moefy.c as moelab.<fn>: err starts "<fn>: " unless it comes
-** from below (the configuration's checks, the corpus). */
-static void moefy_error(lua_State *L, const char *fn, const char *err) {
-    size_t n = strlen(fn);
-    if (strncmp(err, fn, n) == 0 && strncmp(err + n, ": ", 2) == 0) err += n + 2;
-    luaL_error(L, "moelab.%s: %s", fn, err);
-}
-
 /* moelab.moefy(model, { experts = E, method = "kmeans" | "random", seed = 1,
 ** router = { kind, select, k, p } }) */
 static int l_moefy(lua_State *L) {
@@ -460,7 +460,7 @@ static int l_moefy(lua_State *L) {
     LModel *m = new_model_udata(L);
     char err[ML_ERRLEN];
     if (moe_moefy(&m->m, dense->m, E, kmeans, (uint64_t)seed, &router, err) != 0)
-        moefy_error(L, "moefy", err);
+        c_error(L, "moelab.moefy", "moefy", err);
     return 1;
 }
 
@@ -493,7 +493,7 @@ static int l_fit_router(lua_State *L) {
     MoeFit fit;
     char err[ML_ERRLEN];
     if (moe_fit_routers(m->m, c->c, steps, batch, lr, (uint64_t)seed, &fit, err) != 0)
-        moefy_error(L, "fit_router", err);
+        c_error(L, "moelab.fit_router", "fit_router", err);
     lua_newtable(L);
     set_num(L, "loss", fit.loss);
     set_num(L, "recall", fit.recall);
@@ -585,7 +585,7 @@ static int model_sample_l(lua_State *L) {
     char err[ML_ERRLEN];
     if (model_sample(m->m, in, (int)np, (int)n_new, (float)temperature, (int)top_k,
                      (uint64_t)seed, out, err) != 0)
-        luaL_error(L, "model:sample: %s", err);
+        c_error(L, "model:sample", "sample", err);
     luaL_Buffer buf;
     luaL_buffinit(L, &buf);
     for (size_t i = 0; i < np + (size_t)n_new; i++) {
@@ -920,7 +920,7 @@ static int run_train(lua_State *L) {
         char ignored[ML_ERRLEN];
         rec_run_status(r->t.rec, r->t.run_id, "failed", err, ignored); /* kept rows stay */
         snprintf(r->status, sizeof r->status, "failed");
-        luaL_error(L, "run:train: %s", err);
+        c_error(L, "run:train", "train", err);
     }
     snprintf(r->status, sizeof r->status, "%s", res.status);
     if (strcmp(res.status, "interrupted") == 0) {
@@ -973,7 +973,7 @@ static int run_evaluate(lua_State *L) {
             lua_sethook(L, NULL, 0, 0); /* the CLI's stop hook would replace this message */
             luaL_error(L, "run '%s' %s; the run is recorded as 'interrupted'", r->t.name, err);
         }
-        luaL_error(L, "run:evaluate: %s", err);
+        c_error(L, "run:evaluate", "evaluate", err);
     }
     lua_newtable(L);
     set_num(L, "loss", res.loss);

@@ -893,7 +893,7 @@ static void test_option_numbers(void **state) {
             "run:evaluate: 'batches' must be an integer between 1 and 1048576, got nan", NULL);
     run_err(L, "run:evaluate{ seed = 1.5 }", "run:evaluate: 'seed' must be an integer between 0 and", "got 1.5",
             NULL);
-    run_err(L, "run:evaluate{ batch = 2^40 }", "'batch'", "got 1099511627776", NULL);
+    run_err(L, "run:evaluate{ batch = 2^40 }", "run:evaluate: 'batch'", "got 1099511627776", NULL);
     run_err(L, "run:evaluate{ split = 5 }", "run:evaluate: 'split' must be a string, got 5", NULL);
     run_err(L, "run:train(fast{ eval_batch = -1 })", "run:train: 'eval_batch' must be an integer between 0 and",
             "got -1", NULL);
@@ -946,6 +946,8 @@ static void test_option_numbers(void **state) {
             "moelab.fit_router: 'steps' must be an integer between 1 and 1000000, got 0", NULL);
     run_err(L, "moelab.fit_router(learned, moelab.corpus{ text = 'abcdefgh' }, { steps = 1 })",
             "moelab.fit_router: context 16 is longer than the corpus", NULL);
+    /* the C layer's own prefix is not said twice ("run:train: train: lr ...") */
+    run_err(L, "run:train(fast{ steps = 1, lr = -1 })", "run:train: lr must be a positive number, got -1", NULL);
     /* none of it touched the run */
     run_ok(L, "t = run:train(fast{ steps = 2, eval_batches = 0 })\n"
               "assert(t.status == 'finished' and t.steps == 2)");
