@@ -90,6 +90,15 @@ int corpus_check_context(const Corpus *c, Split s, int T, char *err) {
     return 0;
 }
 
+int corpus_check_vocab(const Corpus *c, int vocab, char *err) {
+    if (vocab >= 256) return 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (c->bytes[i] >= vocab)
+            return ml_error(err, "the corpus has byte %d at offset %zu, outside the model's "
+                            "vocabulary (vocab = %d)", c->bytes[i], i, vocab);
+    return 0;
+}
+
 void corpus_batch(const Corpus *c, Split s, void *rng, int B, int T, int *inputs, int *targets) {
     const uint8_t *base = c->bytes + (s == SPLIT_TRAIN ? 0 : c->n_train);
     size_t windows = corpus_split_len(c, s) - (size_t)T; /* offsets 0 .. len - T - 1 */

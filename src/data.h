@@ -36,6 +36,10 @@ const char *corpus_split_name(Split s);
 /* Checks that windows of T + 1 bytes fit in the split. */
 int corpus_check_context(const Corpus *c, Split s, int T, char *err);
 
+/* Checks that every byte is a token of a vocabulary of `vocab` ids (a model
+** may have fewer than 256); the message names the first that is not. */
+int corpus_check_vocab(const Corpus *c, int vocab, char *err);
+
 /* Fills inputs and targets (B, T) from random windows of the split; rng is a
 ** gsl_rng* (kept opaque here so that callers need not include GSL). */
 void corpus_batch(const Corpus *c, Split s, void *rng, int B, int T, int *inputs, int *targets);

@@ -492,6 +492,7 @@ static int l_fit_router(lua_State *L) {
     }
     MoeFit fit;
     char err[ML_ERRLEN];
+    if (corpus_check_vocab(c->c, m->m->config.vocab, err) != 0) luaL_error(L, "%s: %s", what, err);
     if (moe_fit_routers(m->m, c->c, steps, batch, lr, (uint64_t)seed, &fit, err) != 0)
         c_error(L, "moelab.fit_router", "fit_router", err);
     lua_newtable(L);
@@ -510,10 +511,17 @@ static int model_save(lua_State *L) {
     return 0;
 }
 
-/* Bytes of a Lua string as token ids. */
-static int *string_tokens(lua_State *L, const char *s, size_t n) {
+/* Bytes of a Lua string as token ids, each checked against the model's
+** vocabulary (smaller than 256 bytes when configured so). */
+static int *string_tokens(lua_State *L, const LModel *m, const char *what, const char *s,
+                          size_t n) {
     int *t = lua_newuserdatauv(L, sizeof(int) * (n ? n : 1), 0);
-    for (size_t i = 0; i < n; i++) t[i] = (unsigned char)s[i];
+    for (size_t i = 0; i < n; i++) {
+        t[i] = (unsigned char)s[i];
+        if (t[i] >= m->m->config.vocab)
+            luaL_error(L, "%s: byte %d at position %d is outside the vocabulary "
+                       "(vocab = %d)", what, t[i], (int)i + 1, m->m->config.vocab);
+    }
     return t;
 }
 
@@ -525,7 +533,9 @@ static int *sequence_arg(lua_State *L, const LModel *m, const char *what, size_t
     if (*n < 2 || *n > (size_t)max)
         luaL_error(L, "model:%s: the text must have 2 to context + 1 = %d bytes, got %d", what,
                    max, (int)*n);
-    return string_tokens(L, text, *n);
+    char where[32];
+    snprintf(where, sizeof where, "model:%s", what);
+    return string_tokens(L, m, where, text, *n);
 }
 
 static int model_loss(lua_State *L) {
@@ -580,7 +590,7 @@ static int model_sample_l(lua_State *L) {
         luaL_error(L, "model:sample: temperature must be a number >= 0, got %s",
                    ml_number(got, temperature));
     }
-    int *in = string_tokens(L, prompt, np);
+    int *in = string_tokens(L, m, "model:sample", prompt, np);
     int *out = lua_newuserdatauv(L, sizeof(int) * (np + (size_t)n_new), 0);
     char err[ML_ERRLEN];
     if (model_sample(m->m, in, (int)np, (int)n_new, (float)temperature, (int)top_k,
@@ -801,7 +811,8 @@ static int db_run(lua_State *L) {
     if (!c || !c->c) luaL_error(L, "db:run: 'data' must be a corpus from moelab.corpus");
     lua_Integer seed = opt_int(L, 2, "db:run", "seed", (lua_Integer)m->m->config.seed, 0, SEED_MAX);
     char err[ML_ERRLEN];
-    if (corpus_check_context(c->c, SPLIT_TRAIN, m->m->config.context, err) != 0)
+    if (corpus_check_context(c->c, SPLIT_TRAIN, m->m->config.context, err) != 0 ||
+        corpus_check_vocab(c->c, m->m->config.vocab, err) != 0)
         luaL_error(L, "db:run: %s", err);
     if (!experiment) {
         lua_getfield(L, LUA_REGISTRYINDEX, "moelab.script");

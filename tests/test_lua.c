@@ -948,6 +948,14 @@ static void test_option_numbers(void **state) {
             "moelab.fit_router: context 16 is longer than the corpus", NULL);
     /* the C layer's own prefix is not said twice ("run:train: train: lr ...") */
     run_err(L, "run:train(fast{ steps = 1, lr = -1 })", "run:train: lr must be a positive number, got -1", NULL);
+    /* bytes beyond a smaller vocabulary are named where they enter, not by the forward pass */
+    run_ok(L, "v100 = moelab.model(tiny{ vocab = 100 })");
+    run_err(L, "v100:loss('abz')", "model:loss: byte 122 at position 3 is outside the vocabulary (vocab = 100)",
+            NULL);
+    run_err(L, "v100:token_losses('za')", "model:token_losses: byte 122 at position 1", NULL);
+    run_err(L, "v100:sample{ prompt = 'z', tokens = 1 }", "model:sample: byte 122 at position 1", NULL);
+    run_err(L, "db:run{ name = 'v100', model = v100, data = data }",
+            "db:run: the corpus has byte 100 at offset 3, outside the model's vocabulary (vocab = 100)", NULL);
     /* none of it touched the run */
     run_ok(L, "t = run:train(fast{ steps = 2, eval_batches = 0 })\n"
               "assert(t.status == 'finished' and t.steps == 2)");
