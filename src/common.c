@@ -53,9 +53,13 @@ int ml_memory_check(size_t need, const char *what, char *err) {
 const char *ml_number(char *buf, double x) {
     if (isnan(x)) return strcpy(buf, "nan"); /* 0/0 has its sign bit set: not "-nan" */
     if (isinf(x)) return strcpy(buf, x > 0 ? "inf" : "-inf");
+    /* a float32 option (lr = 0.003 is 0.003000000026077032 as a double) shows
+    ** as the float it is: the shortest text that reads back as that float */
+    int is_float = (double)(float)x == x && x != trunc(x); /* integers read exactly */
     for (int digits = 1; digits <= 17; digits++) {
         snprintf(buf, ML_NUMLEN, "%.*g", digits, x);
-        if (strtod(buf, NULL) == x) break;
+        double back = strtod(buf, NULL);
+        if (back == x || (is_float && (float)back == (float)x)) break;
     }
     return buf;
 }

@@ -21,7 +21,8 @@ int ml_error(char *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* A number as a message shows it: the shortest text that reads back as x
-** (3, 1.5, 1e+300, 9.223372036854776e+18), or nan, inf, -inf. Writes into
+** (3, 1.5, 1e+300, 9.223372036854776e+18), or as the float x is when x is
+** one (0.003, not 0.003000000026077032), or nan, inf, -inf. Writes into
 ** buf, ML_NUMLEN bytes, and returns it. */
 #define ML_NUMLEN 32
 const char *ml_number(char *buf, double x);

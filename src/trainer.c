@@ -439,22 +439,24 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     res->val_loss = NAN;
     if (o->steps < 1) return ml_error(err, "train: steps must be at least 1, got %d", o->steps);
     if (B < 1) return ml_error(err, "train: batch must be at least 1, got %d", B);
+    char nb[ML_NUMLEN], nb2[ML_NUMLEN];
     if (!(o->lr > 0.0f) || !isfinite(o->lr))
-        return ml_error(err, "train: lr must be a positive number, got %g", o->lr);
+        return ml_error(err, "train: lr must be a positive number, got %s", ml_number(nb, o->lr));
     if (o->warmup < 0) return ml_error(err, "train: warmup must be >= 0, got %d", o->warmup);
     /* every real option finite and in range, NaN included: !(x >= lo) is true for NaN */
     if (!(o->clip >= 0.0f) || !isfinite(o->clip))
-        return ml_error(err, "train: clip must be a number >= 0 (0 = off), got %g", o->clip);
+        return ml_error(err, "train: clip must be a number >= 0 (0 = off), got %s", ml_number(nb, o->clip));
     if (!(o->weight_decay >= 0.0f) || !isfinite(o->weight_decay))
-        return ml_error(err, "train: weight_decay must be a number >= 0, got %g", o->weight_decay);
+        return ml_error(err, "train: weight_decay must be a number >= 0, got %s", ml_number(nb, o->weight_decay));
     if (!(o->min_lr >= 0.0f) || !(o->min_lr <= o->lr))
-        return ml_error(err, "train: min_lr must be between 0 and lr = %g, got %g", o->lr, o->min_lr);
+        return ml_error(err, "train: min_lr must be between 0 and lr = %s, got %s", ml_number(nb, o->lr),
+                         ml_number(nb2, o->min_lr));
     if (!(o->beta1 >= 0.0f && o->beta1 < 1.0f))
-        return ml_error(err, "train: beta1 must be in [0, 1), got %g", o->beta1);
+        return ml_error(err, "train: beta1 must be in [0, 1), got %s", ml_number(nb, o->beta1));
     if (!(o->beta2 >= 0.0f && o->beta2 < 1.0f))
-        return ml_error(err, "train: beta2 must be in [0, 1), got %g", o->beta2);
+        return ml_error(err, "train: beta2 must be in [0, 1), got %s", ml_number(nb, o->beta2));
     if (!(o->eps > 0.0f) || !isfinite(o->eps))
-        return ml_error(err, "train: eps must be a positive number, got %g", o->eps);
+        return ml_error(err, "train: eps must be a positive number, got %s", ml_number(nb, o->eps));
     if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
     char inner[ML_ERRLEN];
     if (model_check_batch(m, B, T, 1, inner) != 0) return ml_error(err, "train: %s", inner);
