@@ -407,6 +407,73 @@ static void router_key_list(char *buf, size_t n, unsigned keys) {
         }
 }
 
+/* The `moe.router` table, over what m holds, into m; strict as read_moe. */
+static int read_router(MoeConfig *m, const JsonValue *router, int strict, char *err) {
+    long v;
+    if (json_type(router) != JSON_OBJECT)
+        return ml_error(err, "'moe.router' must be a table, for example { kind = \"topk\", k = 2 }");
+    if (check_keys(router, router_keys, NKEYS(router_keys), "moe.router.", err)) return -1;
+    int kind = (int)m->kind;
+    if (read_choice(router, "kind", "moe.router.", router_names, NKEYS(router_names), &kind, err))
+        return -1;
+    m->kind = (RouterKind)kind;
+    v = m->k;
+    if (read_int(router, "k", "moe.router.", &v, err)) return -1;
+    m->k = (int)v;
+    v = m->max_k;
+    if (read_int(router, "max_k", "moe.router.", &v, err)) return -1;
+    m->max_k = (int)v;
+    v = m->min_capacity;
+    if (read_int(router, "min_capacity", "moe.router.", &v, err)) return -1;
+    m->min_capacity = (int)v;
+    if (read_float(router, "p", "moe.router.", &m->p, err) ||
+        read_float(router, "capacity_factor", "moe.router.", &m->capacity_factor, err) ||
+        read_float(router, "noise", "moe.router.", &m->noise, err) ||
+        read_bool(router, "normalize", "moe.router.", &m->normalize, err))
+        return -1;
+    const JsonValue *strata = json_object_get(router, "strata");
+    if (strata) {
+        size_t n = json_array_len(strata);
+        if (json_type(strata) != JSON_ARRAY || n < 1 || n > MOE_MAX_EXPERTS)
+            return ml_error(err, "'moe.router.strata' must be a list of stratum sizes, for "
+                            "example { 4, 4 }");
+        for (size_t i = 0; i < n; i++) {
+            char path[64];
+            double x;
+            snprintf(path, sizeof path, "moe.router.strata[%zu]", i + 1);
+            if (read_number(json_array_at(strata, i), path, &x, err)) return -1;
+            m->strata[i] = (int)x;
+        }
+        m->n_strata = (int)n;
+    }
+    v = m->segment;
+    if (read_int(router, "segment", "moe.router.", &v, err)) return -1;
+    m->segment = (int)v;
+    v = m->token_attention;
+    if (read_int(router, "token_attention", "moe.router.", &v, err)) return -1;
+    m->token_attention = (int)v;
+    static const char *const selects[] = {"topk", "threshold"};
+    if (read_choice(router, "select", "moe.router.", selects, 2, &m->select_threshold, err))
+        return -1;
+    static const char *const seconds[] = {"max", "sample"};
+    if (read_choice(router, "second", "moe.router.", seconds, 2, &m->second_sample, err))
+        return -1;
+    unsigned used = router_of(m->kind)->keys(m);
+    MoeConfig limited = *m; /* what it reads with a capacity */
+    limited.capacity_factor = 1.0f;
+    unsigned with_capacity = router_of(m->kind)->keys(&limited);
+    for (int i = 0; strict && i < ROUTER_KEY_COUNT; i++) {
+        if ((used & (1u << i)) || !json_object_get(router, router_key_name(i))) continue;
+        char list[256];
+        router_key_list(list, sizeof list, used);
+        int dropless = m->capacity_factor == 0.0f && (with_capacity & (1u << i));
+        return ml_error(err, "'moe.router.%s' is not read by the %s router%s (it reads %s)",
+                        router_key_name(i), config_router_name(m->kind),
+                        dropless ? " when dropless" : "", list[0] ? list : "no other key");
+    }
+    return 0;
+}
+
 /* The `moe` table: over the defaults, into c->moe. A router key that the
 ** router does not read under this configuration is refused when strict (a
 ** user's table), ignored otherwise (checkpoints written before the routers
@@ -448,69 +515,7 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
     if (read_bool(moe, "bias", "moe.", &m->bias, err)) return -1;
 
     const JsonValue *router = json_object_get(moe, "router");
-    if (router) {
-        if (json_type(router) != JSON_OBJECT)
-            return ml_error(err, "'moe.router' must be a table, for example { kind = \"topk\", k = 2 }");
-        if (check_keys(router, router_keys, NKEYS(router_keys), "moe.router.", err)) return -1;
-        int kind = (int)m->kind;
-        if (read_choice(router, "kind", "moe.router.", router_names, NKEYS(router_names), &kind, err))
-            return -1;
-        m->kind = (RouterKind)kind;
-        v = m->k;
-        if (read_int(router, "k", "moe.router.", &v, err)) return -1;
-        m->k = (int)v;
-        v = m->max_k;
-        if (read_int(router, "max_k", "moe.router.", &v, err)) return -1;
-        m->max_k = (int)v;
-        v = m->min_capacity;
-        if (read_int(router, "min_capacity", "moe.router.", &v, err)) return -1;
-        m->min_capacity = (int)v;
-        if (read_float(router, "p", "moe.router.", &m->p, err) ||
-            read_float(router, "capacity_factor", "moe.router.", &m->capacity_factor, err) ||
-            read_float(router, "noise", "moe.router.", &m->noise, err) ||
-            read_bool(router, "normalize", "moe.router.", &m->normalize, err))
-            return -1;
-        const JsonValue *strata = json_object_get(router, "strata");
-        if (strata) {
-            size_t n = json_array_len(strata);
-            if (json_type(strata) != JSON_ARRAY || n < 1 || n > MOE_MAX_EXPERTS)
-                return ml_error(err, "'moe.router.strata' must be a list of stratum sizes, for "
-                                "example { 4, 4 }");
-            for (size_t i = 0; i < n; i++) {
-                char path[64];
-                double x;
-                snprintf(path, sizeof path, "moe.router.strata[%zu]", i + 1);
-                if (read_number(json_array_at(strata, i), path, &x, err)) return -1;
-                m->strata[i] = (int)x;
-            }
-            m->n_strata = (int)n;
-        }
-        v = m->segment;
-        if (read_int(router, "segment", "moe.router.", &v, err)) return -1;
-        m->segment = (int)v;
-        v = m->token_attention;
-        if (read_int(router, "token_attention", "moe.router.", &v, err)) return -1;
-        m->token_attention = (int)v;
-        static const char *const selects[] = {"topk", "threshold"};
-        if (read_choice(router, "select", "moe.router.", selects, 2, &m->select_threshold, err))
-            return -1;
-        static const char *const seconds[] = {"max", "sample"};
-        if (read_choice(router, "second", "moe.router.", seconds, 2, &m->second_sample, err))
-            return -1;
-        unsigned used = router_of(m->kind)->keys(m);
-        MoeConfig limited = *m; /* what it reads with a capacity */
-        limited.capacity_factor = 1.0f;
-        unsigned with_capacity = router_of(m->kind)->keys(&limited);
-        for (int i = 0; strict && i < ROUTER_KEY_COUNT; i++) {
-            if ((used & (1u << i)) || !json_object_get(router, router_key_name(i))) continue;
-            char list[256];
-            router_key_list(list, sizeof list, used);
-            int dropless = m->capacity_factor == 0.0f && (with_capacity & (1u << i));
-            return ml_error(err, "'moe.router.%s' is not read by the %s router%s (it reads %s)",
-                            router_key_name(i), config_router_name(m->kind),
-                            dropless ? " when dropless" : "", list[0] ? list : "no other key");
-        }
-    }
+    if (router && read_router(m, router, strict, err)) return -1;
     const JsonValue *aux = json_object_get(moe, "aux");
     if (aux) {
         if (json_type(aux) != JSON_OBJECT)
@@ -630,6 +635,84 @@ int config_from_checkpoint_json(ModelConfig *c, const char *json, size_t len, ch
 /* ------------------------------------------------------------------------ */
 /* writing                                                                   */
 
+/* The router's own keys, in the order of ROUTER_KEY_*, as a JSON object. */
+static void router_to_json(JsonBuf *b, const MoeConfig *m) {
+    jb_puts(b, "{\"kind\":");
+    jb_string(b, config_router_name(m->kind));
+    unsigned used = router_of(m->kind)->keys(m);
+    if (used & ROUTER_KEY_K) jb_printf(b, ",\"k\":%d", m->k);
+    if (used & ROUTER_KEY_P) {
+        jb_puts(b, ",\"p\":");
+        jb_float(b, m->p);
+    }
+    if (used & ROUTER_KEY_MAX_K) jb_printf(b, ",\"max_k\":%d", m->max_k);
+    if (used & ROUTER_KEY_NORMALIZE)
+        jb_printf(b, ",\"normalize\":%s", m->normalize ? "true" : "false");
+    if (used & ROUTER_KEY_CAPACITY_FACTOR) {
+        jb_puts(b, ",\"capacity_factor\":");
+        jb_float(b, m->capacity_factor);
+    }
+    if (used & ROUTER_KEY_MIN_CAPACITY) jb_printf(b, ",\"min_capacity\":%d", m->min_capacity);
+    if (used & ROUTER_KEY_NOISE) {
+        jb_puts(b, ",\"noise\":");
+        jb_float(b, m->noise);
+    }
+    if (used & ROUTER_KEY_STRATA) {
+        jb_puts(b, ",\"strata\":[");
+        for (int i = 0; i < m->n_strata; i++) jb_printf(b, i ? ",%d" : "%d", m->strata[i]);
+        jb_puts(b, "]");
+    }
+    if (used & ROUTER_KEY_SECOND)
+        jb_printf(b, ",\"second\":\"%s\"", m->second_sample ? "sample" : "max");
+    if (used & ROUTER_KEY_SEGMENT) jb_printf(b, ",\"segment\":%d", m->segment);
+    if (used & ROUTER_KEY_TOKEN_ATTENTION)
+        jb_printf(b, ",\"token_attention\":%d", m->token_attention);
+    if (used & ROUTER_KEY_SELECT)
+        jb_printf(b, ",\"select\":\"%s\"", m->select_threshold ? "threshold" : "topk");
+    jb_puts(b, "}");
+}
+
+char *config_router_to_json(const MoeConfig *m) {
+    JsonBuf b = {0};
+    router_to_json(&b, m);
+    if (b.failed) {
+        jb_free(&b);
+        return NULL;
+    }
+    return b.data;
+}
+
+int config_router_from_json(ModelConfig *c, const char *json, size_t len, char *err) {
+    char jerr[ML_ERRLEN];
+    JsonValue *root = NULL;
+    if (json_parse(json, len, &root, jerr) != 0)
+        return ml_error(err, "the router is not valid JSON: %s", jerr);
+    ModelConfig next = *c;
+    MoeConfig *m = &next.moe;
+    const char *kind = json_string(json_object_get(root, "kind"));
+    if (kind && strcmp(kind, config_router_name(m->kind)) != 0) {
+        /* another router: its keys start from their defaults */
+        ModelConfig d;
+        config_defaults(&d);
+        m->k = d.moe.k;
+        m->p = d.moe.p;
+        m->max_k = d.moe.max_k;
+        m->normalize = d.moe.normalize;
+        m->capacity_factor = d.moe.capacity_factor;
+        m->min_capacity = d.moe.min_capacity;
+        m->noise = d.moe.noise;
+        m->n_strata = 0;
+        memset(m->strata, 0, sizeof m->strata);
+        m->second_sample = m->segment = m->token_attention = m->select_threshold = 0;
+    }
+    int rc = read_router(m, root, 1, err);
+    json_free(root);
+    if (rc != 0 || config_validate(&next, err) != 0) return -1;
+    config_canonical(&next);
+    *c = next;
+    return 0;
+}
+
 char *config_to_json(const ModelConfig *c) {
     JsonBuf b = {0};
     jb_printf(&b, "{\"layers\":%d,\"d_model\":%d,\"heads\":%d,\"context\":%d,\"vocab\":%d,",
@@ -654,40 +737,9 @@ char *config_to_json(const ModelConfig *c) {
         } else {
             jb_printf(&b, "%d", m->hidden[0]);
         }
-        /* the router's own keys only, in the order of ROUTER_KEY_* */
-        jb_puts(&b, ",\"router\":{\"kind\":");
-        jb_string(&b, config_router_name(m->kind));
-        unsigned used = router_of(m->kind)->keys(m);
-        if (used & ROUTER_KEY_K) jb_printf(&b, ",\"k\":%d", m->k);
-        if (used & ROUTER_KEY_P) {
-            jb_puts(&b, ",\"p\":");
-            jb_float(&b, m->p);
-        }
-        if (used & ROUTER_KEY_MAX_K) jb_printf(&b, ",\"max_k\":%d", m->max_k);
-        if (used & ROUTER_KEY_NORMALIZE)
-            jb_printf(&b, ",\"normalize\":%s", m->normalize ? "true" : "false");
-        if (used & ROUTER_KEY_CAPACITY_FACTOR) {
-            jb_puts(&b, ",\"capacity_factor\":");
-            jb_float(&b, m->capacity_factor);
-        }
-        if (used & ROUTER_KEY_MIN_CAPACITY) jb_printf(&b, ",\"min_capacity\":%d", m->min_capacity);
-        if (used & ROUTER_KEY_NOISE) {
-            jb_puts(&b, ",\"noise\":");
-            jb_float(&b, m->noise);
-        }
-        if (used & ROUTER_KEY_STRATA) {
-            jb_puts(&b, ",\"strata\":[");
-            for (int i = 0; i < m->n_strata; i++) jb_printf(&b, i ? ",%d" : "%d", m->strata[i]);
-            jb_puts(&b, "]");
-        }
-        if (used & ROUTER_KEY_SECOND)
-            jb_printf(&b, ",\"second\":\"%s\"", m->second_sample ? "sample" : "max");
-        if (used & ROUTER_KEY_SEGMENT) jb_printf(&b, ",\"segment\":%d", m->segment);
-        if (used & ROUTER_KEY_TOKEN_ATTENTION)
-            jb_printf(&b, ",\"token_attention\":%d", m->token_attention);
-        if (used & ROUTER_KEY_SELECT)
-            jb_printf(&b, ",\"select\":\"%s\"", m->select_threshold ? "threshold" : "topk");
-        jb_puts(&b, "},\"aux\":{\"balance\":");
+        jb_puts(&b, ",\"router\":");
+        router_to_json(&b, m);
+        jb_puts(&b, ",\"aux\":{\"balance\":");
         jb_float(&b, m->aux_balance);
         jb_puts(&b, ",\"z\":");
         jb_float(&b, m->aux_z);

@@ -106,6 +106,14 @@ int config_number_error(const char *path, double x, char *err);
 ** malloc'd string or NULL when out of memory. */
 char *config_to_json(const ModelConfig *c);
 
+/* A model's router replaced for a counterfactual evaluation: the keys of the
+** JSON object (a user's table: strict, as config_from_json) over c's own
+** router, or over the defaults of another kind when "kind" names one; c is
+** changed only when the result validates. config_router_to_json writes a
+** router's own keys as the configuration does (caller frees). */
+int config_router_from_json(ModelConfig *c, const char *json, size_t len, char *err);
+char *config_router_to_json(const MoeConfig *m);
+
 /* Names of enum values, for messages and JSON. */
 const char *config_norm_name(NormKind k);
 const char *config_activation_name(ActKind k);

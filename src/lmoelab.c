@@ -371,28 +371,37 @@ static LModel *new_model_udata(lua_State *L) {
     return m;
 }
 
-/* to_json under lua_pcall: (table, JsonBuf*) */
+/* to_json under lua_pcall: (table, JsonBuf*, path of its keys) */
 static int to_json_protected(lua_State *L) {
     JsonBuf *b = lua_touserdata(L, 2);
-    to_json(L, 1, b, 0, "");
+    to_json(L, 1, b, 0, lua_tostring(L, 3));
     return 0;
+}
+
+/* The table at idx as JSON into b, which the caller frees; raises errors
+** (a value JSON cannot hold, out of memory) as `what: ...` with b freed.
+** path ("" or "moe.router") names the table in messages. */
+static void table_json(lua_State *L, int idx, const char *what, const char *path, JsonBuf *b) {
+    idx = lua_absindex(L, idx);
+    lua_pushcfunction(L, to_json_protected);
+    lua_pushvalue(L, idx);
+    lua_pushlightuserdata(L, b);
+    lua_pushstring(L, path);
+    if (lua_pcall(L, 3, 0, 0) != LUA_OK) { /* the buffer is ours to free */
+        jb_free(b);
+        luaL_error(L, "%s: %s", what, lua_tostring(L, -1));
+    }
+    if (b->failed) {
+        jb_free(b);
+        luaL_error(L, "%s: out of memory", what);
+    }
 }
 
 static int l_model(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     JsonBuf b = {0};
-    lua_pushcfunction(L, to_json_protected);
-    lua_pushvalue(L, 1);
-    lua_pushlightuserdata(L, &b);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) { /* the buffer is ours to free */
-        jb_free(&b);
-        return luaL_error(L, "moelab.model: %s", lua_tostring(L, -1));
-    }
+    table_json(L, 1, "moelab.model", "", &b);
     LModel *m = new_model_udata(L);
-    if (b.failed) {
-        jb_free(&b);
-        luaL_error(L, "moelab.model: out of memory");
-    }
     ModelConfig c;
     config_defaults(&c);
     char err[ML_ERRLEN];
@@ -606,10 +615,19 @@ static int model_sample_l(lua_State *L) {
     return 1;
 }
 
+/* model:config() → the configuration as a table, every default filled in;
+** model:config("json") → the same as the JSON text runs.config.model holds */
 static int model_config_l(lua_State *L) {
     LModel *m = check_model(L, 1);
+    static const char *const forms[] = {"table", "json", NULL};
+    int form = luaL_checkoption(L, 2, "table", forms);
     char *json = config_to_json(&m->m->config);
     if (!json) luaL_error(L, "out of memory");
+    if (form == 1) {
+        lua_pushstring(L, json);
+        free(json);
+        return 1;
+    }
     JsonValue *v = NULL;
     int rc = json_parse(json, strlen(json), &v, NULL);
     free(json);
@@ -960,8 +978,10 @@ static int run_train(lua_State *L) {
     return 1;
 }
 
+/* run:evaluate{ batches, batch, split, record, seed, router }: router is a
+** counterfactual router table (config_router_from_json) */
 static int run_evaluate(lua_State *L) {
-    static const char *const keys[] = {"batches", "batch", "split", "record", "seed", NULL};
+    static const char *const keys[] = {"batches", "batch", "split", "record", "seed", "router", NULL};
     LRun *r = check_run(L, 1);
     run_options(L, "run:evaluate", keys);
     run_bind(L, r);
@@ -976,7 +996,24 @@ static int run_evaluate(lua_State *L) {
     o.split = opt_choice(L, 2, what, "split", splits, 0) == 0 ? SPLIT_VAL : SPLIT_TRAIN;
     EvalResult res;
     char err[ML_ERRLEN];
-    if (trainer_evaluate(&r->t, &o, &res, err) != 0) {
+    ModelConfig cf = r->t.model->config; /* a counterfactual router over the model's */
+    char *router_json = NULL;
+    if (!lua_isnoneornil(L, 2) && lua_getfield(L, 2, "router") != LUA_TNIL) {
+        if (!lua_istable(L, -1)) luaL_error(L, "run:evaluate: 'router' must be a table, for example "
+                                               "{ kind = \"threshold\", p = 0.9 }");
+        JsonBuf b = {0};
+        table_json(L, -1, "run:evaluate: router", "moe.router", &b);
+        int bad = config_router_from_json(&cf, b.data ? b.data : "{}", b.data ? b.len : 2, err);
+        jb_free(&b);
+        if (bad) luaL_error(L, "run:evaluate: router: %s", err);
+        if (!(router_json = config_router_to_json(&cf.moe))) luaL_error(L, "run:evaluate: out of memory");
+        o.router = &cf.moe;
+        o.router_json = router_json;
+    }
+    lua_settop(L, 2);
+    int failed = trainer_evaluate(&r->t, &o, &res, err);
+    free(router_json);
+    if (failed) {
         if (res.interrupted) { /* the run is interrupted too, as by run:train */
             char ignored[ML_ERRLEN];
             rec_run_status(r->t.rec, r->t.run_id, "interrupted", err, ignored);
@@ -1010,6 +1047,19 @@ static int run_tostring(lua_State *L) {
     lua_pushfstring(L, "moelab.run(%s, id %d, %s)", r->open ? r->t.name : "closed",
                     (int)r->t.run_id, r->status);
     return 1;
+}
+
+/* moelab.sweep{ ... }: lua/moelab/sweep.lua's run, loaded when first used */
+static int l_sweep(lua_State *L) {
+    int n = lua_gettop(L);
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "moelab.sweep");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "run");
+    lua_insert(L, 1);
+    lua_pop(L, 1);
+    lua_call(L, n, LUA_MULTRET);
+    return lua_gettop(L);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1103,7 +1153,8 @@ int luaopen_moelab(lua_State *L) {
         {NULL, NULL}};
     static const luaL_Reg functions[] = {
         {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
-        {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {"fit_router", l_fit_router}, {NULL, NULL}};
+        {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {"fit_router", l_fit_router},
+        {"sweep", l_sweep}, {NULL, NULL}};
     trainer_set_threads(0); /* OpenBLAS single-threaded inside OpenMP, from the start */
     new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
     new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);

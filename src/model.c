@@ -290,6 +290,32 @@ int64_t model_active_parameters(const Model *m) {
     return total - (int64_t)m->n_moe_layers * (experts - experts * k / mc->experts);
 }
 
+int model_check_router(const Model *m, const MoeConfig *mc, char *err) {
+    ModelConfig c = m->config;
+    c.moe = *mc;
+    Model *plan;
+    char inner[ML_ERRLEN];
+    if (!m->config.moe.enabled) return ml_error(err, "a dense model has no router to replace");
+    if (model_plan(&plan, &c, inner) != 0) return ml_error(err, "%s", inner);
+    const char *mine = config_router_name(m->config.moe.kind), *theirs = config_router_name(mc->kind);
+    int rc = 0;
+    for (int i = 0; i < plan->n_params && rc == 0; i++) {
+        const ParamInfo *p = &plan->params[i];
+        int k = model_find_param(m, p->name);
+        if (k < 0 || m->params[k].shape[0] != p->shape[0] || m->params[k].shape[1] != p->shape[1])
+            rc = ml_error(err, "the %s router needs tensor '%s' (%d x %d), which this %s model %s; "
+                          "a model can be evaluated under a router that reads the parameters it "
+                          "has (topk, threshold, topp and expert_choice share theirs)", theirs,
+                          p->name, p->shape[0], p->ndim == 2 ? p->shape[1] : 1, mine,
+                          k < 0 ? "does not have" : "has in another shape");
+    }
+    if (rc == 0 && plan->n_params != m->n_params)
+        rc = ml_error(err, "the %s router reads fewer parameters than this %s model has: it would "
+                      "ignore some of what was trained", theirs, mine);
+    model_free(plan);
+    return rc;
+}
+
 int model_find_param(const Model *m, const char *name) {
     for (int i = 0; i < m->n_params; i++)
         if (strcmp(m->params[i].name, name) == 0) return i;

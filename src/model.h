@@ -204,4 +204,9 @@ int64_t model_active_parameters(const Model *m);
 /* Index of the registry entry with this name, or -1. */
 int model_find_param(const Model *m, const char *name);
 
+/* Whether the model can run under router mc instead of its own (a
+** counterfactual evaluation): mc must read exactly the parameters the model
+** has, of the same shapes. A message says what is missing otherwise. */
+int model_check_router(const Model *m, const MoeConfig *mc, char *err);
+
 #endif

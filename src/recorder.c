@@ -93,6 +93,9 @@ static const char *rec_schema_sql =
     "                                      -- top-k layers would cost (schema 4)\n"
     "  routing_first INTEGER,            -- its routing rows all have a routing_id\n"
     "  routing_last  INTEGER,            -- in [first, last] (see routing)\n"
+    "  -- the router it ran under, when not the model's own: a counterfactual\n"
+    "  -- evaluation, run:evaluate{ router = ... }, as JSON (schema 5)\n"
+    "  router        TEXT,\n"
     "  -- 0 while it is written: a long one commits in chunks, and a crash\n"
     "  -- leaves it 0 with the rows written so far (schema 5)\n"
     "  complete      INTEGER NOT NULL DEFAULT 1\n"
@@ -307,6 +310,7 @@ struct Recorder {
     sqlite3_stmt *update_status;
     sqlite3_stmt *update_config;
     sqlite3_stmt *update_topk_flops;
+    sqlite3_stmt *update_eval_router;
     sqlite3_stmt *insert_metric;
     sqlite3_stmt *insert_eval;
     sqlite3_stmt *update_eval;
@@ -557,6 +561,7 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         || (old && rec_add_column(r, "evals", "topk_flops_per_token", "REAL", err))
         || (old && rec_exec(r, "DROP VIEW IF EXISTS v_final_loss", "upgrade the schema", err))
         || (old && !from1 && rec_add_column(r, "token_stats", "passes", "INTEGER", err))
+        || (old && rec_add_column(r, "evals", "router", "TEXT", err))
         || (old && rec_add_column(r, "evals", "complete", "INTEGER NOT NULL DEFAULT 1", err))
         || (old && rec_exec(r, rec_upgrade_runs_to_5_sql, "upgrade the schema", err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
@@ -839,6 +844,8 @@ static int rec_prepare_all(Recorder *r, char *err) {
                " WHERE run_id = ?1", err)
         || rec_prepare(r, &r->update_topk_flops,
                "UPDATE evals SET topk_flops_per_token = ?2 WHERE eval_id = ?1", err)
+        || rec_prepare(r, &r->update_eval_router,
+               "UPDATE evals SET router = json(?2) WHERE eval_id = ?1", err)
         || rec_prepare(r, &r->update_config,
                "UPDATE runs SET config = json_set(COALESCE(config, '{}'), '$.' || ?2, json(?3))"
                " WHERE run_id = ?1", err)
@@ -1285,6 +1292,7 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->insert_metric);
     sqlite3_finalize(r->insert_eval);
     sqlite3_finalize(r->update_eval);
+    sqlite3_finalize(r->update_eval_router);
     sqlite3_finalize(r->delete_eval);
     sqlite3_finalize(r->routing_range);
     sqlite3_finalize(r->savepoint);
@@ -1404,6 +1412,18 @@ int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, ch
     sqlite3_bind_int64(st, 1, eval_id);
     rec_bind_real_or_null(st, 2, flops_per_token);
     if (rec_step_done(r, st, "record an evaluation's top-k FLOPs", err))
+        return -1;
+    r->pending_rows++;
+    return 0;
+}
+
+int rec_eval_router(Recorder *r, int64_t eval_id, const char *router_json, char *err) {
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_stmt *st = r->update_eval_router;
+    sqlite3_bind_int64(st, 1, eval_id);
+    sqlite3_bind_text(st, 2, router_json, -1, SQLITE_TRANSIENT);
+    if (rec_step_done(r, st, "record an evaluation's router", err))
         return -1;
     r->pending_rows++;
     return 0;

@@ -81,6 +81,9 @@ int rec_run_begin(Recorder *r, const char *name, const char *experiment,
 ** cost as per-token top-k layers. */
 int rec_eval_topk_flops(Recorder *r, int64_t eval_id, double flops_per_token, char *err);
 
+/* Sets evals.router: the router (JSON) a counterfactual evaluation ran under. */
+int rec_eval_router(Recorder *r, int64_t eval_id, const char *router_json, char *err);
+
 /* Sets a run's status: running, finished, diverged, interrupted, failed or
 ** crashed. Every status but running also sets finished_at; running records
 ** this process (pid, host, start time) as the run's. error_msg (may be NULL)

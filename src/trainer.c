@@ -301,6 +301,10 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     char inner[ML_ERRLEN];
     if (model_check_batch(m, B, T, 0, inner) != 0) return ml_error(err, "evaluate: %s", inner);
     if (ensure_batch(t, B, T, err) != 0) return -1;
+    if (o->router && model_check_router(m, o->router, inner) != 0)
+        return ml_error(err, "evaluate: %s", inner);
+    MoeConfig own = c->moe; /* back after a counterfactual evaluation */
+    if (o->router) m->config.moe = *o->router;
     int moe = m->n_moe_layers > 0;
     int record = o->record && t->rec && moe;
     const char *split = corpus_split_name(o->split);
@@ -330,7 +334,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (t->rec) {
         if (rec_run_hold(t->rec, t->run_id, held, sizeof held, err) != 0) goto done;
         began = 1;
-        if (rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &eval_id, err) != 0)
+        if (rec_eval(t->rec, t->run_id, t->step, split, 0, NAN, NAN, NAN, &eval_id, err) != 0 ||
+            (o->router_json && rec_eval_router(t->rec, eval_id, o->router_json, err) != 0))
             goto done;
         if (record && recw_start(&writer, t->rec, t->run_id, eval_id, err) != 0)
             goto done;
@@ -402,9 +407,9 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             (!isnan(res->topk_flops_per_token) &&
              rec_eval_topk_flops(t->rec, eval_id, res->topk_flops_per_token, err) != 0))
             goto done;
-        /* the validation curve; a training-split evaluation stays in evals only,
-        ** so that metrics keeps one 'train' row per step */
-        if (o->split == SPLIT_VAL &&
+        /* the validation curve; a training-split or counterfactual evaluation
+        ** stays in evals only, so that metrics keeps the model's own curve */
+        if (o->split == SPLIT_VAL && !o->router &&
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
                        res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
             goto done;
@@ -415,6 +420,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     }
     rc = 0;
 done:
+    m->config.moe = own;
     if (writer) recw_abort(writer);
     /* a long one may have committed some of its rows (recwriter.h): all go */
     if (rc != 0 && began && eval_id >= 0)

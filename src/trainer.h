@@ -44,6 +44,11 @@ typedef struct {
     Split split;
     uint64_t seed;     /* the evaluation batches: the same seed gives the same batches */
     int record;        /* record per-token detail (token_stats) */
+    /* A counterfactual evaluation: the model runs under this router instead
+    ** of its own (model_check_router says which it can), recorded in
+    ** evals.router as router_json. NULL: its own. */
+    const MoeConfig *router;
+    const char *router_json;
 } EvalOptions;
 
 typedef struct {

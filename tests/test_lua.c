@@ -1082,6 +1082,88 @@ static void test_train_batch_overflow(void **state) {
     lua_close(L);
 }
 
+/* run:evaluate{ router = ... } evaluates the trained model under another
+** router: under its own router it equals a plain evaluation, bit for bit;
+** it is recorded with the router and stays out of the validation curve;
+** routers that need parameters the model lacks are refused. */
+static void test_counterfactual_evaluation(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "model = moelab.model(tiny{ moe = { experts = 4, hidden = 16,\n"
+              "                                   router = { kind = 'topk', k = 2 } } })\n"
+              "db = moelab.open(DIR .. '/counterfactual.db')\n"
+              "run = db:run{ name = 'cf', model = model, data = moelab.corpus{ text = TEXT } }\n"
+              "run:train(fast{ steps = 3 })\n"
+              "vals = #db:query(\"SELECT 1 FROM metrics WHERE split = 'val'\")\n"
+              "own = run:evaluate{ batches = 2 }\n"
+              "same = run:evaluate{ batches = 2, router = { kind = 'topk', k = 2 } }\n"
+              "wide = run:evaluate{ batches = 2, router = { kind = 'threshold', p = 0.99 }, record = true }\n"
+              "one = run:evaluate{ batches = 2, router = { k = 1 } }");
+    assert_lua(L, "same.loss == own.loss and same.experts_per_token == own.experts_per_token");
+    assert_lua(L, "same.moe_flops_per_token == own.moe_flops_per_token");
+    assert_lua(L, "wide.experts_per_token > 2 and one.experts_per_token == 1");
+    assert_lua(L, "wide.loss ~= own.loss");
+    /* the model's own router is back afterwards */
+    assert_lua(L, "run:evaluate{ batches = 2 }.loss == own.loss");
+    assert_lua(L, "model:config().moe.router.kind == 'topk'");
+    assert_lua(L, "db:query('SELECT router FROM evals WHERE eval_id = ?', own.eval_id)[1].router == nil");
+    assert_lua(L, "db:query(\"SELECT json_extract(router, '$.p') AS p, json_extract(router, '$.kind')"
+                  " AS kind FROM evals WHERE eval_id = ?\", wide.eval_id)[1].kind == 'threshold'");
+    assert_lua(L, "db:query('SELECT count(*) AS n FROM routing WHERE eval_id = ?', wide.eval_id)[1].n"
+                  " > 2 * wide.tokens");
+    /* one val row per plain evaluation: the two above, not the three counterfactual */
+    assert_lua(L, "#db:query(\"SELECT 1 FROM metrics WHERE split = 'val'\") == vals + 2");
+    run_err(L, "run:evaluate{ router = { kind = 'hash' } }", "run:evaluate", "hash router", NULL);
+    run_err(L, "run:evaluate{ router = { kind = 'stratified', strata = { 2, 2 } } }", "run:evaluate",
+            "stratified router needs tensor", NULL);
+    run_err(L, "run:evaluate{ router = { kind = 'threshold', k = 2 } }", "run:evaluate",
+            "'moe.router.k' is not read by the threshold router", NULL);
+    run_err(L, "run:evaluate{ router = { k = 0/0 } }", "run:evaluate", "moe.router.k", "nan", NULL);
+    run_err(L, "run:evaluate{ router = 'topk' }", "run:evaluate", "'router' must be a table", NULL);
+    run_ok(L, "dense = db:run{ name = 'dense', model = moelab.model(tiny()),\n"
+              "                data = moelab.corpus{ text = TEXT } }");
+    run_err(L, "dense:evaluate{ router = { kind = 'topk' } }", "run:evaluate", "dense model", NULL);
+    lua_close(L);
+}
+
+/* moelab.sweep: every combination and seed as a named run; a second call
+** skips the finished ones, runs a failed one again, and refuses a changed
+** configuration under an old name. */
+static void test_sweep_resumes(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "spec = { db = DIR .. '/sweep.db', name = 's', data = moelab.corpus{ text = TEXT },\n"
+              "  base = tiny{ moe = { experts = 4, hidden = 16 } },\n"
+              "  vary = { ['moe.router'] = { { kind = 'topk', k = 2 }, { kind = 'threshold', p = 0.9 } } },\n"
+              "  seeds = { 1, 2 }, train = fast{ steps = 2 }, evaluate = { batches = 1 },\n"
+              "  after = function(run, model, entry)\n"
+              "    if entry.values['moe.router'].kind == 'threshold' and entry.seed == 2 then\n"
+              "      error('the hook failed') end\n"
+              "  end }\n"
+              "first = moelab.sweep(spec)\n"
+              "second = moelab.sweep(spec)\n"
+              "db = moelab.open(DIR .. '/sweep.db')");
+    assert_lua(L, "#first == 4 and #second == 4");
+    assert_lua(L, "first[1].name == 's/moe.router={k=2,kind=topk}/seed=1'");
+    assert_lua(L, "first[1].status == 'finished' and not first[1].skipped and first[1].eval.loss > 0");
+    assert_lua(L, "first[4].status == 'failed' and first[4].error:find('the hook failed') ~= nil");
+    assert_lua(L, "second[1].skipped and second[1].run_id == first[1].run_id");
+    assert_lua(L, "second[1].val_loss == first[1].val_loss and second[1].eval.loss == first[1].eval.loss");
+    assert_lua(L, "not second[4].skipped and second[4].status == 'failed'");
+    /* three runs once, the failed one twice; both of its rows say failed */
+    assert_lua(L, "db:query('SELECT count(*) AS n FROM runs')[1].n == 5");
+    assert_lua(L, "db:query(\"SELECT count(*) AS n FROM runs WHERE status = 'failed'\")[1].n == 2");
+    assert_lua(L, "STDERR:find('sweep s: 4 runs: 1 failed, 3 skipped', 1, true) ~= nil");
+    assert_lua(L, "STDERR:find('failed: s/moe.router={kind=threshold,p=0.9}/seed=2', 1, true) ~= nil");
+    run_ok(L, "spec.base.d_model = 8");
+    run_err(L, "moelab.sweep(spec)", "another model configuration", NULL);
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = 1, base = tiny(), colour = 1 }",
+            "unknown option 'colour'", NULL);
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(),\n"
+               "  vary = { layers = {} } }", "vary['layers']", NULL);
+    lua_close(L);
+}
+
 static void test_loss_errors(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1296,6 +1378,8 @@ int main(void) {
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
+        cmocka_unit_test(test_counterfactual_evaluation),
+        cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),

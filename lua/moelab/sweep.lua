@@ -1,0 +1,241 @@
+-- moelab.sweep — every combination of some configuration values, and seeds,
+-- trained and evaluated as named runs of one database; resumable.
+--
+--   local results = moelab.sweep{
+--     db = "results/xmoe.db",                 -- a path, or a database from moelab.open
+--     name = "xmoe",                          -- runs are named "xmoe/<values>/seed=<s>"
+--     data = corpus,
+--     base = { layers = 4, d_model = 128, moe = { experts = 8, hidden = 128 } },
+--     vary = { ["moe.router"] = { { kind = "topk", k = 2 }, { kind = "threshold", p = 0.9 } },
+--              ["moe.experts"] = { 8, 16 } },
+--     seeds = { 1, 2 },                       -- the model's seed and the data order's
+--     train = { steps = 300, batch = 16 },
+--     evaluate = { batches = 20, record = true },  -- after training (optional)
+--     after = function(run, model, entry) end,     -- more work per run (optional)
+--   }
+--
+-- Keys of `vary` are dotted paths into the configuration; each value replaces
+-- what base has there. Combinations run in a fixed order (keys sorted, values
+-- in the order given, then seeds). A run whose name is already in the
+-- database as `finished` or `diverged` with the same model configuration is
+-- skipped and its recorded results are returned, so an interrupted sweep
+-- resumes where it stopped; one recorded as failed, interrupted or crashed is
+-- run again under the same name. A run that fails is reported and the sweep
+-- goes on; Ctrl-C stops the sweep. Returns one entry per run:
+--   { name, label, seed, values = { [key] = value }, status, run_id, skipped,
+--     loss, val_loss (the run's last train and val rows, v_final_loss),
+--     eval = <run:evaluate's result>, error, seconds }
+
+local sweep = {}
+
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in pairs(v) do t[k] = deep_copy(x) end
+  return t
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  return keys
+end
+
+-- A value as it appears in a run's name: compact and the same every time.
+local function show(v)
+  if type(v) ~= "table" then return tostring(v) end
+  local parts = {}
+  if #v > 0 then
+    for _, x in ipairs(v) do parts[#parts + 1] = show(x) end
+  else
+    for _, k in ipairs(sorted_keys(v)) do parts[#parts + 1] = tostring(k) .. "=" .. show(v[k]) end
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+-- config[path] = value for a dotted path, making the tables on the way.
+local function set_path(config, path, value)
+  local t, last = config, nil
+  for part in path:gmatch("[^.]+") do
+    if last then
+      if t[last] == nil then t[last] = {} end
+      if type(t[last]) ~= "table" then
+        error(string.format("moelab.sweep: vary key '%s': '%s' is not a table in base", path, last), 0)
+      end
+      t = t[last]
+    end
+    last = part
+  end
+  if not last then error("moelab.sweep: an empty vary key", 0) end
+  t[last] = deep_copy(value)
+end
+
+-- Every combination of the vary values: an array of { {key, value}, ... }.
+local function combinations(vary)
+  local keys = sorted_keys(vary)
+  local out = { {} }
+  for _, key in ipairs(keys) do
+    local values = vary[key]
+    if type(values) ~= "table" or #values == 0 then
+      error(string.format("moelab.sweep: vary['%s'] must be a non-empty list of values", key), 0)
+    end
+    local grown = {}
+    for _, combo in ipairs(out) do
+      for _, value in ipairs(values) do
+        local c = { table.unpack(combo) }
+        c[#c + 1] = { key, value }
+        grown[#grown + 1] = c
+      end
+    end
+    out = grown
+  end
+  return out
+end
+
+local function duration(s)
+  if s >= 3600 then return string.format("%dh%02dm", s // 3600, s % 3600 // 60) end
+  if s >= 60 then return string.format("%dm%02ds", s // 60, s % 60) end
+  return string.format("%ds", s)
+end
+
+local known = { db = true, name = true, data = true, base = true, vary = true, seeds = true,
+                train = true, evaluate = true, after = true, experiment = true, progress = true }
+
+-- The last run of this name, and whether its configuration is model_json.
+local function previous(db, name, model_json)
+  local rows = db:query("SELECT run_id, status, json(json_extract(config, '$.model')) = json(?) AS same"
+                        .. " FROM runs WHERE name = ? ORDER BY run_id DESC LIMIT 1", model_json, name)
+  return rows[1]
+end
+
+-- An entry's losses as the database has them (v_final_loss: the last train
+-- and val rows), and with_eval its last evaluation under its own router.
+local function recorded_results(db, entry, with_eval)
+  local final = db:query("SELECT train_loss, val_loss FROM v_final_loss WHERE run_id = ?", entry.run_id)[1]
+  if final then
+    entry.loss, entry.val_loss = final.train_loss, final.val_loss
+  end
+  if not with_eval then return end
+  local e = db:query("SELECT eval_id, loss, tokens, moe_flops_per_token, experts_per_token FROM evals"
+                     .. " WHERE run_id = ? AND router IS NULL AND complete = 1"
+                     .. " ORDER BY eval_id DESC LIMIT 1", entry.run_id)[1]
+  if e then entry.eval = e end
+end
+
+function sweep.run(spec)
+  local moelab = require "moelab"
+  if type(spec) ~= "table" then error("moelab.sweep: expected a table of options", 2) end
+  for k in pairs(spec) do
+    if not known[k] then error(string.format("moelab.sweep: unknown option '%s'", tostring(k)), 2) end
+  end
+  if spec.data == nil then error("moelab.sweep: 'data' (a corpus) is required", 2) end
+  if type(spec.base) ~= "table" then error("moelab.sweep: 'base' (a model configuration) is required", 2) end
+  local vary = spec.vary or {}
+  local seeds = spec.seeds or { 1 }
+  if type(seeds) ~= "table" or #seeds == 0 then error("moelab.sweep: 'seeds' must be a non-empty list", 2) end
+  for _, s in ipairs(seeds) do
+    if math.type(s) ~= "integer" or s < 0 then
+      error(string.format("moelab.sweep: seeds must be integers >= 0, got %s", tostring(s)), 2)
+    end
+  end
+  local prefix = spec.name or "sweep"
+  local db = spec.db
+  if type(db) == "string" then db = moelab.open(db)
+  elseif db == nil then error("moelab.sweep: 'db' (a path or a database) is required", 2) end
+  local progress = spec.progress
+  if progress == nil then progress = true end
+
+  local combos = combinations(vary)
+  local total, done_here, spent = #combos * #seeds, 0, 0.0
+  local results, i = {}, 0
+  for _, combo in ipairs(combos) do
+    local labels = {}
+    for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
+    local label = #labels > 0 and table.concat(labels, ",") or "base"
+    for _, seed in ipairs(seeds) do
+      i = i + 1
+      local config = deep_copy(spec.base)
+      local values = {}
+      for _, kv in ipairs(combo) do
+        set_path(config, kv[1], kv[2])
+        values[kv[1]] = kv[2]
+      end
+      config.seed = seed
+      local name = string.format("%s/%s/seed=%d", prefix, label, seed)
+      local entry = { name = name, label = label, seed = seed, values = values }
+      results[#results + 1] = entry
+      local ok_model, model = pcall(moelab.model, config)
+      if not ok_model then
+        entry.status, entry.error = "failed", tostring(model)
+      else
+        local before = previous(db, name, model:config("json"))
+        if before and before.same == 0 and (before.status == "finished" or before.status == "diverged") then
+          model:close()
+          error(string.format("moelab.sweep: run '%s' in %s was made with another model configuration;"
+                              .. " give the sweep another name or database", name, db:path()), 2)
+        end
+        if before and (before.status == "finished" or before.status == "diverged") then
+          entry.status, entry.run_id, entry.skipped = before.status, before.run_id, true
+          recorded_results(db, entry, true)
+          model:close()
+        else
+          if progress then
+            local eta = spent > 0 and (" (ETA " .. duration(math.floor(spent / done_here
+                                                                   * (total - i + 1))) .. ")") or ""
+            io.stderr:write(string.format("sweep %s: run %d of %d: %s seed %d%s\n", prefix, i, total,
+                                          label, seed, eta))
+          end
+          local t0 = os.time()
+          local run = db:run{ name = name, model = model, data = spec.data, seed = seed,
+                              experiment = spec.experiment or prefix }
+          entry.run_id = run:id()
+          local ok, result = pcall(run.train, run, spec.train or {})
+          if ok then
+            entry.status, entry.loss, entry.val_loss = result.status, result.loss, result.val_loss
+          end
+          if ok and entry.status == "finished" and spec.evaluate then
+            ok, result = pcall(run.evaluate, run, spec.evaluate)
+            if ok then entry.eval = result end
+          end
+          if ok and entry.status == "finished" and spec.after then
+            ok, result = pcall(spec.after, run, model, entry)
+          end
+          if not ok then
+            local status = db:query("SELECT status FROM runs WHERE run_id = ?", entry.run_id)[1].status
+            if status == "interrupted" then error(result, 0) end -- Ctrl-C stops the sweep
+            entry.status, entry.error = "failed", tostring(result)
+            if status == "running" or status == "finished" then
+              -- failed after training (an evaluation, the hook): the run says so
+              db:query("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
+                       entry.error, entry.run_id)
+            end
+          end
+          if entry.status == "failed" and progress then
+            io.stderr:write(string.format("sweep %s: run %s failed: %s\n", prefix, name, entry.error))
+          end
+          if entry.status ~= "failed" then recorded_results(db, entry, false) end
+          run:close()
+          model:close()
+          entry.seconds = os.time() - t0
+          done_here, spent = done_here + 1, spent + entry.seconds
+        end
+      end
+    end
+  end
+  if progress then
+    local counts, failed = {}, {}
+    for _, e in ipairs(results) do
+      local k = e.skipped and "skipped" or e.status
+      counts[k] = (counts[k] or 0) + 1
+      if e.status == "failed" then failed[#failed + 1] = e.name end
+    end
+    local parts = {}
+    for _, k in ipairs(sorted_keys(counts)) do parts[#parts + 1] = counts[k] .. " " .. k end
+    io.stderr:write(string.format("sweep %s: %d runs: %s%s\n", prefix, #results, table.concat(parts, ", "),
+                                  #failed > 0 and ("; failed: " .. table.concat(failed, ", ")) or ""))
+  end
+  return results
+end
+
+return sweep
