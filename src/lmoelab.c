@@ -920,7 +920,8 @@ static void run_options(lua_State *L, const char *what, const char *const *keys)
 static int run_train(lua_State *L) {
     static const char *const keys[] = {
         "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
-        "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", NULL};
+        "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", "probe", NULL};
+    static const char *const probe_keys[] = {"every", "batch", "seed", NULL};
     LRun *r = check_run(L, 1);
     run_options(L, "run:train", keys);
     run_bind(L, r);
@@ -942,6 +943,18 @@ static int run_train(lua_State *L) {
     o.eval_batch = (int)opt_int(L, 2, what, "eval_batch", o.eval_batch, 0, 65536);
     o.threads = (int)opt_int(L, 2, what, "threads", o.threads, 0, 1024);
     o.progress = opt_bool(L, 2, what, "progress", -1);
+    if (!lua_isnoneornil(L, 2) && lua_getfield(L, 2, "probe") != LUA_TNIL) {
+        /* probe = { every = N, batch = 8, seed = 4321 }: routing over training */
+        if (!lua_istable(L, -1)) luaL_error(L, "run:train: 'probe' must be a table, for example { every = 50 }");
+        int p = lua_gettop(L);
+        check_keys(L, p, "run:train probe", probe_keys);
+        const char *pw = "run:train probe";
+        o.probe_every = (int)opt_int(L, p, pw, "every", 0, 1, 1 << 30);
+        if (o.probe_every == 0) luaL_error(L, "run:train probe: 'every' (steps between probes) is required");
+        o.probe_batch = (int)opt_int(L, p, pw, "batch", o.probe_batch, 1, 65536);
+        o.probe_seed = (uint64_t)opt_int(L, p, pw, "seed", (lua_Integer)o.probe_seed, 0, SEED_MAX);
+    }
+    lua_settop(L, 2);
 
     TrainResult res;
     char err[ML_ERRLEN] = "";

@@ -266,7 +266,25 @@ static const char *rec_schema_sql =
     "         AS val_loss,\n"
     "       (SELECT MAX(m.tokens) FROM metrics m WHERE m.run_id = r.run_id)\n"
     "         AS tokens\n"
-    "FROM runs r;\n";
+    "FROM runs r;\n"
+    "\n"
+    "-- Routing over training (run:train{ probe = ... }): per probe after the\n"
+    "-- first and layer, the share of the probe batch's tokens whose first\n"
+    "-- choice (rank 0, first pass) differs from the previous probe's. Tokens\n"
+    "-- with no first choice in either (none chose them, or dropped) are left out.\n"
+    "CREATE VIEW IF NOT EXISTS v_routing_stability AS\n"
+    "WITH first_choice AS (\n"
+    "       SELECT e.run_id, e.step, e.eval_id, r.layer, r.expert,\n"
+    "              LAG(r.expert) OVER (PARTITION BY e.run_id, r.layer, r.seq, r.pos\n"
+    "                                  ORDER BY e.step, e.eval_id) AS before\n"
+    "       FROM evals e JOIN routing r\n"
+    "         ON r.routing_id BETWEEN e.routing_first AND e.routing_last\n"
+    "        AND r.eval_id = e.eval_id\n"
+    "       WHERE e.split = 'probe' AND e.complete = 1 AND r.rank = 0 AND r.pass = 0)\n"
+    "SELECT run_id, step, eval_id, layer, COUNT(*) AS tokens,\n"
+    "       AVG(expert <> before) AS changed\n"
+    "FROM first_choice WHERE before IS NOT NULL\n"
+    "GROUP BY run_id, step, eval_id, layer;\n";
 
 /*
 ** The MoE tables are written by one statement per call, reading the caller's

@@ -52,6 +52,9 @@ void train_options_defaults(TrainOptions *o) {
     o->eval_batch = 0;
     o->threads = 0;
     o->progress = -1;
+    o->probe_every = 0;
+    o->probe_batch = 8;
+    o->probe_seed = 4321;
 }
 
 void eval_options_defaults(EvalOptions *o) {
@@ -84,6 +87,7 @@ int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_
     t->corpus = corpus;
     t->rec = rec;
     t->run_id = run_id;
+    t->probed_at = -1;
     snprintf(t->name, sizeof t->name, "%s", name ? name : "run");
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     if (!rng) return ml_error(err, "out of memory");
@@ -307,7 +311,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (o->router) m->config.moe = *o->router;
     int moe = m->n_moe_layers > 0;
     int record = o->record && t->rec && moe;
-    const char *split = corpus_split_name(o->split);
+    const char *split = o->label ? o->label : corpus_split_name(o->split);
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     int64_t *load = moe ? calloc((size_t)L * E, sizeof *load) : NULL;
     int64_t *dropped = moe ? calloc((size_t)L * E, sizeof *dropped) : NULL;
@@ -409,7 +413,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             goto done;
         /* the validation curve; a training-split or counterfactual evaluation
         ** stays in evals only, so that metrics keeps the model's own curve */
-        if (o->split == SPLIT_VAL && !o->router &&
+        if (o->split == SPLIT_VAL && !o->router && !o->label &&
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
                        res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
             goto done;
@@ -436,6 +440,33 @@ done:
     free(sp.near_zero);
     free(sp.abs_sum);
     return rc;
+}
+
+/* An evaluation in the middle of training: 0, -1 on failure, or 1 when a
+** signal stopped it (then *status is "interrupted" with the message). */
+static int evaluate_in_training(Trainer *t, const EvalOptions *eo, EvalResult *er,
+                                const char **status, char *status_msg, size_t n, char *err) {
+    if (trainer_evaluate(t, eo, er, err) == 0) return 0;
+    if (!er->interrupted) return -1;
+    *status = "interrupted"; /* the run stops as interrupted, not failed */
+    snprintf(status_msg, n, "%s", err);
+    return 1;
+}
+
+/* The probe of TrainOptions.probe_every, unless this step has one. */
+static int probe(Trainer *t, const TrainOptions *o, const char **status, char *status_msg,
+                 size_t n, char *err) {
+    if (o->probe_every <= 0 || t->step % o->probe_every != 0 || t->probed_at == t->step) return 0;
+    EvalOptions po;
+    eval_options_defaults(&po);
+    po.batches = 1;
+    po.batch = o->probe_batch;
+    po.seed = o->probe_seed;
+    po.record = 1;
+    po.label = "probe";
+    EvalResult er;
+    t->probed_at = t->step;
+    return evaluate_in_training(t, &po, &er, status, status_msg, n, err);
 }
 
 int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err) {
@@ -466,6 +497,15 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
     char inner[ML_ERRLEN];
     if (model_check_batch(m, B, T, 1, inner) != 0) return ml_error(err, "train: %s", inner);
+    if (o->probe_every < 0) return ml_error(err, "train: probe every must be >= 1, got %d", o->probe_every);
+    if (o->probe_every > 0) { /* routing over training: recorded routing of a validation batch */
+        if (!t->rec || m->n_moe_layers == 0)
+            return ml_error(err, "train: a probe records routing: it needs a recorded run of an MoE model");
+        if (corpus_check_context(t->corpus, SPLIT_VAL, T, inner) != 0)
+            return ml_error(err, "train: probe: %s", inner);
+        if (model_check_batch(m, o->probe_batch, T, 0, inner) != 0)
+            return ml_error(err, "train: probe: %s", inner);
+    }
     if (ensure_batch(t, B, T, err) != 0) return -1;
     trainer_set_threads(o->threads);
     int progress = o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;
@@ -491,8 +531,12 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         jb_puts(&j, ",\"eps\":");
         jb_float(&j, o->eps);
         jb_printf(&j, ",\"eval_every\":%d,\"eval_batches\":%d,\"eval_batch\":%d,"
-                  "\"threads\":%d,\"first_step\":%lld}", o->eval_every, o->eval_batches,
+                  "\"threads\":%d,\"first_step\":%lld", o->eval_every, o->eval_batches,
                   eo.batch, omp_get_max_threads(), (long long)t->step);
+        if (o->probe_every > 0)
+            jb_printf(&j, ",\"probe\":{\"every\":%d,\"batch\":%d,\"seed\":%llu}", o->probe_every,
+                      o->probe_batch, (unsigned long long)o->probe_seed);
+        jb_puts(&j, "}");
         int bad = j.failed || rec_run_config_set(t->rec, t->run_id, "train", j.data, err) != 0;
         jb_free(&j);
         if (bad) return -1;
@@ -515,6 +559,9 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     int above = 0;
     int rc = 0, s = 0;
     for (s = 0; s < o->steps; s++) {
+        int stop = probe(t, o, &status, status_msg, sizeof status_msg, err);
+        if (stop < 0) rc = -1;
+        if (stop) break;
         if (trainer_interrupt) {
             int sig = take_interrupt();
             status = "interrupted";
@@ -577,15 +624,9 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         if (can_eval && o->eval_every > 0 && (s + 1) % o->eval_every == 0 && s + 1 < o->steps) {
             EvalResult er;
-            if (trainer_evaluate(t, &eo, &er, err) != 0) {
-                if (er.interrupted) { /* the run stops as interrupted, not failed */
-                    status = "interrupted";
-                    snprintf(status_msg, sizeof status_msg, "%s", err);
-                } else {
-                    rc = -1;
-                }
-                break;
-            }
+            int stop = evaluate_in_training(t, &eo, &er, &status, status_msg, sizeof status_msg, err);
+            if (stop < 0) rc = -1;
+            if (stop) break;
             res->val_loss = er.loss;
         }
         if (progress && (t1 - last_print > 200.0 || s + 1 == o->steps)) {
@@ -599,6 +640,9 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
     }
     if (progress) fprintf(stderr, "\n");
+    if (rc == 0 && strcmp(status, "finished") == 0 && probe(t, o, &status, status_msg,
+                                                            sizeof status_msg, err) < 0)
+        rc = -1;
     signal(SIGINT, old_int);
     signal(SIGTERM, old_term);
     signal(SIGHUP, old_hup);

@@ -36,6 +36,13 @@ typedef struct {
     int eval_batch;    /* 0 = same as batch */
     int threads;       /* 0 = as set before (moelab.threads), else all cores */
     int progress;      /* -1 = when stderr is a terminal, 0 = never, 1 = always */
+    /* Routing over training: every probe_every steps (0 = never), before the
+    ** step and after the last, the routing of one fixed batch of probe_batch
+    ** validation sequences (drawn with probe_seed) is recorded as an
+    ** evaluation with split 'probe' (v_routing_stability compares them). */
+    int probe_every;
+    int probe_batch;
+    uint64_t probe_seed;
 } TrainOptions;
 
 typedef struct {
@@ -49,6 +56,9 @@ typedef struct {
     ** evals.router as router_json. NULL: its own. */
     const MoeConfig *router;
     const char *router_json;
+    /* Recorded as this split instead of the corpus's ('probe'), and then not
+    ** in the validation curve. NULL: the corpus split's name. */
+    const char *label;
 } EvalOptions;
 
 typedef struct {
@@ -86,6 +96,7 @@ typedef struct {
     size_t cap;        /* ints in inputs and targets */
     MoeRoute *trace;   /* one layer's route trace, while an evaluation is recorded */
     size_t trace_cap;
+    int64_t probed_at; /* the step of the last probe; -1 before the first */
 } Trainer;
 
 void train_options_defaults(TrainOptions *o);

@@ -1164,6 +1164,42 @@ static void test_sweep_resumes(void **state) {
     lua_close(L);
 }
 
+/* run:train{ probe = { every = N } } records the routing of one fixed batch
+** every N steps (once per step across train calls), as evaluations with
+** split 'probe' that stay out of the validation curve, all of the same
+** tokens; v_routing_stability compares each with the one before. */
+static void test_probe_routing_over_training(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "model = moelab.model(tiny{ layers = 2, moe = { experts = 4, hidden = 16 } })\n"
+              "db = moelab.open(DIR .. '/probe.db')\n"
+              "run = db:run{ name = 'p', model = model, data = moelab.corpus{ text = TEXT } }\n"
+              "run:train(fast{ steps = 6, probe = { every = 2, batch = 2 } })\n"
+              "run:train(fast{ steps = 2, probe = { every = 2, batch = 2 } })\n"
+              "probes = db:query(\"SELECT step, tokens FROM evals WHERE split = 'probe' ORDER BY step\")\n"
+              "stable = db:query('SELECT * FROM v_routing_stability ORDER BY layer, step')");
+    assert_lua(L, "#probes == 5 and probes[1].step == 0 and probes[5].step == 8");
+    assert_lua(L, "probes[1].tokens == 2 * 16");
+    assert_lua(L, "#stable == 4 * 2 and stable[1].step == 2 and stable[1].tokens == 32");
+    assert_lua(L, "(function() for _, r in ipairs(stable) do\n"
+                  "  if not (r.changed >= 0 and r.changed <= 1) then return false end end\n"
+                  "  return true end)()");
+    /* every probe sees the same tokens */
+    assert_lua(L, "db:query(\"SELECT count(*) AS n FROM evals a JOIN evals b ON a.split = 'probe'\"\n"
+                  "  .. \" AND b.split = 'probe' AND a.step = 0 AND b.step = 8 JOIN token_stats x\"\n"
+                  "  .. \" ON x.eval_id = a.eval_id JOIN token_stats y ON y.eval_id = b.eval_id\"\n"
+                  "  .. \" AND y.seq = x.seq AND y.pos = x.pos AND y.token = x.token\")[1].n == 32");
+    assert_lua(L, "#db:query(\"SELECT 1 FROM metrics WHERE split = 'val'\") == 2");
+    run_err(L, "run:train(fast{ steps = 1, probe = {} })", "run:train probe", "'every'", NULL);
+    run_err(L, "run:train(fast{ steps = 1, probe = { every = 0 } })", "run:train probe", "every", NULL);
+    run_err(L, "run:train(fast{ steps = 1, probe = { evry = 2 } })", "run:train probe", "evry", NULL);
+    run_ok(L, "dense = db:run{ name = 'dense', model = moelab.model(tiny()),\n"
+              "                data = moelab.corpus{ text = TEXT } }");
+    run_err(L, "dense:train(fast{ steps = 1, probe = { every = 1 } })", "run:train",
+            "needs a recorded run of an MoE model", NULL);
+    lua_close(L);
+}
+
 static void test_loss_errors(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1380,6 +1416,7 @@ int main(void) {
         cmocka_unit_test(test_load_nonfinite),
         cmocka_unit_test(test_counterfactual_evaluation),
         cmocka_unit_test(test_sweep_resumes),
+        cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),

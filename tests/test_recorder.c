@@ -782,6 +782,7 @@ static void test_version_1_database_is_upgraded(void **state) {
     assert_int_equal(rec_flush(r, err), 0);
     exec_sql(rec_db(r),
         "DROP TRIGGER evals_delete_records; DROP VIEW v_experts_per_token;"
+        "DROP VIEW v_routing_stability;" /* schema 5, reads evals.routing_first */
         "DROP TABLE routing; DROP TABLE token_stats;"
         "ALTER TABLE metrics DROP COLUMN aux_entropy;"
         "ALTER TABLE evals DROP COLUMN routing_first;"
@@ -842,6 +843,7 @@ static void test_version_2_database_is_upgraded(void **state) {
     assert_int_equal(rec_flush(r, err), 0);
     exec_sql(rec_db(r),
         "DROP TRIGGER evals_delete_records; DROP VIEW v_experts_per_token;"
+        "DROP VIEW v_routing_stability;" /* schema 5, reads evals.routing_first */
         "CREATE TABLE routing_old(run_id INTEGER NOT NULL, eval_id INTEGER NOT NULL,"
         "  layer INTEGER NOT NULL, seq INTEGER NOT NULL, pos INTEGER NOT NULL, token INTEGER,"
         "  rank INTEGER NOT NULL, expert INTEGER NOT NULL, weight REAL,"
