@@ -687,14 +687,18 @@ static int db_close(lua_State *L) {
     return 0;
 }
 
+/* moelab.open(path [, { adopt = true } | { readonly = true }]): readonly
+** opens an existing database for queries only (no upgrade, no lock) */
 static int l_open(lua_State *L) {
-    static const char *const keys[] = {"adopt", NULL};
+    static const char *const keys[] = {"adopt", "readonly", NULL};
     const char *path = luaL_checkstring(L, 1);
-    int adopt = 0;
+    int adopt = 0, readonly = 0;
     if (!lua_isnoneornil(L, 2)) { /* moelab.open(path, { adopt = true }) */
         luaL_checktype(L, 2, LUA_TTABLE);
         check_keys(L, 2, "moelab.open", keys);
         adopt = opt_bool(L, 2, "moelab.open", "adopt", 0) == 1;
+        readonly = opt_bool(L, 2, "moelab.open", "readonly", 0) == 1;
+        if (adopt && readonly) luaL_error(L, "moelab.open: adopt and readonly exclude each other");
     }
     LDb *d = lua_newuserdatauv(L, sizeof *d, 1);
     d->r = NULL;
@@ -707,7 +711,8 @@ static int l_open(lua_State *L) {
     lua_setmetatable(L, -2);
     lua_setiuservalue(L, -2, 1);
     char err[ML_ERRLEN];
-    if ((adopt ? rec_open_adopting(&d->r, path, err) : rec_open(&d->r, path, err)) != 0)
+    if ((readonly ? rec_open_readonly(&d->r, path, err)
+                  : adopt ? rec_open_adopting(&d->r, path, err) : rec_open(&d->r, path, err)) != 0)
         luaL_error(L, "moelab.open: %s", err);
     d->path = strdup(path);
     return 1;

@@ -1,6 +1,7 @@
 /*
-** main.c — the moelab command line: run a Lua experiment, render a figure, or
-** open a Lua prompt with the moelab module loaded.
+** main.c — the moelab command line: run a Lua experiment, render a figure,
+** print a database's runs (report), or open a Lua prompt with the moelab
+** module loaded.
 **
 ** Scripts run under lua_pcall with a message handler that adds a traceback,
 ** as lua.c does. Ctrl-C outside training stops the script at the next Lua
@@ -31,6 +32,10 @@ static const char *usage =
     "                                           render a figure (" PLOT_FIGURES ");\n"
     "                                           .pdf, .png or .svg by FILE's extension\n"
     "                                           (default: FIGURE.pdf beside DB)\n"
+    "  moelab report DB [--runs NAME,...] [--format text|csv|markdown]\n"
+    "                                           one row per run (seeds of a sweep\n"
+    "                                           folded into mean ± spread); NAME\n"
+    "                                           may hold * as a wildcard\n"
     "  moelab                                   a Lua prompt with moelab loaded\n"
     "  moelab --help | --version\n"
     "\n"
@@ -224,6 +229,46 @@ static int cmd_plot(int argc, char **argv) {
     return 0;
 }
 
+/* moelab report: lua/moelab/report.lua's main, with the arguments after
+** "report"; its return value is the exit code. */
+static int cmd_report(int argc, char **argv) {
+    lua_State *L = new_state();
+    if (load_module(L) != 0) {
+        lua_close(L);
+        return 1;
+    }
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "moelab.report");
+    int status = docall(L, 1, 1);
+    if (status == LUA_OK) {
+        lua_getfield(L, -1, "main");
+        lua_remove(L, -2);
+        lua_createtable(L, argc - 2, 0);
+        for (int i = 2; i < argc; i++) {
+            lua_pushstring(L, argv[i]);
+            lua_rawseti(L, -2, i - 1);
+        }
+        status = docall(L, 1, 1);
+    }
+    int rc = 1;
+    if (status == LUA_OK) {
+        rc = (int)lua_tointeger(L, -1);
+    } else {
+        const char *msg = lua_tostring(L, -1);
+        if (msg && strncmp(msg, "moelab report:", 14) == 0) { /* ours: no traceback */
+            const char *nl = strchr(msg, '\n');
+            fprintf(stderr, "%.*s (moelab --help for usage)\n", nl ? (int)(nl - msg) : (int)strlen(msg),
+                    msg);
+            rc = 2;
+        } else {
+            report(L, status);
+        }
+    }
+    lua_close(L);
+    return rc;
+}
+
 /* A Lua prompt. Lines that form an expression print its values; an incomplete
 ** chunk asks for more lines, as in lua.c. */
 static int cmd_prompt(void) {
@@ -318,6 +363,7 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "run") == 0) return cmd_run(argc, argv);
     if (strcmp(cmd, "plot") == 0) return cmd_plot(argc, argv);
+    if (strcmp(cmd, "report") == 0) return cmd_report(argc, argv);
     fprintf(stderr, "moelab: unknown command '%s'\n\n%s", cmd, usage);
     return 2;
 }

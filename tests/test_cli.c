@@ -497,6 +497,49 @@ static void test_plot(void **state) {
     assert_memory_equal(head, "%PDF-", 5);
 }
 
+/* moelab report: a table, CSV or Markdown of the runs; --runs filters them;
+** bad options and files are named, exit 2. */
+static void test_report(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    const char *db = tiny_db();
+    Proc p;
+    MOELAB(&p, NULL, "report", db);
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, "val loss");
+    expect_in("stdout", p.out.data, "tiny");
+    expect_in("stdout", p.out.data, "finished");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--format", "csv");
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, "name,design,n,params_total");
+    expect_in("stdout", p.out.data, "\ntiny,");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--format", "markdown", "--runs", "ti*");
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, "| run | design |");
+    expect_in("stdout", p.out.data, "| tiny |");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--runs", "nosuchrun");
+    assert_int_not_equal(p.code, 0);
+    expect_in("stderr", p.err.data, "no run matches");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--format", "xml");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "'xml'");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--colour");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--colour");
+    proc_free(&p);
+    char missing[512];
+    tmp_path(missing, sizeof missing, "missing.db");
+    MOELAB(&p, NULL, "report", missing);
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "missing.db");
+    proc_free(&p);
+}
+
 /* The prompt on a pipe: no banner, no "> ", just what the lines print. */
 static void test_prompt(void **state) {
     (void)state;
@@ -725,6 +768,7 @@ int main(void) {
         cmocka_unit_test(test_runtime_error),
         cmocka_unit_test(test_args),
         cmocka_unit_test(test_plot),
+        cmocka_unit_test(test_report),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),
         cmocka_unit_test(test_sigint_in_lua),

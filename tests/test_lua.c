@@ -1200,6 +1200,55 @@ static void test_probe_routing_over_training(void **state) {
     lua_close(L);
 }
 
+/* The report's numbers are the database's: each against SQL computed
+** directly, per run and folded over seeds. */
+static void test_report_matches_sql(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "report = require 'moelab.report'\n"
+              "moelab.sweep{ db = DIR .. '/report.db', name = 'r', data = moelab.corpus{ text = TEXT },\n"
+              "  base = tiny{ layers = 2, moe = { experts = 4, hidden = 16, router = { capacity_factor = 1 } } },\n"
+              "  vary = { ['moe.router.k'] = { 1, 2 } }, seeds = { 1, 2, 3 },\n"
+              "  train = fast{ steps = 3 }, evaluate = { batches = 2, record = true } }\n"
+              "db = moelab.open(DIR .. '/report.db', { readonly = true })\n"
+              "runs = report.runs(db)\n"
+              "groups = report.groups(runs)\n"
+              "function sql(q, ...) local r = db:query(q, ...)[1]; return r and r.v end\n"
+              "function near(a, b) return a == b or math.abs(a - b) <= 1e-12 * math.max(1, math.abs(b)) end");
+    assert_lua(L, "#runs == 6 and #groups == 2 and groups[1].n == 3");
+    assert_lua(L, "groups[1].name == 'r/moe.router.k=1' and groups[1].design == 'topk k=1, 4x16'");
+    assert_lua(L, "(function() for _, r in ipairs(runs) do\n"
+                  "  local e = sql('SELECT MAX(eval_id) AS v FROM evals WHERE run_id = ?', r.run_id)\n"
+                  "  if r.eval_id ~= e then return false end\n"
+                  "  if not near(r.val_loss, sql(\"SELECT loss AS v FROM metrics WHERE run_id = ? AND split = 'val'\"\n"
+                  "      .. ' ORDER BY step DESC, rowid DESC LIMIT 1', r.run_id)) then return false end\n"
+                  "  if not near(r.experts_per_token, sql('SELECT experts_per_token AS v FROM evals WHERE eval_id = ?', e))\n"
+                  "    then return false end\n"
+                  "  if not near(r.load_cv, sql('SELECT AVG(cv) AS v FROM v_load_cv WHERE eval_id = ?', e)) then return false end\n"
+                  "  if not near(r.dropped, sql('SELECT 1.0 * SUM(dropped) / (SUM(tokens) + SUM(dropped)) AS v'\n"
+                  "      .. ' FROM expert_load WHERE eval_id = ?', e)) then return false end\n"
+                  "  local p95 = sql('SELECT experts / 2.0 AS v FROM (SELECT experts, ROW_NUMBER() OVER'\n"
+                  "      .. ' (ORDER BY experts) AS i, COUNT(*) OVER () AS n FROM token_stats WHERE eval_id = ?)'\n"
+                  "      .. ' WHERE i = CAST(ceil(0.95 * n) AS INTEGER)', e)\n"
+                  "  if not near(r.experts_p95, p95) then return false end\n"
+                  "  if not near(r.tokens_per_s, sql(\"SELECT MAX(tokens) / (MAX(wall_ms) / 1000.0) AS v FROM metrics\"\n"
+                  "      .. \" WHERE run_id = ? AND split = 'train'\", r.run_id)) then return false end\n"
+                  "end return true end)()");
+    /* folded: the mean over seeds and the sample standard deviation */
+    assert_lua(L, "near(groups[2].val_loss, sql(\"SELECT AVG(f.val_loss) AS v FROM v_final_loss f\"\n"
+                  "  .. \" WHERE f.name LIKE 'r/moe.router.k=2/seed=%'\"))");
+    assert_lua(L, "near(groups[2].val_loss_sd, sql(\"SELECT sqrt(SUM((f.val_loss - a.m) * (f.val_loss - a.m)) / 2)\"\n"
+                  "  .. \" AS v FROM v_final_loss f, (SELECT AVG(val_loss) AS m FROM v_final_loss\"\n"
+                  "  .. \" WHERE name LIKE 'r/moe.router.k=2/seed=%') a WHERE f.name LIKE 'r/moe.router.k=2/seed=%'\"))");
+    assert_lua(L, "groups[2].dropped > 0"); /* capacity 1 drops some of top-2's picks */
+    assert_lua(L, "report.render(groups, 'markdown'):find('| r/moe.router.k=2 | topk k=2, 4x16 | 3 |', 1, true) ~= nil");
+    assert_lua(L, "select(2, report.render(groups, 'csv'):gsub('\\n', '')) == 2");
+    assert_lua(L, "#report.runs(db, { runs = { 'r/moe.router.k=1/*' } }) == 3");
+    run_err(L, "report.render(groups, 'xml')", "text, csv or markdown", NULL);
+    run_err(L, "db:query('DELETE FROM runs')", "readonly", NULL);
+    lua_close(L);
+}
+
 static void test_loss_errors(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1417,6 +1466,7 @@ int main(void) {
         cmocka_unit_test(test_counterfactual_evaluation),
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_probe_routing_over_training),
+        cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),
