@@ -8,6 +8,8 @@
 --     base = { layers = 4, d_model = 128, moe = { experts = 8, hidden = 128 } },
 --     vary = { ["moe.router"] = { { kind = "topk", k = 2 }, { kind = "threshold", p = 0.9 } },
 --              ["moe.experts"] = { 8, 16 } },
+--     designs = { { name = "top2", set = { ["moe.router"] = { kind = "topk", k = 2 } } },
+--                 { name = "dense", set = { moe = false } } },  -- optional (false removes a key)
 --     seeds = { 1, 2 },                       -- the model's seed and the data order's
 --     train = { steps = 300, batch = 16 },
 --     evaluate = { batches = 20, record = true },  -- after training (optional)
@@ -15,14 +17,17 @@
 --   }
 --
 -- Keys of `vary` are dotted paths into the configuration; each value replaces
--- what base has there. Combinations run in a fixed order (keys sorted, values
--- in the order given, then seeds). A run whose name is already in the
+-- what base has there. `designs`, when given, are named sets of such values
+-- (a value false removes the key), each crossed with the vary combinations;
+-- its runs are named "<name>/<design>/<values>/seed=<s>". Combinations run in
+-- a fixed order (designs in the order given, keys sorted, values in the order
+-- given, then seeds). A run whose name is already in the
 -- database as `finished` or `diverged` with the same model configuration is
 -- skipped and its recorded results are returned, so an interrupted sweep
 -- resumes where it stopped; one recorded as failed, interrupted or crashed is
 -- run again under the same name. A run that fails is reported and the sweep
 -- goes on; Ctrl-C stops the sweep. Returns one entry per run:
---   { name, label, seed, values = { [key] = value }, status, run_id, skipped,
+--   { name, design, label, seed, values = { [key] = value }, status, run_id, skipped,
 --     loss, val_loss (the run's last train and val rows, v_final_loss),
 --     eval = <run:evaluate's result>, error, seconds }
 
@@ -68,7 +73,7 @@ local function set_path(config, path, value)
     last = part
   end
   if not last then error("moelab.sweep: an empty vary key", 0) end
-  t[last] = deep_copy(value)
+  if value == false then t[last] = nil else t[last] = deep_copy(value) end
 end
 
 -- Every combination of the vary values: an array of { {key, value}, ... }.
@@ -100,7 +105,8 @@ local function duration(s)
 end
 
 local known = { db = true, name = true, data = true, base = true, vary = true, seeds = true,
-                train = true, evaluate = true, after = true, experiment = true, progress = true }
+                train = true, evaluate = true, after = true, experiment = true, progress = true,
+                designs = true }
 
 -- The last run of this name, and whether its configuration is model_json.
 local function previous(db, name, model_json)
@@ -146,79 +152,96 @@ function sweep.run(spec)
   local progress = spec.progress
   if progress == nil then progress = true end
 
+  local designs = spec.designs or { false }
+  if type(designs) ~= "table" or #designs == 0 then
+    error("moelab.sweep: 'designs' must be a non-empty list of { name = ..., set = { ... } }", 2)
+  end
+  for _, d in ipairs(designs) do
+    if d and (type(d) ~= "table" or type(d.name) ~= "string" or d.name:find("/")
+              or (d.set ~= nil and type(d.set) ~= "table")) then
+      error("moelab.sweep: each design is { name = \"...\" (no '/'), set = { [\"dotted.key\"] = value } }", 2)
+    end
+  end
   local combos = combinations(vary)
-  local total, done_here, spent = #combos * #seeds, 0, 0.0
+  local total, done_here, spent = #designs * #combos * #seeds, 0, 0.0
   local results, i = {}, 0
-  for _, combo in ipairs(combos) do
-    local labels = {}
-    for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
-    local label = #labels > 0 and table.concat(labels, ",") or "base"
-    for _, seed in ipairs(seeds) do
-      i = i + 1
-      local config = deep_copy(spec.base)
-      local values = {}
-      for _, kv in ipairs(combo) do
-        set_path(config, kv[1], kv[2])
-        values[kv[1]] = kv[2]
-      end
-      config.seed = seed
-      local name = string.format("%s/%s/seed=%d", prefix, label, seed)
-      local entry = { name = name, label = label, seed = seed, values = values }
-      results[#results + 1] = entry
-      local ok_model, model = pcall(moelab.model, config)
-      if not ok_model then
-        entry.status, entry.error = "failed", tostring(model)
-      else
-        local before = previous(db, name, model:config("json"))
-        if before and before.same == 0 and (before.status == "finished" or before.status == "diverged") then
-          model:close()
-          error(string.format("moelab.sweep: run '%s' in %s was made with another model configuration;"
-                              .. " give the sweep another name or database", name, db:path()), 2)
+  for _, d in ipairs(designs) do
+    for _, combo in ipairs(combos) do
+      local labels = {}
+      for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
+      local label = #labels > 0 and table.concat(labels, ",") or (d and "" or "base")
+      local shown = d and (label ~= "" and (d.name .. "/" .. label) or d.name) or label
+      for _, seed in ipairs(seeds) do
+        i = i + 1
+        local config = deep_copy(spec.base)
+        local values = {}
+        if d then
+          for _, key in ipairs(sorted_keys(d.set or {})) do set_path(config, key, d.set[key]) end
         end
-        if before and (before.status == "finished" or before.status == "diverged") then
-          entry.status, entry.run_id, entry.skipped = before.status, before.run_id, true
-          recorded_results(db, entry, true)
-          model:close()
+        for _, kv in ipairs(combo) do
+          set_path(config, kv[1], kv[2])
+          values[kv[1]] = kv[2]
+        end
+        config.seed = seed
+        local name = string.format("%s/%s/seed=%d", prefix, shown, seed)
+        local entry = { name = name, design = d and d.name or nil, label = label, seed = seed,
+                        values = values }
+        results[#results + 1] = entry
+        local ok_model, model = pcall(moelab.model, config)
+        if not ok_model then
+          entry.status, entry.error = "failed", tostring(model)
         else
-          if progress then
-            local eta = spent > 0 and (" (ETA " .. duration(math.floor(spent / done_here
-                                                                   * (total - i + 1))) .. ")") or ""
-            io.stderr:write(string.format("sweep %s: run %d of %d: %s seed %d%s\n", prefix, i, total,
-                                          label, seed, eta))
+          local before = previous(db, name, model:config("json"))
+          if before and before.same == 0 and (before.status == "finished" or before.status == "diverged") then
+            model:close()
+            error(string.format("moelab.sweep: run '%s' in %s was made with another model configuration;"
+                                .. " give the sweep another name or database", name, db:path()), 2)
           end
-          local t0 = os.time()
-          local run = db:run{ name = name, model = model, data = spec.data, seed = seed,
-                              experiment = spec.experiment or prefix }
-          entry.run_id = run:id()
-          local ok, result = pcall(run.train, run, spec.train or {})
-          if ok then
-            entry.status, entry.loss, entry.val_loss = result.status, result.loss, result.val_loss
-          end
-          if ok and entry.status == "finished" and spec.evaluate then
-            ok, result = pcall(run.evaluate, run, spec.evaluate)
-            if ok then entry.eval = result end
-          end
-          if ok and entry.status == "finished" and spec.after then
-            ok, result = pcall(spec.after, run, model, entry)
-          end
-          if not ok then
-            local status = db:query("SELECT status FROM runs WHERE run_id = ?", entry.run_id)[1].status
-            if status == "interrupted" then error(result, 0) end -- Ctrl-C stops the sweep
-            entry.status, entry.error = "failed", tostring(result)
-            if status == "running" or status == "finished" then
-              -- failed after training (an evaluation, the hook): the run says so
-              db:query("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
-                       entry.error, entry.run_id)
+          if before and (before.status == "finished" or before.status == "diverged") then
+            entry.status, entry.run_id, entry.skipped = before.status, before.run_id, true
+            recorded_results(db, entry, true)
+            model:close()
+          else
+            if progress then
+              local eta = spent > 0 and (" (ETA " .. duration(math.floor(spent / done_here
+                                                                     * (total - i + 1))) .. ")") or ""
+              io.stderr:write(string.format("sweep %s: run %d of %d: %s seed %d%s\n", prefix, i, total,
+                                            shown, seed, eta))
             end
+            local t0 = os.time()
+            local run = db:run{ name = name, model = model, data = spec.data, seed = seed,
+                                experiment = spec.experiment or prefix }
+            entry.run_id = run:id()
+            local ok, result = pcall(run.train, run, spec.train or {})
+            if ok then
+              entry.status, entry.loss, entry.val_loss = result.status, result.loss, result.val_loss
+            end
+            if ok and entry.status == "finished" and spec.evaluate then
+              ok, result = pcall(run.evaluate, run, spec.evaluate)
+              if ok then entry.eval = result end
+            end
+            if ok and entry.status == "finished" and spec.after then
+              ok, result = pcall(spec.after, run, model, entry)
+            end
+            if not ok then
+              local status = db:query("SELECT status FROM runs WHERE run_id = ?", entry.run_id)[1].status
+              if status == "interrupted" then error(result, 0) end -- Ctrl-C stops the sweep
+              entry.status, entry.error = "failed", tostring(result)
+              if status == "running" or status == "finished" then
+                -- failed after training (an evaluation, the hook): the run says so
+                db:query("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
+                         entry.error, entry.run_id)
+              end
+            end
+            if entry.status == "failed" and progress then
+              io.stderr:write(string.format("sweep %s: run %s failed: %s\n", prefix, name, entry.error))
+            end
+            if entry.status ~= "failed" then recorded_results(db, entry, false) end
+            run:close()
+            model:close()
+            entry.seconds = os.time() - t0
+            done_here, spent = done_here + 1, spent + entry.seconds
           end
-          if entry.status == "failed" and progress then
-            io.stderr:write(string.format("sweep %s: run %s failed: %s\n", prefix, name, entry.error))
-          end
-          if entry.status ~= "failed" then recorded_results(db, entry, false) end
-          run:close()
-          model:close()
-          entry.seconds = os.time() - t0
-          done_here, spent = done_here + 1, spent + entry.seconds
         end
       end
     end
