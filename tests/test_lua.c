@@ -1155,6 +1155,24 @@ static void test_sweep_resumes(void **state) {
     assert_lua(L, "db:query(\"SELECT count(*) AS n FROM runs WHERE status = 'failed'\")[1].n == 2");
     assert_lua(L, "STDERR:find('sweep s: 4 runs: 1 failed, 3 skipped', 1, true) ~= nil");
     assert_lua(L, "STDERR:find('failed: s/moe.router={kind=threshold,p=0.9}/seed=2', 1, true) ~= nil");
+    /* named designs over base: false removes a key (a dense baseline) */
+    run_ok(L, "named = moelab.sweep{ db = DIR .. '/sweep.db', name = 'd', data = spec.data,\n"
+              "  base = spec.base, train = fast{ steps = 1 }, progress = false,\n"
+              "  designs = { { name = 'dense', set = { moe = false } },\n"
+              "              { name = 'hmoe', set = { ['moe.hidden'] = { 8, 12, 20, 24 } } } },\n"
+              "  vary = { ['moe.router.k'] = { 1 } } }");
+    /* the vary values come after the design's: the first is an MoE model again */
+    assert_lua(L, "#named == 2 and named[1].name == 'd/dense/moe.router.k=1/seed=1'");
+    assert_lua(L, "named[2].name == 'd/hmoe/moe.router.k=1/seed=1' and named[2].status == 'finished'");
+    assert_lua(L, "db:query(\"SELECT json_extract(config, '$.model.moe.hidden[2]') AS h FROM runs\"\n"
+                  "  .. \" WHERE name = ?\", named[2].name)[1].h == 20");
+    run_ok(L, "dense = moelab.sweep{ db = DIR .. '/sweep.db', name = 'd', data = spec.data,\n"
+              "  base = spec.base, train = fast{ steps = 1 }, progress = false,\n"
+              "  designs = { { name = 'dense', set = { moe = false } } } }");
+    assert_lua(L, "dense[1].name == 'd/dense/seed=1' and dense[1].status == 'finished'");
+    assert_lua(L, "db:query('SELECT config FROM runs WHERE name = ?', dense[1].name)[1].config:find('moe') == nil");
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(),\n"
+               "  designs = { { name = 'a/b' } } }", "each design", NULL);
     run_ok(L, "spec.base.d_model = 8");
     run_err(L, "moelab.sweep(spec)", "another model configuration", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = 1, base = tiny(), colour = 1 }",
