@@ -127,6 +127,7 @@ function report.runs(db, opts)
     r.design = design(r)
     r.tokens_per_s = (r.tokens and r.wall_ms and r.wall_ms > 0) and r.tokens / (r.wall_ms / 1000) or nil
     r.causal = r.causal == nil and "?" or (r.causal == 1 and "yes" or "no")
+    if not r.kind then r.moe_flops_per_token, r.experts_per_token = nil, nil end -- dense: no MoE
     if r.eval_id and r.kind then
       local layers = db:query("SELECT COUNT(DISTINCT layer) AS n FROM expert_load WHERE eval_id = ?",
                               r.eval_id)[1].n
