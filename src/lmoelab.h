@@ -13,8 +13,10 @@
 
 int luaopen_moelab(lua_State *L);
 
-/* Registers the module in package.preload and sets package.path to include
-** moelab's own Lua library (lua/?.lua). */
+/* Registers the module in package.preload and puts moelab's own Lua library
+** first in package.path (ml_lua_dir() of paths.h: the installed share/lua/5.4
+** or the build tree's lua/). The program calls this; a stock lua5.4 that
+** loads moelab.so finds the library through its own package.path. */
 void lmoelab_preload(lua_State *L);
 
 /* Marks how the script ended; error_msg NULL means it ended well. */

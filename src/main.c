@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "lmoelab.h"
+#include "paths.h"
 #include "plot.h"
 #include "trainer.h"
 
@@ -355,6 +356,9 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
         fputs(usage, stdout);
+        printf("\nFiles: figure scripts in %s,\n"
+               "Lua helpers (moelab.report, moelab.sweep, ...) in %s/moelab.\n",
+               ml_plots_dir(), ml_lua_dir());
         return 0;
     }
     if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "-v") == 0) {
