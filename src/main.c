@@ -41,7 +41,9 @@ static const char *usage =
     "  moelab --help | --version\n"
     "\n"
     "Environment: MOELAB_PLOTS overrides the folder of gnuplot scripts;\n"
-    "OMP_WAIT_POLICY (default here: passive) and OMP_NUM_THREADS as for OpenMP.\n";
+    "MOELAB_MAX_MEMORY caps a model's memory (e.g. 8G); OMP_WAIT_POLICY as\n"
+    "for OpenMP (default here: passive). Training uses every core unless the\n"
+    "script calls moelab.threads(n).\n";
 
 static lua_State *globalL;
 static volatile sig_atomic_t interrupted;
