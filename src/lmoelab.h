@@ -11,7 +11,9 @@
 
 #include <lua.h>
 
-int luaopen_moelab(lua_State *L);
+/* The one symbol that moelab.so exports (the objects are compiled with
+** -fvisibility=hidden), for the `require` of a stock lua5.4. */
+__attribute__((visibility("default"))) int luaopen_moelab(lua_State *L);
 
 /* Registers the module in package.preload and puts moelab's own Lua library
 ** first in package.path (ml_lua_dir() of paths.h: the installed share/lua/5.4
