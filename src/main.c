@@ -359,8 +359,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
         fputs(usage, stdout);
         printf("\nFiles: figure scripts in %s,\n"
-               "Lua helpers (moelab.report, moelab.sweep, ...) in %s/moelab.\n",
-               ml_plots_dir(), ml_lua_dir());
+               "Lua helpers (moelab.report, moelab.sweep, ...) in %s/moelab.\n"
+               "See moelab(1).\n", ml_plots_dir(), ml_lua_dir());
         return 0;
     }
     if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "-v") == 0) {
