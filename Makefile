@@ -134,10 +134,15 @@ demo: all data/kjv.txt
 # on any thread count must hold for each kernel family, whichever the machine.
 CORES   := Haswell $(shell grep -q avx512f /proc/cpuinfo 2>/dev/null && echo SkylakeX)
 
-# passive OpenMP waiting: spinning threads collapse on a shared machine (see main.c)
-test: check-deps $(BIN) $(addprefix $(BUILD)/,$(TESTS))
+# passive OpenMP waiting: spinning threads collapse on a shared machine (see main.c).
+# test_install runs make install and make uninstall with this BUILD, BIN and OPT
+# into a temporary prefix, and the stock lua5.4 on the installed module; a
+# module built with AddressSanitizer loads into it only after its runtime.
+LUA_PRELOAD = $(if $(findstring -fsanitize=address,$(CFLAGS)),$(shell $(CC) -print-file-name=libasan.so))
+test: check-deps $(BIN) $(MODULE) $(addprefix $(BUILD)/,$(TESTS))
 	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} BUILD=$(BUILD) MOELAB=$(CURDIR)/$(BIN) \
-	  sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES))
+	  MOELAB_SRC=$(CURDIR) MOELAB_MAKE=$(MAKE) BIN=$(BIN) OPT="$(OPT)" MOELAB_LUA=lua$(LUA_V) \
+	  MOELAB_LUA_PRELOAD="$(LUA_PRELOAD)" sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES))
 
 # Speed, as ratios measured in one run (SPEC §5); not part of the tests.
 bench: check-deps $(BUILD)/bench_moe $(BUILD)/bench_recorder
