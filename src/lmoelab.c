@@ -20,13 +20,10 @@
 
 #include "checkpoint.h"
 #include "json.h"
+#include "paths.h"
 #include "plot.h"
 #include "recorder.h"
 #include "trainer.h"
-
-#ifndef MOELAB_LUA_DIR
-#define MOELAB_LUA_DIR "lua"
-#endif
 
 #define CORPUS_MT "moelab.Corpus"
 #define MODEL_MT "moelab.Model"
@@ -1194,7 +1191,7 @@ void lmoelab_preload(lua_State *L) {
     lua_setfield(L, -2, "moelab");
     lua_pop(L, 1);
     lua_getglobal(L, "package");
-    lua_pushfstring(L, "%s/?.lua;", MOELAB_LUA_DIR);
+    lua_pushfstring(L, "%s/?.lua;", ml_lua_dir());
     lua_getfield(L, -2, "path");
     lua_concat(L, 2);
     lua_setfield(L, -2, "path");

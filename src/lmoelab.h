@@ -11,10 +11,14 @@
 
 #include <lua.h>
 
-int luaopen_moelab(lua_State *L);
+/* The one symbol that moelab.so exports (the objects are compiled with
+** -fvisibility=hidden), for the `require` of a stock lua5.4. */
+__attribute__((visibility("default"))) int luaopen_moelab(lua_State *L);
 
-/* Registers the module in package.preload and sets package.path to include
-** moelab's own Lua library (lua/?.lua). */
+/* Registers the module in package.preload and puts moelab's own Lua library
+** first in package.path (ml_lua_dir() of paths.h: the installed share/lua/5.4
+** or the build tree's lua/). The program calls this; a stock lua5.4 that
+** loads moelab.so finds the library through its own package.path. */
 void lmoelab_preload(lua_State *L);
 
 /* Marks how the script ended; error_msg NULL means it ended well. */

@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "lmoelab.h"
+#include "paths.h"
 #include "plot.h"
 #include "trainer.h"
 
@@ -40,7 +41,9 @@ static const char *usage =
     "  moelab --help | --version\n"
     "\n"
     "Environment: MOELAB_PLOTS overrides the folder of gnuplot scripts;\n"
-    "OMP_WAIT_POLICY (default here: passive) and OMP_NUM_THREADS as for OpenMP.\n";
+    "MOELAB_MAX_MEMORY caps a model's memory (e.g. 8G); OMP_WAIT_POLICY as\n"
+    "for OpenMP (default here: passive). Training uses every core unless the\n"
+    "script calls moelab.threads(n).\n";
 
 static lua_State *globalL;
 static volatile sig_atomic_t interrupted;
@@ -355,6 +358,9 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
         fputs(usage, stdout);
+        printf("\nFiles: figure scripts in %s,\n"
+               "Lua helpers (moelab.report, moelab.sweep, ...) in %s/moelab.\n"
+               "See moelab(1).\n", ml_plots_dir(), ml_lua_dir());
         return 0;
     }
     if (strcmp(cmd, "--version") == 0 || strcmp(cmd, "-v") == 0) {

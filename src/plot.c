@@ -26,10 +26,6 @@
 */
 #include "plot.h"
 
-#ifndef MOELAB_PLOTS_DIR
-#define MOELAB_PLOTS_DIR "plots" /* the Makefile passes the absolute path */
-#endif
-
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -45,6 +41,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "paths.h"
 #include "recorder.h"
 
 typedef struct {
@@ -1091,10 +1088,7 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
                  "use .pdf, .png or .svg", out_path);
         goto cleanup;
     }
-    if (!plots_dir || !*plots_dir) { /* the environment, then where the build put them */
-        const char *env = getenv("MOELAB_PLOTS");
-        plots_dir = env && *env ? env : MOELAB_PLOTS_DIR;
-    }
+    if (!plots_dir || !*plots_dir) plots_dir = ml_plots_dir();
     if (plot_check_one_line("the output path", out_path, err)
         || plot_check_one_line("the plots directory", plots_dir, err)
         || (runs_csv && plot_check_one_line("the run list", runs_csv, err)))

@@ -34,8 +34,9 @@
 ** runs_csv names the runs to draw ("top2,threshold"; NULL or "" = every run
 ** in the database, in the order they were started); a name recorded more
 ** than once means its latest run. plots_dir holds the figure scripts (NULL
-** means $MOELAB_PLOTS, else the build's plots/ folder). Errors name the unknown figure, run or extension, or carry
-** gnuplot's own message. */
+** means ml_plots_dir() of paths.h: $MOELAB_PLOTS, else the installed or the
+** build tree's plots folder). Errors name the unknown figure, run or
+** extension, or carry gnuplot's own message. */
 int plot_render(const char *figure, const char *db_path, const char *out_path,
                 const char *runs_csv, const char *plots_dir, char *err);
 
