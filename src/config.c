@@ -588,7 +588,7 @@ static int config_parse(ModelConfig *c, const char *json, size_t len, int strict
             int E = c->moe.experts;
             c->moe.n_strata = E > 1 ? 2 : 1;
             c->moe.strata[0] = E > 1 ? E / 2 : 1;
-            c->moe.strata[1] = E - E / 2;
+            if (E > 1) c->moe.strata[1] = E - E / 2; /* one expert: one stratum, no second */
         }
         if (c->moe.sparsity_eps < 0.0f)
             c->moe.sparsity_eps = c->activation == ACT_RELU ? 0.0f : 0.01f;

@@ -433,6 +433,7 @@ static int same_key(const PendingMember *x, const PendingMember *y) {
 ** earliest second occurrence. Small objects compare all pairs; large ones
 ** sort pointers so that hostile input cannot make this quadratic. */
 static int check_duplicates(Parser *p, size_t base, size_t n) {
+    if (n < 2) return 0; /* and p->mems may still be NULL: no NULL + 0 */
     const PendingMember *m = p->mems + base;
     const PendingMember *dup = NULL;
     if (n <= 16) {

@@ -83,7 +83,7 @@ static int write_chunk(RecWriter *w, const RecBatch *b, size_t *done_routing,
         if (rec_routing(w->rec, w->run_id, w->eval_id, b->routing + *done_routing, n, err))
             return -1;
         *done_routing += n;
-    } else {
+    } else if (*done_tokens < b->n_tokens) { /* a batch may have none: b->tokens NULL */
         size_t n = b->n_tokens - *done_tokens;
         n = n < CHUNK ? n : CHUNK;
         if (rec_token_stats(w->rec, w->run_id, w->eval_id, b->tokens + *done_tokens, n, err))

@@ -329,6 +329,58 @@ static void test_roundtrip_nested(void **state) {
     json_free(v);
 }
 
+/* Empty containers as whole documents: the parser's scratch stacks are still
+** unallocated then (clang's UBSan caught NULL + 0 in the duplicate-key check
+** on "{}"), and the accessors must read nothing from the empty member lists. */
+static void test_empty_containers(void **state) {
+    (void)state;
+    const char *texts[] = {"{}", "[]", " { } ", "\t[ ]\n", "[{}]", "{\"a\":{}}", "[[],[]]"};
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        JsonValue *v = parse_ok(texts[i]);
+        char *out = written(v);
+        JsonValue *again = parse_ok(out);
+        char *out2 = written(again);
+        assert_string_equal(out2, out);
+        free(out);
+        free(out2);
+        json_free(again);
+        json_free(v);
+    }
+
+    JsonValue *obj = parse_ok("{}");
+    assert_int_equal(json_type(obj), JSON_OBJECT);
+    assert_int_equal(json_object_len(obj), 0);
+    assert_null(json_object_key_at(obj, 0));
+    assert_int_equal(json_object_key_len_at(obj, 0), 0);
+    assert_null(json_object_value_at(obj, 0));
+    assert_null(json_object_get(obj, ""));
+    assert_null(json_object_get(obj, "a"));
+    assert_int_equal(json_array_len(obj), 0);
+    char *text = written(obj);
+    assert_string_equal(text, "{}");
+    free(text);
+    json_free(obj);
+
+    JsonValue *arr = parse_ok("[]");
+    assert_int_equal(json_type(arr), JSON_ARRAY);
+    assert_int_equal(json_array_len(arr), 0);
+    assert_null(json_array_at(arr, 0));
+    assert_int_equal(json_object_len(arr), 0);
+    text = written(arr);
+    assert_string_equal(text, "[]");
+    free(text);
+    json_free(arr);
+
+    JsonValue *nested = parse_ok("{\"a\":{},\"b\":[]}");
+    const JsonValue *a = json_object_get(nested, "a"), *b = json_object_get(nested, "b");
+    assert_int_equal(json_type(a), JSON_OBJECT);
+    assert_int_equal(json_object_len(a), 0);
+    assert_null(json_object_get(a, "a"));
+    assert_int_equal(json_type(b), JSON_ARRAY);
+    assert_null(json_array_at(b, 0));
+    json_free(nested);
+}
+
 static void test_accessors_on_wrong_types(void **state) {
     (void)state;
     JsonValue *v = parse_ok("{\"n\":1,\"s\":\"x\",\"a\":[1]}");
@@ -483,6 +535,7 @@ int main(void) {
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_not_nul_terminated),
         cmocka_unit_test(test_roundtrip_nested),
+        cmocka_unit_test(test_empty_containers),
         cmocka_unit_test(test_accessors_on_wrong_types),
         cmocka_unit_test(test_writer_numbers),
         cmocka_unit_test(test_writer_strings),

@@ -325,6 +325,35 @@ static void test_router_keys_stored(void **state) {
     assert_non_null(strstr(err, "'moe.router.k' is not read by the threshold router"));
 }
 
+/* A stratified router without strata gets two halves (one stratum of one
+** expert when there is one), and nothing past them: with one expert the
+** default used to set a second stratum's size that n_strata did not count, so
+** the configuration read back from its own JSON (a checkpoint's) differed. */
+static void test_stratified_default_strata(void **state) {
+    (void)state;
+    static const struct { int experts, n, first, second; } cases[] = {
+        {1, 1, 1, 0}, {2, 2, 1, 1}, {3, 2, 1, 2}, {4, 2, 2, 2}, {5, 2, 2, 3},
+    };
+    char err[ML_ERRLEN], json[256];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(json, sizeof json, "{\"layers\":1,\"d_model\":8,\"heads\":2,\"moe\":{\"experts\":%d,"
+                 "\"hidden\":8,\"router\":{\"kind\":\"stratified\"}}}", cases[i].experts);
+        ModelConfig c, back;
+        config_defaults(&c);
+        if (config_from_json(&c, json, strlen(json), err) != 0) fail_msg("%s: %s", json, err);
+        assert_int_equal(c.moe.n_strata, cases[i].n);
+        assert_int_equal(c.moe.strata[0], cases[i].first);
+        assert_int_equal(c.moe.strata[1], cases[i].second);
+        for (int s = 2; s < MOE_MAX_EXPERTS; s++) assert_int_equal(c.moe.strata[s], 0);
+        char *out = config_to_json(&c);
+        assert_non_null(out);
+        config_defaults(&back);
+        if (config_from_json(&back, out, strlen(out), err) != 0) fail_msg("%s: %s", out, err);
+        assert_memory_equal(&back, &c, sizeof c);
+        free(out);
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* stratified layers                                                         */
 
@@ -1013,6 +1042,7 @@ int main(void) {
         cmocka_unit_test(test_penalty_and_entropy),
         cmocka_unit_test(test_hash_map_stored),
         cmocka_unit_test(test_routers_against_naive_loop),
+        cmocka_unit_test(test_stratified_default_strata),
         cmocka_unit_test(test_stratified_against_naive_loop),
         cmocka_unit_test(test_stratified_one_pass_is_top2),
         cmocka_unit_test(test_stratified_checkpoint),
