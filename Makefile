@@ -146,7 +146,10 @@ CORES   := Haswell $(shell grep -q avx512f /proc/cpuinfo 2>/dev/null && echo Sky
 # test_install runs make install and make uninstall with this BUILD, BIN and OPT
 # into a temporary prefix, and the stock lua5.4 on the installed module; a
 # module built with AddressSanitizer loads into it only after its runtime.
-LUA_PRELOAD = $(if $(findstring -fsanitize=address,$(CFLAGS)),$(shell $(CC) -print-file-name=libasan.so))
+# (clang's UBSan pass: its runtime, which the stock interpreter lacks too)
+LUA_PRELOAD = $(if $(findstring -fsanitize=address,$(CFLAGS)),$(shell $(CC) -print-file-name=libasan.so),$(if \
+  $(and $(findstring clang,$(CC)),$(findstring -fsanitize=undefined,$(CFLAGS))),$(shell \
+  $(CC) -print-file-name=libclang_rt.ubsan_standalone-x86_64.so)))
 test: check-deps $(BIN) $(MODULE) $(addprefix $(BUILD)/,$(TESTS))
 	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} BUILD=$(BUILD) MOELAB=$(CURDIR)/$(BIN) \
 	  MOELAB_SRC=$(CURDIR) MOELAB_MAKE=$(MAKE) BIN=$(BIN) OPT="$(OPT)" MOELAB_LUA=lua$(LUA_V) \
