@@ -22,7 +22,7 @@ LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
 CORE    := common config json ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
-RECORD  := recorder recwriter plot trainer
+RECORD  := recorder recwriter plot plot_figures trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
 TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))
