@@ -54,11 +54,14 @@ for _, c in ipairs(configs) do
   last_model = last_model or model
 end
 
+-- The figures this database has the data for (moelab plot lists them all;
+-- figures of the MoE runs' routing leave the dense run out by themselves).
 local figures = {}
-for _, f in ipairs{ "loss", "loss_vs_flops", "expert_load", "experts_per_token" } do
+for _, f in ipairs{ "loss", "loss_vs_flops", "expert_load", "experts_per_token",
+                    "loss_by_experts", "load_over_training", "sparsity", "cooccurrence",
+                    "byte_classes" } do
   figures[#figures + 1] = moelab.plot{ db = db, figure = f,
-                                       out = out_dir .. "/quickstart-" .. f .. ".pdf",
-                                       runs = f:match("expert") and { "top2", "threshold" } or nil }
+                                       out = out_dir .. "/quickstart-" .. f .. ".pdf" }
 end
 
 print()

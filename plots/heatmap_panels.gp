@@ -50,7 +50,7 @@ unset key
 if (!exists("heat_title_lines")) heat_title_lines = title_lines + 1
 title_in = heat_title_lines * line_in + 0.16
 left = inch_x(heat_left + 0.1)
-right = 1 - inch_x(0.85)
+right = 1 - inch_x(0.95)
 bottom = inch_y(0.45)
 top = 1 - inch_y(title_in)
 set multiplot layout panel_rows, panel_columns \

@@ -31,7 +31,7 @@ unset key
 
 title_in = (title_lines + 1) * line_in + 0.16
 left = inch_x(0.5)
-right = 1 - inch_x(0.85)
+right = 1 - inch_x(0.95)
 bottom = inch_y(0.45)
 top = 1 - inch_y(title_in)
 set multiplot layout panel_rows, panel_columns \

@@ -192,7 +192,7 @@ static void plot_put_value(FILE *gp, double x) {
 ** metrics with that split, in step order; a run without rows gets one
 ** "NaN NaN" row so that the block indices stay aligned. Also has_train[i],
 ** has_val[i] (0 or 1), tokens_min (the smallest positive x, 0 if none) and
-** tokens_max. The key has a row per run, train and val side by side.
+** tokens_max. The key has an entry per run and two for the kinds of line.
 */
 static int plot_loss_data(PlotContext *ctx) {
     static const char *splits[] = {"train", "val"};
@@ -206,6 +206,27 @@ static int plot_loss_data(PlotContext *ctx) {
     if (!has_rows) {
         plot_oom(ctx, "metrics");
         goto cleanup;
+    }
+    /* With every run selected, runs never trained (a converted model
+    ** evaluated at step 0) have no curve to draw, and no place on a log
+    ** axis: they are left out while some run has one. */
+    if (!runs->named) {
+        int any = 0;
+        if (plot_prepare(ctx, "metrics",
+                         "SELECT EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1 AND tokens > 0"
+                         " AND loss IS NOT NULL)", &st))
+            goto cleanup;
+        for (int i = 0; i < runs->count; i++) {
+            sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
+            has_rows[i] = sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 0);
+            any |= has_rows[i];
+            sqlite3_reset(st);
+        }
+        sqlite3_finalize(st);
+        st = NULL;
+        if (any && plot_keep_runs(ctx, has_rows, NULL, 0, "training", "train it"))
+            goto cleanup;
+        memset(has_rows, 0, (size_t)runs->count * 2 * sizeof *has_rows);
     }
     if (plot_prepare(ctx, "metrics",
                      "SELECT tokens, loss FROM metrics WHERE run_id = ?1 AND split = ?2"
@@ -1175,7 +1196,8 @@ typedef struct {
 ** Runs are drawn in series, one per router rule (kind and k or p), in the
 ** order of their first run. $train and $eval: per series (index s-1)
 ** "capacity dropped" rows, one per run; $means: per series one row per
-** capacity factor, "capacity train_mean eval_mean" (NaN when none). Also
+** capacity factor, "capacity train_mean eval_mean" (NaN when none), a blank
+** line after dropless (0) so that no line joins it to the factors. Also
 ** nseries, series_title[s], capacity_max.
 */
 static int plot_dropped_vs_capacity_data(PlotContext *ctx) {
@@ -1315,6 +1337,8 @@ static int plot_dropped_vs_capacity_data(PlotContext *ctx) {
             fputc(' ', gp);
             plot_put_value(gp, n[1] ? sum[1] / n[1] : NAN);
             fputc('\n', gp);
+            if (caps[c] == 0 && c + 1 < ncaps)
+                fputc('\n', gp);   /* dropless is no factor: no line from it to 1 */
         }
     }
     fputs("EOD\n", gp);
