@@ -40,7 +40,7 @@ LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
 CORE    := common config json ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
-RECORD  := recorder recwriter paths plot trainer
+RECORD  := recorder recwriter paths plot plot_figures trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
 TESTS   := $(patsubst tests/%.c,%,$(wildcard tests/test_*.c))

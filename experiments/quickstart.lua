@@ -73,8 +73,12 @@ for i, d in ipairs(designs) do
   if d.name == "top2" or not sample_model then sample_model = model end
 end
 
+-- The figures this database has the data for (moelab plot lists them all;
+-- figures of the MoE runs' routing leave the dense run out by themselves).
 local figures = {}
-for _, f in ipairs{ "loss", "loss_vs_flops", "expert_load", "experts_per_token" } do
+for _, f in ipairs{ "loss", "loss_vs_flops", "expert_load", "experts_per_token",
+                    "loss_by_experts", "load_over_training", "sparsity", "cooccurrence",
+                    "byte_classes" } do
   figures[#figures + 1] = moelab.plot{ db = db, figure = f,
                                        out = out_dir .. "/quickstart-" .. f .. ".pdf" }
 end

@@ -1,23 +1,17 @@
 # loss.gp — figure "loss": training and validation loss against tokens seen,
-# one colour per run; training as a thin, light line, validation as points
-# joined by a line in the same colour.
+# one colour per design (the seeds of a sweep share it); training as a thin,
+# light line, validation as points joined by a line in the same colour.
 #
 # Render it with `moelab plot loss --db DB --out FILE.pdf`. moelab defines,
-# before it loads this script (src/plot.c):
-#   the terminal and the output file;
-#   nruns, and run_title[1..nruns]            the legend's run names;
+# before it loads style.gp and this script (src/plot.c):
+#   the terminal, the output file and the page (style.gp);
+#   nruns, run_title[i], run_design[i]        the runs, their names, colours;
 #   $train, $val                              datablocks of "tokens loss" rows,
 #                                             run i in index i-1 (a run with no
 #                                             rows there has one NaN row);
 #   has_train[i], has_val[i]                  1 when run i has such rows;
+#   key_rows                                  the key's rows (style.gp);
 #   tokens_min, tokens_max                    smallest positive and largest x.
-
-# Okabe–Ito colours, which stay apart for colour-blind readers and in grey.
-array palette[8] = [0x0072B2, 0xD55E00, 0x009E73, 0xCC79A7, \
-                    0xE69F00, 0x56B4E9, 0x000000, 0x999999]
-run_color(i) = palette[(i - 1) % 8 + 1]
-# The same colour, 45% transparent (gnuplot's alpha byte counts transparency).
-train_color(i) = run_color(i) + 0x73000000
 
 # A log axis when the curve spans two decades or more: a training curve
 # falls fastest early on. Tick labels read 1k, 10k, 1M; points at 0 tokens
@@ -25,28 +19,29 @@ train_color(i) = run_color(i) + 0x73000000
 if (tokens_min > 0 && tokens_max / tokens_min >= 100) {
     set logscale x 10
     set autoscale xfix
-    set format x '%.0s%c'
+    set format x '%.0s%c'     # 1k, 10k, 1M
     x_value(t) = (t > 0 ? t : NaN)
 } else {
     x_unit = (tokens_max >= 1e6 ? 1e6 : (tokens_max >= 1e3 ? 1e3 : 1))
     x_suffix = (x_unit == 1e6 ? 'M' : (x_unit == 1e3 ? 'k' : ''))
     set format x '%g'.x_suffix
+    set xtics tick_step(tokens_max / x_unit, ticks_across)
+    set xtics add ('0' 0)
     x_value(t) = t / x_unit
 }
 
-set xlabel 'tokens seen'
+set xlabel 'tokens seen (bytes)'
 set ylabel 'loss (nats/byte)'
-set border 3 lw 0.8
-set tics nomirror out scale 0.6
-set mxtics
-set grid xtics ytics lw 0.5 lc rgb '#e0e0e0'
-# The legend sits below the axes, where it hides no curve: one row per run,
-# train and val side by side. (moelab makes the page taller for many runs.)
-set key outside below center vertical maxrows nruns samplen 2.5 spacing 1.05
+eval 'set grid xtics ytics '.grid_style
+# The key sits below the axes, where it hides no curve: an entry per run,
+# then what the two kinds of line are. (moelab makes the page taller for
+# the key's rows.)
+set key outside below left vertical maxrows key_rows
 
 plot for [i=1:nruns] $train index (i - 1) using (x_value($1)):2 \
-         with lines lw 1 lc rgb train_color(i) \
-         title (has_train[i] ? run_title[i].' train' : ''), \
+         with lines lw 1.2 dt run_dash(i) lc rgb faint(run_color(i)) notitle, \
      for [i=1:nruns] $val index (i - 1) using (x_value($1)):2 \
-         with linespoints lw 1.5 pt 7 ps 0.45 lc rgb run_color(i) \
-         title (has_val[i] ? run_title[i].' val' : '')
+         with linespoints lw 2 dt run_dash(i) pt run_marker(i) ps 0.5 lc rgb run_color(i) \
+         title (run_title[i]), \
+     NaN with lines lw 1.2 lc rgb faint(0x606060) title 'training', \
+     NaN with linespoints lw 2 pt 7 ps 0.5 lc rgb '#606060' title 'validation'

@@ -1080,14 +1080,34 @@ static int l_sweep(lua_State *L) {
 /* ------------------------------------------------------------------------ */
 /* plots and settings                                                        */
 
+/* moelab.plot{ db, figure, out, runs, layer, layers, size, gnuplot }: the
+** options of `moelab plot`, checked by plot_render as there. */
 static int l_plot(lua_State *L) {
-    static const char *const keys[] = {"db", "figure", "out", "runs", NULL};
+    static const char *const keys[] = {"db", "figure", "out", "runs", "layer", "layers",
+                                       "size", "gnuplot", NULL};
+    const char *what = "moelab.plot";
     luaL_checktype(L, 1, LUA_TTABLE);
-    check_keys(L, 1, "moelab.plot", keys);
-    const char *figure = opt_str(L, 1, "moelab.plot", "figure", NULL);
-    const char *out = opt_str(L, 1, "moelab.plot", "out", NULL);
+    check_keys(L, 1, what, keys);
+    PlotOptions opt = PLOT_OPTIONS_INIT;
+    const char *figure = opt_str(L, 1, what, "figure", NULL);
+    const char *out = opt_str(L, 1, what, "out", NULL);
     if (!figure) luaL_error(L, "moelab.plot: 'figure' is required (one of %s)", PLOT_FIGURES);
     if (!out) luaL_error(L, "moelab.plot: 'out' is required (a .pdf, .png or .svg path)");
+    opt.layer = (int)opt_int(L, 1, what, "layer", PLOT_LAYER_UNSET, 0, INT_MAX);
+    opt.size = opt_str(L, 1, what, "size", NULL);
+    opt.gnuplot_out = opt_str(L, 1, what, "gnuplot", NULL);
+    /* layers = { a, b } */
+    if (lua_getfield(L, 1, "layers") != LUA_TNIL) {
+        int tbl = lua_gettop(L);
+        if (!lua_istable(L, tbl) || lua_rawlen(L, tbl) != 2)
+            luaL_error(L, "moelab.plot: 'layers' must be two block numbers, { a, b }");
+        for (int i = 0; i < 2; i++) {
+            lua_rawgeti(L, tbl, i + 1);
+            opt.layers[i] = (int)check_int(L, -1, what, "layers", 0, INT_MAX);
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
     lua_getfield(L, 1, "db");
     const char *db_path = NULL;
     LDb *d = luaL_testudata(L, -1, DB_MT);
@@ -1103,7 +1123,6 @@ static int l_plot(lua_State *L) {
     }
     /* runs: a list of names or "a,b" */
     lua_getfield(L, 1, "runs");
-    const char *runs_csv = NULL;
     if (lua_type(L, -1) == LUA_TTABLE) {
         int tbl = lua_gettop(L);
         lua_Integer n = (lua_Integer)lua_rawlen(L, tbl);
@@ -1116,13 +1135,13 @@ static int l_plot(lua_State *L) {
             luaL_addvalue(&runs); /* the value on top, the buffer below it */
         }
         luaL_pushresult(&runs);
-        runs_csv = lua_tostring(L, -1);
+        opt.runs = lua_tostring(L, -1);
     } else if (lua_type(L, -1) == LUA_TSTRING) {
-        runs_csv = lua_tostring(L, -1);
+        opt.runs = lua_tostring(L, -1);
     } else if (!lua_isnil(L, -1)) {
         luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
     }
-    if (plot_render(figure, db_path, out, runs_csv, NULL, err) != 0)
+    if (plot_render(figure, db_path, out, &opt, err) != 0)
         luaL_error(L, "moelab.plot: %s", err);
     lua_pushstring(L, out);
     return 1;

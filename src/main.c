@@ -11,6 +11,7 @@
 */
 #include <lauxlib.h>
 #include <lualib.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,10 +30,15 @@ static const char *usage =
     "usage:\n"
     "  moelab run SCRIPT.lua [name=value ...]   run an experiment script; the pairs\n"
     "                                           reach it as the table moelab.args\n"
-    "  moelab plot FIGURE --db DB [--out FILE] [--runs NAME,...]\n"
-    "                                           render a figure (" PLOT_FIGURES ");\n"
-    "                                           .pdf, .png or .svg by FILE's extension\n"
-    "                                           (default: FIGURE.pdf beside DB)\n"
+    "  moelab plot FIGURE --db DB [--out FILE] [--runs NAME,...] [--layer N]\n"
+    "              [--layers A,B] [--size single|double] [--gnuplot FILE]\n"
+    "                                           render a figure; .pdf, .png or .svg by\n"
+    "                                           FILE's extension (default: FIGURE.pdf\n"
+    "                                           beside DB); a layer is a block number;\n"
+    "                                           single: 3.3 in wide, double: 7 in;\n"
+    "                                           --gnuplot also saves gnuplot's input.\n"
+    "                                           FIGURE is one of\n"
+    "@FIGURES@"
     "  moelab report DB [--runs NAME,...] [--format text|csv|markdown]\n"
     "                                           one row per run (seeds of a sweep\n"
     "                                           folded into mean ± spread); NAME\n"
@@ -44,6 +50,30 @@ static const char *usage =
     "MOELAB_MAX_MEMORY caps a model's memory (e.g. 8G); OMP_WAIT_POLICY as\n"
     "for OpenMP (default here: passive). Training uses every core unless the\n"
     "script calls moelab.threads(n).\n";
+
+/* The usage, with "@FIGURES@" replaced by PLOT_FIGURES wrapped to fit. */
+static void show_usage(FILE *f) {
+    const char *at = strstr(usage, "@FIGURES@");
+    fwrite(usage, 1, (size_t)(at - usage), f);
+    const char *list = PLOT_FIGURES;
+    int column = 0;
+    while (*list) {
+        int len = (int)strcspn(list, ",");
+        if (column > 0 && column + len + 2 > 79) {
+            fputs(",\n", f);
+            column = 0;
+        } else if (column > 0) {
+            fputs(", ", f);
+            column += 2;
+        }
+        if (column == 0)
+            column = fprintf(f, "%43s", "");
+        column += fprintf(f, "%.*s", len, list);
+        list += len + (list[len] == ',');
+    }
+    fputs("\n", f);
+    fputs(at + strlen("@FIGURES@"), f);
+}
 
 static lua_State *globalL;
 static volatile sig_atomic_t interrupted;
@@ -136,7 +166,8 @@ static void push_arg_value(lua_State *L, const char *v) {
 
 static int cmd_run(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "moelab run: missing SCRIPT.lua\n\n%s", usage);
+        fprintf(stderr, "moelab run: missing SCRIPT.lua\n\n");
+        show_usage(stderr);
         return 2;
     }
     const char *script = argv[2];
@@ -185,15 +216,35 @@ static int cmd_run(int argc, char **argv) {
     return rc;
 }
 
+/* A block number of --layer or --layers: digits only, at most INT_MAX. */
+static int parse_layer(const char *text, const char **end, int *layer) {
+    long long v = 0;
+    const char *c = text;
+    if (*c < '0' || *c > '9') return -1;
+    for (; *c >= '0' && *c <= '9'; c++) {
+        v = 10 * v + (*c - '0');
+        if (v > INT_MAX) return -1;
+    }
+    *end = c;
+    *layer = (int)v;
+    return 0;
+}
+
 static int cmd_plot(int argc, char **argv) {
-    const char *figure = NULL, *db = NULL, *out = NULL, *runs = NULL;
+    const char *figure = NULL, *db = NULL, *out = NULL, *layer = NULL, *layers = NULL;
+    PlotOptions opt = PLOT_OPTIONS_INIT;
     for (int i = 2; i < argc; i++) {
         const char **slot = NULL;
         if (strcmp(argv[i], "--db") == 0) slot = &db;
         else if (strcmp(argv[i], "--out") == 0) slot = &out;
-        else if (strcmp(argv[i], "--runs") == 0) slot = &runs;
+        else if (strcmp(argv[i], "--runs") == 0) slot = &opt.runs;
+        else if (strcmp(argv[i], "--layer") == 0) slot = &layer;
+        else if (strcmp(argv[i], "--layers") == 0) slot = &layers;
+        else if (strcmp(argv[i], "--size") == 0) slot = &opt.size;
+        else if (strcmp(argv[i], "--gnuplot") == 0) slot = &opt.gnuplot_out;
         else if (argv[i][0] == '-') {
-            fprintf(stderr, "moelab plot: unknown option '%s'\n\n%s", argv[i], usage);
+            fprintf(stderr, "moelab plot: unknown option '%s'\n\n", argv[i]);
+            show_usage(stderr);
             return 2;
         } else if (!figure) {
             figure = argv[i];
@@ -209,7 +260,20 @@ static int cmd_plot(int argc, char **argv) {
         *slot = argv[++i];
     }
     if (!figure || !db) {
-        fprintf(stderr, "moelab plot: need FIGURE and --db DB\n\n%s", usage);
+        fprintf(stderr, "moelab plot: need FIGURE and --db DB\n\n");
+        show_usage(stderr);
+        return 2;
+    }
+    const char *end = NULL;
+    if (layer && (parse_layer(layer, &end, &opt.layer) || *end)) {
+        fprintf(stderr, "moelab plot: --layer must be a block number (0, 1, ...), got '%s'\n",
+                layer);
+        return 2;
+    }
+    if (layers && (parse_layer(layers, &end, &opt.layers[0]) || *end != ','
+                   || parse_layer(end + 1, &end, &opt.layers[1]) || *end)) {
+        fprintf(stderr, "moelab plot: --layers must be two block numbers, A,B (as 0,1), "
+                "got '%s'\n", layers);
         return 2;
     }
     char default_out[4096];
@@ -224,7 +288,7 @@ static int cmd_plot(int argc, char **argv) {
         return 1;
     }
     char err[ML_ERRLEN];
-    if (plot_render(figure, db, out, runs, NULL, err) != 0) {
+    if (plot_render(figure, db, out, &opt, err) != 0) {
         fprintf(stderr, "moelab plot: %s\n", err);
         return 1;
     }
@@ -357,7 +421,7 @@ int main(int argc, char **argv) {
     if (argc < 2) return cmd_prompt();
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
-        fputs(usage, stdout);
+        show_usage(stdout);
         printf("\nFiles: figure scripts in %s,\n"
                "Lua helpers (moelab.report, moelab.sweep, ...) in %s/moelab.\n"
                "See moelab(1).\n", ml_plots_dir(), ml_lua_dir());
@@ -370,6 +434,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "run") == 0) return cmd_run(argc, argv);
     if (strcmp(cmd, "plot") == 0) return cmd_plot(argc, argv);
     if (strcmp(cmd, "report") == 0) return cmd_report(argc, argv);
-    fprintf(stderr, "moelab: unknown command '%s'\n\n%s", cmd, usage);
+    fprintf(stderr, "moelab: unknown command '%s'\n\n", cmd);
+    show_usage(stderr);
     return 2;
 }

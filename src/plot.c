@@ -1,14 +1,19 @@
 /*
-** plot.c — plot_render of plot.h: selects runs from a database, writes their
-** data as gnuplot datablocks, and has gnuplot draw a figure script over them.
+** plot.c — plot_render of plot.h: selects runs from a database, checks the
+** options, has the figure (plot_figures.c) write its data as gnuplot
+** datablocks, sizes the page, and has gnuplot draw the figure script over
+** them with the shared style.
 **
 ** The gnuplot program that reaches gnuplot's standard input is:
 **
 **     $train << EOD ... EOD                the figure's data (figure writer)
-**     set terminal pdfcairo ...            from the output's extension
+**     set terminal pdfcairo size 3.3in,2.4in ...   from the extension and size
 **     set output './results/loss.pdf'
+**     page_width = 3.3; page_height = 2.4; font_pt = 8; ...   the page
 **     nruns = 2
 **     array run_title[2]; run_title[1] = 'top2'; ...
+**     array run_design[2]; run_design[1] = 1; ...  each run's colour
+**     load '/path/plots/style.gp'          the look every figure shares
 **     load '/path/plots/loss.gp'           the figure script draws
 **     unset output                         and the file is complete
 **
@@ -17,6 +22,21 @@
 ** and the page grows with the runs that remain. A run named in the run list
 ** that lacks the data is an error that says how to record it.
 **
+** Colours stay with designs: a run's design is its name without a sweep's
+** "/seed=N", and its colour is picked by the order in which the design's
+** first run was started in the database (run_design), so a design has the
+** same colour in every figure of that database, whichever runs are drawn.
+**
+** The page: one column of a two-column paper is 3.3 in wide, two are 7 in;
+** text is 8 pt (9 pt on the wide page) in the PDF. gnuplot's cairo
+** terminals measure differently (text comes out at 4/3 x fontscale x the
+** font's size, in points in the PDF, whose fontscale is 0.5 unless given,
+** and in pixels in the PNG; a line width unit is 0.5 pt in the PDF and 1
+** px in the PNG; a point's radius 3 pt or 3 px), so each format's
+** fontscale, linewidth and pointscale bring them to one page: the PNG is
+** the PDF at 300 dpi and the SVG the PDF in points (measured on gnuplot
+** 5.4's output).
+**
 ** Every string is a gnuplot single-quoted string, in which nothing but ''
 ** (a literal quote) is special, so paths and run names with spaces, quotes
 ** or backslashes arrive intact; line breaks are refused. Relative paths get
@@ -24,13 +44,12 @@
 ** command by `set output` or `load`. gnuplot itself is started with fork and
 ** execvp, never through a shell.
 */
-#include "plot.h"
+#include "plot_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <poll.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,71 +63,40 @@
 #include "paths.h"
 #include "recorder.h"
 
+/* A page: its width, the height of a one-plot figure (without the key
+** below it), the height of a row of panels, the panels a row holds, and
+** the size of its text. */
 typedef struct {
-    int64_t run_id;
-    char *name;
-    int name_repeats;    /* another selected run has the same name */
-    int noncausal;       /* runs.causal = 0: its titles say so */
-} PlotRun;
+    const char *name;
+    double width, height, panel_height;   /* inches */
+    int panel_columns;
+    double font_pt;
+} PlotSize;
 
-typedef struct {
-    PlotRun *runs;
-    int count;
-    int named;           /* chosen by name, not "every run" */
-} PlotRuns;
+static const PlotSize plot_sizes[] = {
+    {"single", 3.3, 2.4, 1.85, 2, 8},
+    {"double", 7.0, 2.9, 2.3, 3, 9},
+};
 
-/* Writes a figure's datablocks and variables; fails when the selected runs
-** have nothing to draw. May drop runs without data (see plot_keep_runs). */
-typedef int (*PlotDataWriter)(FILE *gp, sqlite3 *db, const char *db_path,
-                              PlotRuns *runs, char *err);
+/* The key's rows below the axes, each this many times the text's size. */
+#define PLOT_KEY_LINE 1.3
 
-typedef struct {
-    const char *name;            /* also the script's name: plots_dir/NAME.gp */
-    PlotDataWriter write_data;
-    int panels;                  /* one panel per run (up to 3 a row), not one plot */
-} PlotFigure;
+/* Per format: how a page of W x H inches becomes its terminal. */
+typedef enum { PLOT_PDF, PLOT_PNG, PLOT_SVG } PlotFormatKind;
 
-/* The page is width x height, taller by per_run for each run past the
-** third, so that the legend of many runs does not squeeze the axes. */
 typedef struct {
     const char *extension;
-    const char *terminal;
-    double width, height, per_run;
-    const char *unit;
-    const char *options;
+    PlotFormatKind kind;
 } PlotFormat;
 
-static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
-                          char *err);
-static int plot_expert_load_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
-                                 char *err);
-static int plot_experts_per_token_data(FILE *gp, sqlite3 *db, const char *db_path,
-                                       PlotRuns *runs, char *err);
-static int plot_loss_vs_flops_data(FILE *gp, sqlite3 *db, const char *db_path,
-                                   PlotRuns *runs, char *err);
-
-/* In the order of PLOT_FIGURES. */
-static const PlotFigure plot_figures[] = {
-    {"loss", plot_loss_data, 0},
-    {"expert_load", plot_expert_load_data, 1},
-    {"experts_per_token", plot_experts_per_token_data, 0},
-    {"loss_vs_flops", plot_loss_vs_flops_data, 0},
-};
-
-/* Panels a row in a figure of one panel per run. */
-#define PLOT_PANEL_COLUMNS 3
-
-/* Sized for a paper: the PDF fits one column of a two-column page, the PNG
-** is that figure at 300 dpi, the SVG suits a web page. noenhanced keeps '_'
-** and '^' in run names literal. */
 static const PlotFormat plot_formats[] = {
-    {".pdf", "pdfcairo", 3.5, 2.6, 0.13, "in",
-     "font 'Sans,8' linewidth 1 rounded noenhanced"},
-    {".png", "pngcairo", 1050, 780, 39, "",
-     "font 'Sans,20' linewidth 2 pointscale 2 rounded noenhanced"},
-    {".svg", "svg", 700, 520, 26, "",
-     "dynamic font 'Sans,13' linewidth 1 rounded noenhanced background '#ffffff'"},
+    {".pdf", PLOT_PDF},
+    {".png", PLOT_PNG},
+    {".svg", PLOT_SVG},
 };
+
+/* The PNG's resolution. */
+#define PLOT_PNG_DPI 300.0
 
 /* ---- gnuplot strings -------------------------------------------------- */
 
@@ -119,8 +107,7 @@ static int plot_check_one_line(const char *what, const char *text, char *err) {
     return 0;
 }
 
-/* prefix + text as one gnuplot single-quoted string. */
-static void plot_put_quoted(FILE *gp, const char *prefix, const char *text) {
+void plot_put_quoted(FILE *gp, const char *prefix, const char *text) {
     fputc('\'', gp);
     fputs(prefix, gp);
     for (const char *c = text; *c; c++) {
@@ -135,14 +122,194 @@ static void plot_put_path(FILE *gp, const char *path) {
     plot_put_quoted(gp, path[0] == '/' ? "" : "./", path);
 }
 
+void plot_put_int_array(FILE *gp, const char *name, const int *values, int n) {
+    fprintf(gp, "array %s[%d]\n", name, n > 0 ? n : 1);
+    for (int i = 0; i < n; i++)
+        fprintf(gp, "%s[%d] = %d\n", name, i + 1, values[i]);
+}
+
+void plot_put_double_array(FILE *gp, const char *name, const double *values, int n) {
+    fprintf(gp, "array %s[%d]\n", name, n > 0 ? n : 1);
+    for (int i = 0; i < n; i++)
+        fprintf(gp, isfinite(values[i]) ? "%s[%d] = %.9g\n" : "%s[%d] = NaN\n", name, i + 1,
+                values[i]);
+}
+
+/* Characters of text in a line of width inches. gnuplot's cairo terminals
+** reckon a character 0.55 em wide when they lay out a key, and drop a key
+** that does not fit; 0.58 leaves room. (Its SVG terminal reckons 0.75 em:
+** key_width takes the difference back, see plot_render.) */
+#define PLOT_CHAR_EM 0.58
+static int plot_chars_across(double inches, double font_pt) {
+    int n = (int)(inches * 72.0 / (PLOT_CHAR_EM * font_pt));
+    return n > 8 ? n : 8;
+}
+
+/* UTF-8 characters in the first n bytes of text. */
+static int plot_utf8_chars(const char *text, size_t n) {
+    int chars = 0;
+    for (size_t i = 0; i < n && text[i]; i++)
+        chars += ((unsigned char)text[i] & 0xC0) != 0x80;
+    return chars;
+}
+
+/* The byte offset of character index chars in text. */
+static size_t plot_utf8_offset(const char *text, int chars) {
+    size_t i = 0;
+    for (int c = 0; text[i]; i++) {
+        if (((unsigned char)text[i] & 0xC0) != 0x80 && c++ == chars)
+            break;
+    }
+    return i;
+}
+
+void plot_short_name(const char *name, char *out, size_t size) {
+    size_t used = 0;
+    const char *c = name;
+    /* key characters are copied only after the '=' that ends a key, so the
+    ** key's text since the last '/', ',' or '.' is held back */
+    while (*c && used + 1 < size) {
+        size_t part = strcspn(c, "/,");
+        const char *eq = memchr(c, '=', part);
+        const char *from = c;
+        if (eq)                               /* "moe.router.k=2": from "k=2" */
+            for (const char *d = c; d < eq; d++)
+                if (*d == '.')
+                    from = d + 1;
+        size_t n = part - (size_t)(from - c);
+        if (n > size - 1 - used)
+            n = size - 1 - used;
+        memcpy(out + used, from, n);
+        used += n;
+        c += part;
+        if (*c && used + 1 < size)
+            out[used++] = *c++;
+    }
+    out[used] = '\0';
+}
+
+/* Where text's closing notes start: the " (...)" groups that end it
+** (" (non-causal)", " (2 seeds)"); strlen(text) when it has none. */
+static size_t plot_notes_start(const char *text) {
+    size_t end = strlen(text);
+    while (end > 0 && text[end - 1] == ')') {
+        size_t open = end - 1;
+        while (open > 0 && text[open] != '(')
+            open--;
+        if (open < 1 || text[open] != '(' || text[open - 1] != ' ')
+            break;
+        end = open - 1;
+    }
+    return end;
+}
+
+/* text shortened to at most max_chars characters (see plot_put_title), a
+** copy the caller frees; NULL when out of memory. */
+static char *plot_fit_title(const char *text, int max_chars) {
+    static const char ellipsis[] = "\u2026";   /* one character, three bytes */
+    int n = plot_utf8_chars(text, strlen(text));
+    if (n <= max_chars || max_chars < 8)
+        return strdup(text);
+    /* the notes stay whole when they leave room; the name before them loses
+    ** its middle: it keeps its first '/' part when that is short (a sweep's
+    ** prefix) and as much of its end as fits (where a sweep's name says
+    ** which values and seed it ran) */
+    size_t notes = plot_notes_start(text);
+    int note_chars = plot_utf8_chars(text + notes, strlen(text + notes));
+    int name_chars = n - note_chars, room = max_chars - note_chars - 1;
+    if (room < 6) {                 /* the notes too: from the whole text */
+        notes = strlen(text);
+        name_chars = n;
+        room = max_chars - 1;
+    }
+    const char *slash = memchr(text, '/', notes);
+    int head = slash ? plot_utf8_chars(text, (size_t)(slash - text) + 1) : room;
+    if (head > room / 3)
+        head = room / 4;
+    size_t head_bytes = plot_utf8_offset(text, head);
+    size_t tail_at = plot_utf8_offset(text, name_chars - (room - head));
+    char *cut = malloc(head_bytes + sizeof ellipsis + (notes - tail_at) + strlen(text + notes));
+    if (!cut)
+        return NULL;
+    memcpy(cut, text, head_bytes);
+    memcpy(cut + head_bytes, ellipsis, sizeof ellipsis - 1);
+    memcpy(cut + head_bytes + sizeof ellipsis - 1, text + tail_at, notes - tail_at);
+    strcpy(cut + head_bytes + sizeof ellipsis - 1 + (notes - tail_at), text + notes);
+    return cut;
+}
+
+int plot_title_chars(const char *text, int max_chars) {
+    char *fit = plot_fit_title(text, max_chars);
+    int n = plot_utf8_chars(fit ? fit : text, strlen(fit ? fit : text));
+    free(fit);
+    return n;
+}
+
+int plot_put_title(FILE *gp, const char *text, int max_chars) {
+    char *fit = plot_fit_title(text, max_chars);   /* a title: not worth failing for */
+    plot_put_quoted(gp, "", fit ? fit : text);
+    int n = plot_utf8_chars(fit ? fit : text, strlen(fit ? fit : text));
+    free(fit);
+    return n;
+}
+
+/* text wrapped to lines of at most width characters, broken after a '/',
+** ',' or ' ' where it can be, as a gnuplot expression joining the lines with
+** "\n"; at most 3 lines, the last shortened as plot_put_title does. With gp
+** NULL, only counts. Returns the lines. */
+static int plot_put_wrapped(FILE *gp, const char *text, int width) {
+    int lines = 0;
+    const char *c = text;
+    while (*c) {
+        int left = plot_utf8_chars(c, strlen(c));
+        size_t take = strlen(c);
+        if (left > width && lines < 2) {
+            size_t limit = plot_utf8_offset(c, width), brk = 0;
+            for (size_t i = 1; i < limit; i++)
+                if (c[i - 1] == '/' || c[i - 1] == ',' || c[i - 1] == ' ')
+                    brk = i;
+            take = brk ? brk : limit;
+        }
+        if (gp) {
+            char *line = strndup(c, take);
+            if (!line)
+                return lines > 0 ? lines : 1;
+            if (lines > 0)
+                fputs(" . \"\\n\" . ", gp);
+            plot_put_title(gp, line, width);
+            free(line);
+        }
+        lines++;
+        c += take;
+    }
+    if (lines == 0 && gp)
+        plot_put_quoted(gp, "", "");
+    return lines > 0 ? lines : 1;
+}
+
 /* ---- which runs ------------------------------------------------------- */
 
 static void plot_free_runs(PlotRuns *runs) {
-    for (int i = 0; i < runs->count; i++)
+    for (int i = 0; i < runs->count; i++) {
         free(runs->runs[i].name);
+        free(runs->runs[i].title);
+        free(runs->runs[i].design);
+    }
     free(runs->runs);
     runs->runs = NULL;
     runs->count = 0;
+}
+
+/* A copy of name without a sweep's trailing "/seed=N" (moelab.sweep names
+** the seeds of one design "<prefix>/<values>/seed=N"). */
+static char *plot_design_name(const char *name) {
+    size_t len = strlen(name);
+    const char *suffix = NULL;
+    for (const char *c = name; (c = strstr(c, "/seed=")) != NULL; c++)
+        suffix = c;
+    if (suffix && suffix[6] && strspn(suffix + 6, "0123456789") == strlen(suffix + 6))
+        len = (size_t)(suffix - name);
+    return strndup(name, len);
 }
 
 static int plot_add_run(PlotRuns *runs, int64_t run_id, const char *name, int noncausal,
@@ -155,13 +322,14 @@ static int plot_add_run(PlotRuns *runs, int64_t run_id, const char *name, int no
         return ml_error(err, "out of memory selecting runs");
     runs->runs = grown;
     PlotRun *run = &runs->runs[runs->count];
+    memset(run, 0, sizeof *run);
     run->run_id = run_id;
-    run->name_repeats = 0;
     run->noncausal = noncausal;
     run->name = strdup(name ? name : "");
-    if (!run->name)
-        return ml_error(err, "out of memory selecting runs");
+    run->design = run->name ? plot_design_name(run->name) : NULL;
     runs->count++;
+    if (!run->name || !run->design)
+        return ml_error(err, "out of memory selecting runs");
     return 0;
 }
 
@@ -266,6 +434,61 @@ cleanup:
     return status;
 }
 
+/* Each run's design_order: 1 + the place of its design among the designs of
+** the database's runs in the order they were started. */
+static int plot_order_designs(sqlite3 *db, const char *db_path, PlotRuns *runs, char *err) {
+    sqlite3_stmt *st = NULL;
+    char **designs = NULL;
+    int count = 0, cap = 0, status = -1, rc = SQLITE_DONE, left = runs->count;
+    if (sqlite3_prepare_v2(db, "SELECT name FROM runs ORDER BY run_id", -1, &st, NULL)
+        != SQLITE_OK) {
+        ml_error(err, "'%s': cannot list runs: %s", db_path, sqlite3_errmsg(db));
+        goto cleanup;
+    }
+    while (left > 0 && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *name = (const char *)sqlite3_column_text(st, 0);
+        char *design = plot_design_name(name ? name : "");
+        if (!design)
+            goto oom;
+        int known = 0;
+        for (int d = 0; d < count && !known; d++)
+            known = strcmp(designs[d], design) == 0;
+        if (known) {
+            free(design);
+            continue;
+        }
+        if (count == cap) {
+            cap = cap ? 2 * cap : 16;
+            char **grown = realloc(designs, (size_t)cap * sizeof *grown);
+            if (!grown) {
+                free(design);
+                goto oom;
+            }
+            designs = grown;
+        }
+        designs[count++] = design;
+        for (int i = 0; i < runs->count; i++)
+            if (!runs->runs[i].design_order && strcmp(runs->runs[i].design, design) == 0) {
+                runs->runs[i].design_order = count;
+                left--;
+            }
+    }
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        ml_error(err, "'%s': cannot list runs: %s", db_path, sqlite3_errmsg(db));
+        goto cleanup;
+    }
+    status = 0;
+    goto cleanup;
+oom:
+    ml_error(err, "out of memory ordering designs");
+cleanup:
+    sqlite3_finalize(st);
+    for (int d = 0; d < count; d++)
+        free(designs[d]);
+    free(designs);
+    return status;
+}
+
 static int plot_select_runs(sqlite3 *db, const char *db_path, const char *runs_csv,
                             PlotRuns *runs, char *err) {
     int all = !runs_csv || runs_csv[strspn(runs_csv, " \t")] == '\0';
@@ -282,199 +505,81 @@ static int plot_select_runs(sqlite3 *db, const char *db_path, const char *runs_c
             if (j != i && strcmp(runs->runs[i].name, runs->runs[j].name) == 0)
                 runs->runs[i].name_repeats = 1;
     }
-    return 0;
+    for (int i = 0; i < runs->count; i++) {
+        PlotRun *run = &runs->runs[i];
+        size_t size = strlen(run->name) + 64;
+        run->title = malloc(size);
+        if (!run->title)
+            return ml_error(err, "out of memory selecting runs");
+        plot_short_name(run->name, run->title, size);
+        if (run->name_repeats)   /* same name twice: tell them apart */
+            snprintf(run->title + strlen(run->title), size - strlen(run->title), " (run %lld)",
+                     (long long)run->run_id);
+        if (run->noncausal)      /* its loss may look at later bytes */
+            snprintf(run->title + strlen(run->title), size - strlen(run->title),
+                     " (non-causal)");
+    }
+    return plot_order_designs(db, db_path, runs, err);
 }
 
-/*
-** Keeps the runs that have a figure's data (has[i]), in order, and their
-** entries of the writer's per-run array info (count elements of size bytes)
-** alike. A named run without the data is an error: "run 'x' has no
-** <missing>: <remedy>"; when every run was selected, runs without it are
-** left out, and it is an error only if none has it.
-*/
-static int plot_keep_runs(PlotRuns *runs, const int *has, void *info, size_t size,
-                          const char *db_path, const char *missing, const char *remedy,
-                          char *err) {
+int plot_keep_runs(PlotContext *ctx, const int *has, void *info, size_t size,
+                   const char *missing, const char *remedy) {
+    PlotRuns *runs = ctx->runs;
     int kept = 0;
     for (int i = 0; i < runs->count; i++)
         if (!has[i] && runs->named)
-            return ml_error(err, "run '%s' has no %s: %s", runs->runs[i].name, missing, remedy);
+            return ml_error(ctx->err, "run '%s' has no %s: %s", runs->runs[i].name, missing,
+                            remedy);
     for (int i = 0; i < runs->count; i++) {
         if (!has[i]) {
             free(runs->runs[i].name);
+            free(runs->runs[i].title);
+            free(runs->runs[i].design);
             continue;
         }
-        if (kept != i)
+        if (kept != i && info)
             memcpy((char *)info + (size_t)kept * size, (char *)info + (size_t)i * size, size);
         runs->runs[kept++] = runs->runs[i];
     }
     int had = runs->count;
     runs->count = kept;
     if (kept == 0)
-        return ml_error(err, "no run in '%s' has %s (%d run%s looked at): %s", db_path, missing,
-                        had, had == 1 ? "" : "s", remedy);
+        return ml_error(ctx->err, "no run in '%s' has %s (%d run%s looked at): %s", ctx->db_path,
+                        missing, had, had == 1 ? "" : "s", remedy);
     return 0;
 }
 
-static int plot_db_error(sqlite3 *db, const char *db_path, const char *what, char *err) {
-    return ml_error(err, "'%s': cannot read %s: %s", db_path, what, sqlite3_errmsg(db));
+int plot_db_error(const PlotContext *ctx, const char *what) {
+    return ml_error(ctx->err, "'%s': cannot read %s: %s", ctx->db_path, what,
+                    sqlite3_errmsg(ctx->db));
 }
 
-static int plot_prepare(sqlite3 *db, const char *db_path, const char *what, const char *sql,
-                        sqlite3_stmt **st, char *err) {
-    if (sqlite3_prepare_v2(db, sql, -1, st, NULL) != SQLITE_OK)
-        return plot_db_error(db, db_path, what, err);
+int plot_prepare(const PlotContext *ctx, const char *what, const char *sql, sqlite3_stmt **st) {
+    if (sqlite3_prepare_v2(ctx->db, sql, -1, st, NULL) != SQLITE_OK)
+        return plot_db_error(ctx, what);
     return 0;
 }
 
-/* nruns and run_title[1..nruns]: what every figure script receives. */
-static void plot_put_run_titles(FILE *gp, const PlotRuns *runs) {
-    fprintf(gp, "nruns = %d\narray run_title[%d]\n", runs->count, runs->count);
-    for (int i = 0; i < runs->count; i++) {
-        const PlotRun *run = &runs->runs[i];
-        char title[64] = "";
-        if (run->name_repeats)   /* same name twice: tell them apart */
-            snprintf(title, sizeof title, " (run %lld)", (long long)run->run_id);
-        if (run->noncausal)      /* its loss may look at later bytes */
-            snprintf(title + strlen(title), sizeof title - strlen(title), " (non-causal)");
-        fprintf(gp, "run_title[%d] = ", i + 1);
-        plot_put_quoted(gp, "", run->name);
-        if (title[0]) {
-            fputs(" . ", gp);
-            plot_put_quoted(gp, "", title);
-        }
-        fputc('\n', gp);
-    }
-}
-
-/* ---- figure "loss" ---------------------------------------------------- */
-
-/*
-** $train and $val: per run (index i-1 for run i) the rows "tokens loss" of
-** metrics with that split, in step order; a run without rows gets one
-** "NaN NaN" row so that the block indices stay aligned. Also has_train[i],
-** has_val[i] (0 or 1), tokens_min (the smallest positive x, 0 if none) and
-** tokens_max.
-*/
-static int plot_loss_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
-                          char *err) {
-    static const char *splits[] = {"train", "val"};
-    sqlite3_stmt *st = NULL;
-    int *has_rows = calloc((size_t)runs->count * 2, sizeof *has_rows);
-    double tokens_min = INFINITY, tokens_max = 0;
-    int64_t points = 0;
-    int status = -1;
-    if (!has_rows) {
-        ml_error(err, "out of memory reading metrics");
-        goto cleanup;
-    }
-    if (sqlite3_prepare_v2(db, "SELECT tokens, loss FROM metrics"
-                           " WHERE run_id = ?1 AND split = ?2"
-                           " AND tokens IS NOT NULL AND loss IS NOT NULL"
-                           " ORDER BY step, rowid", -1, &st, NULL) != SQLITE_OK) {
-        ml_error(err, "'%s': cannot read metrics: %s", db_path, sqlite3_errmsg(db));
-        goto cleanup;
-    }
-    for (int s = 0; s < 2; s++) {
-        fprintf(gp, "$%s << EOD\n", splits[s]);
-        for (int i = 0; i < runs->count; i++) {
-            int *has = &has_rows[s * runs->count + i];
-            if (i > 0)
-                fputs("\n\n", gp);              /* next index */
-            sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
-            sqlite3_bind_text(st, 2, splits[s], -1, SQLITE_STATIC);
-            int rc;
-            while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-                int64_t tokens = sqlite3_column_int64(st, 0);
-                double loss = sqlite3_column_double(st, 1);
-                if (!isfinite(loss))
-                    continue;                   /* a diverged step */
-                fprintf(gp, "%lld %.9g\n", (long long)tokens, loss);
-                if (tokens > 0 && tokens < tokens_min)
-                    tokens_min = (double)tokens;
-                if (tokens > tokens_max)
-                    tokens_max = (double)tokens;
-                *has = 1;
-                points++;
-            }
-            if (rc != SQLITE_DONE) {
-                ml_error(err, "'%s': cannot read metrics: %s", db_path, sqlite3_errmsg(db));
-                goto cleanup;
-            }
-            sqlite3_reset(st);
-            if (!*has)
-                fputs("NaN NaN\n", gp);
-        }
-        fputs("EOD\n", gp);
-    }
-    if (points == 0) {
-        ml_error(err, "'%s' has no train or val loss metrics for the selected run%s (%s%s)",
-                 db_path, runs->count > 1 ? "s" : "", runs->runs[0].name,
-                 runs->count > 1 ? ", ..." : "");
-        goto cleanup;
-    }
-    for (int s = 0; s < 2; s++) {
-        fprintf(gp, "array has_%s[%d]\n", splits[s], runs->count);
-        for (int i = 0; i < runs->count; i++)
-            fprintf(gp, "has_%s[%d] = %d\n", splits[s], i + 1, has_rows[s * runs->count + i]);
-    }
-    fprintf(gp, "tokens_min = %.1f\ntokens_max = %.1f\n",
-            isfinite(tokens_min) ? tokens_min : 0.0, tokens_max);
-    status = 0;
-cleanup:
-    sqlite3_finalize(st);
-    free(has_rows);
-    return status;
-}
-
-/* ---- figure "expert_load" --------------------------------------------- */
-
-typedef struct {
-    int64_t eval_id;     /* the evaluation drawn; -1: the training steps summed */
-    int64_t step;        /* its step, or the last training step */
-    int64_t steps;       /* training steps summed */
-} PlotLoadSource;
-
-/* The latest evaluation of the run with expert_load rows, else its training
-** steps; *found = 0 when it has neither. */
-static int plot_load_source(sqlite3 *db, const char *db_path, int64_t run_id,
-                            PlotLoadSource *src, int *found, char *err) {
+int plot_latest_recorded_eval(const PlotContext *ctx, int64_t run_id, int64_t *eval_id,
+                              int64_t *step) {
     sqlite3_stmt *st = NULL;
     int status = -1, rc;
-    *found = 0;
-    if (plot_prepare(db, db_path, "expert_load",
-                     "SELECT eval_id, step FROM expert_load WHERE run_id = ?1"
-                     " AND eval_id IS NOT NULL ORDER BY eval_id DESC LIMIT 1", &st, err))
-        goto cleanup;
+    *eval_id = -1;
+    *step = 0;
+    if (plot_prepare(ctx, "evals",
+                     "SELECT eval_id, step FROM evals WHERE run_id = ?1"
+                     " AND routing_first IS NOT NULL AND router IS NULL AND split <> 'probe'"
+                     " AND complete = 1 ORDER BY eval_id DESC LIMIT 1", &st))
+        return -1;
     sqlite3_bind_int64(st, 1, run_id);
     rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
-        src->eval_id = sqlite3_column_int64(st, 0);
-        src->step = sqlite3_column_int64(st, 1);
-        src->steps = 0;
-        *found = 1;
-        status = 0;
+        *eval_id = sqlite3_column_int64(st, 0);
+        *step = sqlite3_column_int64(st, 1);
+    } else if (rc != SQLITE_DONE) {
+        plot_db_error(ctx, "evals");
         goto cleanup;
     }
-    if (rc != SQLITE_DONE) {
-        plot_db_error(db, db_path, "expert_load", err);
-        goto cleanup;
-    }
-    sqlite3_finalize(st);
-    st = NULL;
-    if (plot_prepare(db, db_path, "expert_load",
-                     "SELECT count(DISTINCT step), max(step) FROM expert_load"
-                     " WHERE run_id = ?1 AND eval_id IS NULL", &st, err))
-        goto cleanup;
-    sqlite3_bind_int64(st, 1, run_id);
-    if (sqlite3_step(st) != SQLITE_ROW) {
-        plot_db_error(db, db_path, "expert_load", err);
-        goto cleanup;
-    }
-    src->eval_id = -1;
-    src->steps = sqlite3_column_int64(st, 0);
-    src->step = sqlite3_column_int64(st, 1);
-    *found = src->steps > 0;
     status = 0;
 cleanup:
     sqlite3_finalize(st);
@@ -482,363 +587,28 @@ cleanup:
 }
 
 /*
-** $load: per run (index i-1) one row per (layer, expert) cell, "expert row
-** share layer", where row numbers the run's MoE layers from 0 and share is
-** the expert's part of the assignments its layer kept (0 when the layer
-** kept none); experts missing from a layer's rows count 0. Also
-** panel_note[i] (what was summed), panel_experts[i], panel_layers[i] and
-** share_max over every panel, for one colour scale.
+** nruns, run_title[1..nruns] and run_design[1..nruns]: what every figure
+** script receives. A title fits a key entry of title_chars characters, or
+** with panel_chars > 0 is wrapped to panel titles of that width; title_lines
+** is the most lines a title takes.
 */
-static int plot_load_cells(FILE *gp, sqlite3 *db, const char *db_path, int64_t run_id,
-                           const PlotLoadSource *src, int *experts, int *layers,
-                           double *share_max, char *err) {
-    typedef struct {
-        int layer, expert;
-        int64_t tokens;
-    } Cell;
-    sqlite3_stmt *st = NULL;
-    Cell *cells = NULL;
-    int64_t *layer_total = NULL;
-    size_t n = 0, cap = 0;
-    int status = -1, rc, n_experts = 0, n_layers = 0;
-    if (plot_prepare(db, db_path, "expert_load",
-                     "SELECT layer, expert, sum(tokens) FROM expert_load"
-                     " WHERE run_id = ?1 AND eval_id IS ?2 AND expert >= 0"
-                     " GROUP BY layer, expert ORDER BY layer, expert", &st, err))
-        goto cleanup;
-    sqlite3_bind_int64(st, 1, run_id);
-    if (src->eval_id >= 0)
-        sqlite3_bind_int64(st, 2, src->eval_id);
-    else
-        sqlite3_bind_null(st, 2);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        if (n == cap) {
-            cap = cap ? 2 * cap : 64;
-            Cell *grown = realloc(cells, cap * sizeof *grown);
-            if (!grown)
-                goto oom;
-            cells = grown;
-        }
-        Cell *c = &cells[n++];
-        c->layer = sqlite3_column_int(st, 0);
-        c->expert = sqlite3_column_int(st, 1);
-        c->tokens = sqlite3_column_int64(st, 2);
-        if (c->expert >= n_experts)
-            n_experts = c->expert + 1;
-        if (n == 1 || c->layer != cells[n - 2].layer)
-            n_layers++;
-    }
-    if (rc != SQLITE_DONE) {
-        plot_db_error(db, db_path, "expert_load", err);
-        goto cleanup;
-    }
-    layer_total = calloc((size_t)n_layers + 1, sizeof *layer_total);
-    if (!layer_total)
-        goto oom;
-    for (size_t i = 0, row = 0; i < n; i++) {
-        if (i > 0 && cells[i].layer != cells[i - 1].layer)
-            row++;
-        layer_total[row] += cells[i].tokens;
-    }
-    /* The grid row by row, experts without rows as 0; cells are sorted. */
-    for (size_t i = 0, row = 0; i < n; row++) {
-        int layer = cells[i].layer;
-        for (int e = 0; e < n_experts; e++) {
-            int64_t tokens = 0;
-            if (i < n && cells[i].layer == layer && cells[i].expert == e)
-                tokens = cells[i++].tokens;
-            double share = layer_total[row] > 0 ? (double)tokens / layer_total[row] : 0.0;
-            if (share > *share_max)
-                *share_max = share;
-            fprintf(gp, "%d %zu %.6g %d\n", e, row, share, layer);
-        }
-    }
-    *experts = n_experts;
-    *layers = n_layers;
-    status = 0;
-    goto cleanup;
-oom:
-    ml_error(err, "out of memory reading expert_load");
-cleanup:
-    sqlite3_finalize(st);
-    free(cells);
-    free(layer_total);
-    return status;
-}
-
-static int plot_expert_load_data(FILE *gp, sqlite3 *db, const char *db_path, PlotRuns *runs,
-                                 char *err) {
-    PlotLoadSource *src = calloc((size_t)runs->count, sizeof *src);
-    int *has = calloc((size_t)runs->count, sizeof *has);
-    int *experts = calloc((size_t)runs->count, sizeof *experts);
-    int *layers = calloc((size_t)runs->count, sizeof *layers);
-    double share_max = 0;
-    int status = -1;
-    if (!src || !has || !experts || !layers) {
-        ml_error(err, "out of memory reading expert_load");
-        goto cleanup;
-    }
-    for (int i = 0; i < runs->count; i++)
-        if (plot_load_source(db, db_path, runs->runs[i].run_id, &src[i], &has[i], err))
-            goto cleanup;
-    if (plot_keep_runs(runs, has, src, sizeof *src, db_path, "recorded expert load",
-                       "only MoE models record it, at every training step and evaluation",
-                       err))
-        goto cleanup;
-    fputs("$load << EOD\n", gp);
+static void plot_put_runs(FILE *gp, const PlotRuns *runs, int title_chars, int panel_chars) {
+    int title_lines = 1;
+    fprintf(gp, "nruns = %d\narray run_title[%d]\narray run_design[%d]\n", runs->count,
+            runs->count, runs->count);
     for (int i = 0; i < runs->count; i++) {
-        if (i > 0)
-            fputs("\n\n", gp);
-        if (plot_load_cells(gp, db, db_path, runs->runs[i].run_id, &src[i], &experts[i],
-                            &layers[i], &share_max, err))
-            goto cleanup;
-    }
-    fputs("EOD\n", gp);
-    fprintf(gp, "array panel_note[%d]\narray panel_experts[%d]\narray panel_layers[%d]\n",
-            runs->count, runs->count, runs->count);
-    for (int i = 0; i < runs->count; i++) {
-        char note[128];
-        if (src[i].eval_id >= 0)
-            snprintf(note, sizeof note, "evaluation at step %lld", (long long)src[i].step);
-        else
-            snprintf(note, sizeof note, "training, %lld step%s summed",
-                     (long long)src[i].steps, src[i].steps == 1 ? "" : "s");
-        fprintf(gp, "panel_note[%d] = ", i + 1);
-        plot_put_quoted(gp, "", note);
-        fprintf(gp, "\npanel_experts[%d] = %d\npanel_layers[%d] = %d\n", i + 1, experts[i],
-                i + 1, layers[i]);
-    }
-    fprintf(gp, "share_max = %.6g\n", share_max > 0 ? share_max : 1.0);
-    status = 0;
-cleanup:
-    free(src);
-    free(has);
-    free(experts);
-    free(layers);
-    return status;
-}
-
-/* ---- figure "experts_per_token" --------------------------------------- */
-
-typedef struct {
-    int64_t eval_id, step;
-    int64_t *pairs;      /* (max_experts + 1) (token, layer) pairs by expert count */
-    int max_experts;
-    int64_t total;       /* (token, layer) pairs */
-    double mean;
-} PlotExpertsHist;
-
-static int plot_hist_add(PlotExpertsHist *h, int64_t experts, int64_t count) {
-    if (experts > h->max_experts || !h->pairs) {
-        int64_t *grown = realloc(h->pairs, (size_t)(experts + 1) * sizeof *grown);
-        if (!grown)
-            return -1;
-        for (int64_t e = h->pairs ? h->max_experts + 1 : 0; e <= experts; e++)
-            grown[e] = 0;
-        h->pairs = grown;
-        h->max_experts = (int)experts;
-    }
-    h->pairs[experts] += count;
-    h->total += count;
-    return 0;
-}
-
-/*
-** The latest evaluation of a run that recorded routing, and its histogram:
-** for every (token, layer) the number of routing rows, so that a stratified
-** token's passes count together; tokens in token_stats that no expert took
-** in a layer (expert choice) count 0.
-*/
-static int plot_experts_hist(sqlite3 *db, const char *db_path, int64_t run_id,
-                             PlotExpertsHist *h, int *found, char *err) {
-    sqlite3_stmt *st = NULL;
-    int status = -1, rc;
-    *found = 0;
-    if (plot_prepare(db, db_path, "routing",
-                     "SELECT e.eval_id, e.step FROM evals e WHERE e.run_id = ?1"
-                     " AND e.routing_first IS NOT NULL ORDER BY e.eval_id DESC LIMIT 1",
-                     &st, err))
-        goto cleanup;
-    sqlite3_bind_int64(st, 1, run_id);
-    rc = sqlite3_step(st);
-    if (rc == SQLITE_DONE) {
-        status = 0;
-        goto cleanup;
-    }
-    if (rc != SQLITE_ROW) {
-        plot_db_error(db, db_path, "routing", err);
-        goto cleanup;
-    }
-    h->eval_id = sqlite3_column_int64(st, 0);
-    h->step = sqlite3_column_int64(st, 1);
-    sqlite3_finalize(st);
-    st = NULL;
-
-    if (plot_prepare(db, db_path, "routing",
-                     "SELECT n, count(*) FROM (SELECT count(*) AS n FROM evals e JOIN routing r"
-                     " ON r.routing_id BETWEEN e.routing_first AND e.routing_last"
-                     " AND r.eval_id = e.eval_id WHERE e.eval_id = ?1"
-                     " GROUP BY r.layer, r.seq, r.pos) GROUP BY n ORDER BY n",
-                     &st, err))
-        goto cleanup;
-    sqlite3_bind_int64(st, 1, h->eval_id);
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-        if (plot_hist_add(h, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1))) {
-            ml_error(err, "out of memory reading routing");
-            goto cleanup;
+        const PlotRun *run = &runs->runs[i];
+        fprintf(gp, "run_title[%d] = ", i + 1);
+        if (panel_chars > 0) {
+            int lines = plot_put_wrapped(gp, run->title, panel_chars);
+            if (lines > title_lines)
+                title_lines = lines;
+        } else {
+            plot_put_title(gp, run->title, title_chars);
         }
-    if (rc != SQLITE_DONE) {
-        plot_db_error(db, db_path, "routing", err);
-        goto cleanup;
+        fprintf(gp, "\nrun_design[%d] = %d\n", i + 1, run->design_order);
     }
-    sqlite3_finalize(st);
-    st = NULL;
-
-    if (plot_prepare(db, db_path, "token_stats",
-                     "SELECT (SELECT count(*) FROM token_stats WHERE eval_id = ?1)"
-                     " * (SELECT count(DISTINCT r.layer) FROM evals e JOIN routing r"
-                     " ON r.routing_id BETWEEN e.routing_first AND e.routing_last"
-                     " AND r.eval_id = e.eval_id WHERE e.eval_id = ?1)",
-                     &st, err))
-        goto cleanup;
-    sqlite3_bind_int64(st, 1, h->eval_id);
-    if (sqlite3_step(st) != SQLITE_ROW) {
-        plot_db_error(db, db_path, "token_stats", err);
-        goto cleanup;
-    }
-    int64_t unrouted = sqlite3_column_int64(st, 0) - h->total;
-    if (unrouted > 0 && plot_hist_add(h, 0, unrouted)) {
-        ml_error(err, "out of memory reading routing");
-        goto cleanup;
-    }
-    double sum = 0;
-    for (int e = 0; e <= h->max_experts; e++)
-        sum += (double)e * (double)h->pairs[e];
-    h->mean = h->total > 0 ? sum / (double)h->total : 0.0;
-    *found = h->total > 0;
-    status = 0;
-cleanup:
-    sqlite3_finalize(st);
-    return status;
-}
-
-/*
-** $hist: per run (index i-1) rows "experts fraction" for experts 0 ..
-** the run's largest count; fraction of the (token, layer) pairs of its
-** latest recorded evaluation. Also mean_experts[i], eval_step[i] and
-** experts_max over every run.
-*/
-static int plot_experts_per_token_data(FILE *gp, sqlite3 *db, const char *db_path,
-                                       PlotRuns *runs, char *err) {
-    PlotExpertsHist *hist = calloc((size_t)runs->count, sizeof *hist);
-    int *has = calloc((size_t)runs->count, sizeof *has);
-    int status = -1, count = runs->count, experts_max = 0;
-    if (!hist || !has) {
-        ml_error(err, "out of memory reading routing");
-        goto cleanup;
-    }
-    for (int i = 0; i < runs->count; i++)
-        if (plot_experts_hist(db, db_path, runs->runs[i].run_id, &hist[i], &has[i], err))
-            goto cleanup;
-    /* the histograms of runs left out are freed here, as they move */
-    for (int i = 0; i < count; i++)
-        if (!has[i]) {
-            free(hist[i].pairs);
-            hist[i].pairs = NULL;
-        }
-    if (plot_keep_runs(runs, has, hist, sizeof *hist, db_path, "recorded routing",
-                       "evaluate it with record = true (run:evaluate{ record = true })", err))
-        goto cleanup;
-    count = runs->count;
-    fputs("$hist << EOD\n", gp);
-    for (int i = 0; i < count; i++) {
-        if (i > 0)
-            fputs("\n\n", gp);
-        for (int e = 0; e <= hist[i].max_experts; e++)
-            fprintf(gp, "%d %.6g\n", e, (double)hist[i].pairs[e] / (double)hist[i].total);
-        if (hist[i].max_experts > experts_max)
-            experts_max = hist[i].max_experts;
-    }
-    fputs("EOD\n", gp);
-    fprintf(gp, "array mean_experts[%d]\narray eval_step[%d]\n", count, count);
-    for (int i = 0; i < count; i++)
-        fprintf(gp, "mean_experts[%d] = %.6g\neval_step[%d] = %lld\n", i + 1, hist[i].mean,
-                i + 1, (long long)hist[i].step);
-    fprintf(gp, "experts_max = %d\n", experts_max);
-    status = 0;
-cleanup:
-    for (int i = 0; hist && i < count; i++)
-        free(hist[i].pairs);
-    free(hist);
-    free(has);
-    return status;
-}
-
-/* ---- figure "loss_vs_flops" ------------------------------------------- */
-
-typedef struct {
-    double loss, flops;  /* flops 0: a dense model */
-    int64_t step;
-} PlotValPoint;
-
-/*
-** $points: per run (index i-1) one row "flops loss" from its latest
-** validation evaluation; a run without MoE FLOPs (NULL or 0) is dense and
-** sits at x = 0. Also dense[i] (0 or 1) and flops_max.
-*/
-static int plot_loss_vs_flops_data(FILE *gp, sqlite3 *db, const char *db_path,
-                                   PlotRuns *runs, char *err) {
-    sqlite3_stmt *st = NULL;
-    PlotValPoint *points = calloc((size_t)runs->count, sizeof *points);
-    int *has = calloc((size_t)runs->count, sizeof *has);
-    double flops_max = 0;
-    int status = -1, rc;
-    if (!points || !has) {
-        ml_error(err, "out of memory reading evals");
-        goto cleanup;
-    }
-    if (plot_prepare(db, db_path, "evals",
-                     "SELECT loss, coalesce(moe_flops_per_token, 0), step FROM evals"
-                     " WHERE run_id = ?1 AND split = 'val' AND loss IS NOT NULL"
-                     " ORDER BY step DESC, eval_id DESC LIMIT 1", &st, err))
-        goto cleanup;
-    for (int i = 0; i < runs->count; i++) {
-        sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
-        rc = sqlite3_step(st);
-        if (rc == SQLITE_ROW) {
-            points[i].loss = sqlite3_column_double(st, 0);
-            points[i].flops = sqlite3_column_double(st, 1);
-            points[i].step = sqlite3_column_int64(st, 2);
-            has[i] = isfinite(points[i].loss) && isfinite(points[i].flops);
-        } else if (rc != SQLITE_DONE) {
-            plot_db_error(db, db_path, "evals", err);
-            goto cleanup;
-        }
-        sqlite3_reset(st);
-    }
-    if (plot_keep_runs(runs, has, points, sizeof *points, db_path, "validation evaluation",
-                       "evaluate it on the 'val' split (run:evaluate{} or train with "
-                       "eval_every)", err))
-        goto cleanup;
-    fputs("$points << EOD\n", gp);
-    for (int i = 0; i < runs->count; i++) {
-        if (i > 0)
-            fputs("\n\n", gp);
-        fprintf(gp, "%.9g %.9g\n", points[i].flops, points[i].loss);
-        if (points[i].flops > flops_max)
-            flops_max = points[i].flops;
-    }
-    fputs("EOD\n", gp);
-    fprintf(gp, "array dense[%d]\n", runs->count);
-    for (int i = 0; i < runs->count; i++)
-        fprintf(gp, "dense[%d] = %d\n", i + 1, points[i].flops <= 0);
-    fprintf(gp, "flops_max = %.9g\n", flops_max);
-    status = 0;
-cleanup:
-    sqlite3_finalize(st);
-    free(points);
-    free(has);
-    return status;
+    fprintf(gp, "title_lines = %d\n", title_lines);
 }
 
 /* ---- running gnuplot -------------------------------------------------- */
@@ -850,30 +620,62 @@ static int plot_line_says_where(const char *line, const char *line_end) {
     return 0;
 }
 
-/* gnuplot's error as one line: from the last line that says where ("line 0:",
-** '"loss.gp" line 12:'; its echo of the command and the caret above are left
-** out) to the end, lines joined by "; " and spaces collapsed. Only the last
-** few lines are searched; without such a line, the last line is the error. */
+/* A line that says where and is a warning: '"loss.gp" line 46: warning: ...' */
+static int plot_line_is_warning(const char *line, const char *line_end) {
+    const char *w = strstr(line, ": warning:");
+    return w && w < line_end;
+}
+
+/*
+** gnuplot's error as one line: from the first line that says where and is
+** not a warning ("line 0:", '"loss.gp" line 12:'; its echo of the command
+** and the caret above are left out) to the next line that says where, or
+** the end; lines joined by "; " and spaces collapsed. gnuplot reading its
+** standard input goes on after an error in a loaded file, so what comes
+** later is often an echo of the first. Without such a line, the last few
+** lines are searched for any that says where, and else the last line is
+** the error.
+*/
 static void plot_error_message(const char *text, char *out, size_t size) {
     const char *end = text + strlen(text);
     while (end > text && (end[-1] == '\n' || end[-1] == '\r' || end[-1] == ' '))
         end--;
-    const char *start = end;
-    while (start > text && start[-1] != '\n')
-        start--;
-    const char *line = start, *line_end = end;
-    for (int looked = 0; looked < 4; looked++) {
+    const char *start = NULL, *stop = end;
+    for (const char *line = text; line < end;) {
+        const char *line_end = memchr(line, '\n', (size_t)(end - line));
+        if (!line_end)
+            line_end = end;
         if (plot_line_says_where(line, line_end)) {
-            start = line;
-            break;
+            if (start) {
+                stop = line;
+                break;
+            }
+            if (!plot_line_is_warning(line, line_end))
+                start = line;
         }
-        if (line == text)
-            break;
-        line_end = line - 1;
-        line = line_end;
-        while (line > text && line[-1] != '\n')
-            line--;
+        line = line_end + 1;
     }
+    if (!start) {
+        start = end;
+        while (start > text && start[-1] != '\n')
+            start--;
+        const char *line = start, *line_end = end;
+        for (int looked = 0; looked < 4; looked++) {
+            if (plot_line_says_where(line, line_end)) {
+                start = line;
+                break;
+            }
+            if (line == text)
+                break;
+            line_end = line - 1;
+            line = line_end;
+            while (line > text && line[-1] != '\n')
+                line--;
+        }
+    }
+    end = stop;
+    while (end > start && (end[-1] == '\n' || end[-1] == '\r' || end[-1] == ' '))
+        end--;
     size_t used = 0;
     const char *pending = "";    /* separator owed before the next word */
     for (const char *c = start; c < end; c++) {
@@ -1044,10 +846,10 @@ cleanup:
     return status;
 }
 
-/* ---- plot_render ------------------------------------------------------ */
+/* ---- options and page ------------------------------------------------- */
 
 static const PlotFigure *plot_find_figure(const char *name) {
-    for (size_t i = 0; name && i < sizeof plot_figures / sizeof *plot_figures; i++)
+    for (int i = 0; name && i < plot_figure_count; i++)
         if (strcmp(plot_figures[i].name, name) == 0)
             return &plot_figures[i];
     return NULL;
@@ -1063,11 +865,150 @@ static const PlotFormat *plot_find_format(const char *out_path) {
     return NULL;
 }
 
+/* "a, b and c": the figures that read an option. */
+static void plot_list_figures_reading(int reads, char *out, size_t size) {
+    int n = 0, total = 0;
+    for (int i = 0; i < plot_figure_count; i++)
+        total += (plot_figures[i].reads & reads) != 0;
+    out[0] = '\0';
+    for (int i = 0; i < plot_figure_count; i++) {
+        if (!(plot_figures[i].reads & reads))
+            continue;
+        n++;
+        size_t used = strlen(out);
+        snprintf(out + used, size - used, "%s%s", n == 1 ? "" : n == total ? " and " : ", ",
+                 plot_figures[i].name);
+    }
+}
+
+/* The options a figure does not read are refused, and layers are block
+** numbers; whether a run has the layer, the figure checks. */
+static int plot_check_options(const PlotFigure *fig, const PlotOptions *opt, char *err) {
+    char which[256];
+    if (opt->layer != PLOT_LAYER_UNSET) {
+        if (!(fig->reads & PLOT_READS_LAYER)) {
+            plot_list_figures_reading(PLOT_READS_LAYER, which, sizeof which);
+            return ml_error(err, "figure '%s' draws no single layer: the layer option is for %s",
+                            fig->name, which);
+        }
+        if (opt->layer < 0)
+            return ml_error(err, "layer %d: layers are block numbers, counted from 0",
+                            opt->layer);
+    }
+    if (opt->layers[0] != PLOT_LAYER_UNSET || opt->layers[1] != PLOT_LAYER_UNSET) {
+        if (!(fig->reads & PLOT_READS_LAYERS)) {
+            plot_list_figures_reading(PLOT_READS_LAYERS, which, sizeof which);
+            return ml_error(err, "figure '%s' draws no pair of layers: the layers option is "
+                            "for %s", fig->name, which);
+        }
+        for (int i = 0; i < 2; i++)
+            if (opt->layers[i] == PLOT_LAYER_UNSET || opt->layers[i] < 0)
+                return ml_error(err, "layers must be two block numbers, counted from 0 (A,B)");
+    }
+    return 0;
+}
+
+static const PlotSize *plot_find_size(const char *name, char *err) {
+    for (size_t i = 0; i < sizeof plot_sizes / sizeof *plot_sizes; i++)
+        if (strcmp(plot_sizes[i].name, name) == 0)
+            return &plot_sizes[i];
+    ml_error(err, "unknown size '%s': use single (one column, %g in wide) or double "
+             "(two columns, %g in)", name, plot_sizes[0].width, plot_sizes[1].width);
+    return NULL;
+}
+
+/* The page, once the figure knows its runs: one plot, or panels a row (as
+** many as fit the page) and row after row, each taller by the lines its
+** titles take past one; the key below adds its rows. */
+typedef struct {
+    double width, height, font_pt;
+    int columns, rows;
+    int panel_chars;     /* a panel title's line; 0: not panels */
+    int key_rows;
+} PlotPage;
+
+/* The room a key entry's title has on a page of that size: the width but
+** the margin left of the axes, where a key below them starts, less the
+** line sample. */
+static int plot_title_room(const PlotSize *size) {
+    return plot_chars_across(size->width - 0.85, size->font_pt) - 3;
+}
+
+static PlotPage plot_page(const PlotSize *size, const PlotFigure *fig, const PlotRuns *runs,
+                          const PlotContext *ctx) {
+    double line = PLOT_KEY_LINE * size->font_pt / 72.0;
+    PlotPage page = {size->width, size->height, size->font_pt, 1, 1, 0, 1};
+    if (fig->panels) {
+        int n = runs->count, lines = 1;
+        page.columns = n < size->panel_columns ? n : size->panel_columns;
+        page.rows = (n + page.columns - 1) / page.columns;
+        /* left of a panel its y tics, right of the page the colour bar */
+        page.panel_chars = plot_chars_across((size->width - 1.0) / page.columns - 0.15,
+                                             size->font_pt);
+        for (int i = 0; i < n; i++) {
+            int l = plot_put_wrapped(NULL, runs->runs[i].title, page.panel_chars);
+            if (l > lines)
+                lines = l;
+        }
+        page.height = (size->panel_height + (lines - 1) * line) * page.rows + 0.25;
+    }
+    if (ctx->key_entries > 0) {
+        int room = plot_chars_across(size->width - 0.85, size->font_pt);
+        int per = room / (ctx->key_chars + 6);   /* an entry: its title, the sample, a gap */
+        if (per < 1)
+            per = 1;
+        if (per > ctx->key_entries)
+            per = ctx->key_entries;
+        page.key_rows = (ctx->key_entries + per - 1) / per;
+        page.height += page.key_rows * line + 0.1;   /* and a gap below the axis label */
+    }
+    return page;
+}
+
+/* The terminal for a page of W x H inches; see the header comment. */
+static void plot_put_terminal(FILE *gp, const PlotFormat *format, const PlotPage *page) {
+    double s = PLOT_PNG_DPI / 72.0;   /* pixels per point */
+    switch (format->kind) {
+    case PLOT_PDF:
+        fprintf(gp, "set terminal pdfcairo size %.4gin,%.4gin font 'Sans,%g' fontscale 0.75"
+                " linewidth 1 rounded noenhanced\n", page->width, page->height, page->font_pt);
+        break;
+    case PLOT_PNG:
+        fprintf(gp, "set terminal pngcairo size %d,%d font 'Sans,%g' fontscale %.4g"
+                " linewidth %.4g pointscale %.4g rounded noenhanced\n",
+                (int)lround(page->width * PLOT_PNG_DPI), (int)lround(page->height * PLOT_PNG_DPI),
+                page->font_pt, 0.75 * s, 0.5 * s, s);
+        break;
+    case PLOT_SVG:
+        fprintf(gp, "set terminal svg size %d,%d dynamic font 'Sans,%g' linewidth 0.5"
+                " rounded noenhanced background '#ffffff'\n", (int)lround(page->width * 72),
+                (int)lround(page->height * 72), page->font_pt);
+        break;
+    }
+}
+
+static int plot_save_program(const char *path, const char *script, size_t length, char *err) {
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return ml_error(err, "cannot write the gnuplot program to '%s': %s", path,
+                        strerror(errno));
+    size_t wrote = fwrite(script, 1, length, f);
+    int failed = wrote != length || ferror(f);
+    if (fclose(f) || failed)
+        return ml_error(err, "cannot write the gnuplot program to '%s': %s", path,
+                        strerror(errno));
+    return 0;
+}
+
+/* ---- plot_render ------------------------------------------------------ */
+
 int plot_render(const char *figure, const char *db_path, const char *out_path,
-                const char *runs_csv, const char *plots_dir, char *err) {
+                const PlotOptions *options, char *err) {
+    static const PlotOptions defaults = PLOT_OPTIONS_INIT;
+    const PlotOptions *opt = options ? options : &defaults;
     Recorder *rec = NULL;
     PlotRuns runs = {0};
-    char *script = NULL, *gp_file = NULL;
+    char *script = NULL, *gp_file = NULL, *style_file = NULL;
     size_t script_length = 0;
     FILE *gp = NULL;
     int status = -1;
@@ -1088,14 +1029,25 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
                  "use .pdf, .png or .svg", out_path);
         goto cleanup;
     }
-    if (!plots_dir || !*plots_dir) plots_dir = ml_plots_dir();
+    const PlotSize *size = NULL;
+    if (opt->size && !(size = plot_find_size(opt->size, err)))
+        goto cleanup;
+    if (plot_check_options(fig, opt, err))
+        goto cleanup;
+    const char *plots_dir = opt->plots_dir;
+    if (!plots_dir || !*plots_dir) plots_dir = ml_plots_dir(); /* paths.h */
     if (plot_check_one_line("the output path", out_path, err)
         || plot_check_one_line("the plots directory", plots_dir, err)
-        || (runs_csv && plot_check_one_line("the run list", runs_csv, err)))
+        || (opt->runs && plot_check_one_line("the run list", opt->runs, err)))
         goto cleanup;
 
     if (asprintf(&gp_file, "%s/%s.gp", plots_dir, fig->name) < 0) {
         gp_file = NULL;
+        ml_error(err, "out of memory");
+        goto cleanup;
+    }
+    if (asprintf(&style_file, "%s/style.gp", plots_dir) < 0) {
+        style_file = NULL;
         ml_error(err, "out of memory");
         goto cleanup;
     }
@@ -1104,9 +1056,13 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
                  gp_file, strerror(errno));
         goto cleanup;
     }
+    if (access(style_file, R_OK) != 0) {
+        ml_error(err, "cannot read the figures' style, '%s': %s", style_file, strerror(errno));
+        goto cleanup;
+    }
 
     if (rec_open_readonly(&rec, db_path, err)
-        || plot_select_runs(rec_db(rec), db_path, runs_csv, &runs, err))
+        || plot_select_runs(rec_db(rec), db_path, opt->runs, &runs, err))
         goto cleanup;
 
     gp = open_memstream(&script, &script_length);
@@ -1114,29 +1070,31 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
         ml_error(err, "out of memory");
         goto cleanup;
     }
-    if (fig->write_data(gp, rec_db(rec), db_path, &runs, err))
+    /* a one-plot figure knows its page now; one of panels when it knows its runs */
+    PlotContext ctx = {gp, rec_db(rec), db_path, &runs, opt, err,
+                       plot_title_room(size ? size : &plot_sizes[0]), 0, 0};
+    if (fig->write_data(&ctx))
         goto cleanup;
-    /* A legend of many runs makes the page taller; panels make it wider
-    ** (up to PLOT_PANEL_COLUMNS) and then taller, row by row. */
-    double scale_x = 1, scale_y = 1;
-    int columns = 1, rows = 1;
-    if (fig->panels) {
-        columns = runs.count < PLOT_PANEL_COLUMNS ? runs.count : PLOT_PANEL_COLUMNS;
-        rows = (runs.count + PLOT_PANEL_COLUMNS - 1) / PLOT_PANEL_COLUMNS;
-        scale_x = 1 + 0.7 * (columns - 1);
-        scale_y = 1 + 0.8 * (rows - 1);
-    } else if (runs.count > 3) {
-        scale_y = 1 + format->per_run * (runs.count - 3) / format->height;
-    }
-    fprintf(gp, "set terminal %s size %g%s,%g%s %s\nset output ", format->terminal,
-            format->width * scale_x, format->unit, format->height * scale_y, format->unit,
-            format->options);
+    if (!size)   /* one column, unless panels of several runs need two */
+        size = &plot_sizes[fig->panels && runs.count > 1 ? 1 : 0];
+    PlotPage page = plot_page(size, fig, &runs, &ctx);
+    plot_put_terminal(gp, format, &page);
+    fputs("set output ", gp);
     plot_put_path(gp, out_path);
+    /* gnuplot's SVG terminal reckons text wider than it is (0.75 em a
+    ** character against 0.55) and would drop a key that fits */
+    int key_width = format->kind == PLOT_SVG ? -(int)ceil(0.27 * ctx.key_chars) : 0;
+    fprintf(gp, "\npage_width = %.4g\npage_height = %.4g\nfont_pt = %g\n"
+            "panel_columns = %d\npanel_rows = %d\nkey_rows = %d\nkey_width = %d\n",
+            page.width, page.height, page.font_pt, page.columns, page.rows, page.key_rows,
+            key_width);
+    fputs("plots_dir = ", gp);
+    plot_put_path(gp, plots_dir);
     fputc('\n', gp);
-    fprintf(gp, "page_scale_x = %g\npage_scale_y = %g\npanel_columns = %d\npanel_rows = %d\n",
-            scale_x, scale_y, columns, rows);
-    plot_put_run_titles(gp, &runs);
+    plot_put_runs(gp, &runs, ctx.title_chars, page.panel_chars);
     fputs("load ", gp);
+    plot_put_path(gp, style_file);
+    fputs("\nload ", gp);
     plot_put_path(gp, gp_file);
     fputs("\nunset output\n", gp);
     int failed = ferror(gp);
@@ -1149,6 +1107,9 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
     rec_close(rec);
     rec = NULL;
 
+    if (opt->gnuplot_out && *opt->gnuplot_out
+        && plot_save_program(opt->gnuplot_out, script, script_length, err))
+        goto cleanup;
     /* Remove an old figure, so that a file left behind proves this one. */
     struct stat st;
     if (stat(out_path, &st) == 0 && S_ISREG(st.st_mode))
@@ -1165,6 +1126,7 @@ cleanup:
         fclose(gp);
     free(script);
     free(gp_file);
+    free(style_file);
     plot_free_runs(&runs);
     rec_close(rec);
     return status;

@@ -289,6 +289,8 @@ static void test_help(void **state) {
     expect_in("--help", p.out.data, "moelab plot FIGURE");
     expect_in("--help", p.out.data, "--version");
     expect_in("--help", p.out.data, "loss");
+    expect_in("--help", p.out.data, "--size single|double");
+    expect_in("--help", p.out.data, "strata_flow");
     assert_int_equal(p.err.len, 0);
     proc_free(&p);
 }
@@ -481,6 +483,41 @@ static void test_plot(void **state) {
     assert_int_equal(got, 8);
     assert_memory_equal(head, "\x89PNG\r\n\x1a\n", 8);
     assert_true(size > 1000);
+
+    /* the options: a layer for a figure of one layer, a page size; refused
+    ** with the option's name before anything is drawn */
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", never, "--layer", "x1");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--layer must be a block number");
+    proc_free(&p);
+    MOELAB(&p, NULL, "plot", "cooccurrence", "--db", db, "--out", never, "--layers", "1");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--layers must be two block numbers");
+    proc_free(&p);
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", never, "--layer", "1");
+    assert_int_not_equal(p.code, 0);
+    expect_in("stderr", p.err.data, "figure 'loss' draws no single layer");
+    proc_free(&p);
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", never, "--size", "huge");
+    assert_int_not_equal(p.code, 0);
+    expect_in("stderr", p.err.data, "unknown size 'huge'");
+    proc_free(&p);
+    assert_int_equal(access(never, F_OK), -1);
+    /* --gnuplot saves what gnuplot was given, which draws the figure again */
+    char program[512];
+    tmp_path(program, sizeof program, "loss.gnuplot");
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", out, "--size", "double",
+           "--gnuplot", program);
+    expect_code(&p, 0);
+    proc_free(&p);
+    f = fopen(program, "r");
+    if (!f) fail_msg("%s was not written", program);
+    char line[256];
+    int terminal = 0;
+    while (fgets(line, sizeof line, f))
+        terminal |= strncmp(line, "set terminal pngcairo size 2100,", 32) == 0;
+    fclose(f);
+    assert_true(terminal);   /* double: 7 in at 300 dpi */
 
     /* without --out: FIGURE.pdf beside the database */
     MOELAB(&p, NULL, "plot", "loss", "--db", db);

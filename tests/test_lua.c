@@ -865,6 +865,15 @@ static void test_option_errors(void **state) {
     run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/x.jpg' }", "x.jpg", NULL);
     run_err(L, "moelab.plot{ db = db, figure = 'loss' }", "'out'", NULL);
     run_err(L, "moelab.plot{ db = 5, figure = 'loss', out = DIR .. '/x.pdf' }", "'db'", NULL);
+    /* the figure options: checked by plot_render, as the command line's */
+    run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/x.pdf', size = 'huge' }",
+            "moelab.plot: unknown size 'huge'", "single", "double", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/x.pdf', layer = 1 }",
+            "moelab.plot: figure 'loss' draws no single layer", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'byte_classes', out = DIR .. '/x.pdf', layer = -1 }",
+            "'layer' must be an integer between 0", NULL);
+    run_err(L, "moelab.plot{ db = db, figure = 'cooccurrence', out = DIR .. '/x.pdf', layers = { 0 } }",
+            "'layers' must be two block numbers", NULL);
     run_err(L, "db:run{ nam = 'x', model = model, data = data }", "db:run", "'nam'", "'name'", NULL);
     run_err(L, "db:run{ model = model, data = data }", "'name'", NULL);
     run_err(L, "db:run{ name = 'x', model = data, data = data }", "'model'", NULL);
