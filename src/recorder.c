@@ -1205,13 +1205,17 @@ static int rec_mark_crashed(Recorder *r, char *err) {
                  "killed or crashed; found on opening the database", (long long)pids[i], r->host);
         if (rec_begin_if_needed(r, err))
             goto cleanup;
+        /* the process seen dead, not one that has taken the run since */
         if (sqlite3_prepare_v2(r->db, "UPDATE runs SET status = 'crashed', error = ?2"
-                               " WHERE run_id = ?1 AND status = 'running'", -1, &st, NULL) != SQLITE_OK) {
+                               " WHERE run_id = ?1 AND status = 'running' AND pid = ?3 AND host = ?4",
+                               -1, &st, NULL) != SQLITE_OK) {
             rec_sqlite_error(r, "mark a crashed run", err);
             goto cleanup;
         }
         sqlite3_bind_int64(st, 1, dead[i]);
         sqlite3_bind_text(st, 2, msg, -1, SQLITE_TRANSIENT);
+        sqlite3_bind_int64(st, 3, pids[i]);
+        sqlite3_bind_text(st, 4, r->host, -1, SQLITE_STATIC);
         if (rec_step_done(r, st, "mark a crashed run", err))
             goto cleanup;
         sqlite3_finalize(st);
@@ -1265,9 +1269,13 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, int ado
     }
     if (rec_ensure_schema(r, readonly, err)
         || rec_exec(r, "PRAGMA foreign_keys = ON", "enable foreign keys", err)
-        || rec_prepare_all(r, err)
-        || (!readonly && rec_mark_crashed(r, err)))
+        || rec_prepare_all(r, err))
         goto fail;
+    /* best effort: a database another writer holds now, or that cannot be
+    ** written, still opens; the next open marks them */
+    char ignored[ML_ERRLEN];
+    if (!readonly)
+        rec_mark_crashed(r, ignored);
     *out = r;
     return 0;
 fail:

@@ -453,10 +453,12 @@ static int evaluate_in_training(Trainer *t, const EvalOptions *eo, EvalResult *e
     return 1;
 }
 
-/* The probe of TrainOptions.probe_every, unless this step has one. */
-static int probe(Trainer *t, const TrainOptions *o, const char **status, char *status_msg,
+/* The probe of TrainOptions.probe_every (every probe_every steps, and after
+** the last step when last), unless this step has one. */
+static int probe(Trainer *t, const TrainOptions *o, int last, const char **status, char *status_msg,
                  size_t n, char *err) {
-    if (o->probe_every <= 0 || t->step % o->probe_every != 0 || t->probed_at == t->step) return 0;
+    if (o->probe_every <= 0 || (!last && t->step % o->probe_every != 0) || t->probed_at == t->step)
+        return 0;
     EvalOptions po;
     eval_options_defaults(&po);
     po.batches = 1;
@@ -514,6 +516,8 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     eo.batches = o->eval_batches;
     eo.batch = o->eval_batch > 0 ? o->eval_batch : B;
     int can_eval = corpus_split_len(t->corpus, SPLIT_VAL) >= (size_t)T + 1 && o->eval_batches > 0;
+    if (can_eval && model_check_batch(m, eo.batch, T, 0, inner) != 0) /* before any step, not after */
+        return ml_error(err, "train: eval_batch: %s", inner);
     if (t->rec) {
         JsonBuf j = {0};
         jb_printf(&j, "{\"steps\":%d,\"batch\":%d,\"lr\":", o->steps, B);
@@ -559,7 +563,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     int above = 0;
     int rc = 0, s = 0;
     for (s = 0; s < o->steps; s++) {
-        int stop = probe(t, o, &status, status_msg, sizeof status_msg, err);
+        int stop = probe(t, o, 0, &status, status_msg, sizeof status_msg, err);
         if (stop < 0) rc = -1;
         if (stop) break;
         if (trainer_interrupt) {
@@ -640,7 +644,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
     }
     if (progress) fprintf(stderr, "\n");
-    if (rc == 0 && strcmp(status, "finished") == 0 && probe(t, o, &status, status_msg,
+    if (rc == 0 && strcmp(status, "finished") == 0 && probe(t, o, 1, &status, status_msg,
                                                             sizeof status_msg, err) < 0)
         rc = -1;
     signal(SIGINT, old_int);

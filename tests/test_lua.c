@@ -1182,6 +1182,14 @@ static void test_sweep_resumes(void **state) {
     assert_lua(L, "db:query('SELECT config FROM runs WHERE name = ?', dense[1].name)[1].config:find('moe') == nil");
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(),\n"
                "  designs = { { name = 'a/b' } } }", "each design", NULL);
+    /* a run whose training never started (a bad option) is failed, and runs again */
+    run_ok(L, "bad = { db = DIR .. '/sweep.db', name = 'b', data = spec.data, base = spec.base,\n"
+              "        train = fast{ stepz = 1 }, progress = false }\n"
+              "b1 = moelab.sweep(bad)\n"
+              "b2 = moelab.sweep(bad)");
+    assert_lua(L, "b1[1].status == 'failed' and b1[1].error:find('stepz') ~= nil");
+    assert_lua(L, "not b2[1].skipped and b2[1].status == 'failed'");
+    assert_lua(L, "db:query(\"SELECT count(*) AS n FROM runs WHERE name LIKE 'b/%' AND status = 'failed'\")[1].n == 2");
     run_ok(L, "spec.base.d_model = 8");
     run_err(L, "moelab.sweep(spec)", "another model configuration", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = 1, base = tiny(), colour = 1 }",
@@ -1203,11 +1211,13 @@ static void test_probe_routing_over_training(void **state) {
               "run = db:run{ name = 'p', model = model, data = moelab.corpus{ text = TEXT } }\n"
               "run:train(fast{ steps = 6, probe = { every = 2, batch = 2 } })\n"
               "run:train(fast{ steps = 2, probe = { every = 2, batch = 2 } })\n"
+              "run:train(fast{ steps = 1, probe = { every = 2, batch = 2 } })\n" /* ends off the grid */
               "probes = db:query(\"SELECT step, tokens FROM evals WHERE split = 'probe' ORDER BY step\")\n"
               "stable = db:query('SELECT * FROM v_routing_stability ORDER BY layer, step')");
-    assert_lua(L, "#probes == 5 and probes[1].step == 0 and probes[5].step == 8");
+    /* 0, 2, 4, 6, 8 and after the last step, 9 (8 is not probed twice) */
+    assert_lua(L, "#probes == 6 and probes[1].step == 0 and probes[5].step == 8 and probes[6].step == 9");
     assert_lua(L, "probes[1].tokens == 2 * 16");
-    assert_lua(L, "#stable == 4 * 2 and stable[1].step == 2 and stable[1].tokens == 32");
+    assert_lua(L, "#stable == 5 * 2 and stable[1].step == 2 and stable[1].tokens == 32");
     assert_lua(L, "(function() for _, r in ipairs(stable) do\n"
                   "  if not (r.changed >= 0 and r.changed <= 1) then return false end end\n"
                   "  return true end)()");
@@ -1216,7 +1226,7 @@ static void test_probe_routing_over_training(void **state) {
                   "  .. \" AND b.split = 'probe' AND a.step = 0 AND b.step = 8 JOIN token_stats x\"\n"
                   "  .. \" ON x.eval_id = a.eval_id JOIN token_stats y ON y.eval_id = b.eval_id\"\n"
                   "  .. \" AND y.seq = x.seq AND y.pos = x.pos AND y.token = x.token\")[1].n == 32");
-    assert_lua(L, "#db:query(\"SELECT 1 FROM metrics WHERE split = 'val'\") == 2");
+    assert_lua(L, "#db:query(\"SELECT 1 FROM metrics WHERE split = 'val'\") == 3");
     run_err(L, "run:train(fast{ steps = 1, probe = {} })", "run:train probe", "'every'", NULL);
     run_err(L, "run:train(fast{ steps = 1, probe = { every = 0 } })", "run:train probe", "every", NULL);
     run_err(L, "run:train(fast{ steps = 1, probe = { evry = 2 } })", "run:train probe", "evry", NULL);
@@ -1271,6 +1281,9 @@ static void test_report_matches_sql(void **state) {
     assert_lua(L, "report.render(groups, 'markdown'):find('| r/moe.router.k=2 | topk k=2, 4x16 | 3 |', 1, true) ~= nil");
     assert_lua(L, "select(2, report.render(groups, 'csv'):gsub('\\n', '')) == 2");
     assert_lua(L, "#report.runs(db, { runs = { 'r/moe.router.k=1/*' } }) == 3");
+    /* a pattern is a glob with * only: case counts, and _ and ? are themselves */
+    assert_lua(L, "#report.runs(db, { runs = { 'R/*' } }) == 0");
+    assert_lua(L, "#report.runs(db, { runs = { 'r/moe_router*', 'r/moe.router.k=?/*' } }) == 0");
     run_err(L, "report.render(groups, 'xml')", "text, csv or markdown", NULL);
     run_err(L, "db:query('DELETE FROM runs')", "readonly", NULL);
     lua_close(L);

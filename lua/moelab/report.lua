@@ -104,8 +104,10 @@ local function design(r)
   return string.format("%s, %s", kind, shape)
 end
 
-local function like(pattern)
-  return (pattern:gsub("%*", "%%"))
+-- A --runs pattern as a GLOB: * matches anything, every other character
+-- itself (case included).
+local function glob(pattern)
+  return (pattern:gsub("[%?%[]", function(c) return "[" .. c .. "]" end))
 end
 
 function report.runs(db, opts)
@@ -115,7 +117,7 @@ function report.runs(db, opts)
     local keep = {}
     for _, r in ipairs(rows) do
       for _, pattern in ipairs(opts.runs) do
-        if db:query("SELECT ? LIKE ? AS hit", r.name, like(pattern))[1].hit == 1 then
+        if db:query("SELECT ? GLOB ? AS hit", r.name, glob(pattern))[1].hit == 1 then
           keep[#keep + 1] = r
           break
         end

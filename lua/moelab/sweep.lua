@@ -224,14 +224,16 @@ function sweep.run(spec)
               ok, result = pcall(spec.after, run, model, entry)
             end
             if not ok then
+              local msg = tostring(result)
+              run:close() -- first: closing records a run still open as finished
               local status = db:query("SELECT status FROM runs WHERE run_id = ?", entry.run_id)[1].status
-              if status == "interrupted" then error(result, 0) end -- Ctrl-C stops the sweep
-              entry.status, entry.error = "failed", tostring(result)
-              if status == "running" or status == "finished" then
-                -- failed after training (an evaluation, the hook): the run says so
-                db:query("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?",
-                         entry.error, entry.run_id)
+              if status == "interrupted" or msg:find("interrupted by", 1, true) then
+                model:close()
+                error(result, 0) -- Ctrl-C (in training, an evaluation or the hook) stops the sweep
               end
+              -- whatever failed (options, training, an evaluation, the hook): the run says so
+              entry.status, entry.error = "failed", msg
+              db:query("UPDATE runs SET status = 'failed', error = ? WHERE run_id = ?", msg, entry.run_id)
             end
             if entry.status == "failed" and progress then
               io.stderr:write(string.format("sweep %s: run %s failed: %s\n", prefix, name, entry.error))
