@@ -577,6 +577,40 @@ static void test_report(void **state) {
     proc_free(&p);
 }
 
+/* Each seed paper's experiment runs alone, a few steps of one seed on a small
+** corpus: its sweep, report, Markdown and every figure it asks for. */
+static void test_experiments_run(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    const char *src = getenv("MOELAB_SRC") ? getenv("MOELAB_SRC") : ".";
+    static const char *const names[][2] = {{"xmoe", "xmoe"}, {"hmoe", "hmoe"}, {"smoe", "smoe"},
+                                           {"meo", "meo"}, {"dense_to_sparse", "d2s"},
+                                           {"routers", "routers"}};
+    char text[600], data[512], out[512], script[700], data_arg[600], out_arg[600], md[700];
+    tmp_path(data, sizeof data, "experiments-corpus.txt");
+    FILE *f = fopen(data, "w");
+    assert_non_null(f);
+    for (int i = 0; i < 400; i++) {
+        snprintf(text, sizeof text, "%d In the beginning God created the heaven and the earth.\n", i);
+        fputs(text, f);
+    }
+    fclose(f);
+    tmp_path(out, sizeof out, "experiments-out");
+    snprintf(data_arg, sizeof data_arg, "data=%s", data);
+    snprintf(out_arg, sizeof out_arg, "out=%s", out);
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        snprintf(script, sizeof script, "%s/experiments/%s.lua", src, names[i][0]);
+        Proc p;
+        MOELAB(&p, NULL, "run", script, "steps=2", "seeds=1", "eval_batches=1", "fit_steps=2",
+               "fresh=true", data_arg, out_arg);
+        if (p.code != 0) fail_msg("%s: exit %d\n%s", names[i][0], p.code, p.err.data);
+        expect_in("stdout", p.out.data, "finished");
+        proc_free(&p);
+        snprintf(md, sizeof md, "%s/%s.md", out, names[i][1]);
+        if (access(md, R_OK) != 0) fail_msg("%s wrote no %s", names[i][0], md);
+    }
+}
+
 /* The prompt on a pipe: no banner, no "> ", just what the lines print. */
 static void test_prompt(void **state) {
     (void)state;
@@ -806,6 +840,7 @@ int main(void) {
         cmocka_unit_test(test_args),
         cmocka_unit_test(test_plot),
         cmocka_unit_test(test_report),
+        cmocka_unit_test(test_experiments_run),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),
         cmocka_unit_test(test_sigint_in_lua),
