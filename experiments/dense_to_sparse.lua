@@ -23,7 +23,6 @@ local fit_steps = moelab.args.fit_steps or 300
 
 local ks = { 1, 2, 4, 8, 16 }
 local ts = { 0.5, 0.7, 0.8, 0.9, 0.95, 0.99 }
-local derived = {}
 
 local base = experiment.model(nil)
 base.activation = "relu"
@@ -50,8 +49,6 @@ moelab.sweep{
         for _, t in ipairs(ts) do
           run:evaluate{ batches = x.eval_batches, batch = 16, router = { select = "threshold", p = t } }
         end
-        derived[#derived + 1] = { name = name, design = method .. "-" .. kind, status = "finished",
-                                  run_id = run:id() }
         run:close() -- an evaluated run with no training is finished as it closes
         sparse:close()
       end
@@ -59,6 +56,17 @@ moelab.sweep{
     db:close()
   end,
 }
+-- every converted model of the database, those of seeds trained by an
+-- earlier (resumed) invocation included
+local derived = {}
+local db = moelab.open(x.db, { readonly = true })
+for _, r in ipairs(db:query("SELECT run_id, name, status FROM runs WHERE name LIKE ? AND name NOT LIKE ?"
+                            .. " AND run_id IN (SELECT MAX(run_id) FROM runs GROUP BY name) ORDER BY run_id",
+                            x.name .. "/%", x.name .. "/dense-relu/%")) do
+  derived[#derived + 1] = { name = r.name, design = r.name:match("^[^/]+/([^/]+)/"), status = r.status,
+                            run_id = r.run_id }
+end
+db:close()
 local cf = x:counterfactuals(derived, "The converted models by router and rule (mean over seeds); the"
                              .. " share of experts is the share of FFN neurons run:")
 x:finish{ title = "Dense to sparse: a dense ReLU model's FFNs as 16 experts of 32 neurons.",
