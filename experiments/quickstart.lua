@@ -25,6 +25,7 @@
 
 local moelab = require "moelab"
 local report = require "moelab.report"
+local experiment = require "moelab.experiment"
 
 local args = moelab.args
 local steps = args.steps or 500
@@ -36,9 +37,11 @@ local db_path = out_dir .. "/quickstart.db"
 os.remove(db_path); os.remove(db_path .. "-wal"); os.remove(db_path .. "-shm")
 local db = moelab.open(db_path)
 
+-- the reference model of every experiment (moelab.experiment), seed 1
 local function model_config(moe)
-  return { layers = 4, d_model = 128, heads = 4, context = 128, ffn = { hidden = 512 },
-           activation = "gelu", norm = "layernorm", tied = false, seed = 1, moe = moe }
+  local config = experiment.model(moe)
+  config.seed = 1
+  return config
 end
 
 local balance = { balance = 0.01 }

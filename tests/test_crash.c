@@ -52,28 +52,36 @@ static void say(int fd, const char *fmt, long long a, long long b) {
     if (write(fd, line, (size_t)n) != n) _exit(9);
 }
 
-/* The child: trains 3 steps, evaluates (recorded), and again, for ever,
-** reporting "R run", "S steps" and "E eval_id tokens" once each is
-** committed; with big_eval, one long evaluation that reports "I" when it
-** was interrupted. Never returns. */
-static void child(const char *path, int fd, int big_eval) {
+/* In a child process: a recorded run named `name` of crash_config()'s model
+** on a small synthetic corpus, and its trainer (one thread); exits 2 with the
+** message on failure. */
+static void child_run(const char *path, const char *name, Recorder **rec, Trainer *t) {
     char err[ML_ERRLEN], text[8192];
     for (size_t i = 0; i < sizeof text; i++) text[i] = "abcdefghij klmnop"[(i * 7 + i / 13) % 17];
     ModelConfig c = crash_config();
     Corpus *corpus;
     Model *m;
-    Recorder *rec;
-    Trainer t;
     int64_t run_id;
     trainer_set_threads(1);
     if (corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.5, err) || model_create(&m, &c, err) ||
-        rec_open(&rec, path, err) || rec_run_begin(rec, "crash", NULL, NULL, 3, 0, 0, 1, &run_id, err) ||
-        trainer_init(&t, m, corpus, rec, run_id, "crash", 3, err)) {
+        rec_open(rec, path, err) || rec_run_begin(*rec, name, NULL, NULL, 3, 0, 0, 1, &run_id, err) ||
+        trainer_init(t, m, corpus, *rec, run_id, name, 3, err)) {
         fprintf(stderr, "child: %s\n", err);
         _exit(2);
     }
+}
+
+/* The child: trains 3 steps, evaluates (recorded), and again, for ever,
+** reporting "R run", "S steps" and "E eval_id tokens" once each is
+** committed; with big_eval, one long evaluation that reports "I" when it
+** was interrupted. Never returns. */
+static void child(const char *path, int fd, int big_eval) {
+    char err[ML_ERRLEN];
+    Recorder *rec;
+    Trainer t;
+    child_run(path, "crash", &rec, &t);
     rec_set_commit_rows(rec, COMMIT_ROWS);
-    say(fd, "R %lld %lld\n", run_id, 0);
+    say(fd, "R %lld %lld\n", (long long)t.run_id, 0);
     TrainOptions o;
     train_options_defaults(&o);
     o.steps = 3;
@@ -267,20 +275,9 @@ static void test_full_disk_fails_cleanly(void **state) {
     assert_true(pid >= 0);
     if (pid == 0) {
         close(fds[0]);
-        char text[8192];
-        for (size_t i = 0; i < sizeof text; i++) text[i] = "abcdefghij klmnop"[(i * 7 + i / 13) % 17];
-        ModelConfig c = crash_config();
-        Corpus *corpus;
-        Model *m;
         Recorder *rec;
         Trainer t;
-        int64_t run_id;
-        trainer_set_threads(1);
-        if (corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.5, err) ||
-            model_create(&m, &c, err) || rec_open(&rec, path, err) ||
-            rec_run_begin(rec, "full", NULL, NULL, 3, 0, 0, 1, &run_id, err) ||
-            trainer_init(&t, m, corpus, rec, run_id, "full", 3, err))
-            _exit(2);
+        child_run(path, "full", &rec, &t);
         TrainOptions o;
         train_options_defaults(&o);
         o.steps = 3;
