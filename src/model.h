@@ -111,6 +111,7 @@ typedef struct Model {
     float aux_parts[AUX_KINDS]; /* unweighted, averaged over MoE layers */
     double moe_flops;         /* FLOPs executed in MoE layers by the last forward */
     double moe_flops_topk;    /* the same as per-token top-k layers (merged experts) */
+    double flops;             /* FLOPs of the last forward's products, MoE layers included */
 } Model;
 
 /* Builds a model with freshly initialised weights (seeded by config.seed). */
@@ -129,10 +130,15 @@ int model_allocate(Model *m, char *err);
 ** tokens indexes with an int, and N x E router probabilities must too. */
 #define MODEL_MAX_BATCH_TOKENS (1 << 22)
 
-/* An estimate of the bytes a batch of B sequences needs: the parameters,
-** their gradients and AdamW moments when training, the activations and the
-** backward pass's scratch (training), and the MoE layers' per-batch state
+/* An estimate of the bytes a batch of B sequences needs, by part: the
+** parameters, their gradients and AdamW moments (training), the activations,
+** the backward pass's scratch (training), and the MoE layers' per-batch state
 ** at the nominal experts per token. */
+typedef struct {
+    size_t parameters, gradients, optimizer, activations, scratch, moe, total;
+} ModelMemory;
+void model_memory(const Model *m, int B, int training, ModelMemory *out);
+/* Their total. */
 size_t model_memory_bytes(const Model *m, int B, int training);
 
 /* Refuses, with a message, a batch of B sequences of T tokens that is empty,

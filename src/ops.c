@@ -22,27 +22,54 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <sleef.h>
 #include <string.h>
 
-/* expf to about 1 ulp, written so that loops calling it vectorise: x = n·ln2 + r
-** with |r| <= ln2/2 (n rounded to nearest by the 1.5·2^23 trick), e^r by its
-** degree-7 Taylor polynomial (truncation < 1e-8 relative on that range), and
-** 2^n put into the exponent bits. NaN stays NaN (and converts no NaN to int). */
-static inline float ml_expf(float in) {
-    float x = in == in ? in : 0.0f;
-    x = x > 88.3762626647949f ? 88.3762626647949f : x;
-    x = x < -87.3365447505531f ? -87.3365447505531f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666666666666667e-1f +
-              r * (4.1666666666666667e-2f + r * (8.3333333333333333e-3f +
-              r * (1.3888888888888889e-3f + r * 1.9841269841269841e-4f))))));
-    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
-    return in == in ? p * scale.f : in;
+/*
+** e^x by SLEEF's vectorised expf (1.0 ulp), the vector width the build targets
+** (AVX-512, AVX2, SSE2; the scalar function elsewhere). Measured on the
+** element-wise GELU (README, Speed), SLEEF's expf beats the
+** degree-7 polynomial this file had by 1.4-1.5x (0.31 against 0.49 ns an
+** element with AVX-512, 0.64 against 0.91 with AVX2) and its tanhf, whose
+** accurate path is slower, by 3.5x.
+**
+** vec_expf takes whole vectors; a tail shorter than one goes through the same
+** vector function from a padded copy, so each element's result depends on its
+** value alone, never on where it sits in an array or a thread's slice: the
+** forward and the backward pass keep the same bits on any number of threads.
+*/
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VEC_WIDTH 16
+#define VEC_EXP(dst, src) _mm512_storeu_ps(dst, Sleef_expf16_u10avx512f(_mm512_loadu_ps(src)))
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define VEC_WIDTH 8
+#define VEC_EXP(dst, src) _mm256_storeu_ps(dst, Sleef_expf8_u10avx2(_mm256_loadu_ps(src)))
+#elif defined(__SSE2__)
+#include <immintrin.h>
+#define VEC_WIDTH 4
+#define VEC_EXP(dst, src) _mm_storeu_ps(dst, Sleef_expf4_u10sse2(_mm_loadu_ps(src)))
+#else
+#define VEC_WIDTH 1
+#define VEC_EXP(dst, src) (*(dst) = Sleef_expf_u10(*(src)))
+#endif
+
+/* x[i] = e^x[i] for i < n, in place */
+static void vec_expf(float *x, int n) {
+    int i = 0;
+    for (; i + VEC_WIDTH <= n; i += VEC_WIDTH) VEC_EXP(x + i, x + i);
+    if (i < n) {
+        float pad[VEC_WIDTH] = {0};
+        memcpy(pad, x + i, sizeof(float) * (size_t)(n - i));
+        VEC_EXP(pad, pad);
+        memcpy(x + i, pad, sizeof(float) * (size_t)(n - i));
+    }
 }
 
-/* tanh through ml_expf: 1 - 2 / (e^{2x} + 1); saturates cleanly at ±1 */
-static inline float ml_tanhf(float x) { return 1.0f - 2.0f / (ml_expf(2.0f * x) + 1.0f); }
+/* The element-wise activations work in chunks of this many elements, with a
+** chunk's exponentials in a buffer on the stack (in L1). */
+#define ELEMWISE_CHUNK 1024
 
 /* Rows [*lo, *hi) of n for this thread, in equal contiguous slices. */
 static void thread_slice(int n, int *lo, int *hi) {
@@ -312,12 +339,11 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
                 float maxv = -INFINITY;
 #pragma omp simd reduction(max : maxv)
                 for (int t2 = 0; t2 <= t; t2++) maxv = row[t2] > maxv ? row[t2] : maxv;
+                for (int t2 = 0; t2 <= t; t2++) row[t2] -= maxv;
+                vec_expf(row, t + 1);
                 float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-                for (int t2 = 0; t2 <= t; t2++) {
-                    row[t2] = ml_expf(row[t2] - maxv);
-                    sum += row[t2];
-                }
+                for (int t2 = 0; t2 <= t; t2++) sum += row[t2];
                 float inv = 1.0f / sum;
                 for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
                 for (int t2 = t + 1; t2 < T; t2++) row[t2] = 0.0f;
@@ -367,25 +393,39 @@ void attention_backward(float *dqkv, float *datt, const float *dout, const float
 
 #define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
 
+/* tanh(u) = 1 - 2 / (e^{2u} + 1), which saturates cleanly at ±1 */
 void gelu_forward(float *out, const float *inp, size_t n) {
+    size_t chunks = (n + ELEMWISE_CHUNK - 1) / ELEMWISE_CHUNK;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float cube = 0.044715f * x * x * x;
-        out[i] = 0.5f * x * (1.0f + ml_tanhf(GELU_SCALE * (x + cube)));
+    for (size_t c = 0; c < chunks; c++) {
+        size_t lo = c * ELEMWISE_CHUNK, len = n - lo < ELEMWISE_CHUNK ? n - lo : ELEMWISE_CHUNK;
+        const float *x = inp + lo;
+        float e[ELEMWISE_CHUNK];
+        for (size_t i = 0; i < len; i++)
+            e[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+        vec_expf(e, (int)len);
+        for (size_t i = 0; i < len; i++)
+            out[lo + i] = 0.5f * x[i] * (1.0f + (1.0f - 2.0f / (e[i] + 1.0f)));
     }
 }
 
 void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
+    size_t chunks = (n + ELEMWISE_CHUNK - 1) / ELEMWISE_CHUNK;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float cube = 0.044715f * x * x * x;
-        float tanh_out = ml_tanhf(GELU_SCALE * (x + cube));
-        float sech2 = 1.0f - tanh_out * tanh_out;
-        float local = 0.5f * (1.0f + tanh_out) +
-                      x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] = local * dout[i];
+    for (size_t c = 0; c < chunks; c++) {
+        size_t lo = c * ELEMWISE_CHUNK, len = n - lo < ELEMWISE_CHUNK ? n - lo : ELEMWISE_CHUNK;
+        const float *x = inp + lo;
+        float e[ELEMWISE_CHUNK];
+        for (size_t i = 0; i < len; i++)
+            e[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+        vec_expf(e, (int)len);
+        for (size_t i = 0; i < len; i++) {
+            float tanh_out = 1.0f - 2.0f / (e[i] + 1.0f);
+            float sech2 = 1.0f - tanh_out * tanh_out;
+            float local = 0.5f * (1.0f + tanh_out) +
+                          x[i] * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x[i] * x[i]);
+            dinp[lo + i] = local * dout[lo + i];
+        }
     }
 }
 
@@ -397,23 +437,36 @@ void relu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) dinp[i] = inp[i] > 0.0f ? dout[i] : 0.0f;
 }
 
+/* sigmoid(g) = 1 / (1 + e^{-g}) */
 void swiglu_forward(float *out, const float *gate, const float *fc, size_t n) {
+    size_t chunks = (n + ELEMWISE_CHUNK - 1) / ELEMWISE_CHUNK;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = g / (1.0f + ml_expf(-g)) * fc[i];
+    for (size_t c = 0; c < chunks; c++) {
+        size_t lo = c * ELEMWISE_CHUNK, len = n - lo < ELEMWISE_CHUNK ? n - lo : ELEMWISE_CHUNK;
+        const float *g = gate + lo;
+        float e[ELEMWISE_CHUNK];
+        for (size_t i = 0; i < len; i++) e[i] = -g[i];
+        vec_expf(e, (int)len);
+        for (size_t i = 0; i < len; i++) out[lo + i] = g[i] / (1.0f + e[i]) * fc[lo + i];
     }
 }
 
 void swiglu_backward(float *dgate, float *dfc, const float *dout, const float *gate,
                      const float *fc, size_t n) {
+    size_t chunks = (n + ELEMWISE_CHUNK - 1) / ELEMWISE_CHUNK;
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        float sig = 1.0f / (1.0f + ml_expf(-g));
-        float silu = g * sig;
-        dfc[i] = dout[i] * silu;
-        dgate[i] = dout[i] * fc[i] * sig * (1.0f + g * (1.0f - sig));
+    for (size_t c = 0; c < chunks; c++) {
+        size_t lo = c * ELEMWISE_CHUNK, len = n - lo < ELEMWISE_CHUNK ? n - lo : ELEMWISE_CHUNK;
+        const float *g = gate + lo;
+        float e[ELEMWISE_CHUNK];
+        for (size_t i = 0; i < len; i++) e[i] = -g[i];
+        vec_expf(e, (int)len);
+        for (size_t i = 0; i < len; i++) {
+            float sig = 1.0f / (1.0f + e[i]);
+            float silu = g[i] * sig;
+            dfc[lo + i] = dout[lo + i] * silu;
+            dgate[lo + i] = dout[lo + i] * fc[lo + i] * sig * (1.0f + g[i] * (1.0f - sig));
+        }
     }
 }
 
@@ -426,12 +479,11 @@ float crossentropy_forward(float *losses, float *probs, const float *logits,
         float maxv = -INFINITY;
 #pragma omp simd reduction(max : maxv)
         for (int i = 0; i < V; i++) maxv = l[i] > maxv ? l[i] : maxv;
+        for (int i = 0; i < V; i++) p[i] = l[i] - maxv;
+        vec_expf(p, V);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int i = 0; i < V; i++) {
-            p[i] = ml_expf(l[i] - maxv);
-            sum += p[i];
-        }
+        for (int i = 0; i < V; i++) sum += p[i];
         float inv = 1.0f / sum;
         for (int i = 0; i < V; i++) p[i] *= inv;
         /* -log p[target] from the logits, accurate even when p underflows */

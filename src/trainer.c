@@ -561,6 +561,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     ** TRAIN_EXPLODE_MARGIN nats above this call's first loss */
     float first_loss = NAN;
     int above = 0;
+    double flops = 0.0;
     int rc = 0, s = 0;
     for (s = 0; s < o->steps; s++) {
         int stop = probe(t, o, 0, &status, status_msg, sizeof status_msg, err);
@@ -606,6 +607,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         t->step++;
         t->tokens += (int64_t)B * T;
+        flops += 3.0 * m->flops;
         double t1 = now_ms();
         t->wall_ms += t1 - t0;
         res->last_loss = loss;
@@ -625,6 +627,8 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
                 if (rec_flush(t->rec, err) != 0) { rc = -1; break; }
                 last_flush = t1;
             }
+            /* the step's recording counts as training time, in the next row */
+            t->wall_ms += now_ms() - t1;
         }
         if (can_eval && o->eval_every > 0 && (s + 1) % o->eval_every == 0 && s + 1 < o->steps) {
             EvalResult er;
@@ -654,6 +658,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     res->tokens = t->tokens;
     res->seconds = (now_ms() - start) / 1e3;
     res->tokens_per_s = res->seconds > 0 ? (double)s * B * T / res->seconds : 0.0;
+    res->flops_per_token = s > 0 ? flops / ((double)s * B * T) : 0.0;
     res->loss = tail_n > 0 ? tail_sum / tail_n : res->last_loss;
     res->status = status;
     if (rc != 0) {

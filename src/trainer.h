@@ -68,6 +68,7 @@ typedef struct {
     double val_loss;    /* of the final evaluation (NaN if none) */
     double tokens_per_s;
     double seconds;
+    double flops_per_token; /* of a training step (forward and backward: 3x the forward's), mean */
     int64_t steps;      /* steps done in this call */
     int64_t tokens;     /* tokens seen by the run so far */
 } TrainResult;
@@ -90,7 +91,7 @@ typedef struct {
     char name[128];
     int64_t step;      /* optimiser steps so far, over every train call */
     int64_t tokens;    /* training tokens so far */
-    double wall_ms;    /* training time so far */
+    double wall_ms;    /* training time so far: the steps and their recording */
     void *rng;         /* gsl_rng of the training batches */
     int *inputs, *targets;
     size_t cap;        /* ints in inputs and targets */

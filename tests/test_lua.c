@@ -1289,6 +1289,58 @@ static void test_report_matches_sql(void **state) {
     lua_close(L);
 }
 
+/* What a speed figure needs: the machine, sgemm's rate, a clock, the FLOPs
+** of a training step and the memory a model needs, by part. */
+static void test_machine_and_costs(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "m = moelab.machine()\n"
+              "r = moelab.sgemm{ n = 64, repeats = 3 }\n"
+              "c0 = moelab.clock(); x = 0; for i = 1, 1e5 do x = x + i end; c1 = moelab.clock()");
+    assert_lua(L, "type(m.cpu) == 'string' and #m.cpu > 0 and type(m.blas_core) == 'string'");
+    assert_lua(L, "m.threads == 1 and math.type(m.peak_rss) == 'integer' and m.peak_rss > 0");
+    assert_lua(L, "r.min > 0 and r.min <= r.median and r.median <= r.max");
+    assert_lua(L, "c1 > c0");
+    run_err(L, "moelab.sgemm{ n = 0 }", "moelab.sgemm", "'n'", NULL);
+    run_err(L, "moelab.sgemm{ size = 3 }", "moelab.sgemm", "unknown option 'size'", NULL);
+
+    /* a dense model: the forward's FLOPs per token are 2·C·3C (qkv) + 4·T·C
+    ** (scores and their sum, every pair) + 2·C·C (projection) + 2·2·C·H (FFN)
+    ** + 2·C·V (output) = 13312 at C 16, T 16, H 32, V 256; a step is 3x */
+    run_ok(L, "data = moelab.corpus{ text = TEXT, split = 0.9 }\n"
+              "model = moelab.model(tiny())\n"
+              "db = moelab.open(DIR .. '/costs.db')\n"
+              "run = db:run{ name = 'dense', model = model, data = data }\n"
+              "t = run:train(fast{ steps = 5 })\n"
+              "w = db:query(\"SELECT wall_ms FROM metrics WHERE split = 'train' ORDER BY step\")\n"
+              "mem = model:memory{ batch = 4 }\n"
+              "inf = model:memory{ batch = 4, training = false }\n"
+              "big = model:memory{ batch = 8 }");
+    assert_true(lua_num(L, "t.flops_per_token") == 3.0 * 13312);
+    assert_lua(L, "#w == 5 and w[1].wall_ms > 0");
+    assert_lua(L, "(function() for i = 2, #w do if w[i].wall_ms <= w[i-1].wall_ms then return false end end return true end)()");
+    assert_lua(L, "w[#w].wall_ms <= t.seconds * 1000 + 1e-6");
+    assert_lua(L, "mem.parameters == model:parameters() * 4 and mem.gradients == mem.parameters");
+    assert_lua(L, "mem.optimizer == 2 * mem.parameters and mem.moe == 0");
+    assert_lua(L, "mem.total == mem.parameters + mem.gradients + mem.optimizer + mem.activations + mem.scratch");
+    assert_lua(L, "inf.gradients == 0 and inf.optimizer == 0 and inf.scratch == 0");
+    assert_lua(L, "inf.activations == mem.activations and big.activations > mem.activations");
+    run_err(L, "model:memory{ batch = 0 }", "model:memory", "'batch'", NULL);
+
+    /* an MoE model: the dense part (no FFN: 11264 a token) plus what the MoE
+    ** layers ran, step by step, as the metrics table records it */
+    run_ok(L, "moe = moelab.model(tiny{ moe = { experts = 4, hidden = 8, router = { kind = 'threshold', p = 0.8 } } })\n"
+              "mrun = db:run{ name = 'moe', model = moe, data = data }\n"
+              "mt = mrun:train(fast{ steps = 6 })\n"
+              "moe_mean = db:query(\"SELECT avg(moe_flops_per_token) AS f FROM metrics \" ..\n"
+              "                    \"WHERE split = 'train' AND run_id = ?\", mrun:id())[1].f");
+    double moe_mean = lua_num(L, "moe_mean");
+    assert_true(moe_mean > 0.0);
+    assert_true(test_close(lua_num(L, "mt.flops_per_token"), 3.0 * (11264 + moe_mean), 1e-9, 0));
+    assert_lua(L, "moe:memory{ batch = 4 }.moe > 0");
+    lua_close(L);
+}
+
 static void test_loss_errors(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1507,6 +1559,7 @@ int main(void) {
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
+        cmocka_unit_test(test_machine_and_costs),
         cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),
