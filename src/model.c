@@ -505,13 +505,13 @@ static int fill_noise(Model *m, size_t n, char *err) {
 }
 
 /* The FLOPs of a forward's products outside the MoE layers: the attention
-** projections, the scores and their weighted sum (every pair of positions,
-** as attention_forward computes them), the dense FFNs and the output layer. */
+** projections, the scores and their weighted sum (those attention_forward
+** computes), the dense FFNs and the output layer. */
 static double dense_flops(const Model *m, int B, int T) {
     const ModelConfig *c = &m->config;
     double N = (double)B * T, C = c->d_model, H = c->ffn_hidden;
     double ffn = 2.0 * N * C * H * (c->activation == ACT_SWIGLU ? 3 : 2);
-    double per_layer = 2.0 * N * C * 3 * C + 2.0 * 2.0 * B * (double)T * T * C + 2.0 * N * C * C;
+    double per_layer = 2.0 * N * C * 3 * C + attention_flops(B, T, c->d_model) + 2.0 * N * C * C;
     return c->layers * per_layer + (c->layers - m->n_moe_layers) * ffn + 2.0 * N * C * c->vocab;
 }
 

@@ -152,6 +152,72 @@ static void test_attention_causal(void **state) {
         for (int i = 0; i < C; i++) assert_true(out[t * C + i] == before[t * C + i]);
 }
 
+/* Past one block of rows (ops.c's ATT_BLOCK, 32): a head's scores, output
+** and gradients against a plain double-precision loop over every pair, at a
+** T of two whole blocks and part of a third. */
+enum { LT = 70, LC = 8, LNH = 2, LHS = LC / LNH };
+static float lqkv[LT * 3 * LC], lout[LT * LC], latt[LNH * LT * LT], ldatt[LNH * LT * LT];
+static float ldout[LT * LC], ldqkv[LT * 3 * LC];
+
+static void test_attention_blocks(void **state) {
+    (void)state;
+    test_fill(lqkv, LT * 3 * LC, 1.0f, 31);
+    test_fill(ldout, LT * LC, 1.0f, 32);
+    memset(latt, 0x7f, sizeof latt); /* garbage past the diagonal must not matter */
+    memset(ldatt, 0x7f, sizeof ldatt);
+    attention_forward(lout, latt, lqkv, 1, LT, LC, LNH);
+    attention_backward(ldqkv, ldatt, ldout, lqkv, latt, 1, LT, LC, LNH);
+    static double p[LT][LT], dp[LT][LT], dq[LT * 3 * LC];
+    memset(dq, 0, sizeof dq);
+    double scale = 1.0 / sqrt((double)LHS);
+    for (int h = 0; h < LNH; h++) {
+#define Q(t, i) ((double)lqkv[(t) * 3 * LC + h * LHS + (i)])
+#define K(t, i) ((double)lqkv[(t) * 3 * LC + LC + h * LHS + (i)])
+#define VV(t, i) ((double)lqkv[(t) * 3 * LC + 2 * LC + h * LHS + (i)])
+        for (int t = 0; t < LT; t++) {
+            double mx = -1e300, sum = 0.0;
+            for (int u = 0; u <= t; u++) {
+                double sc = 0.0;
+                for (int i = 0; i < LHS; i++) sc += Q(t, i) * K(u, i);
+                p[t][u] = sc * scale;
+                if (p[t][u] > mx) mx = p[t][u];
+            }
+            for (int u = 0; u <= t; u++) sum += p[t][u] = exp(p[t][u] - mx);
+            for (int u = 0; u <= t; u++) p[t][u] /= sum;
+            for (int i = 0; i < LHS; i++) {
+                double o = 0.0;
+                for (int u = 0; u <= t; u++) o += p[t][u] * VV(u, i);
+                assert_true(test_close(lout[t * LC + h * LHS + i], o, 1e-4, 1e-5));
+            }
+            for (int u = 0; u <= t; u++)
+                assert_true(test_close(latt[((size_t)h * LT + t) * LT + u], p[t][u], 1e-4, 1e-6));
+        }
+        /* backward: dp = dout · v, dscore = p (dp - Σ p dp) scale */
+        for (int t = 0; t < LT; t++) {
+            double dot = 0.0;
+            for (int u = 0; u <= t; u++) {
+                dp[t][u] = 0.0;
+                for (int i = 0; i < LHS; i++) dp[t][u] += ldout[t * LC + h * LHS + i] * VV(u, i);
+                dot += p[t][u] * dp[t][u];
+            }
+            for (int u = 0; u <= t; u++) {
+                double ds = p[t][u] * (dp[t][u] - dot) * scale;
+                for (int i = 0; i < LHS; i++) {
+                    dq[t * 3 * LC + h * LHS + i] += ds * K(u, i);
+                    dq[u * 3 * LC + LC + h * LHS + i] += ds * Q(t, i);
+                    dq[u * 3 * LC + 2 * LC + h * LHS + i] += p[t][u] * ldout[t * LC + h * LHS + i];
+                }
+            }
+        }
+#undef Q
+#undef K
+#undef VV
+    }
+    for (int i = 0; i < LT * 3 * LC; i++)
+        if (!test_close(ldqkv[i], dq[i], 1e-4, 1e-5))
+            fail_msg("dqkv[%d] (row %d): %.7g, reference %.7g", i, i / (3 * LC), (double)ldqkv[i], dq[i]);
+}
+
 static void fwd_gelu(void) { gelu_forward(out, inp, B * T * C); }
 static void fwd_relu(void) { relu_forward(out, inp, B * T * C); }
 static void fwd_swiglu(void) { swiglu_forward(out, inp, inp + B * T * C, B * T * C); }
@@ -478,6 +544,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_beta),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_causal),
+        cmocka_unit_test(test_attention_blocks),
         cmocka_unit_test(test_activations),
         cmocka_unit_test(test_crossentropy),
         cmocka_unit_test(test_encoder),
