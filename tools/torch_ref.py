@@ -905,6 +905,7 @@ def train_main(args):
     moe = "moe" in cfg
     loss_val = float("nan")
     last100 = []
+    step_seconds = []
     for step in range(args.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, args)
@@ -924,6 +925,7 @@ def train_main(args):
             print("diverged at step %d (loss %r)" % (step, loss_val))
             return 1
         train_seconds += dt
+        step_seconds.append(dt)
         if step >= args.timing_skip:
             late_seconds += dt
         if aux is not None:
@@ -979,6 +981,8 @@ def train_main(args):
             out["experts_per_token_full_split"] = round(sum(full_ept) / len(full_ept), 4)
     out.update({"steps": args.steps, "train_seconds": round(train_seconds, 2),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "params": n_params})
+    if args.step_times:
+        out["step_seconds"] = [round(v, 6) for v in step_seconds]
     print(json.dumps(out))
     return 0
 
@@ -1248,6 +1252,8 @@ def main(argv):
     tp.add_argument("--balance", type=float, default=0.01, help="balance aux loss coefficient")
     tp.add_argument("--timing-skip", type=int, default=10,
                     help="also report tokens/s excluding the first N steps (warm-up)")
+    tp.add_argument("--step-times", action="store_true",
+                    help="add each training step's seconds to the JSON line (step_seconds)")
     tp.add_argument("--no-full-val", dest="full_val", action="store_false",
                     help="skip the loss over the whole val split after training")
     vp = sub.add_parser("val", help="loss of a checkpoint over all non-overlapping windows of a split")
