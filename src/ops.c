@@ -33,7 +33,8 @@
 ** element with AVX-512, 0.64 against 0.91 with AVX2) and its tanhf, whose
 ** accurate path is slower, by 3.5x.
 **
-** vec_expf takes whole vectors; a tail shorter than one goes through the same
+** expf_inplace (and logf_inplace, the same for SLEEF's logf) takes whole
+** vectors; a tail shorter than one goes through the same
 ** vector function from a padded copy, so each element's result depends on its
 ** value alone, never on where it sits in an array or a thread's slice: the
 ** forward and the backward pass keep the same bits on any number of threads.
@@ -42,30 +43,38 @@
 #include <immintrin.h>
 #define VEC_WIDTH 16
 #define VEC_EXP(dst, src) _mm512_storeu_ps(dst, Sleef_expf16_u10avx512f(_mm512_loadu_ps(src)))
+#define VEC_LOG(dst, src) _mm512_storeu_ps(dst, Sleef_logf16_u10avx512f(_mm512_loadu_ps(src)))
 #elif defined(__AVX2__)
 #include <immintrin.h>
 #define VEC_WIDTH 8
 #define VEC_EXP(dst, src) _mm256_storeu_ps(dst, Sleef_expf8_u10avx2(_mm256_loadu_ps(src)))
+#define VEC_LOG(dst, src) _mm256_storeu_ps(dst, Sleef_logf8_u10avx2(_mm256_loadu_ps(src)))
 #elif defined(__SSE2__)
 #include <immintrin.h>
 #define VEC_WIDTH 4
 #define VEC_EXP(dst, src) _mm_storeu_ps(dst, Sleef_expf4_u10sse2(_mm_loadu_ps(src)))
+#define VEC_LOG(dst, src) _mm_storeu_ps(dst, Sleef_logf4_u10sse2(_mm_loadu_ps(src)))
 #else
 #define VEC_WIDTH 1
 #define VEC_EXP(dst, src) (*(dst) = Sleef_expf_u10(*(src)))
+#define VEC_LOG(dst, src) (*(dst) = Sleef_logf_u10(*(src)))
 #endif
 
-/* x[i] = e^x[i] for i < n, in place */
-static void vec_expf(float *x, int n) {
-    int i = 0;
-    for (; i + VEC_WIDTH <= n; i += VEC_WIDTH) VEC_EXP(x + i, x + i);
-    if (i < n) {
-        float pad[VEC_WIDTH] = {0};
-        memcpy(pad, x + i, sizeof(float) * (size_t)(n - i));
-        VEC_EXP(pad, pad);
-        memcpy(x + i, pad, sizeof(float) * (size_t)(n - i));
-    }
-}
+/* f(x[i]) for i < n, in place, by whole vectors (VEC, one macro above) */
+#define VEC_APPLY(VEC, x, n) do {                                          \
+        int i_ = 0;                                                        \
+        for (; i_ + VEC_WIDTH <= (n); i_ += VEC_WIDTH) VEC((x) + i_, (x) + i_); \
+        if (i_ < (n)) {                                                    \
+            float pad_[VEC_WIDTH];                                         \
+            for (int j_ = 0; j_ < VEC_WIDTH; j_++) pad_[j_] = 1.0f;        \
+            memcpy(pad_, (x) + i_, sizeof(float) * (size_t)((n) - i_));    \
+            VEC(pad_, pad_);                                               \
+            memcpy((x) + i_, pad_, sizeof(float) * (size_t)((n) - i_));    \
+        }                                                                  \
+    } while (0)
+
+void expf_inplace(float *x, int n) { VEC_APPLY(VEC_EXP, x, n); }
+void logf_inplace(float *x, int n) { VEC_APPLY(VEC_LOG, x, n); }
 
 /* The element-wise activations work in chunks of this many elements, with a
 ** chunk's exponentials in a buffer on the stack (in L1). */
@@ -363,7 +372,7 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
 #pragma omp simd reduction(max : maxv)
                     for (int t2 = 0; t2 <= t; t2++) maxv = row[t2] > maxv ? row[t2] : maxv;
                     for (int t2 = 0; t2 <= t; t2++) row[t2] -= maxv;
-                    vec_expf(row, t + 1);
+                    expf_inplace(row, t + 1);
                     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
                     for (int t2 = 0; t2 <= t; t2++) sum += row[t2];
@@ -436,7 +445,7 @@ void gelu_forward(float *out, const float *inp, size_t n) {
         float e[ELEMWISE_CHUNK];
         for (size_t i = 0; i < len; i++)
             e[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-        vec_expf(e, (int)len);
+        expf_inplace(e, (int)len);
         for (size_t i = 0; i < len; i++)
             out[lo + i] = 0.5f * x[i] * (1.0f + (1.0f - 2.0f / (e[i] + 1.0f)));
     }
@@ -451,7 +460,7 @@ void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
         float e[ELEMWISE_CHUNK];
         for (size_t i = 0; i < len; i++)
             e[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-        vec_expf(e, (int)len);
+        expf_inplace(e, (int)len);
         for (size_t i = 0; i < len; i++) {
             float tanh_out = 1.0f - 2.0f / (e[i] + 1.0f);
             float sech2 = 1.0f - tanh_out * tanh_out;
@@ -479,7 +488,7 @@ void swiglu_forward(float *out, const float *gate, const float *fc, size_t n) {
         const float *g = gate + lo;
         float e[ELEMWISE_CHUNK];
         for (size_t i = 0; i < len; i++) e[i] = -g[i];
-        vec_expf(e, (int)len);
+        expf_inplace(e, (int)len);
         for (size_t i = 0; i < len; i++) out[lo + i] = g[i] / (1.0f + e[i]) * fc[lo + i];
     }
 }
@@ -493,7 +502,7 @@ void swiglu_backward(float *dgate, float *dfc, const float *dout, const float *g
         const float *g = gate + lo;
         float e[ELEMWISE_CHUNK];
         for (size_t i = 0; i < len; i++) e[i] = -g[i];
-        vec_expf(e, (int)len);
+        expf_inplace(e, (int)len);
         for (size_t i = 0; i < len; i++) {
             float sig = 1.0f / (1.0f + e[i]);
             float silu = g[i] * sig;
@@ -513,7 +522,7 @@ float crossentropy_forward(float *losses, float *probs, const float *logits,
 #pragma omp simd reduction(max : maxv)
         for (int i = 0; i < V; i++) maxv = l[i] > maxv ? l[i] : maxv;
         for (int i = 0; i < V; i++) p[i] = l[i] - maxv;
-        vec_expf(p, V);
+        expf_inplace(p, V);
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < V; i++) sum += p[i];

@@ -12,6 +12,11 @@
 
 #include <stddef.h>
 
+/* x[i] = e^x[i] and x[i] = log x[i] over n floats, in place, by SLEEF's
+** vector functions (1 ulp); each result depends on its value alone. */
+void expf_inplace(float *x, int n);
+void logf_inplace(float *x, int n);
+
 /* out (B,T,C) = wte[inp] + wpe[t] */
 void encoder_forward(float *out, const int *inp, const float *wte, const float *wpe,
                      int B, int T, int C);

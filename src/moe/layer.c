@@ -24,7 +24,7 @@
 
 void moe_state_free(MoeState *s) {
     if (!s) return;
-    free(s->logits); free(s->probs); free(s->lse); free(s->top1);
+    free(s->logits); free(s->probs); free(s->lse); free(s->entropy); free(s->top1);
     free(s->sel_expert); free(s->sel_weight); free(s->sel_p); free(s->sel_count);
     free(s->sel_row); free(s->counts); free(s->offsets); free(s->dropped); free(s->hoff);
     free(s->prob_mass); free(s->row_token); free(s->xe); free(s->ye);
@@ -43,6 +43,7 @@ static int ensure_tokens(MoeState *s, int N, int E, int slots) {
     if (N <= s->cap_tokens && slots <= s->cap_slots && s->E == E) return 0;
     size_t NE = (size_t)N * E, NS = (size_t)N * slots;
     if (ML_GROW(s->logits, NE) || ML_GROW(s->probs, NE) || ML_GROW(s->lse, N) || ML_GROW(s->top1, N) ||
+        ML_GROW(s->entropy, N) ||
         ML_GROW(s->sel_expert, NS) || ML_GROW(s->sel_weight, NS) || ML_GROW(s->sel_p, NS) ||
         ML_GROW(s->sel_count, N) || ML_GROW(s->sel_row, NS) || ML_GROW(s->counts, E) ||
         ML_GROW(s->offsets, E + 1) || ML_GROW(s->dropped, E) || ML_GROW(s->hoff, E + 1) ||
@@ -105,14 +106,20 @@ static void moe_route(MoeState *s, const Router *r, const MoeConfig *mc, const f
                 maxv = l[e];
                 arg = e;
             }
-        double sum = 0.0;
-        for (int e = 0; e < E; e++) {
-            p[e] = expf(l[e] - maxv);
-            sum += p[e];
-        }
+        for (int e = 0; e < E; e++) p[e] = l[e] - maxv;
+        expf_inplace(p, E);
+        double sum = 0.0, h = 0.0;
+        for (int e = 0; e < E; e++) sum += p[e];
         for (int e = 0; e < E; e++) p[e] = (float)(p[e] / sum);
         s->lse[t] = maxv + (float)log(sum);
         if (!s->freeze) s->top1[t] = arg;
+        /* entropy -Σ p log p (an auxiliary loss, and recorded when not) */
+        float lp[MOE_MAX_EXPERTS];
+        memcpy(lp, p, sizeof(float) * (size_t)E);
+        logf_inplace(lp, E);
+        for (int e = 0; e < E; e++)
+            if (p[e] > 0.0f) h -= (double)p[e] * lp[e];
+        s->entropy[t] = (float)h;
     }
 }
 
@@ -332,13 +339,7 @@ static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKi
             imean += s->prob_mass[e] / E;
             lmean += load[e] / E;
         }
-        for (int t = 0; t < N; t++) {
-            const float *p = s->probs + (size_t)t * E;
-            double h = 0.0;
-            for (int e = 0; e < E; e++)
-                if (p[e] > 0.0f) h -= (double)p[e] * log(p[e]);
-            entropy += h / N;
-        }
+        for (int t = 0; t < N; t++) entropy += (double)s->entropy[t] / N;
         for (int e = 0; e < E; e++) {
             ivar += (s->prob_mass[e] - imean) * (s->prob_mass[e] - imean) / E;
             lvar += (load[e] - lmean) * (load[e] - lmean) / E;
@@ -635,11 +636,11 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
             for (int e = 0; e < E; e++) dlt[e] = p[e] * (dpt[e] - dot) + zscale * s->lse[t] * p[e];
             if (hscale != 0.0f) {
                 /* d H_t / d logit_e = -p_e (log p_e + H_t) */
-                float h = 0.0f;
+                float lp[MOE_MAX_EXPERTS], h = s->entropy[t];
+                memcpy(lp, p, sizeof(float) * (size_t)E);
+                logf_inplace(lp, E);
                 for (int e = 0; e < E; e++)
-                    if (p[e] > 0.0f) h -= p[e] * logf(p[e]);
-                for (int e = 0; e < E; e++)
-                    if (p[e] > 0.0f) dlt[e] -= hscale * p[e] * (logf(p[e]) + h);
+                    if (p[e] > 0.0f) dlt[e] -= hscale * p[e] * (lp[e] + h);
             }
         }
         matmul_backward(dx, g->router, NULL, dl, x, w->router, N, C, E, 0.0f,

@@ -53,6 +53,7 @@ typedef struct {
     /* route */
     float *logits, *probs;    /* (N, E) */
     float *lse;               /* (N) logsumexp of the logits */
+    float *entropy;           /* (N) each token's entropy of p */
     int *top1;                /* (N) argmax p */
     /* select + capacity: rank order per token */
     int *sel_expert;          /* (N, slots) */
