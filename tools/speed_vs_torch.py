@@ -96,7 +96,7 @@ def main(argv):
     ap.add_argument("--moelab-threads", type=int, default=0,
                     help="run:train's threads (default 0: all cores)")
     ap.add_argument("--no-passive", dest="passive", action="store_false",
-                    help="do not set OMP_WAIT_POLICY=passive for the 2-thread torch run")
+                    help="skip the 2-thread torch run with OMP_WAIT_POLICY=passive")
     a = ap.parse_args(argv)
     if a.steps < 2 or a.repeats < 1 or not 1 <= a.first < a.steps:
         ap.error("need --steps >= 2, --repeats >= 1 and 1 <= --first < --steps")
@@ -118,11 +118,12 @@ def main(argv):
     torch_version = p.stdout.strip()
 
     base_env = dict(os.environ)
-    torch_env = {1: dict(base_env, OPENBLAS_NUM_THREADS="1"),
-                 2: dict(base_env, OPENBLAS_NUM_THREADS="1")}
-    if a.passive:
-        torch_env[2]["OMP_WAIT_POLICY"] = "passive"
-    systems = ["moelab", "torch-1", "torch-2"]
+    # torch-2 waits as moelab does (a short spin, then sleep: GOMP_SPINCOUNT=300,
+    # moelab's default), torch-2p sleeps at once (OMP_WAIT_POLICY=passive)
+    torch_env = {"torch-1": dict(base_env, OPENBLAS_NUM_THREADS="1"),
+                 "torch-2": dict(base_env, OPENBLAS_NUM_THREADS="1", GOMP_SPINCOUNT="300"),
+                 "torch-2p": dict(base_env, OPENBLAS_NUM_THREADS="1", OMP_WAIT_POLICY="passive")}
+    systems = ["moelab", "torch-1", "torch-2"] + (["torch-2p"] if a.passive else [])
     rates = {s: [] for s in systems}
     medians = {s: [] for s in systems}
     threads = {}
@@ -132,11 +133,12 @@ def main(argv):
           "steps %d..%d measured, %d round(s)" % (a.steps, a.first, a.steps, a.repeats))
     print("cpu: %s (%d online)" % (cpu_model(), os.cpu_count() or 0))
     print("OPENBLAS_CORETYPE: %s" % os.environ.get("OPENBLAS_CORETYPE", "(unset)"))
-    print("moelab: %s, threads %s; OMP_WAIT_POLICY %s" % (
+    print("moelab: %s, threads %s; OMP_WAIT_POLICY %s, GOMP_SPINCOUNT %s" % (
         moelab, a.moelab_threads or "all cores (%d)" % (os.cpu_count() or 0),
-        os.environ.get("OMP_WAIT_POLICY", "(unset)")))
-    print("torch: %s via %s; OPENBLAS_NUM_THREADS=1%s" % (
-        torch_version, python, "; OMP_WAIT_POLICY=passive for 2 threads" if a.passive else ""))
+        os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        os.environ.get("GOMP_SPINCOUNT", "(unset: moelab sets 300)")))
+    print("torch: %s via %s; OPENBLAS_NUM_THREADS=1; 2 threads with GOMP_SPINCOUNT=300%s" % (
+        torch_version, python, " and with OMP_WAIT_POLICY=passive (torch-2p)" if a.passive else ""))
     print("before: %s" % uptime())
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="speed_vs_torch.") as tmp:
@@ -148,11 +150,11 @@ def main(argv):
                     out, dt = run(cmd)
                     threads[s] = a.moelab_threads or os.cpu_count()
                 else:
-                    n = int(s[-1])
+                    n = 1 if s == "torch-1" else 2
                     cmd = [python, torch_ref, "train", "--data", data, "--steps", str(a.steps),
                            "--threads", str(n), "--eval-batches", "1", "--eval-batch", "1",
                            "--no-full-val", "--step-times"] + TORCH_MODEL
-                    out, dt = run(cmd, env=torch_env[n])
+                    out, dt = run(cmd, env=torch_env[s])
                     threads[s] = out.get("threads")
                 params.setdefault(s, out.get("params"))
                 x = step_rates(out, a.steps, a.first, s)
@@ -177,12 +179,12 @@ def main(argv):
               % (s, threads[s], st["min"], st["q1"], st["median"], st["q3"], st["max"],
                  " ".join("%.0f" % m for m in medians[s])))
     m = stats["moelab"]["median"]
-    t1, t2 = stats["torch-1"]["median"], stats["torch-2"]["median"]
-    fastest = "torch-1" if t1 >= t2 else "torch-2"
+    torches = [s for s in systems if s != "moelab"]
+    fastest = max(torches, key=lambda s: stats[s]["median"])
     print()
-    print("moelab / torch-1 thread:  %.2fx" % (m / t1))
-    print("moelab / torch-2 threads: %.2fx" % (m / t2))
-    print("moelab / fastest torch (%s): %.2fx" % (fastest, m / max(t1, t2)))
+    for s in torches:
+        print("moelab / %-8s %.2fx" % (s + ":", m / stats[s]["median"]))
+    print("moelab / fastest torch (%s): %.2fx" % (fastest, m / stats[fastest]["median"]))
     return 0
 
 
