@@ -1270,6 +1270,9 @@ static void test_report_matches_sql(void **state) {
                   "  if not near(r.experts_p95, p95) then return false end\n"
                   "  if not near(r.tokens_per_s, sql(\"SELECT MAX(tokens) / (MAX(wall_ms) / 1000.0) AS v FROM metrics\"\n"
                   "      .. \" WHERE run_id = ? AND split = 'train'\", r.run_id)) then return false end\n"
+                  /* 3 steps: the last tenth is the last step */
+                  "  if not near(r.train_loss, sql(\"SELECT loss AS v FROM metrics WHERE run_id = ? AND split = 'train'\"\n"
+                  "      .. ' AND step = 3', r.run_id)) then return false end\n"
                   "end return true end)()");
     /* folded: the mean over seeds and the sample standard deviation */
     assert_lua(L, "near(groups[2].val_loss, sql(\"SELECT AVG(f.val_loss) AS v FROM v_final_loss f\"\n"
@@ -1338,6 +1341,12 @@ static void test_machine_and_costs(void **state) {
     assert_true(moe_mean > 0.0);
     assert_true(test_close(lua_num(L, "mt.flops_per_token"), 3.0 * (11264 + moe_mean), 1e-9, 0));
     assert_lua(L, "moe:memory{ batch = 4 }.moe > 0");
+    /* the report's train loss is run:train's: the mean of the last tenth of
+    ** the steps (20 in all: steps 19 and 20), not the last step's alone */
+    run_ok(L, "mt2 = mrun:train(fast{ steps = 14 })\n"
+              "rows = require('moelab.report').runs(db, { runs = { 'moe' } })");
+    assert_lua(L, "#rows == 1 and math.abs(rows[1].train_loss - mt2.loss) <= 1e-6 * mt2.loss");
+    assert_lua(L, "rows[1].train_loss ~= mt2.last_loss");
     lua_close(L);
 }
 

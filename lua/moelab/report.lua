@@ -57,7 +57,9 @@ end
 -- ---- the runs of a database ------------------------------------------------
 --
 -- report.runs(db, { runs = {"name or pattern", ...} }) → one row per run (the
--- latest of each name), with what `moelab report` prints; report.groups(rows)
+-- latest of each name), with what `moelab report` prints (the train loss is
+-- the mean over the last tenth of the steps, as run:train's `loss`: one
+-- batch's loss is too noisy to compare runs by); report.groups(rows)
 -- folds the seeds of a sweep (names ending "/seed=N") into one row, each
 -- number the mean over them with its spread (sample standard deviation) in
 -- KEY_sd, and n the count. report.render(rows, format) gives the text
@@ -65,7 +67,10 @@ end
 
 local run_sql = [[
 SELECT r.run_id, r.name, r.experiment, r.status, r.causal, r.params_total, r.params_active,
-       f.train_loss, f.val_loss, f.tokens,
+       (SELECT AVG(m.loss) FROM metrics m WHERE m.run_id = r.run_id AND m.split = 'train'
+          AND m.step > (SELECT MAX(x.step) - (MAX(x.step) + 9) / 10 FROM metrics x
+                        WHERE x.run_id = r.run_id AND x.split = 'train')) AS train_loss,
+       f.val_loss, f.tokens,
        (SELECT MAX(m.wall_ms) FROM metrics m WHERE m.run_id = r.run_id AND m.split = 'train')
          AS wall_ms,
        json_extract(r.config, '$.model.moe.router.kind') AS kind,
