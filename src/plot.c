@@ -381,7 +381,60 @@ cleanup:
     return status;
 }
 
-/* runs_csv: names separated by commas, spaces around them ignored. */
+/* The latest run of each name that matches pattern, a name in which * stands
+** for anything (as `moelab report --runs` reads it), in the order they
+** started; an error when none does. */
+static int plot_select_pattern(sqlite3 *db, const char *db_path, const char *pattern,
+                               PlotRuns *runs, char *err) {
+    /* a GLOB in which only * is special: ? and [ match themselves */
+    size_t n = strlen(pattern);
+    char *glob = malloc(3 * n + 1), *g = glob;
+    if (!glob) return ml_error(err, "out of memory selecting runs");
+    for (const char *c = pattern; *c; c++) {
+        if (*c == '?' || *c == '[') {
+            *g++ = '[';
+            *g++ = *c;
+            *g++ = ']';
+        } else {
+            *g++ = *c;
+        }
+    }
+    *g = '\0';
+    sqlite3_stmt *st = NULL;
+    int status = -1, found = 0, rc;
+    if (sqlite3_prepare_v2(db, "SELECT run_id, causal = 0, name FROM runs WHERE run_id IN"
+                           " (SELECT MAX(run_id) FROM runs GROUP BY name) AND name GLOB ?1"
+                           " ORDER BY run_id", -1, &st, NULL) != SQLITE_OK) {
+        ml_error(err, "'%s': cannot look up runs: %s", db_path, sqlite3_errmsg(db));
+        goto cleanup;
+    }
+    sqlite3_bind_text(st, 1, glob, -1, SQLITE_STATIC);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        found++;
+        if (plot_add_run(runs, sqlite3_column_int64(st, 0), (const char *)sqlite3_column_text(st, 2),
+                         sqlite3_column_int(st, 1), err))
+            goto cleanup;
+    }
+    if (rc != SQLITE_DONE) {
+        ml_error(err, "'%s': cannot look up runs: %s", db_path, sqlite3_errmsg(db));
+        goto cleanup;
+    }
+    if (!found) {
+        char known[256];
+        plot_list_run_names(db, known, sizeof known);
+        ml_error(err, "no run matches '%s' in '%s' (its runs: %s)", pattern, db_path,
+                 known[0] ? known : "none");
+        goto cleanup;
+    }
+    status = 0;
+cleanup:
+    sqlite3_finalize(st);
+    free(glob);
+    return status;
+}
+
+/* runs_csv: names separated by commas, spaces around them ignored; a name
+** with * in it is a pattern (plot_select_pattern). */
 static int plot_select_named_runs(sqlite3 *db, const char *db_path, const char *runs_csv,
                                   PlotRuns *runs, char *err) {
     sqlite3_stmt *st = NULL;
@@ -403,6 +456,10 @@ static int plot_select_named_runs(sqlite3 *db, const char *db_path, const char *
             name[--len] = '\0';
         if (len == 0)
             continue;
+        if (strchr(name, '*')) {
+            if (plot_select_pattern(db, db_path, name, runs, err)) goto cleanup;
+            continue;
+        }
         sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
         int rc = sqlite3_step(st);
         if (rc == SQLITE_DONE) {

@@ -780,6 +780,19 @@ static void test_figure_data_agrees_with_sql(void **state) {
     assert_true(program_value(text, "run_design[2]") == program_value(text, "run_design[3]"));
     double sweep_color = program_value(text, "run_design[2]");
     free(text);
+    /* the same runs by a pattern, as `moelab report --runs` reads one */
+    opt.runs = "dense,sweep/moe.router.capacity_factor=1/*";
+    assert_int_equal(render_trained(fx, "loss_vs_flops", "lvf2.pdf", opt, program,
+                                    sizeof program, err), 0);
+    text = read_file(program);
+    read_block(text, "$designs", b);
+    assert_int_equal(b->blocks, 2);
+    assert_int_equal((int)b->v[1][0][4], 2);
+    ASSERT_NEAR(b->v[1][0][1], mean, 1e-6);
+    free(text);
+    opt.runs = "sweep/nothing*";
+    assert_int_equal(render_trained(fx, "loss", "none.pdf", opt, program, sizeof program, err), -1);
+    assert_non_null(strstr(err, "no run matches 'sweep/nothing*'"));
     opt.runs = "sweep/moe.router.capacity_factor=1/seed=2";
     assert_int_equal(render_trained(fx, "loss", "loss.pdf", opt, program, sizeof program, err), 0);
     text = read_file(program);
