@@ -173,7 +173,8 @@ test: check-deps $(BIN) $(MODULE) $(addprefix $(BUILD)/,$(TESTS))
 bench: all data/kjv.txt $(BUILD)/bench_moe $(BUILD)/bench_recorder
 	@./$(BIN) run tests/bench_user.lua $(BENCH_ARGS)
 	@echo
-	@GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-300} $(BUILD)/bench_moe
+	@if [ -z "$$OMP_WAIT_POLICY$$GOMP_SPINCOUNT" ]; then export GOMP_SPINCOUNT=300; fi; \
+	  $(BUILD)/bench_moe
 	@echo
 	@$(BUILD)/bench_recorder
 

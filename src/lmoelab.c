@@ -654,7 +654,9 @@ static int model_memory_l(lua_State *L) {
     if (!lua_isnoneornil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);
         check_keys(L, 2, "model:memory", keys);
-        B = (int)opt_int(L, 2, "model:memory", "batch", 16, 1, MODEL_MAX_BATCH_TOKENS);
+        /* the batches a model takes: at most MODEL_MAX_BATCH_TOKENS tokens */
+        B = (int)opt_int(L, 2, "model:memory", "batch", 16, 1,
+                         MODEL_MAX_BATCH_TOKENS / m->m->config.context);
         training = opt_bool(L, 2, "model:memory", "training", 1);
     }
     model_memory(m->m, B, training, &mem);

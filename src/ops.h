@@ -56,8 +56,9 @@ size_t matmul_backward_scratch(int N, int C, int OC);
 /* Causal multi-head attention.
 ** qkv (B,T,3C) holds q, k, v in that order along the last dim; head h uses the
 ** features h·hs .. (h+1)·hs of each. att (B,NH,T,T) keeps the softmax
-** probabilities (below and on the diagonal; zero just past it, and whatever
-** was there further right); out (B,T,C). Scaled by 1/sqrt(hs). */
+** probabilities (below and on the diagonal; zero from the diagonal to the end
+** of its block of 32 rows, and whatever was there further right); out (B,T,C).
+** Scaled by 1/sqrt(hs). */
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
 /* The FLOPs of attention_forward's products (the backward's are twice these):
 ** the scores it computes, by blocks of rows, and their weighted sum. */

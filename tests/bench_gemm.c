@@ -6,7 +6,9 @@
 ** Each shape is one call that src/ops.c or src/moe/layer.c makes, with the
 ** same transposes, leading dimensions, alpha and beta (row-major): the pieces
 ** of 256 rows of matmul_forward and of matmul_backward's dinp, dweight's pieces
-** of the sum over 512 rows, attention's products per (batch, head), and one
+** of the sum over 512 rows, attention's products per (batch, head) in blocks of
+** 32 rows (keys [0, t1) for rows [t0, t1); columns for the key and value
+** gradients), and one
 ** call per expert. `per step` counts the calls in one forward + backward step
 ** of the top-2 reference model (4 layers, d_model 128, 4 heads, context 128,
 ** batch 16, 8 experts of hidden 128, so about 512 rows an expert, vocabulary
@@ -55,13 +57,23 @@ enum { L = 4, B = 16, T = 128, NH = 4, C = 128, C3 = 3 * 128, HS = 32, E = 8, H 
 enum { ROWS = 256, SUM = 512, EROWS = 512 };         /* pieces; rows an expert (top-2) */
 enum { ROW_PIECES = 2048 / ROWS, SUM_PIECES = 2048 / SUM, HEADS = B * NH };
 enum { D5 = 512, H5 = 1024, N5 = 4096, E5ROWS = N5 * 2 / E }; /* bench_moe section 1 */
+/* causal attention in blocks of ATT rows (ops.c's ATT_BLOCK): rows [t0, t1)
+** against keys [0, t1); the key and value gradients by columns [j0, j0 + ATT)
+** over rows [j0, T) */
+enum { ATT = 32 };
 #define SCALE 0.17677669529663687f /* 1/sqrt(HS): attention's scores */
 
 static const Shape shapes[] = {
     /* forward */
     {"qkv", 'N', 'T', ROWS, C3, C, C, C, C3, 1, 0, ROW_PIECES * L, 0},
-    {"attention scores", 'N', 'T', T, T, HS, C3, C3, T, SCALE, 0, HEADS * L, 0},
-    {"attention a.v", 'N', 'N', T, HS, T, T, C3, C, 1, 0, HEADS * L, 0},
+    {"attention scores 1", 'N', 'T', ATT, 32, HS, C3, C3, T, SCALE, 0, HEADS * L, 0},
+    {"attention scores 2", 'N', 'T', ATT, 64, HS, C3, C3, T, SCALE, 0, HEADS * L, 0},
+    {"attention scores 3", 'N', 'T', ATT, 96, HS, C3, C3, T, SCALE, 0, HEADS * L, 0},
+    {"attention scores 4", 'N', 'T', ATT, 128, HS, C3, C3, T, SCALE, 0, HEADS * L, 0},
+    {"attention a.v 1", 'N', 'N', ATT, HS, 32, T, C3, C, 1, 0, HEADS * L, 0},
+    {"attention a.v 2", 'N', 'N', ATT, HS, 64, T, C3, C, 1, 0, HEADS * L, 0},
+    {"attention a.v 3", 'N', 'N', ATT, HS, 96, T, C3, C, 1, 0, HEADS * L, 0},
+    {"attention a.v 4", 'N', 'N', ATT, HS, 128, T, C3, C, 1, 0, HEADS * L, 0},
     {"attproj", 'N', 'T', ROWS, C, C, C, C, C, 1, 1, ROW_PIECES * L, 0},
     {"router", 'N', 'T', ROWS, E, C, C, C, E, 1, 0, ROW_PIECES * L, 0},
     {"expert fc, proj", 'N', 'T', EROWS, H, C, C, C, H, 1, 0, 2 * E * L, 0},
@@ -75,10 +87,22 @@ static const Shape shapes[] = {
     {"router dweight", 'T', 'N', E, C, SUM, E, C, C, 1, 0, SUM_PIECES * L, 0},
     {"attproj dinp", 'N', 'N', ROWS, C, C, C, C, C, 1, 0, ROW_PIECES * L, 0},
     {"attproj dweight", 'T', 'N', C, C, SUM, C, C, C, 1, 0, SUM_PIECES * L, 0},
-    {"attention dv", 'T', 'N', T, HS, T, T, C, C3, 1, 0, HEADS * L, 0},
-    {"attention da", 'N', 'T', T, T, HS, C, C3, T, 1, 0, HEADS * L, 0},
-    {"attention dq", 'N', 'N', T, HS, T, T, C3, C3, 1, 0, HEADS * L, 0},
-    {"attention dk", 'T', 'N', T, HS, T, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention da 1", 'N', 'T', ATT, 32, HS, C, C3, T, 1, 0, HEADS * L, 0},
+    {"attention da 2", 'N', 'T', ATT, 64, HS, C, C3, T, 1, 0, HEADS * L, 0},
+    {"attention da 3", 'N', 'T', ATT, 96, HS, C, C3, T, 1, 0, HEADS * L, 0},
+    {"attention da 4", 'N', 'T', ATT, 128, HS, C, C3, T, 1, 0, HEADS * L, 0},
+    {"attention dq 1", 'N', 'N', ATT, HS, 32, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dq 2", 'N', 'N', ATT, HS, 64, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dq 3", 'N', 'N', ATT, HS, 96, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dq 4", 'N', 'N', ATT, HS, 128, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dv 1", 'T', 'N', ATT, HS, 128, T, C, C3, 1, 0, HEADS * L, 0},
+    {"attention dv 2", 'T', 'N', ATT, HS, 96, T, C, C3, 1, 0, HEADS * L, 0},
+    {"attention dv 3", 'T', 'N', ATT, HS, 64, T, C, C3, 1, 0, HEADS * L, 0},
+    {"attention dv 4", 'T', 'N', ATT, HS, 32, T, C, C3, 1, 0, HEADS * L, 0},
+    {"attention dk 1", 'T', 'N', ATT, HS, 128, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dk 2", 'T', 'N', ATT, HS, 96, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dk 3", 'T', 'N', ATT, HS, 64, T, C3, C3, 1, 0, HEADS * L, 0},
+    {"attention dk 4", 'T', 'N', ATT, HS, 32, T, C3, C3, 1, 0, HEADS * L, 0},
     {"qkv dinp", 'N', 'N', ROWS, C, C3, C3, C, C, 1, 0, ROW_PIECES * L, 0},
     {"qkv dweight", 'T', 'N', C3, C, SUM, C3, C, C, 1, 0, SUM_PIECES * L, 0},
     /* the d_model 512 MoE layer, forward then backward */
@@ -368,13 +392,13 @@ int main(int argc, char **argv) {
     for (int g = 0; g < GROUPS; g++) {
         printf("\n%s\n", group_name[g]);
         printf("GFLOP/s, median (quartiles); op, M N K as cblas_sgemm takes them\n");
-        printf("%-18s %2s %4s %4s %4s %5s", "product", "op", "M", "N", "K", "calls");
+        printf("%-24s %2s %4s %4s %4s %5s", "product", "op", "M", "N", "K", "calls");
         for (int lib = 0; lib < LIBS; lib++) printf(" %19s", lib_name[lib]);
         printf("\n");
         for (int i = 0; i < SHAPES; i++) {
             const Shape *s = &shapes[i];
             if (s->group != g) continue;
-            printf("%-18s %c%c %4d %4d %4d %5d", s->what, s->transa, s->transb, s->M, s->N, s->K,
+            printf("%-24s %c%c %4d %4d %4d %5d", s->what, s->transa, s->transb, s->M, s->N, s->K,
                    s->per_step);
             for (int lib = 0; lib < LIBS; lib++) {
                 const Result *r = &res[i][lib];
@@ -385,13 +409,13 @@ int main(int argc, char **argv) {
         }
         printf("against OpenBLAS: median of the per-sample ratios (min-max); "
                "max |diff| / max |C|; * if a second call gave other bits\n");
-        printf("%-18s %2s %4s %4s %4s", "product", "op", "M", "N", "K");
+        printf("%-24s %2s %4s %4s %4s", "product", "op", "M", "N", "K");
         for (int lib = 1; lib < LIBS; lib++) printf(" %26s", lib_name[lib]);
         printf("\n");
         for (int i = 0; i < SHAPES; i++) {
             const Shape *s = &shapes[i];
             if (s->group != g) continue;
-            printf("%-18s %c%c %4d %4d %4d", s->what, s->transa, s->transb, s->M, s->N, s->K);
+            printf("%-24s %c%c %4d %4d %4d", s->what, s->transa, s->transb, s->M, s->N, s->K);
             for (int lib = 1; lib < LIBS; lib++) {
                 const Result *r = &res[i][lib];
                 if (!r->ok) printf(" %26s", "n/a");

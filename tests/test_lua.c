@@ -1329,6 +1329,9 @@ static void test_machine_and_costs(void **state) {
     assert_lua(L, "inf.gradients == 0 and inf.optimizer == 0 and inf.scratch == 0");
     assert_lua(L, "inf.activations == mem.activations and big.activations > mem.activations");
     run_err(L, "model:memory{ batch = 0 }", "model:memory", "'batch'", NULL);
+    /* no more tokens than a batch may hold (2^22; context 16) */
+    assert_lua(L, "model:memory{ batch = 262144 }.total > big.total");
+    run_err(L, "model:memory{ batch = 262145 }", "model:memory", "'batch'", "262144", NULL);
 
     /* an MoE model: the dense part (no FFN: 11264 a token) plus what the MoE
     ** layers ran, step by step, as the metrics table records it */

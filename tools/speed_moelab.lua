@@ -10,8 +10,8 @@
 -- block an MoE layer of 8 experts of hidden 128, top-2 renormalised, balance 0.01;
 -- batch 16, lr 3e-3, warm-up 50, no weight decay, no clipping. No evaluation runs
 -- during training. metrics.wall_ms is the cumulative training time (batch,
--- forward, backward, AdamW and the step's recording), so step s took about
--- wall_ms[s] - wall_ms[s-1].
+-- forward, backward, AdamW and the recording of the step before), so step s
+-- took about wall_ms[s] - wall_ms[s-1].
 
 local moelab = require "moelab"
 local args = moelab.args
