@@ -192,8 +192,8 @@ bench-gemm:
 	@$(MAKE) --no-print-directory $(BUILD)/bench_gemm
 	@$(BUILD)/bench_gemm $(BENCH_GEMM_ARGS)
 
-$(BUILD)/bench_gemm: tests/bench_gemm.c | $(BUILD)
-	$(CC) $(CFLAGS) -o $@ $< $(GEMM_LDLIBS)
+$(BUILD)/bench_gemm: tests/bench_gemm.c $(BUILD)/machine.o $(BUILD)/common.o | $(BUILD)
+	$(CC) $(CFLAGS) -o $@ $^ $(GEMM_LDLIBS)
 
 # clang's UBSan checks what gcc's does not (applying an offset to a null
 # pointer, for one), so where clang is installed the tests run a second time

@@ -435,19 +435,23 @@ void attention_backward(float *dqkv, float *datt, const float *dout, const float
 
 #define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
 
-/* tanh(u) = 1 - 2 / (e^{2u} + 1), which saturates cleanly at ±1 */
+/* t = tanh(sqrt(2/pi) (x + 0.044715 x³)) over one chunk of n elements, as
+** 1 - 2 / (e^{2u} + 1), which saturates cleanly at ±1 */
+static void gelu_tanh(float *t, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) t[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
+    expf_inplace(t, (int)n);
+    for (size_t i = 0; i < n; i++) t[i] = 1.0f - 2.0f / (t[i] + 1.0f);
+}
+
 void gelu_forward(float *out, const float *inp, size_t n) {
     size_t chunks = (n + ELEMWISE_CHUNK - 1) / ELEMWISE_CHUNK;
 #pragma omp parallel for schedule(static)
     for (size_t c = 0; c < chunks; c++) {
         size_t lo = c * ELEMWISE_CHUNK, len = n - lo < ELEMWISE_CHUNK ? n - lo : ELEMWISE_CHUNK;
         const float *x = inp + lo;
-        float e[ELEMWISE_CHUNK];
-        for (size_t i = 0; i < len; i++)
-            e[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-        expf_inplace(e, (int)len);
-        for (size_t i = 0; i < len; i++)
-            out[lo + i] = 0.5f * x[i] * (1.0f + (1.0f - 2.0f / (e[i] + 1.0f)));
+        float t[ELEMWISE_CHUNK];
+        gelu_tanh(t, x, len);
+        for (size_t i = 0; i < len; i++) out[lo + i] = 0.5f * x[i] * (1.0f + t[i]);
     }
 }
 
@@ -457,14 +461,11 @@ void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     for (size_t c = 0; c < chunks; c++) {
         size_t lo = c * ELEMWISE_CHUNK, len = n - lo < ELEMWISE_CHUNK ? n - lo : ELEMWISE_CHUNK;
         const float *x = inp + lo;
-        float e[ELEMWISE_CHUNK];
-        for (size_t i = 0; i < len; i++)
-            e[i] = 2.0f * GELU_SCALE * (x[i] + 0.044715f * x[i] * x[i] * x[i]);
-        expf_inplace(e, (int)len);
+        float t[ELEMWISE_CHUNK];
+        gelu_tanh(t, x, len);
         for (size_t i = 0; i < len; i++) {
-            float tanh_out = 1.0f - 2.0f / (e[i] + 1.0f);
-            float sech2 = 1.0f - tanh_out * tanh_out;
-            float local = 0.5f * (1.0f + tanh_out) +
+            float sech2 = 1.0f - t[i] * t[i];
+            float local = 0.5f * (1.0f + t[i]) +
                           x[i] * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x[i] * x[i]);
             dinp[lo + i] = local * dout[lo + i];
         }

@@ -35,6 +35,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "machine.h"
+
 /* OpenBLAS's own, which cblas.h would declare (BLIS's cblas.h is in use) */
 void openblas_set_num_threads(int num_threads);
 char *openblas_get_corename(void);
@@ -307,21 +309,6 @@ static void measure(const Shape *s, int samples, double sample_seconds, Result *
     free(c.a), free(c.b), free(c.c), free(c.xsmm_bt), free(c0), free(ref), free(first);
 }
 
-static const char *cpu_model(void) {
-    static char name[256] = "unknown";
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char line[512];
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "model name", 10) == 0) {
-            const char *v = strchr(line, ':');
-            if (v) snprintf(name, sizeof name, "%s", v + 2);
-            name[strcspn(name, "\n")] = 0;
-            break;
-        }
-    if (f) fclose(f);
-    return name;
-}
-
 static void print_load(const char *when) {
     char buf[128] = "?";
     FILE *f = fopen("/proc/loadavg", "r");
@@ -373,7 +360,7 @@ int main(int argc, char **argv) {
     const dnnl_version_t *dv = dnnl_version();
     printf("bench_gemm: single-threaded sgemm on the model's shapes, %d samples of ~%.0f ms\n",
            samples, sample_ms);
-    printf("CPU: %s\n", cpu_model());
+    printf("CPU: %s\n", machine_cpu_model());
     printf("OpenBLAS: %s, kernels %s (OPENBLAS_CORETYPE=%s); cblas_sgemm from %s\n",
            openblas_get_config(), openblas_get_corename(), coretype ? coretype : "unset",
            provider((void *)cblas_sgemm));

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "data.h"
+#include "machine.h"
 #include "model.h"
 #include "recorder.h"
 #include "trainer.h"
@@ -177,22 +178,6 @@ static double step_time_per_token(int experts) {
     return best / (B * T);
 }
 
-/* The processor's name, as every speed figure is stated with it. */
-static const char *cpu_model(void) {
-    static char name[256] = "unknown";
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char line[512];
-    while (f && fgets(line, sizeof line, f))
-        if (strncmp(line, "model name", 10) == 0) {
-            const char *v = strchr(line, ':');
-            if (v) snprintf(name, sizeof name, "%s", v + 2);
-            name[strcspn(name, "\n")] = 0;
-            break;
-        }
-    if (f) fclose(f);
-    return name;
-}
-
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -249,7 +234,7 @@ int main(void) {
     trainer_set_threads(0);
     int threads = omp_get_max_threads();
     printf("moelab bench: %d threads (OpenMP; OpenBLAS single-threaded inside them)\n", threads);
-    printf("CPU: %s; OpenBLAS kernels: %s\n\n", cpu_model(), openblas_get_corename());
+    printf("CPU: %s; OpenBLAS kernels: %s\n\n", machine_cpu_model(), openblas_get_corename());
 
     int C = 512, H = 1024, E = 8, N = 4096;
     double sg = sgemm_gflops(N * 2 / E, H, C); /* one expert's rows × H × C */
