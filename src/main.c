@@ -47,6 +47,13 @@ static const char *usage =
     "                                           one row per run (seeds of a sweep\n"
     "                                           folded into mean ± spread); NAME\n"
     "                                           may hold * as a wildcard\n"
+    "  moelab placement DB --devices P[,P...] [--policy contiguous|round_robin|\n"
+    "              balanced|cooccurrence|all] [--run NAME] [--eval ID]\n"
+    "              [--bandwidth GB/s] [--rate GFLOP/s] [--format text|csv|markdown]\n"
+    "                                           replay a recorded evaluation's routing\n"
+    "                                           with the experts on P devices: per\n"
+    "                                           layer, all-to-all volume, local share,\n"
+    "                                           load imbalance, critical path (README)\n"
     "  moelab                                   a Lua prompt with moelab loaded\n"
     "  moelab --help | --version\n"
     "\n"
@@ -303,7 +310,10 @@ static int cmd_plot(int argc, char **argv) {
 
 /* moelab report: lua/moelab/report.lua's main, with the arguments after
 ** "report"; its return value is the exit code. */
-static int cmd_report(int argc, char **argv) {
+/* A command written in Lua: require(module).main(args) with the arguments
+** after the command's name; it returns the exit code. Its own errors start
+** with "moelab COMMAND:" and are usage errors (exit 2, no traceback). */
+static int cmd_lua_tool(int argc, char **argv, const char *module, const char *prefix) {
     lua_State *L = new_state();
     if (load_module(L) != 0) {
         lua_close(L);
@@ -311,7 +321,7 @@ static int cmd_report(int argc, char **argv) {
     }
     lua_pop(L, 1);
     lua_getglobal(L, "require");
-    lua_pushstring(L, "moelab.report");
+    lua_pushstring(L, module);
     int status = docall(L, 1, 1);
     if (status == LUA_OK) {
         lua_getfield(L, -1, "main");
@@ -328,7 +338,7 @@ static int cmd_report(int argc, char **argv) {
         rc = (int)lua_tointeger(L, -1);
     } else {
         const char *msg = lua_tostring(L, -1);
-        if (msg && strncmp(msg, "moelab report:", 14) == 0) { /* ours: no traceback */
+        if (msg && strncmp(msg, prefix, strlen(prefix)) == 0) { /* ours: no traceback */
             const char *nl = strchr(msg, '\n');
             fprintf(stderr, "%.*s (moelab --help for usage)\n", nl ? (int)(nl - msg) : (int)strlen(msg),
                     msg);
@@ -442,7 +452,10 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "run") == 0) return cmd_run(argc, argv);
     if (strcmp(cmd, "plot") == 0) return cmd_plot(argc, argv);
-    if (strcmp(cmd, "report") == 0) return cmd_report(argc, argv);
+    if (strcmp(cmd, "report") == 0)
+        return cmd_lua_tool(argc, argv, "moelab.report", "moelab report:");
+    if (strcmp(cmd, "placement") == 0)
+        return cmd_lua_tool(argc, argv, "moelab.placement", "moelab placement:");
     fprintf(stderr, "moelab: unknown command '%s'\n\n", cmd);
     show_usage(stderr);
     return 2;

@@ -577,6 +577,47 @@ static void test_report(void **state) {
     proc_free(&p);
 }
 
+/* moelab placement: a recorded MoE evaluation replayed on 1 and 4 devices
+** by every policy; usage errors exit 2. */
+static void test_placement(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char script[512], path[512], arg[600];
+    tmp_path(script, sizeof script, "placement.lua");
+    write_file(script, "moelab.threads(1)\n"
+               "local data = moelab.corpus{ text = string.rep('abcdefgh', 200) }\n"
+               "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n"
+               "                            moe = { experts = 4, hidden = 8 } }\n"
+               "local db = moelab.open(moelab.args.db)\n"
+               "local run = db:run{ name = 'moe', model = model, data = data }\n"
+               "run:train{ steps = 3, batch = 4, threads = 1, eval_batches = 0, progress = false }\n"
+               "run:evaluate{ batches = 2, batch = 4, record = true }\n");
+    tmp_path(path, sizeof path, "placement.db");
+    snprintf(arg, sizeof arg, "db=%s", path);
+    Proc p;
+    MOELAB(&p, NULL, "run", script, arg);
+    expect_code(&p, 0);
+    proc_free(&p);
+    MOELAB(&p, NULL, "placement", path, "--devices", "1,4", "--policy", "all", "--format", "csv");
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, "policy,devices,layer,assignments,local");
+    expect_in("stdout", p.out.data, "\ncontiguous,1,all,256,1.000,0.000,");
+    expect_in("stdout", p.out.data, "\ncooccurrence,4,all,256,");
+    proc_free(&p);
+    MOELAB(&p, NULL, "placement", path);
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "need --devices");
+    proc_free(&p);
+    MOELAB(&p, NULL, "placement", path, "--devices", "4", "--policy", "random");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "unknown policy 'random'");
+    proc_free(&p);
+    MOELAB(&p, NULL, "placement", tiny_db(), "--devices", "4");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "no recorded evaluation");
+    proc_free(&p);
+}
+
 /* Each seed paper's experiment runs alone, a few steps of one seed on a small
 ** corpus: its sweep, report, Markdown and every figure it asks for. */
 static void test_experiments_run(void **state) {
@@ -840,6 +881,7 @@ int main(void) {
         cmocka_unit_test(test_args),
         cmocka_unit_test(test_plot),
         cmocka_unit_test(test_report),
+        cmocka_unit_test(test_placement),
         cmocka_unit_test(test_experiments_run),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),

@@ -1353,6 +1353,51 @@ static void test_machine_and_costs(void **state) {
     lua_close(L);
 }
 
+/* Placement replay (moelab.placement): hand-made tokens with hand-computed
+** volumes, and a recorded evaluation replayed whole. */
+static void test_placement_replay(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    /* 4 experts on 2 devices; tokens 1-2 live on device 0, 3-4 on device 1;
+    ** d_model 2 (8 bytes a token), 1 FLOP an assignment, 1 GB/s, 1 GFLOP/s */
+    run_ok(L, "pl = require 'moelab.placement'\n"
+              "toks = { {0, 2}, {0, 2}, {1, 3}, {1, 3} }\n"
+              "o = { d_model = 2, flops = { 1, 1, 1, 1 }, bandwidth = 1, rate = 1 }\n"
+              "c = pl.layer(toks, 4, 2, 'contiguous', o)\n"
+              "k = pl.layer(toks, 4, 2, 'cooccurrence', o)\n"
+              "b = pl.layer(toks, 4, 2, 'balanced', o)\n"
+              "one = pl.layer(toks, 4, 1, 'round_robin', o)");
+    /* contiguous: experts 0,1 | 2,3; every token has one expert away: 4
+    ** (token, device) pairs, there and back, 8 bytes each */
+    assert_lua(L, "c.assignments == 8 and c.local_share == 0.5 and c.remote_tokens == 4 and c.bytes == 64");
+    assert_lua(L, "c.devices[1] == 0 and c.devices[2] == 0 and c.devices[3] == 1 and c.devices[4] == 1");
+    /* each device sends 2 and receives 2: two phases of 2 x 8 bytes at 1 GB/s */
+    assert_lua(L, "math.abs(c.comm_ms - 2 * 2 * 8 / 1e9 * 1e3) < 1e-15 and c.imbalance == 1");
+    assert_lua(L, "math.abs(c.compute_ms - 4 / 1e9 * 1e3) < 1e-15");
+    /* co-occurrence puts 0 with 2 and 1 with 3: every token stays home */
+    assert_lua(L, "k.devices[1] == k.devices[3] and k.devices[2] == k.devices[4] and k.devices[1] ~= k.devices[2]");
+    assert_lua(L, "k.local_share == 1 and k.bytes == 0 and k.comm_ms == 0");
+    assert_lua(L, "b.imbalance == 1 and one.local_share == 1 and one.bytes == 0");
+    run_err(L, "pl.layer(toks, 4, 2, 'random', o)", "unknown policy 'random'", NULL);
+
+    /* a recorded evaluation: every assignment is replayed, one device keeps all */
+    run_ok(L, "data = moelab.corpus{ text = TEXT, split = 0.9 }\n"
+              "db = moelab.open(DIR .. '/placement.db')\n"
+              "run = db:run{ name = 'moe', data = data,\n"
+              "  model = moelab.model(tiny{ layers = 2, moe = { experts = 4, hidden = 8 } }) }\n"
+              "run:train(fast{ steps = 3 })\n"
+              "e = run:evaluate{ batches = 2, batch = 4, record = true }\n"
+              "rows = pl.study(db, { devices = { 1, 4, 1024 }, policy = 'cooccurrence' })\n"
+              "n = db:query('SELECT COUNT(*) AS n FROM routing WHERE eval_id = ?', e.eval_id)[1].n");
+    assert_lua(L, "#rows == 9 and rows[3].layer == 'all' and rows[3].devices == 1");
+    assert_lua(L, "rows[3].assignments == n and rows[3].local_share == 1 and rows[3].bytes == 0");
+    assert_lua(L, "rows[6].assignments == n and rows[6].local_share < 1 and rows[6].bytes > 0");
+    assert_lua(L, "rows[9].imbalance > 1 and pl.render(rows, 'markdown'):find('| cooccurrence | 4 | all |', 1, true) ~= nil");
+    run_err(L, "pl.study(db, { devices = { 0 } })", "devices must be whole numbers", NULL);
+    run_err(L, "pl.study(db, { run = 'nope' })", "no recorded evaluation of run 'nope'", NULL);
+    lua_close(L);
+}
+
 static void test_loss_errors(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1572,6 +1617,7 @@ int main(void) {
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_machine_and_costs),
+        cmocka_unit_test(test_placement_replay),
         cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),
