@@ -1378,6 +1378,11 @@ static void test_placement_replay(void **state) {
     assert_lua(L, "k.devices[1] == k.devices[3] and k.devices[2] == k.devices[4] and k.devices[1] ~= k.devices[2]");
     assert_lua(L, "k.local_share == 1 and k.bytes == 0 and k.comm_ms == 0");
     assert_lua(L, "b.imbalance == 1 and one.local_share == 1 and one.bytes == 0");
+    /* the greedy pass alone would pair 0 with 1 (the two busiest, chosen
+    ** together once); the swaps then keep 0 with 2 and 1 with 3 (three times) */
+    run_ok(L, "g = pl.layer({ {0, 1}, {0, 2}, {0, 2}, {0, 2}, {1, 3}, {1, 3}, {1, 3} }, 4, 2,\n"
+              "             'cooccurrence', o).devices");
+    assert_lua(L, "g[1] == g[3] and g[2] == g[4] and g[1] ~= g[2]");
     run_err(L, "pl.layer(toks, 4, 2, 'random', o)", "unknown policy 'random'", NULL);
 
     /* a recorded evaluation: every assignment is replayed, one device keeps all */

@@ -18,7 +18,9 @@
 --     by falling load, each to the least loaded device with room) or
 --     "cooccurrence" (the experts by falling load, each to the device with
 --     room whose experts this layer's tokens choose together with it most
---     often; ties to the least loaded). A device holds at most ceil(E / P).
+--     often, ties to the least loaded; then swaps of two experts while one
+--     keeps more of the tokens' pairs on one device). A device holds at most
+--     ceil(E / P).
 --   * A token goes once to each other device that holds any of its experts
 --     (dispatch) and comes back from it (combine): d_model floats of 4 bytes
 --     each way. The all-to-all volume counts both.
@@ -68,6 +70,31 @@ function placement.assign(policy, E, P, load, co)
     dev[e] = best - 1
     held[best], dload[best] = held[best] + 1, dload[best] + load[e]
     table.insert(members[best], e)
+  end
+  if policy == "cooccurrence" then
+    -- then swaps of two experts between devices while one raises the count of
+    -- tokens' expert pairs kept together (the best swap first; at most E² swaps)
+    local function with(e, d) -- e's pairs with the experts on device d, e excluded
+      local n = 0
+      for f = 1, E do
+        if f ~= e and dev[f] == d then n = n + (co[e][f] or 0) end
+      end
+      return n
+    end
+    for _ = 1, E * E do
+      local best_gain, ba, bb = 0, nil, nil
+      for a = 1, E do
+        for b = a + 1, E do
+          local da, db = dev[a], dev[b]
+          if da ~= db then
+            local gain = with(a, db) + with(b, da) - with(a, da) - with(b, db) - 2 * (co[a][b] or 0)
+            if gain > best_gain then best_gain, ba, bb = gain, a, b end
+          end
+        end
+      end
+      if not ba then break end
+      dev[ba], dev[bb] = dev[bb], dev[ba]
+    end
   end
   return dev
 end
