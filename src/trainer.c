@@ -11,10 +11,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "json.h"
+#include "machine.h"
 #include "recwriter.h"
 
 volatile int trainer_interrupt = 0;
@@ -74,11 +74,7 @@ float trainer_lr(const TrainOptions *o, int s) {
     return (float)(o->min_lr + 0.5 * (o->lr - o->min_lr) * (1.0 + cos(M_PI * frac)));
 }
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
+static double now_ms(void) { return 1e3 * machine_clock(); }
 
 int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_t run_id,
                  const char *name, uint64_t seed, char *err) {

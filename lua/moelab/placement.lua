@@ -291,17 +291,10 @@ function placement.render(rows, format)
     lines[2] = "|" .. string.rep("---|", #head)
     for _, r in ipairs(rows) do lines[#lines + 1] = "| " .. table.concat(cells(r), " | ") .. " |" end
   elseif format == "text" then
-    local all = { head }
-    for _, r in ipairs(rows) do all[#all + 1] = cells(r) end
-    local width = {}
-    for _, row in ipairs(all) do
-      for i, v in ipairs(row) do width[i] = math.max(width[i] or 0, #v) end
-    end
-    for _, row in ipairs(all) do
-      local t = {}
-      for i, v in ipairs(row) do t[i] = string.format("%" .. width[i] .. "s", v) end
-      lines[#lines + 1] = table.concat(t, "  ")
-    end
+    local shown, cols = {}, {}
+    for i, r in ipairs(rows) do shown[i] = cells(r) end
+    for j, c in ipairs(columns) do cols[j] = { j, c[2], right = j > 1 } end
+    return require("moelab.report").format_table(shown, cols)
   else
     error(string.format("moelab placement: --format must be text, csv or markdown, got '%s'",
                         tostring(format)), 0)
@@ -347,15 +340,8 @@ function placement.main(args)
       path, i = a, i + 1
     end
   end
-  if not path then error("moelab placement: need DB", 0) end
-  if not o.devices then error("moelab placement: need --devices P[,P...]", 0) end
-  if format ~= "text" and format ~= "csv" and format ~= "markdown" then
-    error(string.format("moelab placement: --format must be text, csv or markdown, got '%s'", format), 0)
-  end
-  local f = io.open(path, "rb")
-  if not f then error(string.format("moelab placement: cannot read database '%s'", path), 0) end
-  f:close()
-  local db = require("moelab").open(path, { readonly = true })
+  if path and not o.devices then error("moelab placement: need --devices P[,P...]", 0) end
+  local db = require("moelab.report").open_readonly("moelab placement", path, format)
   local policies = o.policy == "all" and placement.policies or { o.policy or "contiguous" }
   local rows = {}
   for _, p in ipairs(policies) do

@@ -274,6 +274,20 @@ function report.render(rows, format)
   return report.format_table(shown, cols)
 end
 
+-- What the commands that read a database (report, placement) check before
+-- they open it read-only: command is their name in messages.
+function report.open_readonly(command, path, format)
+  if not path then error(string.format("%s: need DB", command), 0) end
+  if format ~= "text" and format ~= "csv" and format ~= "markdown" then
+    error(string.format("%s: --format must be text, csv or markdown, got '%s'", command,
+                        tostring(format)), 0)
+  end
+  local f = io.open(path, "rb")
+  if not f then error(string.format("%s: cannot read database '%s'", command, path), 0) end
+  f:close()
+  return require("moelab").open(path, { readonly = true })
+end
+
 -- `moelab report DB [--runs A,B] [--format text|csv|markdown]`: args as given.
 function report.main(args)
   local path, runs, format = nil, nil, "text"
@@ -297,14 +311,7 @@ function report.main(args)
       path, i = a, i + 1
     end
   end
-  if not path then error("moelab report: need DB", 0) end
-  if format ~= "text" and format ~= "csv" and format ~= "markdown" then
-    error(string.format("moelab report: --format must be text, csv or markdown, got '%s'", format), 0)
-  end
-  local f = io.open(path, "rb")
-  if not f then error(string.format("moelab report: cannot read database '%s'", path), 0) end
-  f:close()
-  local db = require("moelab").open(path, { readonly = true })
+  local db = report.open_readonly("moelab report", path, format)
   local rows = report.groups(report.runs(db, { runs = runs }))
   db:close()
   if #rows == 0 then
