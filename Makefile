@@ -10,6 +10,8 @@
 #                 configuration reader, FUZZ_SECONDS each (default 600); needs clang
 #   make bench    speed as ratios measured in one run (not part of the tests)
 #   make bench-scaling  speed and peak memory against d_model, context and experts
+#   make bench-mpi  data parallelism: 2 ranks x 1 thread against 1 rank x 2
+#                 threads, training the reference model (tests/bench_mpi.lua)
 #   make bench-gemm  single-threaded sgemm on the model's shapes: OpenBLAS against
 #                 BLIS, libxsmm and oneDNN (installs GEMM_PKGS for this target only)
 #   make data     write data/kjv.txt from the bible-kjv package
@@ -22,7 +24,8 @@
 
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
-           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4 libsleef-dev
+           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4 libsleef-dev \
+           libopenmpi-dev openmpi-bin
 # what `make asan`'s clang pass and `make fuzz` add: libFuzzer and the
 # sanitizers' runtimes (libclang-rt-dev), and OpenMP for clang (libomp-dev)
 CLANG_PKGS := clang libclang-rt-dev libomp-dev
@@ -31,6 +34,11 @@ GEMM_PKGS := libblis-dev libxsmm-dev libdnnl-dev
 # the packages check-deps and deps look at
 DEP_PKGS ?= $(PKGS)
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
+# Open MPI (src/dist.c): linked always, started only under mpirun (README,
+# Several machines); the fallbacks are Debian's paths, for a first build
+# before pkg-config knows ompi-c
+MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null || echo -I/usr/lib/x86_64-linux-gnu/openmpi/include)
+MPI_LIBS := $(shell pkg-config --libs ompi-c 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/openmpi/lib -lmpi)
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
 # -fPIC for moelab.so; hidden visibility so that it exports luaopen_moelab alone
@@ -41,14 +49,14 @@ CFLAGS  ?= $(OPT)
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -fno-trapping-math -g -fPIC \
            -fvisibility=hidden \
            -Isrc -I/usr/include/lua5.4 \
-           $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC))
-LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef -lcmocka -lm -ldl -lpthread -fopenmp
-LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef -lm -ldl -lpthread -fopenmp
+           $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC)) $(MPI_CFLAGS)
+LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lcmocka -lm -ldl -lpthread -fopenmp
+LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lm -ldl -lpthread -fopenmp
 # a Lua C module leaves the lua_* symbols to the interpreter that loads it
-LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lsleef -lm -ldl -lpthread -fopenmp
+LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
-CORE    := common config json machine ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
+CORE    := common config json machine dist ops moe/router moe/layer moe/stratified moe/merge moe/moefy model data safetensors checkpoint
 RECORD  := recorder recwriter paths plot plot_figures trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
@@ -68,7 +76,7 @@ MAN1DIR := $(PREFIX)/share/man/man1
 LUA_LIB := $(wildcard lua/moelab/*.lua)
 PLOT_GP := $(wildcard plots/*.gp)
 
-.PHONY: all deps data demo test asan bench bench-scaling bench-gemm clean check-deps install uninstall \
+.PHONY: all deps data demo test asan bench bench-scaling bench-mpi bench-gemm clean check-deps install uninstall \
         fuzz fuzz-build
 
 all: check-deps $(BIN) $(MODULE)
@@ -134,7 +142,7 @@ $(BUILD)/bench_%: tests/bench_%.c tests/testutil.h $(BUILD)/libmoelab.a
 $(BUILD)/dump_grads: tools/dump_grads.c $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS_MAIN)
 
-$(BUILD)/test_%: tests/test_%.c tests/testutil.h tests/testmodel.h $(BUILD)/libmoelab.a
+$(BUILD)/test_%: tests/test_%.c tests/testutil.h tests/testmodel.h tests/testproc.h $(BUILD)/libmoelab.a
 	$(CC) $(CFLAGS) -DMOELAB_PLOTS_DIR='"$(PLOTS_DIR)"' -Itests -o $@ $< $(BUILD)/libmoelab.a $(LDLIBS)
 
 data: data/kjv.txt
@@ -181,6 +189,9 @@ bench: all data/kjv.txt $(BUILD)/bench_moe $(BUILD)/bench_recorder
 # How speed and memory scale with d_model, context and experts (README, Speed).
 bench-scaling: all data/kjv.txt
 	@MOELAB=./$(BIN) ./$(BIN) run tests/bench_scaling.lua $(BENCH_ARGS)
+
+bench-mpi: all data/kjv.txt
+	@MOELAB=./$(BIN) ./$(BIN) run tests/bench_mpi.lua $(BENCH_ARGS)
 
 # OpenBLAS against BLIS, libxsmm and oneDNN on the model's sgemm shapes, one
 # thread each (tests/bench_gemm.c; issue 11); BENCH_GEMM_ARGS="samples ms" to

@@ -100,10 +100,17 @@ int corpus_check_vocab(const Corpus *c, int vocab, char *err) {
 }
 
 void corpus_batch(const Corpus *c, Split s, void *rng, int B, int T, int *inputs, int *targets) {
+    corpus_batch_part(c, s, rng, B, 0, B, T, inputs, targets);
+}
+
+void corpus_batch_part(const Corpus *c, Split s, void *rng, int all, int first, int B, int T,
+                       int *inputs, int *targets) {
     const uint8_t *base = c->bytes + (s == SPLIT_TRAIN ? 0 : c->n_train);
     size_t windows = corpus_split_len(c, s) - (size_t)T; /* offsets 0 .. len - T - 1 */
-    for (int b = 0; b < B; b++) {
+    for (int r = 0; r < all; r++) {
         size_t o = (size_t)gsl_rng_uniform_int((gsl_rng *)rng, windows);
+        int b = r - first;
+        if (b < 0 || b >= B) continue;
         for (int t = 0; t < T; t++) {
             inputs[b * T + t] = base[o + t];
             targets[b * T + t] = base[o + t + 1];

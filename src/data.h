@@ -43,5 +43,10 @@ int corpus_check_vocab(const Corpus *c, int vocab, char *err);
 /* Fills inputs and targets (B, T) from random windows of the split; rng is a
 ** gsl_rng* (kept opaque here so that callers need not include GSL). */
 void corpus_batch(const Corpus *c, Split s, void *rng, int B, int T, int *inputs, int *targets);
+/* Rows first .. first + B − 1 of the batch of `all` rows that corpus_batch
+** would draw: the rng moves by all draws (a slice of a batch cut over ranks,
+** dist.h). */
+void corpus_batch_part(const Corpus *c, Split s, void *rng, int all, int first, int B, int T,
+                       int *inputs, int *targets);
 
 #endif

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "checkpoint.h"
+#include "dist.h"
 #include "json.h"
 #include "machine.h"
 #include "paths.h"
@@ -33,7 +34,9 @@
 
 typedef struct { Corpus *c; } LCorpus;
 typedef struct { Model *m; } LModel;
-typedef struct { Recorder *r; char *path; } LDb;
+/* Over several ranks (dist.h) rank 0 alone holds the database: the others'
+** are `remote`, with r NULL; rank 0 answers their queries. */
+typedef struct { Recorder *r; char *path; int remote; } LDb;
 typedef struct {
     Trainer t;
     int open;          /* trainer initialised */
@@ -180,6 +183,16 @@ static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
 
 /* Raises err, a message from the C layer, as "what: ..."; err's own prefix
 ** ("train: ", "moefy: ") is dropped, so that it is not said twice. */
+/* Over several ranks, the outcome of what rank 0 alone does (the database,
+** files): its rc, and its message when it failed, on every rank, so that
+** all go on or all raise the same error. */
+static int rank0_outcome(int rc, char *err) {
+    if (!dist_active()) return rc;
+    dist_broadcast(&rc, sizeof rc);
+    if (rc != 0) dist_broadcast_string(err, ML_ERRLEN);
+    return rc;
+}
+
 static int c_error(lua_State *L, const char *what, const char *prefix, const char *err) {
     size_t n = strlen(prefix);
     if (strncmp(err, prefix, n) == 0 && strncmp(err + n, ": ", 2) == 0) err += n + 2;
@@ -515,7 +528,9 @@ static int model_save(lua_State *L) {
     LModel *m = check_model(L, 1);
     const char *path = luaL_checkstring(L, 2);
     char err[ML_ERRLEN];
-    if (checkpoint_save(m->m, path, err) != 0) luaL_error(L, "model:save: %s", err);
+    /* over several ranks the models are the same: rank 0 writes the file */
+    int rc = dist_rank() == 0 ? checkpoint_save(m->m, path, err) : 0;
+    if (rank0_outcome(rc, err) != 0) luaL_error(L, "model:save: %s", err);
     return 0;
 }
 
@@ -687,16 +702,17 @@ static int model_tostring(lua_State *L) {
 
 static LDb *check_db(lua_State *L, int idx) {
     LDb *d = luaL_checkudata(L, idx, DB_MT);
-    if (!d->r) luaL_error(L, "the database is closed");
+    if (!d->r && !d->remote) luaL_error(L, "the database is closed");
     return d;
 }
+
 
 static int run_close(lua_State *L);
 
 /* Closes the database, closing its open runs first (so each gets its status). */
 static int db_close(lua_State *L) {
     LDb *d = luaL_checkudata(L, 1, DB_MT);
-    if (d->r && lua_getiuservalue(L, 1, 1) == LUA_TTABLE) {
+    if ((d->r || d->remote) && lua_getiuservalue(L, 1, 1) == LUA_TTABLE) {
         lua_pushnil(L);
         while (lua_next(L, -2)) {
             lua_pop(L, 1);
@@ -708,6 +724,7 @@ static int db_close(lua_State *L) {
     lua_settop(L, 1);
     if (d->r) rec_close(d->r);
     d->r = NULL;
+    d->remote = 0;
     free(d->path);
     d->path = NULL;
     return 0;
@@ -729,6 +746,7 @@ static int l_open(lua_State *L) {
     LDb *d = lua_newuserdatauv(L, sizeof *d, 1);
     d->r = NULL;
     d->path = NULL;
+    d->remote = 0;
     luaL_setmetatable(L, DB_MT);
     lua_newtable(L); /* its runs, weakly: a run still referenced elsewhere lives on */
     lua_newtable(L);
@@ -737,15 +755,18 @@ static int l_open(lua_State *L) {
     lua_setmetatable(L, -2);
     lua_setiuservalue(L, -2, 1);
     char err[ML_ERRLEN];
-    if ((readonly ? rec_open_readonly(&d->r, path, err)
-                  : adopt ? rec_open_adopting(&d->r, path, err) : rec_open(&d->r, path, err)) != 0)
-        luaL_error(L, "moelab.open: %s", err);
+    int rc = 0;
+    if (dist_rank() == 0)
+        rc = readonly ? rec_open_readonly(&d->r, path, err)
+                      : adopt ? rec_open_adopting(&d->r, path, err) : rec_open(&d->r, path, err);
+    if (rank0_outcome(rc, err) != 0) luaL_error(L, "moelab.open: %s", err);
+    d->remote = dist_rank() != 0;
     d->path = strdup(path);
     return 1;
 }
 
 /* db:query(sql, ...) → an array of rows, each a table keyed by column name. */
-static int db_query(lua_State *L) {
+static int query_here(lua_State *L) {
     LDb *d = check_db(L, 1);
     const char *sql = luaL_checkstring(L, 2);
     char err[ML_ERRLEN];
@@ -796,6 +817,138 @@ static int db_query(lua_State *L) {
         return luaL_error(L, "db:query: %s", msg);
     }
     sqlite3_finalize(st);
+    return 1;
+}
+
+/* Query rows as bytes, for the ranks that have no database: per row its
+** field count, then per field its name, a type byte and the value. */
+typedef struct {
+    char *p;
+    size_t n, cap;
+    int failed;
+} Bytes;
+
+static void put(Bytes *b, const void *x, size_t n) {
+    if (b->failed) return;
+    if (b->n + n > b->cap) {
+        size_t cap = 2 * (b->n + n) + 256;
+        char *p = realloc(b->p, cap);
+        if (!p) {
+            b->failed = 1;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, x, n);
+    b->n += n;
+}
+
+static void put_string(Bytes *b, const char *s, size_t n) {
+    uint64_t len = n;
+    put(b, &len, sizeof len);
+    put(b, s, n);
+}
+
+static void rows_encode(lua_State *L, int idx, Bytes *b) {
+    uint64_t rows = lua_rawlen(L, idx);
+    put(b, &rows, sizeof rows);
+    for (uint64_t i = 1; i <= rows; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i);
+        uint64_t fields = 0;
+        for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) fields++;
+        put(b, &fields, sizeof fields);
+        for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+            size_t n;
+            const char *k = lua_tolstring(L, -2, &n); /* a column name: a string already */
+            put_string(b, k, n);
+            char type = lua_isinteger(L, -1) ? 'i' : lua_type(L, -1) == LUA_TNUMBER ? 'n' : 's';
+            put(b, &type, 1);
+            if (type == 'i') {
+                lua_Integer v = lua_tointeger(L, -1);
+                put(b, &v, sizeof v);
+            } else if (type == 'n') {
+                lua_Number v = lua_tonumber(L, -1);
+                put(b, &v, sizeof v);
+            } else {
+                const char *v = lua_tolstring(L, -1, &n);
+                put_string(b, v, n);
+            }
+        }
+        lua_pop(L, 1);
+    }
+}
+
+static const char *take(const char **p, size_t n) {
+    const char *at = *p;
+    *p += n;
+    return at;
+}
+
+static uint64_t take_u64(const char **p) {
+    uint64_t v;
+    memcpy(&v, take(p, sizeof v), sizeof v);
+    return v;
+}
+
+static void rows_decode(lua_State *L, const char *p) {
+    uint64_t rows = take_u64(&p);
+    lua_createtable(L, (int)rows, 0);
+    for (uint64_t i = 1; i <= rows; i++) {
+        uint64_t fields = take_u64(&p);
+        lua_createtable(L, 0, (int)fields);
+        for (uint64_t f = 0; f < fields; f++) {
+            uint64_t n = take_u64(&p);
+            lua_pushlstring(L, take(&p, n), n);
+            char type = *take(&p, 1);
+            if (type == 'i') {
+                lua_Integer v;
+                memcpy(&v, take(&p, sizeof v), sizeof v);
+                lua_pushinteger(L, v);
+            } else if (type == 'n') {
+                lua_Number v;
+                memcpy(&v, take(&p, sizeof v), sizeof v);
+                lua_pushnumber(L, v);
+            } else {
+                n = take_u64(&p);
+                lua_pushlstring(L, take(&p, n), n);
+            }
+            lua_rawset(L, -3);
+        }
+        lua_rawseti(L, -2, (lua_Integer)i);
+    }
+}
+
+/* Over several ranks rank 0 runs the query and sends every rank its rows
+** (or its error), so that scripts read the same on every rank. */
+static int db_query(lua_State *L) {
+    LDb *d = check_db(L, 1);
+    if (!dist_active()) return query_here(L);
+    char err[ML_ERRLEN] = "";
+    int rc = 0;
+    if (!d->remote) {
+        lua_pushcfunction(L, query_here);
+        lua_insert(L, 1);
+        if (lua_pcall(L, lua_gettop(L) - 1, 1, 0) != LUA_OK) {
+            snprintf(err, sizeof err, "%s", lua_isstring(L, -1) ? lua_tostring(L, -1) : "db:query failed");
+            rc = -1;
+        }
+    }
+    Bytes b = {0};
+    if (rc == 0 && !d->remote) {
+        rows_encode(L, lua_gettop(L), &b);
+        if (b.failed) rc = ml_error(err, "db:query: out of memory");
+    }
+    if (rank0_outcome(rc, err) != 0) {
+        free(b.p);
+        return luaL_error(L, "%s", err);
+    }
+    uint64_t n = b.n;
+    dist_broadcast(&n, sizeof n);
+    if (d->remote && !(b.p = malloc(n ? n : 1))) dist_fail("db:query: out of memory");
+    dist_broadcast(b.p, n);
+    if (d->remote) rows_decode(L, b.p);
+    free(b.p);
     return 1;
 }
 
@@ -894,14 +1047,17 @@ static int db_run(lua_State *L) {
         jb_free(&b);
         luaL_error(L, "db:run: out of memory");
     }
-    int64_t run_id;
-    int rc = rec_run_begin(d->r, name, experiment, b.data, (uint64_t)seed,
-                           (int64_t)m->m->num_parameters, model_active_parameters(m->m),
-                           model_is_causal(m->m), &run_id, err);
+    int64_t run_id = -1;
+    int rc = d->remote ? 0
+                       : rec_run_begin(d->r, name, experiment, b.data, (uint64_t)seed,
+                                       (int64_t)m->m->num_parameters, model_active_parameters(m->m),
+                                       model_is_causal(m->m), &run_id, err);
     jb_free(&b);
-    if (rc != 0) luaL_error(L, "db:run: %s", err);
+    if (rank0_outcome(rc, err) != 0) luaL_error(L, "db:run: %s", err);
+    dist_broadcast(&run_id, sizeof run_id);
     if (trainer_init(&r->t, m->m, c->c, d->r, run_id, name, (uint64_t)seed, err) != 0)
         luaL_error(L, "db:run: %s", err);
+    r->t.records = 1; /* here, or by rank 0 */
     r->open = 1;
     snprintf(r->status, sizeof r->status, "running");
     lua_getiuservalue(L, 1, 1);
@@ -914,8 +1070,11 @@ static int db_run(lua_State *L) {
 
 /* Refreshes the trainer's pointers: the model, corpus or db may have been closed. */
 static void run_bind(lua_State *L, LRun *r) {
-    r->t.rec = run_recorder(L, 1);
-    if (!r->t.rec) luaL_error(L, "the run's database is closed");
+    lua_getiuservalue(L, 1, RUN_UV_DB);
+    LDb *d = luaL_testudata(L, -1, DB_MT);
+    lua_pop(L, 1);
+    if (!d || (!d->r && !d->remote)) luaL_error(L, "the run's database is closed");
+    r->t.rec = d->r;
     lua_getiuservalue(L, 1, RUN_UV_MODEL);
     LModel *m = luaL_testudata(L, -1, MODEL_MT);
     lua_getiuservalue(L, 1, RUN_UV_CORPUS);
@@ -1143,8 +1302,8 @@ static int l_plot(lua_State *L) {
     LDb *d = luaL_testudata(L, -1, DB_MT);
     char err[ML_ERRLEN];
     if (d) {
-        if (!d->r) luaL_error(L, "moelab.plot: the database is closed");
-        if (rec_flush(d->r, err) != 0) luaL_error(L, "moelab.plot: %s", err);
+        if (!d->r && !d->remote) luaL_error(L, "moelab.plot: the database is closed");
+        if (d->r && rec_flush(d->r, err) != 0) luaL_error(L, "moelab.plot: %s", err);
         db_path = d->path;
     } else if (lua_type(L, -1) == LUA_TSTRING) {
         db_path = lua_tostring(L, -1);
@@ -1171,8 +1330,9 @@ static int l_plot(lua_State *L) {
     } else if (!lua_isnil(L, -1)) {
         luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
     }
-    if (plot_render(figure, db_path, out, &opt, err) != 0)
-        luaL_error(L, "moelab.plot: %s", err);
+    /* over several ranks rank 0 draws it */
+    int rc = dist_rank() == 0 ? plot_render(figure, db_path, out, &opt, err) : 0;
+    if (rank0_outcome(rc, err) != 0) luaL_error(L, "moelab.plot: %s", err);
     lua_pushstring(L, out);
     return 1;
 }
@@ -1274,6 +1434,11 @@ int luaopen_moelab(lua_State *L) {
     lua_setfield(L, -2, "args");
     lua_pushstring(L, PLOT_FIGURES);
     lua_setfield(L, -2, "figures");
+    /* this process among those `mpirun -np N` started (dist.h): 0 and 1 alone */
+    lua_pushinteger(L, dist_rank());
+    lua_setfield(L, -2, "rank");
+    lua_pushinteger(L, dist_size());
+    lua_setfield(L, -2, "ranks");
     return 1;
 }
 

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "dist.h"
 #include "lmoelab.h"
 #include "paths.h"
 #include "plot.h"
@@ -137,7 +138,9 @@ static int docall(lua_State *L, int nargs, int nres) {
 static void report(lua_State *L, int status) {
     if (status != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
-        fprintf(stderr, "moelab: %s\n", msg ? msg : "(error without a message)");
+        if (dist_active()) fprintf(stderr, "moelab: [rank %d of %d] ", dist_rank(), dist_size());
+        else fputs("moelab: ", stderr);
+        fprintf(stderr, "%s\n", msg ? msg : "(error without a message)");
         fflush(stderr);
         lua_pop(L, 1);
     }
@@ -183,6 +186,13 @@ static int cmd_run(int argc, char **argv) {
         return 2;
     }
     const char *script = argv[2];
+    /* under mpirun: one of several ranks (dist.h); rank 0 alone prints */
+    char err[ML_ERRLEN];
+    if (dist_init(&argc, &argv, err) != 0) {
+        fprintf(stderr, "moelab run: %s\n", err);
+        return 1;
+    }
+    if (dist_rank() != 0 && !freopen("/dev/null", "w", stdout)) dist_fail("cannot silence stdout");
     lua_State *L = new_state();
     if (load_module(L) != 0) {
         lua_close(L);
@@ -225,6 +235,9 @@ static int cmd_run(int argc, char **argv) {
         lmoelab_script_ended(L, NULL, 0);
     }
     lua_close(L); /* closes open runs with the status set above */
+    /* a rank that stops early stops the others, which may wait for it */
+    if (rc != 0 && dist_active()) dist_fail("the script stopped");
+    dist_finalize();
     return rc;
 }
 

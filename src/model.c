@@ -500,7 +500,12 @@ static int fill_noise(Model *m, size_t n, char *err) {
         gsl_rng_set(rng, (unsigned long)(m->config.seed ^ 0xa0a0a0a0UL));
         m->noise_rng = rng;
     }
-    for (size_t i = 0; i < n; i++) m->noise[i] = (float)gsl_ran_gaussian((gsl_rng *)m->noise_rng, 1.0);
+    /* the whole batch's draws, of which this shard keeps its slice */
+    for (int r = 0; r < (m->shards > 1 ? m->shards : 1); r++)
+        for (size_t i = 0; i < n; i++) {
+            float z = (float)gsl_ran_gaussian((gsl_rng *)m->noise_rng, 1.0);
+            if (r == m->shard) m->noise[i] = z;
+        }
     return 0;
 }
 
@@ -562,7 +567,8 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
             }
             /* Gumbel draws (stratified, second = "sample"): by seed, step and layer */
             uint64_t key = c->seed * 0x9e3779b97f4a7c15ULL ^
-                           ((uint64_t)(m->training ? m->adam_t + 1 : 0) << 16) ^ (uint64_t)l;
+                           ((uint64_t)(m->training ? m->adam_t + 1 : 0) << 16) ^ (uint64_t)l ^
+                           ((uint64_t)m->shard << 48);
             if (moe_layer_forward(&m->moe[l], c, w->moe,
                                   m->hash_map ? m->hash_map + (size_t)l * V : NULL, b->res3, b->ln2,
                                   a->inputs, noise, B, T, key, err) != 0)
@@ -594,6 +600,18 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
                                         targets ? a->targets : NULL, N, V);
     if (!targets) m->mean_loss = NAN;
     return 0;
+}
+
+void model_reduce_aux(Model *m, MoeSum sum, int ranks) {
+    const ModelConfig *c = &m->config;
+    m->aux_loss = 0.0f;
+    memset(m->aux_parts, 0, sizeof m->aux_parts);
+    for (int l = 0; l < c->layers; l++) {
+        if (!m->w.blocks[l].moe) continue;
+        moe_layer_reduce_aux(&m->moe[l], c, sum, ranks);
+        m->aux_loss += m->moe[l].aux_weighted / m->n_moe_layers;
+        for (int k = 0; k < AUX_KINDS; k++) m->aux_parts[k] += m->moe[l].aux[k] / m->n_moe_layers;
+    }
 }
 
 void model_zero_grad(Model *m) {

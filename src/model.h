@@ -107,6 +107,10 @@ typedef struct Model {
     size_t noise_cap;
     void *noise_rng;          /* gsl_rng */
     int training;             /* router noise on */
+    /* this process's slice of a batch cut over `shards` processes (dist.h):
+    ** router noise is drawn for the whole batch and this slice kept, and
+    ** the Gumbel draws of a sampled second choice are keyed by the shard */
+    int shard, shards;
     float aux_loss;           /* Σ coefficient · aux, averaged over MoE layers */
     float aux_parts[AUX_KINDS]; /* unweighted, averaged over MoE layers */
     double moe_flops;         /* FLOPs executed in MoE layers by the last forward */
@@ -155,6 +159,10 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
 ** accumulated into the gradient arena. */
 void model_zero_grad(Model *m);
 int model_backward(Model *m, char *err);
+/* After a training forward on one of `ranks` slices of a batch: the
+** auxiliary losses (aux_loss, aux_parts) and their gradients as the whole
+** batch's, from each MoE layer's sums added up by `sum` over the ranks. */
+void model_reduce_aux(Model *m, MoeSum sum, int ranks);
 
 /* Global L2 norm of the gradients; with clip > 0 and norm > clip, scales them
 ** down to norm `clip`. Returns the norm before clipping. */

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist.h"
 #include "json.h"
 #include "machine.h"
 #include "recwriter.h"
@@ -82,6 +83,7 @@ int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_
     t->model = model;
     t->corpus = corpus;
     t->rec = rec;
+    t->records = rec != NULL;
     t->run_id = run_id;
     t->probed_at = -1;
     snprintf(t->name, sizeof t->name, "%s", name ? name : "run");
@@ -98,6 +100,9 @@ void trainer_free(Trainer *t) {
     free(t->inputs);
     free(t->targets);
     free(t->trace);
+    free(t->load);
+    free(t->dropped);
+    free(t->mass);
     memset(t, 0, sizeof *t);
 }
 
@@ -145,24 +150,6 @@ static void format_duration(char *buf, size_t n, double s) {
 }
 
 /* Rows of one step's expert load: every MoE layer × expert, from the last forward. */
-static int record_step_load(Trainer *t, char *err) {
-    Model *m = t->model;
-    const MoeConfig *mc = &m->config.moe;
-    if (!t->rec || m->n_moe_layers == 0) return 0;
-    RecExpertLoad rows[MOE_MAX_EXPERTS];
-    for (int l = 0; l < m->config.layers; l++) {
-        if (!config_is_moe_block(&m->config, l)) continue;
-        for (int e = 0; e < mc->experts; e++) {
-            MoeExpertTrace x = moe_trace_expert(&m->moe[l], mc, e);
-            rows[e] = (RecExpertLoad){.layer = l, .expert = e, .tokens = x.tokens,
-                                      .dropped = x.dropped, .prob_mass = x.prob_mass};
-        }
-        if (rec_expert_load(t->rec, t->run_id, -1, t->step, rows, (size_t)mc->experts, err) != 0)
-            return -1;
-    }
-    return 0;
-}
-
 /* A recorded evaluation's sparsity sums over its batches, per (layer, expert). */
 typedef struct {
     int64_t *activations, *near_zero;
@@ -218,10 +205,11 @@ static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, i
     return 0;
 }
 
-/* expert_load of an evaluation, and its sparsity when sp is not NULL. */
-static int eval_record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
-                            const int64_t *load, const int64_t *dropped, const double *mass,
-                            char *err) {
+/* expert_load of a step (eval_id −1) or an evaluation, and its sparsity
+** when sp is not NULL. */
+static int record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
+                       const int64_t *load, const int64_t *dropped, const double *mass,
+                       char *err) {
     Model *m = t->model;
     const ModelConfig *c = &m->config;
     int E = c->moe.experts;
@@ -247,6 +235,69 @@ static int eval_record_load(const EvalSparsity *sp, Trainer *t, int64_t eval_id,
             return -1;
     }
     return 0;
+}
+
+/* Adds the last forward's per-expert totals to load, dropped and mass (L, E). */
+static void add_loads(const Model *m, int64_t *load, int64_t *dropped, double *mass) {
+    const ModelConfig *c = &m->config;
+    int E = c->moe.experts;
+    for (int l = 0; l < c->layers; l++) {
+        if (!config_is_moe_block(c, l)) continue;
+        for (int e = 0; e < E; e++) {
+            MoeExpertTrace x = moe_trace_expert(&m->moe[l], &c->moe, e);
+            load[(size_t)l * E + e] += x.tokens;
+            dropped[(size_t)l * E + e] += x.dropped;
+            mass[(size_t)l * E + e] += x.prob_mass;
+        }
+    }
+}
+
+/* The step's expert_load, summed over the ranks; rank 0 writes it. */
+static int record_step_load(Trainer *t, char *err) {
+    Model *m = t->model;
+    size_t n = (size_t)m->config.layers * m->config.moe.experts;
+    if (!t->records || m->n_moe_layers == 0) return 0;
+    if (!t->load) {
+        t->load = malloc(sizeof *t->load * n);
+        t->dropped = malloc(sizeof *t->dropped * n);
+        t->mass = malloc(sizeof *t->mass * n);
+        if (!t->load || !t->dropped || !t->mass) return ml_error(err, "out of memory");
+    }
+    memset(t->load, 0, sizeof *t->load * n);
+    memset(t->dropped, 0, sizeof *t->dropped * n);
+    memset(t->mass, 0, sizeof *t->mass * n);
+    add_loads(m, t->load, t->dropped, t->mass);
+    dist_sum_int64(t->load, n);
+    dist_sum_int64(t->dropped, n);
+    dist_sum_double(t->mass, n);
+    return t->rec ? record_load(NULL, t, -1, t->load, t->dropped, t->mass, err) : 0;
+}
+
+/* A recorded batch computed on another rank: its rows to rank 0, which
+** queues them for its writer in batch order. Sizes first, then the rows. */
+static void send_rows(const RecBatch *b) {
+    uint64_t n[2] = {b->n_routing, b->n_tokens};
+    dist_send(n, sizeof n, 0);
+    dist_send(b->routing, sizeof *b->routing * b->n_routing, 0);
+    dist_send(b->tokens, sizeof *b->tokens * b->n_tokens, 0);
+}
+
+static int recv_rows(RecWriter *w, int from, char *err) {
+    uint64_t n[2];
+    dist_recv(n, sizeof n, from);
+    RecBatch *b = recw_batch(w);
+    if (!b || recw_reserve(b, (size_t)n[0], (size_t)n[1]) != 0) {
+        if (b) {
+            b->n_routing = b->n_tokens = 0;
+            recw_submit(w, b, err);
+        }
+        return ml_error(err, "out of memory recording the evaluation");
+    }
+    dist_recv(b->routing, sizeof *b->routing * n[0], from);
+    dist_recv(b->tokens, sizeof *b->tokens * n[1], from);
+    b->n_routing = (size_t)n[0];
+    b->n_tokens = (size_t)n[1];
+    return recw_submit(w, b, err);
 }
 
 /*
@@ -306,7 +357,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     MoeConfig own = c->moe; /* back after a counterfactual evaluation */
     if (o->router) m->config.moe = *o->router;
     int moe = m->n_moe_layers > 0;
-    int record = o->record && t->rec && moe;
+    int record = o->record && t->records && moe;
     const char *split = o->label ? o->label : corpus_split_name(o->split);
     gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
     int64_t *load = moe ? calloc((size_t)L * E, sizeof *load) : NULL;
@@ -314,7 +365,9 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     double *mass = moe ? calloc((size_t)L * E, sizeof *mass) : NULL;
     EvalSparsity sp = {0};
     RecWriter *writer = NULL;
+    RecBatch own_rows = {0}; /* a batch's rows on a rank other than 0, to send */
     int64_t eval_id = -1;
+    int rank = dist_rank(), ranks = dist_size();
     int began = 0; /* everything pending is this evaluation's */
     char held[32] = "running"; /* the run's status before (rec_run_hold) */
     int rc = -1;
@@ -342,17 +395,24 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     }
     gsl_rng_set(rng, (unsigned long)o->seed);
     m->training = 0;
-    double total = 0.0, flops = 0.0, flops_topk = 0.0;
-    int64_t assignments = 0;
+    double sums[4] = {0}; /* loss, FLOPs, top-k FLOPs, assignments */
     EvalPace pace = {.threads = omp_get_max_threads()};
+    /* over several ranks, batch i is rank i mod ranks's; every rank draws
+    ** every batch, so that the batches are those of one process */
     for (int i = 0; i < o->batches; i++) {
-        if (trainer_interrupt) { /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
-            int sig = res->interrupted = take_interrupt();
+        if (dist_any(trainer_interrupt)) { /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
+            int sig = take_interrupt();
+            sig = res->interrupted = sig ? sig : SIGINT;
             ml_error(err, "interrupted by %s during an evaluation, at batch %d of %d (none of "
                      "its rows were kept)", trainer_signal_name(sig), i + 1, o->batches);
             goto done;
         }
         corpus_batch(t->corpus, o->split, rng, B, T, t->inputs, t->targets);
+        int owner = i % ranks;
+        if (owner != rank) {
+            if (writer && recv_rows(writer, owner, err) != 0) goto done;
+            continue;
+        }
         int fewer = writer && eval_give_writer_a_core(&pace, writer, i == o->batches - 1);
         if (fewer) omp_set_num_threads(pace.threads - 1);
         double t0 = now_ms();
@@ -365,18 +425,18 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             pace.all_ms = ms;
         }
         if (failed) goto done;
-        total += m->mean_loss;
-        flops += m->moe_flops;
-        flops_topk += m->moe_flops_topk;
-        for (int l = 0; moe && l < L; l++) {
-            if (!config_is_moe_block(c, l)) continue;
-            assignments += (int64_t)moe_trace_count(&m->moe[l]);
-            for (int e = 0; e < E; e++) {
-                MoeExpertTrace x = moe_trace_expert(&m->moe[l], &c->moe, e);
-                load[(size_t)l * E + e] += x.tokens;
-                dropped[(size_t)l * E + e] += x.dropped;
-                mass[(size_t)l * E + e] += x.prob_mass;
+        sums[0] += m->mean_loss;
+        sums[1] += m->moe_flops;
+        sums[2] += m->moe_flops_topk;
+        for (int l = 0; moe && l < L; l++)
+            if (config_is_moe_block(c, l)) sums[3] += (double)moe_trace_count(&m->moe[l]);
+        if (moe) add_loads(m, load, dropped, mass);
+        if (record && rank != 0) {
+            if (eval_record_batch(&own_rows, &sp, t, i, B, T) != 0) {
+                ml_error(err, "out of memory recording the evaluation");
+                goto done;
             }
+            send_rows(&own_rows);
         }
         if (writer) {
             RecBatch *b = recw_batch(writer);
@@ -391,11 +451,24 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             if (recw_submit(writer, b, err) != 0) goto done;
         }
     }
-    res->loss = total / o->batches;
+    if (ranks > 1) {
+        dist_sum_double(sums, 4);
+        if (moe) {
+            dist_sum_int64(load, (size_t)L * E);
+            dist_sum_int64(dropped, (size_t)L * E);
+            dist_sum_double(mass, (size_t)L * E);
+        }
+        if (record) {
+            dist_sum_int64(sp.activations, (size_t)L * E);
+            dist_sum_int64(sp.near_zero, (size_t)L * E);
+            dist_sum_double(sp.abs_sum, (size_t)L * E);
+        }
+    }
+    res->loss = sums[0] / o->batches;
     res->tokens = (int64_t)o->batches * B * T;
-    res->moe_flops_per_token = flops / res->tokens;
-    res->topk_flops_per_token = moe && c->moe.kind == ROUTER_MERGE ? flops_topk / res->tokens : NAN;
-    res->experts_per_token = moe ? (double)assignments / ((double)res->tokens * m->n_moe_layers) : 0.0;
+    res->moe_flops_per_token = sums[1] / res->tokens;
+    res->topk_flops_per_token = moe && c->moe.kind == ROUTER_MERGE ? sums[2] / res->tokens : NAN;
+    res->experts_per_token = moe ? sums[3] / ((double)res->tokens * m->n_moe_layers) : 0.0;
     if (writer) {
         int failed = recw_finish(writer, err);
         writer = NULL;
@@ -413,13 +486,19 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
                        res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
             goto done;
-        if (moe && eval_record_load(record ? &sp : NULL, t, eval_id, load, dropped, mass, err) != 0)
+        if (moe && record_load(record ? &sp : NULL, t, eval_id, load, dropped, mass, err) != 0)
             goto done;
         if (rec_flush(t->rec, err) != 0) goto done;
         res->eval_id = eval_id;
     }
+    if (t->records && ranks > 1) { /* the same id on every rank */
+        dist_broadcast(&eval_id, sizeof eval_id);
+        res->eval_id = eval_id;
+    }
     rc = 0;
 done:
+    /* past the checks every rank made alike, a failure of one stops them all */
+    if (rc != 0 && ranks > 1 && !res->interrupted) dist_fail(err);
     m->config.moe = own;
     if (writer) recw_abort(writer);
     /* a long one may have committed some of its rows (recwriter.h): all go */
@@ -435,6 +514,8 @@ done:
     free(sp.activations);
     free(sp.near_zero);
     free(sp.abs_sum);
+    free(own_rows.routing);
+    free(own_rows.tokens);
     return rc;
 }
 
@@ -497,7 +578,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (model_check_batch(m, B, T, 1, inner) != 0) return ml_error(err, "train: %s", inner);
     if (o->probe_every < 0) return ml_error(err, "train: probe every must be >= 1, got %d", o->probe_every);
     if (o->probe_every > 0) { /* routing over training: recorded routing of a validation batch */
-        if (!t->rec || m->n_moe_layers == 0)
+        if (!t->records || m->n_moe_layers == 0)
             return ml_error(err, "train: a probe records routing: it needs a recorded run of an MoE model");
         if (corpus_check_context(t->corpus, SPLIT_VAL, T, inner) != 0)
             return ml_error(err, "train: probe: %s", inner);
@@ -506,7 +587,12 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     }
     if (ensure_batch(t, B, T, err) != 0) return -1;
     trainer_set_threads(o->threads);
-    int progress = o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;
+    /* over several ranks (dist.h) each step's batch is ranks × B rows, this
+    ** rank's slice of which it computes; rank 0 shows the progress */
+    int rank = dist_rank(), ranks = dist_size();
+    m->shard = rank;
+    m->shards = ranks;
+    int progress = rank != 0 ? 0 : o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;
     EvalOptions eo;
     eval_options_defaults(&eo);
     eo.batches = o->eval_batches;
@@ -531,16 +617,18 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         jb_puts(&j, ",\"eps\":");
         jb_float(&j, o->eps);
         jb_printf(&j, ",\"eval_every\":%d,\"eval_batches\":%d,\"eval_batch\":%d,"
-                  "\"threads\":%d,\"first_step\":%lld", o->eval_every, o->eval_batches,
-                  eo.batch, omp_get_max_threads(), (long long)t->step);
+                  "\"threads\":%d,\"ranks\":%d,\"first_step\":%lld", o->eval_every,
+                  o->eval_batches, eo.batch, omp_get_max_threads(), ranks, (long long)t->step);
         if (o->probe_every > 0)
             jb_printf(&j, ",\"probe\":{\"every\":%d,\"batch\":%d,\"seed\":%llu}", o->probe_every,
                       o->probe_batch, (unsigned long long)o->probe_seed);
         jb_puts(&j, "}");
-        int bad = j.failed || rec_run_config_set(t->rec, t->run_id, "train", j.data, err) != 0;
+        int bad = j.failed ? ml_error(err, "out of memory")
+                           : rec_run_config_set(t->rec, t->run_id, "train", j.data, err) != 0 ||
+                             rec_run_status(t->rec, t->run_id, "running", NULL, err) != 0;
         jb_free(&j);
+        if (bad && ranks > 1) dist_fail(err);
         if (bad) return -1;
-        if (rec_run_status(t->rec, t->run_id, "running", NULL, err) != 0) return -1;
     }
 
     /* a Ctrl-C that came just before (the host sets the flag too) still counts */
@@ -563,20 +651,30 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         int stop = probe(t, o, 0, &status, status_msg, sizeof status_msg, err);
         if (stop < 0) rc = -1;
         if (stop) break;
-        if (trainer_interrupt) {
+        if (dist_any(trainer_interrupt)) {
             int sig = take_interrupt();
+            sig = sig ? sig : SIGINT;
             status = "interrupted";
             snprintf(status_msg, sizeof status_msg, "interrupted by %s at step %lld",
                      trainer_signal_name(sig), (long long)t->step);
             break;
         }
         double t0 = now_ms();
-        corpus_batch(t->corpus, SPLIT_TRAIN, t->rng, B, T, t->inputs, t->targets);
+        corpus_batch_part(t->corpus, SPLIT_TRAIN, t->rng, ranks * B, rank * B, B, T, t->inputs,
+                          t->targets);
         m->training = 1;
         rc = model_forward(m, t->inputs, t->targets, B, T, err);
         m->training = 0;
         if (rc != 0) break;
         float loss = m->mean_loss;
+        double moe_flops = m->moe_flops;
+        if (ranks > 1) { /* the whole batch's losses, on every rank */
+            model_reduce_aux(m, dist_sum_double, ranks);
+            double v[2] = {m->mean_loss, m->moe_flops};
+            dist_sum_double(v, 2);
+            loss = (float)(v[0] / ranks);
+            moe_flops = v[1] / ranks;
+        }
         if (!isfinite(loss) || !isfinite(m->aux_loss)) {
             status = "diverged";
             snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
@@ -595,6 +693,10 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
         if (model_backward(m, err) != 0) { rc = -1; break; }
+        if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
+            dist_sum_float(m->grad_mem, m->num_parameters);
+            cblas_sscal((blasint)m->num_parameters, 1.0f / ranks, m->grad_mem, 1);
+        }
         if (o->clip > 0.0f) model_clip_grad(m, o->clip);
         float lr = trainer_lr(o, s);
         if (model_adamw_step(m, lr, o->beta1, o->beta2, o->eps, o->weight_decay, err) != 0) {
@@ -602,7 +704,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             break;
         }
         t->step++;
-        t->tokens += (int64_t)B * T;
+        t->tokens += (int64_t)ranks * B * T;
         flops += 3.0 * m->flops;
         double t1 = now_ms();
         t->wall_ms += t1 - t0;
@@ -611,14 +713,14 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             tail_sum += loss;
             tail_n++;
         }
+        if (record_step_load(t, err) != 0) { rc = -1; break; }
         if (t->rec) {
             int moe = m->n_moe_layers > 0;
             RecAux aux = {m->aux_parts[AUX_BALANCE], m->aux_parts[AUX_Z], m->aux_parts[AUX_CV2],
                           m->aux_parts[AUX_P_PENALTY], m->aux_parts[AUX_ENTROPY]};
             if (rec_metric(t->rec, t->run_id, t->step, "train", loss, moe ? m->aux_loss : NAN, lr,
-                           t->tokens, m->moe_flops / ((double)B * T), t->wall_ms,
-                           moe ? &aux : NULL, err) != 0 ||
-                record_step_load(t, err) != 0) { rc = -1; break; }
+                           t->tokens, moe_flops / ((double)B * T), t->wall_ms,
+                           moe ? &aux : NULL, err) != 0) { rc = -1; break; }
             if (t1 - last_flush > 1000.0) {
                 if (rec_flush(t->rec, err) != 0) { rc = -1; break; }
                 last_flush = t1;
@@ -638,12 +740,14 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             char eta[32];
             format_duration(eta, sizeof eta, el / (s + 1) * (o->steps - s - 1));
             fprintf(stderr, "\r%s: step %d/%d | loss %.4f | %.1fk tok/s | ETA %s   ", t->name,
-                    s + 1, o->steps, loss, (double)(s + 1) * B * T / el / 1e3, eta);
+                    s + 1, o->steps, loss, (double)(s + 1) * ranks * B * T / el / 1e3, eta);
             fflush(stderr);
             last_print = t1;
         }
     }
     if (progress) fprintf(stderr, "\n");
+    /* a rank that failed in a step stops them all: the others wait in its collectives */
+    if (rc != 0 && ranks > 1) dist_fail(err);
     if (rc == 0 && strcmp(status, "finished") == 0 && probe(t, o, 1, &status, status_msg,
                                                             sizeof status_msg, err) < 0)
         rc = -1;
@@ -653,7 +757,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     res->steps = s;
     res->tokens = t->tokens;
     res->seconds = (now_ms() - start) / 1e3;
-    res->tokens_per_s = res->seconds > 0 ? (double)s * B * T / res->seconds : 0.0;
+    res->tokens_per_s = res->seconds > 0 ? (double)s * ranks * B * T / res->seconds : 0.0;
     res->flops_per_token = s > 0 ? flops / ((double)s * B * T) : 0.0;
     res->loss = tail_n > 0 ? tail_sum / tail_n : res->last_loss;
     res->status = status;

@@ -86,7 +86,10 @@ typedef struct {
 typedef struct {
     Model *model;
     Corpus *corpus;
-    Recorder *rec;     /* may be NULL: nothing recorded */
+    Recorder *rec;     /* may be NULL: nothing recorded here */
+    int records;       /* the run is recorded: by rec, or by rank 0 where this
+                       ** rank has none (dist.h); what it records is reduced
+                       ** over the ranks */
     int64_t run_id;
     char name[128];
     int64_t step;      /* optimiser steps so far, over every train call */
@@ -98,6 +101,8 @@ typedef struct {
     MoeRoute *trace;   /* one layer's route trace, while an evaluation is recorded */
     size_t trace_cap;
     int64_t probed_at; /* the step of the last probe; -1 before the first */
+    int64_t *load, *dropped; /* (L, E) a step's expert_load, when recorded */
+    double *mass;
 } Trainer;
 
 void train_options_defaults(TrainOptions *o);

@@ -39,9 +39,10 @@ function experiment.setup(defaults)
   end
   x.eval_batches = args.eval_batches or 20
   x.data = moelab.corpus{ path = args.data or "data/kjv.txt", split = 0.9 }
-  os.execute("mkdir -p " .. shell_quote(x.out))
+  -- under mpirun rank 0 alone owns the files (moelab.ranks)
+  if moelab.rank == 0 then os.execute("mkdir -p " .. shell_quote(x.out)) end
   x.db = x.out .. "/" .. x.name .. ".db"
-  if args.fresh then
+  if args.fresh and moelab.rank == 0 then
     for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(x.db .. suffix) end
   end
   x.evaluate = { batches = x.eval_batches, batch = 16, record = true }
@@ -141,7 +142,7 @@ function experiment:finish(opts)
     local ok, path = pcall(moelab.plot, spec)
     if ok then figures[#figures + 1] = path else failed[#failed + 1] = name .. ": " .. tostring(path) end
   end
-  local md = io.open(self.out .. "/" .. self.name .. ".md", "w")
+  local md = moelab.rank == 0 and io.open(self.out .. "/" .. self.name .. ".md", "w")
   if md then
     md:write("# ", self.name, "\n\n", opts.title or "", opts.title and "\n\n" or "")
     md:write(report.render(rows, "markdown"), "\n")

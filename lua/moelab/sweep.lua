@@ -151,6 +151,7 @@ function sweep.run(spec)
   elseif db == nil then error("moelab.sweep: 'db' (a path or a database) is required", 2) end
   local progress = spec.progress
   if progress == nil then progress = true end
+  progress = progress and moelab.rank == 0 -- under mpirun, rank 0 speaks for all
 
   local designs = spec.designs or { false }
   if type(designs) ~= "table" or #designs == 0 then

@@ -307,8 +307,8 @@ static void moe_combine(const MoeState *s, float *out) {
     }
 }
 
-/* accounting: FLOPs executed, probability mass (E), the auxiliary losses and
-** their gradient with respect to p (the same for every token). */
+/* accounting: FLOPs executed, probability mass (E), and the sums the
+** auxiliary losses are made of (MoeState.stats), over this forward's tokens. */
 static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKind act) {
     int N = s->N, E = s->E, C = s->C, slots = s->slots;
     int mult = act == ACT_SWIGLU ? 3 : 2;
@@ -318,47 +318,68 @@ static void moe_account(MoeState *s, const Router *r, const MoeConfig *mc, ActKi
     memset(s->prob_mass, 0, sizeof(float) * (size_t)E);
     for (int t = 0; t < N; t++)
         for (int e = 0; e < E; e++) s->prob_mass[e] += s->probs[(size_t)t * E + e];
-    memset(s->aux, 0, sizeof s->aux);
+    double *st = s->stats;
+    memset(st, 0, sizeof(double) * MOE_STATS(E));
     if (r->has_router) {
+        double *first = st, *load = st + E, *mass = st + 2 * E;
+        for (int t = 0; t < N; t++) {
+            first[s->top1[t]] += 1.0;
+            for (int i = 0; i < s->sel_count[t]; i++) load[s->sel_expert[(size_t)t * slots + i]] += 1.0;
+            st[3 * E] += s->entropy[t];
+            st[3 * E + 1] += (double)s->lse[t] * s->lse[t];
+        }
+        for (int e = 0; e < E; e++) mass[e] = s->prob_mass[e];
+    }
+    st[3 * E + 2] = N;
+    moe_aux(s, mc, r->has_router, 1);
+}
+
+void moe_aux(MoeState *s, const MoeConfig *mc, int has_router, int ranks) {
+    int E = s->E;
+    const double *st = s->stats, *first = st, *load = st + E, *mass = st + 2 * E;
+    double N = st[3 * E + 2];
+    s->aux_tokens = (float)(N / ranks);
+    memset(s->aux, 0, sizeof s->aux);
+    s->aux_weighted = 0.0f;
+    if (has_router && N > 0) {
         /* f: share of tokens whose first choice is e; M: share whose selected
         ** set holds e, times H_e / mean(H) (HMoE's parameter penalty) */
-        double f[MOE_MAX_EXPERTS] = {0}, load[MOE_MAX_EXPERTS] = {0}, M[MOE_MAX_EXPERTS];
+        double f[MOE_MAX_EXPERTS], M[MOE_MAX_EXPERTS];
         double hmean = 0.0;
         for (int e = 0; e < E; e++) hmean += (double)mc->hidden[e] / E;
-        for (int t = 0; t < N; t++) {
-            f[s->top1[t]] += 1.0 / N;
-            for (int i = 0; i < s->sel_count[t]; i++) load[s->sel_expert[(size_t)t * slots + i]] += 1.0;
+        for (int e = 0; e < E; e++) {
+            f[e] = first[e] / N;
+            M[e] = load[e] / N * (mc->hidden[e] / hmean);
         }
-        for (int e = 0; e < E; e++) M[e] = N > 0 ? load[e] / N * (mc->hidden[e] / hmean) : 0.0;
-        double balance = 0.0, penalty = 0.0, z = 0.0, entropy = 0.0;
+        double balance = 0.0, penalty = 0.0;
         double imean = 0.0, ivar = 0.0, lmean = 0.0, lvar = 0.0;
         for (int e = 0; e < E; e++) {
-            double P = s->prob_mass[e] / N;
+            double P = mass[e] / N;
             balance += f[e] * P;
             penalty += M[e] * P;
-            imean += s->prob_mass[e] / E;
+            imean += mass[e] / E;
             lmean += load[e] / E;
         }
-        for (int t = 0; t < N; t++) entropy += (double)s->entropy[t] / N;
         for (int e = 0; e < E; e++) {
-            ivar += (s->prob_mass[e] - imean) * (s->prob_mass[e] - imean) / E;
+            ivar += (mass[e] - imean) * (mass[e] - imean) / E;
             lvar += (load[e] - lmean) * (load[e] - lmean) / E;
         }
-        for (int t = 0; t < N; t++) z += (double)s->lse[t] * s->lse[t] / N;
         s->aux[AUX_BALANCE] = (float)(E * balance);
-        s->aux[AUX_Z] = (float)z;
+        s->aux[AUX_Z] = (float)(st[3 * E + 1] / N);
         s->aux[AUX_CV2] = (float)((imean > 0 ? ivar / (imean * imean) : 0.0) +
                                   (lmean > 0 ? lvar / (lmean * lmean) : 0.0));
         s->aux[AUX_P_PENALTY] = (float)(E * penalty);
-        s->aux[AUX_ENTROPY] = (float)entropy;
+        s->aux[AUX_ENTROPY] = (float)(st[3 * E] / N);
         /* d(weighted balance + p_penalty + cv2)/d p_te is the same for every
-        ** token (f and M held constant); the entropy's is not (backward) */
+        ** token (f and M held constant); the entropy's is not (backward).
+        ** Over several ranks it is the whole batch's, times the ranks, as
+        ** their gradients are averaged (dist.h). */
         for (int e = 0; e < E; e++) {
             double d = mc->aux_balance * E * f[e] / N + mc->aux_p_penalty * E * M[e] / N;
             if (mc->aux_cv2 > 0.0f && imean > 0.0) /* d CV²(I) / d I_e, with I_e = Σ_t p_te */
-                d += mc->aux_cv2 * (2.0 * (s->prob_mass[e] - imean) / (E * imean * imean) -
+                d += mc->aux_cv2 * (2.0 * (mass[e] - imean) / (E * imean * imean) -
                                     2.0 * ivar / (E * imean * imean * imean));
-            s->aux_dp[e] = (float)d;
+            s->aux_dp[e] = (float)(d * ranks);
         }
     }
     s->aux_weighted = mc->aux_balance * s->aux[AUX_BALANCE] + mc->aux_z * s->aux[AUX_Z] +
@@ -522,6 +543,19 @@ int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, co
     return 0;
 }
 
+void moe_layer_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks) {
+    if (c->moe.kind == ROUTER_MERGE) return;
+    if (c->moe.kind == ROUTER_STRATIFIED) {
+        strata_reduce_aux(l, c, sum, ranks);
+        return;
+    }
+    MoeState *s = &l->tc;
+    sum(s->stats, MOE_STATS(s->E));
+    moe_aux(s, &c->moe, router_of(c->moe.kind)->has_router, ranks);
+    memcpy(l->aux, s->aux, sizeof l->aux);
+    l->aux_weighted = s->aux_weighted;
+}
+
 int moe_layer_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
                        MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
                        char *err) {
@@ -622,8 +656,8 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
         /* auxiliary losses through p (balance, p_penalty, cv2): from the forward */
         float dpe[MOE_MAX_EXPERTS];
         for (int e = 0; e < E; e++) dpe[e] = s->aux_dp[e] * aux_scale;
-        float zscale = mc->aux_z * aux_scale * 2.0f / N;
-        float hscale = mc->aux_entropy * aux_scale / N;
+        float zscale = mc->aux_z * aux_scale * 2.0f / s->aux_tokens;
+        float hscale = mc->aux_entropy * aux_scale / s->aux_tokens;
 #pragma omp parallel for schedule(static)
         for (int t = 0; t < N; t++) {
             const float *p = s->probs + (size_t)t * E;

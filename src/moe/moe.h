@@ -46,6 +46,7 @@ typedef struct {
 } MoeWeights;
 
 enum { AUX_BALANCE, AUX_Z, AUX_CV2, AUX_P_PENALTY, AUX_ENTROPY, AUX_KINDS };
+#define MOE_STATS(E) (3 * (E) + 3)
 
 typedef struct {
     int N, E, C, slots;       /* tokens, experts, d_model, selections per token at most */
@@ -75,6 +76,12 @@ typedef struct {
     float aux[AUX_KINDS];     /* unweighted auxiliary losses */
     float aux_weighted;       /* Σ coefficient · aux */
     float aux_dp[MOE_MAX_EXPERTS]; /* d aux_weighted / d p_te (the same for every t) */
+    /* what aux is made of, summed over the tokens (MOE_STATS(E)): first
+    ** choices per expert (E), assignments per expert (E), probability mass
+    ** (E), Σ entropy, Σ lse², tokens */
+    double stats[MOE_STATS(MOE_MAX_EXPERTS)];
+    float aux_tokens;         /* what the per-token aux gradients (z, entropy) divide
+                              ** by: N, or over ranks the whole batch's / ranks */
     /* capacities of the buffers above (grow only) */
     int cap_tokens, cap_slots;
     size_t cap_rows, cap_hidden;
@@ -119,6 +126,12 @@ int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, co
                       float *out, const float *x, const int *tokens, const float *noise, int B,
                       int T, uint64_t key, char *err);
 
+/* Sums the sums of the last forward's auxiliary losses with `sum` (over
+** `ranks` processes, dist.h) and recomputes the losses and their gradient
+** as the whole batch's; merged layers have none. */
+typedef void (*MoeSum)(double *x, size_t n);
+void moe_layer_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks);
+
 /* dx (N,C) = d/dx (written); dout (N,C) is d/d out, and a stratified layer
 ** adds to it what flows through its later passes' norms. Gradients
 ** accumulate into g. */
@@ -145,6 +158,11 @@ void moe_scratch_free(MoeScratch *s);
 int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
                 const int *hash_map, float *out, const float *x, const int *tokens,
                 const float *noise, int N, int C, char *err);
+
+/* aux, aux_weighted and aux_dp from s->stats: those of the forward that
+** filled them, or the sums over `ranks` processes' forwards (a dist.h step;
+** then aux_dp is the whole batch's, times ranks). */
+void moe_aux(MoeState *s, const MoeConfig *mc, int has_router, int ranks);
 
 /* dx (N,C) = d/dx; grads accumulate into g. aux_scale multiplies the gradient
 ** of this layer's weighted auxiliary losses (1 / MoE layers, as they are
@@ -219,6 +237,7 @@ int strata_backward(MoeLayer *l, struct MoeScratch *scr, const ModelConfig *c, c
                     MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
                     char *err);
 void strata_free(Strata *s);
+void strata_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks);
 size_t strata_trace_count(const Strata *s);
 size_t strata_trace_routes(const Strata *s, const MoeConfig *mc, MoeRoute *out);
 MoeTokenTrace strata_trace_token(const Strata *s, const MoeConfig *mc, ActKind act, int t);

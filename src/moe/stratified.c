@@ -55,6 +55,7 @@ struct Strata {
     int *passes;              /* (cap_N) passes a token made */
     int *local;               /* (L, cap_N) a token's row in pass s, or -1 */
     int first[MOE_MAX_EXPERTS + 1]; /* m_s: experts before stratum s; first[L] = E */
+    int ran;                  /* passes that had tokens (on any rank: strata_reduce_aux) */
 };
 
 void strata_free(Strata *s) {
@@ -203,8 +204,36 @@ int strata_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float
     }
     for (int k = 0; k < AUX_KINDS; k++) l->aux[k] /= ran;
     l->aux_weighted /= ran;
+    s->ran = ran;
     l->flops_topk = l->flops;
     return 0;
+}
+
+/* As strata_forward averages them: over the passes that had tokens, here
+** on any rank. A pass without tokens on this rank adds zeros. */
+void strata_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks) {
+    Strata *s = l->strata;
+    memset(l->aux, 0, sizeof l->aux);
+    l->aux_weighted = 0.0f;
+    int ran = 0;
+    for (int p = 0; p < s->L; p++) {
+        MoeState *ps = &s->pass[p];
+        MoeConfig pc;
+        pass_config(&c->moe, s, p, &pc);
+        if (ps->N == 0) {
+            ps->E = pc.experts;
+            memset(ps->stats, 0, sizeof(double) * MOE_STATS(pc.experts));
+        }
+        sum(ps->stats, MOE_STATS(pc.experts));
+        if (ps->stats[MOE_STATS(pc.experts) - 1] == 0.0) continue;
+        moe_aux(ps, &pc, router_of(pc.kind)->has_router, ranks);
+        for (int k = 0; k < AUX_KINDS; k++) l->aux[k] += ps->aux[k];
+        l->aux_weighted += ps->aux_weighted;
+        ran++;
+    }
+    for (int k = 0; ran > 0 && k < AUX_KINDS; k++) l->aux[k] /= ran;
+    if (ran > 0) l->aux_weighted /= ran;
+    s->ran = ran;
 }
 
 int strata_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
@@ -212,9 +241,8 @@ int strata_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const Mo
                     char *err) {
     const MoeConfig *mc = &c->moe;
     Strata *s = l->strata;
-    int N = s->N, C = s->C, ran = 0;
-    for (int p = 0; p < s->L; p++) ran += s->pass[p].N > 0;
-    float scale = aux_scale / ran; /* the auxiliary losses are averaged over the passes */
+    int N = s->N, C = s->C;
+    float scale = aux_scale / s->ran; /* the auxiliary losses are averaged over the passes */
     /* later passes first: a pass's output gradient is complete once every
     ** later pass has added what flows back through its own input */
     for (int p = s->L - 1; p >= 0; p--) {

@@ -1,0 +1,97 @@
+/*
+** dist.c — MPI for data parallelism (dist.h). MPI is started only under a
+** launcher; one rank never calls it. The calls come from the main thread
+** alone (MPI_THREAD_FUNNELED): OpenMP teams compute between them.
+*/
+#include <limits.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "dist.h"
+
+static int rank = 0, size = 1, started = 0;
+
+static int launched(void) {
+    return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMIX_RANK") || getenv("PMI_SIZE");
+}
+
+int dist_init(int *argc, char ***argv, char *err) {
+    if (started || !launched()) return 0;
+    int provided = 0;
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+        return ml_error(err, "MPI_Init failed");
+    started = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    return 0;
+}
+
+void dist_finalize(void) {
+    if (!started) return;
+    MPI_Finalize();
+    started = 0;
+}
+
+int dist_rank(void) { return rank; }
+int dist_size(void) { return size; }
+int dist_active(void) { return size > 1; }
+
+/* MPI counts are ints: long buffers go in pieces of at most 2^30 elements. */
+#define DIST_CHUNK ((size_t)1 << 30)
+
+static void sum(void *x, size_t n, size_t elem, MPI_Datatype type) {
+    if (size == 1) return;
+    for (size_t i = 0; i < n; i += DIST_CHUNK) {
+        size_t k = n - i < DIST_CHUNK ? n - i : DIST_CHUNK;
+        MPI_Allreduce(MPI_IN_PLACE, (char *)x + i * elem, (int)k, type, MPI_SUM, MPI_COMM_WORLD);
+    }
+}
+
+void dist_sum_float(float *x, size_t n) { sum(x, n, sizeof *x, MPI_FLOAT); }
+void dist_sum_double(double *x, size_t n) { sum(x, n, sizeof *x, MPI_DOUBLE); }
+void dist_sum_int64(int64_t *x, size_t n) { sum(x, n, sizeof *x, MPI_INT64_T); }
+
+int dist_any(int flag) {
+    if (size == 1) return flag != 0;
+    int any = flag != 0;
+    MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    return any;
+}
+
+void dist_broadcast(void *buf, size_t bytes) {
+    if (size == 1) return;
+    for (size_t i = 0; i < bytes; i += DIST_CHUNK) {
+        size_t k = bytes - i < DIST_CHUNK ? bytes - i : DIST_CHUNK;
+        MPI_Bcast((char *)buf + i, (int)k, MPI_BYTE, 0, MPI_COMM_WORLD);
+    }
+}
+
+void dist_broadcast_string(char *buf, size_t n) {
+    dist_broadcast(buf, n);
+    buf[n - 1] = '\0';
+}
+
+void dist_send(const void *buf, size_t bytes, int to) {
+    for (size_t i = 0; i < bytes; i += DIST_CHUNK) {
+        size_t k = bytes - i < DIST_CHUNK ? bytes - i : DIST_CHUNK;
+        MPI_Send((const char *)buf + i, (int)k, MPI_BYTE, to, 0, MPI_COMM_WORLD);
+    }
+}
+
+void dist_recv(void *buf, size_t bytes, int from) {
+    for (size_t i = 0; i < bytes; i += DIST_CHUNK) {
+        size_t k = bytes - i < DIST_CHUNK ? bytes - i : DIST_CHUNK;
+        MPI_Recv((char *)buf + i, (int)k, MPI_BYTE, from, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    }
+}
+
+_Noreturn void dist_fail(const char *msg) {
+    fprintf(stderr, "moelab: [rank %d of %d] %s; stopping every rank\n", rank, size,
+            msg ? msg : "failed");
+    fflush(stderr);
+    if (started) MPI_Abort(MPI_COMM_WORLD, 1);
+    exit(1);
+}

@@ -1,0 +1,49 @@
+/*
+** dist.h — several processes as one run: data parallelism over MPI ranks.
+**
+** `mpirun -np N moelab run script.lua` starts N copies of the script. Each
+** rank holds the whole model and runs the same Lua statements in the same
+** order; the trainer cuts every batch into N slices (rank r takes rows
+** r·B .. r·B + B − 1 of the N·B rows one process would draw), averages the
+** gradients over the ranks before each AdamW step, and reduces what it
+** records, so that N ranks with batch B train as one process with batch N·B
+** (README, Several machines). Rank 0 alone opens the database and writes it;
+** the others send it what it records and receive what it queries.
+**
+** A plain `moelab` (no launcher in the environment) never calls MPI: every
+** function here is then a no-op or the identity, for one rank. A rank that
+** fails inside the collective part of a run calls dist_fail, which prints
+** the message and aborts every rank (MPI_Abort), so none waits forever.
+*/
+#ifndef MOELAB_DIST_H
+#define MOELAB_DIST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Starts MPI when an MPI launcher started this process (Open MPI's, or one
+** that sets PMIX_RANK or PMI_SIZE); else nothing. 0, or -1 with err. */
+int dist_init(int *argc, char ***argv, char *err);
+void dist_finalize(void);
+int dist_rank(void);   /* 0 .. dist_size() − 1 */
+int dist_size(void);   /* 1 without a launcher */
+int dist_active(void); /* more than one rank */
+
+/* In place, over every rank: sums (the result is the same on every rank). */
+void dist_sum_float(float *x, size_t n);
+void dist_sum_double(double *x, size_t n);
+void dist_sum_int64(int64_t *x, size_t n);
+/* 1 on every rank when flag is non-zero on any. */
+int dist_any(int flag);
+/* Rank 0's bytes to every rank. */
+void dist_broadcast(void *buf, size_t bytes);
+/* Rank 0's string (at most n bytes with its NUL) into every rank's buf. */
+void dist_broadcast_string(char *buf, size_t n);
+/* Point to point, bytes. */
+void dist_send(const void *buf, size_t bytes, int to);
+void dist_recv(void *buf, size_t bytes, int from);
+
+/* Prints "moelab: [rank r] msg" and stops every rank with exit code 1. */
+_Noreturn void dist_fail(const char *msg);
+
+#endif

@@ -1,0 +1,289 @@
+/*
+** test_mpi.c — data parallelism over MPI ranks (dist.h), from outside: the
+** binary named by $MOELAB under `mpirun -np 2 --oversubscribe` (and
+** --allow-run-as-root as root, as CI runs), against the same script in one
+** process. Covered: 2 ranks with batch 8 end with the parameters of 1 rank
+** with batch 16 after 5 steps, to 1e-5, for a top-2 layer with balance, z and
+** CV² losses and for a stratified one; the ranks' models are the same bits;
+** the database rank 0 writes holds what one process's holds (losses to 1e-5,
+** every routing and token row of a recorded evaluation split over the ranks);
+** a rank that fails, exits or is killed stops the other instead of leaving
+** it waiting; a plain moelab is one rank and says nothing of MPI.
+**
+** Without $MOELAB every test is skipped with a message; without mpirun they fail.
+*/
+#include "testproc.h"
+
+#include <sys/stat.h>
+
+#include "checkpoint.h"
+#include "model.h"
+
+static const char *moelab;  /* the binary, or NULL: skip */
+static int have_mpirun;
+
+/* make installs openmpi-bin: without mpirun the tests fail, they do not skip */
+#define SKIP_WITHOUT_MPI()                                                           \
+    do {                                                                             \
+        if (!moelab) skip();                                                         \
+        if (!have_mpirun) fail_msg("no mpirun: `make deps` installs openmpi-bin");   \
+    } while (0)
+
+/* A corpus of words, so that 5 steps move the loss. */
+static void write_corpus(const char *path) {
+    static const char *const words[] = {"the", "of", "and", "to", "in", "that", "he", "shall",
+                                        "unto", "for", "his", "lord", "they", "be", "is", "him"};
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot write %s", path);
+    uint64_t s = 7;
+    for (int i = 0; i < 20000; i++) fprintf(f, "%s ", words[test_rand(&s) % 16]);
+    fclose(f);
+}
+
+/* Trains 5 steps (batch from the arguments), evaluates 6 batches recorded,
+** saves the model, and writes each rank's loss of a fixed text, in full. */
+static const char *const dp_script =
+    "local a = moelab.args\n"
+    "moelab.threads(1)\n"
+    "local data = moelab.corpus{ path = a.corpus, split = 0.9 }\n"
+    "local model = moelab.model{ layers = 2, d_model = 32, heads = 2, context = 32,\n"
+    "  moe = { experts = 4, hidden = 32, router = load('return ' .. a.router)(),\n"
+    "          aux = { balance = 0.01, z = 0.001, cv2 = 0.01 } }, seed = 3 }\n"
+    "local db = moelab.open(a.db)\n"
+    "local run = db:run{ name = 'dp', model = model, data = data }\n"
+    "run:train{ steps = 5, batch = a.batch, lr = 3e-3, warmup = 1, eval_batches = 2, eval_batch = 4 }\n"
+    "local e = run:evaluate{ batches = 6, batch = 4, record = true }\n"
+    "model:save(a.out)\n"
+    "local rows = db:query('select count(*) as n from routing where eval_id = ?', e.eval_id)\n"
+    "assert(rows[1].n > 0, 'every rank reads rank 0 rows')\n"
+    "local f = assert(io.open(a.out .. '.rank' .. moelab.rank, 'w'))\n"
+    "f:write(string.format('%.17g %d %d', model:loss('and the lord shall be'), moelab.ranks, rows[1].n))\n"
+    "f:close()\n";
+
+static void mpirun_moelab(Proc *p, int np, const char *const *args, double timeout_s) {
+    const char *argv[40];
+    int n = 0;
+    char nps[16];
+    snprintf(nps, sizeof nps, "%d", np);
+    argv[n++] = "-np";
+    argv[n++] = nps;
+    argv[n++] = "--oversubscribe";
+    if (geteuid() == 0) argv[n++] = "--allow-run-as-root";
+    argv[n++] = moelab;
+    for (int i = 0; args[i]; i++) {
+        assert_true(n < 39);
+        argv[n++] = args[i];
+    }
+    argv[n] = NULL;
+    proc_spawn(p, NULL, "mpirun", argv);
+    proc_finish(p, timeout_s);
+}
+
+static void expect_ok(const Proc *p, const char *what) {
+    if (p->code != 0)
+        fail_msg("%s: exit code %d; stdout:\n%s\nstderr:\n%s", what, p->code, p->out.data, p->err.data);
+}
+
+static Model *load(const char *path) {
+    Model *m = NULL;
+    char err[ML_ERRLEN];
+    if (checkpoint_load(&m, path, 0, err) != 0) fail_msg("%s: %s", path, err);
+    return m;
+}
+
+static double file_number(const char *path, int field) {
+    FILE *f = fopen(path, "r");
+    if (!f) fail_msg("cannot read %s", path);
+    double v[3] = {0};
+    if (fscanf(f, "%lf %lf %lf", &v[0], &v[1], &v[2]) != 3) fail_msg("%s: not three numbers", path);
+    fclose(f);
+    return v[field];
+}
+
+static void one_against_two(const char *name, const char *router) {
+    char corpus[512], script[512], db1[512], db2[512], out1[512], out2[512];
+    tmp_path(corpus, sizeof corpus, "corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "dp.lua");
+    write_file(script, dp_script);
+    char file[128];
+    snprintf(file, sizeof file, "%s-one.db", name);
+    tmp_path(db1, sizeof db1, file);
+    snprintf(file, sizeof file, "%s-two.db", name);
+    tmp_path(db2, sizeof db2, file);
+    snprintf(file, sizeof file, "%s-one.safetensors", name);
+    tmp_path(out1, sizeof out1, file);
+    snprintf(file, sizeof file, "%s-two.safetensors", name);
+    tmp_path(out2, sizeof out2, file);
+    char a_corpus[600], a_router[200], a_db1[600], a_db2[600], a_out1[600], a_out2[600];
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_router, sizeof a_router, "router=%s", router);
+    snprintf(a_db1, sizeof a_db1, "db=%s", db1);
+    snprintf(a_db2, sizeof a_db2, "db=%s", db2);
+    snprintf(a_out1, sizeof a_out1, "out=%s", out1);
+    snprintf(a_out2, sizeof a_out2, "out=%s", out2);
+
+    Proc p;
+    const char *const one[] = {"run", script, a_corpus, a_router, a_db1, a_out1, "batch=16", NULL};
+    proc_spawn(&p, NULL, moelab, one);
+    proc_finish(&p, 120);
+    expect_ok(&p, "one process");
+    proc_free(&p);
+    const char *const two[] = {"run", script, a_corpus, a_router, a_db2, a_out2, "batch=8", NULL};
+    mpirun_moelab(&p, 2, two, 120);
+    expect_ok(&p, "two ranks");
+    proc_free(&p);
+
+    /* the parameters, to 1e-5 */
+    Model *m1 = load(out1), *m2 = load(out2);
+    assert_int_equal(m1->num_parameters, m2->num_parameters);
+    double worst = 0.0;
+    size_t at = 0;
+    for (size_t i = 0; i < m1->num_parameters; i++) {
+        double d = fabs((double)m1->param_mem[i] - m2->param_mem[i]);
+        if (d > worst) worst = d, at = i;
+    }
+    if (worst > 1e-5) fail_msg("%s: parameter %zu differs by %g", name, at, worst);
+    model_free(m1);
+    model_free(m2);
+
+    /* both ranks hold the same model: the same loss to the last bit */
+    char r0[600], r1[600];
+    snprintf(r0, sizeof r0, "%s.rank0", out2);
+    snprintf(r1, sizeof r1, "%s.rank1", out2);
+    assert_true(file_number(r0, 0) == file_number(r1, 0));
+    assert_int_equal((int)file_number(r0, 1), 2);
+    assert_int_equal((int)file_number(r1, 2), (int)file_number(r0, 2)); /* rank 1 read rank 0's rows */
+
+    /* rank 0's database holds what one process's does */
+    sqlite3 *a = db_open(db1), *b = db_open(db2);
+    const char *counts[] = {"select count(*) from runs",
+                            "select count(*) from metrics",
+                            "select count(*) from routing",
+                            "select count(*) from token_stats",
+                            "select sum(tokens) from expert_load",
+                            "select sum(activations) from sparsity",
+                            "select max(tokens) from metrics where split = 'train'"};
+    for (size_t i = 0; i < sizeof counts / sizeof *counts; i++)
+        if (db_int(a, counts[i]) != db_int(b, counts[i]))
+            fail_msg("%s: '%s' is %lld for one process, %lld for two ranks", name, counts[i],
+                     (long long)db_int(a, counts[i]), (long long)db_int(b, counts[i]));
+    char ta[64], tb[64];
+    const char *losses[] = {"select loss from metrics where split = 'train' and step = 5",
+                            "select aux_loss from metrics where split = 'train' and step = 5",
+                            "select loss from evals order by eval_id desc limit 1",
+                            "select sum(loss) from token_stats"};
+    for (size_t i = 0; i < sizeof losses / sizeof *losses; i++) {
+        double x = atof(db_text(a, losses[i], ta, sizeof ta)), y = atof(db_text(b, losses[i], tb, sizeof tb));
+        if (!test_close(x, y, 1e-5, 1e-7)) fail_msg("%s: '%s': %s against %s", name, losses[i], ta, tb);
+    }
+    expect_in("train config", db_text(b, "select json_extract(config, '$.train.ranks') from runs", tb, sizeof tb), "2");
+    sqlite3_close(a);
+    sqlite3_close(b);
+}
+
+static void test_two_ranks_train_as_one_process(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    one_against_two("topk", "{ kind = 'topk', k = 2 }");
+}
+
+/* the passes of a stratified layer hold different tokens on each rank: its
+** auxiliary losses and their gradients must still be the whole batch's */
+static void test_two_ranks_stratified(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    one_against_two("strata", "{ kind = 'stratified', strata = { 1, 1, 2 } }");
+}
+
+/* rank 1 stops (an error, an exit without MPI, a SIGKILL) while rank 0 waits
+** for it in a collective: the job ends, with a message, not a hang */
+static void test_a_rank_that_dies_stops_the_others(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    static const char *const deaths[] = {
+        "error('rank 1 gave up')",
+        "os.exit(3)",
+        "os.execute('kill -9 $PPID')",
+    };
+    static const char *const said[] = {"[rank 1 of 2] ", "non-zero", "rank 1"}; /* ours, mpirun's */
+    char corpus[512], script[512], db[512];
+    tmp_path(corpus, sizeof corpus, "die-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "die.lua");
+    for (int i = 0; i < 3; i++) {
+        char text[2048];
+        snprintf(text, sizeof text,
+                 "moelab.threads(1)\n"
+                 "local data = moelab.corpus{ path = moelab.args.corpus }\n"
+                 "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n"
+                 "  moe = { experts = 2, hidden = 16, router = { kind = 'topk', k = 1 } } }\n"
+                 "local db = moelab.open(moelab.args.db)\n"
+                 "local run = db:run{ name = 'die', model = model, data = data }\n"
+                 "run:train{ steps = 3, batch = 2 }\n"
+                 "if moelab.rank == 1 then %s end\n"
+                 "run:train{ steps = 100000, batch = 2 }\n",
+                 deaths[i]);
+        write_file(script, text);
+        char a_corpus[600], a_db[600], name[32];
+        snprintf(name, sizeof name, "die%d.db", i);
+        tmp_path(db, sizeof db, name);
+        snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+        snprintf(a_db, sizeof a_db, "db=%s", db);
+        const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+        Proc p;
+        double t0 = now_s();
+        mpirun_moelab(&p, 2, args, 60);
+        if (p.code == 0) fail_msg("'%s' on rank 1: mpirun exited 0; stderr:\n%s", deaths[i], p.err.data);
+        if (now_s() - t0 > 30) fail_msg("'%s' on rank 1: the job took %.0f s to stop", deaths[i], now_s() - t0);
+        expect_in("stderr", p.err.data, said[i]);
+        proc_free(&p);
+    }
+}
+
+/* without mpirun: one rank, no MPI, nothing said about it */
+static void test_plain_moelab_is_one_rank(void **state) {
+    (void)state;
+    if (!moelab) skip();
+    char script[512];
+    tmp_path(script, sizeof script, "plain.lua");
+    write_file(script, "print(moelab.rank, moelab.ranks)\n");
+    const char *const args[] = {"run", script, NULL};
+    Proc p;
+    proc_spawn(&p, NULL, moelab, args);
+    proc_finish(&p, 60);
+    expect_ok(&p, "plain moelab");
+    assert_string_equal(p.out.data, "0\t1\n");
+    assert_string_equal(p.err.data, "");
+    proc_free(&p);
+}
+
+static int group_setup(void **state) {
+    (void)state;
+    const char *env = getenv("MOELAB");
+    if (!env || !*env) {
+        fprintf(stderr, "test_mpi: MOELAB is not set (make test sets it to ./moelab); "
+                        "skipping every test\n");
+        return 0;
+    }
+    moelab = env;
+    have_mpirun = system("mpirun --version > /dev/null 2>&1") == 0;
+    signal(SIGPIPE, SIG_IGN);
+    return tmpdir_make("test_mpi");
+}
+
+static int group_teardown(void **state) {
+    (void)state;
+    tmpdir_remove("test_mpi");
+    return 0;
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_plain_moelab_is_one_rank),
+        cmocka_unit_test(test_two_ranks_train_as_one_process),
+        cmocka_unit_test(test_two_ranks_stratified),
+        cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
