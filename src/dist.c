@@ -6,13 +6,16 @@
 #include <limits.h>
 #include <mpi.h>
 #include <stdio.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common.h"
 #include "dist.h"
 
 static int rank = 0, size = 1, started = 0;
+static FILE *errors; /* this rank's stderr once dist_quiet silenced it; else NULL */
 
 static int launched(void) {
     return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMIX_RANK") || getenv("PMI_SIZE");
@@ -54,6 +57,10 @@ void dist_sum_float(float *x, size_t n) { sum(x, n, sizeof *x, MPI_FLOAT); }
 void dist_sum_double(double *x, size_t n) { sum(x, n, sizeof *x, MPI_DOUBLE); }
 void dist_sum_int64(int64_t *x, size_t n) { sum(x, n, sizeof *x, MPI_INT64_T); }
 
+void dist_barrier(void) {
+    if (size > 1) MPI_Barrier(MPI_COMM_WORLD);
+}
+
 int dist_any(int flag) {
     if (size == 1) return flag != 0;
     int any = flag != 0;
@@ -88,10 +95,29 @@ void dist_recv(void *buf, size_t bytes, int from) {
     }
 }
 
-_Noreturn void dist_fail(const char *msg) {
-    fprintf(stderr, "moelab: [rank %d of %d] %s; stopping every rank\n", rank, size,
-            msg ? msg : "failed");
+int dist_quiet(char *err) {
+    if (rank == 0 || getenv("MOELAB_ALL_RANKS") || errors) return 0;
+    int null = open("/dev/null", O_WRONLY), saved = dup(STDERR_FILENO);
+    if (null < 0 || saved < 0 || !(errors = fdopen(saved, "w"))) {
+        if (null >= 0) close(null);
+        if (saved >= 0) close(saved);
+        return ml_error(err, "cannot silence rank %d's output", rank);
+    }
+    setvbuf(errors, NULL, _IOLBF, 0);
+    fflush(stdout);
     fflush(stderr);
+    dup2(null, STDOUT_FILENO);
+    dup2(null, STDERR_FILENO);
+    close(null);
+    return 0;
+}
+
+FILE *dist_errors(void) { return errors ? errors : stderr; }
+
+_Noreturn void dist_fail(const char *msg) {
+    fprintf(dist_errors(), "moelab: [rank %d of %d] %s; stopping every rank\n", rank, size,
+            msg ? msg : "failed");
+    fflush(dist_errors());
     if (started) MPI_Abort(MPI_COMM_WORLD, 1);
     exit(1);
 }

@@ -20,6 +20,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* Starts MPI when an MPI launcher started this process (Open MPI's, or one
 ** that sets PMIX_RANK or PMI_SIZE); else nothing. 0, or -1 with err. */
@@ -33,6 +34,8 @@ int dist_active(void); /* more than one rank */
 void dist_sum_float(float *x, size_t n);
 void dist_sum_double(double *x, size_t n);
 void dist_sum_int64(int64_t *x, size_t n);
+/* Returns when every rank has called it. */
+void dist_barrier(void);
 /* 1 on every rank when flag is non-zero on any. */
 int dist_any(int flag);
 /* Rank 0's bytes to every rank. */
@@ -42,6 +45,13 @@ void dist_broadcast_string(char *buf, size_t n);
 /* Point to point, bytes. */
 void dist_send(const void *buf, size_t bytes, int to);
 void dist_recv(void *buf, size_t bytes, int from);
+
+/* On ranks other than 0, sends standard output and error to /dev/null (so
+** that a script speaks once), unless MOELAB_ALL_RANKS is set; errors still
+** go to dist_errors(). 0, or -1 with err. */
+int dist_quiet(char *err);
+/* Where this rank's errors go: stderr, or its own stderr before dist_quiet. */
+FILE *dist_errors(void);
 
 /* Prints "moelab: [rank r] msg" and stops every rank with exit code 1. */
 _Noreturn void dist_fail(const char *msg);

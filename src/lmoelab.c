@@ -756,6 +756,8 @@ static int l_open(lua_State *L) {
     lua_setiuservalue(L, -2, 1);
     char err[ML_ERRLEN];
     int rc = 0;
+    /* what every rank did before (a script removing an old file) is done */
+    dist_barrier();
     if (dist_rank() == 0)
         rc = readonly ? rec_open_readonly(&d->r, path, err)
                       : adopt ? rec_open_adopting(&d->r, path, err) : rec_open(&d->r, path, err);

@@ -138,10 +138,11 @@ static int docall(lua_State *L, int nargs, int nres) {
 static void report(lua_State *L, int status) {
     if (status != LUA_OK) {
         const char *msg = lua_tostring(L, -1);
-        if (dist_active()) fprintf(stderr, "moelab: [rank %d of %d] ", dist_rank(), dist_size());
-        else fputs("moelab: ", stderr);
-        fprintf(stderr, "%s\n", msg ? msg : "(error without a message)");
-        fflush(stderr);
+        FILE *f = dist_errors();
+        if (dist_active()) fprintf(f, "moelab: [rank %d of %d] ", dist_rank(), dist_size());
+        else fputs("moelab: ", f);
+        fprintf(f, "%s\n", msg ? msg : "(error without a message)");
+        fflush(f);
         lua_pop(L, 1);
     }
 }
@@ -192,7 +193,7 @@ static int cmd_run(int argc, char **argv) {
         fprintf(stderr, "moelab run: %s\n", err);
         return 1;
     }
-    if (dist_rank() != 0 && !freopen("/dev/null", "w", stdout)) dist_fail("cannot silence stdout");
+    if (dist_quiet(err) != 0) dist_fail(err);
     lua_State *L = new_state();
     if (load_module(L) != 0) {
         lua_close(L);
@@ -228,6 +229,9 @@ static int cmd_run(int argc, char **argv) {
         const char *msg = lua_tostring(L, -1);
         int was_interrupted = interrupted || (msg && strstr(msg, "interrupted by "));
         lmoelab_script_ended(L, msg, was_interrupted);
+        /* an error every rank raised alike (rank 0's outcome, dist.h) is
+        ** said once: rank 0 stops the others before they say it again */
+        if (dist_rank() != 0) usleep(500 * 1000);
         report(L, status);
         int sig = interrupted ? interrupted : trainer_stopped_by ? trainer_stopped_by : SIGINT;
         rc = was_interrupted ? 128 + sig : 1;
