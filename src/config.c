@@ -96,6 +96,7 @@ static const NumberKey number_keys[] = {
     {"moe.experts", 1, 1, MOE_MAX_EXPERTS, 0, ""},
     {"moe.hidden", 1, 1, 1 << 20, 0, ""},
     {"moe.sparsity_eps", 0, 0, FLT_MAX, 0, ""},
+    {"moe.placement", 1, 0, MOE_MAX_RANKS - 1, 0, " (a rank)"},
     {"moe.router.k", 1, 1, MOE_MAX_EXPERTS, 0, ""},
     {"moe.router.p", 0, 0, 1, 1, " (the threshold t)"},
     {"moe.router.max_k", 1, 0, MOE_MAX_EXPERTS, 0, " (0 = no cap)"},
@@ -212,6 +213,12 @@ int config_validate(const ModelConfig *c, char *err) {
     if (m->max_k > m->experts)
         return ml_error(err, "'moe.router.max_k' must be between 0 (no cap) and moe.experts = %d, "
                         "got %d", m->experts, m->max_k);
+    if (m->parallel_experts && m->kind == ROUTER_MERGE)
+        return ml_error(err, "'moe.parallel' = \"experts\" needs experts that run apart: merged "
+                        "experts run as one FFN");
+    if (m->n_placement && !m->parallel_experts)
+        return ml_error(err, "'moe.placement' places experts on ranks: it needs moe.parallel = "
+                        "\"experts\"");
     if (m->bias && (m->kind == ROUTER_MERGE || m->kind == ROUTER_STRATIFIED))
         return ml_error(err, "'moe.bias' (expert biases) is not supported with %s experts",
                         m->kind == ROUTER_MERGE ? "merged" : "stratified");
@@ -390,7 +397,7 @@ static int read_choice(const JsonValue *obj, const char *key, const char *where,
 }
 
 static const char *const moe_keys[] = {"every", "experts", "hidden", "router", "aux", "sparsity_eps",
-                                       "bias"};
+                                       "bias", "parallel", "placement"};
 static const char *const router_keys[] = {
     "kind",  "k",      "p",      "max_k",   "normalize",      "capacity_factor", "min_capacity",
     "noise", "strata", "second", "segment", "token_attention", "select"};
@@ -513,6 +520,23 @@ static int read_moe(ModelConfig *c, const JsonValue *moe, int strict, char *err)
     }
     if (read_float(moe, "sparsity_eps", "moe.", &m->sparsity_eps, err)) return -1;
     if (read_bool(moe, "bias", "moe.", &m->bias, err)) return -1;
+    static const char *const parallels[] = {"data", "experts"};
+    if (read_choice(moe, "parallel", "moe.", parallels, 2, &m->parallel_experts, err)) return -1;
+    const JsonValue *placement = json_object_get(moe, "placement");
+    if (placement && json_type(placement) != JSON_NULL) {
+        size_t n = json_type(placement) == JSON_ARRAY ? json_array_len(placement) : 0;
+        if (n != (size_t)m->experts)
+            return ml_error(err, "'moe.placement' must list a rank for each of the %d experts, "
+                            "for example { 0, 0, 1, 1 }", m->experts);
+        for (size_t e = 0; e < n; e++) {
+            char path[64];
+            double x;
+            snprintf(path, sizeof path, "moe.placement[%zu]", e + 1);
+            if (read_number(json_array_at(placement, e), path, &x, err)) return -1;
+            m->placement[e] = (int)x;
+        }
+        m->n_placement = (int)n;
+    }
 
     const JsonValue *router = json_object_get(moe, "router");
     if (router && read_router(m, router, strict, err)) return -1;
@@ -752,6 +776,12 @@ char *config_to_json(const ModelConfig *c) {
         jb_puts(&b, "},\"sparsity_eps\":");
         jb_float(&b, m->sparsity_eps);
         if (m->bias) jb_puts(&b, ",\"bias\":true");
+        if (m->parallel_experts) jb_puts(&b, ",\"parallel\":\"experts\"");
+        if (m->n_placement) {
+            jb_puts(&b, ",\"placement\":[");
+            for (int e = 0; e < m->n_placement; e++) jb_printf(&b, e ? ",%d" : "%d", m->placement[e]);
+            jb_puts(&b, "]");
+        }
         jb_puts(&b, "}");
     }
     jb_puts(&b, "}");

@@ -18,6 +18,7 @@ typedef enum { NORM_LAYERNORM = 0, NORM_RMSNORM = 1 } NormKind;
 typedef enum { ACT_GELU = 0, ACT_RELU = 1, ACT_SWIGLU = 2 } ActKind;
 
 #define MOE_MAX_EXPERTS 256
+#define MOE_MAX_RANKS 1024   /* of an expert placement */
 
 typedef enum {
     ROUTER_TOPK = 0,          /* the k largest p; renormalised or raw */
@@ -57,6 +58,12 @@ typedef struct {
     int select_threshold; /* similarity: the threshold rule on p (t = p), not the k largest */
     float aux_balance, aux_z, aux_cv2, aux_p_penalty, aux_entropy; /* coefficients; 0 = off */
     float sparsity_eps; /* |a| <= eps counts as a near-zero activation; < 0: default */
+    /* expert parallelism over MPI ranks (dist.h): each expert's products run
+    ** on one rank, placement[e] (n_placement = E), or E/N contiguous a rank
+    ** (n_placement = 0); tokens travel to them and back (moe/parallel.c) */
+    int parallel_experts;
+    int n_placement;
+    int placement[MOE_MAX_EXPERTS];
 } MoeConfig;
 
 typedef struct {

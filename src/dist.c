@@ -13,9 +13,18 @@
 
 #include "common.h"
 #include "dist.h"
+#include "machine.h"
 
 static int rank = 0, size = 1, started = 0;
 static FILE *errors; /* this rank's stderr once dist_quiet silenced it; else NULL */
+static double comm_seconds;
+
+/* Times the communication of the function it is in: COMM_BEGIN at the top,
+** COMM_END before it returns. */
+#define COMM_BEGIN double comm_t0_ = machine_clock()
+#define COMM_END comm_seconds += machine_clock() - comm_t0_
+
+double dist_comm_seconds(void) { return comm_seconds; }
 
 static int launched(void) {
     return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMIX_RANK") || getenv("PMI_SIZE");
@@ -47,10 +56,12 @@ int dist_active(void) { return size > 1; }
 
 static void sum(void *x, size_t n, size_t elem, MPI_Datatype type) {
     if (size == 1) return;
+    COMM_BEGIN;
     for (size_t i = 0; i < n; i += DIST_CHUNK) {
         size_t k = n - i < DIST_CHUNK ? n - i : DIST_CHUNK;
         MPI_Allreduce(MPI_IN_PLACE, (char *)x + i * elem, (int)k, type, MPI_SUM, MPI_COMM_WORLD);
     }
+    COMM_END;
 }
 
 void dist_sum_float(float *x, size_t n) { sum(x, n, sizeof *x, MPI_FLOAT); }
@@ -66,6 +77,40 @@ int dist_any(int flag) {
     int any = flag != 0;
     MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
     return any;
+}
+
+void dist_allgather_int(const int *mine, int n, int *all) {
+    if (size == 1) {
+        memcpy(all, mine, sizeof(int) * (size_t)n);
+        return;
+    }
+    COMM_BEGIN;
+    MPI_Allgather(mine, n, MPI_INT, all, n, MPI_INT, MPI_COMM_WORLD);
+    COMM_END;
+}
+
+void dist_alltoall_rows(const float *send, const int *send_rows, float *recv, const int *recv_rows,
+                        int width) {
+    if (size == 1) {
+        memcpy(recv, send, sizeof(float) * (size_t)send_rows[0] * width);
+        return;
+    }
+    COMM_BEGIN;
+    /* counts in rows, so that they stay ints however wide a row is */
+    MPI_Datatype row;
+    MPI_Type_contiguous(width, MPI_FLOAT, &row);
+    MPI_Type_commit(&row);
+    int *sd = malloc(sizeof(int) * 2 * (size_t)size), *rd = sd + size;
+    if (!sd) dist_fail("out of memory for an all-to-all");
+    sd[0] = rd[0] = 0;
+    for (int r = 1; r < size; r++) {
+        sd[r] = sd[r - 1] + send_rows[r - 1];
+        rd[r] = rd[r - 1] + recv_rows[r - 1];
+    }
+    MPI_Alltoallv(send, send_rows, sd, row, recv, recv_rows, rd, row, MPI_COMM_WORLD);
+    MPI_Type_free(&row);
+    free(sd);
+    COMM_END;
 }
 
 void dist_broadcast(void *buf, size_t bytes) {

@@ -38,6 +38,15 @@ void dist_sum_int64(int64_t *x, size_t n);
 void dist_barrier(void);
 /* 1 on every rank when flag is non-zero on any. */
 int dist_any(int flag);
+/* Every rank's n ints, rank r's at all + r·n. */
+void dist_allgather_int(const int *mine, int n, int *all);
+/* All to all, in rows of `width` floats: send_rows[d] rows to rank d from
+** send (rank by rank), recv_rows[s] rows from rank s into recv. */
+void dist_alltoall_rows(const float *send, const int *send_rows, float *recv, const int *recv_rows,
+                        int width);
+/* Seconds this process has spent in the functions here that communicate
+** (what a step's wall time owes to the network; 0 for one rank). */
+double dist_comm_seconds(void);
 /* Rank 0's bytes to every rank. */
 void dist_broadcast(void *buf, size_t bytes);
 /* Rank 0's string (at most n bytes with its NUL) into every rank's buf. */

@@ -159,7 +159,7 @@ typedef struct {
 /* The last forward's routing and token rows (batch i) into b, from each MoE
 ** layer's route trace; its sparsity into sp. Routing rows go layer by layer,
 ** each pass by pass in (seq, pos, rank) order. */
-static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, int B, int T) {
+static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int seq0, int B, int T) {
     Model *m = t->model;
     const ModelConfig *c = &m->config;
     const MoeConfig *mc = &c->moe;
@@ -179,7 +179,7 @@ static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, i
         size_t n = moe_trace_routes(layer, mc, t->trace);
         for (size_t j = 0; j < n; j++) {
             const MoeRoute *r = &t->trace[j];
-            *out++ = (RecRouting){.layer = l, .seq = i * B + r->token / T, .pos = r->token % T,
+            *out++ = (RecRouting){.layer = l, .seq = seq0 + r->token / T, .pos = r->token % T,
                                   .token = m->acts.inputs[r->token], .rank = r->rank,
                                   .expert = r->expert, .pass = r->pass, .weight = r->weight};
         }
@@ -190,7 +190,7 @@ static int eval_record_batch(RecBatch *b, EvalSparsity *sp, Trainer *t, int i, i
     b->n_routing = (size_t)(out - b->routing);
     for (int n = 0; n < N; n++) {
         RecTokenStat *ts = &b->tokens[n];
-        *ts = (RecTokenStat){.seq = i * B + n / T, .pos = n % T, .token = m->acts.inputs[n],
+        *ts = (RecTokenStat){.seq = seq0 + n / T, .pos = n % T, .token = m->acts.inputs[n],
                              .experts = 0, .passes = 0, .loss = m->acts.losses[n],
                              .moe_flops = 0.0};
         for (int l = 0; l < c->layers; l++) {
@@ -273,6 +273,13 @@ static int record_step_load(Trainer *t, char *err) {
     return t->rec ? record_load(NULL, t, -1, t->load, t->dropped, t->mass, err) : 0;
 }
 
+/* Rank r's slice of a batch of B sequences cut over `ranks`: its first row
+** into *first, and how many. */
+static int slice(int r, int B, int ranks, int *first) {
+    *first = (int)((int64_t)r * B / ranks);
+    return (int)((int64_t)(r + 1) * B / ranks) - *first;
+}
+
 /* A recorded batch computed on another rank: its rows to rank 0, which
 ** queues them for its writer in batch order. Sizes first, then the rows. */
 static void send_rows(const RecBatch *b) {
@@ -298,6 +305,15 @@ static int recv_rows(RecWriter *w, int from, char *err) {
     b->n_routing = (size_t)n[0];
     b->n_tokens = (size_t)n[1];
     return recw_submit(w, b, err);
+}
+
+/* Rank 0: the other ranks' slices of a batch of B sequences, in rank order. */
+static int recv_slices(RecWriter *w, int B, int ranks, char *err) {
+    for (int r = 1; r < ranks; r++) {
+        int first;
+        if (slice(r, B, ranks, &first) > 0 && recv_rows(w, r, err) != 0) return -1;
+    }
+    return 0;
 }
 
 /*
@@ -354,6 +370,10 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (ensure_batch(t, B, T, err) != 0) return -1;
     if (o->router && model_check_router(m, o->router, inner) != 0)
         return ml_error(err, "evaluate: %s", inner);
+    if (B < dist_size() && moe_parallel(o->router ? o->router : &c->moe))
+        return ml_error(err, "evaluate: batch %d is cut over %d ranks, and under expert "
+                        "parallelism each needs a sequence: use batch >= %d", B, dist_size(),
+                        dist_size());
     MoeConfig own = c->moe; /* back after a counterfactual evaluation */
     if (o->router) m->config.moe = *o->router;
     int moe = m->n_moe_layers > 0;
@@ -397,8 +417,10 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     m->training = 0;
     double sums[4] = {0}; /* loss, FLOPs, top-k FLOPs, assignments */
     EvalPace pace = {.threads = omp_get_max_threads()};
-    /* over several ranks, batch i is rank i mod ranks's; every rank draws
-    ** every batch, so that the batches are those of one process */
+    /* over several ranks each batch is cut in slices, rank r's rows
+    ** first .. first + Br − 1; every rank draws every batch, so that the
+    ** batches are those of one process */
+    int first, Br = slice(rank, B, ranks, &first);
     for (int i = 0; i < o->batches; i++) {
         if (dist_any(trainer_interrupt)) { /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
             int sig = take_interrupt();
@@ -407,16 +429,15 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
                      "its rows were kept)", trainer_signal_name(sig), i + 1, o->batches);
             goto done;
         }
-        corpus_batch(t->corpus, o->split, rng, B, T, t->inputs, t->targets);
-        int owner = i % ranks;
-        if (owner != rank) {
-            if (writer && recv_rows(writer, owner, err) != 0) goto done;
+        corpus_batch_part(t->corpus, o->split, rng, B, first, Br, T, t->inputs, t->targets);
+        if (Br == 0) { /* fewer sequences than ranks: none here (data parallel only) */
+            if (writer && recv_slices(writer, B, ranks, err) != 0) goto done;
             continue;
         }
         int fewer = writer && eval_give_writer_a_core(&pace, writer, i == o->batches - 1);
         if (fewer) omp_set_num_threads(pace.threads - 1);
         double t0 = now_ms();
-        int failed = model_forward(m, t->inputs, t->targets, B, T, err);
+        int failed = model_forward(m, t->inputs, t->targets, Br, T, err);
         double ms = now_ms() - t0;
         if (fewer) {
             omp_set_num_threads(pace.threads);
@@ -425,14 +446,14 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
             pace.all_ms = ms;
         }
         if (failed) goto done;
-        sums[0] += m->mean_loss;
+        sums[0] += m->mean_loss * ((double)Br / B); /* the batch's mean, summed over ranks */
         sums[1] += m->moe_flops;
         sums[2] += m->moe_flops_topk;
         for (int l = 0; moe && l < L; l++)
             if (config_is_moe_block(c, l)) sums[3] += (double)moe_trace_count(&m->moe[l]);
         if (moe) add_loads(m, load, dropped, mass);
         if (record && rank != 0) {
-            if (eval_record_batch(&own_rows, &sp, t, i, B, T) != 0) {
+            if (eval_record_batch(&own_rows, &sp, t, i * B + first, Br, T) != 0) {
                 ml_error(err, "out of memory recording the evaluation");
                 goto done;
             }
@@ -440,7 +461,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         }
         if (writer) {
             RecBatch *b = recw_batch(writer);
-            if (!b || eval_record_batch(b, &sp, t, i, B, T) != 0) {
+            if (!b || eval_record_batch(b, &sp, t, i * B + first, Br, T) != 0) {
                 if (b) { /* an empty batch gives the buffers back */
                     b->n_routing = b->n_tokens = 0;
                     recw_submit(writer, b, err);
@@ -448,7 +469,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
                 ml_error(err, "out of memory recording the evaluation");
                 goto done;
             }
-            if (recw_submit(writer, b, err) != 0) goto done;
+            if (recw_submit(writer, b, err) != 0 || recv_slices(writer, B, ranks, err) != 0)
+                goto done;
         }
     }
     if (ranks > 1) {
@@ -548,6 +570,35 @@ static int probe(Trainer *t, const TrainOptions *o, int last, const char **statu
     return evaluate_in_training(t, &po, &er, status, status_msg, n, err);
 }
 
+int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *err) {
+    Model *m = t->model;
+    int T = m->config.context, rank = dist_rank(), ranks = dist_size();
+    if (ensure_batch(t, B, T, err) != 0) return -1;
+    m->shard = rank;
+    m->shards = ranks;
+    corpus_batch_part(t->corpus, SPLIT_TRAIN, t->rng, ranks * B, rank * B, B, T, t->inputs,
+                      t->targets);
+    m->training = 1;
+    int rc = model_forward(m, t->inputs, t->targets, B, T, err);
+    m->training = 0;
+    if (rc != 0) return -1;
+    *loss = m->mean_loss;
+    *moe_flops = m->moe_flops;
+    if (ranks > 1) { /* the whole batch's losses, on every rank */
+        model_reduce_aux(m, dist_sum_double, ranks);
+        double v[2] = {m->mean_loss, m->moe_flops};
+        dist_sum_double(v, 2);
+        *loss = (float)(v[0] / ranks);
+        *moe_flops = v[1] / ranks;
+    }
+    if (model_backward(m, err) != 0) return -1;
+    if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
+        dist_sum_float(m->grad_mem, m->num_parameters);
+        cblas_sscal((blasint)m->num_parameters, 1.0f / ranks, m->grad_mem, 1);
+    }
+    return 0;
+}
+
 int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err) {
     Model *m = t->model;
     int T = m->config.context, B = o->batch;
@@ -590,8 +641,6 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     /* over several ranks (dist.h) each step's batch is ranks × B rows, this
     ** rank's slice of which it computes; rank 0 shows the progress */
     int rank = dist_rank(), ranks = dist_size();
-    m->shard = rank;
-    m->shards = ranks;
     int progress = rank != 0 ? 0 : o->progress < 0 ? isatty(STDERR_FILENO) : o->progress;
     EvalOptions eo;
     eval_options_defaults(&eo);
@@ -660,21 +709,10 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             break;
         }
         double t0 = now_ms();
-        corpus_batch_part(t->corpus, SPLIT_TRAIN, t->rng, ranks * B, rank * B, B, T, t->inputs,
-                          t->targets);
-        m->training = 1;
-        rc = model_forward(m, t->inputs, t->targets, B, T, err);
-        m->training = 0;
-        if (rc != 0) break;
-        float loss = m->mean_loss;
-        double moe_flops = m->moe_flops;
-        if (ranks > 1) { /* the whole batch's losses, on every rank */
-            model_reduce_aux(m, dist_sum_double, ranks);
-            double v[2] = {m->mean_loss, m->moe_flops};
-            dist_sum_double(v, 2);
-            loss = (float)(v[0] / ranks);
-            moe_flops = v[1] / ranks;
-        }
+        if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
+        float loss;
+        double moe_flops;
+        if ((rc = trainer_gradients(t, B, &loss, &moe_flops, err)) != 0) break;
         if (!isfinite(loss) || !isfinite(m->aux_loss)) {
             status = "diverged";
             snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
@@ -690,12 +728,6 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
                      "%g for %d steps in a row; training stopped", loss, (long long)t->step,
                      TRAIN_EXPLODE_MARGIN, first_loss, TRAIN_EXPLODE_STEPS);
             break;
-        }
-        if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
-        if (model_backward(m, err) != 0) { rc = -1; break; }
-        if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
-            dist_sum_float(m->grad_mem, m->num_parameters);
-            cblas_sscal((blasint)m->num_parameters, 1.0f / ranks, m->grad_mem, 1);
         }
         if (o->clip > 0.0f) model_clip_grad(m, o->clip);
         float lr = trainer_lr(o, s);

@@ -118,6 +118,11 @@ int trainer_init(Trainer *t, Model *model, Corpus *corpus, Recorder *rec, int64_
 void trainer_free(Trainer *t);
 
 int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err);
+/* One training step's gradients, added to the model's (zero them first):
+** the next batch of B sequences a rank (dist.h), forward and backward, and
+** over several ranks their mean, the whole batch's; *loss and *moe_flops
+** are the whole batch's too. */
+int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *err);
 /* With a recorder, the evaluation is a transaction of its own: the run's
 ** pending rows are committed first, and a failure or an interrupt removes
 ** everything the evaluation wrote. With record = true its routing and token

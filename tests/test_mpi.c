@@ -17,7 +17,9 @@
 #include <sys/stat.h>
 
 #include "checkpoint.h"
+#include "dist.h"
 #include "model.h"
+#include "trainer.h"
 
 static const char *moelab;  /* the binary, or NULL: skip */
 static int have_mpirun;
@@ -182,6 +184,131 @@ static void one_against_two(const char *name, const char *router) {
     sqlite3_close(b);
 }
 
+/* ---- gradients, by this program started as a worker ---------------------- */
+
+/* `test_mpi --gradients OUT BATCH CONFIG` (under mpirun or not): one
+** training step's gradients of the model CONFIG (JSON) on batch BATCH a
+** rank, as trainer_gradients gives them, written by rank 0 to OUT as the
+** loss and then every gradient, in floats. */
+static int gradients_worker(int argc, char **argv) {
+    char err[ML_ERRLEN];
+    if (argc != 5 || dist_init(&argc, &argv, err) != 0) {
+        fprintf(stderr, "test_mpi --gradients OUT BATCH CONFIG: %s\n", argc != 5 ? "usage" : err);
+        return 2;
+    }
+    static char text[60000];
+    uint64_t seed = 11;
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + test_rand(&seed) % 12);
+    ModelConfig c;
+    Corpus *corpus = NULL;
+    Model *m = NULL;
+    Trainer t;
+    float loss;
+    double flops;
+    config_defaults(&c);
+    if (config_from_json(&c, argv[4], strlen(argv[4]), err) != 0 ||
+        corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.9, err) != 0 ||
+        model_create(&m, &c, err) != 0 || trainer_init(&t, m, corpus, NULL, 0, "grads", 5, err) != 0)
+        dist_fail(err);
+    model_zero_grad(m);
+    if (trainer_gradients(&t, atoi(argv[3]), &loss, &flops, err) != 0) dist_fail(err);
+    if (dist_rank() == 0) {
+        FILE *f = fopen(argv[2], "wb");
+        if (!f || fwrite(&loss, sizeof loss, 1, f) != 1 ||
+            fwrite(m->grad_mem, sizeof(float), m->num_parameters, f) != m->num_parameters)
+            dist_fail("cannot write the gradients");
+        fclose(f);
+    }
+    trainer_free(&t);
+    model_free(m);
+    corpus_free(corpus);
+    dist_finalize();
+    return 0;
+}
+
+static const char *self; /* this program, for its workers */
+
+/* The gradients of CONFIG over a batch of 16 sequences: one process, 2 ranks
+** with 8 each; returns the floats (loss first) and their count. */
+static float *gradients(const char *config, int ranks, size_t *n) {
+    char out[512], name[64];
+    static int runs;
+    snprintf(name, sizeof name, "grads-%d", runs++);
+    tmp_path(out, sizeof out, name);
+    char batch[16];
+    snprintf(batch, sizeof batch, "%d", 16 / ranks);
+    const char *const args[] = {"--gradients", out, batch, config, NULL};
+    Proc p;
+    if (ranks == 1) {
+        proc_spawn(&p, NULL, self, args);
+        proc_finish(&p, 120);
+    } else {
+        const char *argv[] = {"-np", "2", "--oversubscribe", geteuid() == 0 ? "--allow-run-as-root" : "-q",
+                              self, "--gradients", out, batch, config, NULL};
+        proc_spawn(&p, NULL, "mpirun", argv);
+        proc_finish(&p, 120);
+    }
+    expect_ok(&p, config);
+    proc_free(&p);
+    FILE *f = fopen(out, "rb");
+    if (!f) fail_msg("no gradients from %s", config);
+    size_t cap = 1 << 22;
+    float *g = malloc(sizeof(float) * cap);
+    *n = fread(g, sizeof(float), cap, f);
+    fclose(f);
+    return g;
+}
+
+/* max |a − b| ≤ 1e-5 and ‖a − b‖ ≤ 1e-4 ‖a‖, the loss first */
+static void expect_same_gradients(const char *what, const float *a, const float *b, size_t n) {
+    if (!test_close(a[0], b[0], 1e-5, 1e-6)) fail_msg("%s: loss %.9g against %.9g", what, a[0], b[0]);
+    double worst = 0.0, diff = 0.0, norm = 0.0;
+    size_t at = 0;
+    for (size_t i = 1; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > worst) worst = d, at = i;
+        diff += d * d;
+        norm += (double)a[i] * a[i];
+    }
+    if (worst > 1e-5 || sqrt(diff) > 1e-4 * sqrt(norm))
+        fail_msg("%s: gradient %zu differs by %g; |a - b| / |a| = %g", what, at - 1, worst,
+                 sqrt(diff / norm));
+}
+
+/* expert parallelism moves the experts' products, not the results: its
+** gradients are data parallelism's and one process's, for each design */
+static void test_expert_parallel_gradients(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    static const char *const designs[] = {
+        "\"router\":{\"kind\":\"topk\",\"k\":2},\"aux\":{\"balance\":0.01,\"z\":0.001,\"cv2\":0.01}",
+        "\"router\":{\"kind\":\"threshold\",\"p\":0.8}",
+        "\"router\":{\"kind\":\"topk\",\"k\":1,\"capacity_factor\":1}",
+        "\"router\":{\"kind\":\"stratified\",\"strata\":[1,1,2]}",
+        "\"hidden\":[16,24,40,48],\"router\":{\"kind\":\"topp\",\"p\":0.7},\"aux\":{\"p_penalty\":0.01}",
+        "\"router\":{\"kind\":\"topk\",\"k\":2},\"placement\":[1,0,0,1]",
+    };
+    for (size_t d = 0; d < sizeof designs / sizeof *designs; d++) {
+        char dp[1024], ep[1024];
+        const char *base = "{\"layers\":2,\"d_model\":32,\"heads\":2,\"context\":32,\"seed\":3,"
+                           "\"moe\":{\"experts\":4,%s%s%s}}";
+        int placed = strstr(designs[d], "placement") != NULL;
+        const char *hidden = strstr(designs[d], "hidden") ? "" : "\"hidden\":32,";
+        snprintf(dp, sizeof dp, base, hidden, placed ? "\"router\":{\"kind\":\"topk\",\"k\":2}" : designs[d], "");
+        snprintf(ep, sizeof ep, base, hidden, designs[d], ",\"parallel\":\"experts\"");
+        size_t n1, n2, n3;
+        float *one = gradients(dp, 1, &n1), *data = gradients(dp, 2, &n2), *experts = gradients(ep, 2, &n3);
+        assert_int_equal(n1, n2);
+        assert_int_equal(n1, n3);
+        if (!strstr(designs[d], "capacity")) /* capacity is per rank's slice */
+            expect_same_gradients(dp, one, data, n1);
+        expect_same_gradients(ep, data, experts, n1);
+        free(one);
+        free(data);
+        free(experts);
+    }
+}
+
 static void test_two_ranks_train_as_one_process(void **state) {
     (void)state;
     SKIP_WITHOUT_MPI();
@@ -278,8 +405,11 @@ static int group_teardown(void **state) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--gradients") == 0) return gradients_worker(argc, argv);
+    self = argv[0];
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_expert_parallel_gradients),
         cmocka_unit_test(test_plain_moelab_is_one_rank),
         cmocka_unit_test(test_two_ranks_train_as_one_process),
         cmocka_unit_test(test_two_ranks_stratified),

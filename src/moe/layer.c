@@ -29,6 +29,7 @@ void moe_state_free(MoeState *s) {
     free(s->sel_row); free(s->counts); free(s->offsets); free(s->dropped); free(s->hoff);
     free(s->prob_mass); free(s->row_token); free(s->xe); free(s->ye);
     free(s->he); free(s->ge); free(s->ae); free(s->scratch);
+    moe_exchange_free(s->ex);
     memset(s, 0, sizeof *s);
 }
 
@@ -226,16 +227,16 @@ static int moe_group(MoeState *s, const MoeConfig *mc, int swiglu, const float *
 /* experts: for each expert e, its n_e rows xe (n_e, C) →
 ** he = xe · fc_eᵀ (n_e, H_e) (and ge = xe · gate_eᵀ), ae = act(he),
 ** ye = ae · proj_eᵀ (n_e, C); one GEMM per expert, experts over threads. */
-static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w) {
-    int E = s->E, C = s->C, swiglu = act == ACT_SWIGLU;
-    assert(s->offsets[0] == 0 && s->hoff[0] == 0);
+void moe_rows_forward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w) {
+    int E = v->E, C = v->C, swiglu = act == ACT_SWIGLU;
+    assert(v->offsets[0] == 0 && v->hoff[0] == 0);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < E; e++) {
-        int n = s->counts[e], H = mc->hidden[e];
+        int n = v->counts[e], H = mc->hidden[e];
         if (n == 0) continue;
-        const float *xe = s->xe + (size_t)s->offsets[e] * C;
-        float *he = s->he + s->hoff[e], *ae = s->ae + s->hoff[e];
-        float *ge = swiglu ? s->ge + s->hoff[e] : NULL;
+        const float *xe = v->xe + (size_t)v->offsets[e] * C;
+        float *he = v->he + v->hoff[e], *ae = v->ae + v->hoff[e];
+        float *ge = swiglu ? v->ge + v->hoff[e] : NULL;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, H, C, 1.0f, xe, C, w->fc[e], C,
                     0.0f, he, H);
         if (w->fc_bias[e])
@@ -246,14 +247,31 @@ static void moe_run_experts(MoeState *s, const MoeConfig *mc, ActKind act, const
                         C, 0.0f, ge, H);
         act_forward(act, ae, he, ge, (size_t)n * H);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, C, H, 1.0f, ae, H, w->proj[e], H,
-                    0.0f, s->ye + (size_t)s->offsets[e] * C, C);
+                    0.0f, v->ye + (size_t)v->offsets[e] * C, C);
     }
 }
 
-/* oracle: every expert ran; each token keeps, at weight 1, the experts with
-** the largest shares of its activation mass Σ_h |a_h| (the k largest, or the
-** threshold rule on the shares), in rank order. The rows of the others were
-** computed and are not combined. */
+/* The layer's own rows (and, in backward, scr's gradients of them). */
+static MoeRows own_rows(const MoeState *s, const MoeScratch *scr) {
+    MoeRows v = {.E = s->E, .C = s->C, .counts = s->counts, .offsets = s->offsets,
+                 .hoff = s->hoff, .xe = s->xe, .he = s->he, .ge = s->ge, .ae = s->ae, .ye = s->ye};
+    if (scr) {
+        v.dye = scr->dye;
+        v.dxe = scr->dxe;
+        v.dae = scr->dae;
+        v.dhe = scr->dhe;
+        v.dge = scr->dge;
+    }
+    return v;
+}
+
+/* The rows whose activations this rank computed: its own, or under expert
+** parallelism its experts' rows from every rank. */
+static MoeRows computed_rows(const MoeState *s) {
+    MoeRows v;
+    return moe_parallel_rows(s, &v) ? v : own_rows(s, NULL);
+}
+
 void moe_mass_shares(const MoeState *s, const MoeConfig *mc, int t, float *share) {
     size_t k0 = (size_t)t * s->slots;
     double total = 0.0;
@@ -407,7 +425,15 @@ int moe_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights 
         moe_capacity(s, r, mc);
     }
     if (moe_group(s, mc, act == ACT_SWIGLU, x, err) != 0) return -1;
-    moe_run_experts(s, mc, act, w);
+    if (moe_parallel(mc)) {
+        if (mc->kind == ROUTER_ORACLE)
+            return ml_error(err, "the oracle router reads every expert's activations of a token: "
+                            "it does not run with moe.parallel = \"experts\"");
+        if (moe_parallel_forward(s, mc, act, w, err) != 0) return -1;
+    } else {
+        MoeRows v = own_rows(s, NULL);
+        moe_rows_forward(&v, mc, act, w);
+    }
     if (mc->kind == ROUTER_ORACLE) moe_oracle_choose(s, mc);
     moe_combine(s, out);
     if (w->bias) /* the layer's proj bias: once per token */
@@ -460,10 +486,11 @@ MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, int first, 
 
 void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, int first, float eps,
                        int64_t *activations, int64_t *near_zero, double *abs_sum) {
+    MoeRows v = computed_rows(s);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < s->E; e++) {
-        const float *a = s->ae + s->hoff[e];
-        size_t n = (size_t)s->counts[e] * mc->hidden[first + e];
+        const float *a = v.ae + v.hoff[e];
+        size_t n = (size_t)v.counts[e] * mc->hidden[first + e];
         /* in chunks: float lanes within one, a double across them */
         int64_t zero = 0;
         double sum = 0.0;
@@ -594,6 +621,49 @@ static int ensure_scratch(MoeScratch *scr, const MoeState *s, int swiglu) {
     return 0;
 }
 
+/* experts, reversed, for the rows of v: dye → dxe, weight gradients into g. */
+void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w,
+                       MoeWeights *g) {
+    int E = v->E, C = v->C, swiglu = act == ACT_SWIGLU;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E; e++) {
+        int n = v->counts[e], H = mc->hidden[e];
+        if (n == 0) continue;
+        size_t r0 = (size_t)v->offsets[e] * C;
+        const float *xe = v->xe + r0, *dye = v->dye + r0;
+        float *dxe = v->dxe + r0;
+        const float *he = v->he + v->hoff[e], *ae = v->ae + v->hoff[e];
+        float *dae = v->dae + v->hoff[e], *dhe = v->dhe + v->hoff[e];
+        /* ye = ae · projᵀ */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, C, 1.0f, dye, C, w->proj[e], H,
+                    0.0f, dae, H);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, H, n, 1.0f, dye, C, ae, H, 1.0f,
+                    g->proj[e], H);
+        switch (act) {
+        case ACT_GELU: gelu_backward(dhe, dae, he, (size_t)n * H); break;
+        case ACT_RELU: relu_backward(dhe, dae, he, (size_t)n * H); break;
+        case ACT_SWIGLU:
+            swiglu_backward(v->dge + v->hoff[e], dhe, dae, v->ge + v->hoff[e], he, (size_t)n * H);
+            break;
+        }
+        if (g->fc_bias[e])
+            for (int r = 0; r < n; r++)
+                for (int h = 0; h < H; h++) g->fc_bias[e][h] += dhe[(size_t)r * H + h];
+        /* he = xe · fcᵀ (+ fc bias) (and ge = xe · gateᵀ) */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dhe, H, xe, C, 1.0f,
+                    g->fc[e], C);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dhe, H, w->fc[e], C,
+                    0.0f, dxe, C);
+        if (swiglu) {
+            const float *dge = v->dge + v->hoff[e];
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dge, H, xe, C, 1.0f,
+                        g->gate[e], C);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dge, H, w->gate[e],
+                        C, 1.0f, dxe, C);
+        }
+    }
+}
+
 int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                  const MoeWeights *w, MoeWeights *g, float *dx, const float *dout,
                  const float *x, float aux_scale, char *err) {
@@ -684,42 +754,11 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
     }
 
     /* experts, reversed */
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int e = 0; e < E; e++) {
-        int n = s->counts[e], H = mc->hidden[e];
-        if (n == 0) continue;
-        size_t r0 = (size_t)s->offsets[e] * C;
-        const float *xe = s->xe + r0, *dye = scr->dye + r0;
-        float *dxe = scr->dxe + r0;
-        const float *he = s->he + s->hoff[e], *ae = s->ae + s->hoff[e];
-        float *dae = scr->dae + s->hoff[e], *dhe = scr->dhe + s->hoff[e];
-        /* ye = ae · projᵀ */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, C, 1.0f, dye, C, w->proj[e], H,
-                    0.0f, dae, H);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, H, n, 1.0f, dye, C, ae, H, 1.0f,
-                    g->proj[e], H);
-        switch (act) {
-        case ACT_GELU: gelu_backward(dhe, dae, he, (size_t)n * H); break;
-        case ACT_RELU: relu_backward(dhe, dae, he, (size_t)n * H); break;
-        case ACT_SWIGLU:
-            swiglu_backward(scr->dge + s->hoff[e], dhe, dae, s->ge + s->hoff[e], he, (size_t)n * H);
-            break;
-        }
-        if (g->fc_bias[e])
-            for (int r = 0; r < n; r++)
-                for (int h = 0; h < H; h++) g->fc_bias[e][h] += dhe[(size_t)r * H + h];
-        /* he = xe · fcᵀ (+ fc bias) (and ge = xe · gateᵀ) */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dhe, H, xe, C, 1.0f,
-                    g->fc[e], C);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dhe, H, w->fc[e], C,
-                    0.0f, dxe, C);
-        if (swiglu) {
-            const float *dge = scr->dge + s->hoff[e];
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dge, H, xe, C, 1.0f,
-                        g->gate[e], C);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dge, H, w->gate[e],
-                        C, 1.0f, dxe, C);
-        }
+    if (moe_parallel(mc)) {
+        if (moe_parallel_backward(s, scr, mc, act, w, g, err) != 0) return -1;
+    } else {
+        MoeRows v = own_rows(s, scr);
+        moe_rows_backward(&v, mc, act, w, g);
     }
 
     /* group, reversed: scatter the rows' input gradients back, in rank order */

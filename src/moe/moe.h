@@ -92,8 +92,10 @@ typedef struct {
                               ** recorded selection) */
     const float *gumbel;      /* (N, E) Gumbel noise for a sampled choice, or NULL;
                               ** set by the caller (stratified passes) */
+    struct MoeExchange *ex;   /* expert parallelism's state (moe/parallel.c); NULL */
 } MoeState;
 
+typedef struct MoeExchange MoeExchange; /* expert parallelism's (moe/parallel.c) */
 typedef struct Strata Strata; /* a stratified layer's passes (stratified.c) */
 typedef struct Merge Merge;   /* a merged layer's state (merge.c) */
 struct MoeScratch;
@@ -150,6 +152,42 @@ typedef struct MoeScratch {
 } MoeScratch;
 
 void moe_state_free(MoeState *s);
+
+/* Rows grouped by expert, as the experts' products see them: counts[e] rows
+** from row offsets[e], their hidden activations from hoff[e]. A layer's own
+** (MoeState), or under expert parallelism the rows of this rank's experts
+** from every rank (moe/parallel.c). Backward reads dye and writes dxe. */
+typedef struct {
+    int E, C;
+    const int *counts, *offsets;
+    const size_t *hoff;
+    float *xe, *he, *ge, *ae, *ye;      /* (A, C), (Σ n_e H_e) ×3, (A, C) */
+    float *dye, *dxe, *dae, *dhe, *dge; /* backward */
+} MoeRows;
+void moe_rows_forward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w);
+void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w,
+                       MoeWeights *g);
+
+/* Expert parallelism (moe/parallel.c): whether the layer's experts run on
+** their ranks (moe.parallel = "experts", over more than one rank). */
+int moe_parallel(const MoeConfig *mc);
+/* The rank of each expert (E of mc->experts) among `ranks`. */
+void moe_placement(const MoeConfig *mc, int ranks, int *rank_of);
+/* A forward's grouped rows (s->xe) to their experts' ranks, the experts run
+** there on every rank's rows, their outputs back into s->ye. */
+int moe_parallel_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
+                         char *err);
+/* The same, reversed: scr->dye out, scr->dxe back; weight gradients into g
+** for this rank's experts (the whole batch's, as the trainer averages them
+** over the ranks). */
+int moe_parallel_backward(MoeState *s, struct MoeScratch *scr, const MoeConfig *mc, ActKind act,
+                          const MoeWeights *w, MoeWeights *g, char *err);
+/* 1 and the rows this rank's experts ran on, after a parallel forward; else 0. */
+int moe_parallel_rows(const MoeState *s, MoeRows *v);
+/* Assignments sent from rank to rank by the last parallel forward, added to
+** tokens (ranks × ranks, source-major; the diagonal stayed). */
+void moe_parallel_traffic(const MoeState *s, int ranks, int64_t *tokens);
+void moe_exchange_free(struct MoeExchange *ex);
 void moe_scratch_free(MoeScratch *s);
 
 /* out (N,C) += MoE(x (N,C)). tokens (N) are the input ids (for hash routing);

@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dist.h"
 #include "moe/moe.h"
 #include "moe/router.h"
 #include "ops.h"
@@ -98,6 +99,11 @@ static void pass_config(const MoeConfig *mc, const Strata *s, int p, MoeConfig *
     *pc = *mc;
     pc->experts = E;
     memmove(pc->hidden, mc->hidden + m, sizeof(int) * (size_t)E);
+    if (mc->parallel_experts) { /* the pass's experts stay on the layer's ranks */
+        moe_placement(mc, dist_size(), pc->placement);
+        memmove(pc->placement, pc->placement + m, sizeof(int) * (size_t)E);
+        pc->n_placement = E;
+    }
 }
 
 static void pass_weights(const MoeWeights *w, const Strata *s, int p, MoeWeights *pw) {
@@ -160,7 +166,9 @@ int strata_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float
                 rows[n++] = t;
             }
         ps->N = 0;
-        if (n == 0) continue;
+        /* under expert parallelism every rank takes part in every pass's
+        ** exchange, with or without tokens of its own in it */
+        if (n == 0 && !moe_parallel(mc)) continue;
         MoeConfig pc;
         MoeWeights pw;
         pass_config(mc, s, p, &pc);
@@ -198,6 +206,7 @@ int strata_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float
             s->passes[rows[i]]++;
         }
         l->flops += ps->flops;
+        if (n == 0) continue;
         for (int k = 0; k < AUX_KINDS; k++) l->aux[k] += ps->aux[k];
         l->aux_weighted += ps->aux_weighted;
         ran++;
@@ -248,7 +257,7 @@ int strata_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const Mo
     for (int p = s->L - 1; p >= 0; p--) {
         MoeState *ps = &s->pass[p];
         int n = ps->N;
-        if (n == 0) continue;
+        if (n == 0 && !moe_parallel(mc)) continue;
         MoeConfig pc;
         MoeWeights pw, pg;
         pass_config(mc, s, p, &pc);
