@@ -28,17 +28,19 @@ placement.policies = moelab.placement_policies
 placement.layer = moelab.placement_layer
 
 -- The evaluation to replay: o.eval, or the latest complete recorded one of
--- o.run (a name), or of the latest run that has one.
+-- o.run (a name), or of the latest run that has one; as the figures' "latest
+-- recorded evaluation", under the run's own router and not a probe.
 local function find_eval(db, o)
   local sql = "SELECT e.eval_id AS eval_id, e.run_id AS run_id, r.name AS name FROM evals e"
               .. " JOIN runs r USING (run_id) WHERE e.complete = 1 AND e.routing_first IS NOT NULL"
+  local latest = " AND e.router IS NULL AND e.split <> 'probe' ORDER BY e.eval_id DESC LIMIT 1"
   local rows
   if o.eval then
     rows = db:query(sql .. " AND e.eval_id = ?", o.eval)
   elseif o.run then
-    rows = db:query(sql .. " AND r.name = ? ORDER BY e.eval_id DESC LIMIT 1", o.run)
+    rows = db:query(sql .. " AND r.name = ?" .. latest, o.run)
   else
-    rows = db:query(sql .. " ORDER BY e.eval_id DESC LIMIT 1")
+    rows = db:query(sql .. latest)
   end
   if #rows == 0 then
     error(string.format("moelab placement: no recorded evaluation%s (run:evaluate{ record = true })",
