@@ -1,5 +1,6 @@
 /*
-** lmoelab.c — the `moelab` Lua module: corpora, models, databases, runs, plots.
+** lmoelab.c — the `moelab` Lua module: corpora, models, databases, runs, plots,
+** placement replays.
 **
 ** Each C object is a userdata with a metatable whose __index is its method
 ** table; __gc and __close call one idempotent close. The userdata is created
