@@ -56,7 +56,7 @@ LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lm -ldl 
 LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lm -ldl -lpthread -fopenmp
 
 BUILD   ?= build
-CORE    := common config json machine dist ops moe/router moe/layer moe/parallel moe/stratified moe/merge moe/moefy model data safetensors checkpoint
+CORE    := common config json machine dist ops moe/router moe/layer moe/parallel moe/stratified moe/merge moe/moefy model data safetensors checkpoint placement
 RECORD  := recorder recwriter paths plot plot_figures trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))

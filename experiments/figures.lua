@@ -16,8 +16,8 @@
 --                                 (sparse_curve)
 --
 -- Every MoE run's last evaluation records its routing (record = true), which
--- experts_per_token, loss_by_experts, sparsity, cooccurrence and
--- byte_classes draw.
+-- experts_per_token, loss_by_experts, sparsity, cooccurrence, byte_classes
+-- and placement draw.
 --
 --   ./moelab run experiments/figures.lua [steps=300] [data=data/kjv.txt] [out=results]
 --

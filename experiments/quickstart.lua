@@ -81,7 +81,7 @@ end
 local figures = {}
 for _, f in ipairs{ "loss", "loss_vs_flops", "expert_load", "experts_per_token",
                     "loss_by_experts", "load_over_training", "sparsity", "cooccurrence",
-                    "byte_classes" } do
+                    "byte_classes", "placement" } do
   figures[#figures + 1] = moelab.plot{ db = db, figure = f,
                                        out = out_dir .. "/quickstart-" .. f .. ".pdf" }
 end

@@ -1,5 +1,6 @@
 /*
-** lmoelab.c — the `moelab` Lua module: corpora, models, databases, runs, plots.
+** lmoelab.c — the `moelab` Lua module: corpora, models, databases, runs, plots,
+** placement replays.
 **
 ** Each C object is a userdata with a metatable whose __index is its method
 ** table; __gc and __close call one idempotent close. The userdata is created
@@ -15,6 +16,7 @@
 #include <lualib.h>
 #include <math.h>
 #include <sqlite3.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -23,6 +25,7 @@
 #include "json.h"
 #include "machine.h"
 #include "paths.h"
+#include "placement.h"
 #include "plot.h"
 #include "recorder.h"
 #include "trainer.h"
@@ -31,6 +34,7 @@
 #define MODEL_MT "moelab.Model"
 #define DB_MT "moelab.Db"
 #define RUN_MT "moelab.Run"
+#define ROUTING_MT "moelab.PlacementRouting"
 
 typedef struct { Corpus *c; } LCorpus;
 typedef struct { Model *m; } LModel;
@@ -1269,6 +1273,198 @@ static int l_sweep(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* placement replays: the C side of lua/moelab/placement.lua                 */
+
+#define PLACEMENT_WHAT "moelab placement"
+
+/* Raises "moelab placement: ..." with no position before it, as the
+** command's own errors are (`moelab placement` shows them as usage errors). */
+static int placement_error(lua_State *L, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    lua_pushfstring(L, "%s: ", PLACEMENT_WHAT);
+    lua_pushvfstring(L, fmt, ap);
+    va_end(ap);
+    lua_concat(L, 2);
+    return lua_error(L);
+}
+
+/* A replay's routing, read from a database: freed with the userdata. */
+static int routing_gc(lua_State *L) {
+    placement_routing_free(luaL_checkudata(L, 1, ROUTING_MT));
+    return 0;
+}
+
+static PlacementPolicy check_policy(lua_State *L, const char *name) {
+    int p = placement_policy(name);
+    if (p < 0) {
+        luaL_Buffer names;
+        luaL_buffinit(L, &names);
+        for (int i = 0; i < PLACEMENT_POLICIES; i++) {
+            if (i > 0) luaL_addstring(&names, ", ");
+            luaL_addstring(&names, placement_policy_names[i]);
+        }
+        luaL_pushresult(&names);
+        placement_error(L, "unknown policy '%s' (%s)", name, lua_tostring(L, -1));
+    }
+    return (PlacementPolicy)p;
+}
+
+/* The value at idx as a device count (the range is placement.h's). */
+static int check_devices(lua_State *L, int idx) {
+    int ok = lua_type(L, idx) == LUA_TNUMBER;
+    lua_Integer v = ok ? lua_tointegerx(L, idx, &ok) : 0;
+    if (!ok || v < 1 || v > PLACEMENT_MAX_DEVICES) {
+        char got[64];
+        placement_error(L, "devices must be whole numbers between 1 and %d, got %s",
+                        PLACEMENT_MAX_DEVICES, value_text(L, idx, got, sizeof got));
+    }
+    return (int)v;
+}
+
+static PlacementCosts placement_costs(lua_State *L, int idx) {
+    PlacementCosts c = {opt_num(L, idx, PLACEMENT_WHAT, "bandwidth", PLACEMENT_BANDWIDTH),
+                        opt_num(L, idx, PLACEMENT_WHAT, "rate", PLACEMENT_RATE)};
+    return c;
+}
+
+/* A result row as a table; layer "all" for a total. */
+static void push_placement_result(lua_State *L, const PlacementResult *r) {
+    lua_createtable(L, 0, 11);
+    lua_pushstring(L, placement_policy_names[r->policy]);
+    lua_setfield(L, -2, "policy");
+    set_int(L, "devices", r->devices);
+    if (r->layer == PLACEMENT_ALL_LAYERS) {
+        lua_pushstring(L, "all");
+        lua_setfield(L, -2, "layer");
+    } else {
+        set_int(L, "layer", r->layer);
+    }
+    set_int(L, "assignments", r->assignments);
+    set_num(L, "local_share", r->local_share);
+    set_int(L, "remote_tokens", r->remote_tokens);
+    set_int(L, "bytes", r->bytes);
+    set_num(L, "imbalance", r->imbalance);
+    set_num(L, "compute_ms", r->compute_ms);
+    set_num(L, "comm_ms", r->comm_ms);
+    set_num(L, "critical_ms", r->critical_ms);
+}
+
+/* moelab.placement_study(db, eval_id, { devices = P | { P, ... }, policy = NAME | "all",
+** bandwidth = GB/s, rate = GFLOP/s }) → a row per (policy, P, layer) and a total
+** per (policy, P) (placement_study of placement.h) */
+static int l_placement_study(lua_State *L) {
+    static const char *const keys[] = {"devices", "policy", "bandwidth", "rate", NULL};
+    LDb *d = check_db(L, 1);
+    lua_Integer eval_id = luaL_checkinteger(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    check_keys(L, 3, PLACEMENT_WHAT, keys);
+    PlacementCosts costs = placement_costs(L, 3);
+    PlacementPolicy policies[PLACEMENT_POLICIES] = {PLACEMENT_CONTIGUOUS};
+    int npolicies = 1;
+    const char *policy = opt_str(L, 3, PLACEMENT_WHAT, "policy", "contiguous");
+    if (strcmp(policy, "all") == 0)
+        for (npolicies = 0; npolicies < PLACEMENT_POLICIES; npolicies++)
+            policies[npolicies] = (PlacementPolicy)npolicies;
+    else
+        policies[0] = check_policy(L, policy);
+    int ndevices = PLACEMENT_DEFAULT_DEVICES;
+    const int *devices = placement_default_devices;
+    int type = lua_getfield(L, 3, "devices");
+    if (type == LUA_TTABLE) {
+        ndevices = (int)lua_rawlen(L, -1);
+        int *list = lua_newuserdatauv(L, (size_t)(ndevices > 0 ? ndevices : 1) * sizeof *list, 0);
+        for (int i = 0; i < ndevices; i++) {
+            lua_rawgeti(L, -2, i + 1);
+            list[i] = check_devices(L, -1);
+            lua_pop(L, 1);
+        }
+        devices = list;
+    } else if (type != LUA_TNIL) {
+        int *one = lua_newuserdatauv(L, sizeof *one, 0);
+        *one = check_devices(L, -2);
+        devices = one;
+        ndevices = 1;
+    }
+    PlacementRouting *r = lua_newuserdatauv(L, sizeof *r, 0);
+    memset(r, 0, sizeof *r);
+    luaL_setmetatable(L, ROUTING_MT);
+    char err[ML_ERRLEN];
+    if (rec_flush(d->r, err) != 0 || rec_placement_routing(rec_db(d->r), d->path, eval_id, r, err))
+        placement_error(L, "%s", err);
+    size_t nrows = (size_t)npolicies * (size_t)ndevices * (size_t)(r->nlayers + 1);
+    PlacementResult *rows = lua_newuserdatauv(L, (nrows > 0 ? nrows : 1) * sizeof *rows, 0);
+    if (placement_study(rows, r, policies, npolicies, devices, ndevices, &costs, err))
+        placement_error(L, "%s", err);
+    lua_createtable(L, (int)nrows, 0);
+    for (size_t i = 0; i < nrows; i++) {
+        push_placement_result(L, &rows[i]);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    return 1;
+}
+
+/* moelab.placement_layer(tokens, E, P, policy, { d_model = C, flops = { per expert },
+** bandwidth = GB/s, rate = GFLOP/s }): one layer of hand-made tokens, each a list
+** of the experts (from 0) it chose → the row of placement_layer, and devices
+** (1-based by expert, each its device from 0) */
+static int l_placement_layer(lua_State *L) {
+    static const char *const keys[] = {"d_model", "flops", "bandwidth", "rate", NULL};
+    luaL_checktype(L, 1, LUA_TTABLE);
+    PlacementRouting r = {0};
+    r.experts = (int)check_int(L, 2, PLACEMENT_WHAT, "experts", 1, MOE_MAX_EXPERTS);
+    int P = check_devices(L, 3);
+    PlacementPolicy policy = check_policy(L, luaL_checkstring(L, 4));
+    luaL_checktype(L, 5, LUA_TTABLE);
+    check_keys(L, 5, PLACEMENT_WHAT, keys);
+    r.d_model = (int)opt_int(L, 5, PLACEMENT_WHAT, "d_model", 0, 1, INT_MAX);
+    PlacementCosts costs = placement_costs(L, 5);
+    if (lua_getfield(L, 5, "flops") != LUA_TTABLE || (int)lua_rawlen(L, -1) != r.experts)
+        placement_error(L, "'flops' must list the %d experts' FLOPs", r.experts);
+    for (int e = 0; e < r.experts; e++) {
+        if (lua_rawgeti(L, -1, e + 1) != LUA_TNUMBER)
+            placement_error(L, "'flops' must list the %d experts' FLOPs", r.experts);
+        r.flops[e] = lua_tonumber(L, -1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    PlacementLayer layer = {0};
+    layer.tokens = (int64_t)lua_rawlen(L, 1);
+    layer.first = lua_newuserdatauv(L, (size_t)(layer.tokens + 1) * sizeof *layer.first, 0);
+    layer.first[0] = 0;
+    for (int64_t i = 0; i < layer.tokens; i++) {
+        if (lua_rawgeti(L, 1, (lua_Integer)i + 1) != LUA_TTABLE)
+            placement_error(L, "token %d must be a list of experts", (int)i + 1);
+        layer.first[i + 1] = layer.first[i] + (int64_t)lua_rawlen(L, -1);
+        lua_pop(L, 1);
+    }
+    size_t rows = (size_t)layer.first[layer.tokens] + 1;
+    layer.experts = lua_newuserdatauv(L, rows * sizeof *layer.experts, 0);
+    for (int64_t i = 0; i < layer.tokens; i++) {
+        lua_rawgeti(L, 1, (lua_Integer)i + 1);
+        for (int64_t k = layer.first[i]; k < layer.first[i + 1]; k++) {
+            lua_rawgeti(L, -1, (lua_Integer)(k - layer.first[i]) + 1);
+            layer.experts[k] = (int)check_int(L, -1, PLACEMENT_WHAT, "tokens", 0, r.experts - 1);
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    int device[MOE_MAX_EXPERTS];
+    PlacementResult out;
+    char err[ML_ERRLEN];
+    if (placement_layer(&out, device, &r, &layer, policy, P, &costs, err))
+        placement_error(L, "%s", err);
+    push_placement_result(L, &out);
+    lua_createtable(L, r.experts, 0);
+    for (int e = 0; e < r.experts; e++) {
+        lua_pushinteger(L, device[e]);
+        lua_rawseti(L, -2, e + 1);
+    }
+    lua_setfield(L, -2, "devices");
+    return 1;
+}
+
+/* ------------------------------------------------------------------------ */
 /* plots and settings                                                        */
 
 /* moelab.plot{ db, figure, out, runs, layer, layers, size, gnuplot }: the
@@ -1423,12 +1619,15 @@ int luaopen_moelab(lua_State *L) {
         {"corpus", l_corpus}, {"model", l_model}, {"load", l_load}, {"open", l_open},
         {"plot", l_plot},     {"threads", l_threads}, {"moefy", l_moefy}, {"fit_router", l_fit_router},
         {"sweep", l_sweep}, {"machine", l_machine}, {"sgemm", l_sgemm}, {"clock", l_clock},
+        {"placement_study", l_placement_study}, {"placement_layer", l_placement_layer},
         {NULL, NULL}};
+    static const luaL_Reg no_methods[] = {{NULL, NULL}};
     trainer_set_threads(0); /* OpenBLAS single-threaded inside OpenMP, from the start */
     new_class(L, CORPUS_MT, corpus_methods, corpus_gc, corpus_tostring);
     new_class(L, MODEL_MT, model_methods, model_gc, model_tostring);
     new_class(L, DB_MT, db_methods, db_close, NULL);
     new_class(L, RUN_MT, run_methods, run_close, run_tostring);
+    new_class(L, ROUTING_MT, no_methods, routing_gc, NULL);
     luaL_newlib(L, functions);
     lua_pushstring(L, MOELAB_VERSION);
     lua_setfield(L, -2, "version");
@@ -1441,6 +1640,12 @@ int luaopen_moelab(lua_State *L) {
     lua_setfield(L, -2, "rank");
     lua_pushinteger(L, dist_size());
     lua_setfield(L, -2, "ranks");
+    lua_createtable(L, PLACEMENT_POLICIES, 0);
+    for (int p = 0; p < PLACEMENT_POLICIES; p++) {
+        lua_pushstring(L, placement_policy_names[p]);
+        lua_rawseti(L, -2, p + 1);
+    }
+    lua_setfield(L, -2, "placement_policies");
     return 1;
 }
 

@@ -1129,11 +1129,11 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
     }
     /* a one-plot figure knows its page now; one of panels when it knows its runs */
     PlotContext ctx = {gp, rec_db(rec), db_path, &runs, opt, err,
-                       plot_title_room(size ? size : &plot_sizes[0]), 0, 0};
+                       plot_title_room(size ? size : &plot_sizes[fig->wide]), 0, 0};
     if (fig->write_data(&ctx))
         goto cleanup;
-    if (!size)   /* one column, unless panels of several runs need two */
-        size = &plot_sizes[fig->panels && runs.count > 1 ? 1 : 0];
+    if (!size)   /* one column, unless the figure is wide or panels of several runs need two */
+        size = &plot_sizes[fig->wide || (fig->panels && runs.count > 1) ? 1 : 0];
     PlotPage page = plot_page(size, fig, &runs, &ctx);
     plot_put_terminal(gp, format, &page);
     fputs("set output ", gp);

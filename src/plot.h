@@ -50,6 +50,10 @@
 **   sparse_curve        MoEfied models: loss against the share of FFN
 **                       compute, a curve per run and router rule from its
 **                       evaluations under several k or thresholds
+**   placement           the latest recorded evaluation replayed with the
+**                       experts on 2 to 1024 devices by each placement
+**                       policy (placement.h): all-to-all volume and the
+**                       most loaded device against the mean, against P
 ** With every run selected (PlotOptions.runs NULL), runs without a figure's
 ** data (a dense baseline in expert_load) are left out; a run named in runs
 ** that lacks it is an error saying how to record it.
@@ -65,7 +69,7 @@
 #define PLOT_FIGURES                                                                   \
     "loss,loss_vs_flops,experts_per_token,expert_load,loss_by_experts,"                \
     "load_over_training,dropped_vs_capacity,sparsity,cooccurrence,byte_classes,"       \
-    "routing_stability,strata_flow,sparse_curve"
+    "routing_stability,strata_flow,sparse_curve,placement"
 
 /* A layer option left to the figure's default. */
 #define PLOT_LAYER_UNSET INT_MIN

@@ -14,6 +14,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "placement.h"
+#include "recorder.h"
+
 /* ---- helpers ---------------------------------------------------------- */
 
 /* A growing list of ints: a run's MoE layers, a curve's points. */
@@ -2189,23 +2192,105 @@ cleanup:
     return status;
 }
 
+/* ---- figure "placement" ---------------------------------------------- */
+
+/*
+** Each run's latest recorded evaluation replayed with its experts on P = 2,
+** 4, ..., 1024 devices by every policy (placement.h, as `moelab placement`),
+** summed over its MoE layers. $placement: per series s (run i, policy p: s =
+** (i-1) * npolicies + p, index s-1) "devices MB local_share imbalance
+** critical_ms" rows by P; imbalance is the largest layer's. Also npolicies
+** and policy_name[p].
+*/
+static int plot_placement_data(PlotContext *ctx) {
+    static const PlacementCosts costs = {PLACEMENT_BANDWIDTH, PLACEMENT_RATE};
+    FILE *gp = ctx->gp;
+    PlotRuns *runs = ctx->runs;
+    int64_t *evals = calloc((size_t)runs->count, sizeof *evals), step;
+    int *has = calloc((size_t)runs->count, sizeof *has);
+    PlacementPolicy policies[PLACEMENT_POLICIES];
+    PlacementRouting routing = {0};
+    PlacementResult *rows = NULL;
+    int status = -1;
+    if (!evals || !has) {
+        plot_oom(ctx, "routing");
+        goto cleanup;
+    }
+    for (int i = 0; i < runs->count; i++) {
+        if (plot_latest_recorded_eval(ctx, runs->runs[i].run_id, &evals[i], &step))
+            goto cleanup;
+        has[i] = evals[i] >= 0;
+    }
+    if (plot_keep_runs(ctx, has, evals, sizeof *evals, "recorded routing", plot_record_remedy))
+        goto cleanup;
+    for (int p = 0; p < PLACEMENT_POLICIES; p++)
+        policies[p] = (PlacementPolicy)p;
+    fputs("$placement << EOD\n", gp);
+    for (int i = 0; i < runs->count; i++) {
+        if (rec_placement_routing(ctx->db, ctx->db_path, evals[i], &routing, ctx->err))
+            goto cleanup;
+        int per_p = routing.nlayers + 1;   /* its layers, then their total */
+        PlacementResult *grown = realloc(rows, (size_t)PLACEMENT_POLICIES
+                                         * PLACEMENT_DEFAULT_DEVICES * per_p * sizeof *rows);
+        if (!grown) {
+            plot_oom(ctx, "routing");
+            goto cleanup;
+        }
+        rows = grown;
+        if (placement_study(rows, &routing, policies, PLACEMENT_POLICIES,
+                            placement_default_devices, PLACEMENT_DEFAULT_DEVICES, &costs,
+                            ctx->err))
+            goto cleanup;
+        for (int p = 0; p < PLACEMENT_POLICIES; p++) {
+            if (i > 0 || p > 0)
+                fputs("\n\n", gp);
+            for (int d = 0; d < PLACEMENT_DEFAULT_DEVICES; d++) {
+                const PlacementResult *t =
+                    &rows[(p * PLACEMENT_DEFAULT_DEVICES + d + 1) * per_p - 1];   /* the total */
+                fprintf(gp, "%d %.6g %.6g %.6g %.6g\n", t->devices, (double)t->bytes * 1e-6,
+                        t->local_share, t->imbalance, t->critical_ms);
+            }
+        }
+        placement_routing_free(&routing);
+    }
+    fputs("EOD\n", gp);
+    fprintf(gp, "npolicies = %d\narray policy_name[%d]\n", PLACEMENT_POLICIES,
+            PLACEMENT_POLICIES);
+    for (int p = 0; p < PLACEMENT_POLICIES; p++) {
+        fprintf(gp, "policy_name[%d] = ", p + 1);
+        plot_put_quoted(gp, "", placement_policy_names[p]);
+        fputc('\n', gp);
+    }
+    plot_key_of_runs(ctx, 0);
+    for (int p = 0; p < PLACEMENT_POLICIES; p++)
+        plot_key_entry(ctx, (int)strlen(placement_policy_names[p]));
+    status = 0;
+cleanup:
+    placement_routing_free(&routing);
+    free(rows);
+    free(evals);
+    free(has);
+    return status;
+}
+
 /* ---- the figures ------------------------------------------------------ */
 
 /* In the order of PLOT_FIGURES. */
 const PlotFigure plot_figures[] = {
-    {"loss", plot_loss_data, 0, 0},
-    {"loss_vs_flops", plot_loss_vs_flops_data, 0, 0},
-    {"experts_per_token", plot_experts_per_token_data, 0, 0},
-    {"expert_load", plot_expert_load_data, 1, 0},
-    {"loss_by_experts", plot_loss_by_experts_data, 0, 0},
-    {"load_over_training", plot_load_over_training_data, 1, PLOT_READS_LAYER},
-    {"dropped_vs_capacity", plot_dropped_vs_capacity_data, 0, 0},
-    {"sparsity", plot_sparsity_data, 1, 0},
-    {"cooccurrence", plot_cooccurrence_data, 1, PLOT_READS_LAYERS},
-    {"byte_classes", plot_byte_classes_data, 1, PLOT_READS_LAYER},
-    {"routing_stability", plot_routing_stability_data, 0, PLOT_READS_LAYER},
-    {"strata_flow", plot_strata_flow_data, 1, PLOT_READS_LAYER},
-    {"sparse_curve", plot_sparse_curve_data, 0, 0},
+    {"loss", plot_loss_data, 0, 0, 0},
+    {"loss_vs_flops", plot_loss_vs_flops_data, 0, 0, 0},
+    {"experts_per_token", plot_experts_per_token_data, 0, 0, 0},
+    {"expert_load", plot_expert_load_data, 1, 0, 0},
+    {"loss_by_experts", plot_loss_by_experts_data, 0, 0, 0},
+    {"load_over_training", plot_load_over_training_data, 1, PLOT_READS_LAYER, 0},
+    {"dropped_vs_capacity", plot_dropped_vs_capacity_data, 0, 0, 0},
+    {"sparsity", plot_sparsity_data, 1, 0, 0},
+    {"cooccurrence", plot_cooccurrence_data, 1, PLOT_READS_LAYERS, 0},
+    {"byte_classes", plot_byte_classes_data, 1, PLOT_READS_LAYER, 0},
+    {"routing_stability", plot_routing_stability_data, 0, PLOT_READS_LAYER, 0},
+    {"strata_flow", plot_strata_flow_data, 1, PLOT_READS_LAYER, 0},
+    {"sparse_curve", plot_sparse_curve_data, 0, 0, 0},
+    {"placement", plot_placement_data, 0, 0, 1},
 };
 
 const int plot_figure_count = (int)(sizeof plot_figures / sizeof *plot_figures);

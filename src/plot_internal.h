@@ -53,6 +53,8 @@ typedef struct {
     PlotDataWriter write_data;
     int panels;                  /* one panel per run, not one plot */
     int reads;                   /* PLOT_READS_*: the options it takes */
+    int wide;                    /* two columns wide unless the size option says
+                                 ** otherwise (plots side by side) */
 } PlotFigure;
 
 /* plot_figures.c: every figure, in the order of PLOT_FIGURES. */

@@ -1726,3 +1726,107 @@ int rec_sparsity(Recorder *r, int64_t run_id, int64_t eval_id, const RecSparsity
                  size_t n, char *err) {
     return rec_insert_rows(r, REC_SPARSITY, run_id, eval_id, 0, rows, n, err);
 }
+
+/* ---- reading a recorded evaluation back --------------------------------- */
+
+/* Room for element n of *v (elements of elem bytes), the capacity doubling. */
+static int rec_grow(void **v, size_t elem, int64_t n, int64_t *cap) {
+    if (n < *cap)
+        return 0;
+    *cap = *cap ? 2 * *cap : 4096;
+    return ml_grow(v, (size_t)*cap, elem);
+}
+
+int rec_placement_routing(sqlite3 *db, const char *db_path, int64_t eval_id,
+                          PlacementRouting *out, char *err) {
+    sqlite3_stmt *st = NULL;
+    ModelConfig config;
+    PlacementLayer *layer = NULL;
+    const char *json;
+    char why[ML_ERRLEN];
+    int64_t first_cap = 0, experts_cap = 0, seq = -1, pos = -1;
+    int status = -1, rc;
+    memset(out, 0, sizeof *out);
+    config_defaults(&config);
+    if (sqlite3_prepare_v2(db, "SELECT json_extract(r.config, '$.model') FROM evals e"
+                           " JOIN runs r USING (run_id) WHERE e.eval_id = ?1", -1, &st,
+                           NULL) != SQLITE_OK)
+        goto db_error;
+    sqlite3_bind_int64(st, 1, eval_id);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_DONE) {
+        ml_error(err, "'%s' has no evaluation %lld", db_path, (long long)eval_id);
+        goto cleanup;
+    }
+    if (rc != SQLITE_ROW)
+        goto db_error;
+    json = (const char *)sqlite3_column_text(st, 0);
+    if (!json || config_from_checkpoint_json(&config, json, (size_t)sqlite3_column_bytes(st, 0),
+                                             why)
+        || placement_shape(out, &config, why)) {
+        ml_error(err, "evaluation %lld of '%s': %s", (long long)eval_id, db_path,
+                 json ? why : "its run has no model configuration");
+        goto cleanup;
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+
+    /* rows in (layer, seq, pos) order: a layer's tokens one after another */
+    if (sqlite3_prepare_v2(db, "SELECT r.layer, r.seq, r.pos, r.expert FROM evals e, routing r"
+                           " WHERE e.eval_id = ?1"
+                           " AND r.routing_id BETWEEN e.routing_first AND e.routing_last"
+                           " AND r.eval_id = e.eval_id ORDER BY r.layer, r.seq, r.pos, r.pass,"
+                           " r.rank", -1, &st, NULL) != SQLITE_OK)
+        goto db_error;
+    sqlite3_bind_int64(st, 1, eval_id);
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        int l = sqlite3_column_int(st, 0);
+        if (!layer || layer->layer != l) {
+            if (ML_GROW(out->layers, (size_t)out->nlayers + 1))
+                goto oom;
+            layer = &out->layers[out->nlayers++];
+            memset(layer, 0, sizeof *layer);
+            layer->layer = l;
+            first_cap = experts_cap = 0;
+            if (rec_grow((void **)&layer->first, sizeof *layer->first, 0, &first_cap))
+                goto oom;
+            layer->first[0] = 0;
+            seq = -1;
+        }
+        if (sqlite3_column_int64(st, 1) != seq || sqlite3_column_int64(st, 2) != pos) {
+            seq = sqlite3_column_int64(st, 1);
+            pos = sqlite3_column_int64(st, 2);
+            if (rec_grow((void **)&layer->first, sizeof *layer->first, layer->tokens + 1,
+                         &first_cap))
+                goto oom;
+            layer->tokens++;
+            layer->first[layer->tokens] = layer->first[layer->tokens - 1];
+        }
+        int64_t k = layer->first[layer->tokens];
+        if (rec_grow((void **)&layer->experts, sizeof *layer->experts, k, &experts_cap))
+            goto oom;
+        layer->experts[k] = sqlite3_column_int(st, 3);
+        layer->first[layer->tokens] = k + 1;
+    }
+    if (rc != SQLITE_DONE)
+        goto db_error;
+    if (out->nlayers == 0) {
+        ml_error(err, "evaluation %lld of '%s' recorded no routing (run:evaluate{ record = true })",
+                 (long long)eval_id, db_path);
+        goto cleanup;
+    }
+    status = 0;
+    goto cleanup;
+oom:
+    ml_error(err, "out of memory reading the routing of evaluation %lld of '%s'",
+             (long long)eval_id, db_path);
+    goto cleanup;
+db_error:
+    ml_error(err, "cannot read the routing of evaluation %lld of '%s': %s", (long long)eval_id,
+             db_path, sqlite3_errmsg(db));
+cleanup:
+    sqlite3_finalize(st);
+    if (status)
+        placement_routing_free(out);
+    return status;
+}

@@ -3,7 +3,7 @@
 **
 ** The recorder owns the documented schema (SPEC §3: runs, metrics, evals,
 ** expert_load, routing, token_stats, sparsity, and the v_* views) and writes
-** rows into it. Rows go into an open transaction that rec_flush commits; the
+** rows into it (and reads an evaluation's routing back for placement.h). Rows go into an open transaction that rec_flush commits; the
 ** caller flushes about once a second or every few thousand rows, and closing
 ** flushes too. A crash loses at most the rows written since the last flush;
 ** everything committed stays (WAL journal, synchronous=NORMAL).
@@ -35,6 +35,7 @@
 #include <stdint.h>
 
 #include "common.h"
+#include "placement.h"
 
 typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
@@ -213,6 +214,13 @@ int64_t rec_pending_rows(const Recorder *r);
 /* Checkpoints run so far by the background thread that copies a full WAL
 ** (1000 pages) back into the database; 0 until the WAL first fills. */
 int64_t rec_background_checkpoints(Recorder *r);
+
+/* Reads recorded evaluation eval_id back for a placement replay (placement.h):
+** per MoE layer, its tokens in (seq, pos) order with the experts each chose
+** (every pass), and the model's shape from its run's configuration. db_path
+** names the database in messages. On failure out holds nothing. */
+int rec_placement_routing(sqlite3 *db, const char *db_path, int64_t eval_id,
+                          PlacementRouting *out, char *err);
 
 /* The connection, for tests and ad-hoc queries. */
 sqlite3 *rec_db(Recorder *r);

@@ -1398,6 +1398,14 @@ static void test_placement_replay(void **state) {
     assert_lua(L, "rows[3].assignments == n and rows[3].local_share == 1 and rows[3].bytes == 0");
     assert_lua(L, "rows[6].assignments == n and rows[6].local_share < 1 and rows[6].bytes > 0");
     assert_lua(L, "rows[9].imbalance > 1 and pl.render(rows, 'markdown'):find('| cooccurrence | 4 | all |', 1, true) ~= nil");
+    /* a recorded evaluation under another router is not the run's latest: the
+    ** figures' rule; asked for by id, it is replayed */
+    run_ok(L, "cf = run:evaluate{ batches = 1, batch = 4, record = true,\n"
+              "                   router = { kind = 'topk', k = 1 } }\n"
+              "latest = pl.study(db, { run = 'moe', devices = 2 })\n"
+              "asked = pl.study(db, { eval = cf.eval_id, devices = 2, policy = 'all' })");
+    assert_lua(L, "cf.eval_id > e.eval_id and latest[1].eval_id == e.eval_id");
+    assert_lua(L, "#asked == 4 * 3 and asked[12].eval_id == cf.eval_id and asked[12].policy == 'cooccurrence'");
     run_err(L, "pl.study(db, { devices = { 0 } })", "devices must be whole numbers", NULL);
     run_err(L, "pl.study(db, { run = 'nope' })", "no recorded evaluation of run 'nope'", NULL);
     lua_close(L);

@@ -521,7 +521,7 @@ static void test_every_figure_renders(void **state) {
             fail_msg("%s: a PDF of %ld bytes has hardly anything drawn", figure, size);
         count++;
     }
-    assert_int_equal(count, 13);
+    assert_int_equal(count, 14);
 
     char out[600], err[ML_ERRLEN] = "";
     PlotOptions opt = PLOT_OPTIONS_INIT;
@@ -563,6 +563,7 @@ static void test_every_figure_names_missing_data(void **state) {
          "probe = { every = N }"},
         {"strata_flow", "top2", "run 'top2' has no stratified layers", "kind = 'stratified'"},
         {"sparse_curve", "top2", "run 'top2' has no MoEfied model", "moelab.moefy"},
+        {"placement", "dense", "run 'dense' has no recorded routing", "record = true"},
         {"loss_vs_flops", "moefy-oracle,dense", NULL, NULL},   /* both have evaluations */
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -653,6 +654,8 @@ static void test_layer_and_size_options(void **state) {
         {"expert_load", NULL, NULL, 2100},
         {"expert_load", "top2", NULL, 990},
         {"expert_load", "top2,threshold", "single", 990},
+        {"placement", "top2", NULL, 2100},       /* two plots side by side */
+        {"placement", "top2", "single", 990},
     };
     for (size_t i = 0; i < sizeof pages / sizeof *pages; i++) {
         PlotOptions o = PLOT_OPTIONS_INIT;
@@ -942,6 +945,53 @@ static void test_figure_data_agrees_with_sql(void **state) {
         ASSERT_NEAR(b->v[0][r][1], sql_double(db, sql), 1e-5);
     }
     ASSERT_NEAR(shares, 1.0, 1e-5);
+    free(text);
+
+    /* placement: a series per run and policy, P = 2 ... 1024 by rows. The
+    ** round-robin volume (experts on e mod P; the layer's N tokens in (seq,
+    ** pos) order at home on i P / N; a token sent once to each other device
+    ** holding its experts, 16 floats each way) and, with one expert a
+    ** device, the most loaded device against the mean, from SQL. */
+    opt.runs = "top2,threshold";
+    assert_int_equal(render_trained(fx, "placement", "pl.pdf", opt, program, sizeof program,
+                                    err), 0);
+    text = read_file(program);
+    read_block(text, "$placement", b);
+    assert_int_equal((int)program_value(text, "npolicies"), 4);
+    assert_non_null(strstr(text, "\npolicy_name[2] = 'round_robin'\n"));
+    assert_int_equal(b->blocks, 2 * 4);
+    static const char *const placement_runs[] = {"top2", "threshold"};
+    for (int i = 0; i < 2; i++) {
+        char eval[160];
+        snprintf(eval, sizeof eval, "(SELECT max(eval_id) FROM evals WHERE run_id = (SELECT"
+                 " run_id FROM runs WHERE name = '%s') AND routing_first IS NOT NULL)",
+                 placement_runs[i]);
+        for (int s = 0; s < 4; s++) {
+            assert_int_equal(b->rows[i * 4 + s], 10);
+            for (int r = 0; r < 10; r++)
+                ASSERT_NEAR(b->v[i * 4 + s][r][0], (double)(2 << r), 0);
+        }
+        for (int r = 0; r < 10; r++) {
+            int P = 2 << r;
+            snprintf(sql, sizeof sql,
+                     "WITH t AS (SELECT layer, expert, DENSE_RANK() OVER (PARTITION BY layer"
+                     " ORDER BY seq, pos) - 1 AS i FROM routing WHERE eval_id = %s),"
+                     " u AS (SELECT layer, max(i) + 1 AS n FROM t GROUP BY layer)"
+                     " SELECT count(*) * 2 * 4 * 16 / 1e6 FROM (SELECT DISTINCT layer, i,"
+                     " expert %% %d AS d, i * %d / n AS home FROM t JOIN u USING (layer))"
+                     " WHERE d <> home",
+                     eval, P, P);
+            double mb = sql_double(db, sql);
+            assert_true(mb > 0);
+            ASSERT_NEAR(b->v[i * 4 + 1][r][1], mb, 1e-5 * mb);
+        }
+        snprintf(sql, sizeof sql, "SELECT max(1024.0 * m / n) FROM (SELECT max(c) AS m, sum(c)"
+                 " AS n FROM (SELECT layer, count(*) AS c FROM routing WHERE eval_id = %s"
+                 " GROUP BY layer, expert) GROUP BY layer)", eval);
+        double imbalance = sql_double(db, sql);
+        for (int s = 0; s < 4; s++)
+            ASSERT_NEAR(b->v[i * 4 + s][9][3], imbalance, 1e-5 * imbalance);
+    }
     free(text);
 
     sqlite3_close(db);
