@@ -76,7 +76,8 @@ static const char *rec_schema_sql =
     "  moe_flops_per_token REAL,\n"
     "  wall_ms  REAL,\n"
     "  aux_balance REAL, aux_z REAL, aux_cv2 REAL, aux_p_penalty REAL,\n"
-    "  aux_entropy REAL                  -- (schema 4)\n"
+    "  aux_entropy REAL,                 -- (schema 4)\n"
+    "  comm_ms  REAL                     -- of wall_ms, in MPI communication (schema 6)\n"
     ");\n"
     "CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics(run_id, split, step);\n"
     "\n"
@@ -190,6 +191,34 @@ static const char *rec_schema_sql =
     "CREATE INDEX IF NOT EXISTS sparsity_by_run\n"
     "  ON sparsity(run_id, eval_id, layer, expert);\n"
     "CREATE INDEX IF NOT EXISTS sparsity_by_eval ON sparsity(eval_id);\n"
+    "\n"
+    "-- Expert parallelism over MPI ranks (schema 6): per training step\n"
+    "-- (eval_id NULL) or evaluation, and MoE layer, the assignments of\n"
+    "-- src_rank's tokens to experts on dst_rank (src = dst: they stayed), and\n"
+    "-- the bytes that moved for them: d_model floats there and back, and in\n"
+    "-- training the same again backward (0 when they stayed).\n"
+    "CREATE TABLE IF NOT EXISTS traffic(\n"
+    "  run_id   INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,\n"
+    "  eval_id  INTEGER REFERENCES evals(eval_id) ON DELETE CASCADE,\n"
+    "  step     INTEGER NOT NULL,\n"
+    "  layer    INTEGER NOT NULL,\n"
+    "  src_rank INTEGER NOT NULL,\n"
+    "  dst_rank INTEGER NOT NULL,\n"
+    "  tokens   INTEGER NOT NULL,\n"
+    "  bytes    INTEGER NOT NULL\n"
+    ");\n"
+    "CREATE INDEX IF NOT EXISTS traffic_by_run ON traffic(run_id, eval_id, step, layer);\n"
+    "CREATE INDEX IF NOT EXISTS traffic_by_eval ON traffic(eval_id);\n"
+    "\n"
+    "-- The share of the assignments that stayed on their token's rank, per\n"
+    "-- training step or evaluation and layer, and the bytes that moved.\n"
+    "CREATE VIEW IF NOT EXISTS v_traffic_local AS\n"
+    "SELECT run_id, eval_id, step, layer, SUM(tokens) AS assignments,\n"
+    "       SUM(CASE WHEN src_rank = dst_rank THEN tokens ELSE 0 END) AS kept,\n"
+    "       1.0 * SUM(CASE WHEN src_rank = dst_rank THEN tokens ELSE 0 END)\n"
+    "         / NULLIF(SUM(tokens), 0) AS local_share,\n"
+    "       SUM(bytes) AS bytes\n"
+    "FROM traffic GROUP BY run_id, eval_id, step, layer;\n"
     "\n"
     "-- Expert applications per token, per recorded evaluation and layer.\n"
     "-- A stratified token that passes twice through top-2 counts 4. The\n"
@@ -330,6 +359,7 @@ struct Recorder {
     sqlite3_stmt *update_topk_flops;
     sqlite3_stmt *update_eval_router;
     sqlite3_stmt *insert_metric;
+    sqlite3_stmt *insert_traffic;
     sqlite3_stmt *insert_eval;
     sqlite3_stmt *update_eval;
     sqlite3_stmt *delete_eval;
@@ -575,6 +605,7 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         || (from2 && rec_exec(r, rec_upgrade_from_2_sql, "upgrade the schema", err))
         || (upgrade && rec_exec(r, rec_upgrade_to_3_sql, "upgrade the schema", err))
         || (old && rec_add_column(r, "metrics", "aux_entropy", "REAL", err))
+        || (old && rec_add_column(r, "metrics", "comm_ms", "REAL", err))
         || (old && rec_add_column(r, "runs", "causal", "INTEGER", err))
         || (old && rec_add_column(r, "evals", "topk_flops_per_token", "REAL", err))
         || (old && rec_exec(r, "DROP VIEW IF EXISTS v_final_loss", "upgrade the schema", err))
@@ -870,8 +901,12 @@ static int rec_prepare_all(Recorder *r, char *err) {
         || rec_prepare(r, &r->insert_metric,
                "INSERT INTO metrics(run_id, step, split, loss, aux_loss, lr, tokens,"
                " moe_flops_per_token, wall_ms, aux_balance, aux_z, aux_cv2, aux_p_penalty,"
-               " aux_entropy) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+               " aux_entropy, comm_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,"
+               " ?13, ?14, ?15)",
                err)
+        || rec_prepare(r, &r->insert_traffic,
+               "INSERT INTO traffic(run_id, eval_id, step, layer, src_rank, dst_rank, tokens,"
+               " bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)", err)
         || rec_prepare(r, &r->insert_eval,
                "INSERT INTO evals(run_id, step, split, tokens, loss,"
                " moe_flops_per_token, experts_per_token, complete)"
@@ -1316,6 +1351,7 @@ void rec_close(Recorder *r) {
     sqlite3_finalize(r->update_config);
     sqlite3_finalize(r->update_topk_flops);
     sqlite3_finalize(r->insert_metric);
+    sqlite3_finalize(r->insert_traffic);
     sqlite3_finalize(r->insert_eval);
     sqlite3_finalize(r->update_eval);
     sqlite3_finalize(r->update_eval_router);
@@ -1553,7 +1589,7 @@ int rec_run_config_set(Recorder *r, int64_t run_id, const char *key, const char 
 
 int rec_metric(Recorder *r, int64_t run_id, int64_t step, const char *split,
                double loss, double aux_loss, double lr, int64_t tokens,
-               double moe_flops_per_token, double wall_ms, const RecAux *aux,
+               double moe_flops_per_token, double wall_ms, double comm_ms, const RecAux *aux,
                char *err) {
     if (!split || !*split)
         return ml_error(err, "a metric needs a split ('train' or 'val')");
@@ -1569,6 +1605,7 @@ int rec_metric(Recorder *r, int64_t run_id, int64_t step, const char *split,
     sqlite3_bind_int64(st, 7, tokens);
     rec_bind_real_or_null(st, 8, moe_flops_per_token);
     rec_bind_real_or_null(st, 9, wall_ms);
+    rec_bind_real_or_null(st, 15, comm_ms);
     if (aux) {      /* unbound parameters are NULL */
         rec_bind_real_or_null(st, 10, aux->balance);
         rec_bind_real_or_null(st, 11, aux->z);
@@ -1579,6 +1616,28 @@ int rec_metric(Recorder *r, int64_t run_id, int64_t step, const char *split,
     if (rec_step_done(r, st, "insert a metric", err))
         return -1;
     r->pending_rows++;
+    return 0;
+}
+
+int rec_traffic(Recorder *r, int64_t run_id, int64_t eval_id, int64_t step,
+                const RecTraffic *rows, size_t n, char *err) {
+    if (rec_begin_if_needed(r, err))
+        return -1;
+    sqlite3_stmt *st = r->insert_traffic;
+    for (size_t i = 0; i < n; i++) {
+        sqlite3_bind_int64(st, 1, run_id);
+        if (eval_id >= 0) sqlite3_bind_int64(st, 2, eval_id);
+        else sqlite3_bind_null(st, 2);
+        sqlite3_bind_int64(st, 3, step);
+        sqlite3_bind_int(st, 4, rows[i].layer);
+        sqlite3_bind_int(st, 5, rows[i].src);
+        sqlite3_bind_int(st, 6, rows[i].dst);
+        sqlite3_bind_int64(st, 7, rows[i].tokens);
+        sqlite3_bind_int64(st, 8, rows[i].bytes);
+        if (rec_step_done(r, st, "insert traffic", err))
+            return -1;
+        r->pending_rows++;
+    }
     return 0;
 }
 

@@ -41,7 +41,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
 
 /* PRAGMA user_version of a database with the schema of this build. */
-#define REC_SCHEMA_VERSION 5
+#define REC_SCHEMA_VERSION 6
 
 /* Default busy timeout: how long a write waits for another writer's lock. */
 #define REC_BUSY_TIMEOUT_MS 5000
@@ -118,8 +118,18 @@ typedef struct {
 ** aux_* column NULL. */
 int rec_metric(Recorder *r, int64_t run_id, int64_t step, const char *split,
                double loss, double aux_loss, double lr, int64_t tokens,
-               double moe_flops_per_token, double wall_ms, const RecAux *aux,
+               double moe_flops_per_token, double wall_ms, double comm_ms, const RecAux *aux,
                char *err);
+
+/* Under expert parallelism: the assignments of rank src's tokens to experts
+** on rank dst in a layer (src = dst: they stayed), and the bytes moved for
+** them, of a training step (eval_id < 0) or an evaluation. */
+typedef struct {
+    int layer, src, dst;
+    int64_t tokens, bytes;
+} RecTraffic;
+int rec_traffic(Recorder *r, int64_t run_id, int64_t eval_id, int64_t step,
+                const RecTraffic *rows, size_t n, char *err);
 
 /* One evaluation; *eval_id (may be NULL) keys its expert_load, routing,
 ** token_stats and sparsity rows. NaN is stored as NULL. */

@@ -103,6 +103,7 @@ void trainer_free(Trainer *t) {
     free(t->load);
     free(t->dropped);
     free(t->mass);
+    free(t->traffic);
     memset(t, 0, sizeof *t);
 }
 
@@ -273,6 +274,53 @@ static int record_step_load(Trainer *t, char *err) {
     return t->rec ? record_load(NULL, t, -1, t->load, t->dropped, t->mass, err) : 0;
 }
 
+/* Under expert parallelism: the last forward's assignments from rank to
+** rank, per MoE layer, added to traffic (L, ranks, ranks). */
+static void add_traffic(const Model *m, int ranks, int64_t *traffic) {
+    const ModelConfig *c = &m->config;
+    for (int l = 0; l < c->layers; l++)
+        if (config_is_moe_block(c, l))
+            moe_layer_traffic(&m->moe[l], ranks, traffic + (size_t)l * ranks * ranks);
+}
+
+/* Rank 0: traffic's rows, each assignment that left its rank moving
+** `moves` rows of d_model floats (there and back; in training backward too). */
+static int record_traffic(Trainer *t, int64_t eval_id, const int64_t *traffic, int ranks,
+                          int moves, char *err) {
+    const ModelConfig *c = &t->model->config;
+    size_t RR = (size_t)ranks * ranks;
+    RecTraffic *rows = malloc(sizeof *rows * RR * (size_t)c->layers);
+    if (!rows) return ml_error(err, "out of memory recording traffic");
+    size_t n = 0;
+    for (int l = 0; l < c->layers; l++) {
+        if (!config_is_moe_block(c, l)) continue;
+        for (int src = 0; src < ranks; src++)
+            for (int dst = 0; dst < ranks; dst++) {
+                int64_t tokens = traffic[(size_t)l * RR + (size_t)src * ranks + dst];
+                rows[n++] = (RecTraffic){.layer = l, .src = src, .dst = dst, .tokens = tokens,
+                                         .bytes = src == dst ? 0
+                                                             : tokens * moves * c->d_model *
+                                                                   (int64_t)sizeof(float)};
+            }
+    }
+    int rc = rec_traffic(t->rec, t->run_id, eval_id, t->step, rows, n, err);
+    free(rows);
+    return rc;
+}
+
+/* A training step's traffic, when recorded (rank 0 writes it). */
+static int record_step_traffic(Trainer *t, char *err) {
+    Model *m = t->model;
+    int ranks = dist_size();
+    if (!t->rec || !moe_parallel(&m->config.moe)) return 0;
+    size_t n = (size_t)m->config.layers * ranks * ranks;
+    if (!t->traffic && !(t->traffic = malloc(sizeof *t->traffic * n)))
+        return ml_error(err, "out of memory recording traffic");
+    memset(t->traffic, 0, sizeof *t->traffic * n);
+    add_traffic(m, ranks, t->traffic);
+    return record_traffic(t, -1, t->traffic, ranks, 4, err);
+}
+
 /* Rank r's slice of a batch of B sequences cut over `ranks`: its first row
 ** into *first, and how many. */
 static int slice(int r, int B, int ranks, int *first) {
@@ -386,12 +434,14 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     EvalSparsity sp = {0};
     RecWriter *writer = NULL;
     RecBatch own_rows = {0}; /* a batch's rows on a rank other than 0, to send */
+    int parallel = t->rec && moe && moe_parallel(&c->moe);
+    int64_t *traffic = parallel ? calloc((size_t)L * dist_size() * dist_size(), sizeof *traffic) : NULL;
     int64_t eval_id = -1;
     int rank = dist_rank(), ranks = dist_size();
     int began = 0; /* everything pending is this evaluation's */
     char held[32] = "running"; /* the run's status before (rec_run_hold) */
     int rc = -1;
-    if (!rng || (moe && (!load || !dropped || !mass))) {
+    if (!rng || (moe && (!load || !dropped || !mass)) || (parallel && !traffic)) {
         ml_error(err, "out of memory");
         goto done;
     }
@@ -452,6 +502,7 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         for (int l = 0; moe && l < L; l++)
             if (config_is_moe_block(c, l)) sums[3] += (double)moe_trace_count(&m->moe[l]);
         if (moe) add_loads(m, load, dropped, mass);
+        if (parallel) add_traffic(m, ranks, traffic); /* every rank's: the counts are shared */
         if (record && rank != 0) {
             if (eval_record_batch(&own_rows, &sp, t, i * B + first, Br, T) != 0) {
                 ml_error(err, "out of memory recording the evaluation");
@@ -506,10 +557,12 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
         ** stays in evals only, so that metrics keeps the model's own curve */
         if (o->split == SPLIT_VAL && !o->router && !o->label &&
             rec_metric(t->rec, t->run_id, t->step, split, res->loss, NAN, NAN, t->tokens,
-                       res->moe_flops_per_token, t->wall_ms, NULL, err) != 0)
+                       res->moe_flops_per_token, t->wall_ms,
+                       ranks > 1 ? t->comm_ms : NAN, NULL, err) != 0)
             goto done;
         if (moe && record_load(record ? &sp : NULL, t, eval_id, load, dropped, mass, err) != 0)
             goto done;
+        if (parallel && record_traffic(t, eval_id, traffic, ranks, 2, err) != 0) goto done;
         if (rec_flush(t->rec, err) != 0) goto done;
         res->eval_id = eval_id;
     }
@@ -538,6 +591,7 @@ done:
     free(sp.abs_sum);
     free(own_rows.routing);
     free(own_rows.tokens);
+    free(traffic);
     return rc;
 }
 
@@ -591,6 +645,7 @@ int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *e
         *loss = (float)(v[0] / ranks);
         *moe_flops = v[1] / ranks;
     }
+    if (!isfinite(*loss) || !isfinite(m->aux_loss)) return 0; /* diverged: no gradients */
     if (model_backward(m, err) != 0) return -1;
     if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
         dist_sum_float(m->grad_mem, m->num_parameters);
@@ -708,7 +763,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
                      trainer_signal_name(sig), (long long)t->step);
             break;
         }
-        double t0 = now_ms();
+        double t0 = now_ms(), comm0 = dist_comm_seconds();
         if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
         float loss;
         double moe_flops;
@@ -738,28 +793,32 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         t->step++;
         t->tokens += (int64_t)ranks * B * T;
         flops += 3.0 * m->flops;
-        double t1 = now_ms();
+        double t1 = now_ms(), comm1 = dist_comm_seconds();
         t->wall_ms += t1 - t0;
+        t->comm_ms += 1e3 * (comm1 - comm0);
         res->last_loss = loss;
         if (s >= tail_from) {
             tail_sum += loss;
             tail_n++;
         }
-        if (record_step_load(t, err) != 0) { rc = -1; break; }
+        /* the step's recording (its loads summed over the ranks) counts as
+        ** training time, in the next row */
+        if (record_step_load(t, err) != 0 || record_step_traffic(t, err) != 0) { rc = -1; break; }
         if (t->rec) {
             int moe = m->n_moe_layers > 0;
             RecAux aux = {m->aux_parts[AUX_BALANCE], m->aux_parts[AUX_Z], m->aux_parts[AUX_CV2],
                           m->aux_parts[AUX_P_PENALTY], m->aux_parts[AUX_ENTROPY]};
             if (rec_metric(t->rec, t->run_id, t->step, "train", loss, moe ? m->aux_loss : NAN, lr,
                            t->tokens, moe_flops / ((double)B * T), t->wall_ms,
+                           ranks > 1 ? t->comm_ms : NAN,
                            moe ? &aux : NULL, err) != 0) { rc = -1; break; }
             if (t1 - last_flush > 1000.0) {
                 if (rec_flush(t->rec, err) != 0) { rc = -1; break; }
                 last_flush = t1;
             }
-            /* the step's recording counts as training time, in the next row */
-            t->wall_ms += now_ms() - t1;
         }
+        t->wall_ms += now_ms() - t1;
+        t->comm_ms += 1e3 * (dist_comm_seconds() - comm1);
         if (can_eval && o->eval_every > 0 && (s + 1) % o->eval_every == 0 && s + 1 < o->steps) {
             EvalResult er;
             int stop = evaluate_in_training(t, &eo, &er, &status, status_msg, sizeof status_msg, err);

@@ -95,6 +95,7 @@ typedef struct {
     int64_t step;      /* optimiser steps so far, over every train call */
     int64_t tokens;    /* training tokens so far */
     double wall_ms;    /* training time so far: the steps and their recording */
+    double comm_ms;    /* of which in MPI communication (dist.h) */
     void *rng;         /* gsl_rng of the training batches */
     int *inputs, *targets;
     size_t cap;        /* ints in inputs and targets */
@@ -102,6 +103,7 @@ typedef struct {
     size_t trace_cap;
     int64_t probed_at; /* the step of the last probe; -1 before the first */
     int64_t *load, *dropped; /* (L, E) a step's expert_load, when recorded */
+    int64_t *traffic;  /* (L, ranks, ranks) a step's traffic, when recorded */
     double *mass;
 } Trainer;
 
@@ -121,7 +123,8 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
 /* One training step's gradients, added to the model's (zero them first):
 ** the next batch of B sequences a rank (dist.h), forward and backward, and
 ** over several ranks their mean, the whole batch's; *loss and *moe_flops
-** are the whole batch's too. */
+** are the whole batch's too. A loss that is not finite (the run diverged)
+** leaves the gradients as they were. */
 int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *err);
 /* With a recorder, the evaluation is a transaction of its own: the run's
 ** pending rows are committed first, and a failure or an interrupt removes

@@ -50,7 +50,7 @@ static const char *const dp_script =
     "local data = moelab.corpus{ path = a.corpus, split = 0.9 }\n"
     "local model = moelab.model{ layers = 2, d_model = 32, heads = 2, context = 32,\n"
     "  moe = { experts = 4, hidden = 32, router = load('return ' .. a.router)(),\n"
-    "          aux = { balance = 0.01, z = 0.001, cv2 = 0.01 } }, seed = 3 }\n"
+    "          aux = { balance = 0.01, z = 0.001, cv2 = 0.01 }, parallel = a.parallel }, seed = 3 }\n"
     "local db = moelab.open(a.db)\n"
     "local run = db:run{ name = 'dp', model = model, data = data }\n"
     "run:train{ steps = 5, batch = a.batch, lr = 3e-3, warmup = 1, eval_batches = 2, eval_batch = 4 }\n"
@@ -309,6 +309,65 @@ static void test_expert_parallel_gradients(void **state) {
     }
 }
 
+/* what an expert-parallel run records: every assignment once in traffic, as
+** crossing exactly when its token's rank (its slice of the batch) is not its
+** expert's (E/N contiguous a rank), and the communication's share of wall_ms */
+static void test_traffic_recorded(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    char corpus[512], script[512], db[512], out[512];
+    tmp_path(corpus, sizeof corpus, "corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "dp.lua");
+    write_file(script, dp_script);
+    tmp_path(db, sizeof db, "traffic.db");
+    tmp_path(out, sizeof out, "traffic.safetensors");
+    char a_corpus[600], a_db[600], a_out[600];
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_db, sizeof a_db, "db=%s", db);
+    snprintf(a_out, sizeof a_out, "out=%s", out);
+    const char *const args[] = {"run", script, a_corpus, a_db, a_out, "batch=8", "parallel=experts",
+                                "router={ kind = 'topk', k = 2 }", NULL};
+    Proc p;
+    mpirun_moelab(&p, 2, args, 120);
+    expect_ok(&p, "expert parallel");
+    proc_free(&p);
+    sqlite3 *d = db_open(db);
+    /* the recorded evaluation: batch 4, rank 0 has sequences 0-1 of each,
+    ** experts 0-1 live on rank 0 */
+    const char *eval = "(SELECT MAX(eval_id) FROM evals WHERE split = 'val')";
+    char sql[512];
+    snprintf(sql, sizeof sql, "SELECT COUNT(*) FROM routing WHERE eval_id = %s", eval);
+    int64_t assignments = db_int(d, sql);
+    snprintf(sql, sizeof sql, "SELECT COUNT(*) FROM routing WHERE eval_id = %s "
+                              "AND (seq %% 4) / 2 <> expert / 2", eval);
+    int64_t crossed = db_int(d, sql);
+    assert_true(assignments > 0 && crossed > 0 && crossed < assignments);
+    snprintf(sql, sizeof sql, "SELECT SUM(tokens) FROM traffic WHERE eval_id = %s", eval);
+    assert_int_equal(db_int(d, sql), assignments);
+    snprintf(sql, sizeof sql, "SELECT SUM(tokens) FROM traffic WHERE eval_id = %s AND src_rank <> dst_rank", eval);
+    assert_int_equal(db_int(d, sql), crossed);
+    /* 32 floats there and back for each that crossed */
+    snprintf(sql, sizeof sql, "SELECT SUM(bytes) FROM traffic WHERE eval_id = %s", eval);
+    assert_int_equal(db_int(d, sql), crossed * 2 * 32 * 4);
+    snprintf(sql, sizeof sql, "SELECT SUM(assignments - kept) FROM v_traffic_local WHERE eval_id = %s", eval);
+    assert_int_equal(db_int(d, sql), crossed);
+    /* each training step: as many as expert_load kept; backward moves them again */
+    for (int step = 1; step <= 5; step++) {
+        char a[256], b[256];
+        snprintf(a, sizeof a, "SELECT SUM(tokens) FROM traffic WHERE eval_id IS NULL AND step = %d", step);
+        snprintf(b, sizeof b, "SELECT SUM(tokens) FROM expert_load WHERE eval_id IS NULL AND step = %d", step);
+        assert_int_equal(db_int(d, a), db_int(d, b));
+    }
+    assert_int_equal(db_int(d, "SELECT COUNT(*) FROM traffic WHERE eval_id IS NULL"), 5 * 2 * 2 * 2);
+    assert_int_equal(db_int(d, "SELECT SUM(bytes) = 4 * 32 * 4 * SUM(CASE WHEN src_rank <> dst_rank "
+                               "THEN tokens END) FROM traffic WHERE eval_id IS NULL"), 1);
+    /* the communication's time, a part of the steps' */
+    assert_int_equal(db_int(d, "SELECT COUNT(*) FROM metrics WHERE split = 'train' AND comm_ms > 0 "
+                               "AND comm_ms < wall_ms"), 5);
+    sqlite3_close(d);
+}
+
 static void test_two_ranks_train_as_one_process(void **state) {
     (void)state;
     SKIP_WITHOUT_MPI();
@@ -410,6 +469,7 @@ int main(int argc, char **argv) {
     self = argv[0];
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_expert_parallel_gradients),
+        cmocka_unit_test(test_traffic_recorded),
         cmocka_unit_test(test_plain_moelab_is_one_rank),
         cmocka_unit_test(test_two_ranks_train_as_one_process),
         cmocka_unit_test(test_two_ranks_stratified),

@@ -75,10 +75,10 @@ static int record_run(Recorder *r, const char *name, double floor, char *err) {
         return -1;
     for (int step = 1; step <= 400; step++) {
         double loss = floor + (log(256.0) - floor) * exp(-step / 60.0);
-        if (rec_metric(r, run, step, "train", loss, 0.01, 1e-3, step * 1024, NAN, 5, NULL, err))
+        if (rec_metric(r, run, step, "train", loss, 0.01, 1e-3, step * 1024, NAN, 5, NAN, NULL, err))
             return -1;
         if (step % 50 == 0
-            && rec_metric(r, run, step, "val", loss + 0.05, NAN, 1e-3, step * 1024, NAN, NAN, NULL, err))
+            && rec_metric(r, run, step, "val", loss + 0.05, NAN, 1e-3, step * 1024, NAN, NAN, NAN, NULL, err))
             return -1;
     }
     return rec_run_status(r, run, "finished", NULL, err);
@@ -103,7 +103,7 @@ static int record_moe_run(Recorder *r, const char *name, int threshold, int expe
     for (int step = 1; step <= STEPS; step++) {
         RecAux aux = {0.01 * step, NAN, NAN, NAN, NAN};
         if (rec_metric(r, run, step, "train", 5.0 - 0.1 * step, experts ? 0.01 : NAN, 1e-3,
-                       step * 1024, experts ? flops : NAN, 5, experts ? &aux : NULL, err))
+                       step * 1024, experts ? flops : NAN, 5, NAN, experts ? &aux : NULL, err))
             return -1;
         for (int l = 0; l < 2 && experts; l++) {
             RecExpertLoad load[8];
@@ -116,7 +116,7 @@ static int record_moe_run(Recorder *r, const char *name, int threshold, int expe
     }
     if (rec_eval(r, run, STEPS, "val", SEQS * POS, val_loss, flops,
                  experts ? (threshold ? 1.92 : 2.0) : 0.0, &eval_id, err)
-        || rec_metric(r, run, STEPS, "val", val_loss, NAN, NAN, STEPS * 1024, flops, 5, NULL,
+        || rec_metric(r, run, STEPS, "val", val_loss, NAN, NAN, STEPS * 1024, flops, 5, NAN, NULL,
                       err))
         return -1;
     if (!experts)

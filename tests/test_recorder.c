@@ -189,9 +189,9 @@ static void test_run_metrics_eval_and_status_read_back(void **state) {
     sqlite3 *db = rec_db(r);
     int64_t run = begin_run(r, "top2");
     assert_true(run > 0);
-    assert_int_equal(rec_metric(r, run, 1, "train", 5.5, 0.02, 1e-3, 2048, 1.5e6, 12.5, NULL, err), 0);
-    assert_int_equal(rec_metric(r, run, 2, "train", 4.25, NAN, 2e-3, 4096, NAN, 11.0, NULL, err), 0);
-    assert_int_equal(rec_metric(r, run, 2, "val", 4.5, NAN, 2e-3, 4096, NAN, NAN, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 5.5, 0.02, 1e-3, 2048, 1.5e6, 12.5, NAN, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "train", 4.25, NAN, 2e-3, 4096, NAN, 11.0, NAN, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "val", 4.5, NAN, 2e-3, 4096, NAN, NAN, NAN, NULL, err), 0);
     assert_int_equal(rec_pending_rows(r), 3);
     int64_t eval_id = 0;
     assert_int_equal(rec_eval(r, run, 2, "val", 8192, 4.5, 1.25e6, 1.75, &eval_id, err), 0);
@@ -272,10 +272,10 @@ static void test_bad_status_and_unknown_run_are_rejected(void **state) {
 
     assert_int_equal(rec_run_status(r, run + 41, "finished", NULL, err), -1);
     assert_non_null(strstr(err, "no run with id"));
-    assert_int_equal(rec_metric(r, run + 41, 1, "train", 1, 0, 0, 1, 0, 0, NULL, err), -1);
+    assert_int_equal(rec_metric(r, run + 41, 1, "train", 1, 0, 0, 1, 0, 0, NAN, NULL, err), -1);
     assert_non_null(strstr(err, "FOREIGN KEY"));
     assert_int_equal(rec_run_begin(r, "", NULL, NULL, 0, 0, 0, -1, NULL, err), -1);
-    assert_int_equal(rec_metric(r, run, 1, NULL, 1, 0, 0, 1, 0, 0, NULL, err), -1);
+    assert_int_equal(rec_metric(r, run, 1, NULL, 1, 0, 0, 1, 0, 0, NAN, NULL, err), -1);
     rec_close(r);
 }
 
@@ -288,8 +288,8 @@ static void test_metric_aux_parts_read_back(void **state) {
     sqlite3 *db = rec_db(r);
     int64_t run = begin_run(r, "aux");
     RecAux aux = {.balance = 1.25, .z = 0.5, .cv2 = NAN, .p_penalty = 0.125};
-    assert_int_equal(rec_metric(r, run, 1, "train", 3.0, 0.02, 1e-3, 64, 2e5, 1, &aux, err), 0);
-    assert_int_equal(rec_metric(r, run, 2, "train", 2.9, NAN, 1e-3, 128, NAN, 1, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 3.0, 0.02, 1e-3, 64, 2e5, 1, NAN, &aux, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "train", 2.9, NAN, 1e-3, 128, NAN, 1, NAN, NULL, err), 0);
     assert_near(query_real(db, "SELECT aux_balance FROM metrics WHERE step=1"), 1.25, 0);
     assert_near(query_real(db, "SELECT aux_z FROM metrics WHERE step=1"), 0.5, 0);
     assert_true(query_is_null(db, "SELECT aux_cv2 FROM metrics WHERE step=1"));
@@ -565,10 +565,10 @@ static void test_flushed_rows_survive_close_and_reopen(void **state) {
     Recorder *r = open_ok(path);
     int64_t run = begin_run(r, "a");
     for (int i = 0; i < 100; i++)
-        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, NULL, err), 0);
+        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, NAN, NULL, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
     for (int i = 100; i < 110; i++)     /* committed by the close */
-        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, NULL, err), 0);
+        assert_int_equal(rec_metric(r, run, i, "train", 3.0, NAN, 1e-3, i * 64, NAN, 1, NAN, NULL, err), 0);
     rec_close(r);
 
     r = open_ok(path);
@@ -927,7 +927,7 @@ static void test_version_3_database_is_upgraded(void **state) {
     Recorder *r = open_ok(path);
     int64_t run = begin_run(r, "old"), eval_id = 0;
     RecAux aux = {.balance = 1.5, .z = NAN, .cv2 = NAN, .p_penalty = NAN, .entropy = NAN};
-    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, 0.1, 1e-3, 100, NAN, 1.0, &aux, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, 0.1, 1e-3, 100, NAN, 1.0, NAN, &aux, err), 0);
     assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
     RecTokenStat tok = {.seq = 0, .pos = 0, .token = 65, .experts = 2, .loss = 1.5f};
     assert_int_equal(rec_token_stats(r, run, eval_id, &tok, 1, err), 0);
@@ -953,7 +953,7 @@ static void test_version_3_database_is_upgraded(void **state) {
     assert_int_equal(rec_run_begin(r, "new", NULL, NULL, 1, 0, 0, 0, &later, err), 0);
     assert_int_equal(query_int(db, "SELECT causal FROM v_final_loss WHERE name = 'new'"), 0);
     aux.entropy = 0.25;
-    assert_int_equal(rec_metric(r, run, 2, "train", 2.0, 0.1, 1e-3, 200, NAN, 1.0, &aux, err), 0);
+    assert_int_equal(rec_metric(r, run, 2, "train", 2.0, 0.1, 1e-3, 200, NAN, 1.0, NAN, &aux, err), 0);
     assert_int_equal(rec_flush(r, err), 0);
     assert_near(query_real(db, "SELECT aux_entropy FROM metrics WHERE step = 2"), 0.25, 0);
     rec_close(r);
@@ -1099,12 +1099,12 @@ static void test_crash_loses_only_unflushed_rows(void **state) {
         if (rec_open(&r, path, err) || rec_run_begin(r, "c", NULL, NULL, 1, 0, 0, 1, &run, err))
             _exit(2);
         for (int i = 0; i < 5; i++)
-            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NULL, err))
+            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NAN, NULL, err))
                 _exit(3);
         if (rec_flush(r, err))
             _exit(4);
         for (int i = 5; i < 8; i++)
-            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NULL, err))
+            if (rec_metric(r, run, i, "train", 2.0, NAN, 0, i, NAN, NAN, NAN, NULL, err))
                 _exit(5);
         _exit(0);   /* dies without flushing or closing */
     }
@@ -1177,7 +1177,7 @@ static void test_version_4_database_is_upgraded(void **state) {
     tmp_path(path, sizeof path, state, "v4.db");
     Recorder *r = open_ok(path);
     int64_t run = begin_run(r, "old"), eval_id = 0;
-    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, 0.1, 1e-3, 100, NAN, 1.0, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, 0.1, 1e-3, 100, NAN, 1.0, NAN, NULL, err), 0);
     assert_int_equal(rec_eval(r, run, 1, "val", 0, 1.0, NAN, NAN, &eval_id, err), 0);
     assert_int_equal(rec_run_status(r, run, "finished", NULL, err), 0);
     rec_close(r);
@@ -1231,12 +1231,12 @@ static void test_locked_database_names_the_lock(void **state) {
     assert_int_equal(sqlite3_open(path, &other), SQLITE_OK);
     exec_sql(other, "BEGIN EXCLUSIVE; INSERT INTO runs(name, started_at) VALUES ('x', 'now');");
 
-    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err), -1);
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NAN, NULL, err), -1);
     assert_non_null(strstr(err, "database is locked"));
     assert_non_null(strstr(err, path));
 
     exec_sql(other, "COMMIT");
-    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err), 0);
+    assert_int_equal(rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NAN, NULL, err), 0);
 
     /* Now the recorder holds the write lock until it flushes. */
     assert_int_equal(sqlite3_busy_timeout(other, 10), SQLITE_OK);
@@ -1258,7 +1258,7 @@ static void test_readonly_connection_refuses_writes(void **state) {
 
     assert_int_equal(rec_open_readonly(&r, path, err), 0);
     assert_int_equal(query_int(rec_db(r), "SELECT count(*) FROM runs"), 1);
-    int rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err);
+    int rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NAN, NULL, err);
     if (rc == 0)
         rc = rec_flush(r, err);
     assert_int_equal(rc, -1);
@@ -1298,7 +1298,7 @@ static void test_readonly_file_refuses_writes(void **state) {
     assert_int_equal(chmod((const char *)*state, 0555), 0);
     int rc = rec_open(&r, path, err);
     if (rc == 0) {
-        rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NULL, err);
+        rc = rec_metric(r, run, 1, "train", 2.0, NAN, 0, 1, NAN, NAN, NAN, NULL, err);
         if (rc == 0)
             rc = rec_flush(r, err);
         rec_close(r);

@@ -570,6 +570,11 @@ int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, co
     return 0;
 }
 
+void moe_layer_traffic(const MoeLayer *l, int ranks, int64_t *tokens) {
+    if (l->strata) strata_traffic(l->strata, ranks, tokens);
+    else moe_parallel_traffic(&l->tc, ranks, tokens);
+}
+
 void moe_layer_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks) {
     if (c->moe.kind == ROUTER_MERGE) return;
     if (c->moe.kind == ROUTER_STRATIFIED) {

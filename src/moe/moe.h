@@ -133,6 +133,9 @@ int moe_layer_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, co
 ** as the whole batch's; merged layers have none. */
 typedef void (*MoeSum)(double *x, size_t n);
 void moe_layer_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks);
+/* Under expert parallelism: the last forward's assignments from rank to
+** rank (every pass), added to tokens (ranks × ranks, source-major). */
+void moe_layer_traffic(const MoeLayer *l, int ranks, int64_t *tokens);
 
 /* dx (N,C) = d/dx (written); dout (N,C) is d/d out, and a stratified layer
 ** adds to it what flows through its later passes' norms. Gradients
@@ -276,6 +279,7 @@ int strata_backward(MoeLayer *l, struct MoeScratch *scr, const ModelConfig *c, c
                     char *err);
 void strata_free(Strata *s);
 void strata_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ranks);
+void strata_traffic(const Strata *s, int ranks, int64_t *tokens);
 size_t strata_trace_count(const Strata *s);
 size_t strata_trace_routes(const Strata *s, const MoeConfig *mc, MoeRoute *out);
 MoeTokenTrace strata_trace_token(const Strata *s, const MoeConfig *mc, ActKind act, int t);

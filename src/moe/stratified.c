@@ -294,6 +294,10 @@ int strata_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const Mo
 /* ------------------------------------------------------------------------ */
 /* the route trace                                                           */
 
+void strata_traffic(const Strata *s, int ranks, int64_t *tokens) {
+    for (int p = 0; p < s->L; p++) moe_parallel_traffic(&s->pass[p], ranks, tokens);
+}
+
 size_t strata_trace_count(const Strata *s) {
     size_t n = 0;
     for (int p = 0; p < s->L; p++)
