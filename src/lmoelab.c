@@ -635,6 +635,37 @@ static int model_sample_l(lua_State *L) {
 
 /* model:config() → the configuration as a table, every default filled in;
 ** model:config("json") → the same as the JSON text runs.config.model holds */
+/* model:parallel("experts" [, { rank of each expert }]) or ("data"): how
+** its MoE layers run over MPI ranks from now on (moe.parallel and
+** moe.placement, as if configured so); changes nothing a run computes. */
+static int model_parallel(lua_State *L) {
+    LModel *m = check_model(L, 1);
+    static const char *const modes[] = {"data", "experts", NULL};
+    int experts = luaL_checkoption(L, 2, NULL, modes);
+    ModelConfig c = m->m->config;
+    if (!c.moe.enabled) luaL_error(L, "model:parallel: the model has no MoE layers");
+    c.moe.parallel_experts = experts;
+    c.moe.n_placement = 0;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_Integer n = (lua_Integer)lua_rawlen(L, 3);
+        if (n != c.moe.experts)
+            luaL_error(L, "model:parallel: the placement must list a rank for each of the %d "
+                       "experts, got %d", c.moe.experts, (int)n);
+        for (lua_Integer e = 1; e <= n; e++) {
+            lua_rawgeti(L, 3, e);
+            c.moe.placement[e - 1] = (int)check_int(L, -1, "model:parallel", "placement", 0,
+                                                    MOE_MAX_RANKS - 1);
+            lua_pop(L, 1);
+        }
+        c.moe.n_placement = (int)n;
+    }
+    char err[ML_ERRLEN];
+    if (config_validate(&c, err) != 0) luaL_error(L, "model:parallel: %s", err);
+    m->m->config.moe = c.moe;
+    return 0;
+}
+
 static int model_config_l(lua_State *L) {
     LModel *m = check_model(L, 1);
     static const char *const forms[] = {"table", "json", NULL};
@@ -1608,6 +1639,7 @@ int luaopen_moelab(lua_State *L) {
         {"save", model_save},     {"loss", model_loss},   {"token_losses", model_token_losses},
         {"sample", model_sample_l},
         {"config", model_config_l}, {"parameters", model_parameters}, {"memory", model_memory_l},
+        {"parallel", model_parallel},
         {"close", model_gc},
         {NULL, NULL}};
     static const luaL_Reg db_methods[] = {

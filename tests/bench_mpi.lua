@@ -2,8 +2,9 @@
 -- issue 13): the top-2 reference model (4 layers, d 128, 8 experts of hidden
 -- 128) trained through run:train on data/kjv.txt with a batch of 16 x 128
 -- tokens per step, by 1 rank on 2 threads against 2 ranks (mpirun) on 1
--- thread each with batch 8 apiece, the same 16 sequences a step. The two
--- alternate, `pairs` times each, so that a busy neighbour slows both alike.
+-- thread each with batch 8 apiece, the same 16 sequences a step, data
+-- parallel and expert parallel (4 experts a rank). The three alternate,
+-- `pairs` times each, so that a busy neighbour slows them alike.
 -- Reported: the median tokens/s of steps 21..N with quartiles, pooled over
 -- the repetitions, and the ratio of the medians.
 --
@@ -23,7 +24,7 @@ if args.worker then
   local data = moelab.corpus{ path = data_path, split = 0.9 }
   local model = moelab.model{ layers = 4, d_model = 128, heads = 4, context = 128, seed = 1,
                               moe = { experts = 8, hidden = 128, router = { kind = "topk", k = 2 },
-                                      aux = { balance = 0.01 } } }
+                                      aux = { balance = 0.01 }, parallel = args.parallel } }
   local db = moelab.open(args.worker .. ".db")
   local run = db:run{ name = "bench", model = model, data = data }
   run:train{ steps = steps, batch = tonumber(args.batch), lr = 3e-3, warmup = 20, eval_batches = 0 }
@@ -60,6 +61,9 @@ local configs = {
   { name = "1 rank x 2 threads, batch 16", cmd = exe .. " run " .. self .. " threads=2 batch=16" },
   { name = "2 ranks x 1 thread, batch 8 each",
     cmd = "mpirun -np 2 --oversubscribe" .. root .. " " .. exe .. " run " .. self .. " threads=1 batch=8" },
+  { name = "the same, experts parallel",
+    cmd = "mpirun -np 2 --oversubscribe" .. root .. " " .. exe .. " run " .. self ..
+          " threads=1 batch=8 parallel=experts" },
 }
 local tmp = os.tmpname()
 for _, c in ipairs(configs) do c.samples = {} end
@@ -78,4 +82,6 @@ for _, c in ipairs(configs) do
   c.st = stats(c.samples)
   print(string.format("%-34s %10.0f  %.0f–%.0f (%d steps)", c.name, c.st.median, c.st.q1, c.st.q3, c.st.n))
 end
-print(string.format("2 ranks / 1 rank: %.2f", configs[2].st.median / configs[1].st.median))
+print(string.format("2 ranks / 1 rank: %.2f data parallel, %.2f expert parallel",
+                    configs[2].st.median / configs[1].st.median,
+                    configs[3].st.median / configs[1].st.median))
