@@ -42,15 +42,7 @@ if args.worker then
   return
 end
 
-local function stats(xs)
-  table.sort(xs)
-  local function q(p)
-    local h = (#xs - 1) * p + 1
-    local lo = math.floor(h)
-    return xs[lo] + (h - lo) * ((xs[lo + 1] or xs[lo]) - xs[lo])
-  end
-  return { median = q(0.5), q1 = q(0.25), q3 = q(0.75), n = #xs }
-end
+local stats = require("moelab.stats").summary
 
 local machine = moelab.machine()
 print(string.format("moelab bench-mpi: CPU %s; OpenBLAS kernels %s", machine.cpu, machine.blas_core))

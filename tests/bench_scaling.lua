@@ -31,15 +31,7 @@ local configs = {
   { "E256",   128, 4, 128,  16, 256, 128 },
 }
 
-local function stats(xs)
-  table.sort(xs)
-  local function q(p)
-    local h = (#xs - 1) * p + 1
-    local lo = math.floor(h)
-    return xs[lo] + (h - lo) * ((xs[lo + 1] or xs[lo]) - xs[lo])
-  end
-  return { median = q(0.5), q1 = q(0.25), q3 = q(0.75) }
-end
+local stats = require("moelab.stats").summary
 
 local function measure(cfg)
   local name, d, heads, T, B, E, H = table.unpack(cfg)

@@ -36,19 +36,7 @@ print(string.format("CPU: %s; OpenBLAS kernels: %s; %d threads", machine.cpu,
                     machine.blas_core, machine.threads))
 print("")
 
--- statistics of a list of numbers: median, quartiles, extremes
-local function stats(xs)
-  local s = {}
-  for i, x in ipairs(xs) do s[i] = x end
-  table.sort(s)
-  assert(#s > 0, "bench_user: no samples")
-  local function q(p)
-    local h = (#s - 1) * p + 1
-    local lo = math.floor(h)
-    return s[lo] + (h - lo) * ((s[lo + 1] or s[lo]) - s[lo])
-  end
-  return { median = q(0.5), q1 = q(0.25), q3 = q(0.75), min = s[1], max = s[#s], n = #s }
-end
+local stats = require("moelab.stats").summary
 
 local function spread(st, fmt)
   fmt = fmt or "%.0f"

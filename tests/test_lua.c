@@ -1458,6 +1458,20 @@ static void test_closed_objects(void **state) {
 
 /* A learning rate of 1e30 sends the weights to infinity within a step or two:
 ** the run is recorded as diverged with a message, and what came before stays. */
+/* moelab.stats, which the benchmarks state every figure in */
+static void test_stats_summary(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "xs = { 3, 1, 2, 10 }\n"
+              "s = require('moelab.stats').summary(xs)");
+    assert_lua(L, "s.median == 2.5 and s.q1 == 1.75 and s.q3 == 4.75");
+    assert_lua(L, "s.min == 1 and s.max == 10 and s.n == 4");
+    assert_lua(L, "xs[1] == 3 and xs[4] == 10"); /* left as it was */
+    assert_lua(L, "require('moelab.stats').summary{ 7 }.q3 == 7");
+    assert_lua(L, "not pcall(require('moelab.stats').summary, {})");
+    lua_close(L);
+}
+
 static void test_divergence(void **state) {
     (void)state;
     lua_State *L = new_state();
@@ -1634,6 +1648,7 @@ int main(void) {
         cmocka_unit_test(test_train_batch_overflow),
         cmocka_unit_test(test_loss_errors),
         cmocka_unit_test(test_closed_objects),
+        cmocka_unit_test(test_stats_summary),
         cmocka_unit_test(test_divergence),
         cmocka_unit_test(test_exploding_loss_diverges),
         cmocka_unit_test(test_script_error_fails_open_runs),
