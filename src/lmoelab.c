@@ -1187,7 +1187,8 @@ static int run_train(lua_State *L) {
     char err[ML_ERRLEN] = "";
     if (trainer_train(&r->t, &o, &res, err) != 0) {
         char ignored[ML_ERRLEN];
-        rec_run_status(r->t.rec, r->t.run_id, "failed", err, ignored); /* kept rows stay */
+        if (r->t.rec) /* rank 0's, over several ranks (the others have none) */
+            rec_run_status(r->t.rec, r->t.run_id, "failed", err, ignored); /* kept rows stay */
         snprintf(r->status, sizeof r->status, "failed");
         c_error(L, "run:train", "train", err);
     }
@@ -1257,7 +1258,7 @@ static int run_evaluate(lua_State *L) {
     if (failed) {
         if (res.interrupted) { /* the run is interrupted too, as by run:train */
             char ignored[ML_ERRLEN];
-            rec_run_status(r->t.rec, r->t.run_id, "interrupted", err, ignored);
+            if (r->t.rec) rec_run_status(r->t.rec, r->t.run_id, "interrupted", err, ignored);
             snprintf(r->status, sizeof r->status, "interrupted");
             lua_sethook(L, NULL, 0, 0); /* the CLI's stop hook would replace this message */
             luaL_error(L, "run '%s' %s; the run is recorded as 'interrupted'", r->t.name, err);
