@@ -704,6 +704,18 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     int can_eval = corpus_split_len(t->corpus, SPLIT_VAL) >= (size_t)T + 1 && o->eval_batches > 0;
     if (can_eval && model_check_batch(m, eo.batch, T, 0, inner) != 0) /* before any step, not after */
         return ml_error(err, "train: eval_batch: %s", inner);
+    /* under expert parallelism every rank needs a sequence of each evaluation
+    ** (trainer_evaluate): said before any step, not as a failure after them */
+    if (moe_parallel(&m->config.moe)) {
+        if (can_eval && eo.batch < ranks)
+            return ml_error(err, "train: eval_batch %d is cut over %d ranks, and under expert "
+                            "parallelism each needs a sequence: use eval_batch >= %d", eo.batch,
+                            ranks, ranks);
+        if (o->probe_every > 0 && o->probe_batch < ranks)
+            return ml_error(err, "train: probe: batch %d is cut over %d ranks, and under expert "
+                            "parallelism each needs a sequence: use batch >= %d", o->probe_batch,
+                            ranks, ranks);
+    }
     if (t->rec) {
         JsonBuf j = {0};
         jb_printf(&j, "{\"steps\":%d,\"batch\":%d,\"lr\":", o->steps, B);
