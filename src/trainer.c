@@ -328,6 +328,15 @@ static int slice(int r, int B, int ranks, int *first) {
     return (int)((int64_t)(r + 1) * B / ranks) - *first;
 }
 
+/* Over several ranks: rank 0's rc, and its message (err, ML_ERRLEN bytes)
+** when it failed, on every rank; for what rank 0 alone does (the database). */
+static int rank0_outcome(int rc, char *err) {
+    if (!dist_active()) return rc;
+    dist_broadcast(&rc, sizeof rc);
+    if (rc != 0) dist_broadcast_string(err, ML_ERRLEN);
+    return rc;
+}
+
 /* A recorded batch computed on another rank: its rows to rank 0, which
 ** queues them for its writer in batch order. Sizes first, then the rows. */
 static void send_rows(const RecBatch *b) {
@@ -581,7 +590,9 @@ done:
         rec_eval_delete(t->rec, eval_id, NULL);
     else if (rc != 0 && began)
         rec_discard(t->rec);
+    int succeeded = rc == 0; /* on every rank alike, here */
     if (began && rec_run_release(t->rec, t->run_id, held, rc == 0 ? err : NULL) != 0) rc = -1;
+    if (succeeded && ranks > 1) rc = rank0_outcome(rc, err); /* rank 0's release failed */
     if (rng) gsl_rng_free(rng);
     free(load);
     free(dropped);
@@ -884,11 +895,12 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             return -1;
         }
     }
-    if (t->rec) {
-        if (rec_flush(t->rec, err) != 0) return -1;
-        if (rec_run_status(t->rec, t->run_id, status, status_msg[0] ? status_msg : NULL, err) != 0)
-            return -1;
-    }
+    int failed = t->rec && (rec_flush(t->rec, err) != 0 ||
+                            rec_run_status(t->rec, t->run_id, status,
+                                           status_msg[0] ? status_msg : NULL, err) != 0);
+    /* what rank 0 alone wrote: its outcome on every rank, so that all go on
+    ** or all fail (a script that catches the error then does the same) */
+    if (rank0_outcome(failed ? -1 : 0, err) != 0) return -1;
     if (status_msg[0] && err) snprintf(err, ML_ERRLEN, "%s", status_msg);
     return 0;
 }
