@@ -1546,7 +1546,6 @@ static int l_plot(lua_State *L) {
     char err[ML_ERRLEN];
     if (d) {
         if (!d->r && !d->remote) luaL_error(L, "moelab.plot: the database is closed");
-        if (d->r && rec_flush(d->r, err) != 0) luaL_error(L, "moelab.plot: %s", err);
         db_path = d->path;
     } else if (lua_type(L, -1) == LUA_TSTRING) {
         db_path = lua_tostring(L, -1);
@@ -1574,7 +1573,9 @@ static int l_plot(lua_State *L) {
         luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
     }
     /* over several ranks rank 0 draws it */
-    int rc = dist_rank() == 0 ? plot_render(figure, db_path, out, &opt, err) : 0;
+    int rc = dist_rank() != 0                     ? 0
+             : d && d->r && rec_flush(d->r, err) != 0 ? -1
+                                                      : plot_render(figure, db_path, out, &opt, err);
     if (rank0_outcome(rc, err) != 0) luaL_error(L, "moelab.plot: %s", err);
     lua_pushstring(L, out);
     return 1;
