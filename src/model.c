@@ -741,6 +741,17 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 /* ------------------------------------------------------------------------ */
 /* evaluation and sampling                                                   */
 
+/* A forward of this process alone: every rank holds every expert's weights
+** (moe/parallel.c), so a sequence's loss or a sample needs no exchange under
+** expert parallelism, and a script may ask for one on one rank only. */
+static int forward_here(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
+    int parallel = m->config.moe.parallel_experts;
+    m->config.moe.parallel_experts = 0;
+    int rc = model_forward(m, inputs, targets, B, T, err);
+    m->config.moe.parallel_experts = parallel;
+    return rc;
+}
+
 int model_sequence_losses(Model *m, const int *tokens, int n, float *losses, char *err) {
     float mean;
     if (model_sequence_loss(m, tokens, n, &mean, err) != 0) return -1;
@@ -752,7 +763,7 @@ int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *e
     if (n < 2 || n > m->config.context + 1)
         return ml_error(err, "a sequence needs 2 to context + 1 = %d tokens, got %d",
                         m->config.context + 1, n);
-    if (model_forward(m, tokens, tokens + 1, 1, n - 1, err) != 0) return -1;
+    if (forward_here(m, tokens, tokens + 1, 1, n - 1, err) != 0) return -1;
     *loss = m->mean_loss;
     return 0;
 }
@@ -780,7 +791,7 @@ int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float tem
         int len = n_prompt + i;
         int start = len > c->context ? len - c->context : 0;
         int T = len - start;
-        if (model_forward(m, out + start, NULL, 1, T, err) != 0) {
+        if (forward_here(m, out + start, NULL, 1, T, err) != 0) {
             rc = -1;
             break;
         }
