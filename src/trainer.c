@@ -427,6 +427,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (ensure_batch(t, B, T, err) != 0) return -1;
     if (o->router && model_check_router(m, o->router, inner) != 0)
         return ml_error(err, "evaluate: %s", inner);
+    if (moe_check_placement(o->router ? o->router : &c->moe, inner) != 0)
+        return ml_error(err, "evaluate: %s", inner);
     if (B < dist_size() && moe_parallel(o->router ? o->router : &c->moe))
         return ml_error(err, "evaluate: batch %d is cut over %d ranks, and under expert "
                         "parallelism each needs a sequence: use batch >= %d", B, dist_size(),
@@ -717,6 +719,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         return ml_error(err, "train: eval_batch: %s", inner);
     /* under expert parallelism every rank needs a sequence of each evaluation
     ** (trainer_evaluate): said before any step, not as a failure after them */
+    if (moe_check_placement(&m->config.moe, inner) != 0) return ml_error(err, "train: %s", inner);
     if (moe_parallel(&m->config.moe)) {
         if (can_eval && eo.batch < ranks)
             return ml_error(err, "train: eval_batch %d is cut over %d ranks, and under expert "
