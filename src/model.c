@@ -745,10 +745,14 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 ** (moe/parallel.c), so a sequence's loss or a sample needs no exchange under
 ** expert parallelism, and a script may ask for one on one rank only. */
 static int forward_here(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
-    int parallel = m->config.moe.parallel_experts;
+    int parallel = m->config.moe.parallel_experts, shard = m->shard, shards = m->shards;
     m->config.moe.parallel_experts = 0;
+    m->shard = 0; /* and as one process's: the same on every rank (Gumbel draws) */
+    m->shards = 1;
     int rc = model_forward(m, inputs, targets, B, T, err);
     m->config.moe.parallel_experts = parallel;
+    m->shard = shard;
+    m->shards = shards;
     return rc;
 }
 

@@ -476,6 +476,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     }
     gsl_rng_set(rng, (unsigned long)o->seed);
     m->training = 0;
+    m->shard = rank; /* this rank's slice (Gumbel draws), trained here or not */
+    m->shards = ranks;
     double sums[4] = {0}; /* loss, FLOPs, top-k FLOPs, assignments */
     EvalPace pace = {.threads = omp_get_max_threads()};
     /* over several ranks each batch is cut in slices, rank r's rows
