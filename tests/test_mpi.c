@@ -463,7 +463,24 @@ static const char *const alike_script =
     "local e = run:evaluate{ batches = 1, batch = 3, record = true }\n"
     "assert(#moelab.placement_study(db, e.eval_id, { devices = 2 }) == 2)\n"
     "if moelab.rank == 0 then assert(m:loss('and the lord') > 0) end\n"
-    "run:train{ steps = 1, batch = 2, eval_batches = 0 }\n";
+    "run:train{ steps = 1, batch = 2, eval_batches = 0 }\n"
+    /* what reads activations of a layer's own rows is not left with an
+    ** exchange's: a recorded evaluation's sparsity after model:parallel("data"),
+    ** fit_router's targets (the same fit as over data parallelism) */
+    "m:parallel('data')\n"
+    "local d = run:evaluate{ batches = 1, batch = 3, record = true }\n"
+    "local q = 'SELECT (SELECT SUM(activations) FROM sparsity WHERE eval_id = ?) AS a, '\n"
+    "  .. '(SELECT 16 * COUNT(*) FROM routing WHERE eval_id = ?) AS b'\n"
+    "local r = db:query(q, d.eval_id, d.eval_id)[1]\n"
+    "assert(r.a == r.b, r.a .. ' activations for ' .. r.b)\n"
+    "local dense = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16, seed = 3 }\n"
+    "local fits = {}\n"
+    "for _, mode in ipairs{ 'data', 'experts' } do\n"
+    "  local moe = moelab.moefy(dense, { experts = 4, method = 'random', router = { kind = 'learned' } })\n"
+    "  moe:parallel(mode)\n"
+    "  fits[mode] = moelab.fit_router(moe, data, { steps = 3, batch = 4 }).recall\n"
+    "end\n"
+    "assert(fits.data == fits.experts, fits.data .. ' against ' .. fits.experts)\n";
 
 static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
     (void)state;
