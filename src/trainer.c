@@ -697,6 +697,10 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
     char inner[ML_ERRLEN];
     if (model_check_batch(m, B, T, 1, inner) != 0) return ml_error(err, "train: %s", inner);
+    /* said before any step (over several ranks, a step's failure stops them all) */
+    if (m->n_moe_layers > 0 && m->config.moe.kind == ROUTER_ORACLE)
+        return ml_error(err, "train: the oracle router runs every expert to choose among them: it "
+                        "is for evaluation, not training");
     if (o->probe_every < 0) return ml_error(err, "train: probe every must be >= 1, got %d", o->probe_every);
     if (o->probe_every > 0) { /* routing over training: recorded routing of a validation batch */
         if (!t->records || m->n_moe_layers == 0)

@@ -456,6 +456,10 @@ static const char *const alike_script =
     "local hash = model({ kind = 'hash' })\n"
     "local run3 = db:run{ name = 'hash', model = hash, data = data }\n"
     "fails('oracle', run3.evaluate, run3, { batches = 1, batch = 3, router = { kind = 'oracle', k = 1 } })\n"
+    "local orc = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n"
+    "  moe = { experts = 4, hidden = 16, router = { kind = 'oracle', k = 1 } } }\n"
+    "local run4 = db:run{ name = 'oracle', model = orc, data = data }\n"
+    "fails('not training', run4.train, run4, { steps = 1, batch = 2 })\n"
     "db:query([[CREATE TRIGGER no_finish BEFORE UPDATE OF status ON runs\n"
     "           WHEN NEW.status = 'finished' BEGIN SELECT RAISE(ABORT, 'no finishing'); END]])\n"
     "fails('no finishing', run.train, run, { steps = 1, batch = 2, eval_batches = 0 })\n"
@@ -503,7 +507,7 @@ static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
     expect_in("statuses", db_text(d, "SELECT group_concat(name || '=' || status, ',') FROM "
                                      "(SELECT name, status FROM runs ORDER BY run_id)",
                                   text, sizeof text),
-              "alike=finished,far=failed,hash=finished");
+              "alike=finished,far=failed,hash=finished,oracle=failed");
     sqlite3_close(d);
 }
 
