@@ -216,6 +216,9 @@ int config_validate(const ModelConfig *c, char *err) {
     if (m->parallel_experts && m->kind == ROUTER_MERGE)
         return ml_error(err, "'moe.parallel' = \"experts\" needs experts that run apart: merged "
                         "experts run as one FFN");
+    if (m->parallel_experts && m->kind == ROUTER_ORACLE)
+        return ml_error(err, "'moe.parallel' = \"experts\" needs experts that run apart: the "
+                        "oracle router reads every expert's activations of a token");
     if (m->n_placement && !m->parallel_experts)
         return ml_error(err, "'moe.placement' places experts on ranks: it needs moe.parallel = "
                         "\"experts\"");

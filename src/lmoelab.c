@@ -956,25 +956,24 @@ static void rows_decode(lua_State *L, const char *p) {
     }
 }
 
-/* Over several ranks rank 0 runs the query and sends every rank its rows
-** (or its error), so that scripts read the same on every rank. */
-static int db_query(lua_State *L) {
-    LDb *d = check_db(L, 1);
-    if (!dist_active()) return query_here(L);
+/* Over several ranks rank 0 calls `here` with the arguments on the stack
+** and sends every rank the array of rows it returns (or its error), so that
+** scripts read the same on every rank; the others (remote) do not call it. */
+static int rank0_rows(lua_State *L, lua_CFunction here, int remote, const char *what) {
     char err[ML_ERRLEN] = "";
     int rc = 0;
-    if (!d->remote) {
-        lua_pushcfunction(L, query_here);
+    if (!remote) {
+        lua_pushcfunction(L, here);
         lua_insert(L, 1);
         if (lua_pcall(L, lua_gettop(L) - 1, 1, 0) != LUA_OK) {
-            snprintf(err, sizeof err, "%s", lua_isstring(L, -1) ? lua_tostring(L, -1) : "db:query failed");
+            snprintf(err, sizeof err, "%s", lua_isstring(L, -1) ? lua_tostring(L, -1) : "failed");
             rc = -1;
         }
     }
     Bytes b = {0};
-    if (rc == 0 && !d->remote) {
+    if (rc == 0 && !remote) {
         rows_encode(L, lua_gettop(L), &b);
-        if (b.failed) rc = ml_error(err, "db:query: out of memory");
+        if (b.failed) rc = ml_error(err, "%s: out of memory", what);
     }
     if (rank0_outcome(rc, err) != 0) {
         free(b.p);
@@ -982,11 +981,17 @@ static int db_query(lua_State *L) {
     }
     uint64_t n = b.n;
     dist_broadcast(&n, sizeof n);
-    if (d->remote && !(b.p = malloc(n ? n : 1))) dist_fail("db:query: out of memory");
+    if (remote && !(b.p = malloc(n ? n : 1))) dist_fail("out of memory for rank 0's rows");
     dist_broadcast(b.p, n);
-    if (d->remote) rows_decode(L, b.p);
+    if (remote) rows_decode(L, b.p);
     free(b.p);
     return 1;
+}
+
+static int db_query(lua_State *L) {
+    LDb *d = check_db(L, 1);
+    if (!dist_active()) return query_here(L);
+    return rank0_rows(L, query_here, d->remote, "db:query");
 }
 
 static int db_path(lua_State *L) {
@@ -1187,7 +1192,8 @@ static int run_train(lua_State *L) {
     char err[ML_ERRLEN] = "";
     if (trainer_train(&r->t, &o, &res, err) != 0) {
         char ignored[ML_ERRLEN];
-        rec_run_status(r->t.rec, r->t.run_id, "failed", err, ignored); /* kept rows stay */
+        if (r->t.rec) /* rank 0's, over several ranks (the others have none) */
+            rec_run_status(r->t.rec, r->t.run_id, "failed", err, ignored); /* kept rows stay */
         snprintf(r->status, sizeof r->status, "failed");
         c_error(L, "run:train", "train", err);
     }
@@ -1257,7 +1263,7 @@ static int run_evaluate(lua_State *L) {
     if (failed) {
         if (res.interrupted) { /* the run is interrupted too, as by run:train */
             char ignored[ML_ERRLEN];
-            rec_run_status(r->t.rec, r->t.run_id, "interrupted", err, ignored);
+            if (r->t.rec) rec_run_status(r->t.rec, r->t.run_id, "interrupted", err, ignored);
             snprintf(r->status, sizeof r->status, "interrupted");
             lua_sethook(L, NULL, 0, 0); /* the CLI's stop hook would replace this message */
             luaL_error(L, "run '%s' %s; the run is recorded as 'interrupted'", r->t.name, err);
@@ -1384,7 +1390,7 @@ static void push_placement_result(lua_State *L, const PlacementResult *r) {
 /* moelab.placement_study(db, eval_id, { devices = P | { P, ... }, policy = NAME | "all",
 ** bandwidth = GB/s, rate = GFLOP/s }) → a row per (policy, P, layer) and a total
 ** per (policy, P) (placement_study of placement.h) */
-static int l_placement_study(lua_State *L) {
+static int placement_study_here(lua_State *L) {
     static const char *const keys[] = {"devices", "policy", "bandwidth", "rate", NULL};
     LDb *d = check_db(L, 1);
     lua_Integer eval_id = luaL_checkinteger(L, 2);
@@ -1433,6 +1439,14 @@ static int l_placement_study(lua_State *L) {
         lua_rawseti(L, -2, (lua_Integer)i + 1);
     }
     return 1;
+}
+
+/* Over several ranks rank 0 reads the routing and computes the rows (the
+** others have no database): every rank gets them. */
+static int l_placement_study(lua_State *L) {
+    LDb *d = check_db(L, 1);
+    if (!dist_active()) return placement_study_here(L);
+    return rank0_rows(L, placement_study_here, d->remote, PLACEMENT_WHAT);
 }
 
 /* moelab.placement_layer(tokens, E, P, policy, { d_model = C, flops = { per expert },
@@ -1532,7 +1546,6 @@ static int l_plot(lua_State *L) {
     char err[ML_ERRLEN];
     if (d) {
         if (!d->r && !d->remote) luaL_error(L, "moelab.plot: the database is closed");
-        if (d->r && rec_flush(d->r, err) != 0) luaL_error(L, "moelab.plot: %s", err);
         db_path = d->path;
     } else if (lua_type(L, -1) == LUA_TSTRING) {
         db_path = lua_tostring(L, -1);
@@ -1560,7 +1573,9 @@ static int l_plot(lua_State *L) {
         luaL_error(L, "moelab.plot: 'runs' must be a list of names or \"a,b\"");
     }
     /* over several ranks rank 0 draws it */
-    int rc = dist_rank() == 0 ? plot_render(figure, db_path, out, &opt, err) : 0;
+    int rc = dist_rank() != 0                     ? 0
+             : d && d->r && rec_flush(d->r, err) != 0 ? -1
+                                                      : plot_render(figure, db_path, out, &opt, err);
     if (rank0_outcome(rc, err) != 0) luaL_error(L, "moelab.plot: %s", err);
     lua_pushstring(L, out);
     return 1;

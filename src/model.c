@@ -741,6 +741,21 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 /* ------------------------------------------------------------------------ */
 /* evaluation and sampling                                                   */
 
+/* A forward of this process alone: every rank holds every expert's weights
+** (moe/parallel.c), so a sequence's loss or a sample needs no exchange under
+** expert parallelism, and a script may ask for one on one rank only. */
+static int forward_here(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
+    int parallel = m->config.moe.parallel_experts, shard = m->shard, shards = m->shards;
+    m->config.moe.parallel_experts = 0;
+    m->shard = 0; /* and as one process's: the same on every rank (Gumbel draws) */
+    m->shards = 1;
+    int rc = model_forward(m, inputs, targets, B, T, err);
+    m->config.moe.parallel_experts = parallel;
+    m->shard = shard;
+    m->shards = shards;
+    return rc;
+}
+
 int model_sequence_losses(Model *m, const int *tokens, int n, float *losses, char *err) {
     float mean;
     if (model_sequence_loss(m, tokens, n, &mean, err) != 0) return -1;
@@ -752,7 +767,7 @@ int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *e
     if (n < 2 || n > m->config.context + 1)
         return ml_error(err, "a sequence needs 2 to context + 1 = %d tokens, got %d",
                         m->config.context + 1, n);
-    if (model_forward(m, tokens, tokens + 1, 1, n - 1, err) != 0) return -1;
+    if (forward_here(m, tokens, tokens + 1, 1, n - 1, err) != 0) return -1;
     *loss = m->mean_loss;
     return 0;
 }
@@ -780,7 +795,7 @@ int model_sample(Model *m, const int *prompt, int n_prompt, int n_new, float tem
         int len = n_prompt + i;
         int start = len > c->context ? len - c->context : 0;
         int T = len - start;
-        if (model_forward(m, out + start, NULL, 1, T, err) != 0) {
+        if (forward_here(m, out + start, NULL, 1, T, err) != 0) {
             rc = -1;
             break;
         }

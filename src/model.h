@@ -172,7 +172,9 @@ float model_clip_grad(Model *m, float clip);
 int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
                      float weight_decay, char *err);
 
-/* Mean next-token loss of one sequence of n tokens (2 <= n <= context + 1). */
+/* Mean next-token loss of one sequence of n tokens (2 <= n <= context + 1).
+** This and model_sample compute in this process alone, under expert
+** parallelism too (no rank waits for another). */
 int model_sequence_loss(Model *m, const int *tokens, int n, float *loss, char *err);
 /* The same forward: losses (n - 1) gets each position's next-token loss
 ** (their mean is the sequence's loss). */

@@ -328,6 +328,15 @@ static int slice(int r, int B, int ranks, int *first) {
     return (int)((int64_t)(r + 1) * B / ranks) - *first;
 }
 
+/* Over several ranks: rank 0's rc, and its message (err, ML_ERRLEN bytes)
+** when it failed, on every rank; for what rank 0 alone does (the database). */
+static int rank0_outcome(int rc, char *err) {
+    if (!dist_active()) return rc;
+    dist_broadcast(&rc, sizeof rc);
+    if (rc != 0) dist_broadcast_string(err, ML_ERRLEN);
+    return rc;
+}
+
 /* A recorded batch computed on another rank: its rows to rank 0, which
 ** queues them for its writer in batch order. Sizes first, then the rows. */
 static void send_rows(const RecBatch *b) {
@@ -418,6 +427,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     if (ensure_batch(t, B, T, err) != 0) return -1;
     if (o->router && model_check_router(m, o->router, inner) != 0)
         return ml_error(err, "evaluate: %s", inner);
+    if (moe_check_placement(o->router ? o->router : &c->moe, inner) != 0)
+        return ml_error(err, "evaluate: %s", inner);
     if (B < dist_size() && moe_parallel(o->router ? o->router : &c->moe))
         return ml_error(err, "evaluate: batch %d is cut over %d ranks, and under expert "
                         "parallelism each needs a sequence: use batch >= %d", B, dist_size(),
@@ -465,6 +476,8 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     }
     gsl_rng_set(rng, (unsigned long)o->seed);
     m->training = 0;
+    m->shard = rank; /* this rank's slice (Gumbel draws), trained here or not */
+    m->shards = ranks;
     double sums[4] = {0}; /* loss, FLOPs, top-k FLOPs, assignments */
     EvalPace pace = {.threads = omp_get_max_threads()};
     /* over several ranks each batch is cut in slices, rank r's rows
@@ -581,7 +594,9 @@ done:
         rec_eval_delete(t->rec, eval_id, NULL);
     else if (rc != 0 && began)
         rec_discard(t->rec);
+    int succeeded = rc == 0; /* on every rank alike, here */
     if (began && rec_run_release(t->rec, t->run_id, held, rc == 0 ? err : NULL) != 0) rc = -1;
+    if (succeeded && ranks > 1) rc = rank0_outcome(rc, err); /* rank 0's release failed */
     if (rng) gsl_rng_free(rng);
     free(load);
     free(dropped);
@@ -682,6 +697,10 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (corpus_check_context(t->corpus, SPLIT_TRAIN, T, err) != 0) return -1;
     char inner[ML_ERRLEN];
     if (model_check_batch(m, B, T, 1, inner) != 0) return ml_error(err, "train: %s", inner);
+    /* said before any step (over several ranks, a step's failure stops them all) */
+    if (m->n_moe_layers > 0 && m->config.moe.kind == ROUTER_ORACLE)
+        return ml_error(err, "train: the oracle router runs every expert to choose among them: it "
+                        "is for evaluation, not training");
     if (o->probe_every < 0) return ml_error(err, "train: probe every must be >= 1, got %d", o->probe_every);
     if (o->probe_every > 0) { /* routing over training: recorded routing of a validation batch */
         if (!t->records || m->n_moe_layers == 0)
@@ -704,6 +723,19 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     int can_eval = corpus_split_len(t->corpus, SPLIT_VAL) >= (size_t)T + 1 && o->eval_batches > 0;
     if (can_eval && model_check_batch(m, eo.batch, T, 0, inner) != 0) /* before any step, not after */
         return ml_error(err, "train: eval_batch: %s", inner);
+    /* under expert parallelism every rank needs a sequence of each evaluation
+    ** (trainer_evaluate): said before any step, not as a failure after them */
+    if (moe_check_placement(&m->config.moe, inner) != 0) return ml_error(err, "train: %s", inner);
+    if (moe_parallel(&m->config.moe)) {
+        if (can_eval && eo.batch < ranks)
+            return ml_error(err, "train: eval_batch %d is cut over %d ranks, and under expert "
+                            "parallelism each needs a sequence: use eval_batch >= %d", eo.batch,
+                            ranks, ranks);
+        if (o->probe_every > 0 && o->probe_batch < ranks)
+            return ml_error(err, "train: probe: batch %d is cut over %d ranks, and under expert "
+                            "parallelism each needs a sequence: use batch >= %d", o->probe_batch,
+                            ranks, ranks);
+    }
     if (t->rec) {
         JsonBuf j = {0};
         jb_printf(&j, "{\"steps\":%d,\"batch\":%d,\"lr\":", o->steps, B);
@@ -872,11 +904,12 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             return -1;
         }
     }
-    if (t->rec) {
-        if (rec_flush(t->rec, err) != 0) return -1;
-        if (rec_run_status(t->rec, t->run_id, status, status_msg[0] ? status_msg : NULL, err) != 0)
-            return -1;
-    }
+    int failed = t->rec && (rec_flush(t->rec, err) != 0 ||
+                            rec_run_status(t->rec, t->run_id, status,
+                                           status_msg[0] ? status_msg : NULL, err) != 0);
+    /* what rank 0 alone wrote: its outcome on every rank, so that all go on
+    ** or all fail (a script that catches the error then does the same) */
+    if (rank0_outcome(failed ? -1 : 0, err) != 0) return -1;
     if (status_msg[0] && err) snprintf(err, ML_ERRLEN, "%s", status_msg);
     return 0;
 }

@@ -427,6 +427,90 @@ static void test_a_rank_that_dies_stops_the_others(void **state) {
     }
 }
 
+/* Errors every rank raises alike, caught by the script, and calls made on
+** one rank only: the ranks go on together (no crash on the ranks without a
+** database, no abort, no hang), on 3 ranks holding 4 experts unevenly. */
+static const char *const alike_script =
+    "moelab.threads(1)\n"
+    "local a = moelab.args\n"
+    "local data = moelab.corpus{ path = a.corpus, split = 0.9 }\n"
+    "local function model(router, placement)\n"
+    "  return moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16, seed = 3,\n"
+    "    moe = { experts = 4, hidden = 16, router = router, parallel = 'experts', placement = placement } }\n"
+    "end\n"
+    "local function fails(what, f, ...)\n"
+    "  local ok, err = pcall(f, ...)\n"
+    "  assert(not ok, what .. ': no error')\n"
+    "  assert(tostring(err):find(what, 1, true), tostring(err))\n"
+    "end\n"
+    "local db = moelab.open(a.db)\n"
+    "local m = model({ kind = 'topk', k = 2 })\n"
+    "local run = db:run{ name = 'alike', model = m, data = data }\n"
+    "fails('lr must be', run.train, run, { steps = 1, batch = 2, lr = -1 })\n"
+    "fails('eval_batch 1', run.train, run, { steps = 1, batch = 1, eval_batches = 1 })\n"
+    "fails('probe: batch 2', run.train, run, { steps = 1, batch = 2, eval_batches = 0,\n"
+    "                                          probe = { every = 1, batch = 2 } })\n"
+    "local far = model({ kind = 'topk', k = 2 }, { 0, 0, 7, 7 })\n"
+    "local run2 = db:run{ name = 'far', model = far, data = data }\n"
+    "fails('on rank 7', run2.train, run2, { steps = 1, batch = 2 })\n"
+    "local hash = model({ kind = 'hash' })\n"
+    "local run3 = db:run{ name = 'hash', model = hash, data = data }\n"
+    "fails('oracle', run3.evaluate, run3, { batches = 1, batch = 3, router = { kind = 'oracle', k = 1 } })\n"
+    "local orc = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n"
+    "  moe = { experts = 4, hidden = 16, router = { kind = 'oracle', k = 1 } } }\n"
+    "local run4 = db:run{ name = 'oracle', model = orc, data = data }\n"
+    "fails('not training', run4.train, run4, { steps = 1, batch = 2 })\n"
+    "db:query([[CREATE TRIGGER no_finish BEFORE UPDATE OF status ON runs\n"
+    "           WHEN NEW.status = 'finished' BEGIN SELECT RAISE(ABORT, 'no finishing'); END]])\n"
+    "fails('no finishing', run.train, run, { steps = 1, batch = 2, eval_batches = 0 })\n"
+    "db:query('DROP TRIGGER no_finish')\n"
+    "local e = run:evaluate{ batches = 1, batch = 3, record = true }\n"
+    "assert(#moelab.placement_study(db, e.eval_id, { devices = 2 }) == 2)\n"
+    "if moelab.rank == 0 then assert(m:loss('and the lord') > 0) end\n"
+    "run:train{ steps = 1, batch = 2, eval_batches = 0 }\n"
+    /* what reads activations of a layer's own rows is not left with an
+    ** exchange's: a recorded evaluation's sparsity after model:parallel("data"),
+    ** fit_router's targets (the same fit as over data parallelism) */
+    "m:parallel('data')\n"
+    "local d = run:evaluate{ batches = 1, batch = 3, record = true }\n"
+    "local q = 'SELECT (SELECT SUM(activations) FROM sparsity WHERE eval_id = ?) AS a, '\n"
+    "  .. '(SELECT 16 * COUNT(*) FROM routing WHERE eval_id = ?) AS b'\n"
+    "local r = db:query(q, d.eval_id, d.eval_id)[1]\n"
+    "assert(r.a == r.b, r.a .. ' activations for ' .. r.b)\n"
+    "local dense = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16, seed = 3 }\n"
+    "local fits = {}\n"
+    "for _, mode in ipairs{ 'data', 'experts' } do\n"
+    "  local moe = moelab.moefy(dense, { experts = 4, method = 'random', router = { kind = 'learned' } })\n"
+    "  moe:parallel(mode)\n"
+    "  fits[mode] = moelab.fit_router(moe, data, { steps = 3, batch = 4 }).recall\n"
+    "end\n"
+    "assert(fits.data == fits.experts, fits.data .. ' against ' .. fits.experts)\n";
+
+static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    char corpus[512], script[512], db[512], a_corpus[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "alike-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "alike.lua");
+    write_file(script, alike_script);
+    tmp_path(db, sizeof db, "alike.db");
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_db, sizeof a_db, "db=%s", db);
+    const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+    Proc p;
+    mpirun_moelab(&p, 3, args, 120);
+    expect_ok(&p, "errors raised alike");
+    proc_free(&p);
+    sqlite3 *d = db_open(db);
+    char text[64];
+    expect_in("statuses", db_text(d, "SELECT group_concat(name || '=' || status, ',') FROM "
+                                     "(SELECT name, status FROM runs ORDER BY run_id)",
+                                  text, sizeof text),
+              "alike=finished,far=failed,hash=finished,oracle=failed");
+    sqlite3_close(d);
+}
+
 /* without mpirun: one rank, no MPI, nothing said about it */
 static void test_plain_moelab_is_one_rank(void **state) {
     (void)state;
@@ -482,6 +566,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_two_ranks_train_as_one_process),
         cmocka_unit_test(test_two_ranks_stratified),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
+        cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

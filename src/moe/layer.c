@@ -266,10 +266,11 @@ static MoeRows own_rows(const MoeState *s, const MoeScratch *scr) {
 }
 
 /* The rows whose activations this rank computed: its own, or under expert
-** parallelism its experts' rows from every rank. */
-static MoeRows computed_rows(const MoeState *s) {
+** parallelism (mc's, as the last forward ran) its experts' rows from every
+** rank. An exchange kept from before model:parallel("data") is not read. */
+static MoeRows computed_rows(const MoeState *s, const MoeConfig *mc) {
     MoeRows v;
-    return moe_parallel_rows(s, &v) ? v : own_rows(s, NULL);
+    return moe_parallel(mc) && moe_parallel_rows(s, &v) ? v : own_rows(s, NULL);
 }
 
 void moe_mass_shares(const MoeState *s, const MoeConfig *mc, int t, float *share) {
@@ -486,7 +487,7 @@ MoeTokenTrace moe_pass_token(const MoeState *s, const MoeConfig *mc, int first, 
 
 void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, int first, float eps,
                        int64_t *activations, int64_t *near_zero, double *abs_sum) {
-    MoeRows v = computed_rows(s);
+    MoeRows v = computed_rows(s, mc);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < s->E; e++) {
         const float *a = v.ae + v.hoff[e];

@@ -174,6 +174,9 @@ void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const
 /* Expert parallelism (moe/parallel.c): whether the layer's experts run on
 ** their ranks (moe.parallel = "experts", over more than one rank). */
 int moe_parallel(const MoeConfig *mc);
+/* 0, or -1 with err when mc runs expert parallel and its placement names a
+** rank beyond the ranks there are (checked before a run's collective part). */
+int moe_check_placement(const MoeConfig *mc, char *err);
 /* The rank of each expert (E of mc->experts) among `ranks`. */
 void moe_placement(const MoeConfig *mc, int ranks, int *rank_of);
 /* A forward's grouped rows (s->xe) to their experts' ranks, the experts run

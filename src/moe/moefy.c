@@ -239,9 +239,14 @@ int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr, 
     for (int step = 0; step < steps; step++) {
         corpus_batch(corpus, SPLIT_TRAIN, rng, B, T, in, tg);
         m->config.moe.kind = ROUTER_ALL; /* every expert: the targets, and the dense inputs */
-        int training = m->training;
+        /* here alone, under expert parallelism too: the targets read every
+        ** expert's activations of a token (moe_mass_shares), and every rank
+        ** holds every expert */
+        int training = m->training, parallel = m->config.moe.parallel_experts;
         m->training = 0;
+        m->config.moe.parallel_experts = 0;
         int failed = model_forward(m, in, NULL, B, T, err);
+        m->config.moe.parallel_experts = parallel;
         m->config.moe.kind = ROUTER_LEARNED;
         m->training = training;
         if (failed) goto done;

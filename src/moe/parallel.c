@@ -58,6 +58,15 @@ void moe_placement(const MoeConfig *mc, int ranks, int *rank_of) {
         rank_of[e] = mc->n_placement ? mc->placement[e] : (int)((int64_t)e * ranks / mc->experts);
 }
 
+int moe_check_placement(const MoeConfig *mc, char *err) {
+    if (!moe_parallel(mc) || !mc->n_placement) return 0;
+    for (int e = 0; e < mc->experts; e++)
+        if (mc->placement[e] >= dist_size())
+            return ml_error(err, "'moe.placement' puts expert %d on rank %d, but there are %d ranks",
+                            e, mc->placement[e], dist_size());
+    return 0;
+}
+
 static int ensure_exchange(MoeState *s, int ranks) {
     MoeExchange *ex = s->ex;
     if (ex && ex->ranks == ranks && ex->E == s->E) return 0;
