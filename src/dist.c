@@ -1,12 +1,12 @@
 /*
-** dist.c — MPI for data parallelism (dist.h). MPI is started only under a
-** launcher; one rank never calls it. The calls come from the main thread
-** alone (MPI_THREAD_FUNNELED): OpenMP teams compute between them.
+** dist.c — MPI for data and expert parallelism (dist.h, moe/parallel.c).
+** MPI is started only under a launcher; one rank never calls it. The calls
+** come from the main thread alone (MPI_THREAD_FUNNELED): OpenMP teams
+** compute between them.
 */
-#include <limits.h>
+#include <fcntl.h>
 #include <mpi.h>
 #include <stdio.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>

@@ -1,5 +1,6 @@
 /*
-** dist.h — several processes as one run: data parallelism over MPI ranks.
+** dist.h — several processes as one run: data parallelism over MPI ranks
+** (and the collectives expert parallelism uses, moe/parallel.c).
 **
 ** `mpirun -np N moelab run script.lua` starts N copies of the script. Each
 ** rank holds the whole model and runs the same Lua statements in the same
