@@ -2,14 +2,15 @@
 ** ops.c — the transformer's kernels (see ops.h for the contract of each).
 **
 ** Matrix products go to OpenBLAS's cblas_sgemm, cut into pieces by their
-** shape alone (see matmul_forward). Everything else is a plain loop,
+** shape alone (see matmul_forward), and attention's small blocks to libxsmm's
+** kernels (smm.h, see attention_forward). Everything else is a plain loop,
 ** parallelised with OpenMP only over independent rows, (batch, head) pairs,
 ** elements or, for the norms' parameter gradients and the bias gradients,
 ** slices of columns, each element's arithmetic the same whoever computes it.
 ** So the forward and the backward pass give the same bits on any number of
 ** threads (tests/test_threads.c checks 1, 2 and 3 threads on both of
-** OpenBLAS's x86-64 kernel families we meet; a recorded evaluation relies on
-** it). The build compiles ISO C (-std=c11), in which gcc contracts no a·b + c
+** OpenBLAS's and libxsmm's x86-64 kernel families we meet; a recorded
+** evaluation relies on it). The build compiles ISO C (-std=c11), in which gcc contracts no a·b + c
 ** into a fused multiply-add, so a vectorised loop and its scalar remainder
 ** round alike. Sums along a row (norms, softmax) are `omp simd` reductions,
 ** in the vector lanes' order that the build fixes: a strict left-to-right
@@ -24,6 +25,8 @@
 #include <omp.h>
 #include <sleef.h>
 #include <string.h>
+
+#include "smm.h"
 
 /*
 ** e^x by SLEEF's vectorised expf (1.0 ulp), the vector width the build targets
@@ -336,8 +339,15 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
 ** and values [0, t1) alone, so about half of the T x T products is skipped
 ** (37% at T 128, 48% at T 1024). In the backward pass the gradients of the
 ** keys and values go in blocks of columns [j0, j1), which rows [j0, T) alone
-** reach. Each block is one sgemm whose pointers and sizes depend on T and the
-** block, never on the thread.
+** reach.
+**
+** The blocks' products are small (32 x t1 x hs and the like) and go to
+** libxsmm's kernels (smm.h), 1.3-1.7x OpenBLAS's on these shapes (README,
+** Speed). Its JIT does not transpose the second operand of q kᵀ and d vᵀ,
+** so each head first transposes its keys (forward) or values (backward) into
+** scratch. The kernels are looked up once per call, one per block and
+** product, before the threads start; each block's product has pointers and
+** sizes that depend on T and the block, never on the thread.
 */
 #define ATT_BLOCK 32
 
@@ -350,28 +360,40 @@ double attention_flops(int B, int T, int C) {
     return 2.0 * 2.0 * B * pairs * C; /* scores and their weighted sum, every head */
 }
 
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+size_t attention_scratch(int B, int T, int C) { return (size_t)B * T * C; }
+
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH,
+                       float *scratch) {
     assert(C % NH == 0);
-    int hs = C / NH, C3 = 3 * C;
+    int hs = C / NH, C3 = 3 * C, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
     float scale = 1.0f / sqrtf((float)hs);
+    /* block i: scores (rows, t1) = q (rows, hs) · kᵀ (hs, t1); out = a · v */
+    Smm scores[blocks], weighted[blocks];
+    for (int i = 0; i < blocks; i++) {
+        int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+        scores[i] = smm_plan(0, t1 - t0, t1, hs, C3, T, T, 0.0f);
+        weighted[i] = smm_plan(0, t1 - t0, hs, t1, T, C3, C, 0.0f);
+    }
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             const float *q = qkv + (size_t)b * T * C3 + h * hs;
             const float *k = q + C, *v = q + 2 * C;
+            float *kt = scratch + ((size_t)b * NH + h) * hs * T; /* kᵀ (hs, T) */
             float *a = att + ((size_t)b * NH + h) * T * T;
-            for (int t0 = 0; t0 < T; t0 += ATT_BLOCK) {
-                int t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+            smm_transpose(kt, k, T, hs, C3, T);
+            for (int i = 0; i < blocks; i++) {
+                int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
                 /* scores of rows [t0, t1) against keys [0, t1), then a causal
-                ** softmax row by row (zero past the diagonal, up to t1) */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t1 - t0, t1, hs, scale,
-                            q + (size_t)t0 * C3, C3, k, C3, 0.0f, a + (size_t)t0 * T, T);
+                ** softmax of the scaled scores row by row (zero past the
+                ** diagonal, up to t1) */
+                smm_run(&scores[i], q + (size_t)t0 * C3, kt, a + (size_t)t0 * T);
                 for (int t = t0; t < t1; t++) {
                     float *row = a + (size_t)t * T;
                     float maxv = -INFINITY;
 #pragma omp simd reduction(max : maxv)
                     for (int t2 = 0; t2 <= t; t2++) maxv = row[t2] > maxv ? row[t2] : maxv;
-                    for (int t2 = 0; t2 <= t; t2++) row[t2] -= maxv;
+                    for (int t2 = 0; t2 <= t; t2++) row[t2] = (row[t2] - maxv) * scale;
                     expf_inplace(row, t + 1);
                     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -380,34 +402,43 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
                     for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
                     for (int t2 = t + 1; t2 < t1; t2++) row[t2] = 0.0f;
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t1 - t0, hs, t1, 1.0f,
-                            a + (size_t)t0 * T, T, v, C3, 0.0f,
-                            out + ((size_t)b * T + t0) * C + h * hs, C);
+                smm_run(&weighted[i], a + (size_t)t0 * T, v, out + ((size_t)b * T + t0) * C + h * hs);
             }
         }
 }
 
 void attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int C, int NH) {
-    int hs = C / NH, C3 = 3 * C;
+                        const float *att, int B, int T, int C, int NH, float *scratch) {
+    int hs = C / NH, C3 = 3 * C, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
     float scale = 1.0f / sqrtf((float)hs);
+    /* by rows [t0, t1): da = d vᵀ (by vᵀ, transposed into scratch), dq = dscore k;
+    ** by columns [j0, j1) over rows [j0, T): dv = aᵀ d, dk = dscoreᵀ q */
+    Smm da_plan[blocks], dq_plan[blocks], dv_plan[blocks], dk_plan[blocks];
+    for (int i = 0; i < blocks; i++) {
+        int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+        da_plan[i] = smm_plan(0, t1 - t0, t1, hs, C, T, T, 0.0f);
+        dq_plan[i] = smm_plan(0, t1 - t0, hs, t1, T, C3, C3, 0.0f);
+        dv_plan[i] = smm_plan(1, t1 - t0, hs, T - t0, T, C, C3, 0.0f);
+        dk_plan[i] = smm_plan(1, t1 - t0, hs, T - t0, T, C3, C3, 0.0f);
+    }
     /* each (b, h) writes only its own rows and head columns of dqkv */
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             const float *q = qkv + (size_t)b * T * C3 + h * hs;
             const float *k = q + C, *v = q + 2 * C;
+            float *vt = scratch + ((size_t)b * NH + h) * hs * T; /* vᵀ (hs, T) */
             float *dq = dqkv + (size_t)b * T * C3 + h * hs;
             float *dk = dq + C, *dv = dq + 2 * C;
             const float *a = att + ((size_t)b * NH + h) * T * T;
             float *da = datt + ((size_t)b * NH + h) * T * T;
             const float *d = dout + (size_t)b * T * C + h * hs;
+            smm_transpose(vt, v, T, hs, C3, T);
             /* by rows: da = d vᵀ, the softmax backward in place,
             ** dscore = a (da - Σ a da) · scale, and dq = dscore k */
-            for (int t0 = 0; t0 < T; t0 += ATT_BLOCK) {
-                int t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t1 - t0, t1, hs, 1.0f,
-                            d + (size_t)t0 * C, C, v, C3, 0.0f, da + (size_t)t0 * T, T);
+            for (int i = 0; i < blocks; i++) {
+                int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+                smm_run(&da_plan[i], d + (size_t)t0 * C, vt, da + (size_t)t0 * T);
                 for (int t = t0; t < t1; t++) {
                     const float *arow = a + (size_t)t * T;
                     float *drow = da + (size_t)t * T;
@@ -417,18 +448,15 @@ void attention_backward(float *dqkv, float *datt, const float *dout, const float
                     for (int t2 = 0; t2 <= t; t2++) drow[t2] = arow[t2] * (drow[t2] - dot) * scale;
                     for (int t2 = t + 1; t2 < t1; t2++) drow[t2] = 0.0f;
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t1 - t0, hs, t1, 1.0f,
-                            da + (size_t)t0 * T, T, k, C3, 0.0f, dq + (size_t)t0 * C3, C3);
+                smm_run(&dq_plan[i], da + (size_t)t0 * T, k, dq + (size_t)t0 * C3);
             }
-            /* by columns [j0, j1), which rows [j0, T) reach: dv = aᵀ d, dk = dscoreᵀ q */
-            for (int j0 = 0; j0 < T; j0 += ATT_BLOCK) {
-                int j1 = j0 + ATT_BLOCK < T ? j0 + ATT_BLOCK : T;
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j1 - j0, hs, T - j0, 1.0f,
-                            a + (size_t)j0 * T + j0, T, d + (size_t)j0 * C, C, 0.0f,
-                            dv + (size_t)j0 * C3, C3);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j1 - j0, hs, T - j0, 1.0f,
-                            da + (size_t)j0 * T + j0, T, q + (size_t)j0 * C3, C3, 0.0f,
-                            dk + (size_t)j0 * C3, C3);
+            /* by columns [j0, j1), which rows [j0, T) reach */
+            for (int i = 0; i < blocks; i++) {
+                int j0 = i * ATT_BLOCK;
+                smm_run(&dv_plan[i], a + (size_t)j0 * T + j0, d + (size_t)j0 * C,
+                        dv + (size_t)j0 * C3);
+                smm_run(&dk_plan[i], da + (size_t)j0 * T + j0, q + (size_t)j0 * C3,
+                        dk + (size_t)j0 * C3);
             }
         }
 }
