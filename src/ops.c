@@ -2,15 +2,16 @@
 ** ops.c — the transformer's kernels (see ops.h for the contract of each).
 **
 ** Matrix products go to OpenBLAS's cblas_sgemm, cut into pieces by their
-** shape alone (see matmul_forward), and attention's small blocks to libxsmm's
-** kernels (smm.h, see attention_forward). Everything else is a plain loop,
-** parallelised with OpenMP only over independent rows, (batch, head) pairs,
-** elements or, for the norms' parameter gradients and the bias gradients,
-** slices of columns, each element's arithmetic the same whoever computes it.
-** So the forward and the backward pass give the same bits on any number of
-** threads (tests/test_threads.c checks 1, 2 and 3 threads on both of
-** OpenBLAS's and libxsmm's x86-64 kernel families we meet; a recorded
-** evaluation relies on it). The build compiles ISO C (-std=c11), in which gcc contracts no a·b + c
+** shape alone (see matmul_forward); the small ones, attention's blocks and
+** the backward pieces of small weights, to libxsmm's kernels (smm.h).
+** Everything else is a plain loop, parallelised with OpenMP only over
+** independent rows, (batch, head) pairs, elements or, for the norms'
+** parameter gradients and the bias gradients, slices of columns, each
+** element's arithmetic the same whoever computes it. So the forward and the
+** backward pass give the same bits on any number of threads
+** (tests/test_threads.c checks 1, 2 and 3 threads on both of OpenBLAS's and
+** libxsmm's x86-64 kernel families we meet; a recorded evaluation relies on
+** it). The build compiles ISO C (-std=c11), in which gcc contracts no a·b + c
 ** into a fused multiply-add, so a vectorised loop and its scalar remainder
 ** round alike. Sums along a row (norms, softmax) are `omp simd` reductions,
 ** in the vector lanes' order that the build fixes: a strict left-to-right
@@ -247,9 +248,11 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 /* matmul_backward's pieces go to libxsmm's kernels (smm.h) when the weight
 ** has at most this many elements, to OpenBLAS's above. Measured through
 ** run:train (README, Speed): +3% a step at d_model 128 (weights up to
-** 384 x 128), +2% at 256 on the AVX-512 kernels, and even on the AVX2 path;
-** with every weight, -5% at d_model 512, where libxsmm's kernels, which do not
-** pack their operands, lose to OpenBLAS's on 512 x 1536 and the like. */
+** 384 x 128) and +2% at 256 on the AVX-512 kernels, no change on the AVX2
+** path; with every weight, -5% at d_model 512, where libxsmm's kernels, which
+** do not pack their operands, lose to OpenBLAS's on 512 x 1536 and the like.
+** (matmul_forward's products, C = A·Bᵀ, stay on OpenBLAS: libxsmm 1.17 would
+** need the weight transposed first.) */
 #define MATMUL_XSMM_WEIGHT 65536
 
 /* How many pieces n rows are cut into: about `rows` each, a multiple of 4
@@ -397,12 +400,13 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
 ** reach.
 **
 ** The blocks' products are small (32 x t1 x hs and the like) and go to
-** libxsmm's kernels (smm.h), 1.3-1.7x OpenBLAS's on these shapes (README,
-** Speed). Its JIT does not transpose the second operand of q kᵀ and d vᵀ,
-** so each head first transposes its keys (forward) or values (backward) into
-** scratch. The kernels are looked up once per call, one per block and
-** product, before the threads start; each block's product has pointers and
-** sizes that depend on T and the block, never on the thread.
+** libxsmm's kernels (smm.h), 1.28x OpenBLAS's on these shapes on one thread
+** (weighted by calls; README, Speed), +3 to +6% a training step. Its JIT
+** does not transpose the second operand of q kᵀ and d vᵀ, so each head first
+** transposes its keys (forward) or values (backward) into scratch. The
+** kernels are looked up once per call, one per block and product, before the
+** threads start; each block's product has pointers and sizes that depend on T
+** and the block, never on the thread.
 */
 #define ATT_BLOCK 32
 
@@ -457,7 +461,8 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
                     for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
                     for (int t2 = t + 1; t2 < t1; t2++) row[t2] = 0.0f;
                 }
-                smm_run(&weighted[i], a + (size_t)t0 * T, v, out + ((size_t)b * T + t0) * C + h * hs);
+                smm_run(&weighted[i], a + (size_t)t0 * T, v,
+                        out + ((size_t)b * T + t0) * C + h * hs);
             }
         }
 }

@@ -40,7 +40,8 @@ static void test_kernels_as_asked(void **state) {
     const char *want = getenv("OPENBLAS_CORETYPE"), *got = openblas_get_corename();
     const char *xwant = getenv("LIBXSMM_TARGET"), *xgot = machine_xsmm_target();
     print_message("OpenBLAS kernels: %s (OPENBLAS_CORETYPE %s); libxsmm kernels: %s "
-                  "(LIBXSMM_TARGET %s)\n", got, want ? want : "unset", xgot, xwant ? xwant : "unset");
+                  "(LIBXSMM_TARGET %s)\n", got, want ? want : "unset", xgot,
+                  xwant ? xwant : "unset");
     if (want && *want && !same_name(want, got))
         fail_msg("OPENBLAS_CORETYPE=%s but OpenBLAS runs %s", want, got);
     if (xwant && *xwant && !same_name(xwant, xgot))
