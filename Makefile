@@ -24,13 +24,13 @@
 
 CC      ?= cc
 PKGS    := libgsl-dev libopenblas-dev libsqlite3-dev liblua5.4-dev gnuplot-nox \
-           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4 libsleef-dev \
+           libcmocka-dev pkg-config bible-kjv sqlite3 lua5.4 libsleef-dev libxsmm-dev \
            libopenmpi-dev openmpi-bin
 # what `make asan`'s clang pass and `make fuzz` add: libFuzzer and the
 # sanitizers' runtimes (libclang-rt-dev), and OpenMP for clang (libomp-dev)
 CLANG_PKGS := clang libclang-rt-dev libomp-dev
 # what `make bench-gemm` adds: the libraries it measures against OpenBLAS
-GEMM_PKGS := libblis-dev libxsmm-dev libdnnl-dev
+GEMM_PKGS := libblis-dev libdnnl-dev
 # the packages check-deps and deps look at
 DEP_PKGS ?= $(PKGS)
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-pthread
@@ -50,13 +50,17 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fopenmp -fno-math-errno -fno-tr
            -fvisibility=hidden \
            -Isrc -I/usr/include/lua5.4 \
            $(shell pkg-config --cflags openblas 2>/dev/null || echo -I$(BLAS_INC)) $(MPI_CFLAGS)
-LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lcmocka -lm -ldl -lpthread -fopenmp
-LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lm -ldl -lpthread -fopenmp
-# a Lua C module leaves the lua_* symbols to the interpreter that loads it
-LDLIBS_MODULE := -lsqlite3 -lgsl -lopenblas -lsleef $(MPI_LIBS) -lm -ldl -lpthread -fopenmp
+# libxsmm (small products, src/smm.c) is a static library that calls BLAS
+# (OpenBLAS) for what it does not JIT-compile: it comes before -lopenblas
+LDLIBS  := -llua5.4 -lsqlite3 -lgsl -lxsmm -lopenblas -lsleef $(MPI_LIBS) -lcmocka -lm -lrt -ldl -lpthread -fopenmp
+LDLIBS_MAIN := -llua5.4 -lsqlite3 -lgsl -lxsmm -lopenblas -lsleef $(MPI_LIBS) -lm -lrt -ldl -lpthread -fopenmp
+# a Lua C module leaves the lua_* symbols to the interpreter that loads it;
+# libxsmm's symbols stay inside it (it exports luaopen_moelab alone)
+LDLIBS_MODULE := -Wl,--exclude-libs,libxsmm.a -lsqlite3 -lgsl -lxsmm -lopenblas -lsleef $(MPI_LIBS) -lm -lrt -ldl \
+                 -lpthread -fopenmp
 
 BUILD   ?= build
-CORE    := common config json machine dist ops moe/router moe/layer moe/parallel moe/stratified moe/merge moe/moefy model data safetensors checkpoint placement
+CORE    := common config json machine dist smm ops moe/router moe/layer moe/parallel moe/stratified moe/merge moe/moefy model data safetensors checkpoint placement
 RECORD  := recorder recwriter paths plot plot_figures trainer
 BIND    := lmoelab
 LIBOBJ  := $(addprefix $(BUILD)/,$(addsuffix .o,$(CORE) $(RECORD) $(BIND)))
@@ -155,9 +159,12 @@ data/kjv.txt: | check-deps
 demo: all data/kjv.txt
 	./moelab run experiments/quickstart.lua
 
-# test_threads runs again on OpenBLAS's AVX2 kernels (Haswell, what AMD machines
-# use) and, where the processor has AVX-512, on those (SkylakeX): the same bits
-# on any thread count must hold for each kernel family, whichever the machine.
+# test_threads runs again on OpenBLAS's and libxsmm's AVX2 kernels (Haswell,
+# what AMD machines use) and, where the processor has AVX-512, on those
+# (SkylakeX): the same bits on any thread count must hold for each kernel
+# family, whichever the machine. test_grad and test_threads run once more with
+# libxsmm's JIT off (@nojit, tests/run.sh): OpenBLAS then computes the small
+# products that libxsmm's kernels otherwise do (src/smm.h).
 CORES   := Haswell $(shell grep -q avx512f /proc/cpuinfo 2>/dev/null && echo SkylakeX)
 
 # passive OpenMP waiting for the tests: CI shares its machine, and the tests
@@ -172,7 +179,8 @@ LUA_PRELOAD = $(if $(findstring -fsanitize=address,$(CFLAGS)),$(shell $(CC) -pri
 test: check-deps $(BIN) $(MODULE) $(addprefix $(BUILD)/,$(TESTS))
 	@OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} BUILD=$(BUILD) MOELAB=$(CURDIR)/$(BIN) \
 	  MOELAB_SRC=$(CURDIR) MOELAB_MAKE=$(MAKE) BIN=$(BIN) OPT="$(OPT)" MOELAB_LUA=lua$(LUA_V) \
-	  MOELAB_LUA_PRELOAD="$(LUA_PRELOAD)" sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES))
+	  MOELAB_LUA_PRELOAD="$(LUA_PRELOAD)" sh tests/run.sh $(TESTS) $(addprefix test_threads@,$(CORES)) \
+	  test_grad@nojit test_threads@nojit
 
 # Speed, as ratios measured in one run (SPEC §5); not part of the tests.
 # First what a user gets (run:train and run:evaluate on the corpus; the
@@ -203,7 +211,7 @@ bench-gemm:
 	@$(MAKE) --no-print-directory $(BUILD)/bench_gemm
 	@$(BUILD)/bench_gemm $(BENCH_GEMM_ARGS)
 
-$(BUILD)/bench_gemm: tests/bench_gemm.c $(BUILD)/machine.o $(BUILD)/common.o | $(BUILD)
+$(BUILD)/bench_gemm: tests/bench_gemm.c $(BUILD)/machine.o $(BUILD)/smm.o $(BUILD)/common.o | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ $^ $(GEMM_LDLIBS)
 
 # clang's UBSan checks what gcc's does not (applying an offset to a null

@@ -1581,7 +1581,7 @@ static int l_plot(lua_State *L) {
     return 1;
 }
 
-/* moelab.machine() → { cpu, blas_core, threads, peak_rss }: what a speed
+/* moelab.machine() → { cpu, blas_core, xsmm_target, threads, peak_rss }: what a speed
 ** figure is measured on (machine.h) */
 static int l_machine(lua_State *L) {
     lua_newtable(L);
@@ -1589,6 +1589,8 @@ static int l_machine(lua_State *L) {
     lua_setfield(L, -2, "cpu");
     lua_pushstring(L, machine_blas_core());
     lua_setfield(L, -2, "blas_core");
+    lua_pushstring(L, machine_xsmm_target());
+    lua_setfield(L, -2, "xsmm_target");
     set_int(L, "threads", machine_threads());
     set_int(L, "peak_rss", (lua_Integer)machine_peak_rss());
     return 1;

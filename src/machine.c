@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "common.h"
+#include "smm.h"
 
 void openblas_set_num_threads(int num_threads);
 char *openblas_get_corename(void);
@@ -33,6 +34,8 @@ const char *machine_cpu_model(void) {
 }
 
 const char *machine_blas_core(void) { return openblas_get_corename(); }
+
+const char *machine_xsmm_target(void) { return smm_target(); }
 
 int machine_threads(void) { return omp_get_max_threads(); }
 

@@ -1,7 +1,7 @@
 /*
 ** machine.h — what a speed figure is measured on, and the yardstick it is
-** measured against: the processor's name, the OpenBLAS kernels in use, the
-** threads, sgemm's rate on this machine now, a clock, and peak memory.
+** measured against: the processor's name, the OpenBLAS and libxsmm kernels
+** in use, the threads, sgemm's rate on this machine now, a clock, and peak memory.
 ** Every figure moelab's benchmarks print comes with these (README, Speed).
 */
 #ifndef MOELAB_MACHINE_H
@@ -13,6 +13,9 @@
 const char *machine_cpu_model(void);
 /* OpenBLAS's kernel family (openblas_get_corename: "Haswell", "SkylakeX"...). */
 const char *machine_blas_core(void);
+/* libxsmm's kernel target for the small products ("hsw", "skx", "cpx"...;
+** "generic": none, OpenBLAS computes them). */
+const char *machine_xsmm_target(void);
 /* The threads moelab computes with (moelab.threads, else every core). */
 int machine_threads(void);
 

@@ -339,6 +339,7 @@ static size_t acts_layout(const ModelConfig *c, Acts *a, float *base, int B) {
     size_t NH = (size_t)c->heads, V = (size_t)c->vocab, BT = (size_t)B * T;
     size_t at = 0;
     a->encoded = carve(base, &at, BT * C);
+    a->att_scratch = carve(base, &at, attention_scratch(B, (int)T, (int)C));
     for (int l = 0; l < c->layers; l++) {
         BlockActs counting, *b = a->blocks ? &a->blocks[l] : &counting;
         b->ln1 = carve(base, &at, BT * C);
@@ -553,7 +554,7 @@ int model_forward(Model *m, const int *inputs, const int *targets, int B, int T,
         BlockActs *b = &a->blocks[l];
         norm_forward(c, b->ln1, b->ln1_mean, b->ln1_rstd, res, w->ln1w, w->ln1b, N);
         matmul_forward(b->qkv, b->ln1, w->qkvw, w->qkvb, N, C, 3 * C, 0.0f);
-        attention_forward(b->atty, b->att, b->qkv, B, T, C, NH);
+        attention_forward(b->atty, b->att, b->qkv, B, T, C, NH, a->att_scratch);
         memcpy(b->res2, res, sizeof(float) * NC);
         matmul_forward(b->res2, b->atty, w->attprojw, w->attprojb, N, C, C, 1.0f);
 
@@ -678,7 +679,7 @@ int model_backward(Model *m, char *err) {
         /* res2 = res_in + attproj(attention(qkv(ln1(res_in)))) */
         matmul_backward(s->datty, g->attprojw, g->attprojb, s->dres, b->atty, w->attprojw, N, C,
                         C, 0.0f, s->dweight_pieces);
-        attention_backward(s->dqkv, s->datt, s->datty, b->qkv, b->att, B, T, C, NH);
+        attention_backward(s->dqkv, s->datt, s->datty, b->qkv, b->att, B, T, C, NH, a->att_scratch);
         matmul_backward(s->dln, g->qkvw, g->qkvb, s->dqkv, b->ln1, w->qkvw, N, C, 3 * C, 0.0f,
                         s->dweight_pieces);
         norm_backward(c, s->dres, g->ln1w, g->ln1b, s->dln, res_in, w->ln1w, b->ln1_mean,

@@ -67,6 +67,7 @@ typedef struct {
 typedef struct {
     float *encoded;                   /* (B,T,C) */
     BlockActs *blocks;                /* (L) */
+    float *att_scratch;               /* (B,NH,hs,T) attention's, shared by the layers */
     float *lnf, *lnf_mean, *lnf_rstd; /* (B,T,C), (B,T), (B,T) */
     float *logits;                    /* (B,T,V) */
     float *probs;                     /* (B,T,V) */

@@ -2,13 +2,15 @@
 ** ops.c — the transformer's kernels (see ops.h for the contract of each).
 **
 ** Matrix products go to OpenBLAS's cblas_sgemm, cut into pieces by their
-** shape alone (see matmul_forward). Everything else is a plain loop,
-** parallelised with OpenMP only over independent rows, (batch, head) pairs,
-** elements or, for the norms' parameter gradients and the bias gradients,
-** slices of columns, each element's arithmetic the same whoever computes it.
-** So the forward and the backward pass give the same bits on any number of
-** threads (tests/test_threads.c checks 1, 2 and 3 threads on both of
-** OpenBLAS's x86-64 kernel families we meet; a recorded evaluation relies on
+** shape alone (see matmul_forward); the small ones, attention's blocks and
+** the backward pieces of small weights, to libxsmm's kernels (smm.h).
+** Everything else is a plain loop, parallelised with OpenMP only over
+** independent rows, (batch, head) pairs, elements or, for the norms'
+** parameter gradients and the bias gradients, slices of columns, each
+** element's arithmetic the same whoever computes it. So the forward and the
+** backward pass give the same bits on any number of threads
+** (tests/test_threads.c checks 1, 2 and 3 threads on both of OpenBLAS's and
+** libxsmm's x86-64 kernel families we meet; a recorded evaluation relies on
 ** it). The build compiles ISO C (-std=c11), in which gcc contracts no a·b + c
 ** into a fused multiply-add, so a vectorised loop and its scalar remainder
 ** round alike. Sums along a row (norms, softmax) are `omp simd` reductions,
@@ -24,6 +26,8 @@
 #include <omp.h>
 #include <sleef.h>
 #include <string.h>
+
+#include "smm.h"
 
 /*
 ** e^x by SLEEF's vectorised expf (1.0 ulp), the vector width the build targets
@@ -241,6 +245,16 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 #define MATMUL_PIECE_ROWS 256
 #define MATMUL_PIECE_SUM 512
 
+/* matmul_backward's pieces go to libxsmm's kernels (smm.h) when the weight
+** has at most this many elements, to OpenBLAS's above. Measured through
+** run:train (README, Speed): +3% a step at d_model 128 (weights up to
+** 384 x 128) and +2% at 256 on the AVX-512 kernels, no change on the AVX2
+** path; with every weight, -5% at d_model 512, where libxsmm's kernels, which
+** do not pack their operands, lose to OpenBLAS's on 512 x 1536 and the like.
+** (matmul_forward's products, C = A·Bᵀ, stay on OpenBLAS: libxsmm 1.17 would
+** need the weight transposed first.) */
+#define MATMUL_XSMM_WEIGHT 65536
+
 /* How many pieces n rows are cut into: about `rows` each, a multiple of 4
 ** when more than one (so that 2 or 4 threads share them evenly), and no
 ** piece under 16 rows. Grows with n. */
@@ -256,6 +270,29 @@ static int piece_count(int n, int rows) {
 static void piece_range(int n, int p, int i, int *lo, int *hi) {
     *lo = i == 0 ? 0 : (int)((long)n * i / p) / 16 * 16;
     *hi = i == p - 1 ? n : (int)((long)n * (i + 1) / p) / 16 * 16;
+}
+
+/* A product's plan for each size of piece (piece_range gives at most three:
+** the first, the middle ones, which differ by at most 16 rows, and the last),
+** made once per call before the threads start. */
+typedef struct {
+    int n, rows[4];
+    Smm plan[4];
+} PiecePlans;
+
+static void piece_plans_add(PiecePlans *pp, int rows, Smm plan) {
+    for (int i = 0; i < pp->n; i++)
+        if (pp->rows[i] == rows) return;
+    assert(pp->n < 4);
+    pp->rows[pp->n] = rows;
+    pp->plan[pp->n++] = plan;
+}
+
+static const Smm *piece_plan(const PiecePlans *pp, int rows) {
+    for (int i = 0; i < pp->n; i++)
+        if (pp->rows[i] == rows) return &pp->plan[i];
+    assert(0 && "a piece without a plan");
+    return NULL;
 }
 
 size_t matmul_backward_scratch(int N, int C, int OC) {
@@ -289,6 +326,22 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
     int sums = piece_count(N, MATMUL_PIECE_SUM);
     size_t wn = (size_t)OC * C;
     assert(sums == 1 || scratch);
+    int xsmm = wn <= MATMUL_XSMM_WEIGHT;
+    /* dinp's pieces: dinp (rows, C) = dout (rows, OC) · weight (OC, C); dweight's:
+    ** (OC, C) = dout (rows, OC)ᵀ · inp (rows, C), into dweight itself when
+    ** there is one piece, else into scratch */
+    PiecePlans dinp_plans = {0}, dweight_plans = {0};
+    for (int i = 0; xsmm && i < rows + sums; i++) {
+        int lo, hi;
+        if (i < rows) {
+            piece_range(N, rows, i, &lo, &hi);
+            piece_plans_add(&dinp_plans, hi - lo, smm_plan(0, hi - lo, C, OC, OC, C, C, dinp_beta));
+        } else {
+            piece_range(N, sums, i - rows, &lo, &hi);
+            piece_plans_add(&dweight_plans, hi - lo,
+                            smm_plan(1, OC, C, hi - lo, OC, C, C, sums == 1 ? 1.0f : 0.0f));
+        }
+    }
 #pragma omp parallel
     {
         /* the pieces of dinp's rows, then those of dweight's sum over N */
@@ -297,15 +350,23 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
             int lo, hi;
             if (i < rows) {
                 piece_range(N, rows, i, &lo, &hi);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, C, OC, 1.0f,
-                            dout + (size_t)lo * OC, OC, weight, C, dinp_beta,
-                            dinp + (size_t)lo * C, C);
+                const float *d = dout + (size_t)lo * OC;
+                float *di = dinp + (size_t)lo * C;
+                if (xsmm)
+                    smm_run(piece_plan(&dinp_plans, hi - lo), d, weight, di);
+                else
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, C, OC, 1.0f,
+                                d, OC, weight, C, dinp_beta, di, C);
             } else {
                 piece_range(N, sums, i - rows, &lo, &hi);
                 int only = sums == 1; /* a single piece adds to dweight itself */
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, hi - lo, 1.0f,
-                            dout + (size_t)lo * OC, OC, inp + (size_t)lo * C, C,
-                            only ? 1.0f : 0.0f, only ? dweight : scratch + (i - rows) * wn, C);
+                const float *d = dout + (size_t)lo * OC, *x = inp + (size_t)lo * C;
+                float *dw = only ? dweight : scratch + (i - rows) * wn;
+                if (xsmm)
+                    smm_run(piece_plan(&dweight_plans, hi - lo), d, x, dw);
+                else
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, hi - lo, 1.0f,
+                                d, OC, x, C, only ? 1.0f : 0.0f, dw, C);
             }
         }
         /* dweight += the partial products, in piece order; dbias += column sums
@@ -336,8 +397,16 @@ void matmul_backward(float *dinp, float *dweight, float *dbias, const float *dou
 ** and values [0, t1) alone, so about half of the T x T products is skipped
 ** (37% at T 128, 48% at T 1024). In the backward pass the gradients of the
 ** keys and values go in blocks of columns [j0, j1), which rows [j0, T) alone
-** reach. Each block is one sgemm whose pointers and sizes depend on T and the
-** block, never on the thread.
+** reach.
+**
+** The blocks' products are small (32 x t1 x hs and the like) and go to
+** libxsmm's kernels (smm.h), 1.28x OpenBLAS's on these shapes on one thread
+** (weighted by calls; README, Speed), +3 to +6% a training step. Its JIT
+** does not transpose the second operand of q kᵀ and d vᵀ, so each head first
+** transposes its keys (forward) or values (backward) into scratch. The
+** kernels are looked up once per call, one per block and product, before the
+** threads start; each block's product has pointers and sizes that depend on T
+** and the block, never on the thread.
 */
 #define ATT_BLOCK 32
 
@@ -350,28 +419,40 @@ double attention_flops(int B, int T, int C) {
     return 2.0 * 2.0 * B * pairs * C; /* scores and their weighted sum, every head */
 }
 
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+size_t attention_scratch(int B, int T, int C) { return (size_t)B * T * C; }
+
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH,
+                       float *scratch) {
     assert(C % NH == 0);
-    int hs = C / NH, C3 = 3 * C;
+    int hs = C / NH, C3 = 3 * C, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
     float scale = 1.0f / sqrtf((float)hs);
+    /* block i: scores (rows, t1) = q (rows, hs) · kᵀ (hs, t1); out = a · v */
+    Smm scores[blocks], weighted[blocks];
+    for (int i = 0; i < blocks; i++) {
+        int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+        scores[i] = smm_plan(0, t1 - t0, t1, hs, C3, T, T, 0.0f);
+        weighted[i] = smm_plan(0, t1 - t0, hs, t1, T, C3, C, 0.0f);
+    }
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             const float *q = qkv + (size_t)b * T * C3 + h * hs;
             const float *k = q + C, *v = q + 2 * C;
+            float *kt = scratch + ((size_t)b * NH + h) * hs * T; /* kᵀ (hs, T) */
             float *a = att + ((size_t)b * NH + h) * T * T;
-            for (int t0 = 0; t0 < T; t0 += ATT_BLOCK) {
-                int t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+            smm_transpose(kt, k, T, hs, C3, T);
+            for (int i = 0; i < blocks; i++) {
+                int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
                 /* scores of rows [t0, t1) against keys [0, t1), then a causal
-                ** softmax row by row (zero past the diagonal, up to t1) */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t1 - t0, t1, hs, scale,
-                            q + (size_t)t0 * C3, C3, k, C3, 0.0f, a + (size_t)t0 * T, T);
+                ** softmax of the scaled scores row by row (zero past the
+                ** diagonal, up to t1) */
+                smm_run(&scores[i], q + (size_t)t0 * C3, kt, a + (size_t)t0 * T);
                 for (int t = t0; t < t1; t++) {
                     float *row = a + (size_t)t * T;
                     float maxv = -INFINITY;
 #pragma omp simd reduction(max : maxv)
                     for (int t2 = 0; t2 <= t; t2++) maxv = row[t2] > maxv ? row[t2] : maxv;
-                    for (int t2 = 0; t2 <= t; t2++) row[t2] -= maxv;
+                    for (int t2 = 0; t2 <= t; t2++) row[t2] = (row[t2] - maxv) * scale;
                     expf_inplace(row, t + 1);
                     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -380,34 +461,44 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
                     for (int t2 = 0; t2 <= t; t2++) row[t2] *= inv;
                     for (int t2 = t + 1; t2 < t1; t2++) row[t2] = 0.0f;
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t1 - t0, hs, t1, 1.0f,
-                            a + (size_t)t0 * T, T, v, C3, 0.0f,
-                            out + ((size_t)b * T + t0) * C + h * hs, C);
+                smm_run(&weighted[i], a + (size_t)t0 * T, v,
+                        out + ((size_t)b * T + t0) * C + h * hs);
             }
         }
 }
 
 void attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int C, int NH) {
-    int hs = C / NH, C3 = 3 * C;
+                        const float *att, int B, int T, int C, int NH, float *scratch) {
+    int hs = C / NH, C3 = 3 * C, blocks = (T + ATT_BLOCK - 1) / ATT_BLOCK;
     float scale = 1.0f / sqrtf((float)hs);
+    /* by rows [t0, t1): da = d vᵀ (by vᵀ, transposed into scratch), dq = dscore k;
+    ** by columns [j0, j1) over rows [j0, T): dv = aᵀ d, dk = dscoreᵀ q */
+    Smm da_plan[blocks], dq_plan[blocks], dv_plan[blocks], dk_plan[blocks];
+    for (int i = 0; i < blocks; i++) {
+        int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+        da_plan[i] = smm_plan(0, t1 - t0, t1, hs, C, T, T, 0.0f);
+        dq_plan[i] = smm_plan(0, t1 - t0, hs, t1, T, C3, C3, 0.0f);
+        dv_plan[i] = smm_plan(1, t1 - t0, hs, T - t0, T, C, C3, 0.0f);
+        dk_plan[i] = smm_plan(1, t1 - t0, hs, T - t0, T, C3, C3, 0.0f);
+    }
     /* each (b, h) writes only its own rows and head columns of dqkv */
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             const float *q = qkv + (size_t)b * T * C3 + h * hs;
             const float *k = q + C, *v = q + 2 * C;
+            float *vt = scratch + ((size_t)b * NH + h) * hs * T; /* vᵀ (hs, T) */
             float *dq = dqkv + (size_t)b * T * C3 + h * hs;
             float *dk = dq + C, *dv = dq + 2 * C;
             const float *a = att + ((size_t)b * NH + h) * T * T;
             float *da = datt + ((size_t)b * NH + h) * T * T;
             const float *d = dout + (size_t)b * T * C + h * hs;
+            smm_transpose(vt, v, T, hs, C3, T);
             /* by rows: da = d vᵀ, the softmax backward in place,
             ** dscore = a (da - Σ a da) · scale, and dq = dscore k */
-            for (int t0 = 0; t0 < T; t0 += ATT_BLOCK) {
-                int t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t1 - t0, t1, hs, 1.0f,
-                            d + (size_t)t0 * C, C, v, C3, 0.0f, da + (size_t)t0 * T, T);
+            for (int i = 0; i < blocks; i++) {
+                int t0 = i * ATT_BLOCK, t1 = t0 + ATT_BLOCK < T ? t0 + ATT_BLOCK : T;
+                smm_run(&da_plan[i], d + (size_t)t0 * C, vt, da + (size_t)t0 * T);
                 for (int t = t0; t < t1; t++) {
                     const float *arow = a + (size_t)t * T;
                     float *drow = da + (size_t)t * T;
@@ -417,18 +508,15 @@ void attention_backward(float *dqkv, float *datt, const float *dout, const float
                     for (int t2 = 0; t2 <= t; t2++) drow[t2] = arow[t2] * (drow[t2] - dot) * scale;
                     for (int t2 = t + 1; t2 < t1; t2++) drow[t2] = 0.0f;
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t1 - t0, hs, t1, 1.0f,
-                            da + (size_t)t0 * T, T, k, C3, 0.0f, dq + (size_t)t0 * C3, C3);
+                smm_run(&dq_plan[i], da + (size_t)t0 * T, k, dq + (size_t)t0 * C3);
             }
-            /* by columns [j0, j1), which rows [j0, T) reach: dv = aᵀ d, dk = dscoreᵀ q */
-            for (int j0 = 0; j0 < T; j0 += ATT_BLOCK) {
-                int j1 = j0 + ATT_BLOCK < T ? j0 + ATT_BLOCK : T;
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j1 - j0, hs, T - j0, 1.0f,
-                            a + (size_t)j0 * T + j0, T, d + (size_t)j0 * C, C, 0.0f,
-                            dv + (size_t)j0 * C3, C3);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j1 - j0, hs, T - j0, 1.0f,
-                            da + (size_t)j0 * T + j0, T, q + (size_t)j0 * C3, C3, 0.0f,
-                            dk + (size_t)j0 * C3, C3);
+            /* by columns [j0, j1), which rows [j0, T) reach */
+            for (int i = 0; i < blocks; i++) {
+                int j0 = i * ATT_BLOCK;
+                smm_run(&dv_plan[i], a + (size_t)j0 * T + j0, d + (size_t)j0 * C,
+                        dv + (size_t)j0 * C3);
+                smm_run(&dk_plan[i], da + (size_t)j0 * T + j0, q + (size_t)j0 * C3,
+                        dk + (size_t)j0 * C3);
             }
         }
 }

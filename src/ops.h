@@ -58,14 +58,19 @@ size_t matmul_backward_scratch(int N, int C, int OC);
 ** features h·hs .. (h+1)·hs of each. att (B,NH,T,T) keeps the softmax
 ** probabilities (below and on the diagonal; zero from the diagonal to the end
 ** of its block of 32 rows, and whatever was there further right); out (B,T,C).
-** Scaled by 1/sqrt(hs). */
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+** Scaled by 1/sqrt(hs). scratch holds attention_scratch(B, T, C) floats (each
+** head's keys, transposed). */
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH,
+                       float *scratch);
 /* The FLOPs of attention_forward's products (the backward's are twice these):
 ** the scores it computes, by blocks of rows, and their weighted sum. */
 double attention_flops(int B, int T, int C);
-/* dqkv (B,T,3C) is overwritten; datt (B,NH,T,T) is scratch. */
+/* dqkv (B,T,3C) is overwritten; datt (B,NH,T,T) is scratch, and so is scratch
+** (attention_scratch(B, T, C) floats: each head's values, transposed). */
 void attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
-                        int B, int T, int C, int NH);
+                        int B, int T, int C, int NH, float *scratch);
+/* Floats of scratch that attention_forward and _backward need. */
+size_t attention_scratch(int B, int T, int C);
 
 /* GELU, tanh form (as GPT-2). dinp is overwritten. */
 void gelu_forward(float *out, const float *inp, size_t n);

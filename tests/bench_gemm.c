@@ -13,7 +13,9 @@
 ** of the top-2 reference model (4 layers, d_model 128, 4 heads, context 128,
 ** batch 16, 8 experts of hidden 128, so about 512 rows an expert, vocabulary
 ** 256); a second group is the MoE layer of `make bench`'s section 1 (d_model
-** 512, hidden 1024, 8 experts, top-2, 4096 tokens), per forward + backward.
+** 512, hidden 1024, 8 experts, top-2, 4096 tokens), per forward + backward; a
+** third the expert products of the reference model with 64 experts (about 64
+** rows an expert), per step.
 **
 ** The machine is shared, so the libraries take turns: each sample times a
 ** batch of calls of every library in a rotating order, and the statistics
@@ -59,6 +61,7 @@ enum { L = 4, B = 16, T = 128, NH = 4, C = 128, C3 = 3 * 128, HS = 32, E = 8, H 
 enum { ROWS = 256, SUM = 512, EROWS = 512 };         /* pieces; rows an expert (top-2) */
 enum { ROW_PIECES = 2048 / ROWS, SUM_PIECES = 2048 / SUM, HEADS = B * NH };
 enum { D5 = 512, H5 = 1024, N5 = 4096, E5ROWS = N5 * 2 / E }; /* bench_moe section 1 */
+enum { E64 = 64, E64ROWS = 2048 * 2 / E64 };                    /* 64 experts */
 /* causal attention in blocks of ATT rows (ops.c's ATT_BLOCK): rows [t0, t1)
 ** against keys [0, t1); the key and value gradients by columns [j0, j0 + ATT)
 ** over rows [j0, T) */
@@ -117,11 +120,16 @@ static const Shape shapes[] = {
     {"expert dx", 'N', 'N', E5ROWS, D5, H5, H5, D5, D5, 1, 0, E, 1},
     {"router dinp", 'N', 'N', ROWS, D5, E, E, D5, D5, 1, 0, N5 / ROWS, 1},
     {"router dweight", 'T', 'N', E, D5, SUM, E, D5, D5, 1, 0, N5 / SUM, 1},
+    /* the reference model's experts with 64 of them, forward then backward */
+    {"expert fc, proj", 'N', 'T', E64ROWS, H, C, C, C, H, 1, 0, 2 * E64 * L, 2},
+    {"expert dact, dx", 'N', 'N', E64ROWS, H, C, C, H, H, 1, 0, 2 * E64 * L, 2},
+    {"expert dproj, dfc", 'T', 'N', C, H, E64ROWS, C, H, H, 1, 1, 2 * E64 * L, 2},
 };
-enum { SHAPES = sizeof shapes / sizeof shapes[0], GROUPS = 2 };
+enum { SHAPES = sizeof shapes / sizeof shapes[0], GROUPS = 3 };
 static const char *const group_name[GROUPS] = {
     "top-2 reference model, one training step (forward + backward)",
-    "d_model 512 MoE layer (make bench, section 1), forward + backward"};
+    "d_model 512 MoE layer (make bench, section 1), forward + backward",
+    "the reference model's expert products with 64 experts (64 rows an expert), one step"};
 
 /* A shape's operands, and what libxsmm needs for it. libxsmm is
 ** column-major: row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ,

@@ -77,8 +77,9 @@ end
 
 local machine = moelab.machine()
 print(string.format("moelab scaling: the top-2 reference model through run:train, one change at a time"))
-print(string.format("CPU: %s; OpenBLAS kernels: %s; %d threads; %d steps, medians of steps %d..%d",
-                    machine.cpu, machine.blas_core, machine.threads, steps, skip + 1, steps))
+print(string.format("CPU: %s; OpenBLAS kernels: %s; libxsmm kernels: %s; %d threads; %d steps, " ..
+                    "medians of steps %d..%d", machine.cpu, machine.blas_core, machine.xsmm_target,
+                    machine.threads, steps, skip + 1, steps))
 print("")
 print("| model | tokens/s (quartiles) | MFLOP/token | GFLOP/s | of sgemm | peak memory | estimate (params / grads+AdamW / activations) |")
 print("|---|---|---|---|---|---|---|")

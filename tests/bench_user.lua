@@ -32,8 +32,8 @@ assert(steps > skip and block >= 2 and pairs_n >= 5,
 local machine = moelab.machine()
 print(string.format("moelab bench (the user's path: run:train and run:evaluate on %s)",
                     args.data or "data/kjv.txt"))
-print(string.format("CPU: %s; OpenBLAS kernels: %s; %d threads", machine.cpu,
-                    machine.blas_core, machine.threads))
+print(string.format("CPU: %s; OpenBLAS kernels: %s; libxsmm kernels: %s; %d threads", machine.cpu,
+                    machine.blas_core, machine.xsmm_target, machine.threads))
 print("")
 
 local stats = require("moelab.stats").summary

@@ -2,7 +2,10 @@
 # Runs each cmocka test program named on the command line (from $BUILD) and
 # ends with one summary line: "N passed, N failed". A program that crashes or
 # exits non-zero without a cmocka summary counts as one failure. NAME@CORE
-# runs NAME with OPENBLAS_CORETYPE=CORE (OpenBLAS's kernels for that processor).
+# runs NAME with OPENBLAS_CORETYPE=CORE (OpenBLAS's kernels for that processor)
+# and libxsmm's kernels for the same family (LIBXSMM_TARGET: Haswell hsw,
+# SkylakeX skx); NAME@nojit runs it with libxsmm's JIT off (LIBXSMM_TARGET=
+# generic), so that OpenBLAS computes the small products too (src/smm.h).
 set -u
 BUILD=${BUILD:-build}
 passed=0
@@ -10,7 +13,15 @@ failed=0
 bad=""
 for t in "$@"; do
     case $t in
-    *@*) out=$(OPENBLAS_CORETYPE=${t#*@} "$BUILD/${t%@*}" 2>&1) ;;
+    *@nojit) out=$(LIBXSMM_TARGET=generic "$BUILD/${t%@*}" 2>&1) ;;
+    *@*)
+        core=${t#*@}
+        case $core in
+        Haswell) xsmm=hsw ;;
+        SkylakeX) xsmm=skx ;;
+        *) xsmm=${LIBXSMM_TARGET:-} ;;
+        esac
+        out=$(OPENBLAS_CORETYPE=$core LIBXSMM_TARGET=$xsmm "$BUILD/${t%@*}" 2>&1) ;;
     *) out=$("$BUILD/$t" 2>&1) ;;
     esac
     rc=$?

@@ -52,7 +52,7 @@ static void check_grad(const char *what, float *x, const float *analytic, size_t
 enum { B = 2, T = 5, C = 8, NH = 2, OC = 6, V = 7 };
 static float inp[B * T * 3 * C], w[3 * C * C], bias[3 * C], out[B * T * 3 * C];
 static float datt_scratch[B * NH * T * T], mean_[B * T], rstd_[B * T], att[B * NH * T * T], R[B * T * 3 * C];
-static float dinp[B * T * 3 * C], dw[3 * C * C], dbias[3 * C];
+static float dinp[B * T * 3 * C], dw[3 * C * C], dbias[3 * C], att_t[B * T * C];
 static int tokens[B * T];
 
 static void setup_common(size_t nin, size_t nout, uint64_t seed) {
@@ -129,14 +129,14 @@ static void test_matmul_beta(void **state) {
     for (int i = 0; i < B * T * C; i++) assert_true(test_close(d2[i], d1[i] + only[i], 1e-5, 1e-6));
 }
 
-static void fwd_attention(void) { attention_forward(out, att, inp, B, T, C, NH); }
+static void fwd_attention(void) { attention_forward(out, att, inp, B, T, C, NH, att_t); }
 
 static void test_attention(void **state) {
     (void)state;
     setup_common(B * T * 3 * C, B * T * C, 13);
     op_forward = fwd_attention;
     fwd_attention();
-    attention_backward(dinp, datt_scratch, R, inp, att, B, T, C, NH);
+    attention_backward(dinp, datt_scratch, R, inp, att, B, T, C, NH, att_t);
     check_grad("attention dqkv", inp, dinp, B * T * 3 * C);
 }
 
@@ -145,9 +145,9 @@ static void test_attention_causal(void **state) {
     (void)state;
     float before[B * T * C];
     test_fill(inp, B * T * 3 * C, 1.0f, 14);
-    attention_forward(before, att, inp, B, T, C, NH);
+    attention_forward(before, att, inp, B, T, C, NH, att_t);
     for (int i = 0; i < 3 * C; i++) inp[(T - 1) * 3 * C + i] += 1.0f; /* last token of batch 0 */
-    attention_forward(out, att, inp, B, T, C, NH);
+    attention_forward(out, att, inp, B, T, C, NH, att_t);
     for (int t = 0; t < T - 1; t++)
         for (int i = 0; i < C; i++) assert_true(out[t * C + i] == before[t * C + i]);
 }
@@ -157,7 +157,7 @@ static void test_attention_causal(void **state) {
 ** T of two whole blocks and part of a third. */
 enum { LT = 70, LC = 8, LNH = 2, LHS = LC / LNH };
 static float lqkv[LT * 3 * LC], lout[LT * LC], latt[LNH * LT * LT], ldatt[LNH * LT * LT];
-static float ldout[LT * LC], ldqkv[LT * 3 * LC];
+static float ldout[LT * LC], ldqkv[LT * 3 * LC], latt_t[LT * LC];
 
 static void test_attention_blocks(void **state) {
     (void)state;
@@ -165,8 +165,8 @@ static void test_attention_blocks(void **state) {
     test_fill(ldout, LT * LC, 1.0f, 32);
     memset(latt, 0xff, sizeof latt); /* NaN: what the forward does not write is never read */
     memset(ldatt, 0xff, sizeof ldatt);
-    attention_forward(lout, latt, lqkv, 1, LT, LC, LNH);
-    attention_backward(ldqkv, ldatt, ldout, lqkv, latt, 1, LT, LC, LNH);
+    attention_forward(lout, latt, lqkv, 1, LT, LC, LNH, latt_t);
+    attention_backward(ldqkv, ldatt, ldout, lqkv, latt, 1, LT, LC, LNH, latt_t);
     static double p[LT][LT], dp[LT][LT], dq[LT * 3 * LC];
     memset(dq, 0, sizeof dq);
     double scale = 1.0 / sqrt((double)LHS);

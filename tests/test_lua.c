@@ -1301,6 +1301,7 @@ static void test_machine_and_costs(void **state) {
               "r = moelab.sgemm{ n = 64, repeats = 3 }\n"
               "c0 = moelab.clock(); x = 0; for i = 1, 1e5 do x = x + i end; c1 = moelab.clock()");
     assert_lua(L, "type(m.cpu) == 'string' and #m.cpu > 0 and type(m.blas_core) == 'string'");
+    assert_lua(L, "type(m.xsmm_target) == 'string' and #m.xsmm_target > 0");
     assert_lua(L, "m.threads == 1 and math.type(m.peak_rss) == 'integer' and m.peak_rss > 0");
     assert_lua(L, "r.min > 0 and r.min <= r.median and r.median <= r.max");
     assert_lua(L, "c1 > c0");

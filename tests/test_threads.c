@@ -6,11 +6,12 @@
 ** up (trainer.c), so it computes what an unrecorded one does only if this
 ** holds; and training is reproducible whatever the thread count.
 **
-** OpenBLAS picks its kernels by processor, so `make test` runs this program
-** once as the environment has it and again under each OPENBLAS_CORETYPE that
-** tests/run.sh is given (Haswell, the AVX2 kernels AMD machines use, and
-** SkylakeX where the processor has AVX-512); the first test checks that the
-** kernels asked for are the ones running.
+** OpenBLAS and libxsmm pick their kernels by processor, so `make test` runs
+** this program once as the environment has it and again under each
+** OPENBLAS_CORETYPE that tests/run.sh is given (Haswell, the AVX2 kernels AMD
+** machines use, and SkylakeX where the processor has AVX-512; with libxsmm's
+** kernels of the same family), and once with libxsmm's JIT off; the first test
+** checks that the kernels asked for are the ones running.
 */
 #include "testmodel.h"
 
@@ -19,22 +20,32 @@
 
 #include "config.h"
 #include "data.h"
+#include "machine.h"
 #include "model.h"
 #include "ops.h"
 #include "trainer.h"
 
 char *openblas_get_corename(void);
 
-static void test_openblas_core_as_asked(void **state) {
+static int same_name(const char *a, const char *b) {
+    size_t n = strlen(a);
+    int same = strlen(b) == n;
+    for (size_t i = 0; same && i < n; i++)
+        same = tolower((unsigned char)a[i]) == tolower((unsigned char)b[i]);
+    return same;
+}
+
+static void test_kernels_as_asked(void **state) {
     (void)state;
     const char *want = getenv("OPENBLAS_CORETYPE"), *got = openblas_get_corename();
-    print_message("OpenBLAS kernels: %s (OPENBLAS_CORETYPE %s)\n", got, want ? want : "unset");
-    if (!want || !*want) return;
-    size_t n = strlen(want);
-    int same = strlen(got) == n;
-    for (size_t i = 0; same && i < n; i++)
-        same = tolower((unsigned char)want[i]) == tolower((unsigned char)got[i]);
-    if (!same) fail_msg("OPENBLAS_CORETYPE=%s but OpenBLAS runs %s", want, got);
+    const char *xwant = getenv("LIBXSMM_TARGET"), *xgot = machine_xsmm_target();
+    print_message("OpenBLAS kernels: %s (OPENBLAS_CORETYPE %s); libxsmm kernels: %s "
+                  "(LIBXSMM_TARGET %s)\n", got, want ? want : "unset", xgot,
+                  xwant ? xwant : "unset");
+    if (want && *want && !same_name(want, got))
+        fail_msg("OPENBLAS_CORETYPE=%s but OpenBLAS runs %s", want, got);
+    if (xwant && *xwant && !same_name(xwant, xgot))
+        fail_msg("LIBXSMM_TARGET=%s but libxsmm runs %s", xwant, xgot);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -292,7 +303,7 @@ static int setup_threads(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_openblas_core_as_asked),
+        cmocka_unit_test(test_kernels_as_asked),
         cmocka_unit_test(test_matmul_pieces_against_naive),
         cmocka_unit_test(test_matmul_same_on_any_thread_count),
         cmocka_unit_test(test_forward_same_on_any_thread_count),
