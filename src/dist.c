@@ -113,13 +113,17 @@ void dist_alltoall_rows(const float *send, const int *send_rows, float *recv, co
     COMM_END;
 }
 
-void dist_broadcast(void *buf, size_t bytes) {
+void dist_broadcast_from(void *buf, size_t bytes, int root) {
     if (size == 1) return;
+    COMM_BEGIN;
     for (size_t i = 0; i < bytes; i += DIST_CHUNK) {
         size_t k = bytes - i < DIST_CHUNK ? bytes - i : DIST_CHUNK;
-        MPI_Bcast((char *)buf + i, (int)k, MPI_BYTE, 0, MPI_COMM_WORLD);
+        MPI_Bcast((char *)buf + i, (int)k, MPI_BYTE, root, MPI_COMM_WORLD);
     }
+    COMM_END;
 }
+
+void dist_broadcast(void *buf, size_t bytes) { dist_broadcast_from(buf, bytes, 0); }
 
 void dist_broadcast_string(char *buf, size_t n) {
     dist_broadcast(buf, n);

@@ -50,6 +50,8 @@ void dist_alltoall_rows(const float *send, const int *send_rows, float *recv, co
 double dist_comm_seconds(void);
 /* Rank 0's bytes to every rank. */
 void dist_broadcast(void *buf, size_t bytes);
+/* Rank root's bytes to every rank. */
+void dist_broadcast_from(void *buf, size_t bytes, int root);
 /* Rank 0's string (at most n bytes with its NUL) into every rank's buf. */
 void dist_broadcast_string(char *buf, size_t n);
 /* Point to point, bytes. */

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "moe/router.h"
 #include "ops.h"
@@ -31,6 +32,7 @@ typedef struct {
     int index;       /* registry entry reached */
     int registering;
     int failed;      /* out of memory while registering */
+    int expert;      /* the expert whose tensors are being handed out, or -1 */
 } Layout;
 
 static float *take(Layout *L, ParamInit init, int d0, int d1, const char *fmt, ...)
@@ -60,6 +62,7 @@ static float *take(Layout *L, ParamInit init, int d0, int d1, const char *fmt, .
         p->offset = L->offset;
         p->numel = numel;
         p->decay = p->ndim == 2;
+        p->expert = L->expert;
     } else {
         assert(m->params[L->index].offset == L->offset);
     }
@@ -73,7 +76,7 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
     const ModelConfig *c = &m->config;
     int C = c->d_model, V = c->vocab, H = c->ffn_hidden;
     int rms = c->norm == NORM_RMSNORM;
-    Layout L = {m, base, 0, 0, registering, 0};
+    Layout L = {m, base, 0, 0, registering, 0, -1};
     w->wte = take(&L, INIT_NORMAL, V, C, "wte.weight");
     w->wpe = take(&L, INIT_NORMAL, c->context, C, "wpe.weight");
     for (int l = 0; l < c->layers; l++) {
@@ -116,6 +119,7 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
             }
             for (int e = 0; e < mc->experts; e++) {
                 int He = mc->hidden[e];
+                L.expert = e;
                 mw->fc[e] = take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.fc.weight", l, e);
                 mw->gate[e] = c->activation == ACT_SWIGLU
                                   ? take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.gate.weight", l, e)
@@ -125,6 +129,7 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
                 mw->fc_bias[e] = mc->bias ? take(&L, INIT_ZERO, He, 0,
                                                  "h.%d.moe.experts.%d.fc.bias", l, e)
                                           : NULL;
+                L.expert = -1;
             }
             mw->bias = mc->bias ? take(&L, INIT_ZERO, C, 0, "h.%d.moe.bias", l) : NULL;
             b->fcw = b->fcb = b->gatew = b->projw = b->projb = NULL;
@@ -146,12 +151,27 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
     if (failed) *failed = L.failed;
 }
 
+static size_t lazy_arena_bytes(size_t n) { return n > 0 ? n * sizeof(float) : 1; }
+
 /* A zeroed, 64-byte aligned arena of n floats. */
 static float *arena_alloc(size_t n) {
     size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
     float *p = aligned_alloc(64, bytes > 0 ? bytes : 64);
     if (p) memset(p, 0, bytes);
     return p;
+}
+
+/* The gradients' and AdamW moments' arenas: zeroed, page-aligned, mapped
+** lazily, so that the pages of tensors this process never touches (other
+** ranks' experts, Model.owner) take no memory. */
+static float *lazy_arena_alloc(size_t n) {
+    void *p = mmap(NULL, lazy_arena_bytes(n), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void lazy_arena_free(float *p, size_t n) {
+    if (p) munmap(p, lazy_arena_bytes(n));
 }
 
 /* The hash router's fixed random map, one per layer, derived from the seed. */
@@ -257,9 +277,10 @@ void model_free(Model *m) {
     if (m->noise_rng) gsl_rng_free((gsl_rng *)m->noise_rng);
     free(m->params);
     free(m->param_mem);
-    free(m->grad_mem);
-    free(m->adam_m);
-    free(m->adam_v);
+    lazy_arena_free(m->grad_mem, m->num_parameters);
+    lazy_arena_free(m->adam_m, m->num_parameters);
+    lazy_arena_free(m->adam_v, m->num_parameters);
+    free(m->owner);
     free(m->act_mem);
     free(m->scratch_mem);
     free(m->w.blocks);
@@ -616,7 +637,10 @@ void model_reduce_aux(Model *m, MoeSum sum, int ranks) {
 }
 
 void model_zero_grad(Model *m) {
-    if (m->grad_mem) memset(m->grad_mem, 0, sizeof(float) * m->num_parameters);
+    if (!m->grad_mem) return;
+    for (int i = 0; i < m->n_params; i++)
+        if (model_trains(m, i))
+            memset(m->grad_mem + m->params[i].offset, 0, sizeof(float) * m->params[i].numel);
 }
 
 int model_backward(Model *m, char *err) {
@@ -624,7 +648,7 @@ int model_backward(Model *m, char *err) {
     if (m->B == 0 || isnan(m->mean_loss))
         return ml_error(err, "backward: the last forward had no targets");
     if (!m->grad_mem) {
-        m->grad_mem = arena_alloc(m->num_parameters);
+        m->grad_mem = lazy_arena_alloc(m->num_parameters);
         if (!m->grad_mem) return ml_error(err, "out of memory for the gradients");
         model_layout(m, &m->g, m->grad_mem, 0, NULL);
     }
@@ -692,15 +716,26 @@ int model_backward(Model *m, char *err) {
 /* ------------------------------------------------------------------------ */
 /* optimisation                                                              */
 
-float model_clip_grad(Model *m, float clip) {
+float model_clip_grad(Model *m, float clip, MoeSum sum) {
     if (!m->grad_mem) return 0.0f;
-    double sum = 0.0;
-    for (size_t i = 0; i < m->num_parameters; i++)
-        sum += (double)m->grad_mem[i] * m->grad_mem[i];
-    float norm = (float)sqrt(sum);
+    /* squares of every rank's tensors, and of this rank's experts (whose
+    ** sums the ranks add up); in one process, the arena in order */
+    double sq[2] = {0.0, 0.0};
+    for (int i = 0; i < m->n_params; i++) {
+        if (!model_trains(m, i)) continue;
+        const float *g = m->grad_mem + m->params[i].offset;
+        double *acc = &sq[m->owner && m->owner[i] >= 0];
+        for (size_t j = 0; j < m->params[i].numel; j++) *acc += (double)g[j] * g[j];
+    }
+    if (m->owner && sum) sum(&sq[1], 1);
+    float norm = (float)sqrt(sq[0] + sq[1]);
     if (clip > 0.0f && norm > clip) {
         float scale = clip / norm;
-        for (size_t i = 0; i < m->num_parameters; i++) m->grad_mem[i] *= scale;
+        for (int i = 0; i < m->n_params; i++) {
+            if (!model_trains(m, i)) continue;
+            float *g = m->grad_mem + m->params[i].offset;
+            for (size_t j = 0; j < m->params[i].numel; j++) g[j] *= scale;
+        }
     }
     return norm;
 }
@@ -708,11 +743,9 @@ float model_clip_grad(Model *m, float clip) {
 int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
                      float weight_decay, char *err) {
     if (!m->grad_mem) return ml_error(err, "AdamW step before any backward pass");
-    if (!m->adam_m) {
-        m->adam_m = arena_alloc(m->num_parameters);
-        m->adam_v = arena_alloc(m->num_parameters);
-        if (!m->adam_m || !m->adam_v) return ml_error(err, "out of memory for AdamW's moments");
-    }
+    if (!m->adam_m) m->adam_m = lazy_arena_alloc(m->num_parameters);
+    if (!m->adam_v) m->adam_v = lazy_arena_alloc(m->num_parameters);
+    if (!m->adam_m || !m->adam_v) return ml_error(err, "out of memory for AdamW's moments");
     m->adam_t++;
     /* bias corrections as factors: mhat = m / bc1, sqrt(vhat) = sqrt(v / bc2) */
     float inv_bc1 = 1.0f / (1.0f - powf(beta1, (float)m->adam_t));
@@ -723,6 +756,7 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 #pragma omp parallel
     for (int i = 0; i < m->n_params; i++) {
         const ParamInfo *p = &m->params[i];
+        if (!model_trains(m, i)) continue;
         float *x = m->param_mem + p->offset;
         float *g = m->grad_mem + p->offset;
         float *mm = m->adam_m + p->offset, *vv = m->adam_v + p->offset;
@@ -743,8 +777,9 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
 /* evaluation and sampling                                                   */
 
 /* A forward of this process alone: every rank holds every expert's weights
-** (moe/parallel.c), so a sequence's loss or a sample needs no exchange under
-** expert parallelism, and a script may ask for one on one rank only. */
+** between training calls (moe/parallel.c), so a sequence's loss or a
+** sample needs no exchange under expert parallelism, and a script may ask
+** for one on one rank only. */
 static int forward_here(Model *m, const int *inputs, const int *targets, int B, int T, char *err) {
     int parallel = m->config.moe.parallel_experts, shard = m->shard, shards = m->shards;
     m->config.moe.parallel_experts = 0;

@@ -30,6 +30,7 @@ typedef struct {
     size_t offset; /* in floats, from the arena's start */
     size_t numel;
     int decay;     /* weight decay applies: matrices only */
+    int expert;    /* the MoE expert it belongs to (its layer's), or -1 */
 } ParamInfo;
 
 typedef struct {
@@ -93,6 +94,14 @@ typedef struct Model {
     float *grad_mem;   Weights g;   /* NULL until the first backward */
     float *adam_m, *adam_v;         /* NULL until the first update */
     int64_t adam_t;
+    /* Expert parallelism's sharded training state (trainer.c): the rank that
+    ** trains each parameter (an expert's: its rank; -1: every rank), and
+    ** this rank. The gradients and AdamW moments of other ranks' experts are
+    ** never touched here, so their pages are never allocated (the arenas are
+    ** mapped lazily); their weights come from their ranks when a training
+    ** call ends. NULL: every parameter is trained here. */
+    int *owner;
+    int owner_me;
     /* activations, laid out for max_batch sequences of context tokens */
     int max_batch;
     float *act_mem; Acts acts;
@@ -157,7 +166,8 @@ void model_free(Model *m);
 ** the loss into acts.losses and mean_loss; without, only acts.probs. */
 int model_forward(Model *m, const int *inputs, const int *targets, int B, int T, char *err);
 /* Gradients of mean_loss for the last forward (which must have had targets),
-** accumulated into the gradient arena. */
+** accumulated into the gradient arena; model_zero_grad zeroes those of the
+** parameters trained here (model_trains). */
 void model_zero_grad(Model *m);
 int model_backward(Model *m, char *err);
 /* After a training forward on one of `ranks` slices of a batch: the
@@ -165,11 +175,19 @@ int model_backward(Model *m, char *err);
 ** batch's, from each MoE layer's sums added up by `sum` over the ranks. */
 void model_reduce_aux(Model *m, MoeSum sum, int ranks);
 
+/* Whether this process trains parameter i (Model.owner). */
+static inline int model_trains(const Model *m, int i) {
+    return !m->owner || m->owner[i] < 0 || m->owner[i] == m->owner_me;
+}
+
 /* Global L2 norm of the gradients; with clip > 0 and norm > clip, scales them
-** down to norm `clip`. Returns the norm before clipping. */
-float model_clip_grad(Model *m, float clip);
-/* One AdamW step on every parameter; weight decay on matrices only. The
-** gradients are zero afterwards (consumed), ready for the next backward. */
+** down to norm `clip`. Returns the norm before clipping. With sharded
+** experts (Model.owner), `sum` adds the ranks' sums of their own experts'
+** squares; NULL for one process. */
+float model_clip_grad(Model *m, float clip, MoeSum sum);
+/* One AdamW step on every parameter trained here (model_trains); weight
+** decay on matrices only. The gradients are zero afterwards (consumed),
+** ready for the next backward. */
 int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
                      float weight_decay, char *err);
 

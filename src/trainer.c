@@ -639,6 +639,84 @@ static int probe(Trainer *t, const TrainOptions *o, int last, const char **statu
     return evaluate_in_training(t, &po, &er, status, status_msg, n, err);
 }
 
+/* ------------------------------------------------------------------------ */
+/* expert parallelism's sharded training state (Model.owner)                 */
+
+/* The rank that trains each parameter when this model trains over `ranks`
+** ranks now: under expert parallelism, an expert's tensors are its rank's
+** (moe.placement), the rest every rank's (-1). NULL in *out when nothing is
+** sharded (one process, data parallelism). */
+static int shard_plan(const Model *m, int ranks, int **out, char *err) {
+    const MoeConfig *mc = &m->config.moe;
+    *out = NULL;
+    if (ranks < 2 || m->n_moe_layers == 0 || !moe_parallel(mc)) return 0;
+    int *owner = malloc(sizeof(int) * (size_t)m->n_params);
+    int *rank_of = malloc(sizeof(int) * (size_t)mc->experts);
+    if (!owner || !rank_of) {
+        free(owner);
+        free(rank_of);
+        return ml_error(err, "out of memory for expert parallelism");
+    }
+    moe_placement(mc, ranks, rank_of);
+    for (int i = 0; i < m->n_params; i++)
+        owner[i] = m->params[i].expert >= 0 ? rank_of[m->params[i].expert] : -1;
+    free(rank_of);
+    *out = owner;
+    return 0;
+}
+
+/* Calls f(x, n, owner) for each run of consecutive tensors of `arena` with
+** the same owner (Model.owner): few calls, each over a contiguous range. */
+static void owner_runs(const Model *m, float *arena, void (*f)(float *x, size_t n, int owner, int ranks),
+                       int ranks) {
+    for (int i = 0; i < m->n_params;) {
+        int o = m->owner[i], j = i;
+        size_t n = 0;
+        while (j < m->n_params && m->owner[j] == o) n += m->params[j++].numel;
+        f(arena + m->params[i].offset, n, o, ranks);
+        i = j;
+    }
+}
+
+static void broadcast_run(float *x, size_t n, int owner, int ranks) {
+    (void)ranks;
+    if (owner >= 0) dist_broadcast_from(x, sizeof(float) * n, owner);
+}
+
+/* The mean of the ranks' gradients: every rank's tensors summed over the
+** ranks, a rank's own experts' as they are (that rank ran them on the whole
+** batch's rows; the others hold zeros there), both divided by the ranks. */
+static void average_run(float *x, size_t n, int owner, int ranks) {
+    if (owner >= 0 && owner != dist_rank()) return;
+    if (owner < 0) dist_sum_float(x, n);
+    cblas_sscal((blasint)n, 1.0f / ranks, x, 1);
+}
+
+/* Makes `want` (shard_plan's) the model's ownership for the training that
+** starts. AdamW moments kept under another ownership (an earlier call with
+** other placements, or expert parallelism then, data parallelism now) come
+** first from the ranks that kept them. */
+static void shard_training(Model *m, int *want) {
+    if (m->owner && m->adam_m && m->adam_v)
+        for (int i = 0; i < m->n_params; i++) {
+            int o = m->owner[i];
+            if (o < 0 || (want && want[i] == o)) continue;
+            const ParamInfo *p = &m->params[i];
+            dist_broadcast_from(m->adam_m + p->offset, sizeof(float) * p->numel, o);
+            dist_broadcast_from(m->adam_v + p->offset, sizeof(float) * p->numel, o);
+        }
+    free(m->owner);
+    m->owner = want;
+    m->owner_me = dist_rank();
+}
+
+/* After sharded training: every expert's weights from the rank that trained
+** them, so that every rank holds the whole model again (model:loss, sample,
+** save; the moments stay where they are). */
+static void gather_experts(Model *m) {
+    if (m->owner) owner_runs(m, m->param_mem, broadcast_run, dist_size());
+}
+
 int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *err) {
     Model *m = t->model;
     int T = m->config.context, rank = dist_rank(), ranks = dist_size();
@@ -662,7 +740,8 @@ int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *e
     }
     if (!isfinite(*loss) || !isfinite(m->aux_loss)) return 0; /* diverged: no gradients */
     if (model_backward(m, err) != 0) return -1;
-    if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
+    if (ranks > 1 && m->owner) owner_runs(m, m->grad_mem, average_run, ranks);
+    else if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
         dist_sum_float(m->grad_mem, m->num_parameters);
         cblas_sscal((blasint)m->num_parameters, 1.0f / ranks, m->grad_mem, 1);
     }
@@ -767,6 +846,14 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         if (bad) return -1;
     }
 
+    /* under expert parallelism each rank trains its own experts (Model.owner) */
+    int *owner;
+    if (shard_plan(m, ranks, &owner, err) != 0) {
+        if (ranks > 1) dist_fail(err);
+        return -1;
+    }
+    shard_training(m, owner);
+
     /* a Ctrl-C that came just before (the host sets the flag too) still counts */
     /* Ctrl-C, SIGTERM and SIGHUP end the step and stop the run as interrupted */
     void (*old_int)(int) = signal(SIGINT, sigint_handler);
@@ -816,7 +903,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
                      TRAIN_EXPLODE_MARGIN, first_loss, TRAIN_EXPLODE_STEPS);
             break;
         }
-        if (o->clip > 0.0f) model_clip_grad(m, o->clip);
+        if (o->clip > 0.0f) model_clip_grad(m, o->clip, dist_sum_double);
         float lr = trainer_lr(o, s);
         if (model_adamw_step(m, lr, o->beta1, o->beta2, o->eps, o->weight_decay, err) != 0) {
             rc = -1;
@@ -871,6 +958,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     if (progress) fprintf(stderr, "\n");
     /* a rank that failed in a step stops them all: the others wait in its collectives */
     if (rc != 0 && ranks > 1) dist_fail(err);
+    gather_experts(m);
     if (rc == 0 && strcmp(status, "finished") == 0 && probe(t, o, 1, &status, status_msg,
                                                             sizeof status_msg, err) < 0)
         rc = -1;

@@ -14,7 +14,9 @@
 */
 #include "testproc.h"
 
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "checkpoint.h"
 #include "dist.h"
@@ -23,6 +25,7 @@
 
 static const char *moelab;  /* the binary, or NULL: skip */
 static int have_mpirun;
+static const char *self;    /* this program, for its workers */
 
 /* make installs openmpi-bin: without mpirun the tests fail, they do not skip */
 #define SKIP_WITHOUT_MPI()                                                           \
@@ -50,10 +53,12 @@ static const char *const dp_script =
     "local data = moelab.corpus{ path = a.corpus, split = 0.9 }\n"
     "local model = moelab.model{ layers = 2, d_model = 32, heads = 2, context = 32,\n"
     "  moe = { experts = 4, hidden = 32, router = load('return ' .. a.router)(),\n"
-    "          aux = { balance = 0.01, z = 0.001, cv2 = 0.01 }, parallel = a.parallel }, seed = 3 }\n"
+    "          aux = { balance = 0.01, z = 0.001, cv2 = 0.01 }, parallel = a.parallel,\n"
+    "          placement = a.placement and load('return ' .. a.placement)() }, seed = 3 }\n"
     "local db = moelab.open(a.db)\n"
     "local run = db:run{ name = 'dp', model = model, data = data }\n"
-    "run:train{ steps = 5, batch = a.batch, lr = 3e-3, warmup = 1, eval_batches = 2, eval_batch = 4 }\n"
+    "run:train{ steps = 5, batch = a.batch, lr = 3e-3, warmup = 1, eval_batches = 2, eval_batch = 4,\n"
+    "           clip = tonumber(a.clip or 0) }\n"
     "local e = run:evaluate{ batches = 6, batch = 4, record = true }\n"
     "model:save(a.out)\n"
     "local rows = db:query('select count(*) as n from routing where eval_id = ?', e.eval_id)\n"
@@ -102,7 +107,9 @@ static double file_number(const char *path, int field) {
     return v[field];
 }
 
-static void one_against_two(const char *name, const char *router) {
+/* extra: more arguments of both runs (expert parallelism: the one process
+** ignores it), or NULL */
+static void one_against_two(const char *name, const char *router, const char *const *extra) {
     char corpus[512], script[512], db1[512], db2[512], out1[512], out2[512];
     tmp_path(corpus, sizeof corpus, "corpus.txt");
     write_corpus(corpus);
@@ -126,12 +133,14 @@ static void one_against_two(const char *name, const char *router) {
     snprintf(a_out2, sizeof a_out2, "out=%s", out2);
 
     Proc p;
-    const char *const one[] = {"run", script, a_corpus, a_router, a_db1, a_out1, "batch=16", NULL};
+    const char *one[12] = {"run", script, a_corpus, a_router, a_db1, a_out1, "batch=16"};
+    for (int i = 0, n = 7; extra && extra[i]; i++) one[n++] = extra[i]; /* one process: no effect */
     proc_spawn(&p, NULL, moelab, one);
     proc_finish(&p, 120);
     expect_ok(&p, "one process");
     proc_free(&p);
-    const char *const two[] = {"run", script, a_corpus, a_router, a_db2, a_out2, "batch=8", NULL};
+    const char *two[12] = {"run", script, a_corpus, a_router, a_db2, a_out2, "batch=8"};
+    for (int i = 0, n = 7; extra && extra[i]; i++) two[n++] = extra[i];
     mpirun_moelab(&p, 2, two, 120);
     expect_ok(&p, "two ranks");
     proc_free(&p);
@@ -226,7 +235,123 @@ static int gradients_worker(int argc, char **argv) {
     return 0;
 }
 
-static const char *self; /* this program, for its workers */
+/* How many of the whole pages inside n floats at x are resident. */
+static size_t resident_pages(const float *x, size_t n, size_t *pages) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)x + page - 1) / page * page, b = ((uintptr_t)(x + n)) / page * page;
+    *pages = b > a ? (b - a) / page : 0;
+    if (*pages == 0) return 0;
+    unsigned char vec[4096];
+    size_t in = 0;
+    for (size_t at = 0; at < *pages; at += sizeof vec) {
+        size_t k = *pages - at < sizeof vec ? *pages - at : sizeof vec;
+        if (mincore((void *)(a + at * page), k * page, vec) != 0) return (size_t)-1;
+        for (size_t i = 0; i < k; i++) in += vec[i] & 1;
+    }
+    return in;
+}
+
+static void same_on_both_ranks(const Model *m, const char *when) {
+    uint64_t h = 1469598103934665603ULL;
+    const unsigned char *b = (const unsigned char *)m->param_mem;
+    for (size_t i = 0; i < m->num_parameters * sizeof(float); i++) h = (h ^ b[i]) * 1099511628211ULL;
+    int hs[2] = {(int)(h & 0x7fffffff), (int)(h >> 33)}, all[4];
+    dist_allgather_int(hs, 2, all);
+    char msg[128];
+    snprintf(msg, sizeof msg, "the ranks' parameters differ %s", when);
+    if (all[0] != all[2] || all[1] != all[3]) dist_fail(msg);
+}
+
+/* `test_mpi --sharded` under mpirun -np 2: trains an expert-parallel model
+** 3 steps through trainer_train; then each rank's gradients and AdamW
+** moments of the other rank's experts must never have been touched (no page
+** of them resident, every value zero), its own experts' moments must be
+** (resident), and both ranks must hold the same parameters, bit for bit,
+** then and after 3 more steps of data parallelism. */
+static int sharded_worker(int argc, char **argv) {
+    char err[ML_ERRLEN];
+    if (dist_init(&argc, &argv, err) != 0 || dist_size() != 2) {
+        fprintf(stderr, "test_mpi --sharded: under mpirun -np 2: %s\n", err);
+        return 2;
+    }
+    static char text[60000];
+    uint64_t seed = 13;
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + test_rand(&seed) % 12);
+    const char *json = "{\"layers\":2,\"d_model\":32,\"heads\":2,\"context\":32,\"seed\":3,"
+                       "\"moe\":{\"experts\":4,\"hidden\":512,\"router\":{\"kind\":\"topk\",\"k\":2},"
+                       "\"parallel\":\"experts\"}}";
+    ModelConfig c;
+    Corpus *corpus = NULL;
+    Model *m = NULL;
+    Trainer t;
+    config_defaults(&c);
+    if (config_from_json(&c, json, strlen(json), err) != 0 ||
+        corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.9, err) != 0 ||
+        model_create(&m, &c, err) != 0 || trainer_init(&t, m, corpus, NULL, 0, "sharded", 5, err) != 0)
+        dist_fail(err);
+    TrainOptions o;
+    TrainResult res;
+    train_options_defaults(&o);
+    o.steps = 3;
+    o.batch = 4;
+    o.eval_batches = 0;
+    o.progress = 0;
+    o.clip = 0.1f;
+    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    int me = dist_rank(), mine = 0, theirs = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        if (p->expert < 0) continue;
+        int own = p->expert * 2 / 4 == me; /* E/N contiguous: experts 0-1 on rank 0 */
+        float *arenas[3] = {m->grad_mem, m->adam_m, m->adam_v};
+        for (int a = 0; a < 3; a++) {
+            size_t pages, in = resident_pages(arenas[a] + p->offset, p->numel, &pages);
+            if (pages == 0) continue;
+            if (!own && in != 0) {
+                snprintf(err, sizeof err, "%s: %zu of %zu pages of arena %d resident on rank %d",
+                         p->name, in, pages, a, me);
+                dist_fail(err);
+            }
+            if (own && a > 0 && in != pages) {
+                snprintf(err, sizeof err, "%s: own moments not resident on rank %d", p->name, me);
+                dist_fail(err);
+            }
+            for (size_t j = 0; !own && j < p->numel; j++)
+                if (arenas[a][p->offset + j] != 0.0f) dist_fail("another rank's expert was trained here");
+            own ? mine++ : theirs++;
+        }
+    }
+    if (mine == 0 || theirs == 0) dist_fail("no whole page to look at");
+    /* the same bits on both ranks: the weights came back from their ranks */
+    same_on_both_ranks(m, "after expert-parallel training");
+    /* then data parallel: every rank needs every expert's moments, which
+    ** come from the ranks that kept them; else the ranks drift apart */
+    m->config.moe.parallel_experts = 0;
+    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    same_on_both_ranks(m, "after data-parallel training that followed");
+    if (me == 0) printf("sharded: %d own and %d others' expert arenas looked at\n", mine, theirs);
+    trainer_free(&t);
+    model_free(m);
+    corpus_free(corpus);
+    dist_finalize();
+    return 0;
+}
+
+/* under expert parallelism a rank keeps the training state of its own
+** experts only: the others' gradients and moments take no memory here */
+static void test_expert_parallel_shards_training_state(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    const char *argv[] = {"-np", "2", "--oversubscribe", geteuid() == 0 ? "--allow-run-as-root" : "-q",
+                          self, "--sharded", NULL};
+    Proc p;
+    proc_spawn(&p, NULL, "mpirun", argv);
+    proc_finish(&p, 120);
+    expect_ok(&p, "sharded training state");
+    expect_in("sharded", p.out.data, "own and");
+    proc_free(&p);
+}
+
 
 /* The gradients of CONFIG over a batch of 16 sequences: one process, 2 ranks
 ** with 8 each; returns the floats (loss first) and their count. */
@@ -371,7 +496,20 @@ static void test_traffic_recorded(void **state) {
 static void test_two_ranks_train_as_one_process(void **state) {
     (void)state;
     SKIP_WITHOUT_MPI();
-    one_against_two("topk", "{ kind = 'topk', k = 2 }");
+    one_against_two("topk", "{ kind = 'topk', k = 2 }", NULL);
+}
+
+/* expert parallelism: each rank trains its own experts (their gradients,
+** clipped by the whole model's norm, and AdamW moments only there) and
+** hands their weights to the others when training ends; the parameters are
+** still one process's, for the default placement and a scattered one */
+static void test_expert_parallel_trains_as_one_process(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    const char *const contiguous[] = {"parallel=experts", "clip=0.1", NULL};
+    one_against_two("ep", "{ kind = 'topk', k = 2 }", contiguous);
+    const char *const scattered[] = {"parallel=experts", "placement={ 1, 0, 0, 1 }", "clip=0.1", NULL};
+    one_against_two("ep-placed", "{ kind = 'topk', k = 2 }", scattered);
 }
 
 /* the passes of a stratified layer hold different tokens on each rank: its
@@ -379,7 +517,7 @@ static void test_two_ranks_train_as_one_process(void **state) {
 static void test_two_ranks_stratified(void **state) {
     (void)state;
     SKIP_WITHOUT_MPI();
-    one_against_two("strata", "{ kind = 'stratified', strata = { 1, 1, 2 } }");
+    one_against_two("strata", "{ kind = 'stratified', strata = { 1, 1, 2 } }", NULL);
 }
 
 /* rank 1 stops (an error, an exit without MPI, a SIGKILL) while rank 0 waits
@@ -558,6 +696,7 @@ static int group_teardown(void **state) {
 
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "--gradients") == 0) return gradients_worker(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "--sharded") == 0) return sharded_worker(argc, argv);
     self = argv[0];
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_expert_parallel_gradients),
@@ -565,6 +704,8 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_plain_moelab_is_one_rank),
         cmocka_unit_test(test_two_ranks_train_as_one_process),
         cmocka_unit_test(test_two_ranks_stratified),
+        cmocka_unit_test(test_expert_parallel_trains_as_one_process),
+        cmocka_unit_test(test_expert_parallel_shards_training_state),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
         cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
     };

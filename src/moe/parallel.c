@@ -12,10 +12,12 @@
 **
 ** and backward the same: the rows' output gradients out, their input
 ** gradients back, the experts' weight gradients on the rank that ran them.
-** Those are the whole batch's sums; the trainer's average over the ranks
-** then gives each the gradient one process would (the other ranks add
-** zeros), so every rank keeps every expert's weights, identical, and
-** updates them all: the products are sharded, the parameters are not.
+** Those are the whole batch's sums: divided by the ranks, the gradient one
+** process would have. The training state is sharded too (trainer.c,
+** Model.owner): a rank keeps the gradients and AdamW moments of its own
+** experts only and updates only their weights; when a training call ends,
+** each rank sends its experts' weights to the others, so that every rank
+** holds the whole model between calls (model:loss, sample, save).
 **
 ** Expert e runs on rank placement[e] (moe.placement) or, by default, on
 ** rank floor(e · N / E): E/N consecutive experts a rank.
