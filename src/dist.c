@@ -163,6 +163,45 @@ int dist_quiet(char *err) {
 
 FILE *dist_errors(void) { return errors ? errors : stderr; }
 
+/* A rank's call in dist_agree: what, then where, each NUL-terminated. */
+typedef struct {
+    char what[48];
+    char where[208];
+} DistCall;
+
+void dist_agree(const char *what, const char *where) {
+    if (size == 1) return;
+    DistCall mine;
+    memset(&mine, 0, sizeof mine);
+    snprintf(mine.what, sizeof mine.what, "%s", what);
+    snprintf(mine.where, sizeof mine.where, "%s", where ? where : "");
+    DistCall *all = malloc(sizeof *all * (size_t)size);
+    if (!all) dist_fail("out of memory");
+    COMM_BEGIN;
+    MPI_Allgather(&mine, (int)sizeof mine, MPI_BYTE, all, (int)sizeof mine, MPI_BYTE, MPI_COMM_WORLD);
+    COMM_END;
+    int same = 1;
+    for (int r = 0; r < size; r++)
+        same &= strcmp(all[r].what, mine.what) == 0 && strcmp(all[r].where, mine.where) == 0;
+    if (same) {
+        free(all);
+        return;
+    }
+    char msg[2048];
+    size_t n = (size_t)snprintf(msg, sizeof msg, "the ranks are at different calls:");
+    for (int r = 0; r < size && n < sizeof msg; r++)
+        n += (size_t)snprintf(msg + n, sizeof msg - n, "%s rank %d at %s%s%s%s", r ? "," : "", r,
+                              all[r].what, all[r].where[0] ? " (" : "", all[r].where,
+                              all[r].where[0] ? ")" : "");
+    if (n < sizeof msg)
+        snprintf(msg + n, sizeof msg - n, ". Every rank must make the same collective calls in "
+                 "the same order: an error raised on one rank and caught there with pcall, or a "
+                 "branch on moelab.rank, sends them different ways");
+    free(all);
+    if (rank != 0) sleep(2); /* rank 0 says it, and stops the others */
+    dist_fail(msg);
+}
+
 _Noreturn void dist_fail(const char *msg) {
     fprintf(dist_errors(), "moelab: [rank %d of %d] %s; stopping every rank\n", rank, size,
             msg ? msg : "failed");

@@ -65,6 +65,14 @@ int dist_quiet(char *err);
 /* Where this rank's errors go: stderr, or its own stderr before dist_quiet. */
 FILE *dist_errors(void);
 
+/* Before a collective call a script makes (db:query, run:train, ...): each
+** rank says which call (`what`) and from where in the script (`where`,
+** "file:line"). When the ranks are not all at the same call from the same
+** place (an error raised on one rank and caught there with pcall, a branch
+** on moelab.rank), every rank stops, saying where each was, instead of
+** running mismatched collectives or waiting forever. Nothing for one rank. */
+void dist_agree(const char *what, const char *where);
+
 /* Prints "moelab: [rank r] msg" and stops every rank with exit code 1. */
 _Noreturn void dist_fail(const char *msg);
 

@@ -187,6 +187,19 @@ static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
 
 /* Raises err, a message from the C layer, as "what: ..."; err's own prefix
 ** ("train: ", "moefy: ") is dropped, so that it is not said twice. */
+/* Every call a script makes that the ranks make together starts here: the
+** ranks check that they are all at it, from the same line (dist_agree). */
+static void agree(lua_State *L, const char *what) {
+    if (!dist_active()) return;
+    luaL_where(L, 1); /* "file:line: ", or "" when C called us */
+    char where[256];
+    snprintf(where, sizeof where, "%s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    size_t n = strlen(where);
+    while (n > 0 && (where[n - 1] == ' ' || where[n - 1] == ':')) where[--n] = '\0';
+    dist_agree(what, where);
+}
+
 /* Over several ranks, the outcome of what rank 0 alone does (the database,
 ** files): its rc, and its message when it failed, on every rank, so that
 ** all go on or all raise the same error. */
@@ -529,6 +542,7 @@ static int l_fit_router(lua_State *L) {
 }
 
 static int model_save(lua_State *L) {
+    agree(L, "model:save");
     LModel *m = check_model(L, 1);
     const char *path = luaL_checkstring(L, 2);
     char err[ML_ERRLEN];
@@ -769,6 +783,7 @@ static int db_close(lua_State *L) {
 ** opens an existing database for queries only (no upgrade, no lock) */
 static int l_open(lua_State *L) {
     static const char *const keys[] = {"adopt", "readonly", NULL};
+    agree(L, "moelab.open");
     const char *path = luaL_checkstring(L, 1);
     int adopt = 0, readonly = 0;
     if (!lua_isnoneornil(L, 2)) { /* moelab.open(path, { adopt = true }) */
@@ -989,6 +1004,7 @@ static int rank0_rows(lua_State *L, lua_CFunction here, int remote, const char *
 }
 
 static int db_query(lua_State *L) {
+    agree(L, "db:query");
     LDb *d = check_db(L, 1);
     if (!dist_active()) return query_here(L);
     return rank0_rows(L, query_here, d->remote, "db:query");
@@ -1041,6 +1057,7 @@ static int run_close(lua_State *L) {
 
 static int db_run(lua_State *L) {
     static const char *const keys[] = {"name", "model", "data", "experiment", "seed", NULL};
+    agree(L, "db:run");
     LDb *d = check_db(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "db:run", keys);
@@ -1154,6 +1171,7 @@ static int run_train(lua_State *L) {
         "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
         "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", "probe", NULL};
     static const char *const probe_keys[] = {"every", "batch", "seed", NULL};
+    agree(L, "run:train");
     LRun *r = check_run(L, 1);
     run_options(L, "run:train", keys);
     run_bind(L, r);
@@ -1229,6 +1247,7 @@ static int run_train(lua_State *L) {
 ** counterfactual router table (config_router_from_json) */
 static int run_evaluate(lua_State *L) {
     static const char *const keys[] = {"batches", "batch", "split", "record", "seed", "router", NULL};
+    agree(L, "run:evaluate");
     LRun *r = check_run(L, 1);
     run_options(L, "run:evaluate", keys);
     run_bind(L, r);
@@ -1444,6 +1463,7 @@ static int placement_study_here(lua_State *L) {
 /* Over several ranks rank 0 reads the routing and computes the rows (the
 ** others have no database): every rank gets them. */
 static int l_placement_study(lua_State *L) {
+    agree(L, "moelab.placement_study");
     LDb *d = check_db(L, 1);
     if (!dist_active()) return placement_study_here(L);
     return rank0_rows(L, placement_study_here, d->remote, PLACEMENT_WHAT);
@@ -1517,6 +1537,7 @@ static int l_placement_layer(lua_State *L) {
 static int l_plot(lua_State *L) {
     static const char *const keys[] = {"db", "figure", "out", "runs", "layer", "layers",
                                        "size", "gnuplot", NULL};
+    agree(L, "moelab.plot");
     const char *what = "moelab.plot";
     luaL_checktype(L, 1, LUA_TTABLE);
     check_keys(L, 1, what, keys);

@@ -236,6 +236,7 @@ static int cmd_run(int argc, char **argv) {
         int sig = interrupted ? interrupted : trainer_stopped_by ? trainer_stopped_by : SIGINT;
         rc = was_interrupted ? 128 + sig : 1;
     } else {
+        dist_agree("the end of the script", script); /* no rank left behind in a call */
         lmoelab_script_ended(L, NULL, 0);
     }
     lua_close(L); /* closes open runs with the status set above */

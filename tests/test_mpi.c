@@ -565,6 +565,53 @@ static void test_a_rank_that_dies_stops_the_others(void **state) {
     }
 }
 
+/* Ranks that part ways (an error one rank raises and catches, a call on one
+** rank only, a rank that ends the script while the other makes a call):
+** every rank stops within seconds, saying where each one was, instead of
+** running each other's collectives or waiting forever. */
+static void test_ranks_out_of_step_stop_saying_where(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    static const char *const partings[] = {
+        /* rank 1 skips the first query: it would get the second's rows */
+        "pcall(function() if moelab.rank == 1 then error('only here') end\n"
+        "  db:query('SELECT 1 AS x') end)\n"
+        "db:query('SELECT 2 AS x')\n",
+        /* rank 1 ends the script while rank 0 trains */
+        "if moelab.rank == 0 then run:train{ steps = 2, batch = 2 } end\n",
+    };
+    static const char *const said[] = {"rank 0 at db:query (", "rank 1 at the end of the script"};
+    char corpus[512], script[512], db[512];
+    tmp_path(corpus, sizeof corpus, "part-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "part.lua");
+    for (int i = 0; i < 2; i++) {
+        char text[2048];
+        snprintf(text, sizeof text,
+                 "moelab.threads(1)\n"
+                 "local data = moelab.corpus{ path = moelab.args.corpus }\n"
+                 "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16 }\n"
+                 "local db = moelab.open(moelab.args.db)\n"
+                 "local run = db:run{ name = 'part', model = model, data = data }\n"
+                 "%s", partings[i]);
+        write_file(script, text);
+        char a_corpus[600], a_db[600], name[32];
+        snprintf(name, sizeof name, "part%d.db", i);
+        tmp_path(db, sizeof db, name);
+        snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+        snprintf(a_db, sizeof a_db, "db=%s", db);
+        const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+        Proc p;
+        double t0 = now_s();
+        mpirun_moelab(&p, 2, args, 60);
+        if (p.code == 0) fail_msg("parting %d: mpirun exited 0; stderr:\n%s", i, p.err.data);
+        if (now_s() - t0 > 30) fail_msg("parting %d: the job took %.0f s to stop", i, now_s() - t0);
+        expect_in("stderr", p.err.data, "the ranks are at different calls");
+        expect_in("stderr", p.err.data, said[i]);
+        proc_free(&p);
+    }
+}
+
 /* Errors every rank raises alike, caught by the script, and calls made on
 ** one rank only: the ranks go on together (no crash on the ranks without a
 ** database, no abort, no hang), on 3 ranks holding 4 experts unevenly. */
@@ -707,6 +754,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_expert_parallel_trains_as_one_process),
         cmocka_unit_test(test_expert_parallel_shards_training_state),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
+        cmocka_unit_test(test_ranks_out_of_step_stop_saying_where),
         cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
