@@ -419,9 +419,13 @@ void model_memory(const Model *m, int B, int training, ModelMemory *out) {
     Scratch s;
     memset(out, 0, sizeof *out);
     out->parameters = m->num_parameters * sizeof(float);
-    if (training) {
-        out->gradients = out->parameters;
-        out->optimizer = 2 * out->parameters;
+    if (training) { /* of the parameters this process trains (Model.owner) */
+        size_t here = 0;
+        for (int i = 0; i < m->n_params; i++)
+            if (m->params[i].expert < 0 || moe_expert_here(mc, m->params[i].expert))
+                here += m->params[i].numel;
+        out->gradients = here * sizeof(float);
+        out->optimizer = 2 * out->gradients;
         out->scratch = scratch_layout(c, &s, NULL, B) * sizeof(float);
     }
     out->activations = acts_layout(c, &a, NULL, B) * sizeof(float);

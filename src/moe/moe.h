@@ -179,6 +179,9 @@ int moe_parallel(const MoeConfig *mc);
 int moe_check_placement(const MoeConfig *mc, char *err);
 /* The rank of each expert (E of mc->experts) among `ranks`. */
 void moe_placement(const MoeConfig *mc, int ranks, int *rank_of);
+/* Whether this process trains expert e: all do, unless mc runs expert
+** parallel, where only its rank does (the trainer's Model.owner). */
+int moe_expert_here(const MoeConfig *mc, int e);
 /* A forward's grouped rows (s->xe) to their experts' ranks, the experts run
 ** there on every rank's rows, their outputs back into s->ye. */
 int moe_parallel_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,

@@ -60,6 +60,13 @@ void moe_placement(const MoeConfig *mc, int ranks, int *rank_of) {
         rank_of[e] = mc->n_placement ? mc->placement[e] : (int)((int64_t)e * ranks / mc->experts);
 }
 
+int moe_expert_here(const MoeConfig *mc, int e) {
+    if (!moe_parallel(mc)) return 1;
+    int ranks = dist_size();
+    int rank = mc->n_placement ? mc->placement[e] : (int)((int64_t)e * ranks / mc->experts);
+    return rank == dist_rank();
+}
+
 int moe_check_placement(const MoeConfig *mc, char *err) {
     if (!moe_parallel(mc) || !mc->n_placement) return 0;
     for (int e = 0; e < mc->experts; e++)
