@@ -266,7 +266,7 @@ static void same_on_both_ranks(const Model *m, const char *when) {
 ** 3 steps through trainer_train; then each rank's gradients and AdamW
 ** moments of the other rank's experts must never have been touched (no page
 ** of them resident, every value zero), its own experts' moments must be
-** (resident), and both ranks must hold the same parameters, bit for bit,
+** (resident), model_memory must count only what it keeps, and both ranks must hold the same parameters, bit for bit,
 ** then and after 3 more steps of data parallelism. */
 static int sharded_worker(int argc, char **argv) {
     char err[ML_ERRLEN];
@@ -322,6 +322,15 @@ static int sharded_worker(int argc, char **argv) {
         }
     }
     if (mine == 0 || theirs == 0) dist_fail("no whole page to look at");
+    /* model:memory counts what this rank keeps */
+    size_t kept = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].expert < 0 || m->params[i].expert * 2 / 4 == me) kept += m->params[i].numel;
+    ModelMemory mem;
+    model_memory(m, 4, 1, &mem);
+    if (mem.gradients != kept * sizeof(float) || mem.optimizer != 2 * kept * sizeof(float) ||
+        kept >= m->num_parameters)
+        dist_fail("model_memory does not count this rank's experts only");
     /* the same bits on both ranks: the weights came back from their ranks */
     same_on_both_ranks(m, "after expert-parallel training");
     /* then data parallel: every rank needs every expert's moments, which
