@@ -266,8 +266,9 @@ static void same_on_both_ranks(const Model *m, const char *when) {
 ** 3 steps through trainer_train; then each rank's gradients and AdamW
 ** moments of the other rank's experts must never have been touched (no page
 ** of them resident, every value zero), its own experts' moments must be
-** (resident), model_memory must count only what it keeps, and both ranks must hold the same parameters, bit for bit,
-** then and after 3 more steps of data parallelism. */
+** (resident), model_memory must count only what it keeps, and both ranks
+** must hold the same parameters, bit for bit, then and after 3 more steps
+** of data parallelism. */
 static int sharded_worker(int argc, char **argv) {
     char err[ML_ERRLEN];
     if (dist_init(&argc, &argv, err) != 0 || dist_size() != 2) {
