@@ -1,14 +1,18 @@
 /*
-** test_mpi.c — data parallelism over MPI ranks (dist.h), from outside: the
-** binary named by $MOELAB under `mpirun -np 2 --oversubscribe` (and
-** --allow-run-as-root as root, as CI runs), against the same script in one
-** process. Covered: 2 ranks with batch 8 end with the parameters of 1 rank
-** with batch 16 after 5 steps, to 1e-5, for a top-2 layer with balance, z and
-** CV² losses and for a stratified one; the ranks' models are the same bits;
-** the database rank 0 writes holds what one process's holds (losses to 1e-5,
-** every routing and token row of a recorded evaluation split over the ranks);
-** a rank that fails, exits or is killed stops the other instead of leaving
-** it waiting; a plain moelab is one rank and says nothing of MPI.
+** test_mpi.c — data and expert parallelism over MPI ranks (dist.h), from
+** outside: the binary named by $MOELAB under `mpirun -np 2 --oversubscribe`
+** (and --allow-run-as-root as root, as CI runs), against the same script in
+** one process, and this program as its own MPI worker. Covered: 2 ranks with
+** batch 8 end with the parameters of 1 rank with batch 16 after 5 steps, to
+** 1e-5, for a top-2 layer with balance, z and CV² losses, for a stratified
+** one, and under expert parallelism with clipping; the ranks' models are the
+** same bits; the database rank 0 writes holds what one process's holds
+** (losses to 1e-5, every routing and token row of a recorded evaluation split
+** over the ranks); one step's gradients under expert parallelism are data
+** parallelism's for each design; the traffic table; a rank keeps only its
+** own experts' training state; a rank that fails, exits or is killed, or
+** ranks that part ways, stop the others instead of leaving them waiting; a
+** plain moelab is one rank and says nothing of MPI.
 **
 ** Without $MOELAB every test is skipped with a message; without mpirun they fail.
 */
