@@ -180,6 +180,10 @@ static inline int model_trains(const Model *m, int i) {
     return !m->owner || m->owner[i] < 0 || m->owner[i] == m->owner_me;
 }
 
+/* Zeroes the gradients and AdamW moments of the tensors not trained here
+** (Model.owner), giving back the memory of their whole pages. */
+void model_release_untrained(Model *m);
+
 /* Global L2 norm of the gradients; with clip > 0 and norm > clip, scales them
 ** down to norm `clip`. Returns the norm before clipping. With sharded
 ** experts (Model.owner), `sum` adds the ranks' sums of their own experts'

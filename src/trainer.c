@@ -695,19 +695,31 @@ static void average_run(float *x, size_t n, int owner, int ranks) {
 /* Makes `want` (shard_plan's) the model's ownership for the training that
 ** starts. AdamW moments kept under another ownership (an earlier call with
 ** other placements, or expert parallelism then, data parallelism now) come
-** first from the ranks that kept them. */
+** first from the ranks that kept them: to the expert's new rank alone, or
+** to every rank for data parallelism. Then what this rank does not train
+** any more (an expert that moved, the others' after data parallelism) is
+** given back, so that it takes no memory here. */
 static void shard_training(Model *m, int *want) {
+    int me = dist_rank();
     if (m->owner && m->adam_m && m->adam_v)
         for (int i = 0; i < m->n_params; i++) {
-            int o = m->owner[i];
-            if (o < 0 || (want && want[i] == o)) continue;
+            int o = m->owner[i], w = want ? want[i] : -1;
+            if (o < 0 || w == o) continue;
             const ParamInfo *p = &m->params[i];
-            dist_broadcast_from(m->adam_m + p->offset, sizeof(float) * p->numel, o);
-            dist_broadcast_from(m->adam_v + p->offset, sizeof(float) * p->numel, o);
+            size_t bytes = sizeof(float) * p->numel;
+            float *moments[2] = {m->adam_m + p->offset, m->adam_v + p->offset};
+            /* every rank goes through the tensors in the same order, and each
+            ** send has its receive at the same point: no rank waits in a cycle */
+            for (int k = 0; k < 2; k++) {
+                if (w < 0) dist_broadcast_from(moments[k], bytes, o);
+                else if (me == o) dist_send(moments[k], bytes, w);
+                else if (me == w) dist_recv(moments[k], bytes, o);
+            }
         }
     free(m->owner);
     m->owner = want;
-    m->owner_me = dist_rank();
+    m->owner_me = me;
+    model_release_untrained(m);
 }
 
 /* After sharded training: every expert's weights from the rank that trained

@@ -63,6 +63,12 @@ static const char *const dp_script =
     "local run = db:run{ name = 'dp', model = model, data = data }\n"
     "run:train{ steps = 5, batch = a.batch, lr = 3e-3, warmup = 1, eval_batches = 2, eval_batch = 4,\n"
     "           clip = tonumber(a.clip or 0) }\n"
+    "if a.replace then -- experts to other ranks, or data parallel: the moments follow\n"
+    "  if a.replace == 'data' then model:parallel('data')\n"
+    "  else model:parallel('experts', load('return ' .. a.replace)()) end\n"
+    "  run:train{ steps = 3, batch = a.batch, lr = 3e-3, eval_batches = 0, weight_decay = 0.1,\n"
+    "             clip = tonumber(a.clip or 0) }\n"
+    "end\n"
     "local e = run:evaluate{ batches = 6, batch = 4, record = true }\n"
     "model:save(a.out)\n"
     "local rows = db:query('select count(*) as n from routing where eval_id = ?', e.eval_id)\n"
@@ -266,13 +272,51 @@ static void same_on_both_ranks(const Model *m, const char *when) {
     if (all[0] != all[2] || all[1] != all[3]) dist_fail(msg);
 }
 
+/* Under expert parallelism with expert e on rank rank_of[e]: this rank's
+** gradients and AdamW moments of other ranks' experts must take no memory
+** (no whole page of them resident) and hold zeros, its own experts' moments
+** must be resident. Counts the tensors looked at into *mine and *theirs. */
+static void expect_sharded(const Model *m, const int *rank_of, const char *when, int *mine,
+                           int *theirs) {
+    char err[ML_ERRLEN];
+    int me = dist_rank();
+    for (int i = 0; i < m->n_params; i++) {
+        const ParamInfo *p = &m->params[i];
+        if (p->expert < 0) continue;
+        int own = rank_of[p->expert] == me;
+        float *arenas[3] = {m->grad_mem, m->adam_m, m->adam_v};
+        for (int a = 0; a < 3; a++) {
+            size_t pages, in = resident_pages(arenas[a] + p->offset, p->numel, &pages);
+            if (pages == 0) continue;
+            if (!own && in != 0) {
+                snprintf(err, sizeof err, "%s: %s: %zu of %zu pages of arena %d resident on rank %d",
+                         when, p->name, in, pages, a, me);
+                dist_fail(err);
+            }
+            if (own && a > 0 && in != pages) {
+                snprintf(err, sizeof err, "%s: %s: own moments not resident on rank %d", when,
+                         p->name, me);
+                dist_fail(err);
+            }
+            for (size_t j = 0; !own && j < p->numel; j++)
+                if (arenas[a][p->offset + j] != 0.0f) {
+                    snprintf(err, sizeof err, "%s: another rank's expert was trained here", when);
+                    dist_fail(err);
+                }
+            own ? (*mine)++ : (*theirs)++;
+        }
+    }
+}
+
 /* `test_mpi --sharded` under mpirun -np 2: trains an expert-parallel model
 ** 3 steps through trainer_train; then each rank's gradients and AdamW
 ** moments of the other rank's experts must never have been touched (no page
 ** of them resident, every value zero), its own experts' moments must be
 ** (resident), model_memory must count only what it keeps, and both ranks
-** must hold the same parameters, bit for bit, then and after 3 more steps
-** of data parallelism. */
+** must hold the same parameters, bit for bit. The same after 3 more steps
+** with the experts placed the other way round (the moments moved: what a
+** rank no longer trains is given back), after 3 steps of data parallelism,
+** and after 3 more of expert parallelism. */
 static int sharded_worker(int argc, char **argv) {
     char err[ML_ERRLEN];
     if (dist_init(&argc, &argv, err) != 0 || dist_size() != 2) {
@@ -302,35 +346,15 @@ static int sharded_worker(int argc, char **argv) {
     o.eval_batches = 0;
     o.progress = 0;
     o.clip = 0.1f;
+    int mine = 0, theirs = 0;
     if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
-    int me = dist_rank(), mine = 0, theirs = 0;
-    for (int i = 0; i < m->n_params; i++) {
-        const ParamInfo *p = &m->params[i];
-        if (p->expert < 0) continue;
-        int own = p->expert * 2 / 4 == me; /* E/N contiguous: experts 0-1 on rank 0 */
-        float *arenas[3] = {m->grad_mem, m->adam_m, m->adam_v};
-        for (int a = 0; a < 3; a++) {
-            size_t pages, in = resident_pages(arenas[a] + p->offset, p->numel, &pages);
-            if (pages == 0) continue;
-            if (!own && in != 0) {
-                snprintf(err, sizeof err, "%s: %zu of %zu pages of arena %d resident on rank %d",
-                         p->name, in, pages, a, me);
-                dist_fail(err);
-            }
-            if (own && a > 0 && in != pages) {
-                snprintf(err, sizeof err, "%s: own moments not resident on rank %d", p->name, me);
-                dist_fail(err);
-            }
-            for (size_t j = 0; !own && j < p->numel; j++)
-                if (arenas[a][p->offset + j] != 0.0f) dist_fail("another rank's expert was trained here");
-            own ? mine++ : theirs++;
-        }
-    }
+    const int contiguous[4] = {0, 0, 1, 1}, swapped[4] = {1, 1, 0, 0}; /* E/N a rank by default */
+    expect_sharded(m, contiguous, "after expert-parallel training", &mine, &theirs);
     if (mine == 0 || theirs == 0) dist_fail("no whole page to look at");
     /* model:memory counts what this rank keeps */
     size_t kept = 0;
     for (int i = 0; i < m->n_params; i++)
-        if (m->params[i].expert < 0 || m->params[i].expert * 2 / 4 == me) kept += m->params[i].numel;
+        if (m->params[i].expert < 0 || m->params[i].expert * 2 / 4 == dist_rank()) kept += m->params[i].numel;
     ModelMemory mem;
     model_memory(m, 4, 1, &mem);
     if (mem.gradients != kept * sizeof(float) || mem.optimizer != 2 * kept * sizeof(float) ||
@@ -338,12 +362,25 @@ static int sharded_worker(int argc, char **argv) {
         dist_fail("model_memory does not count this rank's experts only");
     /* the same bits on both ranks: the weights came back from their ranks */
     same_on_both_ranks(m, "after expert-parallel training");
+    /* another placement: each rank's moments go to the other, and what it
+    ** trained before takes no memory any more */
+    m->config.moe.n_placement = 4;
+    memcpy(m->config.moe.placement, swapped, sizeof swapped);
+    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    expect_sharded(m, swapped, "after the experts changed ranks", &mine, &theirs);
+    same_on_both_ranks(m, "after the experts changed ranks");
     /* then data parallel: every rank needs every expert's moments, which
     ** come from the ranks that kept them; else the ranks drift apart */
     m->config.moe.parallel_experts = 0;
+    m->config.moe.n_placement = 0;
     if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
     same_on_both_ranks(m, "after data-parallel training that followed");
-    if (me == 0) printf("sharded: %d own and %d others' expert arenas looked at\n", mine, theirs);
+    /* and expert parallel again: the others' state is given back */
+    m->config.moe.parallel_experts = 1;
+    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    expect_sharded(m, contiguous, "after expert parallelism again", &mine, &theirs);
+    same_on_both_ranks(m, "after expert parallelism again");
+    if (dist_rank() == 0) printf("sharded: %d own and %d others' expert arenas looked at\n", mine, theirs);
     trainer_free(&t);
     model_free(m);
     corpus_free(corpus);
@@ -365,7 +402,6 @@ static void test_expert_parallel_shards_training_state(void **state) {
     expect_in("sharded", p.out.data, "own and");
     proc_free(&p);
 }
-
 
 /* The gradients of CONFIG over a batch of 16 sequences: one process, 2 ranks
 ** with 8 each; returns the floats (loss first) and their count. */
@@ -524,6 +560,18 @@ static void test_expert_parallel_trains_as_one_process(void **state) {
     one_against_two("ep", "{ kind = 'topk', k = 2 }", contiguous);
     const char *const scattered[] = {"parallel=experts", "placement={ 1, 0, 0, 1 }", "clip=0.1", NULL};
     one_against_two("ep-placed", "{ kind = 'topk', k = 2 }", scattered);
+}
+
+/* a later train call under another placement, or data parallel: the AdamW
+** moments go from the ranks that kept them to those that train the experts
+** now, and the parameters are still one process's */
+static void test_expert_parallel_moments_follow_the_experts(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    const char *const moved[] = {"parallel=experts", "replace={ 1, 1, 0, 0 }", "clip=0.1", NULL};
+    one_against_two("ep-moved", "{ kind = 'topk', k = 2 }", moved);
+    const char *const data[] = {"parallel=experts", "replace=data", "clip=0.1", NULL};
+    one_against_two("ep-then-data", "{ kind = 'topk', k = 2 }", data);
 }
 
 /* the passes of a stratified layer hold different tokens on each rank: its
@@ -766,6 +814,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_two_ranks_train_as_one_process),
         cmocka_unit_test(test_two_ranks_stratified),
         cmocka_unit_test(test_expert_parallel_trains_as_one_process),
+        cmocka_unit_test(test_expert_parallel_moments_follow_the_experts),
         cmocka_unit_test(test_expert_parallel_shards_training_state),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
         cmocka_unit_test(test_ranks_out_of_step_stop_saying_where),
