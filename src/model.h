@@ -30,6 +30,7 @@ typedef struct {
     size_t offset; /* in floats, from the arena's start */
     size_t numel;
     int decay;     /* weight decay applies: matrices only */
+    int expert_matrix; /* an expert's fc, gate or proj weight (model_backward_adamw) */
 } ParamInfo;
 
 typedef struct {
@@ -93,6 +94,7 @@ typedef struct Model {
     float *grad_mem;   Weights g;   /* NULL until the first backward */
     float *adam_m, *adam_v;         /* NULL until the first update */
     int64_t adam_t;
+    int experts_updated; /* the last backward updated the experts' matrices itself */
     /* activations, laid out for max_batch sequences of context tokens */
     int max_batch;
     float *act_mem; Acts acts;
@@ -169,9 +171,27 @@ void model_reduce_aux(Model *m, MoeSum sum, int ranks);
 ** down to norm `clip`. Returns the norm before clipping. */
 float model_clip_grad(Model *m, float clip);
 /* One AdamW step on every parameter; weight decay on matrices only. The
-** gradients are zero afterwards (consumed), ready for the next backward. */
+** gradients are zero afterwards (consumed), ready for the next backward.
+** After model_backward_adamw, the parameters that the backward updated
+** are left alone. */
 int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
                      float weight_decay, char *err);
+
+/* model_adamw_step's arguments. */
+typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamwOptions;
+/* model_backward with AdamW fused into it: in each token-choice MoE layer,
+** every expert's matrices (fc, gate, proj) are updated by AdamW as soon as
+** their gradients are complete, while these are in cache, and the gradients
+** are not kept (grad_mem holds zeros there); model_adamw_step, called next
+** with the same options, updates the rest. With 64 experts these matrices
+** are nearly all of the parameters, and AdamW, which streams every
+** parameter's weight, gradient and moments through memory, was 8% of a
+** step (README, Speed). The same arithmetic as model_backward and
+** model_adamw_step, so the same bits, for a step whose gradients need
+** nothing else first: no clipping, one process. Stratified and merged
+** layers and expert parallelism, whose experts' gradients come in pieces,
+** are left to model_adamw_step. */
+int model_backward_adamw(Model *m, const AdamwOptions *o, char *err);
 
 /* Mean next-token loss of one sequence of n tokens (2 <= n <= context + 1).
 ** This and model_sample compute in this process alone, under expert
