@@ -81,6 +81,53 @@ static void act_forward(ActKind act, float *out, const float *h, const float *g,
     }
 }
 
+/* Tokens [t0, t0 + ROUTE_GROUP) of route below (those below N): p =
+** softmax(logits), lse, top1 and the entropy. Each token's argmax and sums
+** are chains of E steps; a group's run side by side (a lane a token), each in
+** its own order, so every token gets the bits it would get alone. A lane past
+** N repeats token N - 1 in the chains and writes nothing. */
+#define ROUTE_GROUP 8
+static void route_group(MoeState *s, int t0) {
+    int N = s->N, E = s->E, n = N - t0 < ROUTE_GROUP ? N - t0 : ROUTE_GROUP;
+    const float *l[ROUTE_GROUP];
+    float *p[ROUTE_GROUP], maxv[ROUTE_GROUP], lp[ROUTE_GROUP * MOE_MAX_EXPERTS];
+    int arg[ROUTE_GROUP];
+    double sum[ROUTE_GROUP], h[ROUTE_GROUP];
+    for (int j = 0; j < ROUTE_GROUP; j++) {
+        int t = t0 + (j < n ? j : n - 1);
+        l[j] = s->logits + (size_t)t * E;
+        p[j] = s->probs + (size_t)t * E;
+        maxv[j] = l[j][0];
+        arg[j] = 0;
+        sum[j] = h[j] = 0.0;
+    }
+    for (int e = 1; e < E; e++)
+        for (int j = 0; j < ROUTE_GROUP; j++)
+            if (l[j][e] > maxv[j]) {
+                maxv[j] = l[j][e];
+                arg[j] = e;
+            }
+    for (int j = 0; j < n; j++)
+        for (int e = 0; e < E; e++) p[j][e] = l[j][e] - maxv[j];
+    expf_inplace(p[0], n * E); /* the group's rows are contiguous */
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < ROUTE_GROUP; j++) sum[j] += p[j][e];
+    for (int j = 0; j < n; j++) {
+        for (int e = 0; e < E; e++) p[j][e] = (float)(p[j][e] / sum[j]);
+        s->lse[t0 + j] = maxv[j] + (float)log(sum[j]);
+        if (!s->freeze) s->top1[t0 + j] = arg[j];
+    }
+    /* entropy -Σ p log p (an auxiliary loss, and recorded when not) */
+    memcpy(lp, p[0], sizeof(float) * (size_t)n * E);
+    logf_inplace(lp, n * E);
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < ROUTE_GROUP; j++) {
+            int k = j < n ? j : n - 1;
+            if (p[k][e] > 0.0f) h[j] -= (double)p[k][e] * lp[(size_t)k * E + e];
+        }
+    for (int j = 0; j < n; j++) s->entropy[t0 + j] = (float)h[j];
+}
+
 /* route: logits (N,E) = x (N,C) · router (E,C)ᵀ (+ noise (N,E) · std),
 ** p = softmax(logits), lse (N), top1 (N) the argmax (kept when frozen).
 ** Without a router (hash): p = 0 and top1 the map's expert. */
@@ -97,32 +144,9 @@ static void moe_route(MoeState *s, const Router *r, const MoeConfig *mc, const f
     matmul_forward(s->logits, x, router, NULL, N, C, E, 0.0f);
     if (noise)
         for (size_t i = 0; i < (size_t)N * E; i++) s->logits[i] += mc->noise * noise[i];
+    int groups = (N + ROUTE_GROUP - 1) / ROUTE_GROUP;
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++) {
-        const float *l = s->logits + (size_t)t * E;
-        float *p = s->probs + (size_t)t * E;
-        float maxv = l[0];
-        int arg = 0;
-        for (int e = 1; e < E; e++)
-            if (l[e] > maxv) {
-                maxv = l[e];
-                arg = e;
-            }
-        for (int e = 0; e < E; e++) p[e] = l[e] - maxv;
-        expf_inplace(p, E);
-        double sum = 0.0, h = 0.0;
-        for (int e = 0; e < E; e++) sum += p[e];
-        for (int e = 0; e < E; e++) p[e] = (float)(p[e] / sum);
-        s->lse[t] = maxv + (float)log(sum);
-        if (!s->freeze) s->top1[t] = arg;
-        /* entropy -Σ p log p (an auxiliary loss, and recorded when not) */
-        float lp[MOE_MAX_EXPERTS];
-        memcpy(lp, p, sizeof(float) * (size_t)E);
-        logf_inplace(lp, E);
-        for (int e = 0; e < E; e++)
-            if (p[e] > 0.0f) h -= (double)p[e] * lp[e];
-        s->entropy[t] = (float)h;
-    }
+    for (int gr = 0; gr < groups; gr++) route_group(s, gr * ROUTE_GROUP);
 }
 
 /* select: the router's rule → per token, in rank order, sel_expert, sel_weight,
