@@ -14,6 +14,7 @@
 #include <gsl/gsl_randist.h>
 #include <gsl/gsl_rng.h>
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +74,11 @@ static float *take(Layout *L, ParamInit init, int d0, int d1, const char *fmt, .
     return ptr;
 }
 
+/* Marks the tensor just registered as an expert's matrix (ParamInfo). */
+static void expert_matrix(Layout *L) {
+    if (L->registering && !L->failed) L->m->params[L->m->n_params - 1].expert_matrix = 1;
+}
+
 static void model_layout(Model *m, Weights *w, float *base, int registering, int *failed) {
     const ModelConfig *c = &m->config;
     int C = c->d_model, V = c->vocab, H = c->ffn_hidden;
@@ -122,11 +128,14 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
                 int He = mc->hidden[e];
                 L.expert = e;
                 mw->fc[e] = take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.fc.weight", l, e);
+                expert_matrix(&L);
                 mw->gate[e] = c->activation == ACT_SWIGLU
                                   ? take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.gate.weight", l, e)
                                   : NULL;
+                if (c->activation == ACT_SWIGLU) expert_matrix(&L);
                 mw->proj[e] = take(&L, INIT_NORMAL_RESIDUAL, C, He,
                                    "h.%d.moe.experts.%d.proj.weight", l, e);
+                expert_matrix(&L);
                 mw->fc_bias[e] = mc->bias ? take(&L, INIT_ZERO, He, 0,
                                                  "h.%d.moe.experts.%d.fc.bias", l, e)
                                           : NULL;
@@ -646,6 +655,9 @@ void model_reduce_aux(Model *m, MoeSum sum, int ranks) {
     }
 }
 
+static int ensure_moments(Model *m, char *err);
+static AdamwStep next_adamw_step(const Model *m, const AdamwOptions *o);
+
 void model_zero_grad(Model *m) {
     if (!m->grad_mem) return;
     for (int i = 0; i < m->n_params; i++)
@@ -686,9 +698,21 @@ void model_release_untrained(Model *m) {
 }
 
 int model_backward(Model *m, char *err) {
+    return model_backward_adamw(m, NULL, err);
+}
+
+int model_backward_adamw(Model *m, const AdamwOptions *o, char *err) {
     const ModelConfig *c = &m->config;
     if (m->B == 0 || isnan(m->mean_loss))
         return ml_error(err, "backward: the last forward had no targets");
+    MoeUpdate update, *up = NULL;
+    m->experts_updated = 0;
+    if (o && m->n_moe_layers > 0 && moe_layer_can_update(&c->moe)) {
+        if (ensure_moments(m, err) != 0) return -1;
+        update = (MoeUpdate){.step = next_adamw_step(m, o), .weight_decay = o->weight_decay,
+                             .params = m->param_mem, .m = m->adam_m, .v = m->adam_v};
+        up = &update;
+    }
     if (!m->grad_mem) {
         m->grad_mem = lazy_arena_alloc(m->num_parameters);
         if (!m->grad_mem) return ml_error(err, "out of memory for the gradients");
@@ -722,7 +746,7 @@ int model_backward(Model *m, char *err) {
 
         if (w->moe) { /* res3 = res2 + moe(ln2(res2)) */
             if (moe_layer_backward(&m->moe[l], &m->moe_scratch, c, w->moe, g->moe, s->dln,
-                                   s->dres, b->ln2, 1.0f / m->n_moe_layers, err) != 0)
+                                   s->dres, b->ln2, 1.0f / m->n_moe_layers, up, err) != 0)
                 return -1;
         } else {
         /* res3 = res2 + proj(act(fc(ln2(res2)))) */
@@ -752,6 +776,7 @@ int model_backward(Model *m, char *err) {
                       b->ln1_rstd, N);
     }
     encoder_backward(m->g.wte, m->g.wpe, s->dres, a->inputs, B, T, C);
+    m->experts_updated = up != NULL;
     return 0;
 }
 
@@ -782,34 +807,43 @@ float model_clip_grad(Model *m, float clip, MoeSum sum) {
     return norm;
 }
 
-int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
-                     float weight_decay, char *err) {
-    if (!m->grad_mem) return ml_error(err, "AdamW step before any backward pass");
+static int ensure_moments(Model *m, char *err) {
     if (!m->adam_m) m->adam_m = lazy_arena_alloc(m->num_parameters);
     if (!m->adam_v) m->adam_v = lazy_arena_alloc(m->num_parameters);
     if (!m->adam_m || !m->adam_v) return ml_error(err, "out of memory for AdamW's moments");
+    return 0;
+}
+
+/* The factors of the next step, the (adam_t + 1)-th. */
+static AdamwStep next_adamw_step(const Model *m, const AdamwOptions *o) {
+    int64_t t = m->adam_t + 1;
+    return (AdamwStep){.lr = o->lr, .beta1 = o->beta1, .beta2 = o->beta2, .eps = o->eps,
+                       .inv_bc1 = 1.0f / (1.0f - powf(o->beta1, (float)t)),
+                       .inv_bc2 = 1.0f / (1.0f - powf(o->beta2, (float)t))};
+}
+
+int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
+                     float weight_decay, char *err) {
+    if (!m->grad_mem) return ml_error(err, "AdamW step before any backward pass");
+    if (ensure_moments(m, err) != 0) return -1;
+    AdamwOptions o = {lr, beta1, beta2, eps, weight_decay};
+    AdamwStep step = next_adamw_step(m, &o);
+    int skip_experts = m->experts_updated; /* by model_backward_adamw */
+    m->experts_updated = 0;
     m->adam_t++;
-    /* bias corrections as factors: mhat = m / bc1, sqrt(vhat) = sqrt(v / bc2) */
-    float inv_bc1 = 1.0f / (1.0f - powf(beta1, (float)m->adam_t));
-    float inv_bc2 = 1.0f / (1.0f - powf(beta2, (float)m->adam_t));
     /* one parallel region for all tensors: a model with many experts has
-    ** hundreds of small ones. The gradient is zeroed once consumed, which
-    ** saves the next step a pass over the arena. */
+    ** hundreds of small ones; each thread takes its contiguous share of each.
+    ** The gradient is zeroed once consumed, which saves the next step a pass
+    ** over the arena. */
 #pragma omp parallel
-    for (int i = 0; i < m->n_params; i++) {
-        const ParamInfo *p = &m->params[i];
-        if (!model_trains(m, i)) continue;
-        float *x = m->param_mem + p->offset;
-        float *g = m->grad_mem + p->offset;
-        float *mm = m->adam_m + p->offset, *vv = m->adam_v + p->offset;
-        float wd = p->decay ? weight_decay : 0.0f;
-#pragma omp for schedule(static) nowait
-        for (size_t j = 0; j < p->numel; j++) {
-            mm[j] = beta1 * mm[j] + (1.0f - beta1) * g[j];
-            vv[j] = beta2 * vv[j] + (1.0f - beta2) * g[j] * g[j];
-            float mhat = mm[j] * inv_bc1, vhat = vv[j] * inv_bc2;
-            x[j] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * x[j]);
-            g[j] = 0.0f;
+    {
+        size_t tid = (size_t)omp_get_thread_num(), nth = (size_t)omp_get_num_threads();
+        for (int i = 0; i < m->n_params; i++) {
+            const ParamInfo *p = &m->params[i];
+            if (!model_trains(m, i) || (skip_experts && p->expert_matrix)) continue;
+            size_t lo = p->numel * tid / nth, hi = p->numel * (tid + 1) / nth, at = p->offset + lo;
+            adamw_update(m->param_mem + at, m->adam_m + at, m->adam_v + at, m->grad_mem + at,
+                         hi - lo, &step, p->decay ? weight_decay : 0.0f);
         }
     }
     return 0;

@@ -31,6 +31,7 @@ typedef struct {
     size_t numel;
     int decay;     /* weight decay applies: matrices only */
     int expert;    /* the MoE expert it belongs to (its layer's), or -1 */
+    int expert_matrix; /* an expert's fc, gate or proj weight (model_backward_adamw) */
 } ParamInfo;
 
 typedef struct {
@@ -94,6 +95,7 @@ typedef struct Model {
     float *grad_mem;   Weights g;   /* NULL until the first backward */
     float *adam_m, *adam_v;         /* NULL until the first update */
     int64_t adam_t;
+    int experts_updated; /* the last backward updated the experts' matrices itself */
     /* Expert parallelism's sharded training state (trainer.c): the rank that
     ** trains each parameter (an expert's: its rank; -1: every rank), and
     ** this rank. The gradients and AdamW moments of other ranks' experts are
@@ -191,9 +193,26 @@ void model_release_untrained(Model *m);
 float model_clip_grad(Model *m, float clip, MoeSum sum);
 /* One AdamW step on every parameter trained here (model_trains); weight
 ** decay on matrices only. The gradients are zero afterwards (consumed),
-** ready for the next backward. */
+** ready for the next backward. After model_backward_adamw, the parameters
+** that the backward updated are left alone. */
 int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
                      float weight_decay, char *err);
+
+/* model_adamw_step's arguments. */
+typedef struct { float lr, beta1, beta2, eps, weight_decay; } AdamwOptions;
+/* model_backward with AdamW fused into it: in each token-choice MoE layer,
+** every expert's matrices (fc, gate, proj) are updated by AdamW as soon as
+** their gradients are complete, while these are in cache, and the gradients
+** are not kept (grad_mem holds zeros there); model_adamw_step, called next
+** with the same options, updates the rest. With 64 experts these matrices
+** are nearly all of the parameters, and AdamW, which streams every
+** parameter's weight, gradient and moments through memory, was 8% of a
+** step (README, Speed). The same arithmetic as model_backward and
+** model_adamw_step, so the same bits, for a step whose gradients need
+** nothing else first: no clipping, one process. Stratified and merged
+** layers and expert parallelism, whose experts' gradients come in pieces,
+** are left to model_adamw_step. */
+int model_backward_adamw(Model *m, const AdamwOptions *o, char *err);
 
 /* Mean next-token loss of one sequence of n tokens (2 <= n <= context + 1).
 ** This and model_sample compute in this process alone, under expert

@@ -636,3 +636,18 @@ void crossentropy_backward(float *dlogits, const float *probs, const int *target
         d[targets[n]] -= scale;
     }
 }
+
+/* ------------------------------------------------------------------------ */
+/* AdamW                                                                     */
+
+void adamw_update(float *x, float *m, float *v, float *g, size_t n, const AdamwStep *s, float wd) {
+    const float lr = s->lr, beta1 = s->beta1, beta2 = s->beta2, eps = s->eps;
+    const float inv_bc1 = s->inv_bc1, inv_bc2 = s->inv_bc2;
+    for (size_t j = 0; j < n; j++) {
+        m[j] = beta1 * m[j] + (1.0f - beta1) * g[j];
+        v[j] = beta2 * v[j] + (1.0f - beta2) * g[j] * g[j];
+        float mhat = m[j] * inv_bc1, vhat = v[j] * inv_bc2;
+        x[j] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * x[j]);
+        g[j] = 0.0f;
+    }
+}

@@ -82,6 +82,15 @@ void swiglu_forward(float *out, const float *gate, const float *fc, size_t n);
 void swiglu_backward(float *dgate, float *dfc, const float *dout, const float *gate,
                      const float *fc, size_t n);
 
+/* AdamW: one step's factors, the bias corrections as factors (mhat =
+** m · inv_bc1, sqrt(vhat) = sqrt(v · inv_bc2)). */
+typedef struct { float lr, beta1, beta2, eps, inv_bc1, inv_bc2; } AdamwStep;
+/* One AdamW update of n parameters x from their gradients g, which are zeroed
+** once consumed, and moments m, v; wd the weight decay. Serial (the callers
+** share tensors out over threads); each element's arithmetic is its own, so
+** any cut gives the same bits. */
+void adamw_update(float *x, float *m, float *v, float *g, size_t n, const AdamwStep *s, float wd);
+
 /* Softmax cross-entropy over V classes: probs (N,V), not aliasing logits;
 ** losses (N); targets may be NULL (probabilities only, returns 0). Returns the mean loss over the N rows. */
 float crossentropy_forward(float *losses, float *probs, const float *logits,

@@ -729,7 +729,8 @@ static void gather_experts(Model *m) {
     if (m->owner) owner_runs(m, m->param_mem, broadcast_run, dist_size());
 }
 
-int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *err) {
+int trainer_gradients(Trainer *t, int B, const AdamwOptions *fuse, float *loss, double *moe_flops,
+                      char *err) {
     Model *m = t->model;
     int T = m->config.context, rank = dist_rank(), ranks = dist_size();
     if (ensure_batch(t, B, T, err) != 0) return -1;
@@ -751,7 +752,7 @@ int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *e
         *moe_flops = v[1] / ranks;
     }
     if (!isfinite(*loss) || !isfinite(m->aux_loss)) return 0; /* diverged: no gradients */
-    if (model_backward(m, err) != 0) return -1;
+    if (model_backward_adamw(m, ranks > 1 ? NULL : fuse, err) != 0) return -1;
     if (ranks > 1 && m->owner) owner_runs(m, m->grad_mem, average_run, ranks);
     else if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
         dist_sum_float(m->grad_mem, m->num_parameters);
@@ -896,9 +897,15 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         }
         double t0 = now_ms(), comm0 = dist_comm_seconds();
         if (s == 0) model_zero_grad(m); /* afterwards AdamW leaves them zero */
-        float loss;
+        float loss, lr = trainer_lr(o, s);
         double moe_flops;
-        if ((rc = trainer_gradients(t, B, &loss, &moe_flops, err)) != 0) break;
+        /* AdamW fused into the backward pass where the gradients need nothing
+        ** else first: no clipping, one process, and not a step that may find
+        ** the loss exploded (which stops before updating) */
+        AdamwOptions adamw = {lr, o->beta1, o->beta2, o->eps, o->weight_decay};
+        int fuse = o->clip <= 0.0f && ranks == 1 && above < TRAIN_EXPLODE_STEPS - 1;
+        if ((rc = trainer_gradients(t, B, fuse ? &adamw : NULL, &loss, &moe_flops, err)) != 0)
+            break;
         if (!isfinite(loss) || !isfinite(m->aux_loss)) {
             status = "diverged";
             snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
@@ -916,7 +923,6 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             break;
         }
         if (o->clip > 0.0f) model_clip_grad(m, o->clip, dist_sum_double);
-        float lr = trainer_lr(o, s);
         if (model_adamw_step(m, lr, o->beta1, o->beta2, o->eps, o->weight_decay, err) != 0) {
             rc = -1;
             break;

@@ -124,8 +124,11 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
 ** the next batch of B sequences a rank (dist.h), forward and backward, and
 ** over several ranks their mean, the whole batch's; *loss and *moe_flops
 ** are the whole batch's too. A loss that is not finite (the run diverged)
-** leaves the gradients as they were. */
-int trainer_gradients(Trainer *t, int B, float *loss, double *moe_flops, char *err);
+** leaves the gradients as they were. With fuse (on one process), the
+** backward updates the experts' matrices itself (model_backward_adamw), and
+** model_adamw_step with the same options must follow. */
+int trainer_gradients(Trainer *t, int B, const AdamwOptions *fuse, float *loss, double *moe_flops,
+                      char *err);
 /* With a recorder, the evaluation is a transaction of its own: the run's
 ** pending rows are committed first, and a failure or an interrupt removes
 ** everything the evaluation wrote. With record = true its routing and token

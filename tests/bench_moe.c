@@ -119,7 +119,7 @@ static LayerTiming time_layer(RouterKind kind, int C, int H, int E, int N) {
         memset(out, 0, sizeof(float) * (size_t)N * C);
         double t0 = now();
         if (moe_forward(&s, &mc, ACT_GELU, &w, NULL, out, x, NULL, NULL, N, C, err) != 0 ||
-            moe_backward(&s, &scr, &mc, ACT_GELU, &w, &g, dx, dout, x, 1.0f, err) != 0)
+            moe_backward(&s, &scr, &mc, ACT_GELU, &w, &g, dx, dout, x, 1.0f, NULL, err) != 0)
             die("moe layer", err);
         double dt = now() - t0;
         if (r > 0 && dt < best.seconds) best.seconds = dt;

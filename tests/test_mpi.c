@@ -230,7 +230,7 @@ static int gradients_worker(int argc, char **argv) {
         model_create(&m, &c, err) != 0 || trainer_init(&t, m, corpus, NULL, 0, "grads", 5, err) != 0)
         dist_fail(err);
     model_zero_grad(m);
-    if (trainer_gradients(&t, atoi(argv[3]), &loss, &flops, err) != 0) dist_fail(err);
+    if (trainer_gradients(&t, atoi(argv[3]), NULL, &loss, &flops, err) != 0) dist_fail(err);
     if (dist_rank() == 0) {
         FILE *f = fopen(argv[2], "wb");
         if (!f || fwrite(&loss, sizeof loss, 1, f) != 1 ||

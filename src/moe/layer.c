@@ -13,6 +13,7 @@
 #include <assert.h>
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,7 +37,7 @@ void moe_state_free(MoeState *s) {
 void moe_scratch_free(MoeScratch *s) {
     if (!s) return;
     free(s->dye); free(s->dxe); free(s->dae); free(s->dhe); free(s->dge);
-    free(s->dw); free(s->dprobs); free(s->dlogits); free(s->drouter_pieces);
+    free(s->dw); free(s->dprobs); free(s->dlogits); free(s->drouter_pieces); free(s->dexpert);
     memset(s, 0, sizeof *s);
 }
 
@@ -80,6 +81,53 @@ static void act_forward(ActKind act, float *out, const float *h, const float *g,
     }
 }
 
+/* Tokens [t0, t0 + ROUTE_GROUP) of route below (those below N): p =
+** softmax(logits), lse, top1 and the entropy. Each token's argmax and sums
+** are chains of E steps; a group's run side by side (a lane a token), each in
+** its own order, so every token gets the bits it would get alone. A lane past
+** N repeats token N - 1 in the chains and writes nothing. */
+#define ROUTE_GROUP 8
+static void route_group(MoeState *s, int t0) {
+    int N = s->N, E = s->E, n = N - t0 < ROUTE_GROUP ? N - t0 : ROUTE_GROUP;
+    const float *l[ROUTE_GROUP];
+    float *p[ROUTE_GROUP], maxv[ROUTE_GROUP], lp[ROUTE_GROUP * MOE_MAX_EXPERTS];
+    int arg[ROUTE_GROUP];
+    double sum[ROUTE_GROUP], h[ROUTE_GROUP];
+    for (int j = 0; j < ROUTE_GROUP; j++) {
+        int t = t0 + (j < n ? j : n - 1);
+        l[j] = s->logits + (size_t)t * E;
+        p[j] = s->probs + (size_t)t * E;
+        maxv[j] = l[j][0];
+        arg[j] = 0;
+        sum[j] = h[j] = 0.0;
+    }
+    for (int e = 1; e < E; e++)
+        for (int j = 0; j < ROUTE_GROUP; j++)
+            if (l[j][e] > maxv[j]) {
+                maxv[j] = l[j][e];
+                arg[j] = e;
+            }
+    for (int j = 0; j < n; j++)
+        for (int e = 0; e < E; e++) p[j][e] = l[j][e] - maxv[j];
+    expf_inplace(p[0], n * E); /* the group's rows are contiguous */
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < ROUTE_GROUP; j++) sum[j] += p[j][e];
+    for (int j = 0; j < n; j++) {
+        for (int e = 0; e < E; e++) p[j][e] = (float)(p[j][e] / sum[j]);
+        s->lse[t0 + j] = maxv[j] + (float)log(sum[j]);
+        if (!s->freeze) s->top1[t0 + j] = arg[j];
+    }
+    /* entropy -Σ p log p (an auxiliary loss, and recorded when not) */
+    memcpy(lp, p[0], sizeof(float) * (size_t)n * E);
+    logf_inplace(lp, n * E);
+    for (int e = 0; e < E; e++)
+        for (int j = 0; j < ROUTE_GROUP; j++) {
+            int k = j < n ? j : n - 1;
+            if (p[k][e] > 0.0f) h[j] -= (double)p[k][e] * lp[(size_t)k * E + e];
+        }
+    for (int j = 0; j < n; j++) s->entropy[t0 + j] = (float)h[j];
+}
+
 /* route: logits (N,E) = x (N,C) · router (E,C)ᵀ (+ noise (N,E) · std),
 ** p = softmax(logits), lse (N), top1 (N) the argmax (kept when frozen).
 ** Without a router (hash): p = 0 and top1 the map's expert. */
@@ -96,32 +144,9 @@ static void moe_route(MoeState *s, const Router *r, const MoeConfig *mc, const f
     matmul_forward(s->logits, x, router, NULL, N, C, E, 0.0f);
     if (noise)
         for (size_t i = 0; i < (size_t)N * E; i++) s->logits[i] += mc->noise * noise[i];
+    int groups = (N + ROUTE_GROUP - 1) / ROUTE_GROUP;
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++) {
-        const float *l = s->logits + (size_t)t * E;
-        float *p = s->probs + (size_t)t * E;
-        float maxv = l[0];
-        int arg = 0;
-        for (int e = 1; e < E; e++)
-            if (l[e] > maxv) {
-                maxv = l[e];
-                arg = e;
-            }
-        for (int e = 0; e < E; e++) p[e] = l[e] - maxv;
-        expf_inplace(p, E);
-        double sum = 0.0, h = 0.0;
-        for (int e = 0; e < E; e++) sum += p[e];
-        for (int e = 0; e < E; e++) p[e] = (float)(p[e] / sum);
-        s->lse[t] = maxv + (float)log(sum);
-        if (!s->freeze) s->top1[t] = arg;
-        /* entropy -Σ p log p (an auxiliary loss, and recorded when not) */
-        float lp[MOE_MAX_EXPERTS];
-        memcpy(lp, p, sizeof(float) * (size_t)E);
-        logf_inplace(lp, E);
-        for (int e = 0; e < E; e++)
-            if (p[e] > 0.0f) h -= (double)p[e] * lp[e];
-        s->entropy[t] = (float)h;
-    }
+    for (int gr = 0; gr < groups; gr++) route_group(s, gr * ROUTE_GROUP);
 }
 
 /* select: the router's rule → per token, in rank order, sel_expert, sel_weight,
@@ -589,19 +614,39 @@ void moe_layer_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ran
     l->aux_weighted = s->aux_weighted;
 }
 
+int moe_layer_can_update(const MoeConfig *mc) {
+    return mc->kind != ROUTER_MERGE && mc->kind != ROUTER_STRATIFIED && !moe_parallel(mc);
+}
+
 int moe_layer_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
                        MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
-                       char *err) {
+                       const MoeUpdate *u, char *err) {
+    assert(!u || moe_layer_can_update(&c->moe));
     if (c->moe.kind == ROUTER_MERGE) return merge_backward(l, c, w, g, dx, dout, x, err);
     if (c->moe.kind == ROUTER_STRATIFIED)
         return strata_backward(l, scr, c, w, g, dx, dout, x, aux_scale, err);
-    return moe_backward(&l->tc, scr, &c->moe, c->activation, w, g, dx, dout, x, aux_scale, err);
+    return moe_backward(&l->tc, scr, &c->moe, c->activation, w, g, dx, dout, x, aux_scale, u, err);
 }
 
 /* ------------------------------------------------------------------------ */
 /* backward                                                                  */
 
-static int ensure_scratch(MoeScratch *scr, const MoeState *s, int swiglu) {
+/* One thread's share of MoeScratch.dexpert: an expert's fc, gate and proj
+** gradients, at most max H_e · C each. */
+static size_t dexpert_floats(const MoeConfig *mc, int E, int C) {
+    int H = 0;
+    for (int e = 0; e < E; e++) H = mc->hidden[e] > H ? mc->hidden[e] : H;
+    return 3 * (size_t)H * C;
+}
+
+/* AdamW on one expert matrix x of n weights from its gradient g (zeroed). */
+static void update_matrix(const MoeUpdate *u, float *x, float *g, size_t n) {
+    size_t at = (size_t)(x - u->params);
+    adamw_update(x, u->m + at, u->v + at, g, n, &u->step, u->weight_decay);
+}
+
+static int ensure_scratch(MoeScratch *scr, const MoeState *s, const MoeConfig *mc, int swiglu,
+                          int update) {
     size_t A = (size_t)s->offsets[s->E], hidden = s->hoff[s->E];
     size_t tokens = (size_t)s->N * (s->slots > s->E ? s->slots : s->E);
     if (A > scr->cap_rows) {
@@ -624,17 +669,45 @@ static int ensure_scratch(MoeScratch *scr, const MoeState *s, int swiglu) {
         if (ML_GROW(scr->drouter_pieces, pieces)) return -1;
         scr->cap_pieces = pieces;
     }
+    if (update) {
+        size_t dexpert = (size_t)omp_get_max_threads() * dexpert_floats(mc, s->E, s->C);
+        if (dexpert > scr->cap_dexpert) {
+            if (ML_GROW(scr->dexpert, dexpert)) return -1;
+            memset(scr->dexpert, 0, sizeof(float) * dexpert); /* and kept zero */
+            scr->cap_dexpert = dexpert;
+        }
+    }
     return 0;
 }
 
-/* experts, reversed, for the rows of v: dye → dxe, weight gradients into g. */
+/* experts, reversed, for the rows of v: dye → dxe, weight gradients into g,
+** or with u into the thread's share of dexpert and from there, by AdamW,
+** into the weights (an expert without rows too: its gradients are zero).
+** dexpert's shares are zero between calls (adamw_update zeroes them). */
 void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w,
-                       MoeWeights *g) {
+                       MoeWeights *g, const MoeUpdate *u, float *dexpert) {
     int E = v->E, C = v->C, swiglu = act == ACT_SWIGLU;
+    size_t share = u ? dexpert_floats(mc, E, C) : 0;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int e = 0; e < E; e++) {
         int n = v->counts[e], H = mc->hidden[e];
-        if (n == 0) continue;
+        size_t HC = (size_t)H * C;
+        float *gfc = g->fc[e], *ggate = g->gate[e], *gproj = g->proj[e];
+        float beta = 1.0f; /* accumulate into g, or write the thread's share */
+        if (u) {
+            gfc = dexpert + share * (size_t)omp_get_thread_num();
+            ggate = gfc + HC;
+            gproj = ggate + HC;
+            beta = 0.0f;
+        }
+        if (n == 0) {
+            if (u) { /* the shares are zero: AdamW on zero gradients */
+                update_matrix(u, w->fc[e], gfc, HC);
+                if (swiglu) update_matrix(u, w->gate[e], ggate, HC);
+                update_matrix(u, w->proj[e], gproj, HC);
+            }
+            continue;
+        }
         size_t r0 = (size_t)v->offsets[e] * C;
         const float *xe = v->xe + r0, *dye = v->dye + r0;
         float *dxe = v->dxe + r0;
@@ -643,8 +716,8 @@ void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const
         /* ye = ae · projᵀ */
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, H, C, 1.0f, dye, C, w->proj[e], H,
                     0.0f, dae, H);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, H, n, 1.0f, dye, C, ae, H, 1.0f,
-                    g->proj[e], H);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, C, H, n, 1.0f, dye, C, ae, H, beta,
+                    gproj, H);
         switch (act) {
         case ACT_GELU: gelu_backward(dhe, dae, he, (size_t)n * H); break;
         case ACT_RELU: relu_backward(dhe, dae, he, (size_t)n * H); break;
@@ -656,29 +729,35 @@ void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const
             for (int r = 0; r < n; r++)
                 for (int h = 0; h < H; h++) g->fc_bias[e][h] += dhe[(size_t)r * H + h];
         /* he = xe · fcᵀ (+ fc bias) (and ge = xe · gateᵀ) */
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dhe, H, xe, C, 1.0f,
-                    g->fc[e], C);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dhe, H, xe, C, beta,
+                    gfc, C);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dhe, H, w->fc[e], C,
                     0.0f, dxe, C);
         if (swiglu) {
             const float *dge = v->dge + v->hoff[e];
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dge, H, xe, C, 1.0f,
-                        g->gate[e], C);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, H, C, n, 1.0f, dge, H, xe, C, beta,
+                        ggate, C);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dge, H, w->gate[e],
                         C, 1.0f, dxe, C);
+        }
+        if (u) { /* the expert's weights are read no more this step */
+            update_matrix(u, w->fc[e], gfc, HC);
+            if (swiglu) update_matrix(u, w->gate[e], ggate, HC);
+            update_matrix(u, w->proj[e], gproj, HC);
         }
     }
 }
 
 int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                  const MoeWeights *w, MoeWeights *g, float *dx, const float *dout,
-                 const float *x, float aux_scale, char *err) {
+                 const float *x, float aux_scale, const MoeUpdate *u, char *err) {
     if (mc->kind == ROUTER_ORACLE)
         return ml_error(err, "the oracle router runs every expert to choose among them: it is "
                         "for evaluation, not training");
     int N = s->N, E = s->E, C = s->C, slots = s->slots;
     int swiglu = act == ACT_SWIGLU;
-    if (ensure_scratch(scr, s, swiglu) != 0) return ml_error(err, "out of memory in MoE backward");
+    if (ensure_scratch(scr, s, mc, swiglu, u != NULL) != 0)
+        return ml_error(err, "out of memory in MoE backward");
 
     if (g->bias) /* the layer's proj bias, each column summed in token order */
         for (int t = 0; t < N; t++)
@@ -761,10 +840,11 @@ int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
 
     /* experts, reversed */
     if (moe_parallel(mc)) {
+        assert(!u);
         if (moe_parallel_backward(s, scr, mc, act, w, g, err) != 0) return -1;
     } else {
         MoeRows v = own_rows(s, scr);
-        moe_rows_backward(&v, mc, act, w, g);
+        moe_rows_backward(&v, mc, act, w, g, u, scr->dexpert);
     }
 
     /* group, reversed: scatter the rows' input gradients back, in rank order */

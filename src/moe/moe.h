@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "config.h"
+#include "ops.h"
 
 typedef struct {
     float *router;                /* (E, C); NULL for hash routing and stratified layers */
@@ -137,12 +138,29 @@ void moe_layer_reduce_aux(MoeLayer *l, const ModelConfig *c, MoeSum sum, int ran
 ** rank (every pass), added to tokens (ranks × ranks, source-major). */
 void moe_layer_traffic(const MoeLayer *l, int ranks, int64_t *tokens);
 
+/* AdamW fused into the backward pass (model_backward_adamw): each expert's
+** matrices updated as soon as their gradients are complete, in place of
+** accumulating these into g. The moments m and v lie at the weights'
+** offsets from params, the start of the parameter arena. */
+typedef struct {
+    AdamwStep step; /* ops.h */
+    float weight_decay;
+    const float *params;
+    float *m, *v;
+} MoeUpdate;
+/* Whether a layer of mc updates its experts itself when given a MoeUpdate:
+** token-choice layers on one process, whose experts' gradients are complete
+** after one product each (not stratified or merged layers, nor expert
+** parallelism). */
+int moe_layer_can_update(const MoeConfig *mc);
+
 /* dx (N,C) = d/dx (written); dout (N,C) is d/d out, and a stratified layer
 ** adds to it what flows through its later passes' norms. Gradients
-** accumulate into g. */
+** accumulate into g; with u (moe_layer_can_update), the experts' matrices
+** are updated instead and their gradients in g left as they are. */
 int moe_layer_backward(MoeLayer *l, struct MoeScratch *scr, const ModelConfig *c, const MoeWeights *w,
                        MoeWeights *g, float *dx, float *dout, const float *x, float aux_scale,
-                       char *err);
+                       const MoeUpdate *u, char *err);
 
 /* Backward scratch shared by every MoE layer (grow only). */
 typedef struct MoeScratch {
@@ -151,7 +169,9 @@ typedef struct MoeScratch {
     float *dw;                /* (N, slots) */
     float *dprobs, *dlogits;  /* (N, E) */
     float *drouter_pieces;    /* matmul_backward's partial products (ops.h) */
-    size_t cap_rows, cap_hidden, cap_tokens, cap_pieces;
+    float *dexpert;           /* (threads, 3 · max H_e · C) with a MoeUpdate: each
+                              ** thread's expert's weight gradients */
+    size_t cap_rows, cap_hidden, cap_tokens, cap_pieces, cap_dexpert;
 } MoeScratch;
 
 void moe_state_free(MoeState *s);
@@ -168,8 +188,10 @@ typedef struct {
     float *dye, *dxe, *dae, *dhe, *dge; /* backward */
 } MoeRows;
 void moe_rows_forward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w);
+/* With u, the experts' matrices are updated, their gradients taken in
+** dexpert (MoeScratch) instead of g. */
 void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const MoeWeights *w,
-                       MoeWeights *g);
+                       MoeWeights *g, const MoeUpdate *u, float *dexpert);
 
 /* Expert parallelism (moe/parallel.c): whether the layer's experts run on
 ** their ranks (moe.parallel = "experts", over more than one rank). */
@@ -216,7 +238,7 @@ void moe_aux(MoeState *s, const MoeConfig *mc, int has_router, int ranks);
 ** averaged over layers). */
 int moe_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, ActKind act,
                  const MoeWeights *w, MoeWeights *g, float *dx, const float *dout,
-                 const float *x, float aux_scale, char *err);
+                 const float *x, float aux_scale, const MoeUpdate *u, char *err);
 
 /*
 ** The route trace of the last forward: what the recorder persists, so that

@@ -226,7 +226,7 @@ int moe_parallel_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, Act
     dist_alltoall_rows(ex->send, ex->send_rows, ex->recv, ex->recv_rows, ex->C);
     by_expert(ex, ex->recv, ex->dye, 1);
     MoeRows v = exchange_rows(ex);
-    moe_rows_backward(&v, mc, act, w, g);
+    moe_rows_backward(&v, mc, act, w, g, NULL, NULL);
     by_expert(ex, ex->recv, ex->dxe, 0);
     dist_alltoall_rows(ex->recv, ex->recv_rows, ex->send, ex->send_rows, ex->C);
     by_rank(ex, s, ex->send, scr->dxe, 0);

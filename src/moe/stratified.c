@@ -264,7 +264,7 @@ int strata_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const Mo
         pass_weights(w, s, p, &pw);
         pass_weights(g, s, p, &pg);
         if (p == 0) {
-            if (moe_backward(ps, scr, &pc, c->activation, &pw, &pg, dx, dout, x, scale, err) != 0)
+            if (moe_backward(ps, scr, &pc, c->activation, &pw, &pg, dx, dout, x, scale, NULL, err) != 0)
                 return -1;
             continue;
         }
@@ -273,7 +273,7 @@ int strata_backward(MoeLayer *l, MoeScratch *scr, const ModelConfig *c, const Mo
         const float *u = s->u + (size_t)p * N * C, *hin = s->hin + (size_t)p * N * C;
         for (int i = 0; i < n; i++)
             memcpy(dy + (size_t)i * C, dout + (size_t)rows[i] * C, sizeof(float) * C);
-        if (moe_backward(ps, scr, &pc, c->activation, &pw, &pg, du, dy, u, scale, err) != 0)
+        if (moe_backward(ps, scr, &pc, c->activation, &pw, &pg, du, dy, u, scale, NULL, err) != 0)
             return -1;
         float *dh = dy; /* the norm's input gradient, then added to dout's rows */
         memset(dh, 0, sizeof(float) * (size_t)n * C);
