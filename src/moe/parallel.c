@@ -29,27 +29,36 @@
 #include "dist.h"
 #include "moe/moe.h"
 
+/* A layer's exchange: what its backward pass needs from its forward. */
 struct MoeExchange {
     int ranks, E, C;
     int valid;                /* filled by a parallel forward */
     int *rank_of;             /* (E) */
     int *sent;                /* (ranks, E) rows rank r sent expert e */
     int *send_rows, *recv_rows; /* (ranks) this rank's, by rank */
-    float *send, *recv;       /* rows in rank order: to send, received */
-    size_t cap_send, cap_recv; /* rows */
     /* this rank's experts' rows from every rank, expert by expert (MoeRows) */
     int *counts, *offsets;    /* (E), (E + 1) */
     size_t *hoff;             /* (E + 1) */
-    float *xe, *he, *ge, *ae, *ye, *dye, *dxe, *dae, *dhe, *dge;
+    float *xe, *he, *ge, *ae; /* the experts' inputs and activations */
     size_t cap_rows, cap_hidden;
 };
+
+/* What lives only while one exchange runs, forward or backward: the rows
+** sent and received and the experts' outputs and gradients. One exchange
+** runs at a time in a process (every layer's, every model's, in turn), so
+** they share these, which grow only and last as long as the process. */
+static struct {
+    float *send, *recv;       /* rows in rank order: to send, received */
+    float *ye, *dye, *dxe;    /* (rows, C) in expert order */
+    float *dae, *dhe, *dge;   /* (hidden) */
+    size_t cap_send, cap_recv, cap_rows, cap_hidden; /* floats */
+} work;
 
 void moe_exchange_free(MoeExchange *ex) {
     if (!ex) return;
     free(ex->rank_of); free(ex->sent); free(ex->send_rows); free(ex->recv_rows);
-    free(ex->send); free(ex->recv); free(ex->counts); free(ex->offsets); free(ex->hoff);
-    free(ex->xe); free(ex->he); free(ex->ge); free(ex->ae); free(ex->ye);
-    free(ex->dye); free(ex->dxe); free(ex->dae); free(ex->dhe); free(ex->dge);
+    free(ex->counts); free(ex->offsets); free(ex->hoff);
+    free(ex->xe); free(ex->he); free(ex->ge); free(ex->ae);
     free(ex);
 }
 
@@ -98,31 +107,38 @@ static int ensure_exchange(MoeState *s, int ranks) {
 }
 
 /* Room for A rows and `hidden` activations of this rank's experts, with
-** their gradients, and for the rows sent and received. */
+** their gradients (the work's), and for the rows sent and received. */
 static int ensure_rows(MoeExchange *ex, size_t A, size_t hidden, size_t send, size_t recv,
                        int swiglu) {
     size_t C = (size_t)ex->C;
     if (A > ex->cap_rows) {
         size_t n = A + A / 4;
-        if (ML_GROW(ex->xe, n * C) || ML_GROW(ex->ye, n * C) || ML_GROW(ex->dye, n * C) ||
-            ML_GROW(ex->dxe, n * C))
-            return -1;
+        if (ML_GROW(ex->xe, n * C)) return -1;
         ex->cap_rows = n;
     }
     if (hidden > ex->cap_hidden || (swiglu && !ex->ge)) {
         size_t n = hidden + hidden / 4;
-        if (ML_GROW(ex->he, n) || ML_GROW(ex->ae, n) || ML_GROW(ex->dae, n) ||
-            ML_GROW(ex->dhe, n) || (swiglu && (ML_GROW(ex->ge, n) || ML_GROW(ex->dge, n))))
-            return -1;
+        if (ML_GROW(ex->he, n) || ML_GROW(ex->ae, n) || (swiglu && ML_GROW(ex->ge, n))) return -1;
         ex->cap_hidden = n;
     }
-    if (send > ex->cap_send) {
-        if (ML_GROW(ex->send, (send + send / 4) * C)) return -1;
-        ex->cap_send = send + send / 4;
+    if (A * C > work.cap_rows) {
+        size_t n = A * C + A * C / 4;
+        if (ML_GROW(work.ye, n) || ML_GROW(work.dye, n) || ML_GROW(work.dxe, n)) return -1;
+        work.cap_rows = n;
     }
-    if (recv > ex->cap_recv) {
-        if (ML_GROW(ex->recv, (recv + recv / 4) * C)) return -1;
-        ex->cap_recv = recv + recv / 4;
+    if (hidden > work.cap_hidden || (swiglu && !work.dge)) {
+        size_t n = hidden + hidden / 4;
+        if (ML_GROW(work.dae, n) || ML_GROW(work.dhe, n) || (swiglu && ML_GROW(work.dge, n)))
+            return -1;
+        work.cap_hidden = n;
+    }
+    if (send * C > work.cap_send) {
+        if (ML_GROW(work.send, send * C + send * C / 4)) return -1;
+        work.cap_send = send * C + send * C / 4;
+    }
+    if (recv * C > work.cap_recv) {
+        if (ML_GROW(work.recv, recv * C + recv * C / 4)) return -1;
+        work.cap_recv = recv * C + recv * C / 4;
     }
     return 0;
 }
@@ -163,8 +179,8 @@ static void by_expert(const MoeExchange *ex, const float *received, float *rows,
 static MoeRows exchange_rows(const MoeExchange *ex) {
     return (MoeRows){.E = ex->E, .C = ex->C, .counts = ex->counts, .offsets = ex->offsets,
                      .hoff = ex->hoff, .xe = ex->xe, .he = ex->he, .ge = ex->ge, .ae = ex->ae,
-                     .ye = ex->ye, .dye = ex->dye, .dxe = ex->dxe, .dae = ex->dae,
-                     .dhe = ex->dhe, .dge = ex->dge};
+                     .ye = work.ye, .dye = work.dye, .dxe = work.dxe, .dae = work.dae,
+                     .dhe = work.dhe, .dge = work.dge};
 }
 
 int moe_parallel_forward(MoeState *s, const MoeConfig *mc, ActKind act, const MoeWeights *w,
@@ -203,14 +219,14 @@ int moe_parallel_forward(MoeState *s, const MoeConfig *mc, ActKind act, const Mo
     if (ensure_rows(ex, recv, ex->hoff[E], A, recv, act == ACT_SWIGLU) != 0)
         return ml_error(err, "out of memory for expert parallelism");
     /* 2. the rows out; 3. the experts; 4. their outputs back */
-    by_rank(ex, s, ex->send, s->xe, 1);
-    dist_alltoall_rows(ex->send, ex->send_rows, ex->recv, ex->recv_rows, ex->C);
-    by_expert(ex, ex->recv, ex->xe, 1);
+    by_rank(ex, s, work.send, s->xe, 1);
+    dist_alltoall_rows(work.send, ex->send_rows, work.recv, ex->recv_rows, ex->C);
+    by_expert(ex, work.recv, ex->xe, 1);
     MoeRows v = exchange_rows(ex);
     moe_rows_forward(&v, mc, act, w);
-    by_expert(ex, ex->recv, ex->ye, 0);
-    dist_alltoall_rows(ex->recv, ex->recv_rows, ex->send, ex->send_rows, ex->C);
-    by_rank(ex, s, ex->send, s->ye, 0);
+    by_expert(ex, work.recv, work.ye, 0);
+    dist_alltoall_rows(work.recv, ex->recv_rows, work.send, ex->send_rows, ex->C);
+    by_rank(ex, s, work.send, s->ye, 0);
     ex->valid = 1;
     return 0;
 }
@@ -222,14 +238,14 @@ int moe_parallel_backward(MoeState *s, MoeScratch *scr, const MoeConfig *mc, Act
     size_t A = (size_t)s->offsets[s->E], recv = (size_t)ex->offsets[ex->E];
     if (ensure_rows(ex, recv, ex->hoff[ex->E], A, recv, act == ACT_SWIGLU) != 0)
         return ml_error(err, "out of memory for expert parallelism");
-    by_rank(ex, s, ex->send, scr->dye, 1);
-    dist_alltoall_rows(ex->send, ex->send_rows, ex->recv, ex->recv_rows, ex->C);
-    by_expert(ex, ex->recv, ex->dye, 1);
+    by_rank(ex, s, work.send, scr->dye, 1);
+    dist_alltoall_rows(work.send, ex->send_rows, work.recv, ex->recv_rows, ex->C);
+    by_expert(ex, work.recv, work.dye, 1);
     MoeRows v = exchange_rows(ex);
     moe_rows_backward(&v, mc, act, w, g, NULL, NULL);
-    by_expert(ex, ex->recv, ex->dxe, 0);
-    dist_alltoall_rows(ex->recv, ex->recv_rows, ex->send, ex->send_rows, ex->C);
-    by_rank(ex, s, ex->send, scr->dxe, 0);
+    by_expert(ex, work.recv, work.dxe, 0);
+    dist_alltoall_rows(work.recv, ex->recv_rows, work.send, ex->send_rows, ex->C);
+    by_rank(ex, s, work.send, scr->dxe, 0);
     return 0;
 }
 
