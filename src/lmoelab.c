@@ -185,8 +185,6 @@ static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
     return luaL_error(L, "%s: '%s' must be one of %s, got \"%s\"", what, key, list, v);
 }
 
-/* Raises err, a message from the C layer, as "what: ..."; err's own prefix
-** ("train: ", "moefy: ") is dropped, so that it is not said twice. */
 /* Every call a script makes that the ranks make together starts here: the
 ** ranks check that they are all at it, from the same line (dist_agree). */
 static void agree(lua_State *L, const char *what) {
@@ -210,6 +208,8 @@ static int rank0_outcome(int rc, char *err) {
     return rc;
 }
 
+/* Raises err, a message from the C layer, as "what: ..."; err's own prefix
+** ("train: ", "moefy: ") is dropped, so that it is not said twice. */
 static int c_error(lua_State *L, const char *what, const char *prefix, const char *err) {
     size_t n = strlen(prefix);
     if (strncmp(err, prefix, n) == 0 && strncmp(err + n, ": ", 2) == 0) err += n + 2;
