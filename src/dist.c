@@ -165,7 +165,7 @@ FILE *dist_errors(void) { return errors ? errors : stderr; }
 
 /* A rank's call in dist_agree: what, then where, each NUL-terminated. */
 typedef struct {
-    char what[48];
+    char what[160];
     char where[208];
 } DistCall;
 
@@ -195,7 +195,7 @@ void dist_agree(const char *what, const char *where) {
                               all[r].where[0] ? ")" : "");
     if (n < sizeof msg)
         snprintf(msg + n, sizeof msg - n, ". Every rank must make the same collective calls in "
-                 "the same order: an error raised on one rank and caught there with pcall, or a "
+                 "the same order, training and evaluating alike: an error raised on one rank and caught there with pcall, or a "
                  "branch on moelab.rank, sends them different ways");
     free(all);
     if (rank != 0) sleep(2); /* rank 0 says it, and stops the others */

@@ -198,6 +198,26 @@ static void agree(lua_State *L, const char *what) {
     dist_agree(what, where);
 }
 
+/* Ranks at the same call from the same line that disagree on what sets the
+** collectives it makes inside (steps, evaluations, clipping, probes, the
+** model's parameters, its parallelism and expert placement) would wait on
+** one another forever: they agree on those too, `what` says them. */
+static void agree_shape(lua_State *L, char *what, size_t n, const Model *m, const MoeConfig *moe) {
+    size_t at = strlen(what);
+    unsigned long place = 0;
+    for (int e = 0; e < moe->n_placement; e++)
+        place = 31 * place + (unsigned long)moe->placement[e] + 1;
+    if (at < n)
+        snprintf(what + at, n - at, ", %zu parameters, %s parallel", m->num_parameters,
+                 moe_parallel(moe) ? "expert" : "data");
+    at = strlen(what);
+    if (moe_parallel(moe) && moe->n_placement && at < n)
+        snprintf(what + at, n - at, " (placement %lx)", place);
+    at = strlen(what);
+    if (at < n) snprintf(what + at, n - at, ")");
+    agree(L, what);
+}
+
 /* Over several ranks, the outcome of what rank 0 alone does (the database,
 ** files): its rc, and its message when it failed, on every rank, so that
 ** all go on or all raise the same error. */
@@ -1206,6 +1226,13 @@ static int run_train(lua_State *L) {
     }
     lua_settop(L, 2);
 
+    char shape[160];
+    snprintf(shape, sizeof shape, "run:train (%d steps, evaluations %d every %d of %d, %sclip, "
+             "probe %d of %d", o.steps, o.eval_batches, o.eval_every,
+             o.eval_batches ? (o.eval_batch ? o.eval_batch : o.batch) : 0, o.clip > 0.0f ? "" : "no ", o.probe_every,
+             o.probe_every ? o.probe_batch : 0);
+    agree_shape(L, shape, sizeof shape, r->t.model, &r->t.model->config.moe);
+
     TrainResult res;
     char err[ML_ERRLEN] = "";
     if (trainer_train(&r->t, &o, &res, err) != 0) {
@@ -1277,6 +1304,10 @@ static int run_evaluate(lua_State *L) {
         o.router_json = router_json;
     }
     lua_settop(L, 2);
+    char shape[160];
+    snprintf(shape, sizeof shape, "run:evaluate (%d batches of %d, %srecorded", o.batches, o.batch,
+             o.record ? "" : "not ");
+    agree_shape(L, shape, sizeof shape, r->t.model, o.router ? o.router : &r->t.model->config.moe);
     int failed = trainer_evaluate(&r->t, &o, &res, err);
     free(router_json);
     if (failed) {

@@ -641,13 +641,20 @@ static void test_ranks_out_of_step_stop_saying_where(void **state) {
         "db:query('SELECT 2 AS x')\n",
         /* rank 1 ends the script while rank 0 trains */
         "if moelab.rank == 0 then run:train{ steps = 2, batch = 2 } end\n",
+        /* the same call from the same line, but not the same training: rank
+        ** 0 would end it while rank 1 waits for its third step's gradients */
+        "run:train{ steps = 2 + moelab.rank, batch = 2, eval_batches = 0 }\n",
+        /* nor the same evaluation: rank 1's second batch meets rank 0's end */
+        "run:evaluate{ batches = 1 + moelab.rank, batch = 2 }\n",
     };
-    static const char *const said[] = {"rank 0 at db:query (", "rank 1 at the end of the script"};
+    static const char *const said[] = {"rank 0 at db:query (", "rank 1 at the end of the script",
+                                       "rank 1 at run:train (3 steps",
+                                       "rank 1 at run:evaluate (2 batches of 2"};
     char corpus[512], script[512], db[512];
     tmp_path(corpus, sizeof corpus, "part-corpus.txt");
     write_corpus(corpus);
     tmp_path(script, sizeof script, "part.lua");
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < (int)(sizeof partings / sizeof *partings); i++) {
         char text[2048];
         snprintf(text, sizeof text,
                  "moelab.threads(1)\n"
