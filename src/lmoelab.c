@@ -1227,10 +1227,10 @@ static int run_train(lua_State *L) {
     lua_settop(L, 2);
 
     char shape[160];
+    int eval_batch = o.eval_batches ? (o.eval_batch ? o.eval_batch : o.batch) : 0;
     snprintf(shape, sizeof shape, "run:train (%d steps, evaluations %d every %d of %d, %sclip, "
-             "probe %d of %d", o.steps, o.eval_batches, o.eval_every,
-             o.eval_batches ? (o.eval_batch ? o.eval_batch : o.batch) : 0, o.clip > 0.0f ? "" : "no ", o.probe_every,
-             o.probe_every ? o.probe_batch : 0);
+             "probe %d of %d", o.steps, o.eval_batches, o.eval_every, eval_batch,
+             o.clip > 0.0f ? "" : "no ", o.probe_every, o.probe_every ? o.probe_batch : 0);
     agree_shape(L, shape, sizeof shape, r->t.model, &r->t.model->config.moe);
 
     TrainResult res;

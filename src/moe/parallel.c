@@ -117,7 +117,7 @@ static int ensure_rows(MoeExchange *ex, size_t A, size_t hidden, size_t send, si
         ex->cap_rows = n;
     }
     if (hidden > ex->cap_hidden || (swiglu && !ex->ge)) {
-        size_t n = hidden + hidden / 4;
+        size_t n = hidden + hidden / 4 > ex->cap_hidden ? hidden + hidden / 4 : ex->cap_hidden;
         if (ML_GROW(ex->he, n) || ML_GROW(ex->ae, n) || (swiglu && ML_GROW(ex->ge, n))) return -1;
         ex->cap_hidden = n;
     }
@@ -127,7 +127,7 @@ static int ensure_rows(MoeExchange *ex, size_t A, size_t hidden, size_t send, si
         work.cap_rows = n;
     }
     if (hidden > work.cap_hidden || (swiglu && !work.dge)) {
-        size_t n = hidden + hidden / 4;
+        size_t n = hidden + hidden / 4 > work.cap_hidden ? hidden + hidden / 4 : work.cap_hidden;
         if (ML_GROW(work.dae, n) || ML_GROW(work.dhe, n) || (swiglu && ML_GROW(work.dge, n)))
             return -1;
         work.cap_hidden = n;
