@@ -64,16 +64,17 @@ void moe_exchange_free(MoeExchange *ex) {
 
 int moe_parallel(const MoeConfig *mc) { return mc->parallel_experts && dist_active(); }
 
+/* Expert e's rank among `ranks`: placement[e], or E/N consecutive a rank. */
+static int expert_rank(const MoeConfig *mc, int ranks, int e) {
+    return mc->n_placement ? mc->placement[e] : (int)((int64_t)e * ranks / mc->experts);
+}
+
 void moe_placement(const MoeConfig *mc, int ranks, int *rank_of) {
-    for (int e = 0; e < mc->experts; e++)
-        rank_of[e] = mc->n_placement ? mc->placement[e] : (int)((int64_t)e * ranks / mc->experts);
+    for (int e = 0; e < mc->experts; e++) rank_of[e] = expert_rank(mc, ranks, e);
 }
 
 int moe_expert_here(const MoeConfig *mc, int e) {
-    if (!moe_parallel(mc)) return 1;
-    int ranks = dist_size();
-    int rank = mc->n_placement ? mc->placement[e] : (int)((int64_t)e * ranks / mc->experts);
-    return rank == dist_rank();
+    return !moe_parallel(mc) || expert_rank(mc, dist_size(), e) == dist_rank();
 }
 
 int moe_check_placement(const MoeConfig *mc, char *err) {
