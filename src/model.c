@@ -74,11 +74,6 @@ static float *take(Layout *L, ParamInit init, int d0, int d1, const char *fmt, .
     return ptr;
 }
 
-/* Marks the tensor just registered as an expert's matrix (ParamInfo). */
-static void expert_matrix(Layout *L) {
-    if (L->registering && !L->failed) L->m->params[L->m->n_params - 1].expert_matrix = 1;
-}
-
 static void model_layout(Model *m, Weights *w, float *base, int registering, int *failed) {
     const ModelConfig *c = &m->config;
     int C = c->d_model, V = c->vocab, H = c->ffn_hidden;
@@ -128,14 +123,11 @@ static void model_layout(Model *m, Weights *w, float *base, int registering, int
                 int He = mc->hidden[e];
                 L.expert = e;
                 mw->fc[e] = take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.fc.weight", l, e);
-                expert_matrix(&L);
                 mw->gate[e] = c->activation == ACT_SWIGLU
                                   ? take(&L, INIT_NORMAL, He, C, "h.%d.moe.experts.%d.gate.weight", l, e)
                                   : NULL;
-                if (c->activation == ACT_SWIGLU) expert_matrix(&L);
                 mw->proj[e] = take(&L, INIT_NORMAL_RESIDUAL, C, He,
                                    "h.%d.moe.experts.%d.proj.weight", l, e);
-                expert_matrix(&L);
                 mw->fc_bias[e] = mc->bias ? take(&L, INIT_ZERO, He, 0,
                                                  "h.%d.moe.experts.%d.fc.bias", l, e)
                                           : NULL;
@@ -840,7 +832,8 @@ int model_adamw_step(Model *m, float lr, float beta1, float beta2, float eps,
         size_t tid = (size_t)omp_get_thread_num(), nth = (size_t)omp_get_num_threads();
         for (int i = 0; i < m->n_params; i++) {
             const ParamInfo *p = &m->params[i];
-            if (!model_trains(m, i) || (skip_experts && p->expert_matrix)) continue;
+            /* an expert's matrices (fc, gate, proj): an expert's 2-d tensors */
+            if (!model_trains(m, i) || (skip_experts && p->expert >= 0 && p->ndim == 2)) continue;
             size_t lo = p->numel * tid / nth, hi = p->numel * (tid + 1) / nth, at = p->offset + lo;
             adamw_update(m->param_mem + at, m->adam_m + at, m->adam_v + at, m->grad_mem + at,
                          hi - lo, &step, p->decay ? weight_decay : 0.0f);

@@ -31,7 +31,6 @@ typedef struct {
     size_t numel;
     int decay;     /* weight decay applies: matrices only */
     int expert;    /* the MoE expert it belongs to (its layer's), or -1 */
-    int expert_matrix; /* an expert's fc, gate or proj weight (model_backward_adamw) */
 } ParamInfo;
 
 typedef struct {
