@@ -645,6 +645,15 @@ static void update_matrix(const MoeUpdate *u, float *x, float *g, size_t n) {
     adamw_update(x, u->m + at, u->v + at, g, n, &u->step, u->weight_decay);
 }
 
+/* AdamW on expert e's matrices from their gradients in a thread's share of
+** dexpert: fc's at gfc, then gate's and proj's, HC each. */
+static void update_expert(const MoeUpdate *u, const MoeWeights *w, int e, int swiglu, float *gfc,
+                          size_t HC) {
+    update_matrix(u, w->fc[e], gfc, HC);
+    if (swiglu) update_matrix(u, w->gate[e], gfc + HC, HC);
+    update_matrix(u, w->proj[e], gfc + 2 * HC, HC);
+}
+
 static int ensure_scratch(MoeScratch *scr, const MoeState *s, const MoeConfig *mc, int swiglu,
                           int update) {
     size_t A = (size_t)s->offsets[s->E], hidden = s->hoff[s->E];
@@ -701,11 +710,7 @@ void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const
             beta = 0.0f;
         }
         if (n == 0) {
-            if (u) { /* the shares are zero: AdamW on zero gradients */
-                update_matrix(u, w->fc[e], gfc, HC);
-                if (swiglu) update_matrix(u, w->gate[e], ggate, HC);
-                update_matrix(u, w->proj[e], gproj, HC);
-            }
+            if (u) update_expert(u, w, e, swiglu, gfc, HC); /* the share is zero: zero gradients */
             continue;
         }
         size_t r0 = (size_t)v->offsets[e] * C;
@@ -740,11 +745,7 @@ void moe_rows_backward(const MoeRows *v, const MoeConfig *mc, ActKind act, const
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, C, H, 1.0f, dge, H, w->gate[e],
                         C, 1.0f, dxe, C);
         }
-        if (u) { /* the expert's weights are read no more this step */
-            update_matrix(u, w->fc[e], gfc, HC);
-            if (swiglu) update_matrix(u, w->gate[e], ggate, HC);
-            update_matrix(u, w->proj[e], gproj, HC);
-        }
+        if (u) update_expert(u, w, e, swiglu, gfc, HC); /* its weights are read no more this step */
     }
 }
 
