@@ -666,9 +666,14 @@ static int shard_plan(const Model *m, int ranks, int **out, char *err) {
 }
 
 /* Calls f(x, n, owner) for each run of consecutive tensors of `arena` with
-** the same owner (Model.owner): few calls, each over a contiguous range. */
+** the same owner (Model.owner; without owners, one run of every rank's):
+** few calls, each over a contiguous range. */
 static void owner_runs(const Model *m, float *arena, void (*f)(float *x, size_t n, int owner, int ranks),
                        int ranks) {
+    if (!m->owner) {
+        f(arena, m->num_parameters, -1, ranks);
+        return;
+    }
     for (int i = 0; i < m->n_params;) {
         int o = m->owner[i], j = i;
         size_t n = 0;
@@ -726,7 +731,7 @@ static void shard_training(Model *m, int *want) {
 ** them, so that every rank holds the whole model again (model:loss, sample,
 ** save; the moments stay where they are). */
 static void gather_experts(Model *m) {
-    if (m->owner) owner_runs(m, m->param_mem, broadcast_run, dist_size());
+    owner_runs(m, m->param_mem, broadcast_run, dist_size());
 }
 
 int trainer_gradients(Trainer *t, int B, const AdamwOptions *fuse, float *loss, double *moe_flops,
@@ -753,11 +758,7 @@ int trainer_gradients(Trainer *t, int B, const AdamwOptions *fuse, float *loss, 
     }
     if (!isfinite(*loss) || !isfinite(m->aux_loss)) return 0; /* diverged: no gradients */
     if (model_backward_adamw(m, ranks > 1 ? NULL : fuse, err) != 0) return -1;
-    if (ranks > 1 && m->owner) owner_runs(m, m->grad_mem, average_run, ranks);
-    else if (ranks > 1) { /* the mean of the ranks' gradients: the whole batch's */
-        dist_sum_float(m->grad_mem, m->num_parameters);
-        cblas_sscal((blasint)m->num_parameters, 1.0f / ranks, m->grad_mem, 1);
-    }
+    if (ranks > 1) owner_runs(m, m->grad_mem, average_run, ranks); /* the whole batch's */
     return 0;
 }
 
