@@ -198,10 +198,11 @@ static void agree(lua_State *L, const char *what) {
     dist_agree(what, where);
 }
 
-/* Ranks at the same call from the same line that disagree on what sets the
+/* agree for run:train and run:evaluate, once their options are read: ranks
+** at the same call from the same line that disagree on what sets the
 ** collectives it makes inside (steps, evaluations, clipping, probes, the
 ** model's parameters, its parallelism and expert placement) would wait on
-** one another forever: they agree on those too, `what` says them. */
+** one another forever, so they agree on those too; `what` says them. */
 static void agree_shape(lua_State *L, char *what, size_t n, const Model *m, const MoeConfig *moe) {
     size_t at = strlen(what);
     unsigned long place = 0;
@@ -1191,7 +1192,6 @@ static int run_train(lua_State *L) {
         "steps", "batch", "lr", "min_lr", "warmup", "weight_decay", "clip", "beta1", "beta2",
         "eps", "eval_every", "eval_batches", "eval_batch", "threads", "progress", "probe", NULL};
     static const char *const probe_keys[] = {"every", "batch", "seed", NULL};
-    agree(L, "run:train");
     LRun *r = check_run(L, 1);
     run_options(L, "run:train", keys);
     run_bind(L, r);
@@ -1274,7 +1274,6 @@ static int run_train(lua_State *L) {
 ** counterfactual router table (config_router_from_json) */
 static int run_evaluate(lua_State *L) {
     static const char *const keys[] = {"batches", "batch", "split", "record", "seed", "router", NULL};
-    agree(L, "run:evaluate");
     LRun *r = check_run(L, 1);
     run_options(L, "run:evaluate", keys);
     run_bind(L, r);
