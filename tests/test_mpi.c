@@ -205,6 +205,38 @@ static void one_against_two(const char *name, const char *router, const char *co
 
 /* ---- gradients, by this program started as a worker ---------------------- */
 
+/* A worker process's model of the JSON config and its trainer, over a text
+** of 12 letters drawn from text_seed (tests/test_mpi.c's own workers); any
+** failure stops every rank. */
+typedef struct {
+    Corpus *corpus;
+    Model *m;
+    Trainer t;
+} Worker;
+
+static void worker_start(Worker *w, const char *json, uint64_t text_seed, const char *name) {
+    static char text[60000];
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + test_rand(&text_seed) % 12);
+    char err[ML_ERRLEN];
+    ModelConfig c;
+    w->corpus = NULL;
+    w->m = NULL;
+    config_defaults(&c);
+    if (config_from_json(&c, json, strlen(json), err) != 0 ||
+        corpus_from_bytes(&w->corpus, (const uint8_t *)text, sizeof text, 0.9, err) != 0 ||
+        model_create(&w->m, &c, err) != 0 ||
+        trainer_init(&w->t, w->m, w->corpus, NULL, 0, name, 5, err) != 0)
+        dist_fail(err);
+}
+
+static int worker_end(Worker *w) {
+    trainer_free(&w->t);
+    model_free(w->m);
+    corpus_free(w->corpus);
+    dist_finalize();
+    return 0;
+}
+
 /* `test_mpi --gradients OUT BATCH CONFIG` (under mpirun or not): one
 ** training step's gradients of the model CONFIG (JSON) on batch BATCH a
 ** rank, as trainer_gradients gives them, written by rank 0 to OUT as the
@@ -215,22 +247,13 @@ static int gradients_worker(int argc, char **argv) {
         fprintf(stderr, "test_mpi --gradients OUT BATCH CONFIG: %s\n", argc != 5 ? "usage" : err);
         return 2;
     }
-    static char text[60000];
-    uint64_t seed = 11;
-    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + test_rand(&seed) % 12);
-    ModelConfig c;
-    Corpus *corpus = NULL;
-    Model *m = NULL;
-    Trainer t;
+    Worker w;
+    worker_start(&w, argv[4], 11, "grads");
+    Model *m = w.m;
     float loss;
     double flops;
-    config_defaults(&c);
-    if (config_from_json(&c, argv[4], strlen(argv[4]), err) != 0 ||
-        corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.9, err) != 0 ||
-        model_create(&m, &c, err) != 0 || trainer_init(&t, m, corpus, NULL, 0, "grads", 5, err) != 0)
-        dist_fail(err);
     model_zero_grad(m);
-    if (trainer_gradients(&t, atoi(argv[3]), NULL, &loss, &flops, err) != 0) dist_fail(err);
+    if (trainer_gradients(&w.t, atoi(argv[3]), NULL, &loss, &flops, err) != 0) dist_fail(err);
     if (dist_rank() == 0) {
         FILE *f = fopen(argv[2], "wb");
         if (!f || fwrite(&loss, sizeof loss, 1, f) != 1 ||
@@ -238,11 +261,7 @@ static int gradients_worker(int argc, char **argv) {
             dist_fail("cannot write the gradients");
         fclose(f);
     }
-    trainer_free(&t);
-    model_free(m);
-    corpus_free(corpus);
-    dist_finalize();
-    return 0;
+    return worker_end(&w);
 }
 
 /* How many of the whole pages inside n floats at x are resident. */
@@ -323,21 +342,13 @@ static int sharded_worker(int argc, char **argv) {
         fprintf(stderr, "test_mpi --sharded: under mpirun -np 2: %s\n", err);
         return 2;
     }
-    static char text[60000];
-    uint64_t seed = 13;
-    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + test_rand(&seed) % 12);
     const char *json = "{\"layers\":2,\"d_model\":32,\"heads\":2,\"context\":32,\"seed\":3,"
                        "\"moe\":{\"experts\":4,\"hidden\":512,\"router\":{\"kind\":\"topk\",\"k\":2},"
                        "\"parallel\":\"experts\"}}";
-    ModelConfig c;
-    Corpus *corpus = NULL;
-    Model *m = NULL;
-    Trainer t;
-    config_defaults(&c);
-    if (config_from_json(&c, json, strlen(json), err) != 0 ||
-        corpus_from_bytes(&corpus, (const uint8_t *)text, sizeof text, 0.9, err) != 0 ||
-        model_create(&m, &c, err) != 0 || trainer_init(&t, m, corpus, NULL, 0, "sharded", 5, err) != 0)
-        dist_fail(err);
+    Worker w;
+    worker_start(&w, json, 13, "sharded");
+    Model *m = w.m;
+    Trainer *t = &w.t;
     TrainOptions o;
     TrainResult res;
     train_options_defaults(&o);
@@ -347,7 +358,7 @@ static int sharded_worker(int argc, char **argv) {
     o.progress = 0;
     o.clip = 0.1f;
     int mine = 0, theirs = 0;
-    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    if (trainer_train(t, &o, &res, err) != 0) dist_fail(err);
     const int contiguous[4] = {0, 0, 1, 1}, swapped[4] = {1, 1, 0, 0}; /* E/N a rank by default */
     expect_sharded(m, contiguous, "after expert-parallel training", &mine, &theirs);
     if (mine == 0 || theirs == 0) dist_fail("no whole page to look at");
@@ -366,26 +377,22 @@ static int sharded_worker(int argc, char **argv) {
     ** trained before takes no memory any more */
     m->config.moe.n_placement = 4;
     memcpy(m->config.moe.placement, swapped, sizeof swapped);
-    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    if (trainer_train(t, &o, &res, err) != 0) dist_fail(err);
     expect_sharded(m, swapped, "after the experts changed ranks", &mine, &theirs);
     same_on_both_ranks(m, "after the experts changed ranks");
     /* then data parallel: every rank needs every expert's moments, which
     ** come from the ranks that kept them; else the ranks drift apart */
     m->config.moe.parallel_experts = 0;
     m->config.moe.n_placement = 0;
-    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    if (trainer_train(t, &o, &res, err) != 0) dist_fail(err);
     same_on_both_ranks(m, "after data-parallel training that followed");
     /* and expert parallel again: the others' state is given back */
     m->config.moe.parallel_experts = 1;
-    if (trainer_train(&t, &o, &res, err) != 0) dist_fail(err);
+    if (trainer_train(t, &o, &res, err) != 0) dist_fail(err);
     expect_sharded(m, contiguous, "after expert parallelism again", &mine, &theirs);
     same_on_both_ranks(m, "after expert parallelism again");
     if (dist_rank() == 0) printf("sharded: %d own and %d others' expert arenas looked at\n", mine, theirs);
-    trainer_free(&t);
-    model_free(m);
-    corpus_free(corpus);
-    dist_finalize();
-    return 0;
+    return worker_end(&w);
 }
 
 /* under expert parallelism a rank keeps the training state of its own
