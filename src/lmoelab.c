@@ -501,10 +501,28 @@ static int l_moefy(lua_State *L) {
         luaL_checktype(L, r, LUA_TTABLE);
         check_keys(L, r, "moelab.moefy router", router_keys);
         const char *what = "moelab.moefy router";
-        router.kind = kind_of[opt_choice(L, r, what, "kind", kinds, 0)];
+        int kind = opt_choice(L, r, what, "kind", kinds, 0);
+        router.kind = kind_of[kind];
         router.select_threshold = opt_choice(L, r, what, "select", selects, 0) == 1;
-        /* k is read by the top-k selection, p by the threshold */
+        /* k is read by the top-k selection, p by the threshold; `all` reads
+        ** neither. A key the router does not read is refused, as in
+        ** moelab.model, rather than ignored: { kind = "similarity", p = 0.5 }
+        ** without select = "threshold" would be top-2. */
         int uses_k = router.kind != ROUTER_ALL && !router.select_threshold;
+        int uses_p = router.kind != ROUTER_ALL && router.select_threshold;
+        static const char *const chosen[] = {"k", "p", "select", NULL};
+        const int read[] = {uses_k, uses_p, router.kind != ROUTER_ALL};
+        for (int i = 0; chosen[i]; i++) {
+            int given = lua_getfield(L, r, chosen[i]) != LUA_TNIL;
+            lua_pop(L, 1);
+            if (read[i] || !given) continue;
+            luaL_error(L, "%s: '%s' is not read by the %s router%s (it reads %s)", what, chosen[i],
+                       kinds[kind], router.kind == ROUTER_ALL ? ""
+                       : router.select_threshold ? " with select = \"threshold\""
+                                                 : " with select = \"topk\"",
+                       router.kind == ROUTER_ALL ? "no other key"
+                       : router.select_threshold ? "select, p" : "select, k");
+        }
         router.k = (int)opt_int(L, r, what, "k", uses_k && E < 2 ? E : 2, 1,
                                 uses_k ? E : MOE_MAX_EXPERTS);
         router.p = opt_float(L, r, what, "p", router.p);

@@ -971,6 +971,33 @@ static void test_option_numbers(void **state) {
     lua_close(L);
 }
 
+/* moelab.moefy refuses a router key its router does not read, as moelab.model
+** does: { kind = "similarity", p = 0.5 } without select = "threshold" was
+** top-2 with p ignored, and k beside a threshold (or on `all`) was ignored too. */
+static void test_moefy_unread_router_keys(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "dense = moelab.model(tiny())");
+    run_err(L, "moelab.moefy(dense, { experts = 4, router = { kind = 'similarity', p = 0.5 } })",
+            "moelab.moefy router: 'p' is not read by the similarity router with select = \"topk\" "
+            "(it reads select, k)", NULL);
+    run_err(L, "moelab.moefy(dense, { experts = 4, router = { select = 'threshold', p = 0.5, k = 2 } })",
+            "'k' is not read by the similarity router with select = \"threshold\" (it reads select, p)",
+            NULL);
+    run_err(L, "moelab.moefy(dense, { experts = 4, router = { kind = 'all', k = 2 } })",
+            "'k' is not read by the all router", NULL);
+    run_err(L, "moelab.moefy(dense, { experts = 4, router = { kind = 'all', select = 'threshold' } })",
+            "'select' is not read by the all router", NULL);
+    /* what each router reads is still taken */
+    run_ok(L, "t = moelab.moefy(dense, { experts = 4, router = { kind = 'learned', select = 'threshold',\n"
+              "                                                 p = 0.5 } }):config().moe.router\n"
+              "assert(t.p == 0.5 and t.select == 'threshold')\n"
+              "k = moelab.moefy(dense, { experts = 4, router = { kind = 'oracle', k = 3 } }):config().moe.router\n"
+              "assert(k.k == 3 and k.select == 'topk')\n"
+              "assert(moelab.moefy(dense, { experts = 4, router = { kind = 'all' } }):config().moe.router.kind == 'all')");
+    lua_close(L);
+}
+
 /* A corpus that cannot feed the model: the message says why, with the path. */
 static void test_corpus_errors(void **state) {
     (void)state;
@@ -1637,6 +1664,7 @@ int main(void) {
         cmocka_unit_test(test_config_numbers),
         cmocka_unit_test(test_option_errors),
         cmocka_unit_test(test_option_numbers),
+        cmocka_unit_test(test_moefy_unread_router_keys),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
