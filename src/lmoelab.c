@@ -863,18 +863,41 @@ static int query_here(lua_State *L) {
     char err[ML_ERRLEN];
     if (rec_flush(d->r, err) != 0) luaL_error(L, "db:query: %s", err);
     sqlite3 *db = rec_db(d->r);
-    sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+    sqlite3_stmt *st = NULL, *next = NULL;
+    const char *tail = NULL;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, &tail) != SQLITE_OK)
         luaL_error(L, "db:query: %s", sqlite3_errmsg(db));
-    int nargs = lua_gettop(L) - 2;
+    if (!st) luaL_error(L, "db:query: the SQL holds no statement (it is empty or a comment)");
+    /* one statement a call: what follows the first would be dropped unsaid
+    ** (prepared, not run, only to tell whitespace and comments from SQL) */
+    if (sqlite3_prepare_v2(db, tail, -1, &next, NULL) != SQLITE_OK || next) {
+        sqlite3_finalize(next);
+        sqlite3_finalize(st);
+        while (*tail == ' ' || *tail == '\t' || *tail == '\n' || *tail == '\r') tail++;
+        char rest[64];
+        snprintf(rest, sizeof rest, "%.40s%s", tail, strlen(tail) > 40 ? "..." : "");
+        return luaL_error(L, "db:query: runs one statement a call, and the SQL goes on after "
+                          "the first: \"%s\"", rest);
+    }
+    int nargs = lua_gettop(L) - 2, nparams = sqlite3_bind_parameter_count(st);
+    if (nargs != nparams) { /* a missing value would be NULL, an extra one an obscure error */
+        sqlite3_finalize(st);
+        return luaL_error(L, "db:query: the SQL has %d parameter%s, got %d value%s", nparams,
+                          nparams == 1 ? "" : "s", nargs, nargs == 1 ? "" : "s");
+    }
     for (int i = 1; i <= nargs; i++) {
         int idx = i + 2, rc;
+        size_t len;
         switch (lua_type(L, idx)) {
         case LUA_TNUMBER:
             rc = lua_isinteger(L, idx) ? sqlite3_bind_int64(st, i, lua_tointeger(L, idx))
                                        : sqlite3_bind_double(st, i, lua_tonumber(L, idx));
             break;
-        case LUA_TSTRING: rc = sqlite3_bind_text(st, i, lua_tostring(L, idx), -1, SQLITE_TRANSIENT); break;
+        case LUA_TSTRING: { /* its bytes, NULs included */
+            const char *text = lua_tolstring(L, idx, &len);
+            rc = sqlite3_bind_text64(st, i, text, len, SQLITE_TRANSIENT, SQLITE_UTF8);
+            break;
+        }
         case LUA_TNIL: rc = sqlite3_bind_null(st, i); break;
         case LUA_TBOOLEAN: rc = sqlite3_bind_int(st, i, lua_toboolean(L, idx)); break;
         default: sqlite3_finalize(st); return luaL_error(L, "db:query: cannot bind a %s", luaL_typename(L, idx));

@@ -998,6 +998,34 @@ static void test_moefy_unread_router_keys(void **state) {
     lua_close(L);
 }
 
+/* db:query runs exactly one statement with exactly its parameters: the
+** statements after the first were dropped unsaid (CREATE TABLE t(x); INSERT
+** ... created an empty table), a missing value became NULL, an extra one said
+** "column index out of range", an empty query "not an error", and a string
+** with a NUL was cut at it. */
+static void test_query_one_statement(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "db = moelab.open(DIR .. '/query.db')");
+    run_err(L, "db:query('CREATE TABLE t(x); INSERT INTO t VALUES (1)')",
+            "db:query: runs one statement a call, and the SQL goes on after the first: "
+            "\"INSERT INTO t VALUES (1)\"", NULL);
+    /* nothing of it ran */
+    assert_lua(L, "#db:query(\"SELECT * FROM sqlite_master WHERE name = 't'\") == 0");
+    run_err(L, "db:query('SELECT 1; SELECT 2')", "goes on after the first: \"SELECT 2\"", NULL);
+    run_err(L, "db:query('')", "db:query: the SQL holds no statement", NULL);
+    run_err(L, "db:query('  -- a comment')", "db:query: the SQL holds no statement", NULL);
+    run_err(L, "db:query('SELECT ? AS a, ? AS b', 1)", "db:query: the SQL has 2 parameters, got 1 value",
+            NULL);
+    run_err(L, "db:query('SELECT ? AS a', 1, 2)", "db:query: the SQL has 1 parameter, got 2 values", NULL);
+    /* what still works: a trailing semicolon, whitespace or comment; ?1 twice is one parameter */
+    assert_lua(L, "db:query('SELECT ?1 + ?1 AS a;  -- done\\n', 2)[1].a == 4");
+    assert_lua(L, "db:query('SELECT ? AS a', 'a\\0b')[1].a == 'a\\0b'");
+    run_ok(L, "db:query('CREATE TABLE t(x)') db:query('INSERT INTO t VALUES (?)', 5)\n"
+              "assert(db:query('SELECT x FROM t')[1].x == 5)");
+    lua_close(L);
+}
+
 /* A corpus that cannot feed the model: the message says why, with the path. */
 static void test_corpus_errors(void **state) {
     (void)state;
@@ -1665,6 +1693,7 @@ int main(void) {
         cmocka_unit_test(test_option_errors),
         cmocka_unit_test(test_option_numbers),
         cmocka_unit_test(test_moefy_unread_router_keys),
+        cmocka_unit_test(test_query_one_statement),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
