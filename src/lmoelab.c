@@ -931,6 +931,15 @@ static int query_here(lua_State *L) {
         return luaL_error(L, "db:query: %s", msg);
     }
     sqlite3_finalize(st);
+    /* The recorder commits whatever is open before each query (rec_flush):
+    ** a BEGIN or SAVEPOINT of the script's would end at its next query, and
+    ** its ROLLBACK would find nothing to undo after the changes were kept. */
+    if (!sqlite3_get_autocommit(db)) {
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+        return luaL_error(L, "db:query: a transaction cannot stay open across queries (moelab "
+                          "commits its own rows before each one, so a later ROLLBACK would undo "
+                          "nothing); run the statements without BEGIN or SAVEPOINT");
+    }
     return 1;
 }
 

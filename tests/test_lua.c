@@ -1026,6 +1026,28 @@ static void test_query_one_statement(void **state) {
     lua_close(L);
 }
 
+/* A script's BEGIN through db:query was committed at its next query (the
+** recorder commits what is open first), so BEGIN, DELETE, ROLLBACK kept the
+** DELETE and the ROLLBACK said only "no transaction is active". */
+static void test_query_no_open_transaction(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "db = moelab.open(DIR .. '/transaction.db')\n"
+              "db:query('CREATE TABLE t(x)') db:query('INSERT INTO t VALUES (1)')");
+    run_err(L, "db:query('BEGIN')", "db:query: a transaction cannot stay open across queries", NULL);
+    run_err(L, "db:query('SAVEPOINT s')", "db:query: a transaction cannot stay open", NULL);
+    /* neither is left open: each statement is committed on its own, and the recorder still writes */
+    run_ok(L, "db:query('DELETE FROM t')\n"
+              "run = db:run{ name = 'after', model = moelab.model(tiny()), data = moelab.corpus{ text = TEXT } }\n"
+              "run:train(fast{ steps = 2, eval_batches = 0 })");
+    assert_lua(L, "#db:query('SELECT * FROM t') == 0");
+    sqlite3 *db = db_open("transaction.db");
+    assert_int_equal(db_int(db, "SELECT COUNT(*) FROM t"), 0);
+    assert_int_equal(db_int(db, "SELECT COUNT(*) FROM metrics WHERE split = 'train'"), 2);
+    sqlite3_close(db);
+    lua_close(L);
+}
+
 /* A corpus that cannot feed the model: the message says why, with the path. */
 static void test_corpus_errors(void **state) {
     (void)state;
@@ -1694,6 +1716,7 @@ int main(void) {
         cmocka_unit_test(test_option_numbers),
         cmocka_unit_test(test_moefy_unread_router_keys),
         cmocka_unit_test(test_query_one_statement),
+        cmocka_unit_test(test_query_no_open_transaction),
         cmocka_unit_test(test_corpus_errors),
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
