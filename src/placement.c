@@ -276,6 +276,8 @@ static int placement_check(const PlacementRouting *r, const int *devices, int nd
         if (!(r->flops[e] >= 0 && isfinite(r->flops[e])))
             return ml_error(err, "expert %d's FLOPs must be finite and >= 0, got %g", e,
                             r->flops[e]);
+    if (ndevices < 1) /* an empty list would give no rows, and no word why */
+        return ml_error(err, "devices must list at least one device count, got none");
     for (int i = 0; i < ndevices; i++)
         if (devices[i] < 1 || devices[i] > PLACEMENT_MAX_DEVICES)
             return ml_error(err, "devices must be whole numbers between 1 and %d, got %d",

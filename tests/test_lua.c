@@ -1485,6 +1485,10 @@ static void test_placement_replay(void **state) {
     assert_lua(L, "cf.eval_id > e.eval_id and latest[1].eval_id == e.eval_id");
     assert_lua(L, "#asked == 4 * 3 and asked[12].eval_id == cf.eval_id and asked[12].policy == 'cooccurrence'");
     run_err(L, "pl.study(db, { devices = { 0 } })", "devices must be whole numbers", NULL);
+    /* an empty list gave no rows and no word why */
+    run_err(L, "pl.study(db, { devices = {} })", "devices must list at least one device count, got none",
+            NULL);
+    run_err(L, "moelab.placement_study(db, e.eval_id, { devices = {} })", "got none", NULL);
     run_err(L, "pl.study(db, { run = 'nope' })", "no recorded evaluation of run 'nope'", NULL);
     lua_close(L);
 }
