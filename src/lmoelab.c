@@ -1118,10 +1118,13 @@ static int run_close(lua_State *L) {
         const char *msg = lua_tostring(L, -1);
         char err[ML_ERRLEN];
         rec_flush(rec, err);
-        rec_run_status(rec, r->t.run_id, status, msg, err);
+        if (rec_run_status(rec, r->t.run_id, status, msg, err) == 0)
+            snprintf(r->status, sizeof r->status, "%s", status); /* what tostring shows */
         lua_pop(L, 2);
     }
+    int64_t run_id = r->t.run_id; /* kept for tostring */
     trainer_free(&r->t);
+    r->t.run_id = run_id;
     r->open = 0;
     return 0;
 }

@@ -1530,7 +1530,13 @@ static void test_closed_objects(void **state) {
     run_err(L, "run:train(fast{ steps = 1 })", "model", "closed", NULL);
     run_ok(L, "run:close() run:close()");
     run_err(L, "run:train(fast{ steps = 1 })", "run is closed", NULL);
+    /* a closed run shows what it was recorded as, and its id (it showed
+    ** "id 0, running") */
+    assert_lua(L, "tostring(run) == 'moelab.run(closed, id 1, finished)'");
+    run_ok(L, "r2 = db:run{ name = 'closed-by-db', model = moelab.model(tiny()), data = data }");
+    assert_lua(L, "tostring(r2) == 'moelab.run(closed-by-db, id 2, running)'");
     run_ok(L, "db:close() db:close()");
+    assert_lua(L, "tostring(r2) == 'moelab.run(closed, id 2, finished)'");
     run_err(L, "db:query('SELECT 1')", "closed", NULL);
     run_err(L, "moelab.plot{ db = db, figure = 'loss', out = DIR .. '/c.pdf' }", "closed", NULL);
     lua_close(L);
