@@ -79,6 +79,7 @@ static const char *value_text(lua_State *L, int idx, char *buf, size_t n) {
     case LUA_TSTRING: snprintf(buf, n, "\"%.40s\"%s", lua_tostring(L, idx),
                                lua_rawlen(L, idx) > 40 ? "..." : ""); break;
     case LUA_TBOOLEAN: snprintf(buf, n, "%s", lua_toboolean(L, idx) ? "true" : "false"); break;
+    case LUA_TNONE: snprintf(buf, n, "nothing"); break; /* a missing argument: not "a no value" */
     default: snprintf(buf, n, "a %s", luaL_typename(L, idx));
     }
     return buf;

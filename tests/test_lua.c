@@ -925,6 +925,10 @@ static void test_option_numbers(void **state) {
     run_err(L, "moelab.threads(0/0)", "moelab.threads: 'n' must be an integer between 0 and 1024, got nan", NULL);
     run_err(L, "moelab.threads(1.5)", "got 1.5", NULL);
     run_err(L, "moelab.threads(2000)", "between 0 and 1024, got 2000", NULL);
+    /* a missing argument is "nothing" (it was "got a no value") */
+    run_err(L, "moelab.threads()", "moelab.threads: 'n' must be an integer between 0 and 1024, got nothing",
+            NULL);
+    run_err(L, "moelab.threads(nil)", "got a nil", NULL);
     /* float32 options: what the float would make inf or 0 is refused as given */
     run_err(L, "run:train(fast{ steps = 1, lr = 1e300 })", "run:train: 'lr' = 1e+300 is too large for a float32",
             NULL);
