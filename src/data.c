@@ -52,11 +52,11 @@ int corpus_load(Corpus **out, const char *path, double split, char *err) {
         n += got;
         if (got == 0) break;
     }
-    int bad = ferror(f);
+    int bad = ferror(f) ? errno : 0; /* EISDIR for a directory, which fopen takes */
     fclose(f);
     if (bad) {
         free(buf);
-        return ml_error(err, "error reading corpus '%s'", path);
+        return ml_error(err, "cannot read corpus '%s': %s", path, strerror(bad));
     }
     if (n < 2) {
         free(buf);

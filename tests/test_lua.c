@@ -1063,6 +1063,8 @@ static void test_corpus_errors(void **state) {
     assert_lua(L, "#db:query('SELECT * FROM runs') == 0");
     run_err(L, "moelab.corpus{ path = DIR .. '/missing-corpus.txt' }", "moelab.corpus",
             "missing-corpus.txt", "No such file", NULL);
+    /* a directory opens, and fails at the read: the message says why (it did not) */
+    run_err(L, "moelab.corpus{ path = DIR }", "moelab.corpus: cannot read corpus", "Is a directory", NULL);
     run_err(L, "moelab.corpus{}", "'path' or 'text'", NULL);
     run_err(L, "moelab.corpus{ text = TEXT, path = 'x' }", "'path' or 'text'", NULL);
     run_err(L, "moelab.corpus{ text = TEXT, split = 0 }", "split", NULL);
