@@ -294,9 +294,16 @@ static void to_json(lua_State *L, int idx, JsonBuf *b, int depth, const char *pa
             int first = 1;
             lua_pushnil(L);
             while (lua_next(L, idx)) {
-                if (lua_type(L, -2) != LUA_TSTRING)
-                    luaL_error(L, "configuration table '%s' has a key that is not a string",
-                               *path ? path : "model");
+                if (lua_type(L, -2) != LUA_TSTRING) {
+                    /* a list with a nil in it ({ 8, h2, 8 } where h2 is undefined) or
+                    ** list items beside named keys come here: say which */
+                    char key[64];
+                    luaL_error(L, "configuration table '%s' has a key that is not a string (%s)%s",
+                               *path ? path : "model", value_text(L, -2, key, sizeof key),
+                               lua_type(L, -2) == LUA_TNUMBER
+                                   ? ": a list must have no nil in it, and cannot have named keys"
+                                   : "");
+                }
                 const char *k = lua_tostring(L, -2);
                 if (!first) jb_puts(b, ",");
                 first = 0;

@@ -745,6 +745,10 @@ static void test_config_errors(void **state) {
     run_err(L, "moelab.model(tiny{ seed = print })", "function", NULL);
     run_err(L, "moelab.model(tiny{ norm_eps = 0/0 })", "'norm_eps' must be a number > 0, got nan", NULL);
     run_err(L, "moelab.model(tiny{ [1] = 2 })", "not a string", NULL);
+    /* a list with a nil in it (an undefined variable) said only "has a key that is not a string" */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 3, hidden = { 8, undefined_size, 8 } } })",
+            "configuration table 'moe.hidden' has a key that is not a string (", "): a list must have "
+            "no nil in it, and cannot have named keys", NULL);
     run_err(L, "moelab.model()", "table expected", NULL);
     /* and a good one still works after all that */
     run_ok(L, "assert(moelab.model(tiny()):parameters() > 0)");
