@@ -1499,6 +1499,9 @@ static void test_placement_replay(void **state) {
     run_err(L, "pl.study(db, { devices = {} })", "devices must list at least one device count, got none",
             NULL);
     run_err(L, "moelab.placement_study(db, e.eval_id, { devices = {} })", "got none", NULL);
+    /* `moelab placement --eval 1.5` replayed the latest evaluation instead */
+    run_err(L, "pl.main{ DIR .. '/placement.db', '--devices', '2', '--eval', '1.5' }",
+            "moelab placement: --eval takes an evaluation id (a whole number), got '1.5'", NULL);
     run_err(L, "pl.study(db, { run = 'nope' })", "no recorded evaluation of run 'nope'", NULL);
     lua_close(L);
 }

@@ -133,7 +133,15 @@ function placement.main(args)
       else
         local n = tonumber(v)
         if not n then error(string.format("moelab placement: %s takes a number, got '%s'", a, v), 0) end
-        if a == "--eval" then o.eval = math.tointeger(n) else o[a:sub(3)] = n end
+        if a == "--eval" then
+          -- a fraction was nil, and the latest evaluation replayed instead
+          o.eval = math.tointeger(n)
+          if not o.eval then
+            error(string.format("moelab placement: --eval takes an evaluation id (a whole number), got '%s'", v), 0)
+          end
+        else
+          o[a:sub(3)] = n
+        end
       end
       i = i + 2
     elseif a:sub(1, 2) == "--" then
