@@ -418,6 +418,52 @@ static void test_placement(void **state) {
     proc_free(&p);
 }
 
+/* Files that are not moelab databases, given to the commands that read one:
+** each is named with what is wrong (report and placement: a usage error,
+** exit 2, without a traceback), and none is changed. */
+static void test_unreadable_databases(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char text[512], dir[512], newer[512], never[512];
+    tmp_path(never, sizeof never, "never-drawn.pdf");
+    tmp_path(text, sizeof text, "notes.txt");
+    write_file(text, "not a database, only some notes written by hand\n");
+    tmp_path(dir, sizeof dir, "a-folder.db");
+    mkdir(dir, 0755);
+    tmp_path(newer, sizeof newer, "newer.db");
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(newer, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, "CREATE TABLE runs(run_id INTEGER PRIMARY KEY);"
+                                      "PRAGMA user_version = 999;", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    const struct { const char *path, *says; } cases[] = {
+        {text, "is not a SQLite database"},
+        {dir, "is a directory"},
+        {newer, "has schema version 999"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        Proc p;
+        MOELAB(&p, NULL, "report", cases[i].path);
+        expect_code(&p, 2);
+        expect_in("stderr", p.err.data, cases[i].says);
+        assert_null(strstr(p.err.data, "traceback"));
+        proc_free(&p);
+        MOELAB(&p, NULL, "placement", cases[i].path, "--devices", "2");
+        expect_code(&p, 2);
+        expect_in("stderr", p.err.data, cases[i].says);
+        assert_null(strstr(p.err.data, "traceback"));
+        proc_free(&p);
+        MOELAB(&p, NULL, "plot", "loss", "--db", cases[i].path, "--out", never);
+        expect_code(&p, 1);
+        expect_in("stderr", p.err.data, cases[i].says);
+        proc_free(&p);
+    }
+    struct stat st;
+    assert_int_equal(stat(text, &st), 0);
+    assert_int_equal(st.st_size, 48);
+    assert_int_equal(access(never, F_OK), -1);
+}
+
 /* Each seed paper's experiment runs alone, a few steps of one seed on a small
 ** corpus: its sweep, report, Markdown and every figure it asks for. */
 static void test_experiments_run(void **state) {
@@ -665,6 +711,7 @@ int main(void) {
         cmocka_unit_test(test_plot),
         cmocka_unit_test(test_report),
         cmocka_unit_test(test_placement),
+        cmocka_unit_test(test_unreadable_databases),
         cmocka_unit_test(test_experiments_run),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),

@@ -285,7 +285,13 @@ function report.open_readonly(command, path, format)
   local f = io.open(path, "rb")
   if not f then error(string.format("%s: cannot read database '%s'", command, path), 0) end
   f:close()
-  return require("moelab").open(path, { readonly = true })
+  -- a file that is no moelab database (or a newer one) is the user's
+  -- mistake, said as such: without moelab.open's traceback
+  local ok, db = pcall(require("moelab").open, path, { readonly = true })
+  if not ok then
+    error(string.format("%s: %s", command, (tostring(db):gsub("^moelab%.open: ", ""))), 0)
+  end
+  return db
 end
 
 -- `moelab report DB [--runs A,B] [--format text|csv|markdown]`: args as given.
