@@ -294,6 +294,11 @@ static int cmd_plot(int argc, char **argv) {
         show_usage(stderr);
         return 2;
     }
+    /* an empty list would draw every run, as if --runs were not given */
+    if (opt.runs && opt.runs[strspn(opt.runs, " \t")] == '\0') {
+        fprintf(stderr, "moelab plot: --runs names no run, got '%s'\n", opt.runs);
+        return 2;
+    }
     const char *end = NULL;
     if (layer && (parse_layer(layer, &end, &opt.layer) || *end)) {
         fprintf(stderr, "moelab plot: --layer must be a block number (0, 1, ...), got '%s'\n",

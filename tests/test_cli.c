@@ -262,6 +262,11 @@ static void test_plot(void **state) {
     assert_int_not_equal(p.code, 0);
     expect_in("stderr", p.err.data, "nosuchrun");
     proc_free(&p);
+    /* an empty --runs (a shell variable left unset) is not "every run" */
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--runs", "", "--out", never);
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--runs names no run");
+    proc_free(&p);
     assert_int_equal(access(never, F_OK), -1);
 
     /* a PNG into a folder with a space and a file name with a quote */
@@ -360,6 +365,19 @@ static void test_report(void **state) {
     MOELAB(&p, NULL, "report", db, "--runs", "nosuchrun");
     assert_int_not_equal(p.code, 0);
     expect_in("stderr", p.err.data, "no run matches");
+    proc_free(&p);
+    /* no names at all is not "every run"; spaces around a name, as plot */
+    MOELAB(&p, NULL, "report", db, "--runs", "");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--runs names no run");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--runs", " , ");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--runs names no run");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--runs", "nosuchrun, tiny");
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, "tiny");
     proc_free(&p);
     MOELAB(&p, NULL, "report", db, "--format", "xml");
     expect_code(&p, 2);

@@ -304,7 +304,14 @@ function report.main(args)
       if not args[i + 1] then error(string.format("moelab report: %s needs a value", a), 0) end
       if a == "--runs" then
         runs = {}
-        for name in args[i + 1]:gmatch("[^,]+") do runs[#runs + 1] = name end
+        for name in args[i + 1]:gmatch("[^,]+") do   -- spaces around a name ignored, as by plot
+          name = name:match("^%s*(.-)%s*$")
+          if name ~= "" then runs[#runs + 1] = name end
+        end
+        -- an empty list would print every run, as if --runs were not given
+        if #runs == 0 then
+          error(string.format("moelab report: --runs names no run, got '%s'", args[i + 1]), 0)
+        end
       else
         format = args[i + 1]
       end
