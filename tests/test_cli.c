@@ -426,6 +426,16 @@ static void test_placement(void **state) {
     expect_code(&p, 2);
     expect_in("stderr", p.err.data, "need --devices");
     proc_free(&p);
+    /* not an evaluation id: refused, not replaced by the latest evaluation */
+    MOELAB(&p, NULL, "placement", path, "--devices", "4", "--eval", "1.5");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--eval takes an evaluation id");
+    proc_free(&p);
+    /* no device count at all: refused, not an empty table */
+    MOELAB(&p, NULL, "placement", path, "--devices", ",");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--devices names no device count");
+    proc_free(&p);
     MOELAB(&p, NULL, "placement", path, "--devices", "4", "--policy", "random");
     expect_code(&p, 2);
     expect_in("stderr", p.err.data, "unknown policy 'random'");
