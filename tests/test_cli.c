@@ -262,6 +262,20 @@ static void test_plot(void **state) {
     assert_int_not_equal(p.code, 0);
     expect_in("stderr", p.err.data, "nosuchrun");
     proc_free(&p);
+    /* the database given as the figure's gnuplot program (or as the figure)
+    ** is refused: plot only reads it */
+    struct stat before, after;
+    assert_int_equal(stat(db, &before), 0);
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", never, "--gnuplot", db);
+    expect_code(&p, 1);
+    expect_in("stderr", p.err.data, "is the database itself");
+    proc_free(&p);
+    assert_int_equal(stat(db, &after), 0);
+    assert_int_equal(after.st_size, before.st_size);
+    assert_int_equal(after.st_mtime, before.st_mtime);
+    MOELAB(&p, NULL, "report", db);
+    expect_code(&p, 0);
+    proc_free(&p);
     /* an empty --runs (a shell variable left unset) is not "every run" */
     MOELAB(&p, NULL, "plot", "loss", "--db", db, "--runs", "", "--out", never);
     expect_code(&p, 2);
