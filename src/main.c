@@ -385,13 +385,16 @@ static int cmd_prompt(void) {
     lua_pop(L, 1);
     int tty = isatty(STDIN_FILENO);
     if (tty) printf("moelab %s — Lua prompt; `moelab` is loaded. Ctrl-D leaves.\n", MOELAB_VERSION);
-    char line[8192];
+    /* whole lines, however long: a line cut in two would run as two chunks
+    ** (the rest of a long comment as code) */
+    char *line = NULL;
+    size_t line_size = 0;
     for (;;) {
         if (tty) {
             fputs("> ", stdout);
             fflush(stdout);
         }
-        if (!fgets(line, sizeof line, stdin)) break;
+        if (getline(&line, &line_size, stdin) < 0) break;
         lua_pushstring(L, line);
         int status;
         for (;;) {
@@ -411,7 +414,7 @@ static int cmd_prompt(void) {
                 fputs(">> ", stdout);
                 fflush(stdout);
             }
-            if (!fgets(line, sizeof line, stdin)) {
+            if (getline(&line, &line_size, stdin) < 0) {
                 status = LUA_OK + 100;
                 break;
             }
@@ -436,6 +439,7 @@ static int cmd_prompt(void) {
         report(L, status);
         interrupted = 0;
     }
+    free(line);
     if (tty) putchar('\n');
     lmoelab_script_ended(L, NULL, 0);
     lua_close(L);

@@ -565,6 +565,18 @@ static void test_prompt(void **state) {
     expect_in("stderr", p.err.data, "oops");
     expect_in("stderr", p.err.data, "'d_model'");
     proc_free(&p);
+
+    /* a line longer than any buffer is one chunk: the end of its comment
+    ** is not run as code */
+    char input[20000];
+    int n = snprintf(input, sizeof input, "x = 5 -- a long comment ");
+    memset(input + n, '.', 12000);
+    snprintf(input + n + 12000, sizeof input - (size_t)(n + 12000), " x = 7\nprint(x)\n");
+    run_prompt(&p, input);
+    expect_code(&p, 0);
+    assert_string_equal(p.out.data, "5\n");
+    assert_string_equal(p.err.data, "");
+    proc_free(&p);
 }
 
 /* Ctrl-C while run:train works: exit 130, the run 'interrupted', its rows kept. */
