@@ -11,6 +11,7 @@
 */
 #include <lauxlib.h>
 #include <lualib.h>
+#include <errno.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -462,8 +463,18 @@ static void prefer_short_spinning(char **argv) {
     /* if that failed, go on with the default policy */
 }
 
-int main(int argc, char **argv) {
-    prefer_short_spinning(argv);
+/* What could not be written to stdout (a report redirected to a full disk
+** or a closed descriptor) fails the command, as coreutils do: a truncated
+** table or CSV must not exit 0. rc is the command's own exit code. */
+static int finish_stdout(int rc) {
+    int failed = ferror(stdout);
+    if (fflush(stdout) == 0 && !failed)
+        return rc;
+    fprintf(stderr, "moelab: cannot write standard output: %s\n", strerror(errno));
+    return rc != 0 ? rc : 1;
+}
+
+static int run_command(int argc, char **argv) {
     if (argc < 2) return cmd_prompt();
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
@@ -486,4 +497,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "moelab: unknown command '%s'\n\n", cmd);
     show_usage(stderr);
     return 2;
+}
+
+int main(int argc, char **argv) {
+    prefer_short_spinning(argv);
+    return finish_stdout(run_command(argc, argv));
 }

@@ -5,7 +5,8 @@
 ** exit code, standard output and standard error are checked. Covered: --help,
 ** --version, bad commands, scripts with syntax and runtime errors, name=value
 ** arguments, `plot` (an unknown figure, a PNG into a path with a space and a
-** quote), the Lua prompt on a pipe, and Ctrl-C (SIGINT) during training and
+** quote), files that are not moelab databases, output to a full disk, the
+** Lua prompt on a pipe, and Ctrl-C (SIGINT) during training and
 ** during plain Lua, which must exit with 130 and leave the run recorded as
 ** 'interrupted' with its rows.
 **
@@ -506,6 +507,51 @@ static void test_unreadable_databases(void **state) {
     assert_int_equal(access(never, F_OK), -1);
 }
 
+/* Runs moelab with its stdout on /dev/full (a full disk) and stderr on
+** err_path; returns the exit code. */
+static int run_to_full_disk(const char *err_path, const char *const *args) {
+    int out = open("/dev/full", O_WRONLY), err = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (out < 0 || err < 0) fail_msg("cannot open /dev/full or %s", err_path);
+    const char *argv[16] = {moelab};
+    for (int i = 0; args[i] && i < 14; i++) argv[i + 1] = args[i];
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out, 1);
+    posix_spawn_file_actions_adddup2(&fa, err, 2);
+    pid_t pid;
+    if (posix_spawn(&pid, moelab, &fa, NULL, (char *const *)argv, environ) != 0)
+        fail_msg("cannot start %s", moelab);
+    posix_spawn_file_actions_destroy(&fa);
+    close(out);
+    close(err);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* Output that cannot be written (a report redirected to a full disk) fails
+** the command and says so, rather than exit 0 with the table lost. */
+static void test_output_write_error(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    if (access("/dev/full", W_OK) != 0) skip();
+    char err_path[512];
+    tmp_path(err_path, sizeof err_path, "full.err");
+    const char *report[] = {"report", tiny_db(), "--format", "csv", NULL};
+    const char *help[] = {"--help", NULL};
+    const char *const *cases[] = {report, help};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        assert_int_equal(run_to_full_disk(err_path, cases[i]), 1);
+        char text[4096] = "";
+        FILE *f = fopen(err_path, "r");
+        assert_non_null(f);
+        size_t n = fread(text, 1, sizeof text - 1, f);
+        fclose(f);
+        text[n] = '\0';
+        expect_in("stderr", text, "cannot write standard output: No space left on device");
+    }
+}
+
 /* Each seed paper's experiment runs alone, a few steps of one seed on a small
 ** corpus: its sweep, report, Markdown and every figure it asks for. */
 static void test_experiments_run(void **state) {
@@ -766,6 +812,7 @@ int main(void) {
         cmocka_unit_test(test_report),
         cmocka_unit_test(test_placement),
         cmocka_unit_test(test_unreadable_databases),
+        cmocka_unit_test(test_output_write_error),
         cmocka_unit_test(test_experiments_run),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),
