@@ -11,6 +11,7 @@
 */
 #include <lauxlib.h>
 #include <lualib.h>
+#include <errno.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -294,6 +295,11 @@ static int cmd_plot(int argc, char **argv) {
         show_usage(stderr);
         return 2;
     }
+    /* an empty list would draw every run, as if --runs were not given */
+    if (opt.runs && opt.runs[strspn(opt.runs, " \t")] == '\0') {
+        fprintf(stderr, "moelab plot: --runs names no run, got '%s'\n", opt.runs);
+        return 2;
+    }
     const char *end = NULL;
     if (layer && (parse_layer(layer, &end, &opt.layer) || *end)) {
         fprintf(stderr, "moelab plot: --layer must be a block number (0, 1, ...), got '%s'\n",
@@ -380,13 +386,16 @@ static int cmd_prompt(void) {
     lua_pop(L, 1);
     int tty = isatty(STDIN_FILENO);
     if (tty) printf("moelab %s — Lua prompt; `moelab` is loaded. Ctrl-D leaves.\n", MOELAB_VERSION);
-    char line[8192];
+    /* whole lines, however long: a line cut in two would run as two chunks
+    ** (the rest of a long comment as code) */
+    char *line = NULL;
+    size_t line_size = 0;
     for (;;) {
         if (tty) {
             fputs("> ", stdout);
             fflush(stdout);
         }
-        if (!fgets(line, sizeof line, stdin)) break;
+        if (getline(&line, &line_size, stdin) < 0) break;
         lua_pushstring(L, line);
         int status;
         for (;;) {
@@ -406,7 +415,7 @@ static int cmd_prompt(void) {
                 fputs(">> ", stdout);
                 fflush(stdout);
             }
-            if (!fgets(line, sizeof line, stdin)) {
+            if (getline(&line, &line_size, stdin) < 0) {
                 status = LUA_OK + 100;
                 break;
             }
@@ -431,6 +440,7 @@ static int cmd_prompt(void) {
         report(L, status);
         interrupted = 0;
     }
+    free(line);
     if (tty) putchar('\n');
     lmoelab_script_ended(L, NULL, 0);
     lua_close(L);
@@ -453,8 +463,18 @@ static void prefer_short_spinning(char **argv) {
     /* if that failed, go on with the default policy */
 }
 
-int main(int argc, char **argv) {
-    prefer_short_spinning(argv);
+/* What could not be written to stdout (a report redirected to a full disk
+** or a closed descriptor) fails the command, as coreutils do: a truncated
+** table or CSV must not exit 0. rc is the command's own exit code. */
+static int finish_stdout(int rc) {
+    int failed = ferror(stdout);
+    if (fflush(stdout) == 0 && !failed)
+        return rc;
+    fprintf(stderr, "moelab: cannot write standard output: %s\n", strerror(errno));
+    return rc != 0 ? rc : 1;
+}
+
+static int run_command(int argc, char **argv) {
     if (argc < 2) return cmd_prompt();
     const char *cmd = argv[1];
     if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
@@ -477,4 +497,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "moelab: unknown command '%s'\n\n", cmd);
     show_usage(stderr);
     return 2;
+}
+
+int main(int argc, char **argv) {
+    prefer_short_spinning(argv);
+    return finish_stdout(run_command(argc, argv));
 }

@@ -1044,6 +1044,14 @@ static void plot_put_terminal(FILE *gp, const PlotFormat *format, const PlotPage
     }
 }
 
+/* Whether path names the database file itself (by another spelling, too):
+** writing the figure or its program there would destroy the database. */
+static int plot_is_database(const char *path, const char *db_path) {
+    struct stat a, b;
+    return path && *path && stat(path, &a) == 0 && stat(db_path, &b) == 0
+           && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
 static int plot_save_program(const char *path, const char *script, size_t length, char *err) {
     FILE *f = fopen(path, "w");
     if (!f)
@@ -1118,6 +1126,11 @@ int plot_render(const char *figure, const char *db_path, const char *out_path,
         goto cleanup;
     }
 
+    if (plot_is_database(out_path, db_path) || plot_is_database(opt->gnuplot_out, db_path)) {
+        ml_error(err, "'%s' is the database itself: give the figure and its gnuplot program "
+                 "other files", plot_is_database(out_path, db_path) ? out_path : opt->gnuplot_out);
+        goto cleanup;
+    }
     if (rec_open_readonly(&rec, db_path, err)
         || plot_select_runs(rec_db(rec), db_path, opt->runs, &runs, err))
         goto cleanup;

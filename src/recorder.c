@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /*
@@ -1271,6 +1272,10 @@ static int rec_open_with(Recorder **out, const char *path, int readonly, int ado
     *out = NULL;
     if (!path || !*path)
         return ml_error(err, "no database path given");
+    /* SQLite would say "disk I/O error" or "unable to open database file" */
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        return ml_error(err, "'%s' is a directory, not a database file", path);
     Recorder *r = calloc(1, sizeof *r);
     if (!r || !(r->path = strdup(path))) {
         free(r);

@@ -5,7 +5,8 @@
 ** exit code, standard output and standard error are checked. Covered: --help,
 ** --version, bad commands, scripts with syntax and runtime errors, name=value
 ** arguments, `plot` (an unknown figure, a PNG into a path with a space and a
-** quote), the Lua prompt on a pipe, and Ctrl-C (SIGINT) during training and
+** quote), files that are not moelab databases, output to a full disk, the
+** Lua prompt on a pipe, and Ctrl-C (SIGINT) during training and
 ** during plain Lua, which must exit with 130 and leave the run recorded as
 ** 'interrupted' with its rows.
 **
@@ -262,6 +263,25 @@ static void test_plot(void **state) {
     assert_int_not_equal(p.code, 0);
     expect_in("stderr", p.err.data, "nosuchrun");
     proc_free(&p);
+    /* the database given as the figure's gnuplot program (or as the figure)
+    ** is refused: plot only reads it */
+    struct stat before, after;
+    assert_int_equal(stat(db, &before), 0);
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--out", never, "--gnuplot", db);
+    expect_code(&p, 1);
+    expect_in("stderr", p.err.data, "is the database itself");
+    proc_free(&p);
+    assert_int_equal(stat(db, &after), 0);
+    assert_int_equal(after.st_size, before.st_size);
+    assert_int_equal(after.st_mtime, before.st_mtime);
+    MOELAB(&p, NULL, "report", db);
+    expect_code(&p, 0);
+    proc_free(&p);
+    /* an empty --runs (a shell variable left unset) is not "every run" */
+    MOELAB(&p, NULL, "plot", "loss", "--db", db, "--runs", "", "--out", never);
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--runs names no run");
+    proc_free(&p);
     assert_int_equal(access(never, F_OK), -1);
 
     /* a PNG into a folder with a space and a file name with a quote */
@@ -361,6 +381,19 @@ static void test_report(void **state) {
     assert_int_not_equal(p.code, 0);
     expect_in("stderr", p.err.data, "no run matches");
     proc_free(&p);
+    /* no names at all is not "every run"; spaces around a name, as plot */
+    MOELAB(&p, NULL, "report", db, "--runs", "");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--runs names no run");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--runs", " , ");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--runs names no run");
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--runs", "nosuchrun, tiny");
+    expect_code(&p, 0);
+    expect_in("stdout", p.out.data, "tiny");
+    proc_free(&p);
     MOELAB(&p, NULL, "report", db, "--format", "xml");
     expect_code(&p, 2);
     expect_in("stderr", p.err.data, "'xml'");
@@ -408,6 +441,16 @@ static void test_placement(void **state) {
     expect_code(&p, 2);
     expect_in("stderr", p.err.data, "need --devices");
     proc_free(&p);
+    /* not an evaluation id: refused, not replaced by the latest evaluation */
+    MOELAB(&p, NULL, "placement", path, "--devices", "4", "--eval", "1.5");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--eval takes an evaluation id");
+    proc_free(&p);
+    /* no device count at all: refused, not an empty table */
+    MOELAB(&p, NULL, "placement", path, "--devices", ",");
+    expect_code(&p, 2);
+    expect_in("stderr", p.err.data, "--devices names no device count");
+    proc_free(&p);
     MOELAB(&p, NULL, "placement", path, "--devices", "4", "--policy", "random");
     expect_code(&p, 2);
     expect_in("stderr", p.err.data, "unknown policy 'random'");
@@ -416,6 +459,97 @@ static void test_placement(void **state) {
     expect_code(&p, 2);
     expect_in("stderr", p.err.data, "no recorded evaluation");
     proc_free(&p);
+}
+
+/* Files that are not moelab databases, given to the commands that read one:
+** each is named with what is wrong (report and placement: a usage error,
+** exit 2, without a traceback), and none is changed. */
+static void test_unreadable_databases(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    char text[512], dir[512], newer[512], never[512];
+    tmp_path(never, sizeof never, "never-drawn.pdf");
+    tmp_path(text, sizeof text, "notes.txt");
+    write_file(text, "not a database, only some notes written by hand\n");
+    tmp_path(dir, sizeof dir, "a-folder.db");
+    mkdir(dir, 0755);
+    tmp_path(newer, sizeof newer, "newer.db");
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(newer, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, "CREATE TABLE runs(run_id INTEGER PRIMARY KEY);"
+                                      "PRAGMA user_version = 999;", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    const struct { const char *path, *says; } cases[] = {
+        {text, "is not a SQLite database"},
+        {dir, "is a directory"},
+        {newer, "has schema version 999"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        Proc p;
+        MOELAB(&p, NULL, "report", cases[i].path);
+        expect_code(&p, 2);
+        expect_in("stderr", p.err.data, cases[i].says);
+        assert_null(strstr(p.err.data, "traceback"));
+        proc_free(&p);
+        MOELAB(&p, NULL, "placement", cases[i].path, "--devices", "2");
+        expect_code(&p, 2);
+        expect_in("stderr", p.err.data, cases[i].says);
+        assert_null(strstr(p.err.data, "traceback"));
+        proc_free(&p);
+        MOELAB(&p, NULL, "plot", "loss", "--db", cases[i].path, "--out", never);
+        expect_code(&p, 1);
+        expect_in("stderr", p.err.data, cases[i].says);
+        proc_free(&p);
+    }
+    struct stat st;
+    assert_int_equal(stat(text, &st), 0);
+    assert_int_equal(st.st_size, 48);
+    assert_int_equal(access(never, F_OK), -1);
+}
+
+/* Runs moelab with its stdout on /dev/full (a full disk) and stderr on
+** err_path; returns the exit code. */
+static int run_to_full_disk(const char *err_path, const char *const *args) {
+    int out = open("/dev/full", O_WRONLY), err = open(err_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (out < 0 || err < 0) fail_msg("cannot open /dev/full or %s", err_path);
+    const char *argv[16] = {moelab};
+    for (int i = 0; args[i] && i < 14; i++) argv[i + 1] = args[i];
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, out, 1);
+    posix_spawn_file_actions_adddup2(&fa, err, 2);
+    pid_t pid;
+    if (posix_spawn(&pid, moelab, &fa, NULL, (char *const *)argv, environ) != 0)
+        fail_msg("cannot start %s", moelab);
+    posix_spawn_file_actions_destroy(&fa);
+    close(out);
+    close(err);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* Output that cannot be written (a report redirected to a full disk) fails
+** the command and says so, rather than exit 0 with the table lost. */
+static void test_output_write_error(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    if (access("/dev/full", W_OK) != 0) skip();
+    char err_path[512];
+    tmp_path(err_path, sizeof err_path, "full.err");
+    const char *report[] = {"report", tiny_db(), "--format", "csv", NULL};
+    const char *help[] = {"--help", NULL};
+    const char *const *cases[] = {report, help};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        assert_int_equal(run_to_full_disk(err_path, cases[i]), 1);
+        char text[4096] = "";
+        FILE *f = fopen(err_path, "r");
+        assert_non_null(f);
+        size_t n = fread(text, 1, sizeof text - 1, f);
+        fclose(f);
+        text[n] = '\0';
+        expect_in("stderr", text, "cannot write standard output: No space left on device");
+    }
 }
 
 /* Each seed paper's experiment runs alone, a few steps of one seed on a small
@@ -476,6 +610,18 @@ static void test_prompt(void **state) {
     assert_string_equal(p.out.data, "line 1\nline 2\n21\tfunction\nstill here\n");
     expect_in("stderr", p.err.data, "oops");
     expect_in("stderr", p.err.data, "'d_model'");
+    proc_free(&p);
+
+    /* a line longer than any buffer is one chunk: the end of its comment
+    ** is not run as code */
+    char input[20000];
+    int n = snprintf(input, sizeof input, "x = 5 -- a long comment ");
+    memset(input + n, '.', 12000);
+    snprintf(input + n + 12000, sizeof input - (size_t)(n + 12000), " x = 7\nprint(x)\n");
+    run_prompt(&p, input);
+    expect_code(&p, 0);
+    assert_string_equal(p.out.data, "5\n");
+    assert_string_equal(p.err.data, "");
     proc_free(&p);
 }
 
@@ -665,6 +811,8 @@ int main(void) {
         cmocka_unit_test(test_plot),
         cmocka_unit_test(test_report),
         cmocka_unit_test(test_placement),
+        cmocka_unit_test(test_unreadable_databases),
+        cmocka_unit_test(test_output_write_error),
         cmocka_unit_test(test_experiments_run),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),

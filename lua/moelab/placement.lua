@@ -127,6 +127,9 @@ function placement.main(args)
           end
           o.devices[#o.devices + 1] = n
         end
+        if #o.devices == 0 then
+          error(string.format("moelab placement: --devices names no device count, got '%s'", v), 0)
+        end
       elseif a == "--policy" then o.policy = v
       elseif a == "--run" then o.run = v
       elseif a == "--format" then format = v
@@ -134,10 +137,11 @@ function placement.main(args)
         local n = tonumber(v)
         if not n then error(string.format("moelab placement: %s takes a number, got '%s'", a, v), 0) end
         if a == "--eval" then
-          -- a fraction was nil, and the latest evaluation replayed instead
+          -- not a whole number: refused, not taken as "the latest evaluation"
           o.eval = math.tointeger(n)
           if not o.eval then
-            error(string.format("moelab placement: --eval takes an evaluation id (a whole number), got '%s'", v), 0)
+            error(string.format("moelab placement: --eval takes an evaluation id (a whole number),"
+                                .. " got '%s'", v), 0)
           end
         else
           o[a:sub(3)] = n

@@ -285,7 +285,13 @@ function report.open_readonly(command, path, format)
   local f = io.open(path, "rb")
   if not f then error(string.format("%s: cannot read database '%s'", command, path), 0) end
   f:close()
-  return require("moelab").open(path, { readonly = true })
+  -- a file that is no moelab database (or a newer one) is the user's
+  -- mistake, said as such: without moelab.open's traceback
+  local ok, db = pcall(require("moelab").open, path, { readonly = true })
+  if not ok then
+    error(string.format("%s: %s", command, (tostring(db):gsub("^moelab%.open: ", ""))), 0)
+  end
+  return db
 end
 
 -- `moelab report DB [--runs A,B] [--format text|csv|markdown]`: args as given.
@@ -298,7 +304,14 @@ function report.main(args)
       if not args[i + 1] then error(string.format("moelab report: %s needs a value", a), 0) end
       if a == "--runs" then
         runs = {}
-        for name in args[i + 1]:gmatch("[^,]+") do runs[#runs + 1] = name end
+        for name in args[i + 1]:gmatch("[^,]+") do   -- spaces around a name ignored, as by plot
+          name = name:match("^%s*(.-)%s*$")
+          if name ~= "" then runs[#runs + 1] = name end
+        end
+        -- an empty list would print every run, as if --runs were not given
+        if #runs == 0 then
+          error(string.format("moelab report: --runs names no run, got '%s'", args[i + 1]), 0)
+        end
       else
         format = args[i + 1]
       end
