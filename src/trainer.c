@@ -130,10 +130,10 @@ static void sigint_handler(int sig) {
     signal(sig, SIG_DFL); /* a second one ends the process */
 }
 
-/* The signal that asked to stop (1 from an older caller means SIGINT), taken:
-** the flag is cleared and trainer_stopped_by set. */
+/* The signal that asked to stop, taken: the flag is cleared and
+** trainer_stopped_by set. (1 is SIGHUP, not a boolean Ctrl-C.) */
 static int take_interrupt(void) {
-    int sig = trainer_interrupt == 1 ? SIGINT : trainer_interrupt;
+    int sig = trainer_interrupt;
     trainer_interrupt = 0;
     trainer_stopped_by = sig;
     return sig;

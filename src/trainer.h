@@ -138,8 +138,8 @@ int trainer_gradients(Trainer *t, int B, const AdamwOptions *fuse, float *loss, 
 int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *err);
 
 /* Set to the signal by SIGINT, SIGTERM or SIGHUP while trainer_train runs (its
-** handler is installed only then; 1 from older callers means SIGINT); a
-** second such signal kills the process as usual. */
+** handler is installed only then; a host sets the signal number too, and 1 is
+** SIGHUP); a second such signal kills the process as usual. */
 extern volatile int trainer_interrupt;
 /* The signal (SIGINT, SIGTERM or SIGHUP) that last stopped a training run; 0 if none. */
 extern volatile int trainer_stopped_by;
