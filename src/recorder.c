@@ -301,20 +301,28 @@ static const char *rec_schema_sql =
     "-- Routing over training (run:train{ probe = ... }): per probe after the\n"
     "-- first and layer, the share of the probe batch's tokens whose first\n"
     "-- choice (rank 0, first pass) differs from the previous probe's. Tokens\n"
-    "-- with no first choice in either (none chose them, or dropped) are left out.\n"
+    "-- with no first choice in either (none chose them, or dropped) are left out:\n"
+    "-- the previous probe is the run's one before, not the token's last first\n"
+    "-- choice, which a drop would make an older probe's (schema 7).\n"
     "CREATE VIEW IF NOT EXISTS v_routing_stability AS\n"
-    "WITH first_choice AS (\n"
-    "       SELECT e.run_id, e.step, e.eval_id, r.layer, r.expert,\n"
-    "              LAG(r.expert) OVER (PARTITION BY e.run_id, r.layer, r.seq, r.pos\n"
-    "                                  ORDER BY e.step, e.eval_id) AS before\n"
-    "       FROM evals e JOIN routing r\n"
-    "         ON r.routing_id BETWEEN e.routing_first AND e.routing_last\n"
-    "        AND r.eval_id = e.eval_id\n"
-    "       WHERE e.split = 'probe' AND e.complete = 1 AND r.rank = 0 AND r.pass = 0)\n"
-    "SELECT run_id, step, eval_id, layer, COUNT(*) AS tokens,\n"
-    "       AVG(expert <> before) AS changed\n"
-    "FROM first_choice WHERE before IS NOT NULL\n"
-    "GROUP BY run_id, step, eval_id, layer;\n";
+    "WITH probes AS (\n"
+    "       SELECT run_id, step, eval_id, routing_first, routing_last,\n"
+    "              LAG(eval_id) OVER (PARTITION BY run_id ORDER BY step, eval_id)\n"
+    "                AS before_id\n"
+    "       FROM evals WHERE split = 'probe' AND complete = 1),\n"
+    "     first_choice AS (\n"
+    "       SELECT p.run_id, p.step, p.eval_id, p.before_id, r.layer, r.seq, r.pos,\n"
+    "              r.expert\n"
+    "       FROM probes p JOIN routing r\n"
+    "         ON r.routing_id BETWEEN p.routing_first AND p.routing_last\n"
+    "        AND r.eval_id = p.eval_id\n"
+    "       WHERE r.rank = 0 AND r.pass = 0)\n"
+    "SELECT a.run_id, a.step, a.eval_id, a.layer, COUNT(*) AS tokens,\n"
+    "       AVG(a.expert <> b.expert) AS changed\n"
+    "FROM first_choice a JOIN first_choice b\n"
+    "  ON b.eval_id = a.before_id AND b.layer = a.layer AND b.seq = a.seq\n"
+    " AND b.pos = a.pos\n"
+    "GROUP BY a.run_id, a.step, a.eval_id, a.layer;\n";
 
 /*
 ** The MoE tables are written by one statement per call, reading the caller's
@@ -614,6 +622,8 @@ static int rec_ensure_schema(Recorder *r, int readonly, char *err) {
         || (old && rec_add_column(r, "evals", "router", "TEXT", err))
         || (old && rec_add_column(r, "evals", "complete", "INTEGER NOT NULL DEFAULT 1", err))
         || (old && rec_exec(r, rec_upgrade_runs_to_5_sql, "upgrade the schema", err))
+        || (old && rec_exec(r, "DROP VIEW IF EXISTS v_routing_stability", "upgrade the schema",
+                            err))
         || rec_exec(r, rec_schema_sql, "create the schema", err)
         || (from1 && rec_exec(r, rec_upgrade_from_1_copy_sql, "upgrade the schema", err))
         || (from2 && rec_exec(r, rec_upgrade_from_2_copy_sql, "upgrade the schema", err))

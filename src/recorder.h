@@ -41,7 +41,7 @@ typedef struct sqlite3 sqlite3;
 typedef struct Recorder Recorder;
 
 /* PRAGMA user_version of a database with the schema of this build. */
-#define REC_SCHEMA_VERSION 6
+#define REC_SCHEMA_VERSION 7
 
 /* Default busy timeout: how long a write waits for another writer's lock. */
 #define REC_BUSY_TIMEOUT_MS 5000

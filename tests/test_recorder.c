@@ -557,6 +557,42 @@ static void test_views_compute_the_documented_numbers(void **state) {
     rec_close(r);
 }
 
+/* v_routing_stability compares each probe with the probe just before it: a
+** token whose first choice was dropped there (its rank 1 kept, no rank 0) is
+** left out of the next probe's share, not compared with an older probe. */
+static void test_routing_stability_compares_consecutive_probes(void **state) {
+    (void)state;
+    char err[ML_ERRLEN] = "";
+    Recorder *r = open_ok(":memory:");
+    sqlite3 *db = rec_db(r);
+    int64_t run = begin_run(r, "moe");
+    int64_t probe[3];
+    /* position 0: first choice 1, then dropped (only its second choice, 0,
+    ** kept), then 2; position 1: first choice 0, 0, then 1.
+    ** {layer, seq, pos, token, rank, expert, pass, weight} */
+    static const RecRouting routing[3][2] = {
+        {{0, 0, 0, 65, 0, 1, 0, 0.6f}, {0, 0, 1, 66, 0, 0, 0, 0.6f}},
+        {{0, 0, 0, 65, 1, 0, 0, 0.4f}, {0, 0, 1, 66, 0, 0, 0, 0.6f}},
+        {{0, 0, 0, 65, 0, 2, 0, 0.6f}, {0, 0, 1, 66, 0, 1, 0, 0.6f}},
+    };
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(rec_eval(r, run, 10 * i, "probe", 2, 1.0, 0.0, 1.0, &probe[i], err), 0);
+        assert_int_equal(rec_routing(r, run, probe[i], routing[i], 2, err), 0);
+    }
+    assert_int_equal(rec_flush(r, err), 0);
+    assert_int_equal(query_int(db, "SELECT count(*) FROM v_routing_stability"), 2);
+    /* probe 2 against 1: position 1 alone, unchanged */
+    assert_int_equal(query_int(db, "SELECT tokens FROM v_routing_stability WHERE step = 10"), 1);
+    assert_near(query_real(db, "SELECT changed FROM v_routing_stability WHERE step = 10"), 0.0,
+                1e-12);
+    /* probe 3 against 2: position 1 alone (position 0 had no first choice in
+    ** probe 2), changed */
+    assert_int_equal(query_int(db, "SELECT tokens FROM v_routing_stability WHERE step = 20"), 1);
+    assert_near(query_real(db, "SELECT changed FROM v_routing_stability WHERE step = 20"), 1.0,
+                1e-12);
+    rec_close(r);
+}
+
 /* ---- files ------------------------------------------------------------ */
 
 static void test_flushed_rows_survive_close_and_reopen(void **state) {
@@ -1356,6 +1392,7 @@ int main(void) {
         cmocka_unit_test(test_bulk_path_stores_exactly_the_rows),
         cmocka_unit_test(test_deleting_a_run_deletes_its_records),
         cmocka_unit_test(test_views_compute_the_documented_numbers),
+        cmocka_unit_test(test_routing_stability_compares_consecutive_probes),
         cmocka_unit_test_setup_teardown(test_flushed_rows_survive_close_and_reopen,
                                         setup_tmpdir, teardown_tmpdir),
         cmocka_unit_test_setup_teardown(test_full_wal_is_checkpointed_in_the_background,
