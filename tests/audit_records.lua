@@ -641,11 +641,13 @@ for _, d in ipairs(designs) do
     end
   end
   if rc.kind == "stratified" and (rc.capacity_factor or 0) > 0 and n_moe == 1 then
-    -- a token's passes follow its first choices before drops: the same passes as dropless
+    -- a token moves on by its first choice before drops, and pass 0 sees the same input with
+    -- or without capacity: whether it makes a second pass is the same as dropless (later
+    -- passes route what drops changed, so with 3 strata the third pass may differ)
     local free = run:evaluate{ batches = BATCHES, batch = BATCH, record = true, router = { capacity_factor = 0 } }
     local diff = q1([[SELECT COUNT(*) n FROM token_stats a JOIN token_stats b ON b.eval_id = ?2 AND b.seq = a.seq
-        AND b.pos = a.pos WHERE a.eval_id = ?1 AND a.passes <> b.passes]], e.eval_id, free.eval_id)
-    if diff.n > 0 then fail(d.name, "%d tokens make other passes than without capacity", diff.n) end
+        AND b.pos = a.pos WHERE a.eval_id = ?1 AND MIN(a.passes, 2) <> MIN(b.passes, 2)]], e.eval_id, free.eval_id)
+    if diff.n > 0 then fail(d.name, "%d tokens make a second pass or not, unlike without capacity", diff.n) end
   end
   if d.model.moe.router.kind == "topp" then
     -- topp is the threshold rule with renormalised weights: the same sets as the threshold router

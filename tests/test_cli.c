@@ -552,6 +552,19 @@ static void test_output_write_error(void **state) {
     }
 }
 
+/* A small corpus of 400 numbered lines at data (a temporary path). */
+static void small_corpus(char *data, size_t n) {
+    char text[100];
+    tmp_path(data, n, "small-corpus.txt");
+    FILE *f = fopen(data, "w");
+    assert_non_null(f);
+    for (int i = 0; i < 400; i++) {
+        snprintf(text, sizeof text, "%d In the beginning God created the heaven and the earth.\n", i);
+        fputs(text, f);
+    }
+    fclose(f);
+}
+
 /* Each seed paper's experiment runs alone, a few steps of one seed on a small
 ** corpus: its sweep, report, Markdown and every figure it asks for. */
 static void test_experiments_run(void **state) {
@@ -561,15 +574,8 @@ static void test_experiments_run(void **state) {
     static const char *const names[][2] = {{"xmoe", "xmoe"}, {"hmoe", "hmoe"}, {"smoe", "smoe"},
                                            {"meo", "meo"}, {"dense_to_sparse", "d2s"},
                                            {"routers", "routers"}};
-    char text[600], data[512], out[512], script[700], data_arg[600], out_arg[600], md[700];
-    tmp_path(data, sizeof data, "experiments-corpus.txt");
-    FILE *f = fopen(data, "w");
-    assert_non_null(f);
-    for (int i = 0; i < 400; i++) {
-        snprintf(text, sizeof text, "%d In the beginning God created the heaven and the earth.\n", i);
-        fputs(text, f);
-    }
-    fclose(f);
+    char data[512], out[512], script[700], data_arg[600], out_arg[600], md[700];
+    small_corpus(data, sizeof data);
     tmp_path(out, sizeof out, "experiments-out");
     snprintf(data_arg, sizeof data_arg, "data=%s", data);
     snprintf(out_arg, sizeof out_arg, "out=%s", out);
@@ -584,6 +590,24 @@ static void test_experiments_run(void **state) {
         snprintf(md, sizeof md, "%s/%s.md", out, names[i][1]);
         if (access(md, R_OK) != 0) fail_msg("%s wrote no %s", names[i][0], md);
     }
+}
+
+/* tests/audit_records.lua: a recorded evaluation of one tiny run per router
+** and expert design, its tables checked against each other and the SPEC's
+** rules (it names every invariant that fails). */
+static void test_audit_records(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    const char *src = getenv("MOELAB_SRC") ? getenv("MOELAB_SRC") : ".";
+    char data[512], data_arg[600], script[700];
+    small_corpus(data, sizeof data);
+    snprintf(data_arg, sizeof data_arg, "data=%s", data);
+    snprintf(script, sizeof script, "%s/tests/audit_records.lua", src);
+    Proc p;
+    MOELAB(&p, NULL, "run", script, data_arg);
+    if (p.code != 0) fail_msg("audit_records: exit %d\n%s", p.code, p.err.data);
+    expect_in("stdout", p.out.data, "every invariant holds");
+    proc_free(&p);
 }
 
 /* The prompt on a pipe: no banner, no "> ", just what the lines print. */
@@ -817,6 +841,7 @@ int main(void) {
         cmocka_unit_test(test_unreadable_databases),
         cmocka_unit_test(test_output_write_error),
         cmocka_unit_test(test_experiments_run),
+        cmocka_unit_test(test_audit_records),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),
         cmocka_unit_test(test_sigint_in_lua),
