@@ -778,7 +778,7 @@ char *config_to_json(const ModelConfig *c) {
         jb_float(&b, m->aux_entropy);
         jb_puts(&b, "},\"sparsity_eps\":");
         jb_float(&b, m->sparsity_eps);
-        if (m->bias) jb_puts(&b, ",\"bias\":true");
+        jb_printf(&b, ",\"bias\":%s", m->bias ? "true" : "false");
         if (m->parallel_experts) jb_puts(&b, ",\"parallel\":\"experts\"");
         if (m->n_placement) {
             jb_puts(&b, ",\"placement\":[");

@@ -278,6 +278,15 @@ static void test_moe_end_to_end(void **state) {
     assert_lua(L, "active < total");
     assert_lua(L, "model:config().moe.router.kind == 'topk'");
     assert_lua(L, "model:config().moe.hidden[3] == 16");
+    /* the checkpoint's moelab_config fills in every default (SPEC §4): moe.bias
+    ** too, which was written only when true */
+    run_ok(L, "model:save(DIR .. '/moe.safetensors')\n"
+              "local f = assert(io.open(DIR .. '/moe.safetensors', 'rb'))\n"
+              "HEADER = f:read(4096)\n"
+              "f:close()");
+    assert_lua(L, "HEADER:find('\"moe\\\\\":{.*\"bias\\\\\":false') ~= nil");
+    assert_lua(L, "model:config().moe.bias == false");
+    assert_lua(L, "moelab.load(DIR .. '/moe.safetensors'):config().moe.bias == false");
     /* per step: 1 layer x 4 experts of load, aux parts in metrics */
     assert_lua(L, "db:query('SELECT COUNT(*) AS n FROM expert_load WHERE eval_id IS NULL')[1].n == 10 * 4");
     assert_lua(L, "db:query(\"SELECT COUNT(*) AS n FROM metrics WHERE split = 'train' "
@@ -1277,6 +1286,12 @@ static void test_sweep_resumes(void **state) {
     assert_lua(L, "b1[1].status == 'failed' and b1[1].error:find('stepz') ~= nil");
     assert_lua(L, "not b2[1].skipped and b2[1].status == 'failed'");
     assert_lua(L, "db:query(\"SELECT count(*) AS n FROM runs WHERE name LIKE 'b/%' AND status = 'failed'\")[1].n == 2");
+    /* runs recorded before moe.bias was always written (only when true) are
+    ** the same configuration */
+    run_ok(L, "db:query(\"UPDATE runs SET config = json_remove(config, '$.model.moe.bias')\"\n"
+              "         .. \" WHERE name LIKE 's/%'\")\n"
+              "third = moelab.sweep(spec)");
+    assert_lua(L, "third[1].skipped and third[2].skipped and third[1].run_id == first[1].run_id");
     run_ok(L, "spec.base.d_model = 8");
     run_err(L, "moelab.sweep(spec)", "another model configuration", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = 1, base = tiny(), colour = 1 }",

@@ -271,6 +271,14 @@ def make_norm(cfg):
     return RMSNorm(d, eps) if cfg["norm"] == "rmsnorm" else nn.LayerNorm(d, eps=eps)
 
 
+def top_k(scores, k):
+    """The k largest along the last dimension, in descending order, ties to the lower
+    index, as moelab's routers and gates take them (torch.topk leaves the order of equal
+    values unspecified: on an all-zero merged gate input it took the last experts)."""
+    values, indices = scores.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def activate(kind, h, gate_out=None):
     if kind == "gelu":
         return F.gelu(h, approximate="tanh")
@@ -359,9 +367,9 @@ class AllExperts(nn.Module):
         """scores (N, E) -> a 0/1 mask of the chosen experts."""
         r = self.router_cfg
         if r.get("select", "topk") == "topk":
-            idx = scores.topk(r.get("k", 2), dim=-1).indices
+            idx = top_k(scores, r.get("k", 2))[1]
             return torch.zeros_like(scores).scatter_(1, idx, 1.0)
-        sorted_s, order = scores.sort(dim=-1, descending=True)
+        sorted_s, order = scores.sort(dim=-1, descending=True, stable=True)
         keep = (sorted_s.cumsum(dim=-1) - sorted_s) < float(r.get("p", 0.9))
         keep[:, 0] = True
         return torch.zeros_like(scores).scatter_(1, order, keep.to(scores.dtype))
@@ -407,11 +415,11 @@ class MoE(nn.Module):
             p = self.route_probs(x)
         E = p.shape[1]
         if r["kind"] == "topk":
-            vals, idx = p.topk(r["k"], dim=-1)
+            vals, idx = top_k(p, r["k"])
             selected = torch.zeros_like(p, dtype=torch.bool).scatter_(1, idx, True)
             renorm = bool(r.get("normalize", True))
         else:  # threshold / topp: keep rank j while the sum of the probabilities before it is < t
-            sorted_p, order = p.sort(dim=-1, descending=True)
+            sorted_p, order = p.sort(dim=-1, descending=True, stable=True)
             before = sorted_p.cumsum(dim=-1) - sorted_p
             keep = before < float(r["p"])
             keep[:, 0] = True
@@ -492,17 +500,17 @@ class StratifiedMoE(nn.Module):
             u = ln_2(hs) if s == 0 else self.norms[str(s)](hs)
             p = (u.float() @ self.routers[s].weight.float().t()).softmax(dim=-1)
             m = self.first[s]
-            top = p.topk(min(2, p.shape[1]), dim=-1)
-            w = top.values / top.values.sum(dim=-1, keepdim=True)
+            top_p, top_e = top_k(p, min(2, p.shape[1]))
+            w = top_p / top_p.sum(dim=-1, keepdim=True)
             y = torch.zeros_like(u)
-            for i in range(top.indices.shape[1]):
+            for i in range(top_e.shape[1]):
                 for e in range(p.shape[1]):
-                    pick = (top.indices[:, i] == e).nonzero(as_tuple=True)[0]
+                    pick = (top_e[:, i] == e).nonzero(as_tuple=True)[0]
                     if pick.numel():
                         out = self.experts[m + e](u.index_select(0, pick))
                         y.index_add_(0, pick, out * w[pick, i].unsqueeze(1).to(u.dtype))
             h = h.index_add(0, rows, y)
-            first_global = top.indices[:, 0] + m
+            first_global = top_e[:, 0] + m
             stratum = torch.bucketize(first_global, torch.tensor(self.first[1:], device=x.device),
                                       right=True)
             state = state.index_copy(0, rows, stratum + 1)
@@ -549,9 +557,9 @@ class MergedMoE(nn.Module):
             self.tokatt_proj = TokenAttention(H, max(H // r, 1))
 
     def merged(self, gate, mean, which):
-        top = gate(mean).topk(self.k)
-        g = top.values.softmax(dim=-1)
-        mats = torch.stack([getattr(self.experts[int(e)], which).weight for e in top.indices])
+        logits, chosen = top_k(gate(mean), self.k)
+        g = logits.softmax(dim=-1)
+        mats = torch.stack([getattr(self.experts[int(e)], which).weight for e in chosen])
         return (g.view(-1, 1, 1) * mats).sum(dim=0)
 
     def forward(self, x):
@@ -1127,6 +1135,21 @@ def selftest_main(args):
             check(torch.allclose(out, ref, atol=1e-12), "moe/%s: grouped experts equal the masked dense sum" % kind)
             check(abs(float(moe.balance) - bal) < 1e-6, "moe/%s: balance loss %.6f matches the token loop (|%.1e|)"
                   % (kind, bal, abs(float(moe.balance) - bal)))
+        # ties go to the lower expert, as in moelab: a merged ReLU layer whose first
+        # segment's hidden activations are all zero has proj gate logits all 0, and
+        # moelab then merges experts 0 and 1 at 1/2 each
+        raw = copy.deepcopy(moe_base)
+        raw["activation"] = "relu"
+        raw["moe"] = {"every": 1, "experts": 4, "hidden": 16,
+                      "router": {"kind": "merge", "k": 2, "segment": 4}}
+        torch.manual_seed(12)
+        merged = GPT(normalize_config(raw)).h[0].moe
+        with torch.no_grad():
+            W = merged.merged(merged.gate_proj, torch.zeros(16), "proj")
+            half = 0.5 * (merged.experts[0].proj.weight + merged.experts[1].proj.weight)
+        check(torch.equal(top_k(torch.tensor([0.5, 0.0, 0.5, 0.0, 0.5]), 3)[1], torch.tensor([0, 2, 4])),
+              "top_k: ties to the lower index")
+        check(torch.allclose(W, half, atol=1e-7), "merge: an all-zero gate input merges experts 0 and 1")
         # independent check of the attention/norm/FFN math on one dense model: a naive numpy forward
         cfg = normalize_config(variants[0])
         torch.manual_seed(5)

@@ -109,9 +109,15 @@ local known = { db = true, name = true, data = true, base = true, vary = true, s
                 designs = true }
 
 -- The last run of this name, and whether its configuration is model_json.
+-- Configurations recorded before moe.bias was always written have it only
+-- when true: a missing one is false.
 local function previous(db, name, model_json)
-  local rows = db:query("SELECT run_id, status, json(json_extract(config, '$.model')) = json(?) AS same"
-                        .. " FROM runs WHERE name = ? ORDER BY run_id DESC LIMIT 1", model_json, name)
+  local rows = db:query("SELECT run_id, status,"
+                        .. " json(json_remove(json_extract(config, '$.model'), '$.moe.bias'))"
+                        .. " = json(json_remove(?1, '$.moe.bias'))"
+                        .. " AND coalesce(json_extract(config, '$.model.moe.bias'), 0)"
+                        .. " = coalesce(json_extract(?1, '$.moe.bias'), 0) AS same"
+                        .. " FROM runs WHERE name = ?2 ORDER BY run_id DESC LIMIT 1", model_json, name)
   return rows[1]
 end
 
