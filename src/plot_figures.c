@@ -630,11 +630,13 @@ cleanup:
 
 /*
 ** Writes a run's grid, row by row, as "expert row value layer" rows, where
-** row numbers the run's layers from 0 and layer is the block number; experts
-** missing from a layer count 0. sql gives "layer expert num den" rows
-** ordered by layer and expert for ?1 = run_id and ?2 = id (bound as NULL
-** when negative). The value is num / den, or with share_of_layer num over
-** the layer's total num (0 when the layer has none).
+** row numbers the run's layers from 0 and layer is the block number. sql
+** gives "layer expert num den" rows ordered by layer and expert for ?1 =
+** run_id and ?2 = id (bound as NULL when negative). With share_of_layer the
+** value is num over the layer's total num (0 when the layer has none), and
+** an expert missing from a layer counts 0; else it is num / den, and a cell
+** without a row or with den 0 (an expert that ran no token has no share of
+** near-zero activations) is NaN: left blank, not drawn as 0.
 */
 static int plot_layer_expert_grid(PlotContext *ctx, const char *what, const char *sql,
                                   int64_t run_id, int64_t id, int share_of_layer, int *experts,
@@ -689,15 +691,19 @@ static int plot_layer_expert_grid(PlotContext *ctx, const char *what, const char
     for (size_t i = 0, row = 0; i < n; row++) {
         int layer = cells[i].layer;
         for (int e = 0; e < n_experts; e++) {
-            double value = 0;
+            double value = share_of_layer ? 0.0 : NAN;
             if (i < n && cells[i].layer == layer && cells[i].expert == e) {
                 const Cell *c = &cells[i++];
-                double den = share_of_layer ? layer_total[row] : c->den;
-                value = den > 0 ? c->num / den : 0.0;
+                if (share_of_layer)
+                    value = layer_total[row] > 0 ? c->num / layer_total[row] : 0.0;
+                else if (c->den > 0)
+                    value = c->num / c->den;
             }
             if (value > *value_max)
                 *value_max = value;
-            fprintf(ctx->gp, "%d %zu %.6g %d\n", e, row, value, layer);
+            fprintf(ctx->gp, "%d %zu ", e, row);
+            plot_put_value(ctx->gp, value);
+            fprintf(ctx->gp, " %d\n", layer);
         }
     }
     *experts = n_experts;
