@@ -311,7 +311,8 @@ static void plot_mean_sd(const double *x, int n, int stride, double *mean, doubl
 
 /*
 ** Per design (runs of one name but for a sweep's "/seed=N", in the order
-** their first run was selected) the mean and sample standard deviation
+** their first run was selected; of a name run more than once, only its
+** latest run with the data) the mean and sample standard deviation
 ** over its runs of the latest validation loss under the run's own router,
 ** and of its FFN FLOPs per token: the MoE layers' as recorded, plus 2 per
 ** multiply-add of the dense FFN blocks, from the run's configuration (a
@@ -382,6 +383,14 @@ static int plot_loss_vs_flops_data(PlotContext *ctx) {
         }
         sqlite3_reset(cfg);
     }
+    /* A name run again (a sweep's failed or interrupted seed run anew) is
+    ** one of the design's runs, not another seed: its latest run with a
+    ** validation evaluation stands for it, as in `moelab report`. */
+    for (int i = 0; i < runs->count; i++)
+        for (int j = 0; j < runs->count && has[i]; j++)
+            if (j != i && has[j] && runs->runs[j].run_id > runs->runs[i].run_id
+                && strcmp(runs->runs[j].name, runs->runs[i].name) == 0)
+                has[i] = 0;
     if (plot_keep_runs(ctx, has, points, sizeof *points, "validation evaluation",
                        "evaluate it on the 'val' split (run:evaluate{} or train with "
                        "eval_every)"))

@@ -1062,6 +1062,37 @@ static void test_sparsity_leaves_idle_experts_blank(void **state) {
     free(text);
 }
 
+/* loss_vs_flops: a seed run again (a sweep runs a failed or interrupted
+** seed anew under its name) is still one seed of its design: the latest
+** run of each name counts, as `moelab report` takes it; with every run drawn
+** the design has two seeds, not three, and the earlier run's loss is no
+** part of the mean. */
+static void test_loss_vs_flops_counts_a_name_once(void **state) {
+    Fixture *fx = *state;
+    char db_path[512], out[600], program[600], err[ML_ERRLEN] = "";
+    static const char *const names[] = {"s/seed=1", "s/seed=2", "s/seed=1"};
+    static const double losses[] = {3.5, 1.7, 1.6};
+    make_moe_db(fx, "rerun.db", names, losses, 3, db_path, sizeof db_path);
+    PlotOptions opt = PLOT_OPTIONS_INIT;
+    path_in(out, sizeof out, fx, "rerun.pdf");
+    path_in(program, sizeof program, fx, "rerun.gnuplot");
+    opt.plots_dir = MOELAB_PLOTS_DIR;
+    opt.gnuplot_out = program;
+    if (plot_render("loss_vs_flops", db_path, out, &opt, err))
+        fail_msg("%s", err);
+    char *text = read_file(program);
+    Block *b = malloc(sizeof *b);
+    assert_non_null(b);
+    read_block(text, "$designs", b);
+    assert_int_equal(b->blocks, 1);
+    assert_int_equal((int)b->v[0][0][4], 2);
+    ASSERT_NEAR(b->v[0][0][1], 1.65, 1e-6);                   /* mean of 1.6 and 1.7 */
+    ASSERT_NEAR(b->v[0][0][3], sqrt(0.005), 1e-6);            /* their sample std */
+    assert_non_null(strstr(text, "\ndesign_title[1] = 's (2 seeds)'\n"));
+    free(b);
+    free(text);
+}
+
 /* ---- figures that cannot be made -------------------------------------- */
 
 static void test_moe_figures_name_the_missing_data(void **state) {
@@ -1203,6 +1234,7 @@ int main(void) {
         cmocka_unit_test(test_layer_and_size_options),
         cmocka_unit_test(test_figure_data_agrees_with_sql),
         cmocka_unit_test(test_sparsity_leaves_idle_experts_blank),
+        cmocka_unit_test(test_loss_vs_flops_counts_a_name_once),
         cmocka_unit_test(test_unknown_figure_lists_known_ones),
         cmocka_unit_test(test_bad_extension_is_refused),
         cmocka_unit_test(test_unknown_run_is_named),
