@@ -210,27 +210,33 @@ static int plot_loss_data(PlotContext *ctx) {
         plot_oom(ctx, "metrics");
         goto cleanup;
     }
-    /* With every run selected, runs never trained (a converted model
-    ** evaluated at step 0) have no curve to draw, and no place on a log
-    ** axis: they are left out while some run has one. */
-    if (!runs->named) {
-        int any = 0;
-        if (plot_prepare(ctx, "metrics",
-                         "SELECT EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1 AND tokens > 0"
-                         " AND loss IS NOT NULL)", &st))
-            goto cleanup;
-        for (int i = 0; i < runs->count; i++) {
-            sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
-            has_rows[i] = sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 0);
-            any |= has_rows[i];
-            sqlite3_reset(st);
+    /* Runs never trained (a converted model evaluated at step 0) have no
+    ** curve to draw, and no place on the tokens axis: with every run
+    ** selected they are left out while some run has one; a run named
+    ** without one is refused, as is a selection in which no run has one
+    ** but some has an evaluation at 0 tokens (gnuplot found no axis). */
+    int any = 0, untrained_rows = 0;
+    if (plot_prepare(ctx, "metrics",
+                     "SELECT EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1 AND tokens > 0"
+                     " AND loss IS NOT NULL), EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1"
+                     " AND tokens IS NOT NULL AND loss IS NOT NULL)", &st))
+        goto cleanup;
+    for (int i = 0; i < runs->count; i++) {
+        sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            has_rows[i] = sqlite3_column_int(st, 0);
+            untrained_rows |= !has_rows[i] && sqlite3_column_int(st, 1);
         }
-        sqlite3_finalize(st);
-        st = NULL;
-        if (any && plot_keep_runs(ctx, has_rows, NULL, 0, "training", "train it"))
-            goto cleanup;
-        memset(has_rows, 0, (size_t)runs->count * 2 * sizeof *has_rows);
+        any |= has_rows[i];
+        sqlite3_reset(st);
     }
+    sqlite3_finalize(st);
+    st = NULL;
+    if ((any || runs->named || untrained_rows)
+        && plot_keep_runs(ctx, has_rows, NULL, 0, "training (loss metrics past 0 tokens)",
+                          "train it (run:train{})"))
+        goto cleanup;
+    memset(has_rows, 0, (size_t)runs->count * 2 * sizeof *has_rows);
     if (plot_prepare(ctx, "metrics",
                      "SELECT tokens, loss FROM metrics WHERE run_id = ?1 AND split = ?2"
                      " AND tokens IS NOT NULL AND loss IS NOT NULL ORDER BY step, rowid", &st))

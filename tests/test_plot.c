@@ -1093,6 +1093,32 @@ static void test_loss_vs_flops_counts_a_name_once(void **state) {
     free(text);
 }
 
+/* loss: a model never trained (a converted one, evaluated at step 0) has
+** no loss past 0 tokens; named, it is refused with how to get one, and
+** when no run has any the figure says so (gnuplot failed on its empty
+** axis with "undefined value"). */
+static void test_loss_refuses_runs_never_trained(void **state) {
+    Fixture *fx = *state;
+    char db[512], out[600], err[ML_ERRLEN] = "";
+    Recorder *r = NULL;
+    int64_t run = 0;
+    path_in(db, sizeof db, fx, "untrained.db");
+    path_in(out, sizeof out, fx, "untrained.pdf");
+    if (rec_open(&r, db, err)
+        || rec_run_begin(r, "converted", "test", "{}", 1, 1000, 500, 1, &run, err)
+        || rec_metric(r, run, 0, "val", 2.5, NAN, NAN, 0, NAN, NAN, NAN, NULL, err)
+        || rec_run_status(r, run, "finished", NULL, err) || rec_flush(r, err))
+        fail_msg("%s", err);
+    rec_close(r);
+    assert_int_equal(render("loss", db, out, "converted", MOELAB_PLOTS_DIR, err), -1);
+    assert_non_null(strstr(err, "run 'converted' has no training"));
+    assert_non_null(strstr(err, "run:train{}"));
+    assert_int_equal(render("loss", db, out, NULL, MOELAB_PLOTS_DIR, err), -1);
+    assert_non_null(strstr(err, "has training"));
+    assert_null(strstr(err, "gnuplot"));
+    assert_int_not_equal(access(out, F_OK), 0);
+}
+
 /* ---- figures that cannot be made -------------------------------------- */
 
 static void test_moe_figures_name_the_missing_data(void **state) {
@@ -1235,6 +1261,7 @@ int main(void) {
         cmocka_unit_test(test_figure_data_agrees_with_sql),
         cmocka_unit_test(test_sparsity_leaves_idle_experts_blank),
         cmocka_unit_test(test_loss_vs_flops_counts_a_name_once),
+        cmocka_unit_test(test_loss_refuses_runs_never_trained),
         cmocka_unit_test(test_unknown_figure_lists_known_ones),
         cmocka_unit_test(test_bad_extension_is_refused),
         cmocka_unit_test(test_unknown_run_is_named),
