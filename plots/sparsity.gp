@@ -14,7 +14,9 @@
 #   $cells                                    "expert row share layer" rows,
 #                                             run i in index i-1; row counts
 #                                             the MoE layers from 0, layer is
-#                                             the block number;
+#                                             the block number; share NaN (a
+#                                             blank cell) for an expert that
+#                                             ran no token;
 #   panel_note[i]                             'step 500, |a| <= 0.01';
 #   panel_experts[i], panel_layers[i]         the grid of run i;
 #   value_max                                 the largest share of any cell.

@@ -210,27 +210,33 @@ static int plot_loss_data(PlotContext *ctx) {
         plot_oom(ctx, "metrics");
         goto cleanup;
     }
-    /* With every run selected, runs never trained (a converted model
-    ** evaluated at step 0) have no curve to draw, and no place on a log
-    ** axis: they are left out while some run has one. */
-    if (!runs->named) {
-        int any = 0;
-        if (plot_prepare(ctx, "metrics",
-                         "SELECT EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1 AND tokens > 0"
-                         " AND loss IS NOT NULL)", &st))
-            goto cleanup;
-        for (int i = 0; i < runs->count; i++) {
-            sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
-            has_rows[i] = sqlite3_step(st) == SQLITE_ROW && sqlite3_column_int(st, 0);
-            any |= has_rows[i];
-            sqlite3_reset(st);
+    /* Runs never trained (a converted model evaluated at step 0) have no
+    ** curve to draw, and no place on the tokens axis: with every run
+    ** selected they are left out while some run has one; a run named
+    ** without one is refused, as is a selection in which no run has one
+    ** but some has an evaluation at 0 tokens (gnuplot found no axis). */
+    int any = 0, untrained_rows = 0;
+    if (plot_prepare(ctx, "metrics",
+                     "SELECT EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1 AND tokens > 0"
+                     " AND loss IS NOT NULL), EXISTS (SELECT 1 FROM metrics WHERE run_id = ?1"
+                     " AND tokens IS NOT NULL AND loss IS NOT NULL)", &st))
+        goto cleanup;
+    for (int i = 0; i < runs->count; i++) {
+        sqlite3_bind_int64(st, 1, runs->runs[i].run_id);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            has_rows[i] = sqlite3_column_int(st, 0);
+            untrained_rows |= !has_rows[i] && sqlite3_column_int(st, 1);
         }
-        sqlite3_finalize(st);
-        st = NULL;
-        if (any && plot_keep_runs(ctx, has_rows, NULL, 0, "training", "train it"))
-            goto cleanup;
-        memset(has_rows, 0, (size_t)runs->count * 2 * sizeof *has_rows);
+        any |= has_rows[i];
+        sqlite3_reset(st);
     }
+    sqlite3_finalize(st);
+    st = NULL;
+    if ((any || runs->named || untrained_rows)
+        && plot_keep_runs(ctx, has_rows, NULL, 0, "training (loss metrics past 0 tokens)",
+                          "train it (run:train{})"))
+        goto cleanup;
+    memset(has_rows, 0, (size_t)runs->count * 2 * sizeof *has_rows);
     if (plot_prepare(ctx, "metrics",
                      "SELECT tokens, loss FROM metrics WHERE run_id = ?1 AND split = ?2"
                      " AND tokens IS NOT NULL AND loss IS NOT NULL ORDER BY step, rowid", &st))
@@ -311,7 +317,8 @@ static void plot_mean_sd(const double *x, int n, int stride, double *mean, doubl
 
 /*
 ** Per design (runs of one name but for a sweep's "/seed=N", in the order
-** their first run was selected) the mean and sample standard deviation
+** their first run was selected; of a name run more than once, only its
+** latest run with the data) the mean and sample standard deviation
 ** over its runs of the latest validation loss under the run's own router,
 ** and of its FFN FLOPs per token: the MoE layers' as recorded, plus 2 per
 ** multiply-add of the dense FFN blocks, from the run's configuration (a
@@ -382,6 +389,14 @@ static int plot_loss_vs_flops_data(PlotContext *ctx) {
         }
         sqlite3_reset(cfg);
     }
+    /* A name run again (a sweep's failed or interrupted seed run anew) is
+    ** one of the design's runs, not another seed: its latest run with a
+    ** validation evaluation stands for it, as in `moelab report`. */
+    for (int i = 0; i < runs->count; i++)
+        for (int j = 0; j < runs->count && has[i]; j++)
+            if (j != i && has[j] && runs->runs[j].run_id > runs->runs[i].run_id
+                && strcmp(runs->runs[j].name, runs->runs[i].name) == 0)
+                has[i] = 0;
     if (plot_keep_runs(ctx, has, points, sizeof *points, "validation evaluation",
                        "evaluate it on the 'val' split (run:evaluate{} or train with "
                        "eval_every)"))
@@ -630,11 +645,13 @@ cleanup:
 
 /*
 ** Writes a run's grid, row by row, as "expert row value layer" rows, where
-** row numbers the run's layers from 0 and layer is the block number; experts
-** missing from a layer count 0. sql gives "layer expert num den" rows
-** ordered by layer and expert for ?1 = run_id and ?2 = id (bound as NULL
-** when negative). The value is num / den, or with share_of_layer num over
-** the layer's total num (0 when the layer has none).
+** row numbers the run's layers from 0 and layer is the block number. sql
+** gives "layer expert num den" rows ordered by layer and expert for ?1 =
+** run_id and ?2 = id (bound as NULL when negative). With share_of_layer the
+** value is num over the layer's total num (0 when the layer has none), and
+** an expert missing from a layer counts 0; else it is num / den, and a cell
+** without a row or with den 0 (an expert that ran no token has no share of
+** near-zero activations) is NaN: left blank, not drawn as 0.
 */
 static int plot_layer_expert_grid(PlotContext *ctx, const char *what, const char *sql,
                                   int64_t run_id, int64_t id, int share_of_layer, int *experts,
@@ -689,15 +706,19 @@ static int plot_layer_expert_grid(PlotContext *ctx, const char *what, const char
     for (size_t i = 0, row = 0; i < n; row++) {
         int layer = cells[i].layer;
         for (int e = 0; e < n_experts; e++) {
-            double value = 0;
+            double value = share_of_layer ? 0.0 : NAN;
             if (i < n && cells[i].layer == layer && cells[i].expert == e) {
                 const Cell *c = &cells[i++];
-                double den = share_of_layer ? layer_total[row] : c->den;
-                value = den > 0 ? c->num / den : 0.0;
+                if (share_of_layer)
+                    value = layer_total[row] > 0 ? c->num / layer_total[row] : 0.0;
+                else if (c->den > 0)
+                    value = c->num / c->den;
             }
             if (value > *value_max)
                 *value_max = value;
-            fprintf(ctx->gp, "%d %zu %.6g %d\n", e, row, value, layer);
+            fprintf(ctx->gp, "%d %zu ", e, row);
+            plot_put_value(ctx->gp, value);
+            fprintf(ctx->gp, " %d\n", layer);
         }
     }
     *experts = n_experts;

@@ -998,6 +998,127 @@ static void test_figure_data_agrees_with_sql(void **state) {
     free(b);
 }
 
+/* A database of its own, made by record_moe_run for each name; db is its
+** path in the fixture's folder. */
+static void make_moe_db(const Fixture *fx, const char *file, const char *const *names,
+                        const double *val_losses, int n, char *db, size_t size) {
+    char err[ML_ERRLEN] = "";
+    Recorder *r = NULL;
+    path_in(db, size, fx, file);
+    remove(db);
+    if (rec_open(&r, db, err))
+        fail_msg("%s", err);
+    for (int i = 0; i < n; i++)
+        if (record_moe_run(r, names[i], 0, 8, val_losses[i], 1.31e5, err))
+            fail_msg("%s", err);
+    if (rec_flush(r, err))
+        fail_msg("%s", err);
+    rec_close(r);
+}
+
+/* sparsity: an expert that ran no token in the evaluation has no share of
+** near-zero activations; its cell is NaN (blank), not 0 (all active). */
+static void test_sparsity_leaves_idle_experts_blank(void **state) {
+    Fixture *fx = *state;
+    char db_path[512], out[600], program[600], err[ML_ERRLEN] = "";
+    static const char *const names[] = {"top2"};
+    static const double losses[] = {1.62};
+    make_moe_db(fx, "idle_expert.db", names, losses, 1, db_path, sizeof db_path);
+    sqlite3 *db = NULL;
+    assert_int_equal(sqlite3_open(db_path, &db), SQLITE_OK);
+    /* layers 1 and 3 of 8 experts, a tenth near zero; expert 5 of layer 3 idle */
+    assert_int_equal(sqlite3_exec(db,
+                                  "WITH RECURSIVE e(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM e"
+                                  " WHERE x < 7) INSERT INTO sparsity (run_id, eval_id, layer,"
+                                  " expert, activations, near_zero, mean_abs) SELECT ev.run_id,"
+                                  " ev.eval_id, l.layer, e.x, CASE WHEN l.layer = 3 AND e.x = 5"
+                                  " THEN 0 ELSE 100 END, CASE WHEN l.layer = 3 AND e.x = 5 THEN 0"
+                                  " ELSE 10 END, 0.5 FROM evals ev, e, (SELECT 1 AS layer UNION"
+                                  " ALL SELECT 3) l",
+                                  NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    PlotOptions opt = PLOT_OPTIONS_INIT;
+    path_in(out, sizeof out, fx, "idle_expert.pdf");
+    path_in(program, sizeof program, fx, "idle_expert.gnuplot");
+    opt.plots_dir = MOELAB_PLOTS_DIR;
+    opt.gnuplot_out = program;
+    if (plot_render("sparsity", db_path, out, &opt, err))
+        fail_msg("%s", err);
+    char *text = read_file(program);
+    Block *b = malloc(sizeof *b);
+    assert_non_null(b);
+    read_block(text, "$cells", b);
+    assert_int_equal(b->blocks, 1);
+    assert_int_equal(b->rows[0], 2 * 8);
+    for (int r = 0; r < 16; r++) {
+        int expert = (int)b->v[0][r][0], layer = (int)b->v[0][r][3];
+        if (layer == 3 && expert == 5)
+            assert_true(isnan(b->v[0][r][2]));
+        else
+            ASSERT_NEAR(b->v[0][r][2], 0.1, 1e-9);
+    }
+    ASSERT_NEAR(program_value(text, "value_max"), 0.1, 1e-9);
+    free(b);
+    free(text);
+}
+
+/* loss_vs_flops: a seed run again (a sweep runs a failed or interrupted
+** seed anew under its name) is still one seed of its design: the latest
+** run of each name counts, as `moelab report` takes it; with every run drawn
+** the design has two seeds, not three, and the earlier run's loss is no
+** part of the mean. */
+static void test_loss_vs_flops_counts_a_name_once(void **state) {
+    Fixture *fx = *state;
+    char db_path[512], out[600], program[600], err[ML_ERRLEN] = "";
+    static const char *const names[] = {"s/seed=1", "s/seed=2", "s/seed=1"};
+    static const double losses[] = {3.5, 1.7, 1.6};
+    make_moe_db(fx, "rerun.db", names, losses, 3, db_path, sizeof db_path);
+    PlotOptions opt = PLOT_OPTIONS_INIT;
+    path_in(out, sizeof out, fx, "rerun.pdf");
+    path_in(program, sizeof program, fx, "rerun.gnuplot");
+    opt.plots_dir = MOELAB_PLOTS_DIR;
+    opt.gnuplot_out = program;
+    if (plot_render("loss_vs_flops", db_path, out, &opt, err))
+        fail_msg("%s", err);
+    char *text = read_file(program);
+    Block *b = malloc(sizeof *b);
+    assert_non_null(b);
+    read_block(text, "$designs", b);
+    assert_int_equal(b->blocks, 1);
+    assert_int_equal((int)b->v[0][0][4], 2);
+    ASSERT_NEAR(b->v[0][0][1], 1.65, 1e-6);                   /* mean of 1.6 and 1.7 */
+    ASSERT_NEAR(b->v[0][0][3], sqrt(0.005), 1e-6);            /* their sample std */
+    assert_non_null(strstr(text, "\ndesign_title[1] = 's (2 seeds)'\n"));
+    free(b);
+    free(text);
+}
+
+/* loss: a model never trained (a converted one, evaluated at step 0) has
+** no loss past 0 tokens; named, it is refused with how to get one, and
+** when no run has any the figure says so (gnuplot failed on its empty
+** axis with "undefined value"). */
+static void test_loss_refuses_runs_never_trained(void **state) {
+    Fixture *fx = *state;
+    char db[512], out[600], err[ML_ERRLEN] = "";
+    Recorder *r = NULL;
+    int64_t run = 0;
+    path_in(db, sizeof db, fx, "untrained.db");
+    path_in(out, sizeof out, fx, "untrained.pdf");
+    if (rec_open(&r, db, err)
+        || rec_run_begin(r, "converted", "test", "{}", 1, 1000, 500, 1, &run, err)
+        || rec_metric(r, run, 0, "val", 2.5, NAN, NAN, 0, NAN, NAN, NAN, NULL, err)
+        || rec_run_status(r, run, "finished", NULL, err) || rec_flush(r, err))
+        fail_msg("%s", err);
+    rec_close(r);
+    assert_int_equal(render("loss", db, out, "converted", MOELAB_PLOTS_DIR, err), -1);
+    assert_non_null(strstr(err, "run 'converted' has no training"));
+    assert_non_null(strstr(err, "run:train{}"));
+    assert_int_equal(render("loss", db, out, NULL, MOELAB_PLOTS_DIR, err), -1);
+    assert_non_null(strstr(err, "has training"));
+    assert_null(strstr(err, "gnuplot"));
+    assert_int_not_equal(access(out, F_OK), 0);
+}
+
 /* ---- figures that cannot be made -------------------------------------- */
 
 static void test_moe_figures_name_the_missing_data(void **state) {
@@ -1138,6 +1259,9 @@ int main(void) {
         cmocka_unit_test(test_every_figure_names_missing_data),
         cmocka_unit_test(test_layer_and_size_options),
         cmocka_unit_test(test_figure_data_agrees_with_sql),
+        cmocka_unit_test(test_sparsity_leaves_idle_experts_blank),
+        cmocka_unit_test(test_loss_vs_flops_counts_a_name_once),
+        cmocka_unit_test(test_loss_refuses_runs_never_trained),
         cmocka_unit_test(test_unknown_figure_lists_known_ones),
         cmocka_unit_test(test_bad_extension_is_refused),
         cmocka_unit_test(test_unknown_run_is_named),
