@@ -1286,6 +1286,30 @@ static void test_sweep_resumes(void **state) {
     lua_close(L);
 }
 
+/* A finished run is reused only when it was trained as the sweep would
+** train it: other steps, another lr or another corpus under an old name are
+** refused (they were skipped, their numbers reported as the new ones'), and
+** threads, which change the time alone, are not compared. */
+static void test_sweep_refuses_other_training(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "spec = { db = DIR .. '/retrain.db', name = 't', data = moelab.corpus{ text = TEXT },\n"
+              "  base = tiny(), seeds = { 1 }, train = fast{ steps = 2 }, progress = false }\n"
+              "first = moelab.sweep(spec)\n"
+              "spec.train.threads = 2\n"
+              "second = moelab.sweep(spec)");
+    assert_lua(L, "first[1].status == 'finished' and second[1].skipped");
+    run_ok(L, "spec.train.steps = 3");
+    run_err(L, "moelab.sweep(spec)", "'t/base/seed=1'", "trained otherwise (steps 2, now 3)", NULL);
+    run_ok(L, "spec.train.steps = 2; spec.train.lr = 0.02");
+    run_err(L, "moelab.sweep(spec)", "lr 0.01, now 0.02", NULL);
+    run_ok(L, "spec.train.lr = nil; spec.data = moelab.corpus{ text = TEXT .. TEXT }");
+    run_err(L, "moelab.sweep(spec)", "a corpus of 1600 bytes (1440 train), now 3200 (2880)", NULL);
+    run_ok(L, "db = moelab.open(DIR .. '/retrain.db')");
+    assert_lua(L, "db:query('SELECT count(*) AS n FROM runs')[1].n == 1");
+    lua_close(L);
+}
+
 /* run:train{ probe = { every = N } } records the routing of one fixed batch
 ** every N steps (once per step across train calls), as evaluations with
 ** split 'probe' that stay out of the validation curve, all of the same
@@ -1745,6 +1769,7 @@ int main(void) {
         cmocka_unit_test(test_load_nonfinite),
         cmocka_unit_test(test_counterfactual_evaluation),
         cmocka_unit_test(test_sweep_resumes),
+        cmocka_unit_test(test_sweep_refuses_other_training),
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_machine_and_costs),

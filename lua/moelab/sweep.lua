@@ -25,7 +25,9 @@
 -- database as `finished` or `diverged` with the same model configuration is
 -- skipped and its recorded results are returned, so an interrupted sweep
 -- resumes where it stopped; one recorded as failed, interrupted or crashed is
--- run again under the same name. A run that fails is reported and the sweep
+-- run again under the same name. One made with another model configuration,
+-- other training options (of those `train` gives) or another corpus (its size
+-- and train split) is refused: its numbers are not this sweep's. A run that fails is reported and the sweep
 -- goes on; Ctrl-C stops the sweep. Returns one entry per run:
 --   { name, design, label, seed, values = { [key] = value }, status, run_id, skipped,
 --     loss, val_loss (the run's last train and val rows, v_final_loss),
@@ -115,6 +117,34 @@ local function previous(db, name, model_json)
   return rows[1]
 end
 
+-- What run run_id was trained on that this sweep's run would not be, as
+-- "steps 300, now 20; ...", or nil: the training options the sweep gives
+-- (but threads and progress, which change the time, not the numbers, and
+-- the probe, which only records) against the recorded ones (float32, hence
+-- the tolerance), and the corpus's size and train split.
+local function other_training(db, run_id, train, data)
+  local differ = {}
+  for _, key in ipairs(sorted_keys(train)) do
+    local now = train[key]
+    if type(now) == "number" and key ~= "threads" and not (key == "eval_batch" and now == 0) then
+      local was = db:query("SELECT json_extract(config, ?) AS v FROM runs WHERE run_id = ?",
+                           "$.train." .. key, run_id)[1].v
+      if type(was) ~= "number" or math.abs(was - now) > 1e-6 * math.max(math.abs(was), math.abs(now)) then
+        differ[#differ + 1] = string.format("%s %s, now %s", key, tostring(was), tostring(now))
+      end
+    end
+  end
+  local bytes, train_bytes = data:size()
+  local d = db:query("SELECT json_extract(config, '$.data.bytes') AS bytes,"
+                     .. " json_extract(config, '$.data.split') AS split FROM runs WHERE run_id = ?", run_id)[1]
+  local was_train = d.bytes and d.split and math.floor(d.bytes * d.split)
+  if d.bytes ~= bytes or was_train ~= train_bytes then
+    differ[#differ + 1] = string.format("a corpus of %s bytes (%s train), now %d (%d)", tostring(d.bytes),
+                                        tostring(was_train), bytes, train_bytes)
+  end
+  return #differ > 0 and table.concat(differ, "; ") or nil
+end
+
 -- An entry's losses as the database has them (v_final_loss: the last train
 -- and val rows), and with_eval its last evaluation under its own router.
 local function recorded_results(db, entry, with_eval)
@@ -198,7 +228,14 @@ function sweep.run(spec)
             error(string.format("moelab.sweep: run '%s' in %s was made with another model configuration;"
                                 .. " give the sweep another name or database", name, db:path()), 2)
           end
-          if before and (before.status == "finished" or before.status == "diverged") then
+          local done = before and (before.status == "finished" or before.status == "diverged")
+          local differ = done and other_training(db, before.run_id, spec.train or {}, spec.data)
+          if differ then
+            model:close()
+            error(string.format("moelab.sweep: run '%s' in %s was trained otherwise (%s);"
+                                .. " give the sweep another name or database", name, db:path(), differ), 2)
+          end
+          if done then
             entry.status, entry.run_id, entry.skipped = before.status, before.run_id, true
             recorded_results(db, entry, true)
             model:close()
