@@ -1310,6 +1310,32 @@ static void test_sweep_refuses_other_training(void **state) {
     lua_close(L);
 }
 
+/* An experiment script run again with fewer seeds (seeds=2 after seeds=1,2)
+** reports the seeds it was given: the database's other seed is not folded
+** into the mean of what it prints. */
+static void test_experiment_reports_its_seeds(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "experiment = require 'moelab.experiment'\n"
+              "local f = io.open(DIR .. '/experiment.txt', 'w') f:write(TEXT) f:close()\n"
+              "function again(seeds)\n"
+              "  moelab.args = { data = DIR .. '/experiment.txt', out = DIR .. '/experiment', seeds = seeds }\n"
+              "  local x = experiment.setup{ name = 'e' }\n"
+              "  moelab.sweep{ db = x.db, name = x.name, data = x.data, seeds = x.seeds, progress = false,\n"
+              "                base = tiny(), designs = { { name = 'dense' } }, train = fast{ steps = 2 } }\n"
+              "  return x:finish{}\n"
+              "end\n"
+              "both = again('1,2')\n"
+              "one = again('2')");
+    assert_lua(L, "#both == 1 and both[1].n == 2 and both[1].val_loss_sd ~= nil");
+    assert_lua(L, "#one == 1 and one[1].n == 1 and one[1].val_loss_sd == nil");
+    run_ok(L, "db = moelab.open(DIR .. '/experiment/e.db', { readonly = true })\n"
+              "seed2 = db:query(\"SELECT val_loss FROM v_final_loss WHERE name = 'e/dense/seed=2'\")[1].val_loss\n"
+              "db:close()");
+    assert_lua(L, "one[1].val_loss == seed2");
+    lua_close(L);
+}
+
 /* run:train{ probe = { every = N } } records the routing of one fixed batch
 ** every N steps (once per step across train calls), as evaluations with
 ** split 'probe' that stay out of the validation curve, all of the same
@@ -1770,6 +1796,7 @@ int main(void) {
         cmocka_unit_test(test_counterfactual_evaluation),
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_sweep_refuses_other_training),
+        cmocka_unit_test(test_experiment_reports_its_seeds),
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_machine_and_costs),

@@ -50,6 +50,15 @@ function experiment.setup(defaults)
   return x
 end
 
+-- The runs of this invocation's seeds as --runs patterns ("xmoe/*/seed=1"):
+-- the database may hold other seeds from an earlier invocation, which are
+-- not part of what this one reports.
+function experiment:runs()
+  local patterns = {}
+  for _, s in ipairs(self.seeds) do patterns[#patterns + 1] = string.format("%s/*/seed=%d", self.name, s) end
+  return patterns
+end
+
 -- The reference training options (batch 16 x 128, lr 3e-3, 50 warm-up steps,
 -- cosine decay), with `extra` over them.
 function experiment:train(extra)
@@ -121,7 +130,8 @@ function experiment:counterfactuals(results, title)
   return table.concat(md, "\n")
 end
 
--- Prints the report, writes it as Markdown to OUT/NAME.md with `notes`, draws
+-- Prints the report of this invocation's seeds (experiment:runs), writes it
+-- as Markdown to OUT/NAME.md with `notes`, draws
 -- `figures` (OUT/NAME-FIGURE.pdf, or { NAME, option = ... } for moelab.plot's
 -- options), and returns the report rows. A figure that cannot be drawn does
 -- not stop the others; the error that names them all comes last.
@@ -130,7 +140,7 @@ function experiment:finish(opts)
   local moelab = require "moelab"
   local report = require "moelab.report"
   local db = moelab.open(self.db, { readonly = true })
-  local rows = report.groups(report.runs(db, { runs = { self.name .. "/*" } }))
+  local rows = report.groups(report.runs(db, { runs = self:runs() }))
   print()
   print(report.render(rows, "text"))
   local figures, failed = {}, {}
