@@ -1336,6 +1336,30 @@ static void test_experiment_reports_its_seeds(void **state) {
     lua_close(L);
 }
 
+/* A seed that lacks a number (no validation loss here) leaves it out of the
+** mean, and the report says over how many of the seeds the mean is, rather
+** than a mean of one under "seeds 2". */
+static void test_report_counts_missing_seeds(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "report = require 'moelab.report'\n"
+              "db = moelab.open(DIR .. '/missing.db')\n"
+              "data = moelab.corpus{ text = TEXT }\n"
+              "for seed = 1, 2 do\n"
+              "  local model = moelab.model(tiny{ seed = seed })\n"
+              "  local run = db:run{ name = 'g/seed=' .. seed, model = model, data = data }\n"
+              "  run:train(fast{ steps = 2, eval_every = 1, eval_batches = seed == 1 and 1 or 0 })\n"
+              "  run:close() model:close()\n"
+              "end\n"
+              "groups = report.groups(report.runs(db))\n"
+              "v1 = db:query(\"SELECT val_loss FROM v_final_loss WHERE name = 'g/seed=1'\")[1].val_loss");
+    assert_lua(L, "#groups == 1 and groups[1].n == 2 and groups[1].val_loss == v1");
+    assert_lua(L, "groups[1].val_loss_n == 1 and groups[1].val_loss_sd == nil and groups[1].train_loss_n == nil");
+    assert_lua(L, "report.render(groups, 'text'):find(string.format('%.4f (1 of 2)', v1), 1, true) ~= nil");
+    assert_lua(L, "report.render(groups, 'markdown'):find(string.format('| %.4f (1 of 2) |', v1), 1, true) ~= nil");
+    lua_close(L);
+}
+
 /* run:train{ probe = { every = N } } records the routing of one fixed batch
 ** every N steps (once per step across train calls), as evaluations with
 ** split 'probe' that stay out of the validation curve, all of the same
@@ -1797,6 +1821,7 @@ int main(void) {
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_sweep_refuses_other_training),
         cmocka_unit_test(test_experiment_reports_its_seeds),
+        cmocka_unit_test(test_report_counts_missing_seeds),
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_machine_and_costs),
