@@ -1336,6 +1336,30 @@ static void test_experiment_reports_its_seeds(void **state) {
     lua_close(L);
 }
 
+/* fresh=true deletes an experiment's database; fresh=0 or fresh=no (a
+** number, a string: true to Lua) is refused before it deletes anything. */
+static void test_experiment_fresh_values(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "experiment = require 'moelab.experiment'\n"
+              "local f = io.open(DIR .. '/fresh.txt', 'w') f:write(TEXT) f:close()\n"
+              "function setup(fresh)\n"
+              "  moelab.args = { data = DIR .. '/fresh.txt', out = DIR .. '/fresh', fresh = fresh }\n"
+              "  return experiment.setup{ name = 'f' }\n"
+              "end\n"
+              "x = setup(nil)\n"
+              "moelab.open(x.db):close()\n"
+              "function exists() local f = io.open(x.db) if f then f:close() end return f ~= nil end");
+    run_err(L, "setup(0)", "f: fresh must be true or false, got '0'", NULL);
+    run_err(L, "setup('no')", "got 'no'", NULL);
+    assert_lua(L, "exists()");
+    run_ok(L, "setup(false)");
+    assert_lua(L, "exists()");
+    run_ok(L, "setup(true)");
+    assert_lua(L, "not exists()");
+    lua_close(L);
+}
+
 /* A seed that lacks a number (no validation loss here) leaves it out of the
 ** mean, and the report says over how many of the seeds the mean is, rather
 ** than a mean of one under "seeds 2". */
@@ -1822,6 +1846,7 @@ int main(void) {
         cmocka_unit_test(test_sweep_refuses_other_training),
         cmocka_unit_test(test_experiment_reports_its_seeds),
         cmocka_unit_test(test_report_counts_missing_seeds),
+        cmocka_unit_test(test_experiment_fresh_values),
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_machine_and_costs),

@@ -42,6 +42,11 @@ function experiment.setup(defaults)
   -- under mpirun rank 0 alone owns the files (moelab.ranks)
   if moelab.rank == 0 then os.execute("mkdir -p " .. shell_quote(x.out)) end
   x.db = x.out .. "/" .. x.name .. ".db"
+  -- fresh deletes the database: only a true says so (fresh=0 or fresh=no
+  -- is a string or a number, which Lua would take for true)
+  if args.fresh ~= nil and type(args.fresh) ~= "boolean" then
+    error(string.format("%s: fresh must be true or false, got '%s'", x.name, tostring(args.fresh)), 0)
+  end
   if args.fresh and moelab.rank == 0 then
     for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(x.db .. suffix) end
   end
