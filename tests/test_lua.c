@@ -1283,6 +1283,14 @@ static void test_sweep_resumes(void **state) {
             "unknown option 'colour'", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(),\n"
                "  vary = { layers = {} } }", "vary['layers']", NULL);
+    /* a run named twice would be trained once, then skipped and counted twice */
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(), seeds = { 1, 2, 1 } }",
+            "seed 1 is given twice", NULL);
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', name = 'v', data = spec.data, base = tiny(),\n"
+               "  vary = { layers = { 1, 1 } } }", "two runs would be named 'v/layers=1/seed=...'", NULL);
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', name = 'v', data = spec.data, base = tiny(),\n"
+               "  designs = { { name = 'a' }, { name = 'a' } } }", "'v/a/seed=...'", NULL);
+    assert_lua(L, "db:query(\"SELECT count(*) AS n FROM runs WHERE name LIKE 'v/%'\")[1].n == 0");
     lua_close(L);
 }
 

@@ -170,10 +170,14 @@ function sweep.run(spec)
   local vary = spec.vary or {}
   local seeds = spec.seeds or { 1 }
   if type(seeds) ~= "table" or #seeds == 0 then error("moelab.sweep: 'seeds' must be a non-empty list", 2) end
+  local seen_seeds = {}
   for _, s in ipairs(seeds) do
     if math.type(s) ~= "integer" or s < 0 then
       error(string.format("moelab.sweep: seeds must be integers >= 0, got %s", tostring(s)), 2)
     end
+    -- the same run twice: trained once, then skipped, and counted twice
+    if seen_seeds[s] then error(string.format("moelab.sweep: seed %d is given twice", s), 2) end
+    seen_seeds[s] = true
   end
   local prefix = spec.name or "sweep"
   local db = spec.db
@@ -194,14 +198,29 @@ function sweep.run(spec)
     end
   end
   local combos = combinations(vary)
+  -- a combination's label ("KEY=VALUE,...") and its part of the run names
+  local function labelled(d, combo)
+    local labels = {}
+    for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
+    local label = #labels > 0 and table.concat(labels, ",") or (d and "" or "base")
+    return label, d and (label ~= "" and (d.name .. "/" .. label) or d.name) or label
+  end
+  local seen_names = {}
+  for _, d in ipairs(designs) do
+    for _, combo in ipairs(combos) do
+      local _, shown = labelled(d, combo)
+      if seen_names[shown] then
+        error(string.format("moelab.sweep: two runs would be named '%s/%s/seed=...' (a design or a vary"
+                            .. " value given twice)", prefix, shown), 2)
+      end
+      seen_names[shown] = true
+    end
+  end
   local total, done_here, spent = #designs * #combos * #seeds, 0, 0.0
   local results, i = {}, 0
   for _, d in ipairs(designs) do
     for _, combo in ipairs(combos) do
-      local labels = {}
-      for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
-      local label = #labels > 0 and table.concat(labels, ",") or (d and "" or "base")
-      local shown = d and (label ~= "" and (d.name .. "/" .. label) or d.name) or label
+      local label, shown = labelled(d, combo)
       for _, seed in ipairs(seeds) do
         i = i + 1
         local config = deep_copy(spec.base)
