@@ -60,11 +60,14 @@ moelab.sweep{
 -- earlier (resumed) invocation included
 local derived = {}
 local db = moelab.open(x.db, { readonly = true })
-for _, r in ipairs(db:query("SELECT run_id, name, status FROM runs WHERE name LIKE ? AND name NOT LIKE ?"
-                            .. " AND run_id IN (SELECT MAX(run_id) FROM runs GROUP BY name) ORDER BY run_id",
-                            x.name .. "/%", x.name .. "/dense-relu/%")) do
-  derived[#derived + 1] = { name = r.name, design = r.name:match("^[^/]+/([^/]+)/"), status = r.status,
-                            run_id = r.run_id }
+for _, seed in ipairs(x.seeds) do -- this invocation's seeds only
+  for _, r in ipairs(db:query("SELECT run_id, name, status FROM runs WHERE name GLOB ? AND name NOT GLOB ?"
+                              .. " AND run_id IN (SELECT MAX(run_id) FROM runs GROUP BY name) ORDER BY run_id",
+                              string.format("%s/*/seed=%d", x.name, seed),
+                              string.format("%s/dense-relu/*", x.name))) do
+    derived[#derived + 1] = { name = r.name, design = r.name:match("^[^/]+/([^/]+)/"), status = r.status,
+                              run_id = r.run_id }
+  end
 end
 db:close()
 local cf = x:counterfactuals(derived, "The converted models by router and rule (mean over seeds); the"

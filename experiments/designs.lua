@@ -40,14 +40,16 @@ if design == "moefy" then
   local run = db:run{ name = "moefy-dense", model = dense, data = data, experiment = "designs" }
   run:train{ steps = args.steps or 1000, batch = 16, lr = 3e-3, warmup = 50, weight_decay = 0,
              clip = 0, eval_every = 100 }
-  local function evaluate(name, model)
-    local r = db:run{ name = name, model = model, data = data, experiment = "designs" }
+  -- on run when given (the dense model's own: a second run of its name would
+  -- hide the trained one from the report and figures, which take the latest)
+  local function evaluate(name, model, run)
+    local r = run or db:run{ name = name, model = model, data = data, experiment = "designs" }
     local e = r:evaluate{ batches = 20, batch = 16, record = true }
     print(string.format("%-26s val loss %.4f  experts/token %5.2f  FFN share %.3f  MoE FLOPs/token %.0f",
                         name, e.loss, e.experts_per_token, e.ffn_fraction or 1, e.moe_flops_per_token))
     return e
   end
-  evaluate("moefy-dense", dense)
+  evaluate("moefy-dense", dense, run)
   for _, method in ipairs{ "kmeans", "random" } do
     local learned = moelab.moefy(dense, { experts = 16, method = method,
                                           router = { kind = "learned", select = "threshold", p = 0.9 } })

@@ -32,22 +32,26 @@ local results = moelab.sweep{
 local db = moelab.open(x.db, { readonly = true })
 local lines = { "Passes per token and MoE layer (mean over seeds; 1 for a token-choice layer):", "",
                 "| design | passes/token |", "|---|---|" }
-local seen = {}
-print("\nPasses per token and MoE layer (mean over seeds):")
+-- the runs of this sweep (the database may hold other seeds), by design
+local order, ids = {}, {}
 for _, e in ipairs(results) do
-  if e.status == "finished" and not seen[e.design] then
-    local r = db:query([[SELECT AVG(1.0 * t.passes / 4) AS passes FROM token_stats t
-                         JOIN runs r USING (run_id)
-                         WHERE r.name LIKE ? AND r.status = 'finished'
-                           AND t.eval_id = (SELECT MAX(eval_id) FROM evals WHERE run_id = r.run_id
-                                            AND router IS NULL AND split = 'val')]],
-                       "smoe/" .. e.design .. "/seed=%")[1]
-    seen[e.design] = true
-    print(string.format("  %-12s %.3f", e.design, r.passes or 0))
-    lines[#lines + 1] = string.format("| %s | %.3f |", e.design, r.passes or 0)
+  if e.status == "finished" then
+    if not ids[e.design] then ids[e.design], order[#order + 1] = {}, e.design end
+    table.insert(ids[e.design], e.run_id)
   end
+end
+print("\nPasses per token and MoE layer (mean over seeds):")
+for _, design in ipairs(order) do
+  local r = db:query([[SELECT AVG(1.0 * t.passes / 4) AS passes FROM token_stats t
+                       JOIN runs r USING (run_id)
+                       WHERE r.run_id IN (SELECT value FROM json_each(?))
+                         AND t.eval_id = (SELECT MAX(eval_id) FROM evals WHERE run_id = r.run_id
+                                          AND router IS NULL AND split = 'val')]],
+                     "[" .. table.concat(ids[design], ",") .. "]")[1]
+  print(string.format("  %-12s %.3f", design, r.passes or 0))
+  lines[#lines + 1] = string.format("| %s | %.3f |", design, r.passes or 0)
 end
 db:close()
 x:finish{ title = "Stratified experts {4,4} and {2,2,2,2} against top-2 over the same 8 experts.",
           notes = table.concat(lines, "\n"),
-          figures = { "loss", "loss_vs_flops", "experts_per_token", { "strata_flow", runs = { "smoe/strata44/seed=1" } } } }
+          figures = { "loss", "loss_vs_flops", "experts_per_token", { "strata_flow", runs = { "smoe/strata44/seed=" .. x.seeds[1] } } } }

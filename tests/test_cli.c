@@ -610,6 +610,32 @@ static void test_audit_records(void **state) {
     proc_free(&p);
 }
 
+/* designs.lua design=moefy evaluates the dense model on the run that trained
+** it: a second run of the name would hide the trained one (the report and the
+** figures take the latest of a name) and show the dense model untrained. */
+static void test_designs_moefy_one_dense_run(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MOELAB();
+    const char *src = getenv("MOELAB_SRC") ? getenv("MOELAB_SRC") : ".";
+    char data[512], db[512], ckpt[512], script[700], data_arg[600], db_arg[600], ckpt_arg[600];
+    small_corpus(data, sizeof data);
+    tmp_path(db, sizeof db, "designs.db");
+    tmp_path(ckpt, sizeof ckpt, "designs.safetensors");
+    snprintf(script, sizeof script, "%s/experiments/designs.lua", src);
+    snprintf(data_arg, sizeof data_arg, "data=%s", data);
+    snprintf(db_arg, sizeof db_arg, "db=%s", db);
+    snprintf(ckpt_arg, sizeof ckpt_arg, "checkpoint=%s", ckpt);
+    Proc p;
+    MOELAB(&p, NULL, "run", script, "design=moefy", "steps=2", "fit_steps=1", data_arg, db_arg, ckpt_arg);
+    if (p.code != 0) fail_msg("designs.lua: exit %d\n%s", p.code, p.err.data);
+    proc_free(&p);
+    MOELAB(&p, NULL, "report", db, "--runs", "moefy-dense", "--format", "csv");
+    expect_code(&p, 0);
+    /* the one dense run, trained: its tokens are 2 steps of 16 x 128 */
+    expect_in("stdout", p.out.data, "\nmoefy-dense,dense (ffn 512),1,875264,875264,4096,");
+    proc_free(&p);
+}
+
 /* The prompt on a pipe: no banner, no "> ", just what the lines print. */
 static void test_prompt(void **state) {
     (void)state;
@@ -842,6 +868,7 @@ int main(void) {
         cmocka_unit_test(test_output_write_error),
         cmocka_unit_test(test_experiments_run),
         cmocka_unit_test(test_audit_records),
+        cmocka_unit_test(test_designs_moefy_one_dense_run),
         cmocka_unit_test(test_prompt),
         cmocka_unit_test(test_sigint_during_training),
         cmocka_unit_test(test_sigint_in_lua),

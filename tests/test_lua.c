@@ -1298,6 +1298,112 @@ static void test_sweep_resumes(void **state) {
             "unknown option 'colour'", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(),\n"
                "  vary = { layers = {} } }", "vary['layers']", NULL);
+    /* a run named twice would be trained once, then skipped and counted twice */
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(), seeds = { 1, 2, 1 } }",
+            "seed 1 is given twice", NULL);
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', name = 'v', data = spec.data, base = tiny(),\n"
+               "  vary = { layers = { 1, 1 } } }", "two runs would be named 'v/layers=1/seed=...'", NULL);
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', name = 'v', data = spec.data, base = tiny(),\n"
+               "  designs = { { name = 'a' }, { name = 'a' } } }", "'v/a/seed=...'", NULL);
+    assert_lua(L, "db:query(\"SELECT count(*) AS n FROM runs WHERE name LIKE 'v/%'\")[1].n == 0");
+    lua_close(L);
+}
+
+/* A finished run is reused only when it was trained as the sweep would
+** train it: other steps, another lr or another corpus under an old name are
+** refused (they were skipped, their numbers reported as the new ones'), and
+** threads, which change the time alone, are not compared. */
+static void test_sweep_refuses_other_training(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "spec = { db = DIR .. '/retrain.db', name = 't', data = moelab.corpus{ text = TEXT },\n"
+              "  base = tiny(), seeds = { 1 }, train = fast{ steps = 2 }, progress = false }\n"
+              "first = moelab.sweep(spec)\n"
+              "spec.train.threads = 2\n"
+              "second = moelab.sweep(spec)");
+    assert_lua(L, "first[1].status == 'finished' and second[1].skipped");
+    run_ok(L, "spec.train.steps = 3");
+    run_err(L, "moelab.sweep(spec)", "'t/base/seed=1'", "trained otherwise (steps 2, now 3)", NULL);
+    run_ok(L, "spec.train.steps = 2; spec.train.lr = 0.02");
+    run_err(L, "moelab.sweep(spec)", "lr 0.01, now 0.02", NULL);
+    run_ok(L, "spec.train.lr = nil; spec.data = moelab.corpus{ text = TEXT .. TEXT }");
+    run_err(L, "moelab.sweep(spec)", "a corpus of 1600 bytes (1440 train), now 3200 (2880)", NULL);
+    run_ok(L, "db = moelab.open(DIR .. '/retrain.db')");
+    assert_lua(L, "db:query('SELECT count(*) AS n FROM runs')[1].n == 1");
+    lua_close(L);
+}
+
+/* An experiment script run again with fewer seeds (seeds=2 after seeds=1,2)
+** reports the seeds it was given: the database's other seed is not folded
+** into the mean of what it prints. */
+static void test_experiment_reports_its_seeds(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "experiment = require 'moelab.experiment'\n"
+              "local f = io.open(DIR .. '/experiment.txt', 'w') f:write(TEXT) f:close()\n"
+              "function again(seeds)\n"
+              "  moelab.args = { data = DIR .. '/experiment.txt', out = DIR .. '/experiment', seeds = seeds }\n"
+              "  local x = experiment.setup{ name = 'e' }\n"
+              "  moelab.sweep{ db = x.db, name = x.name, data = x.data, seeds = x.seeds, progress = false,\n"
+              "                base = tiny(), designs = { { name = 'dense' } }, train = fast{ steps = 2 } }\n"
+              "  return x:finish{}\n"
+              "end\n"
+              "both = again('1,2')\n"
+              "one = again('2')");
+    assert_lua(L, "#both == 1 and both[1].n == 2 and both[1].val_loss_sd ~= nil");
+    assert_lua(L, "#one == 1 and one[1].n == 1 and one[1].val_loss_sd == nil");
+    run_ok(L, "db = moelab.open(DIR .. '/experiment/e.db', { readonly = true })\n"
+              "seed2 = db:query(\"SELECT val_loss FROM v_final_loss WHERE name = 'e/dense/seed=2'\")[1].val_loss\n"
+              "db:close()");
+    assert_lua(L, "one[1].val_loss == seed2");
+    lua_close(L);
+}
+
+/* fresh=true deletes an experiment's database; fresh=0 or fresh=no (a
+** number, a string: true to Lua) is refused before it deletes anything. */
+static void test_experiment_fresh_values(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "experiment = require 'moelab.experiment'\n"
+              "local f = io.open(DIR .. '/fresh.txt', 'w') f:write(TEXT) f:close()\n"
+              "function setup(fresh)\n"
+              "  moelab.args = { data = DIR .. '/fresh.txt', out = DIR .. '/fresh', fresh = fresh }\n"
+              "  return experiment.setup{ name = 'f' }\n"
+              "end\n"
+              "x = setup(nil)\n"
+              "moelab.open(x.db):close()\n"
+              "function exists() local f = io.open(x.db) if f then f:close() end return f ~= nil end");
+    run_err(L, "setup(0)", "f: fresh must be true or false, got '0'", NULL);
+    run_err(L, "setup('no')", "got 'no'", NULL);
+    assert_lua(L, "exists()");
+    run_ok(L, "setup(false)");
+    assert_lua(L, "exists()");
+    run_ok(L, "setup(true)");
+    assert_lua(L, "not exists()");
+    lua_close(L);
+}
+
+/* A seed that lacks a number (no validation loss here) leaves it out of the
+** mean, and the report says over how many of the seeds the mean is, rather
+** than a mean of one under "seeds 2". */
+static void test_report_counts_missing_seeds(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "report = require 'moelab.report'\n"
+              "db = moelab.open(DIR .. '/missing.db')\n"
+              "data = moelab.corpus{ text = TEXT }\n"
+              "for seed = 1, 2 do\n"
+              "  local model = moelab.model(tiny{ seed = seed })\n"
+              "  local run = db:run{ name = 'g/seed=' .. seed, model = model, data = data }\n"
+              "  run:train(fast{ steps = 2, eval_every = 1, eval_batches = seed == 1 and 1 or 0 })\n"
+              "  run:close() model:close()\n"
+              "end\n"
+              "groups = report.groups(report.runs(db))\n"
+              "v1 = db:query(\"SELECT val_loss FROM v_final_loss WHERE name = 'g/seed=1'\")[1].val_loss");
+    assert_lua(L, "#groups == 1 and groups[1].n == 2 and groups[1].val_loss == v1");
+    assert_lua(L, "groups[1].val_loss_n == 1 and groups[1].val_loss_sd == nil and groups[1].train_loss_n == nil");
+    assert_lua(L, "report.render(groups, 'text'):find(string.format('%.4f (1 of 2)', v1), 1, true) ~= nil");
+    assert_lua(L, "report.render(groups, 'markdown'):find(string.format('| %.4f (1 of 2) |', v1), 1, true) ~= nil");
     lua_close(L);
 }
 
@@ -1760,6 +1866,10 @@ int main(void) {
         cmocka_unit_test(test_load_nonfinite),
         cmocka_unit_test(test_counterfactual_evaluation),
         cmocka_unit_test(test_sweep_resumes),
+        cmocka_unit_test(test_sweep_refuses_other_training),
+        cmocka_unit_test(test_experiment_reports_its_seeds),
+        cmocka_unit_test(test_report_counts_missing_seeds),
+        cmocka_unit_test(test_experiment_fresh_values),
         cmocka_unit_test(test_probe_routing_over_training),
         cmocka_unit_test(test_report_matches_sql),
         cmocka_unit_test(test_machine_and_costs),

@@ -42,12 +42,26 @@ function experiment.setup(defaults)
   -- under mpirun rank 0 alone owns the files (moelab.ranks)
   if moelab.rank == 0 then os.execute("mkdir -p " .. shell_quote(x.out)) end
   x.db = x.out .. "/" .. x.name .. ".db"
+  -- fresh deletes the database: only a true says so (fresh=0 or fresh=no
+  -- is a string or a number, which Lua would take for true)
+  if args.fresh ~= nil and type(args.fresh) ~= "boolean" then
+    error(string.format("%s: fresh must be true or false, got '%s'", x.name, tostring(args.fresh)), 0)
+  end
   if args.fresh and moelab.rank == 0 then
     for _, suffix in ipairs{ "", "-wal", "-shm" } do os.remove(x.db .. suffix) end
   end
   x.evaluate = { batches = x.eval_batches, batch = 16, record = true }
   x.started = os.time()
   return x
+end
+
+-- The runs of this invocation's seeds as --runs patterns ("xmoe/*/seed=1"):
+-- the database may hold other seeds from an earlier invocation, which are
+-- not part of what this one reports.
+function experiment:runs()
+  local patterns = {}
+  for _, s in ipairs(self.seeds) do patterns[#patterns + 1] = string.format("%s/*/seed=%d", self.name, s) end
+  return patterns
 end
 
 -- The reference training options (batch 16 x 128, lr 3e-3, 50 warm-up steps,
@@ -121,7 +135,8 @@ function experiment:counterfactuals(results, title)
   return table.concat(md, "\n")
 end
 
--- Prints the report, writes it as Markdown to OUT/NAME.md with `notes`, draws
+-- Prints the report of this invocation's seeds (experiment:runs), writes it
+-- as Markdown to OUT/NAME.md with `notes`, draws
 -- `figures` (OUT/NAME-FIGURE.pdf, or { NAME, option = ... } for moelab.plot's
 -- options), and returns the report rows. A figure that cannot be drawn does
 -- not stop the others; the error that names them all comes last.
@@ -130,7 +145,7 @@ function experiment:finish(opts)
   local moelab = require "moelab"
   local report = require "moelab.report"
   local db = moelab.open(self.db, { readonly = true })
-  local rows = report.groups(report.runs(db, { runs = { self.name .. "/*" } }))
+  local rows = report.groups(report.runs(db, { runs = self:runs() }))
   print()
   print(report.render(rows, "text"))
   local figures, failed = {}, {}

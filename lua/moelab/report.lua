@@ -62,7 +62,9 @@ end
 -- batch's loss is too noisy to compare runs by); report.groups(rows)
 -- folds the seeds of a sweep (names ending "/seed=N") into one row, each
 -- number the mean over them with its spread (sample standard deviation) in
--- KEY_sd, and n the count. report.render(rows, format) gives the text
+-- KEY_sd, and n the count; a number some seeds lack (a diverged run's NaN
+-- validation loss, a run never evaluated) is the mean over those that have
+-- it, KEY_n of them, which text and Markdown show as "(2 of 3)". report.render(rows, format) gives the text
 -- ("text", "csv" or "markdown").
 
 local run_sql = [[
@@ -191,6 +193,7 @@ function report.groups(rows)
       if count > 0 then
         local mean = sum / count
         g[col] = mean
+        if count < g.n then g[col .. "_n"] = count end -- a seed without it: say over how many
         if count > 1 then
           local ss = 0
           for _, m in ipairs(members) do
@@ -254,6 +257,7 @@ function report.render(rows, format)
       if type(v) == "number" and c[3] then
         v = string.format(c[3], v)
         if c.sd and r[c[1] .. "_sd"] then v = v .. " ± " .. string.format(c[3], r[c[1] .. "_sd"]) end
+        if r[c[1] .. "_n"] then v = string.format("%s (%d of %d)", v, r[c[1] .. "_n"], r.n) end
       end
       shown[i][c[1]] = v
     end

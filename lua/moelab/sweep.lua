@@ -25,7 +25,9 @@
 -- database as `finished` or `diverged` with the same model configuration is
 -- skipped and its recorded results are returned, so an interrupted sweep
 -- resumes where it stopped; one recorded as failed, interrupted or crashed is
--- run again under the same name. A run that fails is reported and the sweep
+-- run again under the same name. One made with another model configuration,
+-- other training options (of those `train` gives) or another corpus (its size
+-- and train split) is refused: its numbers are not this sweep's. A run that fails is reported and the sweep
 -- goes on; Ctrl-C stops the sweep. Returns one entry per run:
 --   { name, design, label, seed, values = { [key] = value }, status, run_id, skipped,
 --     loss, val_loss (the run's last train and val rows, v_final_loss),
@@ -121,6 +123,34 @@ local function previous(db, name, model_json)
   return rows[1]
 end
 
+-- What run run_id was trained on that this sweep's run would not be, as
+-- "steps 300, now 20; ...", or nil: the training options the sweep gives
+-- (but threads and progress, which change the time, not the numbers, and
+-- the probe, which only records) against the recorded ones (float32, hence
+-- the tolerance), and the corpus's size and train split.
+local function other_training(db, run_id, train, data)
+  local differ = {}
+  for _, key in ipairs(sorted_keys(train)) do
+    local now = train[key]
+    if type(now) == "number" and key ~= "threads" and not (key == "eval_batch" and now == 0) then
+      local was = db:query("SELECT json_extract(config, ?) AS v FROM runs WHERE run_id = ?",
+                           "$.train." .. key, run_id)[1].v
+      if type(was) ~= "number" or math.abs(was - now) > 1e-6 * math.max(math.abs(was), math.abs(now)) then
+        differ[#differ + 1] = string.format("%s %s, now %s", key, tostring(was), tostring(now))
+      end
+    end
+  end
+  local bytes, train_bytes = data:size()
+  local d = db:query("SELECT json_extract(config, '$.data.bytes') AS bytes,"
+                     .. " json_extract(config, '$.data.split') AS split FROM runs WHERE run_id = ?", run_id)[1]
+  local was_train = d.bytes and d.split and math.floor(d.bytes * d.split)
+  if d.bytes ~= bytes or was_train ~= train_bytes then
+    differ[#differ + 1] = string.format("a corpus of %s bytes (%s train), now %d (%d)", tostring(d.bytes),
+                                        tostring(was_train), bytes, train_bytes)
+  end
+  return #differ > 0 and table.concat(differ, "; ") or nil
+end
+
 -- An entry's losses as the database has them (v_final_loss: the last train
 -- and val rows), and with_eval its last evaluation under its own router.
 local function recorded_results(db, entry, with_eval)
@@ -146,10 +176,14 @@ function sweep.run(spec)
   local vary = spec.vary or {}
   local seeds = spec.seeds or { 1 }
   if type(seeds) ~= "table" or #seeds == 0 then error("moelab.sweep: 'seeds' must be a non-empty list", 2) end
+  local seen_seeds = {}
   for _, s in ipairs(seeds) do
     if math.type(s) ~= "integer" or s < 0 then
       error(string.format("moelab.sweep: seeds must be integers >= 0, got %s", tostring(s)), 2)
     end
+    -- the same run twice: trained once, then skipped, and counted twice
+    if seen_seeds[s] then error(string.format("moelab.sweep: seed %d is given twice", s), 2) end
+    seen_seeds[s] = true
   end
   local prefix = spec.name or "sweep"
   local db = spec.db
@@ -170,14 +204,29 @@ function sweep.run(spec)
     end
   end
   local combos = combinations(vary)
+  -- a combination's label ("KEY=VALUE,...") and its part of the run names
+  local function labelled(d, combo)
+    local labels = {}
+    for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
+    local label = #labels > 0 and table.concat(labels, ",") or (d and "" or "base")
+    return label, d and (label ~= "" and (d.name .. "/" .. label) or d.name) or label
+  end
+  local seen_names = {}
+  for _, d in ipairs(designs) do
+    for _, combo in ipairs(combos) do
+      local _, shown = labelled(d, combo)
+      if seen_names[shown] then
+        error(string.format("moelab.sweep: two runs would be named '%s/%s/seed=...' (a design or a vary"
+                            .. " value given twice)", prefix, shown), 2)
+      end
+      seen_names[shown] = true
+    end
+  end
   local total, done_here, spent = #designs * #combos * #seeds, 0, 0.0
   local results, i = {}, 0
   for _, d in ipairs(designs) do
     for _, combo in ipairs(combos) do
-      local labels = {}
-      for _, kv in ipairs(combo) do labels[#labels + 1] = kv[1] .. "=" .. show(kv[2]) end
-      local label = #labels > 0 and table.concat(labels, ",") or (d and "" or "base")
-      local shown = d and (label ~= "" and (d.name .. "/" .. label) or d.name) or label
+      local label, shown = labelled(d, combo)
       for _, seed in ipairs(seeds) do
         i = i + 1
         local config = deep_copy(spec.base)
@@ -204,7 +253,14 @@ function sweep.run(spec)
             error(string.format("moelab.sweep: run '%s' in %s was made with another model configuration;"
                                 .. " give the sweep another name or database", name, db:path()), 2)
           end
-          if before and (before.status == "finished" or before.status == "diverged") then
+          local done = before and (before.status == "finished" or before.status == "diverged")
+          local differ = done and other_training(db, before.run_id, spec.train or {}, spec.data)
+          if differ then
+            model:close()
+            error(string.format("moelab.sweep: run '%s' in %s was trained otherwise (%s);"
+                                .. " give the sweep another name or database", name, db:path(), differ), 2)
+          end
+          if done then
             entry.status, entry.run_id, entry.skipped = before.status, before.run_id, true
             recorded_results(db, entry, true)
             model:close()
