@@ -1231,6 +1231,32 @@ static void test_counterfactual_evaluation(void **state) {
     lua_close(L);
 }
 
+/* A merged model under a counterfactual k merges that many experts, and the
+** k of its first forward pass did not stay for good: it stayed, so { k = 1 }
+** and { k = 4 } gave the k = 2 numbers, and a model first evaluated under
+** { k = 1 } computed k = 1 ever after, in plain evaluations too. */
+static void test_counterfactual_merge_k(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data = moelab.corpus{ text = TEXT }\n"
+              "cfg = tiny{ init_std = 0.3, moe = { experts = 4, hidden = 8,\n"
+              "            router = { kind = 'merge', k = 2, segment = 4 } } }\n"
+              "db = moelab.open(DIR .. '/merge-k.db')\n"
+              "a = db:run{ name = 'a', model = moelab.model(cfg), data = data }\n"
+              "b = db:run{ name = 'b', model = moelab.model(cfg), data = data }\n"
+              "one = b:evaluate{ batches = 1, router = { k = 1 } }\n"
+              "four = b:evaluate{ batches = 1, router = { k = 4 } }\n"
+              "own_a, own_b = a:evaluate{ batches = 1 }, b:evaluate{ batches = 1 }");
+    /* two gates a token, k experts each */
+    assert_lua(L, "one.experts_per_token == 2 and four.experts_per_token == 8");
+    assert_lua(L, "own_b.experts_per_token == 4");
+    assert_lua(L, "one.loss ~= own_b.loss and four.loss ~= own_b.loss and one.loss ~= four.loss");
+    assert_lua(L, "one.moe_flops_per_token < own_b.moe_flops_per_token");
+    assert_lua(L, "four.moe_flops_per_token > own_b.moe_flops_per_token");
+    assert_lua(L, "own_b.loss == own_a.loss and own_b.moe_flops_per_token == own_a.moe_flops_per_token");
+    lua_close(L);
+}
+
 /* moelab.sweep: every combination and seed as a named run; a second call
 ** skips the finished ones, runs a failed one again, and refuses a changed
 ** configuration under an old name. */
@@ -1865,6 +1891,7 @@ int main(void) {
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
         cmocka_unit_test(test_counterfactual_evaluation),
+        cmocka_unit_test(test_counterfactual_merge_k),
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_sweep_refuses_other_training),
         cmocka_unit_test(test_experiment_reports_its_seeds),
