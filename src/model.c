@@ -340,6 +340,11 @@ int model_check_router(const Model *m, const MoeConfig *mc, char *err) {
     if (rc == 0 && plan->n_params != m->n_params)
         rc = ml_error(err, "the %s router reads fewer parameters than this %s model has: it would "
                       "ignore some of what was trained", theirs, mine);
+    /* the token map is no parameter: a model without one (the all and oracle
+    ** routers have no router tensor either) would pass the check above */
+    if (rc == 0 && mc->kind == ROUTER_HASH && !m->hash_map)
+        rc = ml_error(err, "the hash router needs a hash model's token map (h.{l}.moe.hash_map), "
+                      "which this %s model does not have", mine);
     model_free(plan);
     return rc;
 }

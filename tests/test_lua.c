@@ -1257,6 +1257,34 @@ static void test_counterfactual_merge_k(void **state) {
     lua_close(L);
 }
 
+/* A model without a router tensor (moefied under `all` or `oracle`) has every
+** parameter the hash router reads, but not its token map, which is no
+** parameter: run:evaluate{ router = { kind = 'hash' } } read a NULL map and
+** crashed the process. */
+static void test_counterfactual_hash_needs_map(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data = moelab.corpus{ text = TEXT }\n"
+              "dense = moelab.model(tiny{ activation = 'relu' })\n"
+              "db = moelab.open(DIR .. '/hash-map.db')\n"
+              "all = db:run{ name = 'all', data = data,\n"
+              "              model = moelab.moefy(dense, { experts = 4, router = { kind = 'all' } }) }\n"
+              "oracle = db:run{ name = 'oracle', data = data,\n"
+              "                 model = moelab.moefy(dense, { experts = 4, router = { kind = 'oracle' } }) }");
+    run_err(L, "all:evaluate{ batches = 1, router = { kind = 'hash' } }", "run:evaluate",
+            "hash router needs a hash model's token map", "this all model", NULL);
+    run_err(L, "oracle:evaluate{ batches = 1, router = { kind = 'hash' } }", "run:evaluate",
+            "token map", "this oracle model", NULL);
+    /* a hash model keeps its own map, and may run every expert */
+    run_ok(L, "hash = db:run{ name = 'hash', data = data, model = moelab.model(tiny{\n"
+              "  moe = { experts = 4, hidden = 8, router = { kind = 'hash' } } }) }\n"
+              "own = hash:evaluate{ batches = 1 }\n"
+              "same = hash:evaluate{ batches = 1, router = { kind = 'hash' } }\n"
+              "every = hash:evaluate{ batches = 1, router = { kind = 'all' } }");
+    assert_lua(L, "own.loss == same.loss and every.experts_per_token == 4");
+    lua_close(L);
+}
+
 /* moelab.sweep: every combination and seed as a named run; a second call
 ** skips the finished ones, runs a failed one again, and refuses a changed
 ** configuration under an old name. */
@@ -1892,6 +1920,7 @@ int main(void) {
         cmocka_unit_test(test_load_nonfinite),
         cmocka_unit_test(test_counterfactual_evaluation),
         cmocka_unit_test(test_counterfactual_merge_k),
+        cmocka_unit_test(test_counterfactual_hash_needs_map),
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_sweep_refuses_other_training),
         cmocka_unit_test(test_experiment_reports_its_seeds),
