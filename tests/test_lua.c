@@ -277,6 +277,16 @@ static void test_moe_end_to_end(void **state) {
     assert_lua(L, "e.moe_flops_per_token > 0");
     assert_lua(L, "active < total");
     assert_lua(L, "model:config().moe.router.kind == 'topk'");
+    /* threshold and topp count their nominal k, 2, but no more than max_k:
+    ** capped at one expert they counted two */
+    run_ok(L, "function active(router)\n"
+              "  local m = moelab.model(tiny{ moe = { experts = 4, hidden = 8, router = router } })\n"
+              "  return select(2, m:parameters())\n"
+              "end");
+    assert_lua(L, "active{ kind = 'threshold', max_k = 1 } == active{ kind = 'topk', k = 1 }");
+    assert_lua(L, "active{ kind = 'topp', p = 0.5, max_k = 1 } == active{ kind = 'topk', k = 1 }");
+    assert_lua(L, "active{ kind = 'threshold', max_k = 3 } == active{ kind = 'topk', k = 2 }");
+    assert_lua(L, "active{ kind = 'threshold' } == active{ kind = 'topk', k = 2 }");
     assert_lua(L, "model:config().moe.hidden[3] == 16");
     /* the checkpoint's moelab_config fills in every default (SPEC §4): moe.bias
     ** too, which was written only when true */
