@@ -313,7 +313,9 @@ int64_t model_active_parameters(const Model *m) {
     int per_expert_mats = m->config.activation == ACT_SWIGLU ? 3 : 2;
     int64_t experts = 0;
     for (int e = 0; e < mc->experts; e++) experts += (int64_t)per_expert_mats * mc->hidden[e] * m->config.d_model;
-    int k = router_of(mc->kind)->nominal_k(mc);
+    const Router *r = router_of(mc->kind);
+    /* threshold and topp: their nominal k, but no more than max_k lets a token take */
+    int k = r->nominal_k(mc) < r->slots(mc) ? r->nominal_k(mc) : r->slots(mc);
     /* per MoE layer: all experts out, k of average size in */
     return total - (int64_t)m->n_moe_layers * (experts - experts * k / mc->experts);
 }
@@ -340,6 +342,11 @@ int model_check_router(const Model *m, const MoeConfig *mc, char *err) {
     if (rc == 0 && plan->n_params != m->n_params)
         rc = ml_error(err, "the %s router reads fewer parameters than this %s model has: it would "
                       "ignore some of what was trained", theirs, mine);
+    /* the token map is no parameter: a model without one (the all and oracle
+    ** routers have no router tensor either) would pass the check above */
+    if (rc == 0 && mc->kind == ROUTER_HASH && !m->hash_map)
+        rc = ml_error(err, "the hash router needs a hash model's token map (h.{l}.moe.hash_map), "
+                      "which this %s model does not have", mine);
     model_free(plan);
     return rc;
 }

@@ -277,6 +277,16 @@ static void test_moe_end_to_end(void **state) {
     assert_lua(L, "e.moe_flops_per_token > 0");
     assert_lua(L, "active < total");
     assert_lua(L, "model:config().moe.router.kind == 'topk'");
+    /* threshold and topp count their nominal k, 2, but no more than max_k:
+    ** capped at one expert they counted two */
+    run_ok(L, "function active(router)\n"
+              "  local m = moelab.model(tiny{ moe = { experts = 4, hidden = 8, router = router } })\n"
+              "  return select(2, m:parameters())\n"
+              "end");
+    assert_lua(L, "active{ kind = 'threshold', max_k = 1 } == active{ kind = 'topk', k = 1 }");
+    assert_lua(L, "active{ kind = 'topp', p = 0.5, max_k = 1 } == active{ kind = 'topk', k = 1 }");
+    assert_lua(L, "active{ kind = 'threshold', max_k = 3 } == active{ kind = 'topk', k = 2 }");
+    assert_lua(L, "active{ kind = 'threshold' } == active{ kind = 'topk', k = 2 }");
     assert_lua(L, "model:config().moe.hidden[3] == 16");
     /* the checkpoint's moelab_config fills in every default (SPEC §4): moe.bias
     ** too, which was written only when true */
@@ -1231,6 +1241,60 @@ static void test_counterfactual_evaluation(void **state) {
     lua_close(L);
 }
 
+/* A merged model under a counterfactual k merges that many experts, and the
+** k of its first forward pass did not stay for good: it stayed, so { k = 1 }
+** and { k = 4 } gave the k = 2 numbers, and a model first evaluated under
+** { k = 1 } computed k = 1 ever after, in plain evaluations too. */
+static void test_counterfactual_merge_k(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data = moelab.corpus{ text = TEXT }\n"
+              "cfg = tiny{ init_std = 0.3, moe = { experts = 4, hidden = 8,\n"
+              "            router = { kind = 'merge', k = 2, segment = 4 } } }\n"
+              "db = moelab.open(DIR .. '/merge-k.db')\n"
+              "a = db:run{ name = 'a', model = moelab.model(cfg), data = data }\n"
+              "b = db:run{ name = 'b', model = moelab.model(cfg), data = data }\n"
+              "one = b:evaluate{ batches = 1, router = { k = 1 } }\n"
+              "four = b:evaluate{ batches = 1, router = { k = 4 } }\n"
+              "own_a, own_b = a:evaluate{ batches = 1 }, b:evaluate{ batches = 1 }");
+    /* two gates a token, k experts each */
+    assert_lua(L, "one.experts_per_token == 2 and four.experts_per_token == 8");
+    assert_lua(L, "own_b.experts_per_token == 4");
+    assert_lua(L, "one.loss ~= own_b.loss and four.loss ~= own_b.loss and one.loss ~= four.loss");
+    assert_lua(L, "one.moe_flops_per_token < own_b.moe_flops_per_token");
+    assert_lua(L, "four.moe_flops_per_token > own_b.moe_flops_per_token");
+    assert_lua(L, "own_b.loss == own_a.loss and own_b.moe_flops_per_token == own_a.moe_flops_per_token");
+    lua_close(L);
+}
+
+/* A model without a router tensor (moefied under `all` or `oracle`) has every
+** parameter the hash router reads, but not its token map, which is no
+** parameter: run:evaluate{ router = { kind = 'hash' } } read a NULL map and
+** crashed the process. */
+static void test_counterfactual_hash_needs_map(void **state) {
+    (void)state;
+    lua_State *L = new_state();
+    run_ok(L, "data = moelab.corpus{ text = TEXT }\n"
+              "dense = moelab.model(tiny{ activation = 'relu' })\n"
+              "db = moelab.open(DIR .. '/hash-map.db')\n"
+              "all = db:run{ name = 'all', data = data,\n"
+              "              model = moelab.moefy(dense, { experts = 4, router = { kind = 'all' } }) }\n"
+              "oracle = db:run{ name = 'oracle', data = data,\n"
+              "                 model = moelab.moefy(dense, { experts = 4, router = { kind = 'oracle' } }) }");
+    run_err(L, "all:evaluate{ batches = 1, router = { kind = 'hash' } }", "run:evaluate",
+            "hash router needs a hash model's token map", "this all model", NULL);
+    run_err(L, "oracle:evaluate{ batches = 1, router = { kind = 'hash' } }", "run:evaluate",
+            "token map", "this oracle model", NULL);
+    /* a hash model keeps its own map, and may run every expert */
+    run_ok(L, "hash = db:run{ name = 'hash', data = data, model = moelab.model(tiny{\n"
+              "  moe = { experts = 4, hidden = 8, router = { kind = 'hash' } } }) }\n"
+              "own = hash:evaluate{ batches = 1 }\n"
+              "same = hash:evaluate{ batches = 1, router = { kind = 'hash' } }\n"
+              "every = hash:evaluate{ batches = 1, router = { kind = 'all' } }");
+    assert_lua(L, "own.loss == same.loss and every.experts_per_token == 4");
+    lua_close(L);
+}
+
 /* moelab.sweep: every combination and seed as a named run; a second call
 ** skips the finished ones, runs a failed one again, and refuses a changed
 ** configuration under an old name. */
@@ -1865,6 +1929,8 @@ int main(void) {
         cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_load_nonfinite),
         cmocka_unit_test(test_counterfactual_evaluation),
+        cmocka_unit_test(test_counterfactual_merge_k),
+        cmocka_unit_test(test_counterfactual_hash_needs_map),
         cmocka_unit_test(test_sweep_resumes),
         cmocka_unit_test(test_sweep_refuses_other_training),
         cmocka_unit_test(test_experiment_reports_its_seeds),

@@ -42,7 +42,7 @@
 
 struct Merge {
     int B, T, C, H, E, k, S, nseg, rf, rp; /* S: positions a segment; rf, rp: token attention widths */
-    int cap_N, cap_B;
+    int cap_N, cap_B, cap_gates; /* capacities: tokens, segments, segments × k */
     ActKind act;
     float *xp, *tfc;         /* (N, C) x', (N, rf) ReLU(Down x) */
     float *h, *a, *ap, *tpr; /* (N, H) fc output, activation, a'; (N, rp) */
@@ -74,7 +74,6 @@ static int merge_ensure(MoeLayer *l, const ModelConfig *c, int B, int T) {
         m->C = c->d_model;
         m->H = mc->hidden[0];
         m->E = mc->experts;
-        m->k = mc->k;
         m->act = c->activation;
         m->rf = mc->token_attention > 0 ? m->C / mc->token_attention : 0;
         m->rp = mc->token_attention > 0 ? m->H / mc->token_attention : 0;
@@ -82,6 +81,7 @@ static int merge_ensure(MoeLayer *l, const ModelConfig *c, int B, int T) {
     }
     m->B = B;
     m->T = T;
+    m->k = mc->k; /* a counterfactual evaluation (run:evaluate{ router }) merges another k */
     m->S = mc->segment > 0 ? mc->segment : T;
     m->nseg = (T + m->S - 1) / m->S;
     int N = B * T, C = m->C, H = m->H, k = m->k;
@@ -97,12 +97,16 @@ static int merge_ensure(MoeLayer *l, const ModelConfig *c, int B, int T) {
     }
     int segs = B * m->nseg;
     if (segs > m->cap_B) {
-        if (ML_GROW(m->fc_idx, (size_t)segs * k) || ML_GROW(m->pr_idx, (size_t)segs * k) ||
-            ML_GROW(m->fc_g, (size_t)segs * k) || ML_GROW(m->pr_g, (size_t)segs * k) ||
-            ML_GROW(m->fc_mean, (size_t)segs * C) || ML_GROW(m->pr_mean, (size_t)segs * H) ||
+        if (ML_GROW(m->fc_mean, (size_t)segs * C) || ML_GROW(m->pr_mean, (size_t)segs * H) ||
             ML_GROW(m->W, (size_t)H * C) || ML_GROW(m->dW, (size_t)H * C))
             return -1;
         m->cap_B = segs;
+    }
+    if (segs * k > m->cap_gates) {
+        if (ML_GROW(m->fc_idx, (size_t)segs * k) || ML_GROW(m->pr_idx, (size_t)segs * k) ||
+            ML_GROW(m->fc_g, (size_t)segs * k) || ML_GROW(m->pr_g, (size_t)segs * k))
+            return -1;
+        m->cap_gates = segs * k;
     }
     size_t pieces = 0, n;
     if ((n = matmul_backward_scratch(N, C, m->rf)) > pieces) pieces = n;
