@@ -165,7 +165,7 @@ FILE *dist_errors(void) { return errors ? errors : stderr; }
 
 /* A rank's call in dist_agree: what, then where, each NUL-terminated. */
 typedef struct {
-    char what[160];
+    char what[256];
     char where[208];
 } DistCall;
 

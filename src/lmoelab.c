@@ -1287,10 +1287,10 @@ static int run_train(lua_State *L) {
     }
     lua_settop(L, 2);
 
-    char shape[160];
+    char shape[256];
     int eval_batch = o.eval_batches ? (o.eval_batch ? o.eval_batch : o.batch) : 0;
-    snprintf(shape, sizeof shape, "run:train (%d steps, evaluations %d every %d of %d, %sclip, "
-             "probe %d of %d", o.steps, o.eval_batches, o.eval_every, eval_batch,
+    snprintf(shape, sizeof shape, "run:train (%d steps of batch %d, evaluations %d every %d of %d, "
+             "%sclip, probe %d of %d", o.steps, o.batch, o.eval_batches, o.eval_every, eval_batch,
              o.clip > 0.0f ? "" : "no ", o.probe_every, o.probe_every ? o.probe_batch : 0);
     agree_shape(L, shape, sizeof shape, r->t.model, &r->t.model->config.moe);
 
@@ -1364,7 +1364,7 @@ static int run_evaluate(lua_State *L) {
         o.router_json = router_json;
     }
     lua_settop(L, 2);
-    char shape[160];
+    char shape[256];
     snprintf(shape, sizeof shape, "run:evaluate (%d batches of %d, %srecorded", o.batches, o.batch,
              o.record ? "" : "not ");
     agree_shape(L, shape, sizeof shape, r->t.model, o.router ? o.router : &r->t.model->config.moe);

@@ -653,10 +653,14 @@ static void test_ranks_out_of_step_stop_saying_where(void **state) {
         "run:train{ steps = 2 + moelab.rank, batch = 2, eval_batches = 0 }\n",
         /* nor the same evaluation: rank 1's second batch meets rank 0's end */
         "run:evaluate{ batches = 1 + moelab.rank, batch = 2 }\n",
+        /* nor the same batch: the ranks would draw overlapping rows, count
+        ** rank 0's tokens only and average unequal batches' gradients */
+        "run:train{ steps = 2, batch = 2 + moelab.rank, eval_batches = 0 }\n",
     };
     static const char *const said[] = {"rank 0 at db:query (", "rank 1 at the end of the script",
                                        "rank 1 at run:train (3 steps",
-                                       "rank 1 at run:evaluate (2 batches of 2"};
+                                       "rank 1 at run:evaluate (2 batches of 2",
+                                       "rank 1 at run:train (2 steps of batch 3"};
     char corpus[512], script[512], db[512];
     tmp_path(corpus, sizeof corpus, "part-corpus.txt");
     write_corpus(corpus);
