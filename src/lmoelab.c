@@ -220,6 +220,43 @@ static void agree_shape(lua_State *L, char *what, size_t n, const Model *m, cons
     agree(L, what);
 }
 
+/* Ranks that agree on the call may still hold different models (a seed, a
+** checkpoint path that depends on moelab.rank) or read different corpora (a
+** path or a file that differs between machines): their gradients would be
+** averaged over models or data no record names, and their evaluations
+** added up over them, without a word. So run:train and run:evaluate compare
+** digests of the parameters and of the corpus and its split, and every rank
+** raises the same error when one differs from rank 0's. */
+static int agree_inputs(const Model *m, const Corpus *c, char *err) {
+    if (!dist_active()) return 0;
+    uint64_t model = ml_digest(m->param_mem, sizeof(float) * m->num_parameters, ML_DIGEST_START);
+    uint64_t corpus = ml_digest(&c->split, sizeof c->split, c->digest);
+    int mine[4] = {(int)(uint32_t)model, (int)(uint32_t)(model >> 32), (int)(uint32_t)corpus,
+                   (int)(uint32_t)(corpus >> 32)};
+    int ranks = dist_size();
+    int *all = malloc(sizeof(int) * 4 * (size_t)ranks);
+    if (!all) dist_fail("out of memory");
+    dist_allgather_int(mine, 4, all);
+    char differ[2][128] = {"", ""}; /* the ranks whose model, corpus is not rank 0's */
+    for (int k = 0; k < 2; k++)
+        for (int r = 1; r < ranks; r++) {
+            size_t n = strlen(differ[k]);
+            if ((all[4 * r + 2 * k] != all[2 * k] || all[4 * r + 2 * k + 1] != all[2 * k + 1]) &&
+                n < sizeof differ[k])
+                snprintf(differ[k] + n, sizeof differ[k] - n, "%s%d", n ? ", " : "", r);
+        }
+    free(all);
+    if (differ[0][0])
+        return ml_error(err, "the ranks hold different models: the parameters of rank %s are not "
+                        "rank 0's (a seed or a checkpoint that depends on moelab.rank?); every "
+                        "rank must build or load the same model", differ[0]);
+    if (differ[1][0])
+        return ml_error(err, "the ranks read different corpora: the bytes or split of rank %s are "
+                        "not rank 0's (a corpus path that depends on moelab.rank, or a file that "
+                        "differs between machines?)", differ[1]);
+    return 0;
+}
+
 /* Over several ranks, the outcome of what rank 0 alone does (the database,
 ** files): its rc, and its message when it failed, on every rank, so that
 ** all go on or all raise the same error. */
@@ -1296,6 +1333,7 @@ static int run_train(lua_State *L) {
 
     TrainResult res;
     char err[ML_ERRLEN] = "";
+    if (agree_inputs(r->t.model, r->t.corpus, err) != 0) luaL_error(L, "run:train: %s", err);
     if (trainer_train(&r->t, &o, &res, err) != 0) {
         char ignored[ML_ERRLEN];
         if (r->t.rec) /* rank 0's, over several ranks (the others have none) */
@@ -1368,6 +1406,10 @@ static int run_evaluate(lua_State *L) {
     snprintf(shape, sizeof shape, "run:evaluate (%d batches of %d, %srecorded", o.batches, o.batch,
              o.record ? "" : "not ");
     agree_shape(L, shape, sizeof shape, r->t.model, o.router ? o.router : &r->t.model->config.moe);
+    if (agree_inputs(r->t.model, r->t.corpus, err) != 0) {
+        free(router_json);
+        luaL_error(L, "run:evaluate: %s", err);
+    }
     int failed = trainer_evaluate(&r->t, &o, &res, err);
     free(router_json);
     if (failed) {

@@ -11,8 +11,9 @@
 ** over the ranks); one step's gradients under expert parallelism are data
 ** parallelism's for each design; the traffic table; a rank keeps only its
 ** own experts' training state; a rank that fails, exits or is killed, or
-** ranks that part ways, stop the others instead of leaving them waiting; a
-** plain moelab is one rank and says nothing of MPI.
+** ranks that part ways, stop the others instead of leaving them waiting;
+** ranks holding different models or reading different corpora are refused
+** alike; a plain moelab is one rank and says nothing of MPI.
 **
 ** Without $MOELAB every test is skipped with a message; without mpirun they fail.
 */
@@ -776,6 +777,68 @@ static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
     sqlite3_close(d);
 }
 
+/* Ranks at the same calls that hold different models (a seed that depends on
+** the rank) or read different corpora (another file, another split): every
+** rank raises the same error, which a pcall catches on each, instead of
+** training on an average of models or data that no record names. */
+static const char *const inputs_script =
+    "moelab.threads(1)\n"
+    "local a = moelab.args\n"
+    "local function fails(what, f, ...)\n"
+    "  local ok, err = pcall(f, ...)\n"
+    "  assert(not ok, what .. ': no error')\n"
+    "  assert(tostring(err):find(what, 1, true), tostring(err))\n"
+    "end\n"
+    "local same = moelab.corpus{ path = a.corpus, split = 0.9 }\n"
+    "local function model(seed)\n"
+    "  return moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16, seed = seed,\n"
+    "    moe = { experts = 2, hidden = 16, router = { kind = 'topk', k = 1 }, parallel = a.parallel } }\n"
+    "end\n"
+    "local db = moelab.open(a.db)\n"
+    "local seeded = db:run{ name = 'seeded', model = model(3 + moelab.rank), data = same }\n"
+    "fails('run:train: the ranks hold different models: the parameters of rank 1 are not',\n"
+    "      seeded.train, seeded, { steps = 1, batch = 2 })\n"
+    "fails('run:evaluate: the ranks hold different models', seeded.evaluate, seeded, { batches = 1, batch = 2 })\n"
+    "local file = moelab.corpus{ path = moelab.rank == 0 and a.corpus or a.other, split = 0.9 }\n"
+    "local read = db:run{ name = 'file', model = model(3), data = file }\n"
+    "fails('the ranks read different corpora: the bytes or split of rank 1', read.train, read,\n"
+    "      { steps = 1, batch = 2 })\n"
+    "local split = moelab.corpus{ path = a.corpus, split = moelab.rank == 0 and 0.9 or 0.8 }\n"
+    "local cut = db:run{ name = 'split', model = model(3), data = split }\n"
+    "fails('the ranks read different corpora', cut.evaluate, cut, { batches = 1, batch = 2 })\n"
+    "local fine = db:run{ name = 'fine', model = model(3), data = same }\n"
+    "fine:train{ steps = 2, batch = 2, eval_batches = 1 }\n"
+    "fine:evaluate{ batches = 1, batch = 2 }\n";
+
+static void test_ranks_with_different_inputs_refuse(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    char corpus[512], other[512], script[512], db[512], a_corpus[600], a_other[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "inputs-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(other, sizeof other, "inputs-other.txt");
+    FILE *f = fopen(other, "wb");
+    if (!f) fail_msg("cannot write %s", other);
+    for (int i = 0; i < 2000; i++) fputs("in the beginning ", f);
+    fclose(f);
+    tmp_path(script, sizeof script, "inputs.lua");
+    write_file(script, inputs_script);
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_other, sizeof a_other, "other=%s", other);
+    static const char *const parallel[] = {"parallel=data", "parallel=experts"};
+    for (int i = 0; i < 2; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "inputs%d.db", i);
+        tmp_path(db, sizeof db, name);
+        snprintf(a_db, sizeof a_db, "db=%s", db);
+        const char *const args[] = {"run", script, a_corpus, a_other, a_db, parallel[i], NULL};
+        Proc p;
+        mpirun_moelab(&p, 2, args, 60);
+        expect_ok(&p, parallel[i]);
+        proc_free(&p);
+    }
+}
+
 /* without mpirun: one rank, no MPI, nothing said about it */
 static void test_plain_moelab_is_one_rank(void **state) {
     (void)state;
@@ -837,6 +900,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
         cmocka_unit_test(test_ranks_out_of_step_stop_saying_where),
         cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
+        cmocka_unit_test(test_ranks_with_different_inputs_refuse),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
