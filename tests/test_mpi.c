@@ -11,7 +11,8 @@
 ** over the ranks); one step's gradients under expert parallelism are data
 ** parallelism's for each design; the traffic table; a rank keeps only its
 ** own experts' training state; a rank that fails, exits or is killed, or
-** ranks that part ways, stop the others instead of leaving them waiting;
+** ranks that part ways, stop the others instead of leaving them waiting; a
+** signal on one rank stops every rank, named;
 ** ranks holding different models or reading different corpora are refused
 ** alike; a plain moelab is one rank and says nothing of MPI.
 **
@@ -635,6 +636,41 @@ static void test_a_rank_that_dies_stops_the_others(void **state) {
     }
 }
 
+/* SIGTERM on one rank mid-training (a scheduler ending one node): every rank
+** stops at the same step, and the run is recorded as interrupted by SIGTERM,
+** not by a Ctrl-C no one pressed. */
+static void test_a_signal_on_one_rank_is_named(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    char corpus[512], script[512], db[512], a_corpus[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "term-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "term.lua");
+    write_file(script,
+               "moelab.threads(1)\n"
+               "local data = moelab.corpus{ path = moelab.args.corpus }\n"
+               "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16 }\n"
+               "local db = moelab.open(moelab.args.db)\n"
+               "local run = db:run{ name = 'term', model = model, data = data }\n"
+               "run:train{ steps = 2, batch = 2, eval_batches = 0 }\n"
+               "if moelab.rank == 1 then os.execute('(sleep 1; kill -TERM $PPID) &') end\n"
+               "run:train{ steps = 1000000, batch = 2, eval_batches = 0 }\n");
+    tmp_path(db, sizeof db, "term.db");
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_db, sizeof a_db, "db=%s", db);
+    const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+    Proc p;
+    mpirun_moelab(&p, 2, args, 60);
+    if (p.code == 0) fail_msg("SIGTERM on rank 1: mpirun exited 0; stderr:\n%s", p.err.data);
+    expect_in("stderr", p.err.data, "interrupted by SIGTERM at step");
+    proc_free(&p);
+    sqlite3 *d = db_open(db);
+    char text[256];
+    expect_in("the run", db_text(d, "SELECT status || ': ' || error FROM runs", text, sizeof text),
+              "interrupted: interrupted by SIGTERM at step");
+    sqlite3_close(d);
+}
+
 /* Ranks that part ways (an error one rank raises and catches, a call on one
 ** rank only, a rank that ends the script while the other makes a call):
 ** every rank stops within seconds, saying where each one was, instead of
@@ -898,6 +934,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_expert_parallel_moments_follow_the_experts),
         cmocka_unit_test(test_expert_parallel_shards_training_state),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
+        cmocka_unit_test(test_a_signal_on_one_rank_is_named),
         cmocka_unit_test(test_ranks_out_of_step_stop_saying_where),
         cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
         cmocka_unit_test(test_ranks_with_different_inputs_refuse),
