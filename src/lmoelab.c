@@ -221,15 +221,22 @@ static void agree_shape(lua_State *L, char *what, size_t n, const Model *m, cons
 }
 
 /* Ranks that agree on the call may still hold different models (a seed, a
-** checkpoint path that depends on moelab.rank) or read different corpora (a
-** path or a file that differs between machines): their gradients would be
-** averaged over models or data no record names, and their evaluations
-** added up over them, without a word. So run:train and run:evaluate compare
-** digests of the parameters and of the corpus and its split, and every rank
-** raises the same error when one differs from rank 0's. */
-static int agree_inputs(const Model *m, const Corpus *c, char *err) {
+** router or a checkpoint path that depends on moelab.rank) or read different
+** corpora (a path or a file that differs between machines): their gradients
+** would be averaged over models or data no record names, and their
+** evaluations added up over them, without a word. So run:train and
+** run:evaluate compare digests of the configuration, a counterfactual
+** router's (router_json, or NULL) and the parameters, and of the corpus and
+** its split, and every rank raises the same error when one differs from
+** rank 0's. */
+static int agree_inputs(const Model *m, const char *router_json, const Corpus *c, char *err) {
     if (!dist_active()) return 0;
-    uint64_t model = ml_digest(m->param_mem, sizeof(float) * m->num_parameters, ML_DIGEST_START);
+    char *config = config_to_json(&m->config);
+    if (!config) dist_fail("out of memory");
+    uint64_t model = ml_digest(config, strlen(config), ML_DIGEST_START);
+    free(config);
+    if (router_json) model = ml_digest(router_json, strlen(router_json), model);
+    model = ml_digest(m->param_mem, sizeof(float) * m->num_parameters, model);
     uint64_t corpus = ml_digest(&c->split, sizeof c->split, c->digest);
     int mine[4] = {(int)(uint32_t)model, (int)(uint32_t)(model >> 32), (int)(uint32_t)corpus,
                    (int)(uint32_t)(corpus >> 32)};
@@ -247,9 +254,10 @@ static int agree_inputs(const Model *m, const Corpus *c, char *err) {
         }
     free(all);
     if (differ[0][0])
-        return ml_error(err, "the ranks hold different models: the parameters of rank %s are not "
-                        "rank 0's (a seed or a checkpoint that depends on moelab.rank?); every "
-                        "rank must build or load the same model", differ[0]);
+        return ml_error(err, "the ranks hold different models: the configuration or parameters "
+                        "of rank %s are not rank 0's (a seed, a router or a checkpoint that "
+                        "depends on moelab.rank?); every rank must build or load the same model",
+                        differ[0]);
     if (differ[1][0])
         return ml_error(err, "the ranks read different corpora: the bytes or split of rank %s are "
                         "not rank 0's (a corpus path that depends on moelab.rank, or a file that "
@@ -1333,7 +1341,7 @@ static int run_train(lua_State *L) {
 
     TrainResult res;
     char err[ML_ERRLEN] = "";
-    if (agree_inputs(r->t.model, r->t.corpus, err) != 0) luaL_error(L, "run:train: %s", err);
+    if (agree_inputs(r->t.model, NULL, r->t.corpus, err) != 0) luaL_error(L, "run:train: %s", err);
     if (trainer_train(&r->t, &o, &res, err) != 0) {
         char ignored[ML_ERRLEN];
         if (r->t.rec) /* rank 0's, over several ranks (the others have none) */
@@ -1406,7 +1414,7 @@ static int run_evaluate(lua_State *L) {
     snprintf(shape, sizeof shape, "run:evaluate (%d batches of %d, %srecorded", o.batches, o.batch,
              o.record ? "" : "not ");
     agree_shape(L, shape, sizeof shape, r->t.model, o.router ? o.router : &r->t.model->config.moe);
-    if (agree_inputs(r->t.model, r->t.corpus, err) != 0) {
+    if (agree_inputs(r->t.model, router_json, r->t.corpus, err) != 0) {
         free(router_json);
         luaL_error(L, "run:evaluate: %s", err);
     }

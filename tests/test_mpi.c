@@ -813,8 +813,8 @@ static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
     sqlite3_close(d);
 }
 
-/* Ranks at the same calls that hold different models (a seed that depends on
-** the rank) or read different corpora (another file, another split): every
+/* Ranks at the same calls that hold different models (a seed or a router
+** that depends on the rank) or read different corpora (another file, another split): every
 ** rank raises the same error, which a pcall catches on each, instead of
 ** training on an average of models or data that no record names. */
 static const char *const inputs_script =
@@ -831,10 +831,21 @@ static const char *const inputs_script =
     "    moe = { experts = 2, hidden = 16, router = { kind = 'topk', k = 1 }, parallel = a.parallel } }\n"
     "end\n"
     "local db = moelab.open(a.db)\n"
+    "local run = db:run{ name = 'fine', model = model(3), data = same }\n"
+    "run:train{ steps = 2, batch = 2, eval_batches = 1 }\n"
     "local seeded = db:run{ name = 'seeded', model = model(3 + moelab.rank), data = same }\n"
-    "fails('run:train: the ranks hold different models: the parameters of rank 1 are not',\n"
+    "fails('run:train: the ranks hold different models: the configuration or parameters of rank 1',\n"
     "      seeded.train, seeded, { steps = 1, batch = 2 })\n"
     "fails('run:evaluate: the ranks hold different models', seeded.evaluate, seeded, { batches = 1, batch = 2 })\n"
+    "local routed = model(3)\n"
+    "if moelab.rank == 1 then routed = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n"
+    "  seed = 3, moe = { experts = 2, hidden = 16, router = { kind = 'threshold', p = 0.5 },\n"
+    "                    parallel = a.parallel } } end\n"
+    "local other = db:run{ name = 'routed', model = routed, data = same }\n"
+    "fails('the ranks hold different models: the configuration or parameters of rank 1', other.train,\n"
+    "      other, { steps = 1, batch = 2 })\n"
+    "fails('the ranks hold different models', run.evaluate, run, { batches = 1, batch = 2,\n"
+    "      router = { kind = 'topk', k = 1 + moelab.rank } })\n"
     "local file = moelab.corpus{ path = moelab.rank == 0 and a.corpus or a.other, split = 0.9 }\n"
     "local read = db:run{ name = 'file', model = model(3), data = file }\n"
     "fails('the ranks read different corpora: the bytes or split of rank 1', read.train, read,\n"
@@ -842,9 +853,8 @@ static const char *const inputs_script =
     "local split = moelab.corpus{ path = a.corpus, split = moelab.rank == 0 and 0.9 or 0.8 }\n"
     "local cut = db:run{ name = 'split', model = model(3), data = split }\n"
     "fails('the ranks read different corpora', cut.evaluate, cut, { batches = 1, batch = 2 })\n"
-    "local fine = db:run{ name = 'fine', model = model(3), data = same }\n"
-    "fine:train{ steps = 2, batch = 2, eval_batches = 1 }\n"
-    "fine:evaluate{ batches = 1, batch = 2 }\n";
+    "run:evaluate{ batches = 1, batch = 2, router = { kind = 'topk', k = 1 } }\n"
+    "run:train{ steps = 1, batch = 2, eval_batches = 0 }\n";
 
 static void test_ranks_with_different_inputs_refuse(void **state) {
     (void)state;
