@@ -814,7 +814,8 @@ static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
 }
 
 /* Ranks at the same calls that hold different models (a seed or a router
-** that depends on the rank) or read different corpora (another file, another split): every
+** that depends on the rank), read different corpora (another file, another
+** split) or pass different options (lr, an evaluation's seed): every
 ** rank raises the same error, which a pcall catches on each, instead of
 ** training on an average of models or data that no record names. */
 static const char *const inputs_script =
@@ -846,6 +847,10 @@ static const char *const inputs_script =
     "      other, { steps = 1, batch = 2 })\n"
     "fails('the ranks hold different models', run.evaluate, run, { batches = 1, batch = 2,\n"
     "      router = { kind = 'topk', k = 1 + moelab.rank } })\n"
+    "fails('run:train: the ranks were given different options: the lr, min_lr', run.train, run,\n"
+    "      { steps = 1, batch = 2, lr = 1e-3 * (1 + moelab.rank) })\n"
+    "fails('run:evaluate: the ranks were given different options: the seed or split of rank 1',\n"
+    "      run.evaluate, run, { batches = 1, batch = 2, seed = moelab.rank })\n"
     "local file = moelab.corpus{ path = moelab.rank == 0 and a.corpus or a.other, split = 0.9 }\n"
     "local read = db:run{ name = 'file', model = model(3), data = file }\n"
     "fails('the ranks read different corpora: the bytes or split of rank 1', read.train, read,\n"
