@@ -12,7 +12,8 @@
 ** parallelism's for each design; the traffic table; a rank keeps only its
 ** own experts' training state; a rank that fails, exits or is killed, or
 ** ranks that part ways, stop the others instead of leaving them waiting; a
-** signal on one rank stops every rank, named;
+** signal on one rank stops every rank, named; os.exit(0) on every rank ends
+** the job as the script's end does;
 ** ranks holding different models or reading different corpora are refused
 ** alike; a plain moelab is one rank and says nothing of MPI.
 **
@@ -671,6 +672,53 @@ static void test_a_signal_on_one_rank_is_named(void **state) {
     sqlite3_close(d);
 }
 
+/* os.exit(0) at the end of a script, on every rank (with or without closing
+** the state): the job ends with 0 and the run finished, as when the script
+** runs off its end, not as an improper exit mpirun fails; a successful exit
+** on one rank while the other trains stops both, saying where each was. */
+static void test_os_exit_on_every_rank_ends_the_job(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    static const char *const exits[] = {"os.exit(0)", "os.exit(true, true)",
+                                        "if moelab.rank == 1 then os.exit() end\n"
+                                        "run:train{ steps = 2, batch = 2, eval_batches = 0 }"};
+    char corpus[512], script[512], db[512], a_corpus[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "exit-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "exit.lua");
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    for (int i = 0; i < 3; i++) {
+        char text[1024], name[32];
+        snprintf(text, sizeof text,
+                 "moelab.threads(1)\n"
+                 "local data = moelab.corpus{ path = moelab.args.corpus }\n"
+                 "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16 }\n"
+                 "local db = moelab.open(moelab.args.db)\n"
+                 "local run = db:run{ name = 'exit', model = model, data = data }\n"
+                 "run:train{ steps = 2, batch = 2, eval_batches = 0 }\n"
+                 "%s\n", exits[i]);
+        write_file(script, text);
+        snprintf(name, sizeof name, "exit%d.db", i);
+        tmp_path(db, sizeof db, name);
+        snprintf(a_db, sizeof a_db, "db=%s", db);
+        const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+        Proc p;
+        mpirun_moelab(&p, 2, args, 60);
+        if (i < 2) {
+            expect_ok(&p, exits[i]);
+            sqlite3 *d = db_open(db);
+            char status[64];
+            assert_string_equal(db_text(d, "SELECT status FROM runs", status, sizeof status),
+                                "finished");
+            sqlite3_close(d);
+        } else {
+            if (p.code == 0) fail_msg("os.exit on rank 1: mpirun exited 0; stderr:\n%s", p.err.data);
+            expect_in("stderr", p.err.data, "rank 1 at os.exit (");
+        }
+        proc_free(&p);
+    }
+}
+
 /* Ranks that part ways (an error one rank raises and catches, a call on one
 ** rank only, a rank that ends the script while the other makes a call):
 ** every rank stops within seconds, saying where each one was, instead of
@@ -950,6 +998,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_expert_parallel_shards_training_state),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
         cmocka_unit_test(test_a_signal_on_one_rank_is_named),
+        cmocka_unit_test(test_os_exit_on_every_rank_ends_the_job),
         cmocka_unit_test(test_ranks_out_of_step_stop_saying_where),
         cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
         cmocka_unit_test(test_ranks_with_different_inputs_refuse),
