@@ -17,6 +17,19 @@ int ml_grow(void **p, size_t n, size_t elem) {
     return 0;
 }
 
+uint64_t ml_digest(const void *p, size_t n, uint64_t h) {
+    const unsigned char *b = p;
+    const uint64_t prime = 1099511628211ULL;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, b + i, 8);
+        h = (h ^ w) * prime;
+    }
+    for (; i < n; i++) h = (h ^ b[i]) * prime;
+    return h;
+}
+
 int ml_error(char *err, const char *fmt, ...) {
     if (err) {
         va_list ap;

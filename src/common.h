@@ -33,6 +33,12 @@ const char *ml_number(char *buf, double x);
 int ml_grow(void **p, size_t n, size_t elem);
 #define ML_GROW(ptr, n) ml_grow((void **)&(ptr), (n), sizeof *(ptr))
 
+/* A 64-bit digest of n bytes, continuing from h (ML_DIGEST_START to begin):
+** FNV-1a over 8-byte words, then the tail's bytes. Not cryptographic; it
+** tells copies of a model or a corpus apart (the ranks', lmoelab.c). */
+#define ML_DIGEST_START 14695981039346656037ULL
+uint64_t ml_digest(const void *p, size_t n, uint64_t h);
+
 /* The memory moelab lets a model and its batches take: MOELAB_MAX_MEMORY
 ** (bytes, or with a suffix K, M, G or T) when set, else the machine's
 ** physical memory. ml_memory_check refuses need bytes over it, with a

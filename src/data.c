@@ -27,6 +27,7 @@ int corpus_from_bytes(Corpus **out, const uint8_t *bytes, size_t n, double split
     c->n = n;
     c->split = split;
     c->n_train = (size_t)((double)n * split);
+    c->digest = ml_digest(c->bytes, n, ML_DIGEST_START);
     *out = c;
     return 0;
 }

@@ -22,6 +22,7 @@ typedef struct {
     size_t n;       /* all bytes */
     size_t n_train; /* bytes [0, n_train) train; [n_train, n) validate */
     double split;
+    uint64_t digest; /* ml_digest of the bytes: the ranks check they read one corpus */
 } Corpus;
 
 /* Reads a whole file; split in (0, 1]. */

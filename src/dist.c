@@ -72,11 +72,10 @@ void dist_barrier(void) {
     if (size > 1) MPI_Barrier(MPI_COMM_WORLD);
 }
 
-int dist_any(int flag) {
-    if (size == 1) return flag != 0;
-    int any = flag != 0;
-    MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    return any;
+int dist_max_int(int x) {
+    if (size == 1) return x;
+    MPI_Allreduce(MPI_IN_PLACE, &x, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    return x;
 }
 
 void dist_allgather_int(const int *mine, int n, int *all) {
@@ -165,7 +164,7 @@ FILE *dist_errors(void) { return errors ? errors : stderr; }
 
 /* A rank's call in dist_agree: what, then where, each NUL-terminated. */
 typedef struct {
-    char what[160];
+    char what[256];
     char where[208];
 } DistCall;
 

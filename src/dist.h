@@ -37,8 +37,8 @@ void dist_sum_double(double *x, size_t n);
 void dist_sum_int64(int64_t *x, size_t n);
 /* Returns when every rank has called it. */
 void dist_barrier(void);
-/* 1 on every rank when flag is non-zero on any. */
-int dist_any(int flag);
+/* The largest of the ranks' x, on every rank. */
+int dist_max_int(int x);
 /* Every rank's n ints, rank r's at all + r·n. */
 void dist_allgather_int(const int *mine, int n, int *all);
 /* All to all, in rows of `width` floats: send_rows[d] rows to rank d from

@@ -220,6 +220,63 @@ static void agree_shape(lua_State *L, char *what, size_t n, const Model *m, cons
     agree(L, what);
 }
 
+/* Ranks that agree on the call may still hold different models (a seed, a
+** router or a checkpoint path that depends on moelab.rank), read different
+** corpora (a path or a file that differs between machines) or be given
+** different options that set no collective (lr, an evaluation's seed): their
+** gradients would be averaged over models or data no record names, each
+** rank would step its copy of the model its own way, and evaluations would
+** add up losses of different models or batches, without a word. So
+** run:train and run:evaluate compare digests of the model's configuration
+** and parameters (and a counterfactual router's, router_json or NULL), of
+** the corpus and its split, and of the options (n bytes at `options`,
+** named by `names`), and every rank raises the same error when one differs
+** from rank 0's. */
+static int agree_inputs(const Model *m, const char *router_json, const Corpus *c,
+                        const void *options, size_t n, const char *names, char *err) {
+    if (!dist_active()) return 0;
+    char *config = config_to_json(&m->config);
+    if (!config) dist_fail("out of memory");
+    uint64_t digest[3];
+    digest[0] = ml_digest(config, strlen(config), ML_DIGEST_START);
+    free(config);
+    if (router_json) digest[0] = ml_digest(router_json, strlen(router_json), digest[0]);
+    digest[0] = ml_digest(m->param_mem, sizeof(float) * m->num_parameters, digest[0]);
+    digest[1] = ml_digest(&c->split, sizeof c->split, c->digest);
+    digest[2] = ml_digest(options, n, ML_DIGEST_START);
+    int mine[6];
+    for (int k = 0; k < 3; k++) {
+        mine[2 * k] = (int)(uint32_t)digest[k];
+        mine[2 * k + 1] = (int)(uint32_t)(digest[k] >> 32);
+    }
+    int ranks = dist_size();
+    int *all = malloc(sizeof(int) * 6 * (size_t)ranks);
+    if (!all) dist_fail("out of memory");
+    dist_allgather_int(mine, 6, all);
+    char differ[3][128] = {"", "", ""}; /* the ranks whose model, corpus, options are not rank 0's */
+    for (int k = 0; k < 3; k++)
+        for (int r = 1; r < ranks; r++) {
+            size_t len = strlen(differ[k]);
+            if ((all[6 * r + 2 * k] != all[2 * k] || all[6 * r + 2 * k + 1] != all[2 * k + 1]) &&
+                len < sizeof differ[k])
+                snprintf(differ[k] + len, sizeof differ[k] - len, "%s%d", len ? ", " : "", r);
+        }
+    free(all);
+    if (differ[0][0])
+        return ml_error(err, "the ranks hold different models: the configuration or parameters "
+                        "of rank %s are not rank 0's (a seed, a router or a checkpoint that "
+                        "depends on moelab.rank, or options that differed in an earlier call?); "
+                        "every rank must build or load the same model", differ[0]);
+    if (differ[1][0])
+        return ml_error(err, "the ranks read different corpora: the bytes or split of rank %s are "
+                        "not rank 0's (a corpus path that depends on moelab.rank, or a file that "
+                        "differs between machines?)", differ[1]);
+    if (differ[2][0])
+        return ml_error(err, "the ranks were given different options: the %s of rank %s are not "
+                        "rank 0's; every rank must pass the same", names, differ[2]);
+    return 0;
+}
+
 /* Over several ranks, the outcome of what rank 0 alone does (the database,
 ** files): its rc, and its message when it failed, on every rank, so that
 ** all go on or all raise the same error. */
@@ -1287,15 +1344,21 @@ static int run_train(lua_State *L) {
     }
     lua_settop(L, 2);
 
-    char shape[160];
+    char shape[256];
     int eval_batch = o.eval_batches ? (o.eval_batch ? o.eval_batch : o.batch) : 0;
-    snprintf(shape, sizeof shape, "run:train (%d steps, evaluations %d every %d of %d, %sclip, "
-             "probe %d of %d", o.steps, o.eval_batches, o.eval_every, eval_batch,
+    snprintf(shape, sizeof shape, "run:train (%d steps of batch %d, evaluations %d every %d of %d, "
+             "%sclip, probe %d of %d", o.steps, o.batch, o.eval_batches, o.eval_every, eval_batch,
              o.clip > 0.0f ? "" : "no ", o.probe_every, o.probe_every ? o.probe_batch : 0);
     agree_shape(L, shape, sizeof shape, r->t.model, &r->t.model->config.moe);
 
     TrainResult res;
     char err[ML_ERRLEN] = "";
+    /* what sets no collective but must be the same: each rank steps its copy */
+    double same[] = {o.lr, o.min_lr, o.warmup, o.weight_decay, o.clip, o.beta1, o.beta2, o.eps,
+                     (double)o.probe_seed};
+    if (agree_inputs(r->t.model, NULL, r->t.corpus, same, sizeof same, "lr, min_lr, warmup, "
+                     "weight_decay, clip, beta1, beta2, eps or probe seed", err) != 0)
+        luaL_error(L, "run:train: %s", err);
     if (trainer_train(&r->t, &o, &res, err) != 0) {
         char ignored[ML_ERRLEN];
         if (r->t.rec) /* rank 0's, over several ranks (the others have none) */
@@ -1364,10 +1427,16 @@ static int run_evaluate(lua_State *L) {
         o.router_json = router_json;
     }
     lua_settop(L, 2);
-    char shape[160];
+    char shape[256];
     snprintf(shape, sizeof shape, "run:evaluate (%d batches of %d, %srecorded", o.batches, o.batch,
              o.record ? "" : "not ");
     agree_shape(L, shape, sizeof shape, r->t.model, o.router ? o.router : &r->t.model->config.moe);
+    uint64_t same[] = {o.seed, (uint64_t)o.split}; /* every rank draws every batch */
+    if (agree_inputs(r->t.model, router_json, r->t.corpus, same, sizeof same, "seed or split",
+                     err) != 0) {
+        free(router_json);
+        luaL_error(L, "run:evaluate: %s", err);
+    }
     int failed = trainer_evaluate(&r->t, &o, &res, err);
     free(router_json);
     if (failed) {

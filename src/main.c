@@ -181,6 +181,35 @@ static void push_arg_value(lua_State *L, const char *v) {
     else lua_pushstring(L, v);
 }
 
+/* os.exit under several ranks. One rank's exit stops the others (mpirun
+** ends the job when a process leaves without finishing MPI), as before. A
+** successful exit is the script's end, which every rank must reach alike:
+** the ranks agree on it, from the same line, and finish MPI, so that
+** `os.exit(0)` at the end of a script ends the job as running off its end
+** does, instead of mpirun calling the exit improper and failing the job. */
+static int os_exit_ranks(lua_State *L) {
+    int success = lua_isboolean(L, 1) ? lua_toboolean(L, 1)
+                                      : luaL_optinteger(L, 1, EXIT_SUCCESS) == EXIT_SUCCESS;
+    if (success) {
+        luaL_where(L, 1); /* "file:line: " */
+        char where[256];
+        snprintf(where, sizeof where, "%s", lua_tostring(L, -1));
+        lua_pop(L, 1);
+        size_t n = strlen(where);
+        while (n > 0 && (where[n - 1] == ' ' || where[n - 1] == ':')) where[--n] = '\0';
+        dist_agree("os.exit", where);
+        lmoelab_script_ended(L, NULL, 0);
+        if (lua_toboolean(L, 2)) lua_close(L); /* runs closed as at the script's end */
+        fflush(stdout);
+        dist_finalize();
+        exit(EXIT_SUCCESS);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1)); /* Lua's own */
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 0);
+    return 0;
+}
+
 static int cmd_run(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "moelab run: missing SCRIPT.lua\n\n");
@@ -222,6 +251,13 @@ static int cmd_run(int argc, char **argv) {
         lua_rawseti(L, -2, i - 2);
     }
     lua_setglobal(L, "arg");
+    if (dist_active()) {
+        lua_getglobal(L, "os");
+        lua_getfield(L, -1, "exit");
+        lua_pushcclosure(L, os_exit_ranks, 1);
+        lua_setfield(L, -2, "exit");
+        lua_pop(L, 1);
+    }
 
     int status = luaL_loadfile(L, script);
     if (status == LUA_OK) status = docall(L, 0, 0);

@@ -130,12 +130,16 @@ static void sigint_handler(int sig) {
     signal(sig, SIG_DFL); /* a second one ends the process */
 }
 
-/* The signal that asked to stop, taken: the flag is cleared and
+/* The signal that asked to stop, over every rank (the largest number: one
+** that a single rank took, SIGTERM from a scheduler, is named on every rank,
+** not taken for Ctrl-C), or 0: when there is one the flag is cleared and
 ** trainer_stopped_by set. (1 is SIGHUP, not a boolean Ctrl-C.) */
 static int take_interrupt(void) {
-    int sig = trainer_interrupt;
-    trainer_interrupt = 0;
-    trainer_stopped_by = sig;
+    int sig = dist_max_int(trainer_interrupt);
+    if (sig) {
+        trainer_interrupt = 0;
+        trainer_stopped_by = sig;
+    }
     return sig;
 }
 
@@ -485,9 +489,9 @@ int trainer_evaluate(Trainer *t, const EvalOptions *o, EvalResult *res, char *er
     ** batches are those of one process */
     int first, Br = slice(rank, B, ranks, &first);
     for (int i = 0; i < o->batches; i++) {
-        if (dist_any(trainer_interrupt)) { /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
-            int sig = take_interrupt();
-            sig = res->interrupted = sig ? sig : SIGINT;
+        int sig = take_interrupt(); /* Ctrl-C, SIGTERM, SIGHUP: stop at this batch */
+        if (sig) {
+            res->interrupted = sig;
             ml_error(err, "interrupted by %s during an evaluation, at batch %d of %d (none of "
                      "its rows were kept)", trainer_signal_name(sig), i + 1, o->batches);
             goto done;
@@ -888,9 +892,8 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         int stop = probe(t, o, 0, &status, status_msg, sizeof status_msg, err);
         if (stop < 0) rc = -1;
         if (stop) break;
-        if (dist_any(trainer_interrupt)) {
-            int sig = take_interrupt();
-            sig = sig ? sig : SIGINT;
+        int sig = take_interrupt();
+        if (sig) {
             status = "interrupted";
             snprintf(status_msg, sizeof status_msg, "interrupted by %s at step %lld",
                      trainer_signal_name(sig), (long long)t->step);

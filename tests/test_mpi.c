@@ -12,7 +12,10 @@
 ** parallelism's for each design; the traffic table; a rank keeps only its
 ** own experts' training state; a rank that fails, exits or is killed, or
 ** ranks that part ways, stop the others instead of leaving them waiting; a
-** plain moelab is one rank and says nothing of MPI.
+** signal on one rank stops every rank, named; os.exit(0) on every rank ends
+** the job as the script's end does;
+** ranks holding different models or reading different corpora are refused
+** alike; a plain moelab is one rank and says nothing of MPI.
 **
 ** Without $MOELAB every test is skipped with a message; without mpirun they fail.
 */
@@ -634,6 +637,88 @@ static void test_a_rank_that_dies_stops_the_others(void **state) {
     }
 }
 
+/* SIGTERM on one rank mid-training (a scheduler ending one node): every rank
+** stops at the same step, and the run is recorded as interrupted by SIGTERM,
+** not by a Ctrl-C no one pressed. */
+static void test_a_signal_on_one_rank_is_named(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    char corpus[512], script[512], db[512], a_corpus[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "term-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "term.lua");
+    write_file(script,
+               "moelab.threads(1)\n"
+               "local data = moelab.corpus{ path = moelab.args.corpus }\n"
+               "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16 }\n"
+               "local db = moelab.open(moelab.args.db)\n"
+               "local run = db:run{ name = 'term', model = model, data = data }\n"
+               "run:train{ steps = 2, batch = 2, eval_batches = 0 }\n"
+               "if moelab.rank == 1 then os.execute('(sleep 1; kill -TERM $PPID) &') end\n"
+               "run:train{ steps = 1000000, batch = 2, eval_batches = 0 }\n");
+    tmp_path(db, sizeof db, "term.db");
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_db, sizeof a_db, "db=%s", db);
+    const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+    Proc p;
+    mpirun_moelab(&p, 2, args, 60);
+    if (p.code == 0) fail_msg("SIGTERM on rank 1: mpirun exited 0; stderr:\n%s", p.err.data);
+    expect_in("stderr", p.err.data, "interrupted by SIGTERM at step");
+    proc_free(&p);
+    sqlite3 *d = db_open(db);
+    char text[256];
+    expect_in("the run", db_text(d, "SELECT status || ': ' || error FROM runs", text, sizeof text),
+              "interrupted: interrupted by SIGTERM at step");
+    sqlite3_close(d);
+}
+
+/* os.exit(0) at the end of a script, on every rank (with or without closing
+** the state): the job ends with 0 and the run finished, as when the script
+** runs off its end, not as an improper exit mpirun fails; a successful exit
+** on one rank while the other trains stops both, saying where each was. */
+static void test_os_exit_on_every_rank_ends_the_job(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    static const char *const exits[] = {"os.exit(0)", "os.exit(true, true)",
+                                        "if moelab.rank == 1 then os.exit() end\n"
+                                        "run:train{ steps = 2, batch = 2, eval_batches = 0 }"};
+    char corpus[512], script[512], db[512], a_corpus[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "exit-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(script, sizeof script, "exit.lua");
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    for (int i = 0; i < 3; i++) {
+        char text[1024], name[32];
+        snprintf(text, sizeof text,
+                 "moelab.threads(1)\n"
+                 "local data = moelab.corpus{ path = moelab.args.corpus }\n"
+                 "local model = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16 }\n"
+                 "local db = moelab.open(moelab.args.db)\n"
+                 "local run = db:run{ name = 'exit', model = model, data = data }\n"
+                 "run:train{ steps = 2, batch = 2, eval_batches = 0 }\n"
+                 "%s\n", exits[i]);
+        write_file(script, text);
+        snprintf(name, sizeof name, "exit%d.db", i);
+        tmp_path(db, sizeof db, name);
+        snprintf(a_db, sizeof a_db, "db=%s", db);
+        const char *const args[] = {"run", script, a_corpus, a_db, NULL};
+        Proc p;
+        mpirun_moelab(&p, 2, args, 60);
+        if (i < 2) {
+            expect_ok(&p, exits[i]);
+            sqlite3 *d = db_open(db);
+            char status[64];
+            assert_string_equal(db_text(d, "SELECT status FROM runs", status, sizeof status),
+                                "finished");
+            sqlite3_close(d);
+        } else {
+            if (p.code == 0) fail_msg("os.exit on rank 1: mpirun exited 0; stderr:\n%s", p.err.data);
+            expect_in("stderr", p.err.data, "rank 1 at os.exit (");
+        }
+        proc_free(&p);
+    }
+}
+
 /* Ranks that part ways (an error one rank raises and catches, a call on one
 ** rank only, a rank that ends the script while the other makes a call):
 ** every rank stops within seconds, saying where each one was, instead of
@@ -653,10 +738,14 @@ static void test_ranks_out_of_step_stop_saying_where(void **state) {
         "run:train{ steps = 2 + moelab.rank, batch = 2, eval_batches = 0 }\n",
         /* nor the same evaluation: rank 1's second batch meets rank 0's end */
         "run:evaluate{ batches = 1 + moelab.rank, batch = 2 }\n",
+        /* nor the same batch: the ranks would draw overlapping rows, count
+        ** rank 0's tokens only and average unequal batches' gradients */
+        "run:train{ steps = 2, batch = 2 + moelab.rank, eval_batches = 0 }\n",
     };
     static const char *const said[] = {"rank 0 at db:query (", "rank 1 at the end of the script",
                                        "rank 1 at run:train (3 steps",
-                                       "rank 1 at run:evaluate (2 batches of 2"};
+                                       "rank 1 at run:evaluate (2 batches of 2",
+                                       "rank 1 at run:train (2 steps of batch 3"};
     char corpus[512], script[512], db[512];
     tmp_path(corpus, sizeof corpus, "part-corpus.txt");
     write_corpus(corpus);
@@ -772,6 +861,83 @@ static void test_errors_raised_alike_leave_the_ranks_together(void **state) {
     sqlite3_close(d);
 }
 
+/* Ranks at the same calls that hold different models (a seed or a router
+** that depends on the rank), read different corpora (another file, another
+** split) or pass different options (lr, an evaluation's seed): every
+** rank raises the same error, which a pcall catches on each, instead of
+** training on an average of models or data that no record names. */
+static const char *const inputs_script =
+    "moelab.threads(1)\n"
+    "local a = moelab.args\n"
+    "local function fails(what, f, ...)\n"
+    "  local ok, err = pcall(f, ...)\n"
+    "  assert(not ok, what .. ': no error')\n"
+    "  assert(tostring(err):find(what, 1, true), tostring(err))\n"
+    "end\n"
+    "local same = moelab.corpus{ path = a.corpus, split = 0.9 }\n"
+    "local function model(seed)\n"
+    "  return moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16, seed = seed,\n"
+    "    moe = { experts = 2, hidden = 16, router = { kind = 'topk', k = 1 }, parallel = a.parallel } }\n"
+    "end\n"
+    "local db = moelab.open(a.db)\n"
+    "local run = db:run{ name = 'fine', model = model(3), data = same }\n"
+    "run:train{ steps = 2, batch = 2, eval_batches = 1 }\n"
+    "local seeded = db:run{ name = 'seeded', model = model(3 + moelab.rank), data = same }\n"
+    "fails('run:train: the ranks hold different models: the configuration or parameters of rank 1',\n"
+    "      seeded.train, seeded, { steps = 1, batch = 2 })\n"
+    "fails('run:evaluate: the ranks hold different models', seeded.evaluate, seeded, { batches = 1, batch = 2 })\n"
+    "local routed = model(3)\n"
+    "if moelab.rank == 1 then routed = moelab.model{ layers = 1, d_model = 16, heads = 2, context = 16,\n"
+    "  seed = 3, moe = { experts = 2, hidden = 16, router = { kind = 'threshold', p = 0.5 },\n"
+    "                    parallel = a.parallel } } end\n"
+    "local other = db:run{ name = 'routed', model = routed, data = same }\n"
+    "fails('the ranks hold different models: the configuration or parameters of rank 1', other.train,\n"
+    "      other, { steps = 1, batch = 2 })\n"
+    "fails('the ranks hold different models', run.evaluate, run, { batches = 1, batch = 2,\n"
+    "      router = { kind = 'topk', k = 1 + moelab.rank } })\n"
+    "fails('run:train: the ranks were given different options: the lr, min_lr', run.train, run,\n"
+    "      { steps = 1, batch = 2, lr = 1e-3 * (1 + moelab.rank) })\n"
+    "fails('run:evaluate: the ranks were given different options: the seed or split of rank 1',\n"
+    "      run.evaluate, run, { batches = 1, batch = 2, seed = moelab.rank })\n"
+    "local file = moelab.corpus{ path = moelab.rank == 0 and a.corpus or a.other, split = 0.9 }\n"
+    "local read = db:run{ name = 'file', model = model(3), data = file }\n"
+    "fails('the ranks read different corpora: the bytes or split of rank 1', read.train, read,\n"
+    "      { steps = 1, batch = 2 })\n"
+    "local split = moelab.corpus{ path = a.corpus, split = moelab.rank == 0 and 0.9 or 0.8 }\n"
+    "local cut = db:run{ name = 'split', model = model(3), data = split }\n"
+    "fails('the ranks read different corpora', cut.evaluate, cut, { batches = 1, batch = 2 })\n"
+    "run:evaluate{ batches = 1, batch = 2, router = { kind = 'topk', k = 1 } }\n"
+    "run:train{ steps = 1, batch = 2, eval_batches = 0 }\n";
+
+static void test_ranks_with_different_inputs_refuse(void **state) {
+    (void)state;
+    SKIP_WITHOUT_MPI();
+    char corpus[512], other[512], script[512], db[512], a_corpus[600], a_other[600], a_db[600];
+    tmp_path(corpus, sizeof corpus, "inputs-corpus.txt");
+    write_corpus(corpus);
+    tmp_path(other, sizeof other, "inputs-other.txt");
+    FILE *f = fopen(other, "wb");
+    if (!f) fail_msg("cannot write %s", other);
+    for (int i = 0; i < 2000; i++) fputs("in the beginning ", f);
+    fclose(f);
+    tmp_path(script, sizeof script, "inputs.lua");
+    write_file(script, inputs_script);
+    snprintf(a_corpus, sizeof a_corpus, "corpus=%s", corpus);
+    snprintf(a_other, sizeof a_other, "other=%s", other);
+    static const char *const parallel[] = {"parallel=data", "parallel=experts"};
+    for (int i = 0; i < 2; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "inputs%d.db", i);
+        tmp_path(db, sizeof db, name);
+        snprintf(a_db, sizeof a_db, "db=%s", db);
+        const char *const args[] = {"run", script, a_corpus, a_other, a_db, parallel[i], NULL};
+        Proc p;
+        mpirun_moelab(&p, 2, args, 60);
+        expect_ok(&p, parallel[i]);
+        proc_free(&p);
+    }
+}
+
 /* without mpirun: one rank, no MPI, nothing said about it */
 static void test_plain_moelab_is_one_rank(void **state) {
     (void)state;
@@ -831,8 +997,11 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_expert_parallel_moments_follow_the_experts),
         cmocka_unit_test(test_expert_parallel_shards_training_state),
         cmocka_unit_test(test_a_rank_that_dies_stops_the_others),
+        cmocka_unit_test(test_a_signal_on_one_rank_is_named),
+        cmocka_unit_test(test_os_exit_on_every_rank_ends_the_job),
         cmocka_unit_test(test_ranks_out_of_step_stop_saying_where),
         cmocka_unit_test(test_errors_raised_alike_leave_the_ranks_together),
+        cmocka_unit_test(test_ranks_with_different_inputs_refuse),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
