@@ -10,6 +10,7 @@
 
 #include "config.h"
 #include "model.h"
+#include "moe/moe.h"
 #include "ops.h"
 
 static double H_STEP = 1e-2; /* the models use 1e-3: ReLU kinks */
@@ -536,6 +537,42 @@ static void test_moe_all_with_biases(void **state) {
     check_config(c, "moe learned threshold with biases");
 }
 
+/* A learned router's fit (moelab.fit_router): the cross-entropy of
+** softmax(x · Wᵀ) against activation-mass shares q, and its gradient in W. */
+enum { FN = 10, FC = 8, FE = 4 };
+static float fit_x[FN * FC], fit_w[FE * FC], fit_q[FN * FE], fit_p[FN * FE], fit_loss;
+static MoeConfig fit_mc;
+static void fwd_fit(void) {
+    double recall = 0.0;
+    float grad[FE * FC];
+    fit_loss = (float)moe_router_fit_loss(grad, fit_p, fit_x, fit_w, fit_q, &fit_mc, FN, FC, FE, &recall);
+}
+
+static void test_router_fit(void **state) {
+    (void)state;
+    test_fill(fit_x, FN * FC, 1.0f, 40);
+    test_fill(fit_w, FE * FC, 1.0f, 41);
+    test_fill(fit_q, FN * FE, 1.0f, 42);
+    for (int t = 0; t < FN; t++) { /* shares: >= 0, summing to 1, one of them 0 */
+        float *q = fit_q + t * FE, sum = 0.0f;
+        for (int e = 0; e < FE; e++) sum += q[e] = e == t % FE ? 0.0f : fabsf(q[e]) + 0.1f;
+        for (int e = 0; e < FE; e++) q[e] /= sum;
+    }
+    ModelConfig c = moe_config(ROUTER_LEARNED);
+    fit_mc = c.moe;
+    float grad[FE * FC];
+    double recall = 0.0;
+    moe_router_fit_loss(grad, fit_p, fit_x, fit_w, fit_q, &fit_mc, FN, FC, FE, &recall);
+    assert_true(recall > 0.0 && recall <= 1.0 + 1e-6);
+    op_forward = fwd_fit;
+    op_out = &fit_loss;
+    op_r = &g_one;
+    op_nout = 1;
+    H_STEP = 1e-3;
+    check_grad("router fit dW", fit_w, grad, FE * FC);
+    H_STEP = 1e-2;
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layernorm),
@@ -560,6 +597,7 @@ int main(void) {
         cmocka_unit_test(test_moe_stratified),
         cmocka_unit_test(test_moe_merge),
         cmocka_unit_test(test_moe_all_with_biases),
+        cmocka_unit_test(test_router_fit),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
 }
