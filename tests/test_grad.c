@@ -320,6 +320,18 @@ static ModelConfig small_config(NormKind norm, ActKind act, int tied) {
     return c;
 }
 
+/* Biases and norm weights start at 0 and 1, token attention's Up at 0:
+** randomised too, norm weights around 1. */
+static void randomise_params(Model *m) {
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].ndim == 1 || strstr(m->params[i].name, "up.weight"))
+            test_fill(m->param_mem + m->params[i].offset, m->params[i].numel, 0.5f, 30 + i);
+    for (int i = 0; i < m->n_params; i++)
+        if (strstr(m->params[i].name, "ln") && m->params[i].ndim == 1 &&
+            strstr(m->params[i].name, "weight"))
+            for (size_t j = 0; j < m->params[i].numel; j++) m->param_mem[m->params[i].offset + j] += 1.0f;
+}
+
 /* Checks every parameter tensor of a model of configuration c (sampled
 ** entries); MoE selections are frozen after the first forward. */
 static void check_config(ModelConfig c, const char *label) {
@@ -329,15 +341,7 @@ static void check_config(ModelConfig c, const char *label) {
         g_in[i] = (i * 7 + 3) % c.vocab;
         g_tg[i] = (i * 5 + 1) % c.vocab;
     }
-    /* biases and norm weights start at 0 and 1, token attention's Up at 0:
-    ** randomise them too */
-    for (int i = 0; i < gm->n_params; i++)
-        if (gm->params[i].ndim == 1 || strstr(gm->params[i].name, "up.weight"))
-            test_fill(gm->param_mem + gm->params[i].offset, gm->params[i].numel, 0.5f, 30 + i);
-    for (int i = 0; i < gm->n_params; i++)
-        if (strstr(gm->params[i].name, "ln") && gm->params[i].ndim == 1 &&
-            strstr(gm->params[i].name, "weight"))
-            for (size_t j = 0; j < gm->params[i].numel; j++) gm->param_mem[gm->params[i].offset + j] += 1.0f;
+    randomise_params(gm);
     fwd_model();
     for (int l = 0; l < c.layers; l++) gm->moe[l].freeze = config_is_moe_block(&c, l);
     model_zero_grad(gm);
@@ -537,6 +541,188 @@ static void test_moe_all_with_biases(void **state) {
     check_config(c, "moe learned threshold with biases");
 }
 
+/* ------------------------------------------------------------------------ */
+/* router and expert options not covered above                              */
+
+/* One MoE layer as an op (block 0's, with the model's weights): L = Σ out ⊙ R
+** + the layer's weighted auxiliary loss, out = out0 + MoE(x), so the
+** gradients are of order one, where the whole model's are often below
+** check_grad's absolute tolerance. Checks dx, d out0 (a stratified layer's
+** later passes normalise out0 too) and every tensor of the layer. The
+** selection is frozen after the first forward, as in check_config. */
+enum { LN = 12 };
+static Model *lm;
+static float lay_x[LN * 8], lay_out0[LN * 8], lay_out[LN * 8], lay_r[LN * 8], lay_noise[LN * 8];
+static float lay_loss;
+static void fwd_layer(void) {
+    char err[ML_ERRLEN];
+    const ModelConfig *c = &lm->config;
+    memcpy(lay_out, lay_out0, sizeof lay_out);
+    assert_int_equal(moe_layer_forward(&lm->moe[0], c, lm->w.blocks[0].moe, lm->hash_map, lay_out, lay_x,
+                                       g_in, c->moe.noise > 0.0f ? lay_noise : NULL, 2, 6, 7, err),
+                     0);
+    double sum = lm->moe[0].aux_weighted;
+    for (int i = 0; i < LN * 8; i++) sum += (double)lay_out[i] * lay_r[i];
+    lay_loss = (float)sum;
+}
+
+static void check_layer(ModelConfig c, const char *label) {
+    char err[ML_ERRLEN];
+    assert_int_equal(c.d_model, 8);
+    assert_int_equal(model_create(&lm, &c, err), 0);
+    randomise_params(lm);
+    gm = lm; /* fwd_model, for the gradient arena */
+    fwd_model();
+    assert_int_equal(model_backward(lm, err), 0);
+    gm = NULL;
+    test_fill(lay_x, LN * 8, 1.0f, 50);
+    test_fill(lay_out0, LN * 8, 1.0f, 51);
+    test_fill(lay_r, LN * 8, 1.0f, 52);
+    test_fill(lay_noise, LN * 8, 1.0f, 53);
+    MoeLayer *l = &lm->moe[0];
+    l->freeze = 0;
+    fwd_layer();
+    l->freeze = 1;
+    fwd_layer();
+    model_zero_grad(lm);
+    float dx[LN * 8], dout[LN * 8];
+    memcpy(dout, lay_r, sizeof dout);
+    assert_int_equal(moe_layer_backward(l, &lm->moe_scratch, &lm->config, lm->w.blocks[0].moe,
+                                        lm->g.blocks[0].moe, dx, dout, lay_x, 1.0f, NULL, err),
+                     0);
+    if (c.moe.capacity_factor > 0.0f && c.moe.kind != ROUTER_EXPERT_CHOICE &&
+        c.moe.kind != ROUTER_STRATIFIED) { /* drops happened */
+        int dropped = 0;
+        for (int e = 0; e < c.moe.experts; e++) dropped += l->tc.dropped[e];
+        if (dropped == 0) fail_msg("layer(%s): nothing dropped", label);
+    }
+    op_forward = fwd_layer;
+    op_out = &lay_loss;
+    op_r = &g_one;
+    op_nout = 1;
+    H_STEP = 1e-3;
+    char what[128];
+    snprintf(what, sizeof what, "layer(%s) dx", label);
+    check_grad(what, lay_x, dx, LN * 8);
+    snprintf(what, sizeof what, "layer(%s) dout0", label);
+    check_grad(what, lay_out0, dout, LN * 8);
+    for (int i = 0; i < lm->n_params; i++) {
+        const ParamInfo *p = &lm->params[i];
+        if (strncmp(p->name, "h.0.moe.", 8) != 0) continue;
+        snprintf(what, sizeof what, "layer(%s) %s", label, p->name);
+        size_t stride = p->numel > 24 ? p->numel / 24 : 1;
+        for (size_t j = 0; j < p->numel; j += stride)
+            check_grad(what, lm->param_mem + p->offset + j, lm->grad_mem + p->offset + j, 1);
+    }
+    H_STEP = 1e-2;
+    model_free(lm);
+    lm = NULL;
+}
+
+/* Every router and option, as layers: top-k k = 1, 2, 3 renormalised or
+** raw; router noise; capacity with drops for each token-choice router and
+** expert choice's own; threshold and top-p capped by max_k (p = 0.9 keeps
+** 3 or 4 of 4 experts uncapped, so the cap of 2 binds); HMoE with SwiGLU;
+** the learned router (weights 1: a gradient from an auxiliary loss alone);
+** each auxiliary loss alone; three strata (tokens make one to three
+** passes) with a sampled second choice, capacity and each auxiliary loss;
+** merged layers. Selections and drops are piecewise constant: check_layer
+** freezes them after the first forward, so the finite differences see the
+** smooth function of a fixed selection, whose gradient is what backward
+** computes; merged layers are not frozen and rely on their gate logits
+** being further apart than h (1e-3). */
+static void test_moe_layers(void **state) {
+    (void)state;
+    ModelConfig c = moe_config(ROUTER_TOPK);
+    check_layer(c, "topk k=2");
+    c.moe.normalize = 0;
+    check_layer(c, "topk k=2 raw");
+    c.moe.k = 3;
+    c.moe.normalize = 1;
+    check_layer(c, "topk k=3");
+    c.moe.k = 1; /* weight 1 whatever p: no gradient to the router */
+    check_layer(c, "topk k=1 renormalised");
+    c.moe.normalize = 0;
+    c.moe.noise = 1.0f;
+    check_layer(c, "topk k=1 raw noise");
+
+    RouterKind kinds[] = {ROUTER_TOPK, ROUTER_TOPK, ROUTER_THRESHOLD, ROUTER_TOPP, ROUTER_HASH,
+                          ROUTER_EXPERT_CHOICE};
+    const char *capacity_labels[] = {"topk capacity 0.5", "topk k=1 raw capacity 0.5",
+                                     "threshold capacity 0.5", "topp capacity 0.5",
+                                     "hash capacity 0.5", "expert choice capacity 1.5"};
+    for (int v = 0; v < 6; v++) {
+        c = moe_config(kinds[v]);
+        c.moe.capacity_factor = kinds[v] == ROUTER_EXPERT_CHOICE ? 1.5f : 0.5f;
+        c.moe.min_capacity = 0;
+        if (v == 1) {
+            c.moe.k = 1;
+            c.moe.normalize = 0;
+        }
+        check_layer(c, capacity_labels[v]);
+    }
+    check_layer(moe_config(ROUTER_EXPERT_CHOICE), "expert choice");
+
+    for (int v = 0; v < 2; v++) {
+        c = moe_config(v ? ROUTER_TOPP : ROUTER_THRESHOLD);
+        c.moe.max_k = 2;
+        c.moe.p = 0.9f;
+        c.moe.noise = (float)v;
+        check_layer(c, v ? "topp max_k 2 noise" : "threshold max_k 2");
+    }
+    c = moe_config(ROUTER_TOPP);
+    c.activation = ACT_SWIGLU;
+    for (int e = 0; e < 4; e++) c.moe.hidden[e] = 3 + e;
+    check_layer(c, "topp hmoe swiglu");
+    c = moe_config(ROUTER_HASH);
+    c.activation = ACT_RELU;
+    check_layer(c, "hash relu");
+    c = moe_config(ROUTER_LEARNED);
+    c.moe.bias = 1;
+    c.moe.aux_balance = 1.0f;
+    check_layer(c, "learned top-2 biases balance");
+
+    const char *aux_labels[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
+    for (int k = 0; k < AUX_KINDS; k++) { /* each alone; heterogeneous for p_penalty */
+        for (int v = 0; v < 2; v++) {
+            c = moe_config(v ? ROUTER_STRATIFIED : k == AUX_ENTROPY ? ROUTER_TOPP : ROUTER_TOPK);
+            if (v) {
+                c.moe.experts = 6;
+                c.moe.n_strata = 3;
+                c.moe.strata[0] = c.moe.strata[1] = c.moe.strata[2] = 2;
+            }
+            for (int e = 0; e < c.moe.experts; e++) c.moe.hidden[e] = 3 + e;
+            float *coef[] = {&c.moe.aux_balance, &c.moe.aux_z, &c.moe.aux_cv2, &c.moe.aux_p_penalty,
+                             &c.moe.aux_entropy};
+            *coef[k] = 1.0f;
+            char label[64];
+            snprintf(label, sizeof label, "%s aux %s", v ? "stratified x3" : config_router_name(c.moe.kind),
+                     aux_labels[k]);
+            check_layer(c, label);
+        }
+    }
+    for (int v = 0; v < 2; v++) {
+        c = moe_config(ROUTER_STRATIFIED);
+        c.moe.experts = 6;
+        c.moe.n_strata = 3;
+        for (int e = 0; e < 6; e++) c.moe.hidden[e] = 6;
+        c.moe.strata[0] = c.moe.strata[1] = c.moe.strata[2] = 2;
+        c.moe.second_sample = v;
+        if (v) {
+            c.moe.capacity_factor = 0.75f;
+            c.moe.min_capacity = 0;
+        }
+        check_layer(c, v ? "stratified x3 sampled capacity" : "stratified x3");
+    }
+    c = moe_config(ROUTER_MERGE);
+    c.moe.segment = 4; /* T = 6: the last segment short */
+    c.moe.token_attention = 2;
+    check_layer(c, "merge segment 4 r 2");
+    c.moe.segment = 0;
+    c.moe.token_attention = 0;
+    check_layer(c, "merge whole sequence");
+}
+
 /* A learned router's fit (moelab.fit_router): the cross-entropy of
 ** softmax(x · Wᵀ) against activation-mass shares q, and its gradient in W. */
 enum { FN = 10, FC = 8, FE = 4 };
@@ -597,6 +783,7 @@ int main(void) {
         cmocka_unit_test(test_moe_stratified),
         cmocka_unit_test(test_moe_merge),
         cmocka_unit_test(test_moe_all_with_biases),
+        cmocka_unit_test(test_moe_layers),
         cmocka_unit_test(test_router_fit),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
