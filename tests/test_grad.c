@@ -299,6 +299,7 @@ static float g_loss_out;
 static float g_one = 1.0f;
 static void fwd_model(void) {
     char err[ML_ERRLEN];
+    if (gm->training) model_seed_noise(gm, 5); /* the same router noise every forward */
     assert_int_equal(model_forward(gm, g_in, g_tg, 2, 6, err), 0);
     g_loss_out = gm->mean_loss + gm->aux_loss;
 }
@@ -332,11 +333,20 @@ static void randomise_params(Model *m) {
             for (size_t j = 0; j < m->params[i].numel; j++) m->param_mem[m->params[i].offset + j] += 1.0f;
 }
 
+/* When set (".moe."), check_config checks only the tensors whose names hold
+** it, and the ln_2 before each MoE layer (whose gradient is the layer's
+** input gradient), and fewer entries of each: time saved where the rest of
+** the model is checked already. */
+static const char *g_only;
+
 /* Checks every parameter tensor of a model of configuration c (sampled
-** entries); MoE selections are frozen after the first forward. */
+** entries); MoE selections are frozen after the first forward. With router
+** noise (c.moe.noise > 0) the model is in training and draws the same noise
+** every forward (fwd_model). */
 static void check_config(ModelConfig c, const char *label) {
     char err[ML_ERRLEN];
     assert_int_equal(model_create(&gm, &c, err), 0);
+    gm->training = c.moe.noise > 0.0f;
     for (int i = 0; i < 12; i++) {
         g_in[i] = (i * 7 + 3) % c.vocab;
         g_tg[i] = (i * 5 + 1) % c.vocab;
@@ -356,10 +366,11 @@ static void check_config(ModelConfig c, const char *label) {
     op_nout = 1;
     for (int i = 0; i < gm->n_params; i++) {
         const ParamInfo *p = &gm->params[i];
+        if (g_only && !strstr(p->name, g_only) && !strstr(p->name, "ln_2")) continue;
         char what[128];
         snprintf(what, sizeof what, "model(%s) %s", label, p->name);
-        /* at most 24 entries per tensor, spread over it */
-        size_t stride = p->numel > 24 ? p->numel / 24 : 1;
+        /* at most 24 entries per tensor (8 with g_only), spread over it */
+        size_t most = g_only ? 8 : 24, stride = p->numel > most ? p->numel / most : 1;
         for (size_t j = 0; j < p->numel; j += stride)
             check_grad(what, gm->param_mem + p->offset + j, gm->grad_mem + p->offset + j, 1);
     }
@@ -723,6 +734,35 @@ static void test_moe_layers(void **state) {
     check_layer(c, "merge whole sequence");
 }
 
+/* In the whole model (only the MoE layers' tensors and the ln_2 before
+** them: g_only): router noise, which the model draws in training, held
+** fixed by fwd_model; and three strata, whose later passes add to the
+** residual's gradient through their norms. */
+static void test_moe_model_noise_strata(void **state) {
+    (void)state;
+    g_only = ".moe.";
+    ModelConfig c = moe_config(ROUTER_TOPK);
+    c.moe.noise = 1.0f;
+    c.moe.aux_z = 1.0f;
+    check_config(c, "moe topk noise z");
+    c = moe_config(ROUTER_STRATIFIED);
+    c.moe.experts = 6;
+    c.moe.n_strata = 3;
+    for (int e = 0; e < 6; e++) c.moe.hidden[e] = 6;
+    c.moe.strata[0] = c.moe.strata[1] = c.moe.strata[2] = 2;
+    check_config(c, "stratified x3");
+    g_only = NULL;
+    char err[ML_ERRLEN];
+    Model *m;
+    assert_int_equal(model_create(&m, &c, err), 0);
+    assert_int_equal(model_forward(m, g_in, g_tg, 2, 6, err), 0);
+    int three = 0;
+    for (int l = 0; l < 2; l++)
+        for (int t = 0; t < 12; t++) three += moe_trace_token(&m->moe[l], &c.moe, c.activation, t).passes == 3;
+    if (three == 0) fail_msg("stratified x3: no token made three passes");
+    model_free(m);
+}
+
 /* A learned router's fit (moelab.fit_router): the cross-entropy of
 ** softmax(x · Wᵀ) against activation-mass shares q, and its gradient in W. */
 enum { FN = 10, FC = 8, FE = 4 };
@@ -784,6 +824,7 @@ int main(void) {
         cmocka_unit_test(test_moe_merge),
         cmocka_unit_test(test_moe_all_with_biases),
         cmocka_unit_test(test_moe_layers),
+        cmocka_unit_test(test_moe_model_noise_strata),
         cmocka_unit_test(test_router_fit),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
