@@ -565,6 +565,8 @@ enum { LN = 12 };
 static Model *lm;
 static float lay_x[LN * 8], lay_out0[LN * 8], lay_out[LN * 8], lay_r[LN * 8], lay_noise[LN * 8];
 static float lay_loss;
+static double lay_base; /* L at the start: lay_loss is L less it, so that the float
+                        ** op_loss reads keeps the digits of the differences */
 static void fwd_layer(void) {
     char err[ML_ERRLEN];
     const ModelConfig *c = &lm->config;
@@ -574,7 +576,7 @@ static void fwd_layer(void) {
                      0);
     double sum = lm->moe[0].aux_weighted;
     for (int i = 0; i < LN * 8; i++) sum += (double)lay_out[i] * lay_r[i];
-    lay_loss = (float)sum;
+    lay_loss = (float)(sum - lay_base);
 }
 
 static void check_layer(ModelConfig c, const char *label) {
@@ -594,7 +596,9 @@ static void check_layer(ModelConfig c, const char *label) {
     l->freeze = 0;
     fwd_layer();
     l->freeze = 1;
+    lay_base = 0.0;
     fwd_layer();
+    lay_base = lay_loss;
     model_zero_grad(lm);
     float dx[LN * 8], dout[LN * 8];
     memcpy(dout, lay_r, sizeof dout);
