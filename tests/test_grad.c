@@ -10,6 +10,7 @@
 
 #include "config.h"
 #include "model.h"
+#include "moe/moe.h"
 #include "ops.h"
 
 static double H_STEP = 1e-2; /* the models use 1e-3: ReLU kinks */
@@ -298,6 +299,7 @@ static float g_loss_out;
 static float g_one = 1.0f;
 static void fwd_model(void) {
     char err[ML_ERRLEN];
+    if (gm->training) model_seed_noise(gm, 5); /* the same router noise every forward */
     assert_int_equal(model_forward(gm, g_in, g_tg, 2, 6, err), 0);
     g_loss_out = gm->mean_loss + gm->aux_loss;
 }
@@ -319,24 +321,37 @@ static ModelConfig small_config(NormKind norm, ActKind act, int tied) {
     return c;
 }
 
+/* Biases and norm weights start at 0 and 1, token attention's Up at 0:
+** randomised too, norm weights around 1. */
+static void randomise_params(Model *m) {
+    for (int i = 0; i < m->n_params; i++)
+        if (m->params[i].ndim == 1 || strstr(m->params[i].name, "up.weight"))
+            test_fill(m->param_mem + m->params[i].offset, m->params[i].numel, 0.5f, 30 + i);
+    for (int i = 0; i < m->n_params; i++)
+        if (strstr(m->params[i].name, "ln") && m->params[i].ndim == 1 &&
+            strstr(m->params[i].name, "weight"))
+            for (size_t j = 0; j < m->params[i].numel; j++) m->param_mem[m->params[i].offset + j] += 1.0f;
+}
+
+/* When set (".moe."), check_config checks only the tensors whose names hold
+** it, and the ln_2 before each MoE layer (whose gradient is the layer's
+** input gradient), and fewer entries of each: time saved where the rest of
+** the model is checked already. */
+static const char *g_only;
+
 /* Checks every parameter tensor of a model of configuration c (sampled
-** entries); MoE selections are frozen after the first forward. */
+** entries); MoE selections are frozen after the first forward. With router
+** noise (c.moe.noise > 0) the model is in training and draws the same noise
+** every forward (fwd_model). */
 static void check_config(ModelConfig c, const char *label) {
     char err[ML_ERRLEN];
     assert_int_equal(model_create(&gm, &c, err), 0);
+    gm->training = c.moe.noise > 0.0f;
     for (int i = 0; i < 12; i++) {
         g_in[i] = (i * 7 + 3) % c.vocab;
         g_tg[i] = (i * 5 + 1) % c.vocab;
     }
-    /* biases and norm weights start at 0 and 1, token attention's Up at 0:
-    ** randomise them too */
-    for (int i = 0; i < gm->n_params; i++)
-        if (gm->params[i].ndim == 1 || strstr(gm->params[i].name, "up.weight"))
-            test_fill(gm->param_mem + gm->params[i].offset, gm->params[i].numel, 0.5f, 30 + i);
-    for (int i = 0; i < gm->n_params; i++)
-        if (strstr(gm->params[i].name, "ln") && gm->params[i].ndim == 1 &&
-            strstr(gm->params[i].name, "weight"))
-            for (size_t j = 0; j < gm->params[i].numel; j++) gm->param_mem[gm->params[i].offset + j] += 1.0f;
+    randomise_params(gm);
     fwd_model();
     for (int l = 0; l < c.layers; l++) gm->moe[l].freeze = config_is_moe_block(&c, l);
     model_zero_grad(gm);
@@ -351,10 +366,11 @@ static void check_config(ModelConfig c, const char *label) {
     op_nout = 1;
     for (int i = 0; i < gm->n_params; i++) {
         const ParamInfo *p = &gm->params[i];
+        if (g_only && !strstr(p->name, g_only) && !strstr(p->name, "ln_2")) continue;
         char what[128];
         snprintf(what, sizeof what, "model(%s) %s", label, p->name);
-        /* at most 24 entries per tensor, spread over it */
-        size_t stride = p->numel > 24 ? p->numel / 24 : 1;
+        /* at most 24 entries per tensor (8 with g_only), spread over it */
+        size_t most = g_only ? 8 : 24, stride = p->numel > most ? p->numel / most : 1;
         for (size_t j = 0; j < p->numel; j += stride)
             check_grad(what, gm->param_mem + p->offset + j, gm->grad_mem + p->offset + j, 1);
     }
@@ -536,6 +552,257 @@ static void test_moe_all_with_biases(void **state) {
     check_config(c, "moe learned threshold with biases");
 }
 
+/* ------------------------------------------------------------------------ */
+/* router and expert options not covered above                              */
+
+/* One MoE layer as an op (block 0's, with the model's weights): L = Σ out ⊙ R
+** + the layer's weighted auxiliary loss, out = out0 + MoE(x), so the
+** gradients are of order one, where the whole model's are often below
+** check_grad's absolute tolerance. Checks dx, d out0 (a stratified layer's
+** later passes normalise out0 too) and every tensor of the layer. The
+** selection is frozen after the first forward, as in check_config. */
+enum { LN = 12 };
+static Model *lm;
+static float lay_x[LN * 8], lay_out0[LN * 8], lay_out[LN * 8], lay_r[LN * 8], lay_noise[LN * 8];
+static float lay_loss;
+static double lay_base; /* L at the start: lay_loss is L less it, so that the float
+                        ** op_loss reads keeps the digits of the differences */
+static void fwd_layer(void) {
+    char err[ML_ERRLEN];
+    const ModelConfig *c = &lm->config;
+    memcpy(lay_out, lay_out0, sizeof lay_out);
+    assert_int_equal(moe_layer_forward(&lm->moe[0], c, lm->w.blocks[0].moe, lm->hash_map, lay_out, lay_x,
+                                       g_in, c->moe.noise > 0.0f ? lay_noise : NULL, 2, 6, 7, err),
+                     0);
+    double sum = lm->moe[0].aux_weighted;
+    for (int i = 0; i < LN * 8; i++) sum += (double)lay_out[i] * lay_r[i];
+    lay_loss = (float)(sum - lay_base);
+}
+
+static void check_layer(ModelConfig c, const char *label) {
+    char err[ML_ERRLEN];
+    assert_int_equal(c.d_model, 8);
+    assert_int_equal(model_create(&lm, &c, err), 0);
+    randomise_params(lm);
+    gm = lm; /* fwd_model, for the gradient arena */
+    fwd_model();
+    assert_int_equal(model_backward(lm, err), 0);
+    gm = NULL;
+    test_fill(lay_x, LN * 8, 1.0f, 50);
+    test_fill(lay_out0, LN * 8, 1.0f, 51);
+    test_fill(lay_r, LN * 8, 1.0f, 52);
+    test_fill(lay_noise, LN * 8, 1.0f, 53);
+    MoeLayer *l = &lm->moe[0];
+    l->freeze = 0;
+    fwd_layer();
+    l->freeze = 1;
+    lay_base = 0.0;
+    fwd_layer();
+    lay_base = lay_loss;
+    model_zero_grad(lm);
+    float dx[LN * 8], dout[LN * 8];
+    memcpy(dout, lay_r, sizeof dout);
+    assert_int_equal(moe_layer_backward(l, &lm->moe_scratch, &lm->config, lm->w.blocks[0].moe,
+                                        lm->g.blocks[0].moe, dx, dout, lay_x, 1.0f, NULL, err),
+                     0);
+    if (c.moe.capacity_factor > 0.0f && c.moe.kind != ROUTER_EXPERT_CHOICE &&
+        c.moe.kind != ROUTER_STRATIFIED) { /* drops happened */
+        int dropped = 0;
+        for (int e = 0; e < c.moe.experts; e++) dropped += l->tc.dropped[e];
+        if (dropped == 0) fail_msg("layer(%s): nothing dropped", label);
+    }
+    op_forward = fwd_layer;
+    op_out = &lay_loss;
+    op_r = &g_one;
+    op_nout = 1;
+    H_STEP = 1e-3;
+    char what[128];
+    snprintf(what, sizeof what, "layer(%s) dx", label);
+    check_grad(what, lay_x, dx, LN * 8);
+    snprintf(what, sizeof what, "layer(%s) dout0", label);
+    check_grad(what, lay_out0, dout, LN * 8);
+    for (int i = 0; i < lm->n_params; i++) {
+        const ParamInfo *p = &lm->params[i];
+        if (strncmp(p->name, "h.0.moe.", 8) != 0) continue;
+        snprintf(what, sizeof what, "layer(%s) %s", label, p->name);
+        size_t stride = p->numel > 24 ? p->numel / 24 : 1;
+        for (size_t j = 0; j < p->numel; j += stride)
+            check_grad(what, lm->param_mem + p->offset + j, lm->grad_mem + p->offset + j, 1);
+    }
+    H_STEP = 1e-2;
+    model_free(lm);
+    lm = NULL;
+}
+
+/* Every router and option, as layers: top-k k = 1, 2, 3 renormalised or
+** raw; router noise; capacity with drops for each token-choice router and
+** expert choice's own; threshold and top-p capped by max_k (p = 0.9 keeps
+** 3 or 4 of 4 experts uncapped, so the cap of 2 binds); HMoE with SwiGLU;
+** the learned router (weights 1: a gradient from an auxiliary loss alone);
+** each auxiliary loss alone; three strata (tokens make one to three
+** passes) with a sampled second choice, capacity and each auxiliary loss;
+** merged layers. Selections and drops are piecewise constant: check_layer
+** freezes them after the first forward, so the finite differences see the
+** smooth function of a fixed selection, whose gradient is what backward
+** computes; merged layers are not frozen and rely on their gate logits
+** being further apart than h (1e-3). */
+static void test_moe_layers(void **state) {
+    (void)state;
+    ModelConfig c = moe_config(ROUTER_TOPK);
+    check_layer(c, "topk k=2");
+    c.moe.normalize = 0;
+    check_layer(c, "topk k=2 raw");
+    c.moe.k = 3;
+    c.moe.normalize = 1;
+    check_layer(c, "topk k=3");
+    c.moe.k = 1; /* weight 1 whatever p: no gradient to the router */
+    check_layer(c, "topk k=1 renormalised");
+    c.moe.normalize = 0;
+    c.moe.noise = 1.0f;
+    check_layer(c, "topk k=1 raw noise");
+
+    RouterKind kinds[] = {ROUTER_TOPK, ROUTER_TOPK, ROUTER_THRESHOLD, ROUTER_TOPP, ROUTER_HASH,
+                          ROUTER_EXPERT_CHOICE};
+    const char *capacity_labels[] = {"topk capacity 0.5", "topk k=1 raw capacity 0.5",
+                                     "threshold capacity 0.5", "topp capacity 0.5",
+                                     "hash capacity 0.5", "expert choice capacity 1.5"};
+    for (int v = 0; v < 6; v++) {
+        c = moe_config(kinds[v]);
+        c.moe.capacity_factor = kinds[v] == ROUTER_EXPERT_CHOICE ? 1.5f : 0.5f;
+        c.moe.min_capacity = 0;
+        if (v == 1) {
+            c.moe.k = 1;
+            c.moe.normalize = 0;
+        }
+        check_layer(c, capacity_labels[v]);
+    }
+    check_layer(moe_config(ROUTER_EXPERT_CHOICE), "expert choice");
+
+    for (int v = 0; v < 2; v++) {
+        c = moe_config(v ? ROUTER_TOPP : ROUTER_THRESHOLD);
+        c.moe.max_k = 2;
+        c.moe.p = 0.9f;
+        c.moe.noise = (float)v;
+        check_layer(c, v ? "topp max_k 2 noise" : "threshold max_k 2");
+    }
+    c = moe_config(ROUTER_TOPP);
+    c.activation = ACT_SWIGLU;
+    for (int e = 0; e < 4; e++) c.moe.hidden[e] = 3 + e;
+    check_layer(c, "topp hmoe swiglu");
+    c = moe_config(ROUTER_HASH);
+    c.activation = ACT_RELU;
+    check_layer(c, "hash relu");
+    c = moe_config(ROUTER_LEARNED);
+    c.moe.bias = 1;
+    c.moe.aux_balance = 1.0f;
+    check_layer(c, "learned top-2 biases balance");
+
+    const char *aux_labels[] = {"balance", "z", "cv2", "p_penalty", "entropy"};
+    for (int k = 0; k < AUX_KINDS; k++) { /* each alone; heterogeneous for p_penalty */
+        for (int v = 0; v < 2; v++) {
+            c = moe_config(v ? ROUTER_STRATIFIED : k == AUX_ENTROPY ? ROUTER_TOPP : ROUTER_TOPK);
+            if (v) {
+                c.moe.experts = 6;
+                c.moe.n_strata = 3;
+                c.moe.strata[0] = c.moe.strata[1] = c.moe.strata[2] = 2;
+            }
+            for (int e = 0; e < c.moe.experts; e++) c.moe.hidden[e] = 3 + e;
+            float *coef[] = {&c.moe.aux_balance, &c.moe.aux_z, &c.moe.aux_cv2, &c.moe.aux_p_penalty,
+                             &c.moe.aux_entropy};
+            *coef[k] = 1.0f;
+            char label[64];
+            snprintf(label, sizeof label, "%s aux %s", v ? "stratified x3" : config_router_name(c.moe.kind),
+                     aux_labels[k]);
+            check_layer(c, label);
+        }
+    }
+    for (int v = 0; v < 2; v++) {
+        c = moe_config(ROUTER_STRATIFIED);
+        c.moe.experts = 6;
+        c.moe.n_strata = 3;
+        for (int e = 0; e < 6; e++) c.moe.hidden[e] = 6;
+        c.moe.strata[0] = c.moe.strata[1] = c.moe.strata[2] = 2;
+        c.moe.second_sample = v;
+        if (v) {
+            c.moe.capacity_factor = 0.75f;
+            c.moe.min_capacity = 0;
+        }
+        check_layer(c, v ? "stratified x3 sampled capacity" : "stratified x3");
+    }
+    c = moe_config(ROUTER_MERGE);
+    c.moe.segment = 4; /* T = 6: the last segment short */
+    c.moe.token_attention = 2;
+    check_layer(c, "merge segment 4 r 2");
+    c.moe.segment = 0;
+    c.moe.token_attention = 0;
+    check_layer(c, "merge whole sequence");
+}
+
+/* In the whole model (only the MoE layers' tensors and the ln_2 before
+** them: g_only): router noise, which the model draws in training, held
+** fixed by fwd_model; and three strata, whose later passes add to the
+** residual's gradient through their norms. */
+static void test_moe_model_noise_strata(void **state) {
+    (void)state;
+    g_only = ".moe.";
+    ModelConfig c = moe_config(ROUTER_TOPK);
+    c.moe.noise = 1.0f;
+    c.moe.aux_z = 1.0f;
+    check_config(c, "moe topk noise z");
+    c = moe_config(ROUTER_STRATIFIED);
+    c.moe.experts = 6;
+    c.moe.n_strata = 3;
+    for (int e = 0; e < 6; e++) c.moe.hidden[e] = 6;
+    c.moe.strata[0] = c.moe.strata[1] = c.moe.strata[2] = 2;
+    check_config(c, "stratified x3");
+    g_only = NULL;
+    char err[ML_ERRLEN];
+    Model *m;
+    assert_int_equal(model_create(&m, &c, err), 0);
+    assert_int_equal(model_forward(m, g_in, g_tg, 2, 6, err), 0);
+    int three = 0;
+    for (int l = 0; l < 2; l++)
+        for (int t = 0; t < 12; t++) three += moe_trace_token(&m->moe[l], &c.moe, c.activation, t).passes == 3;
+    if (three == 0) fail_msg("stratified x3: no token made three passes");
+    model_free(m);
+}
+
+/* A learned router's fit (moelab.fit_router): the cross-entropy of
+** softmax(x · Wᵀ) against activation-mass shares q, and its gradient in W. */
+enum { FN = 10, FC = 8, FE = 4 };
+static float fit_x[FN * FC], fit_w[FE * FC], fit_q[FN * FE], fit_p[FN * FE], fit_loss;
+static MoeConfig fit_mc;
+static void fwd_fit(void) {
+    double recall = 0.0;
+    float grad[FE * FC];
+    fit_loss = (float)moe_router_fit_loss(grad, fit_p, fit_x, fit_w, fit_q, &fit_mc, FN, FC, FE, &recall);
+}
+
+static void test_router_fit(void **state) {
+    (void)state;
+    test_fill(fit_x, FN * FC, 1.0f, 40);
+    test_fill(fit_w, FE * FC, 1.0f, 41);
+    test_fill(fit_q, FN * FE, 1.0f, 42);
+    for (int t = 0; t < FN; t++) { /* shares: >= 0, summing to 1, one of them 0 */
+        float *q = fit_q + t * FE, sum = 0.0f;
+        for (int e = 0; e < FE; e++) sum += q[e] = e == t % FE ? 0.0f : fabsf(q[e]) + 0.1f;
+        for (int e = 0; e < FE; e++) q[e] /= sum;
+    }
+    ModelConfig c = moe_config(ROUTER_LEARNED);
+    fit_mc = c.moe;
+    float grad[FE * FC];
+    double recall = 0.0;
+    moe_router_fit_loss(grad, fit_p, fit_x, fit_w, fit_q, &fit_mc, FN, FC, FE, &recall);
+    assert_true(recall > 0.0 && recall <= 1.0 + 1e-6);
+    op_forward = fwd_fit;
+    op_out = &fit_loss;
+    op_r = &g_one;
+    op_nout = 1;
+    H_STEP = 1e-3;
+    check_grad("router fit dW", fit_w, grad, FE * FC);
+    H_STEP = 1e-2;
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layernorm),
@@ -560,6 +827,9 @@ int main(void) {
         cmocka_unit_test(test_moe_stratified),
         cmocka_unit_test(test_moe_merge),
         cmocka_unit_test(test_moe_all_with_biases),
+        cmocka_unit_test(test_moe_layers),
+        cmocka_unit_test(test_moe_model_noise_strata),
+        cmocka_unit_test(test_router_fit),
     };
     return cmocka_run_group_tests_name("gradients", tests, NULL, NULL);
 }

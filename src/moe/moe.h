@@ -288,6 +288,13 @@ void moe_pass_sparsity(const MoeState *s, const MoeConfig *mc, int first, float 
 ** moe_fit_routers fits learned routers to it. */
 void moe_mass_shares(const MoeState *s, const MoeConfig *mc, int t, float *share);
 
+/* moefy.c: one learned router's fitting loss (moe_fit_routers, model.h): the
+** mean cross-entropy of softmax(x · Wᵀ) against each expert's share q (N, E)
+** of the activation mass; grad (E, C) = d loss / d W, and the share that the
+** router's own choice covers added to recall. p (N, E) is scratch. */
+double moe_router_fit_loss(float *grad, float *p, const float *x, const float *W, const float *q,
+                           const MoeConfig *mc, int N, int C, int E, double *recall);
+
 /* merge.c */
 int merge_forward(MoeLayer *l, const ModelConfig *c, const MoeWeights *w, float *out,
                   const float *x, int B, int T, char *err);

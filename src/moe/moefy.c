@@ -214,6 +214,36 @@ int moe_moefy(Model **out, const Model *dense, int E, int kmeans, uint64_t seed,
 ** 0.999) on W alone. recall is the share of the mass that the router's own
 ** choice (its select, k or p) covers.
 */
+/* One layer's fit: the mean over the N tokens of the cross-entropy of
+** softmax(x · Wᵀ) against the shares q (N, E); grad (E, C) = d loss / d W;
+** adds to recall the mean share that the router's choice covers. p (N, E)
+** is scratch. x (N, C), W (E, C). */
+double moe_router_fit_loss(float *grad, float *p, const float *x, const float *W, const float *q,
+                           const MoeConfig *mc, int N, int C, int E, double *recall) {
+    double loss = 0.0;
+    matmul_forward(p, x, W, NULL, N, C, E, 0.0f);
+    for (int t = 0; t < N; t++) {
+        float *pt = p + (size_t)t * E;
+        const float *qt = q + (size_t)t * E;
+        float maxv = pt[0];
+        for (int e = 1; e < E; e++) maxv = pt[e] > maxv ? pt[e] : maxv;
+        double sum = 0.0;
+        for (int e = 0; e < E; e++) sum += pt[e] = expf(pt[e] - maxv);
+        for (int e = 0; e < E; e++) {
+            pt[e] = (float)(pt[e] / sum);
+            if (qt[e] > 0.0f) loss -= qt[e] * log(pt[e] > 1e-30f ? pt[e] : 1e-30f) / N;
+        }
+        int ex[MOE_MAX_EXPERTS];
+        float wt[MOE_MAX_EXPERTS];
+        int n = mc->select_threshold ? router_select_threshold(pt, E, mc->p, 0, 0, ex, wt)
+                                     : router_select_topk(pt, E, mc->k, 0, ex, wt);
+        for (int i = 0; i < n; i++) *recall += qt[ex[i]] / N;
+        for (int e = 0; e < E; e++) pt[e] = (pt[e] - qt[e]) / N; /* d loss / d logit */
+    }
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, p, E, x, C, 0.0f, grad, C);
+    return loss;
+}
+
 int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr, uint64_t seed,
                     MoeFit *fit, char *err) {
     const ModelConfig *c = &m->config;
@@ -258,27 +288,7 @@ int moe_fit_routers(Model *m, const Corpus *corpus, int steps, int B, float lr, 
             const float *x = m->acts.blocks[l].ln2;
             float *W = m->w.blocks[l].moe->router;
             for (int t = 0; t < N; t++) moe_mass_shares(s, mc, t, q + (size_t)t * E);
-            matmul_forward(p, x, W, NULL, N, C, E, 0.0f);
-            for (int t = 0; t < N; t++) {
-                float *pt = p + (size_t)t * E;
-                const float *qt = q + (size_t)t * E;
-                float maxv = pt[0];
-                for (int e = 1; e < E; e++) maxv = pt[e] > maxv ? pt[e] : maxv;
-                double sum = 0.0;
-                for (int e = 0; e < E; e++) sum += pt[e] = expf(pt[e] - maxv);
-                for (int e = 0; e < E; e++) {
-                    pt[e] = (float)(pt[e] / sum);
-                    if (qt[e] > 0.0f) loss -= qt[e] * log(pt[e] > 1e-30f ? pt[e] : 1e-30f) / N;
-                }
-                int ex[MOE_MAX_EXPERTS];
-                float wt[MOE_MAX_EXPERTS];
-                int n = mc->select_threshold ? router_select_threshold(pt, E, mc->p, 0, 0, ex, wt)
-                                             : router_select_topk(pt, E, mc->k, 0, ex, wt);
-                for (int i = 0; i < n; i++) recall += qt[ex[i]] / N;
-                for (int e = 0; e < E; e++) pt[e] = (pt[e] - qt[e]) / N; /* d loss / d logit */
-            }
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, p, E, x, C, 0.0f,
-                        grad, C);
+            loss += moe_router_fit_loss(grad, p, x, W, q, mc, N, C, E, &recall);
             float *m1 = mom + 2 * EC * (size_t)l, *m2 = m1 + EC;
             float bc1 = 1.0f - powf(0.9f, (float)(step + 1)), bc2 = 1.0f - powf(0.999f, (float)(step + 1));
             for (size_t i = 0; i < EC; i++) {
