@@ -910,10 +910,12 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
         int fuse = o->clip <= 0.0f && ranks == 1 && above < TRAIN_EXPLODE_STEPS - 1;
         if ((rc = trainer_gradients(t, B, fuse ? &adamw : NULL, &loss, &moe_flops, err)) != 0)
             break;
+        /* the step that stops the run is named as metrics would number it,
+        ** t->step + 1: the one after the last row kept */
         if (!isfinite(loss) || !isfinite(m->aux_loss)) {
             status = "diverged";
             snprintf(status_msg, sizeof status_msg, "loss became %s at step %lld; training stopped",
-                     isnan(loss) || isnan(m->aux_loss) ? "NaN" : "infinite", (long long)t->step);
+                     isnan(loss) || isnan(m->aux_loss) ? "NaN" : "infinite", (long long)t->step + 1);
             break;
         }
         if (s == 0) first_loss = loss;
@@ -922,7 +924,7 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
             status = "diverged";
             snprintf(status_msg, sizeof status_msg,
                      "loss exploded: %g at step %lld, more than %g nats above the first step's "
-                     "%g for %d steps in a row; training stopped", loss, (long long)t->step,
+                     "%g for %d steps in a row; training stopped", loss, (long long)t->step + 1,
                      TRAIN_EXPLODE_MARGIN, first_loss, TRAIN_EXPLODE_STEPS);
             break;
         }

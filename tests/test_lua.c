@@ -1790,6 +1790,12 @@ static void test_divergence(void **state) {
     assert_int_equal(db_int(db, "SELECT count(*) FROM metrics WHERE split = 'train' AND step <= 5 "
                                 "AND loss IS NOT NULL"), 5);
     assert_int_equal(db_int(db, "SELECT json_extract(config, '$.train.steps') FROM runs"), 50);
+    /* the step named is the one that blew up, numbered as metrics numbers the
+    ** steps (from 1, over both calls): the one after the last row kept */
+    db_text(db, "SELECT error FROM runs", buf, sizeof buf);
+    char want[64];
+    snprintf(want, sizeof want, "at step %d;", 5 + steps + 1);
+    if (!strstr(buf, want)) fail_msg("runs.error is '%s', expected '%s'", buf, want);
     sqlite3_close(db);
 }
 
@@ -1813,6 +1819,11 @@ static void test_exploding_loss_diverges(void **state) {
     if (!strstr(buf, "loss exploded") || !strstr(buf, "at step") || !strstr(buf, "10 steps"))
         fail_msg("runs.error is '%s'", buf);
     assert_lua(L, "worst > 100 and worst < math.huge"); /* finite: not the NaN rule */
+    /* the step named is the one that blew up, after the last recorded row (the
+    ** row with the step's number would hold another step's loss) */
+    run_ok(L, "last = db:query(\"SELECT MAX(step) AS s FROM metrics WHERE split = 'train'\")[1].s\n"
+              "named = tonumber(err:match('at step (%d+)'))");
+    assert_lua(L, "named == last + 1 and named == t.steps + 1");
     /* an ordinary run is not caught by it */
     run_ok(L, "ok = db:run{ name = 'fine', model = moelab.model(tiny()), data = data }"
               ":train(fast{ steps = 40 })");
