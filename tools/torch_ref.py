@@ -492,6 +492,7 @@ class StratifiedMoE(nn.Module):
         h = x.reshape(B * T, d).clone()
         state = torch.zeros(B * T, dtype=torch.long, device=x.device)
         L = len(self.strata)
+        balances = []
         for s in range(L):
             rows = (state == s).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
@@ -501,6 +502,10 @@ class StratifiedMoE(nn.Module):
             p = (u.float() @ self.routers[s].weight.float().t()).softmax(dim=-1)
             m = self.first[s]
             top_p, top_e = top_k(p, min(2, p.shape[1]))
+            # the pass's balance loss over its visible experts (MoE.forward's formula)
+            Es = p.shape[1]
+            f = torch.bincount(top_e[:, 0].detach(), minlength=Es).to(p.dtype) / p.shape[0]
+            balances.append(Es * (f * p.mean(dim=0)).sum())
             w = top_p / top_p.sum(dim=-1, keepdim=True)
             y = torch.zeros_like(u)
             for i in range(top_e.shape[1]):
@@ -514,6 +519,7 @@ class StratifiedMoE(nn.Module):
             stratum = torch.bucketize(first_global, torch.tensor(self.first[1:], device=x.device),
                                       right=True)
             state = state.index_copy(0, rows, stratum + 1)
+        self.balance = torch.stack(balances).mean()   # averaged over the passes that ran
         return h.view(B, T, d)
 
 
