@@ -411,6 +411,53 @@ static void test_evaluate_options(void **state) {
     corpus_free(corpus);
 }
 
+/* eval_every asks for evaluations during training, which need a window of
+** the validation split: without one they were skipped, no validation curve
+** and val_loss NaN, without a word. A validation split too short (or none,
+** split = 1) still trains without evaluations when none is asked for. */
+static void test_train_eval_every_needs_val_window(void **state) {
+    (void)state;
+    char text[160], err[ML_ERRLEN];
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + i % 7);
+    ModelConfig c = test_tiny_config(); /* context 16 */
+    Corpus *tiny_val, *no_val;
+    Model *m;
+    Trainer t;
+    /* 152 bytes train, 8 validate: fewer than context + 1 */
+    assert_int_equal(corpus_from_bytes(&tiny_val, (const uint8_t *)text, sizeof text, 0.95, err), 0);
+    assert_int_equal(corpus_from_bytes(&no_val, (const uint8_t *)text, sizeof text, 1.0, err), 0);
+    assert_int_equal(model_create(&m, &c, err), 0);
+    TrainOptions o;
+    TrainResult res;
+    train_options_defaults(&o);
+    o.steps = 2;
+    o.batch = 2;
+    o.progress = 0;
+    o.eval_every = 1;
+    assert_int_equal(trainer_init(&t, m, tiny_val, NULL, 0, "tiny val", 1, err), 0);
+    assert_int_equal(trainer_train(&t, &o, &res, err), -1);
+    if (!strstr(err, "train: eval_every: context 16 is longer than the corpus's val split (8 bytes)"))
+        fail_msg("%s", err);
+    assert_int_equal(res.steps, 0); /* refused before any step */
+    o.eval_every = 0; /* none asked for: it trains without */
+    if (trainer_train(&t, &o, &res, err) != 0) fail_msg("%s", err);
+    assert_true(isnan(res.val_loss));
+    trainer_free(&t);
+    assert_int_equal(trainer_init(&t, m, no_val, NULL, 0, "no val", 1, err), 0);
+    if (trainer_train(&t, &o, &res, err) != 0) fail_msg("%s", err);
+    assert_true(isnan(res.val_loss));
+    o.eval_every = 1;
+    assert_int_equal(trainer_train(&t, &o, &res, err), -1);
+    if (!strstr(err, "train: eval_every: context 16 is longer than the corpus's val split (0 bytes)"))
+        fail_msg("%s", err);
+    o.eval_batches = 0; /* no evaluations at all: eval_every says nothing */
+    if (trainer_train(&t, &o, &res, err) != 0) fail_msg("%s", err);
+    trainer_free(&t);
+    model_free(m);
+    corpus_free(tiny_val);
+    corpus_free(no_val);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adamw_by_hand),
@@ -423,6 +470,7 @@ int main(void) {
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_evaluate_options),
+        cmocka_unit_test(test_train_eval_every_needs_val_window),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
 }
