@@ -9,6 +9,8 @@
 #include <omp.h>
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <gsl/gsl_rng.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -458,6 +460,37 @@ static void test_train_eval_every_needs_val_window(void **state) {
     corpus_free(no_val);
 }
 
+/* A split of more than 2^32 − 1 windows (a corpus of over 4 GiB): its
+** offsets were drawn by gsl_rng_uniform_int, which takes at most 2^32 − 1,
+** and GSL's error handler aborted the process at the first batch. Untouched
+** pages of an anonymous mapping read as zeros and take no memory: only the
+** 64 MiB past 2^32 are written, each byte its position's low bits + 1. */
+static void test_corpus_batch_beyond_32_bits(void **state) {
+    (void)state;
+    size_t low = (size_t)1 << 32, high = (size_t)1 << 26, n = low + high;
+    uint8_t *bytes = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                          -1, 0);
+    if (bytes == MAP_FAILED) skip();
+    for (size_t i = low; i < n; i++) bytes[i] = (uint8_t)(1 + i % 251);
+    Corpus c = {.bytes = bytes, .n = n, .n_train = n, .split = 1.0};
+    enum { B = 1024, T = 2 };
+    static int inputs[B * T], targets[B * T];
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, 1);
+    corpus_batch(&c, SPLIT_TRAIN, rng, B, T, inputs, targets);
+    gsl_rng_free(rng);
+    int beyond = 0; /* rows drawn past 2^32: about B / 65 */
+    for (int b = 0; b < B; b++) {
+        const int *in = inputs + b * T, *tg = targets + b * T;
+        assert_int_equal(tg[0], in[1]); /* targets: the next bytes */
+        if (in[0] == 0) continue;
+        beyond++;
+        assert_int_equal(tg[T - 1], 1 + (in[T - 1] - 1 + 1) % 251);
+    }
+    if (beyond < 4) fail_msg("%d rows of %d past 2^32", beyond, B);
+    munmap(bytes, n);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adamw_by_hand),
@@ -471,6 +504,7 @@ int main(void) {
         cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_evaluate_options),
         cmocka_unit_test(test_train_eval_every_needs_val_window),
+        cmocka_unit_test(test_corpus_batch_beyond_32_bits),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
 }
