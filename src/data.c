@@ -3,6 +3,7 @@
 */
 #include "data.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <gsl/gsl_rng.h>
 #include <stdio.h>
@@ -104,12 +105,28 @@ void corpus_batch(const Corpus *c, Split s, void *rng, int B, int T, int *inputs
     corpus_batch_part(c, s, rng, B, 0, B, T, inputs, targets);
 }
 
+/* An offset uniform in [0, windows). gsl_rng_uniform_int takes at most the
+** generator's range, 2^32 − 1 for MT19937 (beyond it GSL's error handler
+** aborts): a split of more windows (a corpus of over 4 GiB) draws 64 bits
+** from two outputs, rejection keeping them uniform. */
+static size_t window_offset(gsl_rng *rng, size_t windows) {
+    unsigned long range = gsl_rng_max(rng) - gsl_rng_min(rng);
+    if (windows <= range) return (size_t)gsl_rng_uniform_int(rng, windows);
+    assert(gsl_rng_min(rng) == 0 && range == 0xffffffffUL); /* 32 bits an output */
+    uint64_t n = windows, limit = UINT64_MAX - UINT64_MAX % n, x;
+    do {
+        x = (uint64_t)gsl_rng_get(rng) << 32;
+        x |= gsl_rng_get(rng);
+    } while (x >= limit);
+    return (size_t)(x % n);
+}
+
 void corpus_batch_part(const Corpus *c, Split s, void *rng, int all, int first, int B, int T,
                        int *inputs, int *targets) {
     const uint8_t *base = c->bytes + (s == SPLIT_TRAIN ? 0 : c->n_train);
     size_t windows = corpus_split_len(c, s) - (size_t)T; /* offsets 0 .. len - T - 1 */
     for (int r = 0; r < all; r++) {
-        size_t o = (size_t)gsl_rng_uniform_int((gsl_rng *)rng, windows);
+        size_t o = window_offset((gsl_rng *)rng, windows);
         int b = r - first;
         if (b < 0 || b >= B) continue;
         for (int t = 0; t < T; t++) {

@@ -817,7 +817,16 @@ int trainer_train(Trainer *t, const TrainOptions *o, TrainResult *res, char *err
     eval_options_defaults(&eo);
     eo.batches = o->eval_batches;
     eo.batch = o->eval_batch > 0 ? o->eval_batch : B;
-    int can_eval = corpus_split_len(t->corpus, SPLIT_VAL) >= (size_t)T + 1 && o->eval_batches > 0;
+    size_t val = corpus_split_len(t->corpus, SPLIT_VAL);
+    int can_eval = val >= (size_t)T + 1 && o->eval_batches > 0;
+    /* a validation split without a window trains without evaluations, but
+    ** eval_every asks for a validation curve: said before any step, not a
+    ** run finished without one */
+    if (!can_eval && o->eval_batches > 0 && o->eval_every > 0) {
+        corpus_check_context(t->corpus, SPLIT_VAL, T, inner);
+        return ml_error(err, "train: eval_every: %s (eval_every = 0 trains without evaluations)",
+                        inner);
+    }
     if (can_eval && model_check_batch(m, eo.batch, T, 0, inner) != 0) /* before any step, not after */
         return ml_error(err, "train: eval_batch: %s", inner);
     /* under expert parallelism every rank needs a sequence of each evaluation

@@ -9,6 +9,8 @@
 #include <omp.h>
 #include <sqlite3.h>
 #include <stdlib.h>
+#include <gsl/gsl_rng.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -411,6 +413,84 @@ static void test_evaluate_options(void **state) {
     corpus_free(corpus);
 }
 
+/* eval_every asks for evaluations during training, which need a window of
+** the validation split: without one they were skipped, no validation curve
+** and val_loss NaN, without a word. A validation split too short (or none,
+** split = 1) still trains without evaluations when none is asked for. */
+static void test_train_eval_every_needs_val_window(void **state) {
+    (void)state;
+    char text[160], err[ML_ERRLEN];
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + i % 7);
+    ModelConfig c = test_tiny_config(); /* context 16 */
+    Corpus *tiny_val, *no_val;
+    Model *m;
+    Trainer t;
+    /* 152 bytes train, 8 validate: fewer than context + 1 */
+    assert_int_equal(corpus_from_bytes(&tiny_val, (const uint8_t *)text, sizeof text, 0.95, err), 0);
+    assert_int_equal(corpus_from_bytes(&no_val, (const uint8_t *)text, sizeof text, 1.0, err), 0);
+    assert_int_equal(model_create(&m, &c, err), 0);
+    TrainOptions o;
+    TrainResult res;
+    train_options_defaults(&o);
+    o.steps = 2;
+    o.batch = 2;
+    o.progress = 0;
+    o.eval_every = 1;
+    assert_int_equal(trainer_init(&t, m, tiny_val, NULL, 0, "tiny val", 1, err), 0);
+    assert_int_equal(trainer_train(&t, &o, &res, err), -1);
+    if (!strstr(err, "train: eval_every: context 16 is longer than the corpus's val split (8 bytes)"))
+        fail_msg("%s", err);
+    assert_int_equal(res.steps, 0); /* refused before any step */
+    o.eval_every = 0; /* none asked for: it trains without */
+    if (trainer_train(&t, &o, &res, err) != 0) fail_msg("%s", err);
+    assert_true(isnan(res.val_loss));
+    trainer_free(&t);
+    assert_int_equal(trainer_init(&t, m, no_val, NULL, 0, "no val", 1, err), 0);
+    if (trainer_train(&t, &o, &res, err) != 0) fail_msg("%s", err);
+    assert_true(isnan(res.val_loss));
+    o.eval_every = 1;
+    assert_int_equal(trainer_train(&t, &o, &res, err), -1);
+    if (!strstr(err, "train: eval_every: context 16 is longer than the corpus's val split (0 bytes)"))
+        fail_msg("%s", err);
+    o.eval_batches = 0; /* no evaluations at all: eval_every says nothing */
+    if (trainer_train(&t, &o, &res, err) != 0) fail_msg("%s", err);
+    trainer_free(&t);
+    model_free(m);
+    corpus_free(tiny_val);
+    corpus_free(no_val);
+}
+
+/* A split of more than 2^32 − 1 windows (a corpus of over 4 GiB): its
+** offsets were drawn by gsl_rng_uniform_int, which takes at most 2^32 − 1,
+** and GSL's error handler aborted the process at the first batch. Untouched
+** pages of an anonymous mapping read as zeros and take no memory: only the
+** 64 MiB past 2^32 are written, each byte its position's low bits + 1. */
+static void test_corpus_batch_beyond_32_bits(void **state) {
+    (void)state;
+    size_t low = (size_t)1 << 32, high = (size_t)1 << 26, n = low + high;
+    uint8_t *bytes = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                          -1, 0);
+    if (bytes == MAP_FAILED) skip();
+    for (size_t i = low; i < n; i++) bytes[i] = (uint8_t)(1 + i % 251);
+    Corpus c = {.bytes = bytes, .n = n, .n_train = n, .split = 1.0};
+    enum { B = 1024, T = 2 };
+    static int inputs[B * T], targets[B * T];
+    gsl_rng *rng = gsl_rng_alloc(gsl_rng_mt19937);
+    gsl_rng_set(rng, 1);
+    corpus_batch(&c, SPLIT_TRAIN, rng, B, T, inputs, targets);
+    gsl_rng_free(rng);
+    int beyond = 0; /* rows drawn past 2^32: about B / 65 */
+    for (int b = 0; b < B; b++) {
+        const int *in = inputs + b * T, *tg = targets + b * T;
+        assert_int_equal(tg[0], in[1]); /* targets: the next bytes */
+        if (in[0] == 0) continue;
+        beyond++;
+        assert_int_equal(tg[T - 1], 1 + (in[T - 1] - 1 + 1) % 251);
+    }
+    if (beyond < 4) fail_msg("%d rows of %d past 2^32", beyond, B);
+    munmap(bytes, n);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adamw_by_hand),
@@ -423,6 +503,8 @@ int main(void) {
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_memorise),
         cmocka_unit_test(test_evaluate_options),
+        cmocka_unit_test(test_train_eval_every_needs_val_window),
+        cmocka_unit_test(test_corpus_batch_beyond_32_bits),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
 }
