@@ -181,12 +181,13 @@ static void push_arg_value(lua_State *L, const char *v) {
     else lua_pushstring(L, v);
 }
 
-/* os.exit under several ranks. One rank's exit stops the others (mpirun
-** ends the job when a process leaves without finishing MPI), as before. A
-** successful exit is the script's end, which every rank must reach alike:
-** the ranks agree on it, from the same line, and finish MPI, so that
-** `os.exit(0)` at the end of a script ends the job as running off its end
-** does, instead of mpirun calling the exit improper and failing the job. */
+/* os.exit, under mpirun (one rank or several) and without it. One rank's
+** exit stops the others (mpirun ends the job when a process leaves without
+** finishing MPI), as before. A successful exit is the script's end, which
+** every rank must reach alike: the ranks agree on it, from the same line,
+** and finish MPI, so that `os.exit(0)` at the end of a script ends the job
+** as running off its end does, instead of mpirun calling the exit improper
+** and failing the job (with `mpirun -np 1` too, where MPI is started). */
 static int os_exit_ranks(lua_State *L) {
     int success = lua_isboolean(L, 1) ? lua_toboolean(L, 1)
                                       : luaL_optinteger(L, 1, EXIT_SUCCESS) == EXIT_SUCCESS;
@@ -251,13 +252,12 @@ static int cmd_run(int argc, char **argv) {
         lua_rawseti(L, -2, i - 2);
     }
     lua_setglobal(L, "arg");
-    if (dist_active()) {
-        lua_getglobal(L, "os");
-        lua_getfield(L, -1, "exit");
-        lua_pushcclosure(L, os_exit_ranks, 1);
-        lua_setfield(L, -2, "exit");
-        lua_pop(L, 1);
-    }
+    /* always: under `mpirun -np 1` MPI is started but dist_active() is 0 */
+    lua_getglobal(L, "os");
+    lua_getfield(L, -1, "exit");
+    lua_pushcclosure(L, os_exit_ranks, 1);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
 
     int status = luaL_loadfile(L, script);
     if (status == LUA_OK) status = docall(L, 0, 0);
