@@ -25,6 +25,9 @@ uint64_t ml_digest(const void *p, size_t n, uint64_t h) {
         uint64_t w;
         memcpy(&w, b + i, 8);
         h = (h ^ w) * prime;
+        /* a product moves bits up only: without this, differences in bit 63
+        ** alone (two floats' signs) would cancel in pairs */
+        h ^= h >> 32;
     }
     for (; i < n; i++) h = (h ^ b[i]) * prime;
     return h;

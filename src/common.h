@@ -34,7 +34,8 @@ int ml_grow(void **p, size_t n, size_t elem);
 #define ML_GROW(ptr, n) ml_grow((void **)&(ptr), (n), sizeof *(ptr))
 
 /* A 64-bit digest of n bytes, continuing from h (ML_DIGEST_START to begin):
-** FNV-1a over 8-byte words, then the tail's bytes. Not cryptographic; it
+** FNV-1a over 8-byte words (each product's high half folded down), then
+** the tail's bytes. Not cryptographic; it
 ** tells copies of a model or a corpus apart (the ranks', lmoelab.c). */
 #define ML_DIGEST_START 14695981039346656037ULL
 uint64_t ml_digest(const void *p, size_t n, uint64_t h);

@@ -460,6 +460,28 @@ static void test_train_eval_every_needs_val_window(void **state) {
     corpus_free(no_val);
 }
 
+/* The corpus digest (the ranks compare it, lmoelab.c) tells apart corpora
+** that differ only in the top bit of two 8-byte words (bytes 7 and 15: 'a'
+** against 0xE1, á in Latin-1): a word-wise FNV-1a step moves differences up
+** only, so two in bit 63 cancelled and the corpora were taken for one. */
+static void test_corpus_digest_top_bits(void **state) {
+    (void)state;
+    uint8_t a[16], b[16];
+    memset(a, 'a', sizeof a);
+    memcpy(b, a, sizeof b);
+    b[7] ^= 0x80;
+    b[15] ^= 0x80;
+    Corpus *ca = NULL, *cb = NULL;
+    char err[ML_ERRLEN];
+    assert_int_equal(corpus_from_bytes(&ca, a, sizeof a, 1.0, err), 0);
+    assert_int_equal(corpus_from_bytes(&cb, b, sizeof b, 1.0, err), 0);
+    assert_true(ca->digest != cb->digest);
+    b[7] ^= 0x80; /* one top bit: told apart before too */
+    assert_true(ml_digest(a, sizeof a, ML_DIGEST_START) != ml_digest(b, sizeof b, ML_DIGEST_START));
+    corpus_free(ca);
+    corpus_free(cb);
+}
+
 /* A split of more than 2^32 − 1 windows (a corpus of over 4 GiB): its
 ** offsets were drawn by gsl_rng_uniform_int, which takes at most 2^32 − 1,
 ** and GSL's error handler aborted the process at the first batch. Untouched
@@ -505,6 +527,7 @@ int main(void) {
         cmocka_unit_test(test_evaluate_options),
         cmocka_unit_test(test_train_eval_every_needs_val_window),
         cmocka_unit_test(test_corpus_batch_beyond_32_bits),
+        cmocka_unit_test(test_corpus_digest_top_bits),
     };
     return cmocka_run_group_tests_name("training", tests, NULL, NULL);
 }
