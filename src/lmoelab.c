@@ -1353,9 +1353,10 @@ static int run_train(lua_State *L) {
 
     TrainResult res;
     char err[ML_ERRLEN] = "";
-    /* what sets no collective but must be the same: each rank steps its copy */
-    double same[] = {o.lr, o.min_lr, o.warmup, o.weight_decay, o.clip, o.beta1, o.beta2, o.eps,
-                     (double)o.probe_seed};
+    /* what sets no collective but must be the same: each rank steps its copy
+    ** (+ 0.0 makes -0.0 0.0, which trains alike but has other bits) */
+    double same[] = {o.lr, o.min_lr + 0.0, o.warmup, o.weight_decay + 0.0, o.clip + 0.0,
+                     o.beta1 + 0.0, o.beta2 + 0.0, o.eps, (double)o.probe_seed};
     if (agree_inputs(r->t.model, NULL, r->t.corpus, same, sizeof same, "lr, min_lr, warmup, "
                      "weight_decay, clip, beta1, beta2, eps or probe seed", err) != 0)
         luaL_error(L, "run:train: %s", err);
