@@ -1360,6 +1360,9 @@ static void test_sweep_resumes(void **state) {
     run_err(L, "moelab.sweep(spec)", "another model configuration", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = 1, base = tiny(), colour = 1 }",
             "unknown option 'colour'", NULL);
+    /* a path, not a corpus: named before any run (a resumed sweep reads the corpus's size) */
+    run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = 'data/kjv.txt', base = tiny() }",
+            "'data' must be a corpus", "got 'data/kjv.txt'", NULL);
     run_err(L, "moelab.sweep{ db = DIR .. '/sweep.db', data = spec.data, base = tiny(),\n"
                "  vary = { layers = {} } }", "vary['layers']", NULL);
     /* a run named twice would be trained once, then skipped and counted twice */

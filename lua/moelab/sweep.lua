@@ -172,6 +172,11 @@ function sweep.run(spec)
     if not known[k] then error(string.format("moelab.sweep: unknown option '%s'", tostring(k)), 2) end
   end
   if spec.data == nil then error("moelab.sweep: 'data' (a corpus) is required", 2) end
+  local data_mt = getmetatable(spec.data)
+  if type(data_mt) ~= "table" or data_mt.__name ~= "moelab.Corpus" then
+    error(string.format("moelab.sweep: 'data' must be a corpus (moelab.corpus{ path = ... }), got %s",
+                        type(spec.data) == "string" and string.format("'%s'", spec.data) or type(spec.data)), 2)
+  end
   if type(spec.base) ~= "table" then error("moelab.sweep: 'base' (a model configuration) is required", 2) end
   local vary = spec.vary or {}
   local seeds = spec.seeds or { 1 }
