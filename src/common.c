@@ -69,9 +69,14 @@ int ml_memory_check(size_t need, const char *what, char *err) {
 const char *ml_number(char *buf, double x) {
     if (isnan(x)) return strcpy(buf, "nan"); /* 0/0 has its sign bit set: not "-nan" */
     if (isinf(x)) return strcpy(buf, x > 0 ? "inf" : "-inf");
+    /* whole numbers as written: 300, not the shorter 3e+02 */
+    if (x == trunc(x) && fabs(x) < 1e15) {
+        snprintf(buf, ML_NUMLEN, "%.0f", x);
+        return buf;
+    }
     /* a float32 option (lr = 0.003 is 0.003000000026077032 as a double) shows
     ** as the float it is: the shortest text that reads back as that float */
-    int is_float = (double)(float)x == x && x != trunc(x); /* integers read exactly */
+    int is_float = (double)(float)x == x && x != trunc(x); /* larger integers read exactly */
     for (int digits = 1; digits <= 17; digits++) {
         snprintf(buf, ML_NUMLEN, "%.*g", digits, x);
         double back = strtod(buf, NULL);

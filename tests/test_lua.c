@@ -715,6 +715,8 @@ static void test_config_errors(void **state) {
     run_err(L, "moelab.model(tiny{ d_modle = 16 })", "moelab.model", "'d_modle'", "'d_model'", NULL);
     run_err(L, "moelab.model(tiny{ ffn = { hiden = 32 } })", "'ffn.hiden'", "'ffn.hidden'", NULL);
     run_err(L, "moelab.model(tiny{ heads = 3 })", "heads = 3", "does not divide", "d_model = 16", NULL);
+    /* a whole number as written, not 3e+02 */
+    run_err(L, "moelab.model(tiny{ moe = { experts = 300 } })", "between 1 and 256, got 300", NULL);
     /* MoE configuration */
     run_err(L, "moelab.model(tiny{ moe = { experts = 4, router = { kidn = 'topk' } } })",
             "'moe.router.kidn'", "'moe.router.kind'", NULL);
