@@ -457,8 +457,8 @@ static int corpus_size(lua_State *L) {
 static int corpus_tostring(lua_State *L) {
     LCorpus *c = check_corpus(L, 1);
     if (!c->c) lua_pushstring(L, "moelab.corpus (closed)");
-    else lua_pushfstring(L, "moelab.corpus(%s, %d bytes, %d train)", c->c->path ? c->c->path : "text",
-                         (int)c->c->n, (int)c->c->n_train);
+    else lua_pushfstring(L, "moelab.corpus(%s, %I bytes, %I train)", c->c->path ? c->c->path : "text",
+                         (lua_Integer)c->c->n, (lua_Integer)c->c->n_train); /* over 2 GiB too */
     return 1;
 }
 
