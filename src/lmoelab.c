@@ -188,7 +188,7 @@ static int opt_choice(lua_State *L, int idx, const char *what, const char *key,
 
 /* Every call a script makes that the ranks make together starts here: the
 ** ranks check that they are all at it, from the same line (dist_agree). */
-static void agree(lua_State *L, const char *what) {
+void lmoelab_agree(lua_State *L, const char *what) {
     if (!dist_active()) return;
     luaL_where(L, 1); /* "file:line: ", or "" when C called us */
     char where[256];
@@ -217,7 +217,7 @@ static void agree_shape(lua_State *L, char *what, size_t n, const Model *m, cons
         snprintf(what + at, n - at, " (placement %lx)", place);
     at = strlen(what);
     if (at < n) snprintf(what + at, n - at, ")");
-    agree(L, what);
+    lmoelab_agree(L, what);
 }
 
 /* Ranks that agree on the call may still hold different models (a seed, a
@@ -646,7 +646,7 @@ static int l_fit_router(lua_State *L) {
 }
 
 static int model_save(lua_State *L) {
-    agree(L, "model:save");
+    lmoelab_agree(L, "model:save");
     LModel *m = check_model(L, 1);
     const char *path = luaL_checkstring(L, 2);
     char err[ML_ERRLEN];
@@ -887,7 +887,7 @@ static int db_close(lua_State *L) {
 ** opens an existing database for queries only (no upgrade, no lock) */
 static int l_open(lua_State *L) {
     static const char *const keys[] = {"adopt", "readonly", NULL};
-    agree(L, "moelab.open");
+    lmoelab_agree(L, "moelab.open");
     const char *path = luaL_checkstring(L, 1);
     int adopt = 0, readonly = 0;
     if (!lua_isnoneornil(L, 2)) { /* moelab.open(path, { adopt = true }) */
@@ -1140,7 +1140,7 @@ static int rank0_rows(lua_State *L, lua_CFunction here, int remote, const char *
 }
 
 static int db_query(lua_State *L) {
-    agree(L, "db:query");
+    lmoelab_agree(L, "db:query");
     LDb *d = check_db(L, 1);
     if (!dist_active()) return query_here(L);
     return rank0_rows(L, query_here, d->remote, "db:query");
@@ -1196,7 +1196,7 @@ static int run_close(lua_State *L) {
 
 static int db_run(lua_State *L) {
     static const char *const keys[] = {"name", "model", "data", "experiment", "seed", NULL};
-    agree(L, "db:run");
+    lmoelab_agree(L, "db:run");
     LDb *d = check_db(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     check_keys(L, 2, "db:run", keys);
@@ -1624,7 +1624,7 @@ static int placement_study_here(lua_State *L) {
 /* Over several ranks rank 0 reads the routing and computes the rows (the
 ** others have no database): every rank gets them. */
 static int l_placement_study(lua_State *L) {
-    agree(L, "moelab.placement_study");
+    lmoelab_agree(L, "moelab.placement_study");
     LDb *d = check_db(L, 1);
     if (!dist_active()) return placement_study_here(L);
     return rank0_rows(L, placement_study_here, d->remote, PLACEMENT_WHAT);
@@ -1698,7 +1698,7 @@ static int l_placement_layer(lua_State *L) {
 static int l_plot(lua_State *L) {
     static const char *const keys[] = {"db", "figure", "out", "runs", "layer", "layers",
                                        "size", "gnuplot", NULL};
-    agree(L, "moelab.plot");
+    lmoelab_agree(L, "moelab.plot");
     const char *what = "moelab.plot";
     luaL_checktype(L, 1, LUA_TTABLE);
     check_keys(L, 1, what, keys);

@@ -21,6 +21,12 @@ __attribute__((visibility("default"))) int luaopen_moelab(lua_State *L);
 ** loads moelab.so finds the library through its own package.path. */
 void lmoelab_preload(lua_State *L);
 
+/* Before a call the ranks make together (db:query, run:train, os.exit...):
+** every rank checks that all are at `what` from the same script line
+** (dist_agree), and all stop saying where each was when not. Nothing on one
+** process. */
+void lmoelab_agree(lua_State *L, const char *what);
+
 /* Marks how the script ended; error_msg NULL means it ended well. */
 void lmoelab_script_ended(lua_State *L, const char *error_msg, int interrupted);
 

@@ -192,13 +192,7 @@ static int os_exit_ranks(lua_State *L) {
     int success = lua_isboolean(L, 1) ? lua_toboolean(L, 1)
                                       : luaL_optinteger(L, 1, EXIT_SUCCESS) == EXIT_SUCCESS;
     if (success) {
-        luaL_where(L, 1); /* "file:line: " */
-        char where[256];
-        snprintf(where, sizeof where, "%s", lua_tostring(L, -1));
-        lua_pop(L, 1);
-        size_t n = strlen(where);
-        while (n > 0 && (where[n - 1] == ' ' || where[n - 1] == ':')) where[--n] = '\0';
-        dist_agree("os.exit", where);
+        lmoelab_agree(L, "os.exit");
         lmoelab_script_ended(L, NULL, 0);
         if (lua_toboolean(L, 2)) lua_close(L); /* runs closed as at the script's end */
         fflush(stdout);
